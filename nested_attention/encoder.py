@@ -1,0 +1,185 @@
+"""The subject encoder: a Q-Former over CLIP image tokens, and per-layer nested projections.
+
+image -> CLIP ViT-H/14 last-layer tokens (B, 257, 1280) -> Q-Former -> E (B, M, 2048)
+      -> per cross-attention layer l: K~_l = E W_K~_l^T, V~_l = E W_V~_l^T  (M, dim_l)
+
+The Q-Former is a perceiver resampler: M learned queries that attend to the CLIP tokens (and to
+themselves) through a few [attention, feed-forward] blocks with residuals, then a final norm and a
+projection to the UNet's context width, so that W_K~ / W_V~ can start from the UNet's to_k / to_v.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [image tokens, latents]; the resampler's cross-attention."""
+
+    def __init__(self, *, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, dim_head)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+@dataclass
+class QFormerConfig:
+    clip_dim: int = 1280  # width of the CLIP vision tokens (ViT-H/14: 1280)
+    dim: int = 1024  # internal width of the resampler
+    depth: int = 4  # number of [attention, feed-forward] blocks
+    heads: int = 16  # attention heads in each block
+    dim_head: int = 64  # width of one head
+    num_queries: int = 256  # M, the number of subject tokens (paper: 256 pets, 1024 faces)
+    output_dim: int = SDXL_CONTEXT_DIM  # width of E, the UNet's context width
+    ff_mult: int = 4  # feed-forward expansion
+
+
+class QFormer(nn.Module):
+    """M learned queries cross-attending to CLIP tokens: (B, L, clip_dim) -> (B, M, output_dim)."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        c = config
+        self.latents = nn.Parameter(torch.randn(c.num_queries, c.dim) / c.dim**0.5)
+        self.proj_in = nn.Linear(c.clip_dim, c.dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim=c.dim, heads=c.heads, dim_head=c.dim_head), feed_forward(c.dim, c.ff_mult)])
+            for _ in range(c.depth)
+        )
+        self.proj_out = nn.Linear(c.dim, c.output_dim)
+        self.norm_out = nn.LayerNorm(c.output_dim)
+
+    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        media = self.proj_in(clip_tokens)  # (B, L, dim)
+        latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)  # (B, M, dim)
+        for attn, ff in self.blocks:
+            latents = latents + attn(media, latents)
+            latents = latents + ff(latents)
+        return self.norm_out(self.proj_out(latents))
+
+
+@dataclass
+class ClipVisionSpec:
+    """Which CLIP vision model the encoder was trained on; a different one is refused."""
+
+    name: str = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"  # the file users keep in models/clip_vision
+    hidden_size: int = 1280  # width of last_hidden_state
+    num_tokens: int = 257  # tokens of last_hidden_state (CLS + patches)
+    num_layers: int = 32  # transformer layers of the tower
+    image_size: int = 224  # input resolution
+
+    def describe(self) -> str:
+        return (f"{self.name} (width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, "
+                f"{self.image_size}px)")
+
+    def same_architecture(self, other: "ClipVisionSpec") -> bool:
+        return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
+            other.hidden_size, other.num_tokens, other.num_layers, other.image_size)
+
+
+@dataclass
+class EncoderConfig:
+    """Everything needed to rebuild an encoder and use it; stored in the weight file's metadata."""
+
+    domain: str = "pets"  # what the encoder was trained on ("pets", "faces", ...)
+    token: str = "pet"  # the default subject word s*
+    alpha: float = 2.0  # norm regularization: |v*| = alpha |V[s*]|
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    clip_vision: ClipVisionSpec = field(default_factory=ClipVisionSpec)
+    layers: tuple[LayerSpec, ...] = SDXL_LAYERS  # the cross-attention layers it projects for
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qformer.num_queries
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["layers"] = [layer.to_json() for layer in self.layers]
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderConfig":
+        data = json.loads(text)
+        return cls(
+            domain=data["domain"],
+            token=data["token"],
+            alpha=float(data["alpha"]),
+            qformer=QFormerConfig(**data["qformer"]),
+            clip_vision=ClipVisionSpec(**data["clip_vision"]),
+            layers=tuple(LayerSpec.from_json(item) for item in data["layers"]),
+        )
+
+
+class NestedProjection(nn.Module):
+    """W_K~ and W_V~ of one cross-attention layer: E (.., M, context) -> K~, V~ (.., M, dim)."""
+
+    def __init__(self, *, context_dim: int, dim: int):
+        super().__init__()
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_k(tokens), self.to_v(tokens)
+
+
+class NestedEncoder(nn.Module):
+    """The trainable part of nested attention: the Q-Former and one projection pair per layer."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        self.qformer = QFormer(config.qformer)
+        out = config.qformer.output_dim
+        self.projections = nn.ModuleList(NestedProjection(context_dim=out, dim=layer.dim) for layer in config.layers)
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        return self.config.layers
+
+    def encode(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP last-layer tokens (B, L, clip_dim) -> subject tokens E (B, M, output_dim)."""
+        return self.qformer(clip_tokens)
+
+    def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K~ and V~ of layer number `layer` (an index into `layers`) for subject tokens E."""
+        return self.projections[layer](tokens)
+
+    @torch.no_grad()
+    def init_from_unet(self, to_k: Sequence[torch.Tensor], to_v: Sequence[torch.Tensor]) -> None:
+        """Warm start: copy each layer's UNet to_k / to_v weights (dim, context) into W_K~ / W_V~."""
+        if len(to_k) != len(self.projections) or len(to_v) != len(self.projections):
+            raise ValueError(f"expected {len(self.projections)} to_k/to_v weights, got {len(to_k)}/{len(to_v)}")
+        for proj, wk, wv in zip(self.projections, to_k, to_v):
+            proj.to_k.weight.copy_(wk)
+            proj.to_v.weight.copy_(wv)
+
+
+def concat_subject_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Several photos of one subject: (n, M, D) -> (1, n*M, D), the paper's multi-image form."""
+    return rearrange(tokens, "n m d -> 1 (n m) d")

@@ -1,0 +1,81 @@
+"""The cross-attention layers nested attention patches, named by ComfyUI's attn2 patch keys.
+
+A layer is (block, number, index): ("input", 4, 0) is the first transformer block of the UNet's
+fifth input block. An encoder file stores the table it was trained for, and is refused by a model
+whose table differs, so a projection can never be applied to the wrong layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+
+@dataclass(frozen=True, order=True)
+class LayerSpec:
+    block: str  # "input", "middle" or "output"
+    number: int  # index of the block inside its UNet stage
+    index: int  # transformer block inside the SpatialTransformer
+    dim: int  # width of the layer's attention (to_k / to_v out_features)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """The key ComfyUI's `set_model_attn2_replace` registers and looks up."""
+        return (self.block, self.number, self.index)
+
+    def to_json(self) -> list:
+        return [self.block, self.number, self.index, self.dim]
+
+    @classmethod
+    def from_json(cls, item: list) -> "LayerSpec":
+        block, number, index, dim = item
+        return cls(str(block), int(number), int(index), int(dim))
+
+
+def _stage(block: str, numbers: Iterable[int], depth: int, dim: int) -> list[LayerSpec]:
+    return [LayerSpec(block, n, i, dim) for n in numbers for i in range(depth)]
+
+
+# SDXL base: 2 transformer blocks at width 640, 10 at width 1280; 70 cross-attention layers.
+SDXL_LAYERS: tuple[LayerSpec, ...] = tuple(
+    _stage("input", (4, 5), 2, 640)
+    + _stage("input", (7, 8), 10, 1280)
+    + _stage("middle", (0,), 10, 1280)
+    + _stage("output", (0, 1, 2), 10, 1280)
+    + _stage("output", (3, 4, 5), 2, 640)
+)
+
+SDXL_CONTEXT_DIM = 2048
+
+
+def unet_layers(diffusion_model: torch.nn.Module) -> tuple[LayerSpec, ...]:
+    """Enumerate the cross-attention layers of a ComfyUI UNet (`model.diffusion_model`).
+
+    Walks the input, middle and output blocks for SpatialTransformer modules (anything with
+    `transformer_blocks`) so that tiny test UNets and full SDXL are read the same way.
+    """
+    stages = [
+        ("input", list(diffusion_model.input_blocks)),
+        ("middle", [diffusion_model.middle_block]),
+        ("output", list(diffusion_model.output_blocks)),
+    ]
+    layers = []
+    for block, modules in stages:
+        for number, module in enumerate(modules):
+            for child in module:
+                for index, transformer in enumerate(getattr(child, "transformer_blocks", ())):
+                    attn2 = getattr(transformer, "attn2", None)
+                    if attn2 is not None:
+                        layers.append(LayerSpec(block, number, index, attn2.to_k.out_features))
+    return tuple(layers)
+
+
+def unet_context_dim(diffusion_model: torch.nn.Module) -> int:
+    """Width of the text context the UNet's cross-attention expects (2048 for SDXL)."""
+    for module in diffusion_model.modules():
+        attn2 = getattr(module, "attn2", None)
+        if attn2 is not None:
+            return attn2.to_k.in_features
+    raise ValueError("this model has no cross-attention layers; nested attention needs an SDXL UNet")

@@ -1,0 +1,185 @@
+"""The attn2 replacement patch: ComfyUI's `patch(q, k, v, extra_options) -> out` contract, for nested attention.
+
+One `NestedAttentionPatch` per cross-attention layer key holds the list of subjects bound to that
+model. ComfyUI deep-copies model options on every `clone()`, so the patch copies only that small
+list; encoders, subject tokens and K~/V~ caches are shared. The nodes and the trainer install this
+same class, so what is trained is what runs. No ComfyUI import: the host's plain attention is
+passed in (ComfyUI's `optimized_attention`), which keeps rows without a subject bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attention import NestedSubject, nested_attention, sdpa_attention
+from .encoder import NestedEncoder
+from .layers import LayerSpec
+
+HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
+CHUNK = 77  # tokens per CLIP chunk; ComfyUI concatenates chunks for longer prompts
+
+
+class NestedAttentionError(RuntimeError):
+    """Raised inside sampling when the conditioning does not match what a subject was bound to."""
+
+
+def plain_host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
+    return sdpa_attention(q, k, v, heads)
+
+
+@dataclass(eq=False)
+class SubjectBinding:
+    """One subject bound to one prompt on one model: everything a layer needs to build its NestedSubject.
+
+    tokens: subject tokens E, (1, M*n, C) for inference or (B, M, C) per batch row for training.
+    positions: the subject word's token positions in the prompt (chunks of 77 concatenated).
+    prompt_tokens: length of the prompt's token sequence (77 * chunks), to follow ComfyUI's repetition.
+    sigma_start / sigma_end: active while sigma_end <= sigma <= sigma_start (from start/end percent).
+    mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
+    rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
+    cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
+    """
+
+    encoder: NestedEncoder
+    tokens: torch.Tensor
+    positions: tuple[int, ...]
+    prompt_tokens: int
+    scale: float = 1.0
+    alpha: Optional[float] = None
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    mask: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+    cache: bool = True
+    name: str = "subject"
+    _kv: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.positions, self.name)
+
+    def active(self, sigmas: Optional[torch.Tensor]) -> bool:
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.max())
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def context_positions(self, context_tokens: int, device: torch.device) -> torch.Tensor:
+        """Positions in a context of `context_tokens`, following ComfyUI's repetition of shorter contexts."""
+        if context_tokens % self.prompt_tokens:
+            raise NestedAttentionError(
+                f"nested attention: '{self.name}' was located in a prompt of {self.prompt_tokens} tokens, but the "
+                f"sampler's conditioning has {context_tokens}. Use the CONDITIONING from the Apply Nested Attention "
+                "node (or encode exactly the same prompt), and do not concatenate other conditioning onto it.")
+        repeats = context_tokens // self.prompt_tokens
+        pos = torch.tensor(self.positions, dtype=torch.long)
+        return (pos[None, :] + self.prompt_tokens * torch.arange(repeats)[:, None]).flatten().to(device)
+
+    def layer_kv(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K~ and V~ of one layer, projected once per (layer, device, dtype) when caching."""
+        key = (layer, device, dtype)
+        if self.cache and key in self._kv:
+            return self._kv[key]
+        proj = self.encoder.projections[layer]
+        tokens = self.tokens.to(device=device, dtype=dtype)
+        wk = proj.to_k.weight.to(device=device, dtype=dtype)
+        wv = proj.to_v.weight.to(device=device, dtype=dtype)
+        if self.cache:
+            with torch.no_grad():
+                kv = (F.linear(tokens, wk), F.linear(tokens, wv))
+            if kv[0].shape[0] == 1:  # one subject for every row: (M, D), expanded at use
+                kv = (kv[0][0], kv[1][0])
+            with self._lock:
+                self._kv[key] = kv
+            return kv
+        return F.linear(tokens, wk), F.linear(tokens, wv)
+
+    def drop_cache(self, keep_device: Optional[torch.device] = None) -> None:
+        with self._lock:
+            keep = None if keep_device is None else torch.device(keep_device).type
+            for key in [k for k in self._kv if k[1].type != keep]:
+                del self._kv[key]
+
+    def region(self, activations_shape: Optional[Sequence[int]], n: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
+        if self.mask is None:
+            return None
+        if activations_shape is not None and activations_shape[-1] * activations_shape[-2] == n:
+            h, w = int(activations_shape[-2]), int(activations_shape[-1])
+        else:  # no shape from the host: assume the mask's aspect ratio
+            ratio = self.mask.shape[-2] / self.mask.shape[-1]
+            w = round(math.sqrt(n / ratio))
+            h = n // w
+        key = (h, w, device)
+        if key not in self._masks:
+            resized = F.interpolate(self.mask[None, None].float(), size=(h, w), mode="area")
+            self._masks[key] = resized.flatten().clamp(0, 1).to(device)
+        return self._masks[key]
+
+    def nested_subject(self, layer: int, q: torch.Tensor, context_tokens: int, extra_options: dict) -> NestedSubject:
+        k, v = self.layer_kv(layer, q.device, q.dtype)
+        alpha = self.encoder.config.alpha if self.alpha is None else self.alpha
+        weight = self.region(extra_options.get("activations_shape"), q.shape[1], q.device)
+        if self.rows is not None:  # a weight of 0 leaves a row exactly as without the subject
+            per_row = self.rows.to(q.device, torch.float32)[:, None].expand(-1, q.shape[1])  # (B, N)
+            weight = per_row if weight is None else weight[None, :] * per_row
+        return NestedSubject(k, v, self.context_positions(context_tokens, q.device), scale=self.scale, alpha=alpha,
+                             weight=weight)
+
+
+def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Bool (B,) of the rows in chunks marked conditional (0) by ComfyUI's sampler; all rows when unknown."""
+    if not cond_or_uncond:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    chunk = batch // len(cond_or_uncond)
+    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool, device=device)
+    return flags.repeat_interleave(chunk)
+
+
+class NestedAttentionPatch:
+    """ComfyUI attn2 replace patch for one layer; holds the subjects bound to this model."""
+
+    def __init__(self, layer: LayerSpec, index: int, subjects: Sequence[SubjectBinding] = (),
+                 host_attention: HostAttention = plain_host_attention, models: Sequence[Any] = ()):
+        self.layer = layer
+        self.index = index  # position of this layer in the encoders' layer tables
+        self.subjects = sorted(subjects, key=lambda s: s.sort_key)
+        self.host_attention = host_attention
+        self._models = list(models)  # ModelPatchers ComfyUI should load with the UNet
+
+    def with_subject(self, subject: SubjectBinding, model: Any = None) -> "NestedAttentionPatch":
+        models = self._models + ([model] if model is not None and model not in self._models else [])
+        return NestedAttentionPatch(self.layer, self.index, [*self.subjects, subject], self.host_attention, models)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        host = self.host_attention
+        sigmas = extra_options.get("sigmas")
+        active = [s for s in self.subjects if s.active(sigmas)]
+        if not active:
+            return host(q, k, v, heads, extra_options)
+        rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"), q.device)
+        nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
+        return nested_attention(q, k, v, nested, heads=heads, rows=rows,
+                                attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
+
+    # ComfyUI protocol: clone() deep-copies model_options; share everything heavy.
+    def __deepcopy__(self, memo: dict) -> "NestedAttentionPatch":
+        return NestedAttentionPatch(self.layer, self.index, list(self.subjects), self.host_attention, self._models)
+
+    def to(self, device: torch.device) -> "NestedAttentionPatch":
+        """Called by ComfyUI when the UNet moves; caches for other devices are dropped to free memory."""
+        for s in self.subjects:
+            s.drop_cache(keep_device=device)
+        return self
+
+    def models(self) -> list:
+        return list(self._models)

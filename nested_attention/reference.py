@@ -1,0 +1,54 @@
+"""A plain, slow reference of nested attention that builds V_q per query, as the paper writes it.
+
+Used only to check the efficient form in `attention.py`; never call it from the product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .attention import NestedSubject
+
+
+def reference_nested_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    subjects: Sequence[NestedSubject],
+    *,
+    heads: int,
+    rows: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Loop over rows and queries; for each, build V_q (T, D) and the lambda-adjusted logits."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, n, width = q.shape
+    dh = width // heads
+    rows = set(range(b)) if rows is None else {int(r) for r in rows}
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for qi in range(n):
+            values = v[bi].clone()  # (T, D): V_q starts as V
+            scales = torch.ones(v.shape[1], dtype=q.dtype)  # lambda per text position
+            if bi in rows:
+                for s in subjects:
+                    weight = None if s.weight is None else s.weight.reshape(-1, n)
+                    w = 1.0 if weight is None else float(weight[bi if weight.shape[0] > 1 else 0, qi])
+                    key = (s.key if s.key.dim() == 2 else s.key[bi]).double()
+                    val = (s.value if s.value.dim() == 2 else s.value[bi]).double()
+                    v_star = torch.empty(width, dtype=q.dtype)
+                    for h in range(heads):
+                        sl = slice(h * dh, (h + 1) * dh)
+                        att = torch.softmax(key[:, sl] @ q[bi, qi, sl] / dh**0.5, dim=0)  # (M,)
+                        v_star[sl] = att @ val[:, sl]
+                    for p in s.positions.tolist():
+                        nested = s.alpha * v[bi, p].norm() * v_star / v_star.norm()
+                        values[p] = w * nested + (1 - w) * v[bi, p]
+                        scales[p] = 1.0 + w * (s.scale - 1.0)
+            for h in range(heads):
+                sl = slice(h * dh, (h + 1) * dh)
+                logits = k[bi, :, sl] @ q[bi, qi, sl] / dh**0.5  # (T,)
+                logits = torch.maximum(logits, scales * logits)
+                out[bi, qi, sl] = torch.softmax(logits, dim=0) @ values[:, sl]
+    return out

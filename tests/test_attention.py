@@ -1,0 +1,146 @@
+"""The efficient nested attention against the plain reference, and the method's invariants."""
+
+import pytest
+import torch
+
+from nested_attention import NestedSubject, nested_attention, nested_values, regularize_norm, sdpa_attention
+from nested_attention.reference import reference_nested_attention
+
+# float32 efficient form vs. float64 reference on unit-scale inputs.
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def make(b=2, n=6, t=9, heads=2, dh=4, m=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = heads * dh
+    q, k, v = (torch.randn(b, s, d, generator=g) for s in (n, t, t))
+    key, value = torch.randn(m, d, generator=g), torch.randn(m, d, generator=g)
+    return q, k, v, key, value
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+@pytest.mark.parametrize("m", [1, 7])
+def test_efficient_form_equals_reference(heads, scale, m):
+    q, k, v, key, value = make(heads=heads, dh=8 // heads, m=m)
+    subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, alpha=2.0)
+    out = nested_attention(q, k, v, [subject], heads=heads)
+    ref = reference_nested_attention(q, k, v, [subject], heads=heads)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_two_subjects_with_repeated_positions_equal_reference(scale):
+    q, k, v, key, value = make(t=12, m=4)
+    _, _, _, key2, value2 = make(t=12, m=6, seed=1)
+    a = NestedSubject(key, value, torch.tensor([1, 7]), scale=scale, alpha=2.0)
+    b = NestedSubject(key2, value2, torch.tensor([4]), scale=1.5, alpha=1.0)
+    out = nested_attention(q, k, v, [a, b], heads=2)
+    ref = reference_nested_attention(q, k, v, [a, b], heads=2)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+def test_subject_order_does_not_change_the_result():
+    q, k, v, key, value = make(t=12)
+    a = NestedSubject(key, value, torch.tensor([2]), scale=2.0)
+    b = NestedSubject(value, key, torch.tensor([5]), scale=3.0)
+    torch.testing.assert_close(nested_attention(q, k, v, [a, b], heads=2), nested_attention(q, k, v, [b, a], heads=2))
+
+
+def test_nested_value_equal_to_token_value_with_lambda_one_is_plain_attention():
+    q, k, v, _, _ = make(b=1)
+    s = 3
+    # Every nested value equals V[s*]: v* = V[s*], and with alpha = 1 the norm rule keeps it.
+    value = v[0, s].expand(5, -1).clone()
+    key = torch.randn(5, v.shape[-1])
+    subject = NestedSubject(key, value, torch.tensor([s]), scale=1.0, alpha=1.0)
+    out = nested_attention(q, k, v, [subject], heads=2)
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_unconditional_rows_are_bit_identical_to_plain_attention():
+    q, k, v, key, value = make(b=4)
+    subject = NestedSubject(key, value, torch.tensor([2]), scale=2.0)
+    out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([1, 3]))
+    plain = sdpa_attention(q, k, v, 2)
+    assert torch.equal(out[[0, 2]], plain[[0, 2]])
+    assert not torch.allclose(out[[1, 3]], plain[[1, 3]])
+    ref = reference_nested_attention(q, k, v, [subject], heads=2, rows=[1, 3])
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+def test_lambda_never_lowers_the_subject_attention():
+    q, k, v, _, _ = make(n=50, t=9)
+    s, d = 4, q.shape[-1]
+    # V is zero but for V[s*] = all ones, and every nested value is that same vector, so V_q[s*] = V[s*] and
+    # the output's mass is exactly the attention on s*, summed over heads.
+    v_onehot = torch.zeros_like(v)
+    v_onehot[:, s] = 1.0
+    value = torch.ones(3, d)
+    prev = None
+    for scale in (1.0, 1.5, 3.0):
+        subject = NestedSubject(torch.randn(3, d), value, torch.tensor([s]), scale=scale, alpha=1.0)
+        mass = nested_attention(q, k, v_onehot, [subject], heads=2).sum(-1)
+        if prev is not None:
+            assert (mass >= prev - 1e-6).all() and (mass > prev + 1e-4).any()
+        prev = mass
+
+
+def test_nested_value_norm_is_alpha_times_token_norm():
+    q, k, v, key, value = make(b=1, n=4, t=5, heads=2, dh=4)
+    s = 2
+    # Route all attention to s*: huge logit on s*, then the output is exactly v* (row's V_q[s*]).
+    k = k.clone()
+    k[:, s] = q.mean(1) * 1e3
+    q = q.mean(1, keepdim=True).expand(1, 4, -1).contiguous() + 1e-3 * torch.randn(1, 4, 8)
+    for alpha in (1.0, 2.0, 3.5):
+        subject = NestedSubject(key, value, torch.tensor([s]), alpha=alpha)
+        out = nested_attention(q, k, v, [subject], heads=2)
+        torch.testing.assert_close(out[0].norm(dim=-1), alpha * v[0, s].norm().expand(4), rtol=1e-4, atol=1e-4)
+        v_star = regularize_norm(nested_values(q, key, value, 2), v[:, s], alpha)
+        torch.testing.assert_close(v_star.norm(dim=-1), alpha * v[:, s].norm(dim=-1).expand(1, 4))
+
+
+def test_region_weight_zero_changes_nothing_and_one_equals_no_weight():
+    q, k, v, key, value = make(b=1, n=6)
+    weight = torch.tensor([0, 0, 1, 1, 0, 1.0])
+    s = NestedSubject(key, value, torch.tensor([3]), scale=2.0, weight=weight)
+    full = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    out = nested_attention(q, k, v, [s], heads=2)
+    plain = sdpa_attention(q, k, v, 2)
+    inside = weight.bool()
+    assert torch.equal(out[0, ~inside], plain[0, ~inside])
+    torch.testing.assert_close(out[0, inside], nested_attention(q, k, v, [full], heads=2)[0, inside])
+    soft = NestedSubject(key, value, torch.tensor([3]), scale=2.0, weight=torch.linspace(0, 1, 6))
+    torch.testing.assert_close(nested_attention(q, k, v, [soft], heads=2).double(),
+                               reference_nested_attention(q, k, v, [soft], heads=2), **TOL)
+
+
+def test_per_row_subject_tokens_equal_reference():
+    q, k, v, _, _ = make(b=3, m=4)
+    g = torch.Generator().manual_seed(5)
+    key, value = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    subject = NestedSubject(key, value, torch.tensor([2]), scale=1.0)
+    out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False, True]))
+    ref = reference_nested_attention(q, k, v, [subject], heads=2, rows=[0, 2])
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_stay_close_to_float32(dtype):
+    q, k, v, key, value = make()
+    subject = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    ref = nested_attention(q, k, v, [subject], heads=2)
+    half = nested_attention(q.to(dtype), k.to(dtype), v.to(dtype), [subject], heads=2)
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_gradients_flow_to_nested_keys_and_values_not_to_text():
+    q, k, v, key, value = make()
+    key.requires_grad_(True)
+    value.requires_grad_(True)
+    subject = NestedSubject(key, value, torch.tensor([3]), scale=1.0)
+    nested_attention(q, k, v, [subject], heads=2).square().sum().backward()
+    assert key.grad is not None and key.grad.abs().sum() > 0
+    assert value.grad is not None and value.grad.abs().sum() > 0
