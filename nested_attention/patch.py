@@ -10,7 +10,6 @@ passed in (ComfyUI's `optimized_attention`), which keeps rows without a subject 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +21,6 @@ from .encoder import NestedEncoder
 from .layers import LayerSpec
 
 HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
-CHUNK = 77  # tokens per CLIP chunk; ComfyUI concatenates chunks for longer prompts
 
 
 class NestedAttentionError(RuntimeError):
@@ -60,7 +58,6 @@ class SubjectBinding:
     name: str = "subject"
     _kv: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
-    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @property
     def sort_key(self) -> tuple:
@@ -97,16 +94,14 @@ class SubjectBinding:
                 kv = (F.linear(tokens, wk), F.linear(tokens, wv))
             if kv[0].shape[0] == 1:  # one subject for every row: (M, D), expanded at use
                 kv = (kv[0][0], kv[1][0])
-            with self._lock:
-                self._kv[key] = kv
+            self._kv[key] = kv
             return kv
         return F.linear(tokens, wk), F.linear(tokens, wv)
 
     def drop_cache(self, keep_device: Optional[torch.device] = None) -> None:
-        with self._lock:
-            keep = None if keep_device is None else torch.device(keep_device).type
-            for key in [k for k in self._kv if k[1].type != keep]:
-                del self._kv[key]
+        keep = None if keep_device is None else torch.device(keep_device).type
+        for key in [k for k in self._kv if k[1].type != keep]:
+            del self._kv[key]
 
     def region(self, activations_shape: Optional[Sequence[int]], n: int, device: torch.device) -> Optional[torch.Tensor]:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
