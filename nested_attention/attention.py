@@ -75,13 +75,13 @@ def regularize_norm(v_star: torch.Tensor, v_token: torch.Tensor, alpha: float) -
     return v_star * (target / v_star.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
 
-def _select_rows(s: NestedSubject, rows: torch.Tensor) -> NestedSubject:
-    """The subject restricted to the given batch rows (tensors without a batch dim are shared)."""
+def _select_rows(s: NestedSubject, take: Callable[[torch.Tensor], torch.Tensor]) -> NestedSubject:
+    """The subject restricted to the picked batch rows (tensors without a batch dim are shared)."""
     key, value, weight = s.key, s.value, s.weight
     if key.dim() == 3:
-        key, value = key[rows.to(key.device)], value[rows.to(value.device)]
+        key, value = take(key), take(value)
     if weight is not None and weight.dim() == 2 and weight.shape[0] > 1:
-        weight = weight[rows.to(weight.device)]
+        weight = take(weight)
     return replace(s, key=key, value=value, weight=weight)
 
 
@@ -92,6 +92,26 @@ def _row_weight(weight: Optional[torch.Tensor], batch: int, n: int, like: torch.
     if weight.shape[-1] != n:
         raise ValueError(f"region weight has {weight.shape[-1]} queries, the layer has {n}")
     return weight.reshape(-1, n).expand(batch, n)  # (B, N)
+
+
+def _pick_rows(rows: Optional[torch.Tensor], batch: int, device: torch.device):
+    """The rows as (start, stop) when they are one contiguous range, else a long index tensor; None if no row.
+
+    Rows given on the CPU are read there, so a GPU is never asked for them (no device sync); a bool
+    mask on the GPU costs the one sync nonzero() needs, an index tensor there costs none.
+    """
+    if rows is None:
+        return (0, batch)
+    if rows.device.type == "cpu":
+        index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
+        picked = index.tolist()
+        if not picked:
+            return None
+        if picked == list(range(picked[0], picked[0] + len(picked))):
+            return (picked[0], picked[0] + len(picked))
+        return index.to(device, non_blocking=True)
+    index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
+    return index if index.numel() else None
 
 
 def nested_attention(
@@ -108,66 +128,120 @@ def nested_attention(
 
     rows: indices (or a bool mask) of the batch rows that receive nested values (the conditional
     rows under classifier-free guidance); None means every row. Other rows get `attention`'s output
-    unchanged. attention(q, k, v, heads) is the host's plain attention; base rows come from it.
+    unchanged. Rows on the CPU avoid a device sync. attention(q, k, v, heads) is the host's plain
+    attention; base rows come from it. It must return a new tensor: without autograd recording
+    (sampling), the subject rows are updated in it in place.
     """
     base = attention(q, k, v, heads)
     if not subjects:
         return base
-    if rows is None:
-        rows = torch.arange(q.shape[0], device=q.device)
-    elif rows.dtype == torch.bool:
-        rows = rows.nonzero().flatten()
-    if rows.numel() == 0:
+    picked = _pick_rows(rows, q.shape[0], q.device)
+    if picked is None:
         return base
-    picked = [_select_rows(s, rows) for s in subjects]
-    sub = _nested_rows(q[rows], k[rows], v[rows], base[rows], picked, heads)
-    out = base.clone()
-    out[rows] = sub.to(out.dtype)
-    return out
+    inplace = not torch.is_grad_enabled() and base.is_contiguous()  # a reshape of it must be a view
+    if isinstance(picked, tuple):
+        a, z = picked
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[a:z]  # a view
+    else:
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, picked.to(t.device))
+
+    chosen = [_select_rows(s, take) for s in subjects]
+    if isinstance(picked, tuple) and (inplace or (a, z) == (0, q.shape[0])):
+        # The rows' slice of base is updated in place (or is all of it, out of place).
+        out = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, inplace)
+        return base if inplace and (a, z) != (0, q.shape[0]) else out
+    sub = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, inplace=False)
+    if isinstance(picked, tuple):
+        return torch.cat([base[:a], sub, base[z:]])
+    return base.index_copy(0, picked, sub)
 
 
 def _nested_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: torch.Tensor,
-    subjects: Sequence[NestedSubject], heads: int,
+    subjects: Sequence[NestedSubject], heads: int, inplace: bool,
 ) -> torch.Tensor:
+    """base (B, N, D) plus every subject's terms; written into `base` when `inplace`.
+
+    Per subject, with coefficients per head and query (B, h, N) computed in float32:
+        out += a * v*  +  sum_j c_j * V[s_j]
+        a   = sum_j P'[s_j] * w * alpha |V[s_j]| / |v*|      (the norm rule, folded into a scalar)
+        c_j = P'[s_j] * (1 - w) - r * P[s_j]
+    so the (N, D)-sized work is one SDPA, one norm and two multiply-adds per subject. On a GPU the
+    rest is a handful of small kernels, and nothing here reads a value back to the host.
+    """
     b, n, width = q.shape
     dim_head = width // heads
-    qh = rearrange(q, "b n (h d) -> b h n d", h=heads).float()
-    kh = rearrange(k, "b t (h d) -> b h t d", h=heads).float()
-    vh = rearrange(v, "b t (h d) -> b h t d", h=heads).float()
+    out_dtype = base.dtype
 
-    # Plain logits and their log-normalizer; P[s] is only ever needed at subject positions.
-    logits = torch.einsum("bhnd,bhtd->bhnt", qh, kh) * dim_head**-0.5  # (B, h, N, T)
-    lse = logits.logsumexp(dim=-1)  # (B, h, N)
+    # Plain logits (B, h, N, T) in float32; the 1/sqrt(d) rides on the small K.
+    qh = q.reshape(b, n, heads, dim_head).transpose(1, 2)  # (B, h, N, d), a view
+    kh = k.reshape(b, -1, heads, dim_head).transpose(1, 2).float() * dim_head**-0.5  # (B, h, T, d)
+    logits = torch.matmul(qh.float(), kh.transpose(-1, -2))  # (B, h, N, T)
 
-    adjusted = logits.clone()
-    weights = []
-    for s in subjects:
-        pos = s.positions.to(q.device)
-        w = _row_weight(s.weight, b, n, q)
-        weights.append(w)
-        if s.scale == 1.0:
-            continue
-        scale = torch.full((b, n), float(s.scale), device=q.device) if w is None else 1.0 + w * (s.scale - 1.0)
-        scale = scale[:, None, :, None]  # (B, 1, N, 1)
-        lp = logits[..., pos]  # (B, h, N, P)
-        adjusted[..., pos] = torch.maximum(lp, scale * lp)
-    lse_adj = adjusted.logsumexp(dim=-1)  # (B, h, N)
-    ratio = (lse - lse_adj).exp()  # Z / Z'
+    positions = [s.positions.to(q.device) for s in subjects]
+    weights = [_row_weight(s.weight, b, n, q) for s in subjects]  # (B, N) or None
+    ratio = None
+    if all(s.scale == 1.0 for s in subjects):
+        probs = logits.softmax(dim=-1)
+        p_plain = p_adj = [probs[..., pos] for pos in positions]  # (B, h, N, P)
+    else:
+        # lambda raises the subject logits: P' is the softmax of the adjusted logits, r = Z / Z'.
+        lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
+        adjusted = logits.clone()
+        for s, pos, w in zip(subjects, positions, weights):
+            if s.scale == 1.0:
+                continue
+            scale = s.scale if w is None else (1.0 + w * (s.scale - 1.0))[:, None, :, None]  # (B, 1, N, 1)
+            lp = logits[..., pos]  # (B, h, N, P)
+            adjusted[..., pos] = torch.maximum(lp, scale * lp)
+        lse_adj = adjusted.logsumexp(dim=-1, keepdim=True)
+        ratio = (lse - lse_adj).exp()  # (B, h, N, 1)
+        p_plain = [(logits[..., pos] - lse).exp() for pos in positions]
+        p_adj = [(adjusted[..., pos] - lse_adj).exp() for pos in positions]
 
-    out = rearrange(ratio, "b h n -> b h n 1") * rearrange(base.float(), "b n (h d) -> b h n d", h=heads)
-    for s, w in zip(subjects, weights):
-        pos = s.positions.to(q.device)
-        v_star = nested_values(q, s.key.to(q.device), s.value.to(q.device), heads).float()  # (B, N, D)
-        p_plain = (logits[..., pos] - lse[..., None]).exp()  # (B, h, N, P)
-        p_adj = (adjusted[..., pos] - lse_adj[..., None]).exp()
-        for j in range(pos.numel()):
-            v_tok = v[:, pos[j]].float()  # (B, D)
-            v_new = regularize_norm(v_star, v_tok, s.alpha)  # (B, N, D)
-            if w is not None:
-                v_new = w[..., None] * v_new + (1.0 - w[..., None]) * v_tok[:, None, :]
-            v_new = rearrange(v_new, "b n (h d) -> b h n d", h=heads)
-            v_old = rearrange(v_tok, "b (h d) -> b h 1 d", h=heads)
-            # One term per position; where it is exactly zero (w = 0) the output keeps the base bit for bit.
-            out = out + (p_adj[..., j, None] * v_new - ratio[..., None] * p_plain[..., j, None] * v_old)
-    return rearrange(out, "b h n d -> b n (h d)")
+    # out (B, N, h, d) in base's layout; the coefficients (B, h, N, .) are viewed as (B, N, h, .).
+    out = base.reshape(b, n, heads, dim_head)
+    owned = inplace  # whether `out` may be written to
+    if ratio is not None:
+        r = ratio.permute(0, 2, 1, 3)  # (B, N, h, 1)
+        out = out.mul_(r) if owned else out * r
+        owned = True
+
+    for s, pos, w, pp, pa in zip(subjects, positions, weights, p_plain, p_adj):
+        key, value = s.key.to(q.device, q.dtype), s.value.to(q.device, q.dtype)
+        if key.dim() == 2:  # shared by every row: expand is a view, not a copy
+            key, value = key.expand(b, -1, -1), value.expand(b, -1, -1)
+        kt = key.reshape(b, -1, heads, dim_head).transpose(1, 2)  # (B, h, M, d)
+        vt = value.reshape(b, -1, heads, dim_head).transpose(1, 2)
+        v_star = F.scaled_dot_product_attention(qh, kt, vt)  # (B, h, N, d), the nested values
+        v_tok = v.index_select(1, pos)  # (B, P, D); v[:, pos[j]] would read pos[j] back to the host
+        tok_norm = torch.linalg.vector_norm(v_tok, dim=-1, dtype=torch.float32)  # (B, P)
+        star_norm = torch.linalg.vector_norm(v_star, dim=(1, 3), dtype=torch.float32)  # (B, N), all heads
+        # alpha |V[s_j]| / |v*| without alpha, which rides on the multiply-add below.
+        gain = tok_norm[:, None, None, :] / star_norm.clamp_min(1e-6)[:, None, :, None]  # (B, 1, N, P)
+        wq = None if w is None else w[:, None, :, None]  # (B, 1, N, 1)
+        a = pa * gain if wq is None else pa * gain * wq
+        if pos.numel() > 1:
+            a = a.sum(dim=-1, keepdim=True)  # (B, h, N, 1)
+        # c_j with its sign flipped, so that the common case (no lambda, no weight) is just P[s_j].
+        if wq is None:
+            neg_c = pp if ratio is None else ratio * pp
+        else:
+            neg_c = (pp if ratio is None else ratio * pp) - pa * (1.0 - wq)  # (B, h, N, P)
+
+        v_star = v_star.transpose(1, 2)  # (B, N, h, d), a view
+        a = a.permute(0, 2, 1, 3)  # (B, N, h, 1)
+        if owned:
+            out = out.addcmul_(a, v_star, value=s.alpha)
+        else:
+            out = torch.addcmul(out, a, v_star, value=s.alpha)
+        owned = True
+        v_heads = v_tok.reshape(b, -1, heads, dim_head)  # (B, P, h, d)
+        if pos.numel() == 1:
+            out = out.addcmul_(neg_c.permute(0, 2, 1, 3), v_heads[:, None, 0], value=-1.0)  # (B,N,h,1)*(B,1,h,d)
+        else:
+            out = out.sub_(torch.matmul(neg_c, v_heads.transpose(1, 2).float()).transpose(1, 2))  # (B, N, h, d)
+    return out.reshape(b, n, width).to(out_dtype)

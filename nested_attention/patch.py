@@ -170,8 +170,14 @@ class NestedAttentionPatch:
     def __deepcopy__(self, memo: dict) -> "NestedAttentionPatch":
         return NestedAttentionPatch(self.layer, self.index, list(self.subjects), self.host_attention, self._models)
 
-    def to(self, device: torch.device) -> "NestedAttentionPatch":
-        """Called by ComfyUI when the UNet moves; caches for other devices are dropped to free memory."""
+    def to(self, device: torch.device | torch.dtype) -> "NestedAttentionPatch":
+        """Called by ComfyUI when the UNet moves; caches for other devices are dropped to free memory.
+
+        ComfyUI's model_load also calls it with the model's dtype (model_patches_to(model_dtype())):
+        caches are kept per dtype already, so a dtype needs nothing.
+        """
+        if isinstance(device, torch.dtype):
+            return self
         for s in self.subjects:
             s.drop_cache(keep_device=device)
         return self

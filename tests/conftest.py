@@ -58,3 +58,7 @@ def sample():
 def encode():
     """tiny_models.encode_text: conditioning as the CLIPTextEncode node makes it."""
     return tiny_models.encode_text
+
+
+# Fixtures of the node tests (the pack loaded as ComfyUI loads it, tiny encoder files).
+from pack_helpers import load_handle, models_folder, pack, save_tiny_encoder  # noqa: E402,F401

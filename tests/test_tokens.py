@@ -32,3 +32,17 @@ def test_plain_ids_are_accepted_and_empty_word_refused():
     assert locate_word([[49406, 5, 6, 49407]], [6]) == (2,)
     with pytest.raises(ValueError):
         locate_word([[1, 2]], [])
+
+
+def test_word_broken_across_chunks_by_comfy_is_found_at_its_last_token():
+    # ComfyUI's own start/end/padding tokens carry word id 0; a long segment is broken wherever a chunk ends.
+    first = [(49406, 1.0, 0)] + [(5, 1.0, 1)] * 74 + [(8, 1.0, 1), (49407, 1.0, 0)]
+    second = [(49406, 1.0, 0), (9, 1.0, 1), (49407, 1.0, 0)] + [(49407, 1.0, 0)] * (CHUNK - 3)
+    assert locate_word([first, second], [8, 9]) == (CHUNK + 1,)
+
+
+def test_ends_word_keeps_matches_to_whole_words():
+    ends = {1, 7}.__contains__  # ids 1 and 7 close a word, id 2 does not (a prefix piece)
+    chunks = [chunk(1, 7, 2, 7)]  # "a pet", then "x" + "pet" as one word
+    assert locate_word(chunks, [7]) == (2, 4)
+    assert locate_word(chunks, [7], ends_word=ends) == (2,)

@@ -1,0 +1,195 @@
+"""Load Nested Encoder: an encoder file from models/nested_attention plus the CLIP vision model it reads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+import comfy.clip_vision
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+import torch
+
+from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder
+
+from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, EncoderHandle
+
+FOLDER = "nested_attention"
+log = logging.getLogger(__name__)
+
+
+class NestedEncoderLoadError(ValueError):
+    """The encoder or its CLIP vision model cannot be used; the message says what to do."""
+
+
+def searched_folders(folder: str) -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return []
+
+
+def clip_vision_spec(clip_vision: Any, name: str = "") -> ClipVisionSpec:
+    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes (no forward)."""
+    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
+    embeddings = getattr(vision, "embeddings", None)
+    position = getattr(getattr(embeddings, "position_embedding", None), "weight", None)
+    layers = getattr(getattr(vision, "encoder", None), "layers", None)
+    if position is None or layers is None:
+        raise NestedEncoderLoadError(
+            f"the CLIP vision input ({type(getattr(clip_vision, 'model', clip_vision)).__name__}) is not a "
+            "CLIP or SigLIP vision transformer; nested encoders read the tokens of a CLIP ViT (e.g. "
+            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors). Connect the CLIP vision model the encoder was "
+            "trained with."
+        )
+    num_tokens, hidden = (int(s) for s in position.shape)  # (tokens incl. CLS, width)
+    return ClipVisionSpec(
+        name=name,
+        hidden_size=hidden,
+        num_tokens=num_tokens,
+        num_layers=len(layers),
+        image_size=int(getattr(clip_vision, "image_size", 224)),
+    )
+
+
+def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, encoder_name: str) -> None:
+    """Refuse a CLIP vision model of another architecture; warn about another file name of the same one."""
+    found = clip_vision_spec(clip_vision, name)
+    if not expected.same_architecture(found):
+        raise NestedEncoderLoadError(
+            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but the one given "
+            f"is {found.describe()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
+            f"encoder was trained with (put {expected.name} in models/clip_vision and leave the clip_vision "
+            "input unconnected, or load it with a Load CLIP Vision node)."
+        )
+    if name and expected.name and os.path.basename(name) != os.path.basename(expected.name):
+        log.warning(
+            "%s %s was trained with %s; the connected CLIP vision model is %s, which has the same "
+            "architecture. Results are only as good as the two models are alike.",
+            LOG_PREFIX,
+            encoder_name,
+            expected.name,
+            name,
+        )
+
+
+def _load_named_clip_vision(expected: ClipVisionSpec, encoder_name: str) -> Any:
+    path = folder_paths.get_full_path("clip_vision", expected.name)
+    if path is None:
+        folders = searched_folders("clip_vision")
+        raise NestedEncoderLoadError(
+            f"{encoder_name} needs the CLIP vision model {expected.name}, which is not in models/clip_vision "
+            f"(searched: {', '.join(folders) or 'no folder registered'}). Download it into one of those "
+            "folders, or connect a Load CLIP Vision node to this node's clip_vision input."
+        )
+    clip_vision = comfy.clip_vision.load(path)
+    if clip_vision is None:
+        raise NestedEncoderLoadError(f"{path} is not a CLIP vision model ComfyUI can load; replace the file.")
+    return clip_vision
+
+
+def fingerprint(encoder: NestedEncoder) -> str:
+    """A short hash of the weights that define the subject tokens and their projections."""
+    h = hashlib.sha256(encoder.config.to_json().encode())
+    for tensor in (
+        encoder.qformer.latents,
+        encoder.qformer.proj_out.weight,
+        encoder.projections[-1].to_v.weight[:8],
+    ):
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def encoder_dtype(load_device: torch.device, params: int) -> torch.dtype:
+    """The dtype the UNet would get on this device (float32 on a CPU), so that the encoder costs no more."""
+    return comfy.model_management.unet_dtype(
+        load_device, model_params=params, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32]
+    )
+
+
+def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderHandle:
+    """Wrap an encoder in a ModelPatcher that ComfyUI loads and offloads with the UNet."""
+    patcher = comfy.model_patcher.ModelPatcher(
+        encoder,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+    return EncoderHandle(
+        encoder=encoder, patcher=patcher, clip_vision=clip_vision, name=name, fingerprint=fingerprint(encoder)
+    )
+
+
+def load_handle(encoder_name: str, clip_vision: Any | None = None) -> EncoderHandle:
+    path = folder_paths.get_full_path(FOLDER, encoder_name)
+    if path is None:
+        folders = searched_folders(FOLDER)
+        raise NestedEncoderLoadError(
+            f"nested encoder file {encoder_name!r} not found (searched: "
+            f"{', '.join(folders) or 'no folder registered'}). Put the .safetensors file exported by the "
+            "trainer into one of those folders (or add a 'nested_attention' entry to "
+            "extra_model_paths.yaml) and refresh the node."
+        )
+    encoder = load_encoder(path)  # full validation: format, version, config, every tensor
+    load_device = comfy.model_management.get_torch_device()
+    dtype = encoder_dtype(load_device, sum(p.numel() for p in encoder.parameters()))
+    if dtype != next(encoder.parameters()).dtype:
+        encoder = encoder.to(dtype)
+    expected = encoder.config.clip_vision
+    if clip_vision is None:
+        clip_vision = _load_named_clip_vision(expected, encoder_name)
+        check_clip_vision(expected, clip_vision, expected.name, encoder_name)
+    else:
+        # ComfyUI does not keep a CLIP vision model's file name: a connected one is checked by architecture.
+        check_clip_vision(expected, clip_vision, "", encoder_name)
+    log.info(
+        "%s loaded %s (%s, token '%s', M=%d, %d layers)",
+        LOG_PREFIX,
+        encoder_name,
+        encoder.config.domain,
+        encoder.config.token,
+        encoder.config.num_tokens,
+        len(encoder.config.layers),
+    )
+    return make_handle(encoder, clip_vision, encoder_name)
+
+
+class NestedAttentionLoadEncoder:
+    DESCRIPTION = (
+        "Loads a nested attention subject encoder (.safetensors from models/nested_attention) and the CLIP "
+        "vision model it reads images with."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (NESTED_ENCODER,)
+    RETURN_NAMES = ("encoder",)
+    OUTPUT_TOOLTIPS = ("The encoder, for Encode Subject Image(s).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder_name": (
+                    folder_paths.get_filename_list(FOLDER),
+                    {
+                        "tooltip": "An encoder file exported by this pack's trainer, from "
+                        "models/nested_attention (or a folder registered as 'nested_attention' in "
+                        "extra_model_paths.yaml)."
+                    },
+                ),
+            },
+            "optional": {
+                "clip_vision": (
+                    "CLIP_VISION",
+                    {
+                        "tooltip": "The CLIP vision model the encoder was trained with. Leave unconnected "
+                        "to load the file the encoder names from models/clip_vision."
+                    },
+                ),
+            },
+        }
+
+    def load(self, encoder_name: str, clip_vision: Any | None = None):
+        return (load_handle(encoder_name, clip_vision),)

@@ -1,0 +1,286 @@
+"""Encode Subject Image(s), and saving / loading an encoded subject so it can be reused without the photos."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nested_attention import concat_subject_tokens
+
+from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, NESTED_SUBJECT, EncoderHandle, Subject
+
+SUBJECT_FORMAT = "nested-attention-subject"
+SUBJECT_FORMAT_VERSION = 1
+SUBJECT_DIR = "nested_attention_subjects"  # under ComfyUI's output (saving) and input/output (loading)
+log = logging.getLogger(__name__)
+
+
+class SubjectError(ValueError):
+    """Bad images, masks or subject files; the message says what to do."""
+
+
+def composite_on_white(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """IMAGE (B, H, W, C) in [0, 1]: the subject kept where the mask is 1, white elsewhere."""
+    image = image[..., :3]
+    if mask is None:
+        return image
+    mask = mask.to(image.device, torch.float32)
+    if mask.dim() == 2:
+        mask = mask[None]  # (1, H, W)
+    if mask.dim() != 3 or mask.shape[0] not in (1, image.shape[0]):
+        raise SubjectError(
+            f"the mask has shape {tuple(mask.shape)}; expected one mask (H, W) or one per image "
+            f"({image.shape[0]}, H, W). Give one mask for all photos or exactly one per photo."
+        )
+    if mask.shape[-2:] != image.shape[1:3]:
+        mask = F.interpolate(mask[:, None], size=image.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    mask = mask.clamp(0, 1)[..., None]  # (B|1, H, W, 1)
+    return image * mask + (1.0 - mask)
+
+
+@torch.no_grad()
+def encode_subject(
+    handle: EncoderHandle, image: torch.Tensor, mask: torch.Tensor | None = None, crop: bool = True
+) -> Subject:
+    """Photos of one subject -> its tokens E (1, n*M, C): each photo encoded, the tokens concatenated."""
+    if image is None or image.dim() != 4 or image.shape[0] == 0:
+        shape = None if image is None else tuple(image.shape)
+        raise SubjectError(
+            f"Encode Subject Image(s) got no image (shape {shape}); connect one or more photos of the "
+            "subject (an IMAGE batch)."
+        )
+    images = composite_on_white(image, mask)
+    n = images.shape[0]
+    spec = handle.config.clip_vision
+    progress = comfy.utils.ProgressBar(n + 1)
+
+    hidden = []
+    for i in range(n):  # one photo at a time: a batch of large photos need not fit at once
+        encoded = handle.clip_vision.encode_image(images[i : i + 1], crop=crop)
+        out = encoded["last_hidden_state"]  # (1, L, width)
+        if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
+            raise SubjectError(
+                f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {handle.name} "
+                f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
+                "that CLIP vision model."
+            )
+        hidden.append(out.to("cpu", torch.float32))
+        progress.update(1)
+
+    comfy.model_management.load_model_gpu(handle.patcher)
+    weight = next(handle.encoder.parameters())
+    tokens = handle.encoder.encode(torch.cat(hidden).to(weight.device, weight.dtype))  # (n, M, C)
+    tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
+    progress.update(1)
+    name = f"{handle.config.domain} subject"
+    return Subject(tokens=tokens, encoder=handle, name=name, images=n)
+
+
+class NestedAttentionEncodeSubject:
+    DESCRIPTION = (
+        "Encodes one or more photos of ONE subject into subject tokens. Several photos of the same subject "
+        "are combined; photos of different subjects mix their identities."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (NESTED_SUBJECT,)
+    RETURN_NAMES = ("subject",)
+    OUTPUT_TOOLTIPS = ("The subject, for Apply Nested Attention.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder": (NESTED_ENCODER, {"tooltip": "From Load Nested Encoder."}),
+                "image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Photos of one subject (a batch). Each is encoded and the tokens are "
+                        "concatenated; two different people in one batch mix their identities."
+                    },
+                ),
+                "crop": (
+                    ["center", "none"],
+                    {
+                        "default": "center",
+                        "tooltip": "How photos are fitted to the CLIP vision input: center crop, or squash "
+                        "the whole photo.",
+                    },
+                ),
+            },
+            "optional": {
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Isolates the subject: outside the mask the photo is replaced by white, "
+                        "as the encoder was trained (pets on a white background). One mask, or one per "
+                        "photo."
+                    },
+                ),
+            },
+        }
+
+    def encode(
+        self,
+        encoder: EncoderHandle,
+        image: torch.Tensor,
+        crop: str = "center",
+        mask: torch.Tensor | None = None,
+    ):
+        return (encode_subject(encoder, image, mask, crop=crop != "none"),)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_subject(path: str, subject: Subject) -> None:
+    config = subject.encoder.config
+    metadata = {
+        "format": SUBJECT_FORMAT,
+        "format_version": str(SUBJECT_FORMAT_VERSION),
+        "encoder": subject.encoder.name,
+        "encoder_fingerprint": subject.encoder.fingerprint,
+        "domain": config.domain,
+        "token": config.token,
+        "name": subject.name,
+        "images": str(subject.images),
+    }
+    save_file(
+        {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, path, metadata=metadata
+    )
+
+
+def load_subject(path: str, handle: EncoderHandle) -> Subject:
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SUBJECT_FORMAT:
+                raise SubjectError(
+                    f"{name} is not a saved nested attention subject (format {metadata.get('format')!r}, "
+                    f"expected {SUBJECT_FORMAT!r}); save subjects with Save Nested Subject."
+                )
+            if metadata.get("format_version") != str(SUBJECT_FORMAT_VERSION):
+                raise SubjectError(
+                    f"{name} has subject format version {metadata.get('format_version')!r}; this pack reads "
+                    f"version {SUBJECT_FORMAT_VERSION}. Encode the photos again."
+                )
+            tokens = f.get_tensor("tokens")
+    except (SafetensorError, OSError) as e:
+        raise SubjectError(
+            f"{name} is not a readable .safetensors file ({e}); save the subject again."
+        ) from e
+    if metadata.get("encoder_fingerprint") != handle.fingerprint:
+        raise SubjectError(
+            f"{name} was encoded with encoder {metadata.get('encoder')!r}, not with the connected "
+            f"{handle.name}: subject tokens only mean something to the encoder that made them. Connect that "
+            "encoder, or encode the photos again with this one."
+        )
+    width = handle.config.qformer.output_dim
+    if (
+        tokens.dim() != 3
+        or tokens.shape[0] != 1
+        or tokens.shape[2] != width
+        or tokens.shape[1] % handle.config.num_tokens
+    ):
+        raise SubjectError(
+            f"{name}: tokens of shape {tuple(tokens.shape)}, expected (1, n*{handle.config.num_tokens}, "
+            f"{width}); the file is damaged, save the subject again."
+        )
+    images = int(metadata.get("images", tokens.shape[1] // handle.config.num_tokens))
+    return Subject(tokens=tokens.float(), encoder=handle, name=metadata.get("name", "subject"), images=images)
+
+
+def subject_files() -> list[str]:
+    """Saved subjects in input/nested_attention_subjects and (annotated) output/nested_attention_subjects."""
+    files = []
+    for kind, base in (
+        ("", folder_paths.get_input_directory()),
+        (" [output]", folder_paths.get_output_directory()),
+    ):
+        folder = os.path.join(base, SUBJECT_DIR)
+        if os.path.isdir(folder):
+            files += [
+                f"{SUBJECT_DIR}/{f}{kind}" for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+            ]
+    return files
+
+
+class NestedAttentionSaveSubject:
+    DESCRIPTION = (
+        "Saves an encoded subject (.safetensors in output/nested_attention_subjects), to reuse it without "
+        "the photos."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "subject": (NESTED_SUBJECT, {"tooltip": "From Encode Subject Image(s)."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": f"{SUBJECT_DIR}/subject",
+                        "tooltip": "File name prefix, relative to ComfyUI's output folder.",
+                    },
+                ),
+            },
+        }
+
+    def save(self, subject: Subject, filename_prefix: str = f"{SUBJECT_DIR}/subject"):
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory()
+        )
+        file = f"{filename}_{counter:05}_.safetensors"
+        save_subject(os.path.join(folder, file), subject)
+        log.info("%s saved %s to %s", LOG_PREFIX, subject.describe(), os.path.join(folder, file))
+        return {"ui": {"subjects": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+
+
+class NestedAttentionLoadSubject:
+    DESCRIPTION = "Loads a subject saved by Save Nested Subject; it must come from the connected encoder."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (NESTED_SUBJECT,)
+    RETURN_NAMES = ("subject",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder": (NESTED_ENCODER, {"tooltip": "The encoder the subject was encoded with."}),
+                "subject_file": (
+                    subject_files(),
+                    {
+                        "tooltip": "A saved subject from input/nested_attention_subjects, or from output/ "
+                        "(marked [output])."
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, subject_file: str = "", **_):
+        path = folder_paths.get_annotated_filepath(subject_file)
+        return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.isfile(path) else subject_file
+
+    def load(self, encoder: EncoderHandle, subject_file: str):
+        path = folder_paths.get_annotated_filepath(subject_file)
+        if not os.path.isfile(path):
+            raise SubjectError(
+                f"saved subject {subject_file!r} not found at {path}; save it again or pick another file."
+            )
+        return (load_subject(path, encoder),)

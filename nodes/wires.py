@@ -1,0 +1,53 @@
+"""What travels on the pack's wires. Wire type names carry the pack prefix and never change once shipped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nested_attention import NestedEncoder
+
+NESTED_ENCODER = "NESTED_ENCODER"
+NESTED_SUBJECT = "NESTED_SUBJECT"
+CATEGORY = "nested_attention"
+LOG_PREFIX = "[nested-attention]"
+
+
+@dataclass(eq=False)
+class EncoderHandle:
+    """A loaded nested encoder, ready for ComfyUI's memory management.
+
+    encoder: the NestedEncoder (Q-Former and per-layer projections).
+    patcher: a ModelPatcher around it; the attention patches list it in `models()`, so ComfyUI loads and
+        offloads it together with the UNet (low-VRAM mode included).
+    clip_vision: the comfy.clip_vision.ClipVisionModel whose tokens the Q-Former reads.
+    name: the encoder's file name, for messages.
+    fingerprint: identifies these exact weights, so a saved subject is never used with another encoder.
+    """
+
+    encoder: NestedEncoder
+    patcher: Any
+    clip_vision: Any
+    name: str
+    fingerprint: str
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+
+@dataclass(eq=False)
+class Subject:
+    """One subject: its encoder tokens E (1, n*M, C), CPU float32, and the encoder that made them."""
+
+    tokens: torch.Tensor
+    encoder: EncoderHandle
+    name: str
+    images: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} ({self.images} image{'s' if self.images != 1 else ''}, encoder {self.encoder.name})"
+        )

@@ -1,0 +1,363 @@
+"""A real ComfyUI server with this pack, and its real frontend in headless Chromium.
+
+Shared by the end-to-end test and by make_workflows.py (which builds the shipped workflows in the same
+frontend). The server runs as a subprocess with `--base-directory` pointing at a throw-away folder, so
+that custom_nodes, models, input, output and user settings are all private to the run and the ComfyUI
+tree is never touched. Chromium is Debian's /usr/bin/chromium, driven by the Python playwright package
+(which never downloads a browser of its own here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+E2E_DIR = Path(__file__).resolve().parent
+WORKFLOWS_DIR = REPO / "workflows"
+EXAMPLE_INPUTS_DIR = WORKFLOWS_DIR / "input"
+TINY_PACK_DIR = E2E_DIR / "tiny_pack"
+ARTIFACTS_DIR = REPO / "tests" / "artifacts" / "e2e"
+
+PACK_NAME = "comfyui-nested-attention"  # the folder name dev.py links the pack under
+TINY_PACK_NAME = "nested_attention_test_tiny"
+
+# The files the shipped workflows' loaders name: the standard SDXL and CLIP vision downloads, and the two
+# encoders the trainer exports.
+CHECKPOINT = "sd_xl_base_1.0.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+FACES_ENCODER = "faces-encoder.safetensors"
+PETS_ENCODER = "pets-encoder.safetensors"
+MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
+               "nested_attention": [FACES_ENCODER, PETS_ENCODER]}
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+VIEWPORT = {"width": 1600, "height": 1000}
+# Frontend settings for a fresh user: no template browser popping up over the graph on first start, and
+# nodes drawn in full detail at any zoom (screenshots of whole graphs).
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+                     "Comfy.Minimap.Visible": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
+    """Lay out a ComfyUI base directory: linked custom node packs, model files, example inputs, settings.
+
+    Model files that are not already there are created empty: enough for the frontend's file lists (the
+    loaders' combo widgets), never loaded (the test swaps the heavy loaders for tiny ones).
+    """
+    for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for name, target in custom_nodes.items():
+        link = base / "custom_nodes" / name
+        if not link.exists():
+            os.symlink(target, link, target_is_directory=True)
+    for folder, names in MODEL_FILES.items():
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base / "models" / folder / name).touch(exist_ok=True)
+    if EXAMPLE_INPUTS_DIR.is_dir():
+        for image in EXAMPLE_INPUTS_DIR.iterdir():
+            if image.is_file():
+                shutil.copy2(image, base / "input" / image.name)
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS))
+
+
+class ComfyServer:
+    """`python main.py --cpu` of a ComfyUI folder, with everything variable under `base` (--base-directory)."""
+
+    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: Optional[int] = None):
+        self.comfyui, self.base, self.log_path = Path(comfyui), Path(base), Path(log_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 600.0) -> "ComfyServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
+        env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.get_json("/system_stats")
+                return self
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no server log)"
+
+    # -- HTTP ---------------------------------------------------------------------------------------------
+
+    def get(self, path: str, **query: Any) -> bytes:
+        url = self.url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.read()
+
+    def get_json(self, path: str, **query: Any) -> Any:
+        return json.loads(self.get(path, **query))
+
+    def post_json(self, path: str, data: Any) -> Any:
+        request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def queue_prompt(self, prompt: dict) -> str:
+        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors."""
+        try:
+            return self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"the server refused the prompt: {e.read().decode(errors='replace')}") from e
+
+    def wait_for(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """Poll /history until the prompt has finished; returns its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"].get("status_str") == "success":
+                    return entry
+                raise AssertionError(f"prompt {prompt_id} failed: {json.dumps(entry['status'], indent=1)}\n"
+                                     f"server log:\n{self.log_tail()}")
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited while running a prompt:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict[str, list[bytes]]:
+        """Queue `prompt`, wait for it, and fetch its output images over /view: {node id: [PNG bytes, ...]}."""
+        entry = self.wait_for(self.queue_prompt(prompt), timeout)
+        images = {}
+        for node_id, output in entry.get("outputs", {}).items():
+            for image in output.get("images", []):
+                if image.get("type") == "output":
+                    data = self.get("/view", filename=image["filename"], subfolder=image.get("subfolder", ""),
+                                    type="output")
+                    images.setdefault(node_id, []).append(data)
+        return images
+
+
+# -- The frontend -----------------------------------------------------------------------------------------
+
+# Runs in the page. Loads a workflow as the template browser does (app.loadGraphData) and reports what the
+# frontend made of it: node types it does not know, nodes it flagged, widget values it refused or changed,
+# and the alerts it raised (its schema check of the file shows one).
+_LOAD_WORKFLOW_JS = """
+async ([workflow, name]) => {
+  const app = window.app, LG = window.LiteGraph;
+  const missingDialog = [];
+  const missingModels = [];
+  app.showMissingNodesError = (types) => { for (const t of types) missingDialog.push(typeof t === 'string' ? t : (t.type ?? JSON.stringify(t))); };
+  app.showMissingModelsError = (models) => { for (const m of models) missingModels.push(m.name ?? JSON.stringify(m)); };
+  for (const b of document.querySelectorAll('.p-toast-close-button')) b.click();
+  try {
+    await app.loadGraphData(structuredClone(workflow), true, true, name);
+  } finally {
+    delete app.showMissingNodesError;  // back to the prototype's
+    delete app.showMissingModelsError;
+  }
+  await new Promise((r) => setTimeout(r, 500));
+  const nodes = app.graph.nodes;
+  const unknownTypes = nodes.filter((n) => !LG.registered_node_types[n.type]).map((n) => n.type);
+  const flagged = nodes.filter((n) => n.has_errors).map((n) => `#${n.id} ${n.type}`);
+  const widgetErrors = [];
+  for (const n of nodes) {
+    for (const w of n.widgets ?? []) {
+      const where = `#${n.id} ${n.type}.${w.name}`;
+      if (w.type === 'combo') {
+        let values = w.options?.values;
+        if (typeof values === 'function') values = values(w, n);
+        if (Array.isArray(values) && !values.includes(w.value)) widgetErrors.push(`${where}: ${JSON.stringify(w.value)} is not one of its options`);
+      } else if (typeof w.value === 'number') {
+        const o = w.options ?? {};
+        if (Number.isNaN(w.value) || (o.min != null && w.value < o.min) || (o.max != null && w.value > o.max))
+          widgetErrors.push(`${where}: ${w.value} is outside [${o.min}, ${o.max}]`);
+      }
+    }
+  }
+  // What the frontend would save now must be what the file says: nothing refused, reset or shifted.
+  const saved = Object.fromEntries(workflow.nodes.map((n) => [n.id, n.widgets_values ?? []]));
+  for (const n of app.graph.serialize().nodes) {
+    const now = JSON.stringify(n.widgets_values ?? []), before = JSON.stringify(saved[n.id]);
+    if (now !== before) widgetErrors.push(`#${n.id} ${n.type}: widget values ${before} became ${now} on load`);
+  }
+  const alerts = [...document.querySelectorAll('.p-toast-message')]
+    .filter((m) => /p-toast-message-(warn|error)/.test(m.className))
+    .map((m) => m.innerText.replace(/\\s+/g, ' ').trim());
+  return {missingDialog, missingModels, unknownTypes, flagged, widgetErrors, alerts, nodes: nodes.length,
+          links: Object.keys(app.graph.links ?? {}).length};
+}
+"""
+
+# Zooms and pans so that every node is in view, inside the part of the canvas that the sidebar, the tab bar
+# and the floating menu leave visible (margins: left, top, right, bottom).
+_FIT_VIEW_JS = """
+([left, top, right, bottom]) => {
+  const app = window.app, canvas = app.canvas, nodes = app.graph.nodes;
+  if (!nodes.length) return;
+  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const n of nodes) {
+    x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+    x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+  }
+  const w = canvas.canvas.width / window.devicePixelRatio - left - right;
+  const h = canvas.canvas.height / window.devicePixelRatio - top - bottom;
+  const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.0);
+  canvas.ds.scale = scale;
+  canvas.ds.offset = [left / scale + (w / scale - (x1 - x0)) / 2 - x0, top / scale + (h / scale - (y1 - y0)) / 2 - y0];
+  canvas.setDirty(true, true);
+}
+"""
+FIT_MARGINS = (80, 110, 30, 30)
+FOCUS_MODE_MARGINS = (30, 30, 30, 30)
+
+
+class Frontend:
+    """ComfyUI's frontend, served by `server`, in headless Debian Chromium with a fresh profile."""
+
+    def __init__(self, server: ComfyServer):
+        self.server = server
+        self._playwright = None
+        self._context = None
+        self._profile: Optional[str] = None
+        self.page = None
+        self.console_errors: list[str] = []  # console errors and page errors, network failures left out
+        self.http_errors: list[str] = []  # this server's answers >= 400 (fresh-profile user files left out)
+
+    def __enter__(self) -> "Frontend":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self, timeout_ms: int = 600_000) -> "Frontend":
+        from playwright.sync_api import sync_playwright
+
+        if not CHROMIUM.exists():
+            raise RuntimeError(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install chromium).")
+        self._profile = tempfile.mkdtemp(prefix="nested-attention-chromium-")
+        self._playwright = sync_playwright().start()
+        self._context = self._playwright.chromium.launch_persistent_context(
+            self._profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT)
+        # Nothing leaves the machine: the frontend also asks api.comfy.org (registry, releases) for information.
+        # (A regular expression, matched inside the driver; a Python predicate would slow every request.)
+        elsewhere = re.compile(rf"^(?!{re.escape(self.server.url)}/)(https?|wss?)://")
+        self._context.route(elsewhere, lambda route: route.abort())
+        self.page = self._context.pages[0] if self._context.pages else self._context.new_page()
+        self.page.set_default_timeout(120_000)  # generous: CI machines can be slow and shared
+        # A fresh user: no "Nodes 2.0" banner over the canvas (the frontend keeps that choice in localStorage).
+        self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+        self.page.on("console", self._on_console)
+        self.page.on("response", self._on_response)
+        self.page.on("pageerror", lambda error: self.console_errors.append(f"pageerror: {error}"))
+        self.page.goto(self.server.url + "/", timeout=timeout_ms, wait_until="domcontentloaded")
+        self.page.wait_for_function(
+            "window.app?.graph && window.LiteGraph && window.app.vueAppReady"
+            " && Object.keys(window.LiteGraph.registered_node_types).length > 100",
+            timeout=timeout_ms)
+        return self
+
+    def _on_console(self, message) -> None:
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.console_errors.append(message.text)
+
+    def _on_response(self, response) -> None:
+        if response.status >= 400 and response.url.startswith(self.server.url):
+            path = response.url[len(self.server.url):]
+            if not path.startswith(("/api/userdata", "/user.css")):
+                self.http_errors.append(f"{response.status} {path}")
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context.close()
+        if self._playwright is not None:
+            self._playwright.stop()
+        if self._profile:
+            shutil.rmtree(self._profile, ignore_errors=True)
+        self._context = self._playwright = self._profile = None
+
+    def evaluate(self, script: str, arg: Any = None) -> Any:
+        return self.page.evaluate(script, arg)
+
+    def fetch_template(self, module: str, name: str) -> dict:
+        """A custom node pack's template, fetched by the page from the URL the template browser uses."""
+        return self.evaluate(
+            "async ([m, n]) => { const r = await fetch(window.app.api.apiURL(`/workflow_templates/${m}/${n}.json`));"
+            " if (!r.ok) throw new Error(`${r.status} ${r.url}`); return await r.json(); }", [module, name])
+
+    def load_workflow(self, workflow: dict, name: str) -> dict:
+        """Load `workflow` in the frontend; returns what went wrong (empty lists when nothing did)."""
+        console, http = len(self.console_errors), len(self.http_errors)
+        report = self.evaluate(_LOAD_WORKFLOW_JS, [workflow, name])
+        report["consoleErrors"] = self.console_errors[console:]
+        report["httpErrors"] = self.http_errors[http:]
+        return report
+
+    @staticmethod
+    def problems(report: dict) -> dict:
+        keys = ("missingDialog", "missingModels", "unknownTypes", "flagged", "widgetErrors", "alerts", "consoleErrors", "httpErrors")
+        return {key: report[key] for key in keys if report.get(key)}
+
+    def fit_view(self, margins: tuple = FIT_MARGINS) -> None:
+        self.evaluate(_FIT_VIEW_JS, list(margins))
+        self.page.wait_for_timeout(300)  # a few frames, so that the canvas has drawn the new view
+
+    def graph_to_prompt(self) -> dict:
+        """The API prompt the frontend would queue for the loaded graph ({node id: {class_type, inputs}})."""
+        return self.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    def serialize(self) -> dict:
+        """The workflow as the frontend saves it."""
+        # Through JSON.stringify, as the frontend saves: keys whose value is undefined are left out (a
+        # structured copy would turn them into nulls, which the frontend's own schema check refuses).
+        return json.loads(self.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
+
+    def screenshot(self, path: Path, canvas_only: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if canvas_only:
+            self.page.locator("#graph-canvas").screenshot(path=str(path))
+        else:
+            self.page.screenshot(path=str(path))

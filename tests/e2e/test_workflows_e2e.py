@@ -1,0 +1,217 @@
+"""The shipped workflows, end to end: a real ComfyUI server, its real frontend, the real nodes.
+
+One ComfyUI server (a subprocess, `--cpu`, a throw-away `--base-directory`) runs with this pack and the
+test-only pack tests/e2e/tiny_pack installed; one headless Chromium (Debian's) opens its frontend. For
+every workflows/*.json the test
+  - fetches it from the URL the template browser uses and loads it in the frontend: no missing node type,
+    no widget value refused or changed, no alert; a screenshot goes to tests/artifacts/e2e/<name>.png;
+  - takes the API prompt from the frontend (app.graphToPrompt), swaps the SDXL and CLIP vision loaders for
+    the tiny ones (same outputs, same slot order), shrinks the latent and the step count, and runs it
+    over HTTP; every Save Image must return an image;
+  - runs the same prompt with every Apply node bypassed (its model passed through, its conditioning
+    replaced by CLIP Text Encode of the same text): the images downstream of an Apply node must differ,
+    all others must be identical.
+The encoder files are real (tiny, written here for the tiny UNet's layer table), so the real Load Nested
+Encoder node loads and validates them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny_models
+from harness import (
+    ARTIFACTS_DIR, CHROMIUM, CLIP_VISION, FACES_ENCODER, PACK_NAME, PETS_ENCODER, REPO, TINY_PACK_DIR,
+    TINY_PACK_NAME, WORKFLOWS_DIR, ComfyServer, Frontend, prepare_base_dir,
+)
+from nested_attention import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormerConfig, save_encoder, unet_layers
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+SHIPPED = ["lambda_sweep", "person_and_pet", "person_one_photo", "person_several_photos", "pet_one_photo"]
+WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+
+# Heavy loaders and their tiny stand-ins from tests/e2e/tiny_pack (same outputs in the same order).
+TINY_LOADERS = {
+    "CheckpointLoaderSimple": "NestedAttentionTestTinyCheckpoint",
+    "CLIPVisionLoader": "NestedAttentionTestTinyCLIPVision",
+}
+# Nodes that run as shipped, cheap on a CPU once the loaders are tiny. Anything else in a workflow fails the
+# test until it is put in one of these two tables.
+RUNS_AS_SHIPPED = {
+    "NestedAttentionLoadEncoder", "NestedAttentionEncodeSubject", "NestedAttentionApply", "LoadImage",
+    "ImageBatch", "PrimitiveStringMultiline", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
+    "SaveImage",
+}
+APPLY = "NestedAttentionApply"
+TINY_IMAGE_SIZE = 128  # pixels: a 16 x 16 latent for the tiny UNet
+TINY_STEPS = 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: one server and one browser for the whole module
+
+
+def write_tiny_encoders(folder: Path) -> None:
+    """Real encoder files in the weight format, sized for the tiny UNet and the tiny CLIP vision tower."""
+    layers = unet_layers(tiny_models.tiny_sdxl_unet(seed=0).model.diffusion_model)
+    vision = tiny_models.TINY_CLIP_VISION_CONFIG
+    spec = ClipVisionSpec(name=CLIP_VISION, hidden_size=vision["hidden_size"],
+                          num_tokens=(vision["image_size"] // vision["patch_size"]) ** 2 + 1,
+                          num_layers=vision["num_hidden_layers"], image_size=vision["image_size"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, domain, token) in enumerate([(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]):
+        qformer = QFormerConfig(clip_dim=spec.hidden_size, dim=64, depth=1, heads=2, dim_head=32, num_queries=8)
+        torch.manual_seed(seed)
+        encoder = NestedEncoder(EncoderConfig(domain=domain, token=token, qformer=qformer, clip_vision=spec,
+                                              layers=layers))
+        save_encoder(str(folder / name), encoder)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (python3 dev.py test does, as root)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium (pip install playwright)")
+    if ARTIFACTS_DIR.exists():
+        shutil.rmtree(ARTIFACTS_DIR)
+    ARTIFACTS_DIR.mkdir(parents=True)
+    base = tmp_path_factory.mktemp("comfyui") / "base"
+    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
+    write_tiny_encoders(base / "models" / "nested_attention")
+    server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy):
+    with Frontend(comfy) as page:
+        yield page
+
+
+# ------------------------------------------------------------------------------------------------
+# API prompt surgery
+
+
+def tiny_prompt(prompt: dict) -> dict:
+    """The frontend's API prompt with the heavy loaders swapped for tiny ones and a small, short sampling."""
+    prompt = copy.deepcopy(prompt)
+    for node_id, node in prompt.items():
+        kind = node["class_type"]
+        if kind in TINY_LOADERS:
+            node["class_type"], node["inputs"] = TINY_LOADERS[kind], {}
+        elif kind not in RUNS_AS_SHIPPED:
+            raise AssertionError(f"node {node_id} is a {kind}, which this test does not know how to run on a CPU: "
+                                 "add it to TINY_LOADERS (with a tiny stand-in) or to RUNS_AS_SHIPPED")
+        if kind == "EmptyLatentImage":
+            node["inputs"].update(width=TINY_IMAGE_SIZE, height=TINY_IMAGE_SIZE)
+        elif kind == "KSampler":
+            node["inputs"]["steps"] = TINY_STEPS
+    return prompt
+
+
+def is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def bypass_apply(prompt: dict) -> dict:
+    """The same prompt with every Apply node bypassed.
+
+    Its MODEL output becomes its model input (passed through, as the frontend's bypass does), and its
+    CONDITIONING output becomes a CLIP Text Encode of the same text with the same CLIP.
+    """
+    prompt = copy.deepcopy(prompt)
+    replaced = {}
+    next_id = max(int(i) for i in prompt) + 1
+    for node_id in [i for i, n in prompt.items() if n["class_type"] == APPLY]:
+        inputs = prompt.pop(node_id)["inputs"]
+        encode_id, next_id = str(next_id), next_id + 1
+        prompt[encode_id] = {"class_type": "CLIPTextEncode", "inputs": {"text": inputs["text"], "clip": inputs["clip"]}}
+        replaced[(node_id, 0)] = inputs["model"]
+        replaced[(node_id, 1)] = [encode_id, 0]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            while is_link(value) and tuple(value) in replaced:  # chained Apply nodes: follow to the base model
+                value = replaced[tuple(value)]
+            node["inputs"][name] = value
+    assert all(n["class_type"] != APPLY for n in prompt.values())
+    return prompt
+
+
+def upstream(prompt: dict, node_id: str) -> set[str]:
+    """Every node `node_id` depends on, through its links."""
+    seen, stack = set(), [node_id]
+    while stack:
+        for value in prompt[stack.pop()]["inputs"].values():
+            if is_link(value) and value[0] not in seen:
+                seen.add(value[0])
+                stack.append(value[0])
+    return seen
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB"), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_the_shipped_workflows_are_the_five_of_the_product():
+    assert WORKFLOW_NAMES == SHIPPED
+    for name in SHIPPED:
+        assert (WORKFLOWS_DIR / f"{name}.jpg").is_file(), f"{name} has no thumbnail for the template browser"
+
+
+def test_server_lists_the_pack_workflows_as_templates(comfy, frontend):
+    templates = comfy.get_json("/workflow_templates")
+    assert sorted(templates.get(PACK_NAME, [])) == WORKFLOW_NAMES, templates
+    for name in WORKFLOW_NAMES:
+        served = json.loads(comfy.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
+        assert served == json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+        assert comfy.get(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")[:3] == b"\xff\xd8\xff"  # a JPEG
+
+    # The frontend's template browser reads the same list through its API client.
+    listed = frontend.evaluate("async () => await window.app.api.getWorkflowTemplates()")
+    assert sorted(listed.get(PACK_NAME, [])) == WORKFLOW_NAMES, listed
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_shipped_workflow_loads_in_the_frontend_and_runs(name, comfy, frontend):
+    workflow = frontend.fetch_template(PACK_NAME, name)
+    report = frontend.load_workflow(workflow, name)
+    frontend.fit_view()
+    frontend.screenshot(ARTIFACTS_DIR / f"{name}.png")
+    assert not Frontend.problems(report), f"{name} does not load cleanly in the frontend: {Frontend.problems(report)}"
+
+    prompt = frontend.graph_to_prompt()
+    applies = [i for i, n in prompt.items() if n["class_type"] == APPLY]
+    saves = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert applies and saves, f"{name}: expected Apply Nested Attention and Save Image nodes in {prompt}"
+
+    tiny = tiny_prompt(prompt)
+    with_subject = comfy.run_prompt(tiny)
+    without = comfy.run_prompt(bypass_apply(tiny))
+
+    for save in saves:
+        assert len(with_subject.get(save, [])) == 1, f"{name}: Save Image #{save} returned {with_subject.get(save)}"
+        assert len(without.get(save, [])) == 1, f"{name}: Save Image #{save} (Apply bypassed) returned nothing"
+        a, b = pixels(with_subject[save][0]), pixels(without[save][0])
+        assert a.shape == b.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        (ARTIFACTS_DIR / f"{name}.output-{save}.png").write_bytes(with_subject[save][0])
+        (ARTIFACTS_DIR / f"{name}.output-{save}.bypassed.png").write_bytes(without[save][0])
+        difference = np.abs(a - b).mean()
+        if upstream(tiny, save) & set(applies):
+            assert difference > 1.0, f"{name}: Save Image #{save} barely changes with nested attention ({difference:.3f})"
+        else:
+            assert difference == 0.0, f"{name}: Save Image #{save} has no Apply node upstream yet changed ({difference})"

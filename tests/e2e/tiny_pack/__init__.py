@@ -1,0 +1,92 @@
+"""Test-only ComfyUI node pack: tiny stand-ins for the heavy SDXL and CLIP vision loaders.
+
+The end-to-end test links this folder into the test server's custom_nodes (never into a user's ComfyUI)
+and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader for these nodes in the API
+prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
+pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
+
+The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
+tiny comfy.sd.VAE built here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_TESTS_DIR = str(Path(__file__).resolve().parents[2])  # resolve(): the server sees this folder through a symlink
+if _TESTS_DIR not in sys.path:
+    sys.path.append(_TESTS_DIR)
+
+import comfy.ldm.models.autoencoder  # noqa: E402
+import comfy.sd  # noqa: E402
+import tiny_models  # noqa: E402
+
+CATEGORY = "nested_attention/testing"
+SEED = 0
+
+# A KL autoencoder with SD's layout (8x downscale, 4 latent channels), 32 channels wide at every level (the
+# narrowest its GroupNorm(32) allows) and one res block per level.
+TINY_VAE_PARAMS = {
+    "embed_dim": 4,
+    "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+        "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    },
+}
+
+_cache: dict = {}
+
+
+def tiny_vae(seed: int = SEED) -> comfy.sd.VAE:
+    """A comfy.sd.VAE around a tiny AutoencoderKL with deterministic weights."""
+    model = comfy.ldm.models.autoencoder.AutoencoderKL(**TINY_VAE_PARAMS)
+    tiny_models.init_parameters(model, seed)
+    return comfy.sd.VAE(sd=model.state_dict(), config={"params": TINY_VAE_PARAMS})
+
+
+def _cached(key: str, build):
+    if key not in _cache:
+        _cache[key] = build()
+    return _cache[key]
+
+
+class NestedAttentionTestTinyCheckpoint:
+    DESCRIPTION = "Test only: a tiny SDXL-shaped MODEL, CLIP and VAE in place of Load Checkpoint (same outputs)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        unet = _cached("unet", lambda: tiny_models.tiny_sdxl_unet(seed=SEED))
+        clip = _cached("clip", lambda: tiny_models.tiny_sdxl_clip(seed=SEED))
+        vae = _cached("vae", tiny_vae)
+        return (unet.clone(), clip.clone(), vae)
+
+
+class NestedAttentionTestTinyCLIPVision:
+    DESCRIPTION = "Test only: a tiny CLIP vision transformer in place of Load CLIP Vision (same output)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
+    "NestedAttentionTestTinyCLIPVision": NestedAttentionTestTinyCLIPVision,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "NestedAttentionTestTinyCheckpoint": "Tiny SDXL Checkpoint (test only)",
+    "NestedAttentionTestTinyCLIPVision": "Tiny CLIP Vision (test only)",
+}

@@ -1,0 +1,138 @@
+"""The pack as ComfyUI loads it; Load Nested Encoder: folders, validation, the CLIP vision model it needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import comfy.clip_vision
+import comfy.model_patcher
+import folder_paths
+import pytest
+import torch
+from pack import REPO, load_pack, unload_pack
+from pack_helpers import TINY_CLIP_VISION_SPEC
+
+from nested_attention import NestedWeightsError
+
+NODE_IDS = ["NestedAttentionLoadEncoder", "NestedAttentionEncodeSubject", "NestedAttentionApply"]
+
+
+def test_pack_exports_the_three_nodes_with_their_display_names(pack):
+    assert {pack.display[i] for i in NODE_IDS} == {
+        "Load Nested Encoder",
+        "Encode Subject Image(s)",
+        "Apply Nested Attention (token, λ)",
+    }
+    for node_id, cls in pack.mappings.items():
+        assert node_id.startswith("NestedAttention")
+        assert cls.CATEGORY == "nested_attention" and cls.DESCRIPTION
+        for section in cls.INPUT_TYPES().values():
+            for name, (kind, *options) in section.items():
+                assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES == ("NESTED_ENCODER",)
+    assert pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES == ("NESTED_SUBJECT",)
+    assert pack.mappings["NestedAttentionApply"].RETURN_TYPES == ("MODEL", "CONDITIONING")
+
+
+def test_pack_leaves_comfy_nodes_module_first_and_makes_the_core_importable(pack):
+    comfy_root = os.path.dirname(folder_paths.__file__)
+    assert sys.path.index(str(REPO)) > sys.path.index(comfy_root)
+    import nodes  # ComfyUI's own module, never ours
+
+    assert os.path.dirname(os.path.abspath(nodes.__file__)) == comfy_root
+    assert pack.apply.__name__ == "nested_attention_pack.nodes.apply"
+
+
+def test_init_registers_the_models_folder_without_clobbering_extra_model_paths(monkeypatch, tmp_path):
+    extra = str(tmp_path / "from_yaml")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "nested_attention", ([extra], set()))
+    try:
+        load_pack("nested_attention_pack_fresh")
+        paths, extensions = folder_paths.folder_names_and_paths["nested_attention"]
+        assert paths[0] == extra
+        assert os.path.join(folder_paths.models_dir, "nested_attention") in paths
+        assert ".safetensors" in extensions
+    finally:
+        unload_pack("nested_attention_pack_fresh")
+
+
+def test_encoder_list_comes_from_the_registered_folder(pack, save_tiny_encoder, models_folder):
+    name = save_tiny_encoder("listed.safetensors")
+    ((choices, _),) = pack.mappings["NestedAttentionLoadEncoder"].INPUT_TYPES()["required"].values()
+    assert name in choices
+
+
+def test_load_encoder_wraps_it_for_comfy_memory_management(pack, load_handle, tiny_clip_vision):
+    handle = load_handle()
+    assert isinstance(handle.patcher, comfy.model_patcher.ModelPatcher)
+    assert handle.patcher.model is handle.encoder
+    assert handle.clip_vision is tiny_clip_vision
+    assert handle.config.token == "pet" and not handle.encoder.training
+
+
+def test_missing_encoder_file_error_lists_the_folders_searched(pack, models_folder, tiny_clip_vision):
+    with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
+        pack.mappings["NestedAttentionLoadEncoder"]().load("nope.safetensors", tiny_clip_vision)
+    assert "nope.safetensors" in str(error.value) and str(models_folder.encoders) in str(error.value)
+
+
+def test_damaged_encoder_file_gets_the_core_validation_error(pack, models_folder, tiny_clip_vision):
+    (models_folder.encoders / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NestedWeightsError, match="junk.safetensors"):
+        pack.mappings["NestedAttentionLoadEncoder"]().load("junk.safetensors", tiny_clip_vision)
+
+
+def test_clip_vision_of_another_architecture_is_refused_at_load(pack, save_tiny_encoder):
+    import tiny_models
+
+    name = save_tiny_encoder()
+    wider = tiny_models.tiny_clip_vision(seed=0, hidden=96, heads=4)
+    with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
+        pack.mappings["NestedAttentionLoadEncoder"]().load(name, wider)
+    message = str(error.value)
+    assert "width 64" in message and "width 96" in message and TINY_CLIP_VISION_SPEC["name"] in message
+
+
+def test_clip_vision_of_same_architecture_but_other_name_only_warns(pack, tiny_clip_vision, caplog):
+    from nested_attention import ClipVisionSpec
+
+    with caplog.at_level(logging.WARNING):
+        pack.loader.check_clip_vision(
+            ClipVisionSpec(**TINY_CLIP_VISION_SPEC),
+            tiny_clip_vision,
+            "other_vit.safetensors",
+            "enc.safetensors",
+        )
+    assert "other_vit.safetensors" in caplog.text and "same architecture" in caplog.text
+
+
+def test_unconnected_clip_vision_is_loaded_by_the_name_the_encoder_file_gives(
+    pack, save_tiny_encoder, models_folder, tiny_clip_vision, monkeypatch
+):
+    name = save_tiny_encoder()
+    # ComfyUI's loader only knows full-size towers, so the file's content is stood in for.
+    (models_folder.clip_vision / TINY_CLIP_VISION_SPEC["name"]).write_bytes(b"stand-in")
+    loaded = []
+    monkeypatch.setattr(comfy.clip_vision, "load", lambda path: loaded.append(path) or tiny_clip_vision)
+    (handle,) = pack.mappings["NestedAttentionLoadEncoder"]().load(name)
+    assert loaded == [str(models_folder.clip_vision / TINY_CLIP_VISION_SPEC["name"])]
+    assert handle.clip_vision is tiny_clip_vision
+
+
+def test_missing_clip_vision_file_error_lists_the_folders_and_the_alternative(
+    pack, save_tiny_encoder, models_folder
+):
+    name = save_tiny_encoder()
+    with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
+        pack.mappings["NestedAttentionLoadEncoder"]().load(name)
+    message = str(error.value)
+    assert TINY_CLIP_VISION_SPEC["name"] in message and str(models_folder.clip_vision) in message
+    assert "Load CLIP Vision" in message
+
+
+def test_fingerprint_tells_encoders_apart(pack, load_handle):
+    a, a_again, b = load_handle(seed=1), load_handle(seed=1), load_handle(seed=2)
+    assert a.fingerprint == a_again.fingerprint != b.fingerprint
+    assert torch.equal(a.encoder.qformer.latents, a_again.encoder.qformer.latents)

@@ -1,0 +1,112 @@
+"""Encode Subject Image(s): tokens per photo concatenated, masks onto white, errors; saved subjects."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.utils
+import folder_paths
+import pytest
+import torch
+from pack_helpers import encode_subject, photos
+
+from nested_attention import concat_subject_tokens
+
+
+def reference_tokens(handle, images):
+    """What the paper prescribes: encode each photo with CLIP + Q-Former, then concatenate the tokens."""
+    hidden = torch.cat(
+        [handle.clip_vision.encode_image(images[i : i + 1])["last_hidden_state"] for i in range(len(images))]
+    )
+    with torch.no_grad():
+        return concat_subject_tokens(handle.encoder.encode(hidden.float()))
+
+
+def test_one_photo_gives_m_tokens_on_cpu_float32(pack, load_handle):
+    handle = load_handle()
+    subject = encode_subject(pack, handle, seed=0)
+    assert subject.tokens.shape == (1, 8, 2048)
+    assert subject.tokens.dtype == torch.float32 and subject.tokens.device.type == "cpu"
+    assert subject.encoder is handle and subject.images == 1
+    torch.testing.assert_close(subject.tokens, reference_tokens(handle, photos(0)))
+
+
+def test_several_photos_concatenate_their_tokens_in_order(pack, load_handle):
+    handle = load_handle()
+    both = encode_subject(pack, handle, seed=3, n=2)
+    images = photos(3, 2)
+    assert both.tokens.shape == (1, 16, 2048) and both.images == 2
+    torch.testing.assert_close(both.tokens, reference_tokens(handle, images))
+    # Two different people in one batch: the same operation, tokens of each side by side (identities mix).
+    first = encode_subject(pack, handle, seed=0)
+    torch.testing.assert_close(both.tokens[:, :8], reference_tokens(handle, images[:1]))
+    assert not torch.allclose(both.tokens[:, :8], first.tokens)
+
+
+def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
+    handle = load_handle()
+    image = photos(1)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1.0
+    composite = pack.subject.composite_on_white(image, mask)
+    assert torch.equal(composite[:, 8:24, 8:24], image[:, 8:24, 8:24])
+    assert torch.equal(composite[:, :8], torch.ones_like(composite[:, :8]))
+    (masked,) = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center", mask)
+    torch.testing.assert_close(masked.tokens, reference_tokens(handle, composite))
+
+
+def test_mask_of_another_size_is_resized_and_one_mask_serves_all_photos(pack):
+    images = photos(2, 3)
+    composite = pack.subject.composite_on_white(images, torch.ones(64, 64))
+    torch.testing.assert_close(composite, images)
+
+
+def test_mask_count_must_match_the_photos(pack):
+    with pytest.raises(pack.subject.SubjectError, match="one per image"):
+        pack.subject.composite_on_white(photos(0, 3), torch.ones(2, 32, 32))
+
+
+def test_empty_image_batch_is_an_error(pack, load_handle):
+    handle = load_handle()
+    with pytest.raises(pack.subject.SubjectError, match="no image"):
+        pack.mappings["NestedAttentionEncodeSubject"]().encode(
+            handle, torch.zeros(0, 32, 32, 3), "center", None
+        )
+
+
+def test_encoding_reports_progress_to_comfy(pack, load_handle, monkeypatch):
+    handle = load_handle()
+    calls = []
+    monkeypatch.setattr(
+        comfy.utils,
+        "PROGRESS_BAR_HOOK",
+        lambda value, total, preview, node_id=None: calls.append((value, total)),
+    )
+    encode_subject(pack, handle, seed=0, n=3)
+    assert calls[-1] == (4, 4) and len(calls) == 4
+
+
+def test_saved_subject_loads_back_identically(pack, load_handle, tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    handle = load_handle(seed=5)
+    subject = encode_subject(pack, handle, seed=0, n=2)
+    result = pack.mappings["NestedAttentionSaveSubject"]().save(subject, "nested_attention_subjects/cat")
+    saved = result["ui"]["subjects"][0]
+    assert os.path.isfile(tmp_path / "output" / saved["subfolder"] / saved["filename"])
+    listed = pack.subject.subject_files()
+    assert listed == [f"nested_attention_subjects/{saved['filename']} [output]"]
+    load_node = pack.mappings["NestedAttentionLoadSubject"]
+    assert (
+        load_node.IS_CHANGED(encoder=handle, subject_file=listed[0]) != listed[0]
+    )  # mtime and size of the file
+    (loaded,) = load_node().load(handle, listed[0])
+    assert torch.equal(loaded.tokens, subject.tokens) and loaded.images == 2 and loaded.encoder is handle
+
+
+def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path):
+    subject = encode_subject(pack, load_handle(seed=5), seed=0)
+    path = str(tmp_path / "s.safetensors")
+    pack.subject.save_subject(path, subject)
+    with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
+        pack.subject.load_subject(path, load_handle(seed=6))

@@ -1,0 +1,79 @@
+"""ComfyUI as a library for the trainer: find it, put it on sys.path, keep it off our argv.
+
+The trainer uses ComfyUI's `comfy` package as its SDXL model library (UNet, VAE, text encoders,
+CLIP vision loading, sampler). `setup_comfy()` must run before anything imports
+`comfy.model_management`, which reads its arguments once at import: it turns argv parsing off
+(ComfyUI would otherwise parse the trainer's flags) and selects the CPU when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
+
+
+class ComfyNotFoundError(RuntimeError):
+    pass
+
+
+def comfyui_candidates() -> list[Path]:
+    """Where ComfyUI is looked for, in order: $COMFYUI_PATH, the ComfyUI this repo sits in, `.comfyui/ComfyUI`."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return [Path(env).expanduser()]
+    candidates = []
+    for here in (Path(os.path.abspath(__file__)).parents[1], REPO):  # the repo as linked, and as resolved
+        if here.parent.name == "custom_nodes":
+            candidates.append(here.parent.parent)
+    candidates.append(REPO / ".comfyui" / "ComfyUI")
+    return candidates
+
+
+def find_comfyui() -> Path:
+    candidates = comfyui_candidates()
+    for path in candidates:
+        if (path / "comfy" / "model_management.py").is_file():
+            return path.resolve()
+    raise ComfyNotFoundError(
+        f"ComfyUI not found (looked in {', '.join(str(p) for p in candidates)}). The trainer uses ComfyUI's model "
+        "code: set COMFYUI_PATH to a ComfyUI folder (the one with main.py), clone this repo into "
+        "ComfyUI/custom_nodes/, or run `python3 dev.py test` once to install the pinned copy into .comfyui/.")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device; without one ComfyUI must be told to use the CPU."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    return torch.backends.mps.is_available()
+
+
+def setup_comfy() -> Path:
+    """Make `comfy` importable: ComfyUI first on sys.path, no argv parsing, `--cpu` without a GPU. Idempotent."""
+    path = str(find_comfyui())
+    # First on sys.path: ComfyUI's own top-level modules (nodes, folder_paths, ...) must win over
+    # anything with the same name, e.g. this repo's `nodes/` package.
+    while path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if not has_accelerator():
+        if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
+            log.warning("[nested-attention] comfy.model_management was imported before setup_comfy(); "
+                        "--cpu cannot take effect any more")
+        comfy.cli_args.args.cpu = True
+    return Path(path)

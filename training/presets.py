@@ -1,0 +1,73 @@
+"""Domain presets: what `--domain pets|faces|tiny` fills in when a flag is not given.
+
+A preset is a starting point from the paper and IP-Adapter practice (DESIGN 6); every value it sets
+is also a flag. Phases: train at the first resolution, then continue at the second with
+`--resolution 1024 --init_encoder <phase-1 export>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nested_attention import ClipVisionSpec, QFormerConfig
+
+# File names ComfyUI users keep for these models (models/checkpoints, models/clip_vision).
+SDXL_CHECKPOINT_NAMES = ("sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors", "sdxl_base_1.0.safetensors")
+CLIP_VISION_H_NAMES = ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_h.safetensors",
+                       "CLIP-ViT-H-14.safetensors", "clip-vit-h-14.safetensors")
+
+
+@dataclass(frozen=True)
+class Preset:
+    domain: str  # name written into the encoder file
+    token: str  # the subject word s* that captions' subject words become
+    subject_words: tuple[str, ...]  # caption words replaced by the token (first occurrence)
+    caption_template: str  # caption for images without one; "{token}" is the subject word
+    num_queries: int  # M, the Q-Former's output tokens
+    resolutions: tuple[int, ...]  # training phases, in order
+    center_crop: bool  # crop the target to a square at its centre (else at random)
+    random_flip: bool  # mirror targets at random
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    train_batch_size: int = 4
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 500
+    max_train_steps: int = 50_000
+    checkpointing_steps: int = 2_000
+    validation_steps: int = 2_000
+    validation_prompts: tuple[str, ...] = ()
+    mixed_precision: Optional[str] = "bf16"
+    gradient_checkpointing: bool = True
+    sample_steps: int = 30
+    tiny: bool = False  # tiny models built in code, generated data (CPU smoke runs)
+    clip_vision: Optional[ClipVisionSpec] = None  # None: read from the loaded CLIP vision model
+
+
+PRESETS: dict[str, Preset] = {
+    "pets": Preset(
+        domain="pets", token="pet",
+        subject_words=("dog", "cat", "puppy", "kitten", "pet", "animal", "bunny", "rabbit", "hamster", "bird", "parrot"),
+        caption_template="a photo of a {token}",
+        num_queries=256, resolutions=(512, 1024), center_crop=True, random_flip=True,
+        qformer=QFormerConfig(num_queries=256),
+        validation_prompts=("a photo of a {token}", "a {token} on the beach", "a watercolor painting of a {token}",
+                            "a {token} wearing a red hat"),
+    ),
+    "faces": Preset(
+        domain="faces", token="person",
+        subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
+        caption_template="a photo of a {token}",
+        num_queries=1024, resolutions=(512, 1024), center_crop=True, random_flip=True,
+        qformer=QFormerConfig(num_queries=1024),
+        validation_prompts=("a photo of a {token}", "a {token} as an astronaut", "an oil painting of a {token}",
+                            "a {token} smiling in a park"),
+    ),
+    "tiny": Preset(
+        domain="tiny", token="pet", subject_words=("pet",), caption_template="a photo of a {token}",
+        num_queries=16, resolutions=(64,), center_crop=True, random_flip=False,
+        qformer=QFormerConfig(clip_dim=64, dim=64, depth=2, heads=4, dim_head=16, num_queries=16, ff_mult=2),
+        train_batch_size=4, learning_rate=1e-3, lr_warmup_steps=5, max_train_steps=40, checkpointing_steps=20,
+        validation_steps=20, validation_prompts=("a photo of a {token}", "a {token} in the snow"),
+        mixed_precision="no", gradient_checkpointing=False, sample_steps=4, tiny=True,
+    ),
+}
