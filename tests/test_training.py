@@ -34,6 +34,19 @@ from training.presets import PRESETS
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: two images per batch, no dropout draws that would hide what a test looks at.
 FAST = ["--domain", "tiny", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0"]
+# The reference run's options, shared by the runs compared with it: accumulation, EMA, min-SNR, noise offset.
+OPTIONS = ["--gradient_accumulation_steps", "2", "--use_ema", "--ema_decay", "0.9", "--snr_gamma", "5",
+           "--noise_offset", "0.05"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tiny steps are many small ops, which two threads on two busy cores slow down
+    several-fold (each op waits for the descheduled thread). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(tmp: Path, *extra: str) -> dict:
@@ -62,10 +75,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir) -> dict:
-    """Four uninterrupted steps, a checkpoint every two, a sample grid at the end."""
+    """Four uninterrupted steps (OPTIONS), a checkpoint every two steps, a sample grid at the end."""
     out = tmp_path_factory.mktemp("reference")
     summary = train(out, "--train_data", str(data_dir), "--max_train_steps", "4", "--checkpointing_steps", "2",
-                    "--validation_steps", "4", "--report_to", "tensorboard")
+                    *OPTIONS, "--validation_steps", "4", "--report_to", "tensorboard")
     return {**summary, "dir": out}
 
 
@@ -319,8 +332,8 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     for step in (2, 4):
         folder = out / f"checkpoint-{step}"
         names = {p.name for p in folder.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "tiny-encoder.safetensors",
-                "trainer_state-0.json"} <= names, names
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                "custom_checkpoint_0.pkl", "tiny-encoder.safetensors", "trainer_state-0.json"} <= names, names
         assert read_config(str(folder / "tiny-encoder.safetensors")).domain == "tiny"
     final = load_encoder(str(out / "tiny-encoder.safetensors"))
     assert final.config.token == "pet" and final.config.num_tokens == 16
@@ -339,7 +352,7 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
 
 
 def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(tmp_path, reference, data_dir):
-    common = ["--train_data", str(data_dir), "--checkpointing_steps", "2"]
+    common = ["--train_data", str(data_dir), "--checkpointing_steps", "2", *OPTIONS]
     train(tmp_path, *common, "--max_train_steps", "2")
     assert (tmp_path / "checkpoint-2").is_dir()
     resumed = train(tmp_path, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
@@ -352,8 +365,18 @@ def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_lim
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1
     a = load_file(str(tmp_path / "tiny-encoder.safetensors"))
     b = load_file(str(reference["dir"] / "tiny-encoder.safetensors"))
-    for name in b:
+    for name in b:  # the exported (EMA) weights: the EMA state was restored too
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_latent_cache_gives_the_losses_of_encoding_on_the_fly(tmp_path, reference, data_dir):
+    summary = train(tmp_path, "--train_data", str(data_dir), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                    *OPTIONS, "--cache_latents", "--no-random_flip")
+    caches = list((tmp_path / "cache").glob("*/cache-0000.safetensors"))
+    assert len(caches) == 1 and (caches[0].parent / "complete.json").is_file()
+    expected = logged_losses(reference["dir"])
+    for step in (1, 2):
+        assert summary["losses"][step] == pytest.approx(expected[step], rel=1e-4), step
 
 
 def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_dir):

@@ -472,11 +472,12 @@ def layer_inputs(call: AttentionCall, batch: int, device: torch.device, dtype: t
 
 
 def time_attention_calls(calls: Sequence[AttentionCall], patches: dict[str, dict], host: Callable,
-                         device: torch.device, dtype: torch.dtype, reps: int) -> dict[str, float]:
-    """Seconds per CFG step (batch 2) spent in the 70 attn2 calls: the host alone, and each variant's patch.
+                         device: torch.device, dtype: torch.dtype, reps: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds per CFG step (batch 2) spent in the attn2 calls: the host alone, and each variant's patch.
 
-    Per layer, the host and every variant run interleaved `reps` times and the median counts, so
-    drift on a busy machine hits all of them alike.
+    Per layer, each function runs `reps` times back to back between two syncs (on a GPU the launches
+    overlap as in a real step), `rounds` times interleaved with the others; the median round counts,
+    so drift on a busy machine hits all of them alike.
     """
     totals = {"host": 0.0, **{name: 0.0 for name in patches}}
     with torch.inference_mode():
@@ -488,9 +489,9 @@ def time_attention_calls(calls: Sequence[AttentionCall], patches: dict[str, dict
             for fn in fns.values():  # warm-up (and K~/V~ into the cache)
                 fn()
             samples = {name: [] for name in fns}
-            for _ in range(reps):
+            for _ in range(rounds):
                 for name, fn in fns.items():
-                    samples[name].append(timed(fn, device)[0])
+                    samples[name].append(timed(lambda: [fn() for _ in range(reps)], device)[0] / reps)
             for name in fns:
                 totals[name] += statistics.median(samples[name])
     return totals
@@ -590,7 +591,7 @@ def profile_attention(call: AttentionCall, patch: Callable, device: torch.device
             for _ in range(3):
                 patch(q, k, v, extra)
             synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
@@ -888,10 +889,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     # What would make the host wait for a GPU in one attn2 call (sigmas live on the GPU, as in sampling).
     q, k, vv, extra = layer_inputs(widest, 2, torch.device("meta"), dtype, seed=0)
-    syncs = {"host": host_syncs_per_call(lambda: host(q, k, vv, widest.heads, extra))}
-    for name, variant in meta_variants.items():
-        patch = patches_by_key(variant)[widest.key]
-        syncs[name] = host_syncs_per_call(lambda: patch(q, k, vv, extra))
+    with sdpa_attention():
+        syncs = {"host": host_syncs_per_call(lambda: host(q, k, vv, widest.heads, extra))}
+        for name, variant in meta_variants.items():
+            patch = patches_by_key(variant)[widest.key]
+            syncs[name] = host_syncs_per_call(lambda: patch(q, k, vv, extra))
     del meta, meta_encoders, meta_variants
 
     # The real models.
@@ -997,9 +999,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result["trainer"]["tiny_cpu"] = tiny_trainer_throughput(steps=args.trainer_steps)
         if device.type == "cuda":
             log.info("%s trainer throughput: SDXL UNet at %d on %s", PREFIX, args.resolution, device)
-            for v in variants[1:]:
-                v.model = None
-            del variants, encoders, tokens
+            # Free the inference variants (IP weights, K~/V~ caches, encoders) before training.
+            del variants, variant, binding, encoders, first, tokens, patch_sets, out
             gc.collect()
             torch.cuda.empty_cache()
             encoder = build_encoder(NUM_QUERIES[0], layers, device, torch.float32, seed=1, qformer=qformer)
@@ -1123,8 +1124,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=str(DEFAULT_JSON),
                    help=f"Where to write the results as JSON (default: {DEFAULT_JSON.relative_to(REPO)}).")
     p.add_argument("--attention-reps", type=int, default=None,
-                   help="Repetitions per layer when timing the 70 cross-attention calls alone (default: 3 on the CPU, "
-                        "20 on a GPU).")
+                   help="Back-to-back calls per timed block when timing the 70 cross-attention calls alone; each "
+                        "layer is timed in 3 interleaved rounds (default: 1 on the CPU, 20 on a GPU).")
     p.add_argument("--skip-trainer", action="store_true",
                    help="Do not measure the trainer's throughput (tiny preset on the CPU; SDXL on a GPU).")
     p.add_argument("--trainer-steps", type=int, default=8,
@@ -1148,7 +1149,7 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     args.resolution = (1024 if gpu else 512) if args.resolution is None else args.resolution
     args.steps = (10 if gpu else 2) if args.steps is None else args.steps
     args.dtype = ("fp16" if gpu else "fp32") if args.dtype is None else args.dtype
-    args.attention_reps = (20 if gpu else 3) if args.attention_reps is None else args.attention_reps
+    args.attention_reps = (20 if gpu else 1) if args.attention_reps is None else args.attention_reps
     if args.resolution % 64 or args.resolution <= 0:
         p.error(f"--resolution {args.resolution}: expected a positive multiple of 64 (SDXL's latent is 1/8 of it "
                 "and the UNet halves that twice).")

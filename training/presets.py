@@ -66,8 +66,8 @@ PRESETS: dict[str, Preset] = {
         domain="tiny", token="pet", subject_words=("pet",), caption_template="a photo of a {token}",
         num_queries=16, resolutions=(64,), center_crop=True, random_flip=False,
         qformer=QFormerConfig(clip_dim=64, dim=64, depth=2, heads=4, dim_head=16, num_queries=16, ff_mult=2),
-        train_batch_size=4, learning_rate=1e-3, lr_warmup_steps=5, max_train_steps=40, checkpointing_steps=20,
-        validation_steps=20, validation_prompts=("a photo of a {token}", "a {token} in the snow"),
+        train_batch_size=2, learning_rate=1e-3, lr_warmup_steps=5, max_train_steps=30, checkpointing_steps=15,
+        validation_steps=30, validation_prompts=("a photo of a {token}", "a {token} in the snow"),
         mixed_precision="no", gradient_checkpointing=False, sample_steps=4, tiny=True,
     ),
 }

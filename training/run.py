@@ -565,11 +565,17 @@ def main(args: argparse.Namespace) -> dict:
     batches = iter(loader)
     device = accelerator.device
     started = time.perf_counter()
+    empty_in_a_row = 0
     while global_step < args.max_train_steps:
         batch = next(batches)
         batches_done += 1
         if batch is None:  # every image of the batch was unreadable (logged by the data set)
+            empty_in_a_row += 1
+            if empty_in_a_row >= 100:
+                raise SystemExit(f"{PREFIX} 100 batches in a row had no readable image; check the training data "
+                                 f"{args.train_data} (the warnings above name the files).")
             continue
+        empty_in_a_row = 0
         last_keys = list(batch["key"])
         # Keep ComfyUI's memory management from leaving the UNet offloaded after VAE / CLIP / sampling use.
         comfy_load(frozen.unet)

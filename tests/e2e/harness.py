@@ -9,6 +9,7 @@ tree is never touched. Chromium is Debian's /usr/bin/chromium, driven by the Pyt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -318,6 +319,18 @@ class Frontend:
         if self._profile:
             shutil.rmtree(self._profile, ignore_errors=True)
         self._context = self._playwright = self._profile = None
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Freeze the page (no rendering, no timers) while the server computes: on a small shared CPU an idle
+        frontend still costs cycles. Uses Chromium's page lifecycle (CDP Page.setWebLifecycleState)."""
+        session = self._context.new_cdp_session(self.page)
+        session.send("Page.setWebLifecycleState", {"state": "frozen"})
+        try:
+            yield
+        finally:
+            session.send("Page.setWebLifecycleState", {"state": "active"})
+            session.detach()
 
     def evaluate(self, script: str, arg: Any = None) -> Any:
         return self.page.evaluate(script, arg)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tiny_models
@@ -33,7 +32,8 @@ from harness import (
     ARTIFACTS_DIR, CHROMIUM, CLIP_VISION, FACES_ENCODER, PACK_NAME, PETS_ENCODER, REPO, TINY_PACK_DIR,
     TINY_PACK_NAME, WORKFLOWS_DIR, ComfyServer, Frontend, prepare_base_dir,
 )
-from nested_attention import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormerConfig, save_encoder, unet_layers
+from nested_attention import save_encoder
+from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -54,31 +54,28 @@ RUNS_AS_SHIPPED = {
 }
 APPLY = "NestedAttentionApply"
 TINY_IMAGE_SIZE = 128  # pixels: a 16 x 16 latent for the tiny UNet
-TINY_STEPS = 3
+TINY_STEPS = 2
 
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures: one server and one browser for the whole module
 
 
-def write_tiny_encoders(folder: Path) -> None:
-    """Real encoder files in the weight format, sized for the tiny UNet and the tiny CLIP vision tower."""
-    layers = unet_layers(tiny_models.tiny_sdxl_unet(seed=0).model.diffusion_model)
-    vision = tiny_models.TINY_CLIP_VISION_CONFIG
-    spec = ClipVisionSpec(name=CLIP_VISION, hidden_size=vision["hidden_size"],
-                          num_tokens=(vision["image_size"] // vision["patch_size"]) ** 2 + 1,
-                          num_layers=vision["num_hidden_layers"], image_size=vision["image_size"])
+def write_tiny_encoders(folder: Path, unet) -> None:
+    """Real encoder files in the weight format, sized for the tiny UNet and the tiny CLIP vision tower.
+
+    They name the standard CLIP vision file, as the trained ones do; the graph connects the (tiny) CLIP
+    vision model explicitly, which the loader checks by architecture.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    clip_vision = {**TINY_CLIP_VISION_SPEC, "name": CLIP_VISION}
     for seed, (name, domain, token) in enumerate([(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]):
-        qformer = QFormerConfig(clip_dim=spec.hidden_size, dim=64, depth=1, heads=2, dim_head=32, num_queries=8)
-        torch.manual_seed(seed)
-        encoder = NestedEncoder(EncoderConfig(domain=domain, token=token, qformer=qformer, clip_vision=spec,
-                                              layers=layers))
+        encoder = tiny_encoder(unet, seed=seed, domain=domain, token=token, clip_vision=clip_vision)
         save_encoder(str(folder / name), encoder)
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
+def comfy(tmp_path_factory, _tiny_unet_shared):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (python3 dev.py test does, as root)")
     pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium (pip install playwright)")
@@ -87,7 +84,7 @@ def comfy(tmp_path_factory):
     ARTIFACTS_DIR.mkdir(parents=True)
     base = tmp_path_factory.mktemp("comfyui") / "base"
     prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
-    write_tiny_encoders(base / "models" / "nested_attention")
+    write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
     server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
     yield server
     server.stop()
@@ -200,8 +197,9 @@ def test_shipped_workflow_loads_in_the_frontend_and_runs(name, comfy, frontend):
     assert applies and saves, f"{name}: expected Apply Nested Attention and Save Image nodes in {prompt}"
 
     tiny = tiny_prompt(prompt)
-    with_subject = comfy.run_prompt(tiny)
-    without = comfy.run_prompt(bypass_apply(tiny))
+    with frontend.frozen():
+        with_subject = comfy.run_prompt(tiny)
+        without = comfy.run_prompt(bypass_apply(tiny))
 
     for save in saves:
         assert len(with_subject.get(save, [])) == 1, f"{name}: Save Image #{save} returned {with_subject.get(save)}"
