@@ -1,4 +1,4 @@
-"""The trainer (`python -m training.run`) on tiny models on the CPU: the real CLI, checkpoints, resume, export.
+"""The trainer (`python -m training.run`) on tiny models on the CPU: the CLI, checkpoints, resume, export.
 
 Runs share one uninterrupted reference run (module fixture). Step counts are small: on two CPU
 cores a tiny step (batch 2, 64 px) takes one to a few seconds.
@@ -17,15 +17,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import comfy.model_management
 import pytest
+import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
 from safetensors.torch import load_file
 
-import tiny_models  # noqa: F401  (ComfyUI set-up first)
-
-import comfy.model_management
 from nested_attention import load_encoder, read_config
-from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 from training import data as data_lib
 from training import models as models_lib
 from training import run as trainer
@@ -35,8 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 # Small and quick: two images per batch, no dropout draws that would hide what a test looks at.
 FAST = ["--domain", "tiny", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0"]
 # The reference run's options, shared by the runs compared with it: accumulation, EMA, min-SNR, noise offset.
-OPTIONS = ["--gradient_accumulation_steps", "2", "--use_ema", "--ema_decay", "0.9", "--snr_gamma", "5",
-           "--noise_offset", "0.05"]
+OPTIONS = [
+    "--gradient_accumulation_steps",
+    "2",
+    "--use_ema",
+    "--ema_decay",
+    "0.9",
+    "--snr_gamma",
+    "5",
+    "--noise_offset",
+    "0.05",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +57,7 @@ def one_thread():
 
 
 def train(tmp: Path, *extra: str) -> dict:
-    """Run the real CLI in this process; resets accelerate's singletons and ComfyUI's loaded models afterwards."""
+    """Run the real CLI in this process, then reset accelerate's singletons and ComfyUI's loaded models."""
     from accelerate.state import AcceleratorState, GradientState
 
     try:
@@ -77,8 +84,20 @@ def data_dir(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, data_dir) -> dict:
     """Four uninterrupted steps (OPTIONS), a checkpoint every two steps, a sample grid at the end."""
     out = tmp_path_factory.mktemp("reference")
-    summary = train(out, "--train_data", str(data_dir), "--max_train_steps", "4", "--checkpointing_steps", "2",
-                    *OPTIONS, "--validation_steps", "4", "--report_to", "tensorboard")
+    summary = train(
+        out,
+        "--train_data",
+        str(data_dir),
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        *OPTIONS,
+        "--validation_steps",
+        "4",
+        "--report_to",
+        "tensorboard",
+    )
     return {**summary, "dir": out}
 
 
@@ -86,19 +105,22 @@ def reference(tmp_path_factory, data_dir) -> dict:
 # Flags
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--text_dropout", "0.6", "--subject_dropout", "0.6"], "must not exceed 1"),
-    (["--subject_dropout", "1.5"], "probability in [0, 1]"),
-    (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
-    (["--resolution", "100"], "multiple of 64"),
-    (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
-    (["--pretrained_model", "sdxl.safetensors"], "cannot be used with --domain tiny"),
-    (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "no such folder"),
-    (["--snr_gamma", "0"], "--snr_gamma must be positive"),
-    (["--caption_template", "a photo"], "must contain {token}"),
-    (["--use_ema", "--ema_decay", "1.5"], "--ema_decay must be between 0 and 1"),
-    (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--text_dropout", "0.6", "--subject_dropout", "0.6"], "must not exceed 1"),
+        (["--subject_dropout", "1.5"], "probability in [0, 1]"),
+        (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
+        (["--resolution", "100"], "multiple of 64"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
+        (["--pretrained_model", "sdxl.safetensors"], "cannot be used with --domain tiny"),
+        (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "no such folder"),
+        (["--snr_gamma", "0"], "--snr_gamma must be positive"),
+        (["--caption_template", "a photo"], "must contain {token}"),
+        (["--use_ema", "--ema_decay", "1.5"], "--ema_decay must be between 0 and 1"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    ],
+)
 def test_bad_flag_combinations_are_rejected_with_clear_messages(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         trainer.parse_args(["--domain", "tiny", *flags])
@@ -109,15 +131,20 @@ def test_bad_flag_combinations_are_rejected_with_clear_messages(flags, message, 
 def test_cache_latents_refuses_tar_shards(tmp_path, capsys):
     (tmp_path / "000.tar").write_bytes(b"")
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "tiny", "--cache_latents", "--no-random_flip", "--train_data",
-                            str(tmp_path)])
+        trainer.parse_args(
+            ["--domain", "tiny", "--cache_latents", "--no-random_flip", "--train_data", str(tmp_path)]
+        )
     assert "cannot be used with tar shards" in capsys.readouterr().err
 
 
 def test_presets_fill_unset_flags_and_flags_win():
     args = trainer.parse_args(["--domain", "faces", "--resolution", "1024"])
-    assert (args.token, args.num_tokens, args.resolution, args.output_dir) == ("person", 1024, 1024,
-                                                                               os.path.join("output", "faces"))
+    assert (args.token, args.num_tokens, args.resolution, args.output_dir) == (
+        "person",
+        1024,
+        1024,
+        os.path.join("output", "faces"),
+    )
     args = trainer.parse_args(["--domain", "pets"])
     assert (args.token, args.num_tokens, args.resolution) == ("pet", 256, 512)
     assert PRESETS["pets"].resolutions == PRESETS["faces"].resolutions == (512, 1024)
@@ -180,15 +207,18 @@ def test_unreadable_image_is_skipped_with_a_logged_warning(tmp_path, caplog):
 def test_manifest_lines_resolve_paths_and_bad_lines_are_skipped(tmp_path, caplog):
     (tmp_path / "manifest.jsonl").write_text(
         '{"input": "a.png", "target": "b.png", "caption": "a man", "subject": "man"}\n'
-        'not json\n'
+        "not json\n"
         '{"target": "c.png"}\n'
-        '{"input": "d.png"}\n')
+        '{"input": "d.png"}\n'
+    )
     with caplog.at_level(logging.WARNING):
         kind, source = data_lib.describe_source(str(tmp_path))
         records = data_lib.read_manifest(source)
     assert kind == "manifest"
     assert [(Path(r.input).name, r.target and Path(r.target).name, r.caption) for r in records] == [
-        ("a.png", "b.png", "a man"), ("d.png", None, None)]
+        ("a.png", "b.png", "a man"),
+        ("d.png", None, None),
+    ]
     assert caplog.text.count("skipped") == 2
 
 
@@ -215,7 +245,10 @@ def make_shards(folder: Path, shards: int, per_shard: int) -> list[str]:
                 buffer = io.BytesIO()
                 Image.new("RGB", (48, 40), (40 * s, 20 * i, 100)).save(buffer, format="PNG")
                 image = b"garbage" if (s, i) == (1, 1) else buffer.getvalue()
-                for name, payload in ((f"{key}.png", image), (f"{key}.txt", f"a dog number {s} {i}".encode())):
+                for name, payload in (
+                    (f"{key}.png", image),
+                    (f"{key}.txt", f"a dog number {s} {i}".encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -240,7 +273,9 @@ def test_tar_shards_stream_split_between_ranks_skip_bad_images_and_resume(tmp_pa
         rank1 = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=1, world=2), 12)
     assert "s1-1" in caplog.text and "unreadable image" in caplog.text
     first_pass = [k for k in rank0[:6] + rank1[:6] if k is not None]
-    assert len(first_pass) == len(set(first_pass)) == 11  # 12 samples, one unreadable; the ranks never overlap
+    assert (
+        len(first_pass) == len(set(first_pass)) == 11
+    )  # 12 samples, one unreadable; the ranks never overlap
     resumed = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2, start_batch=2), 8)
     assert resumed == rank0[4:12]
     sample = next(s for s in data_lib.TarShardStream(shards, config, batch_size=2) if s is not None)
@@ -258,8 +293,15 @@ def frozen():
 
 
 def tiny_module(frozen, seed=0):
-    encoder = models_lib.make_encoder(domain="tiny", token="pet", qformer=PRESETS["tiny"].qformer, frozen=frozen,
-                                      alpha=2.0, init_from_unet=True, seed=seed)
+    encoder = models_lib.make_encoder(
+        domain="tiny",
+        token="pet",
+        qformer=PRESETS["tiny"].qformer,
+        frozen=frozen,
+        alpha=2.0,
+        init_from_unet=True,
+        seed=seed,
+    )
     return models_lib.NestedTrainingModule(encoder, frozen.base)
 
 
@@ -277,11 +319,32 @@ def tiny_inputs(frozen, captions, seed=0):
 
 
 def test_subject_positions_follow_the_nodes_rule(frozen):
+    from pack import load_pack
+
+    tokens = load_pack().nodes.tokens
     text = models_lib.TextEncoder(frozen.clip, "pet")
-    _, _, positions = text.encode(["a photo of a pet", "Pet", "a carpet and a (pet:1.2), pet.", "a dog"])
-    # "<start> a photo of a pet": 5; "<start> pet": 1; whole words only, every occurrence; none.
-    assert positions[0] == (5,) and positions[1] == (1,) and positions[3] == ()
-    assert len(positions[2]) == 2
+    prompts = [
+        "a photo of a pet",
+        "Pet",
+        "a carpet and a (pet:1.2), pet.",
+        "a petal",
+        "pets and a pet-friendly pet",
+    ]
+    _, _, positions = text.encode(prompts)
+    assert (
+        positions[0] == (5,) and positions[1] == (1,) and len(positions[2]) == 2
+    )  # "<start> a photo of a pet"
+    for prompt, found in zip(prompts, positions):
+        try:
+            nodes_found = tokens.locate_word(
+                frozen.clip, frozen.clip.tokenize(prompt, return_word_ids=True), "pet", prompt
+            ).positions
+        except (
+            tokens.SubjectWordError
+        ):  # the nodes refuse a prompt without the word; the trainer drops the subject
+            nodes_found = ()
+        assert found == nodes_found, prompt
+    assert text.encode(["a dog"])[2] == [()]
 
 
 def test_aligning_subject_positions_equals_one_binding_per_row(frozen):
@@ -332,8 +395,15 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     for step in (2, 4):
         folder = out / f"checkpoint-{step}"
         names = {p.name for p in folder.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                "custom_checkpoint_0.pkl", "tiny-encoder.safetensors", "trainer_state-0.json"} <= names, names
+        assert {
+            "model.safetensors",
+            "optimizer.bin",
+            "scheduler.bin",
+            "random_states_0.pkl",
+            "custom_checkpoint_0.pkl",
+            "tiny-encoder.safetensors",
+            "trainer_state-0.json",
+        } <= names, names
         assert read_config(str(folder / "tiny-encoder.safetensors")).domain == "tiny"
     final = load_encoder(str(out / "tiny-encoder.safetensors"))
     assert final.config.token == "pet" and final.config.num_tokens == 16
@@ -351,12 +421,22 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     assert grid.size == (3 * 64, 3 * 64)
 
 
-def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(tmp_path, reference, data_dir):
+def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(
+    tmp_path, reference, data_dir
+):
     common = ["--train_data", str(data_dir), "--checkpointing_steps", "2", *OPTIONS]
     train(tmp_path, *common, "--max_train_steps", "2")
     assert (tmp_path / "checkpoint-2").is_dir()
-    resumed = train(tmp_path, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
-                    "--checkpoints_total_limit", "1")
+    resumed = train(
+        tmp_path,
+        *common,
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "latest",
+        "--checkpoints_total_limit",
+        "1",
+    )
     assert sorted(resumed["losses"]) == [3, 4]
     expected = logged_losses(reference["dir"])
     for step in (3, 4):
@@ -370,8 +450,18 @@ def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_lim
 
 
 def test_latent_cache_gives_the_losses_of_encoding_on_the_fly(tmp_path, reference, data_dir):
-    summary = train(tmp_path, "--train_data", str(data_dir), "--max_train_steps", "2", "--checkpointing_steps", "2",
-                    *OPTIONS, "--cache_latents", "--no-random_flip")
+    summary = train(
+        tmp_path,
+        "--train_data",
+        str(data_dir),
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        *OPTIONS,
+        "--cache_latents",
+        "--no-random_flip",
+    )
     caches = list((tmp_path / "cache").glob("*/cache-0000.safetensors"))
     assert len(caches) == 1 and (caches[0].parent / "complete.json").is_file()
     expected = logged_losses(reference["dir"])
@@ -380,15 +470,22 @@ def test_latent_cache_gives_the_losses_of_encoding_on_the_fly(tmp_path, referenc
 
 
 def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_dir):
-    """The trainer's loss on four fixed examples (fixed noise and timesteps): 15 AdamW steps cut it below 0.8 x."""
+    """The trainer's loss on four fixed examples (fixed noise and timesteps): 15 AdamW steps, below 0.8 x."""
     records = data_lib.read_folder(data_dir)[:4]
     rule = data_lib.CaptionRule("pet", ("pet",), "a photo of a {token}")
     config = data_lib.SampleConfig(64, 32, True, False, rule, 0)
     batch = data_lib.collate([data_lib.load_sample(r, config, i) for i, r in enumerate(records)])
     module = tiny_module(frozen)
     text = models_lib.TextEncoder(frozen.clip, "pet", cache=True)
-    args = argparse.Namespace(seed=0, text_dropout=0.0, subject_dropout=0.0, both_dropout=0.0, token="pet",
-                              noise_offset=0.0, snr_gamma=None)
+    args = argparse.Namespace(
+        seed=0,
+        text_dropout=0.0,
+        subject_dropout=0.0,
+        both_dropout=0.0,
+        token="pet",
+        noise_offset=0.0,
+        snr_gamma=None,
+    )
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):  # about 0.73 x after 15 steps, 0.71 x after 20 (measured)
@@ -400,13 +497,17 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(reference, tiny_clip, tiny_clip_vision):
+def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
+    reference, tiny_clip, tiny_clip_vision
+):
     from pack import load_pack
 
     nodes = load_pack().nodes
     encoder = load_encoder(reference["encoder_path"])
     handle = nodes.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
-    image = data_lib.to_comfy_image(data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0])))[None]
+    image = data_lib.to_comfy_image(
+        data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
+    )[None]
     (subject,) = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
     prompt = "a photo of a pet"
@@ -418,10 +519,37 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(referenc
     assert (with_subject - without).abs().max() > 1e-3
 
 
+def test_init_encoder_starts_a_new_run_from_an_exported_file(tmp_path, reference, data_dir):
+    """Phase two starts from phase one's export: the run's initial weights are the file's."""
+    train(
+        tmp_path,
+        "--train_data",
+        str(data_dir),
+        "--max_train_steps",
+        "1",
+        "--checkpointing_steps",
+        "1",
+        "--init_encoder",
+        reference["encoder_path"],
+    )
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state-0.json").read_text())
+    assert state["initial_weights_sha256"] == trainer.weights_fingerprint(
+        load_encoder(reference["encoder_path"])
+    )
+    assert state["weights_sha256"] != state["initial_weights_sha256"]
+
+
 def test_tar_shards_train_end_to_end(tmp_path):
     shards = make_shards(tmp_path / "shards", shards=2, per_shard=3)
-    summary = train(tmp_path / "out", "--train_data", str(Path(shards[0]).parent), "--max_train_steps", "1",
-                    "--checkpointing_steps", "1")
+    summary = train(
+        tmp_path / "out",
+        "--train_data",
+        str(Path(shards[0]).parent),
+        "--max_train_steps",
+        "1",
+        "--checkpointing_steps",
+        "1",
+    )
     assert summary["global_step"] == 1 and (tmp_path / "out" / "tiny-encoder.safetensors").is_file()
 
 
@@ -429,10 +557,31 @@ def test_tar_shards_train_end_to_end(tmp_path):
 def test_two_processes_under_accelerate_launch_end_a_step_with_identical_weights(tmp_path, data_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "training.run", *FAST, "--train_data", str(data_dir), "--output_dir", str(tmp_path),
-               "--max_train_steps", "1", "--checkpointing_steps", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.run",
+        *FAST,
+        "--train_data",
+        str(data_dir),
+        "--output_dir",
+        str(tmp_path),
+        "--max_train_steps",
+        "1",
+        "--checkpointing_steps",
+        "1",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     states = [json.loads((tmp_path / "checkpoint-1" / f"trainer_state-{r}.json").read_text()) for r in (0, 1)]

@@ -3,7 +3,9 @@
 Everything runs on the CPU in seconds: a UNet with SDXL's block structure and context width 2048,
 SDXL's two CLIP text encoders with 768 + 1280 hidden sizes but three layers, and a small CLIP
 vision tower. Builders are deterministic given a seed. ComfyUI's ops skip weight initialization
-(parameters come from torch.empty), so every parameter is initialized here from a seeded generator.
+(parameters come from torch.empty), so every parameter is initialized from a seeded generator. The
+builders live in training/tiny.py (the trainer's `--domain tiny` preset uses them) and are
+re-exported here under the same names.
 
 Importing this module makes ComfyUI importable (see `setup_comfy`); the pytest conftest imports it
 first, before anything else can import `comfy`.
@@ -11,11 +13,9 @@ first, before anything else can import `comfy`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -81,214 +81,25 @@ import comfy.supported_models
 import comfy.supported_models_base
 
 # ------------------------------------------------------------------------------------------------
-# Configs
+# Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny.py
+# (same names, same seeds, so a test can rebuild exactly the models a tiny training run used).
 
-# SDXL's block structure at 1/10 of the width: the same input/middle/output layout of transformer
-# blocks (fewer per block), context 2048 and pooled+time ids 2816 exactly as SDXL. 15.7 M parameters.
-TINY_SDXL_UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "channel_mult": [1, 2, 4],
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 1, 1, 2, 2],
-    "transformer_depth_middle": 2,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
-    "num_head_channels": 16,
-    "num_heads": -1,
-    "context_dim": 2048,
-    "adm_in_channels": 2816,
-    "use_linear_in_transformer": True,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "num_classes": "sequential",
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-
-# The real SDXL base UNet (comfy/model_detection.py, unet_config_from_diffusers_unet's SDXL entry).
-SDXL_UNET_CONFIG = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4],
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_middle": 10,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "num_head_channels": 64,
-    "num_heads": -1,
-    "context_dim": 2048,
-    "adm_in_channels": 2816,
-    "use_linear_in_transformer": True,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "num_classes": "sequential",
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-
-# Overrides of ComfyUI's clip_l / clip_g JSON configs (sd1_clip_config.json, clip_config_bigg.json),
-# applied by SDClipModel through model_options["clip_l_model_config"] / ["clip_g_model_config"].
-# Hidden sizes and the vocabulary stay real (the real tokenizer is used; 768 + 1280 = 2048 context,
-# 1280 pooled). Three layers because SDXL reads the penultimate layer and SDClipModel asserts
-# abs(layer_idx) < num_layers, so two would not do.
-TINY_CLIP_L_OVERRIDES = {"num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
-TINY_CLIP_G_OVERRIDES = {"num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
-
-# A small ViT in the format of ComfyUI's clip_vision_config_*.json files.
-TINY_CLIP_VISION_CONFIG = {
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "hidden_act": "gelu",
-    "hidden_size": 64,
-    "image_size": 32,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model",
-    "num_attention_heads": 4,
-    "num_channels": 3,
-    "num_hidden_layers": 2,
-    "patch_size": 8,
-    "projection_dim": 32,
-    "torch_dtype": "float32",
-}
-
-# ------------------------------------------------------------------------------------------------
-# Initialization
-
-_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-_PROJECTIONS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-
-
-@torch.no_grad()
-def init_parameters(module: torch.nn.Module, seed: int) -> None:
-    """Initialize every parameter of `module` deterministically (ComfyUI's ops leave them empty).
-
-    Norms: weight 1, bias 0. Linear/conv weights: N(0, 1/fan_in), so that activations keep unit
-    scale through the stack and every input (text, time, image) visibly moves the output; their
-    biases N(0, 0.02). Anything else (embeddings, class token, ...): N(0, 1) for embedding tables,
-    N(0, 0.02) otherwise. Values are drawn in float32 on the CPU, then cast, so the result does not
-    depend on the device or dtype the module lives in.
-    """
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(param: torch.Tensor, std: float) -> None:
-        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
-        param.copy_(values.to(device=param.device, dtype=param.dtype))
-
-    for _, sub in module.named_modules():
-        for name, param in sub.named_parameters(recurse=False):
-            if isinstance(sub, _NORMS):
-                param.fill_(1.0 if name == "weight" else 0.0)
-            elif isinstance(sub, _PROJECTIONS) and name == "weight":
-                draw(param, param[0].numel() ** -0.5)
-            elif isinstance(sub, torch.nn.Embedding):
-                draw(param, 1.0)
-            else:
-                draw(param, 0.02)
-
-
-# ------------------------------------------------------------------------------------------------
-# Builders
-
-
-def _sdxl_model_config(unet_config: dict, dtype: torch.dtype | None, manual_cast_dtype: torch.dtype | None):
-    model_config = comfy.supported_models.SDXL(unet_config)
-    # BASE.__init__ overwrites num_heads / num_head_channels with SDXL's unet_extra_config (-1, 64);
-    # put the requested ones back (a no-op for the real config).
-    model_config.unet_config["num_heads"] = unet_config["num_heads"]
-    model_config.unet_config["num_head_channels"] = unet_config["num_head_channels"]
-    model_config.set_inference_dtype(dtype, manual_cast_dtype)
-    return model_config
-
-
-def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around a tiny SDXL-shaped UNet, built as comfy.sd.load_state_dict_guess_config does.
-
-    `dtype=None` lets ComfyUI choose as for a checkpoint (float32 on the CPU).
-    """
-    load_device = comfy.model_management.get_torch_device()
-    supported = comfy.supported_models.SDXL.supported_inference_dtypes
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(model_params=15_700_000, supported_dtypes=supported)
-    manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
-    model_config = _sdxl_model_config(TINY_SDXL_UNET_CONFIG, dtype, manual_cast_dtype)
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
-    init_parameters(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device()
-    )
-
-
-def full_sdxl_unet_meta(dtype: torch.dtype = torch.float16):
-    """The full-size SDXL base model (comfy.model_base.SDXL, 2.567 B UNet parameters) on the meta device.
-
-    For structure checks and FLOP counting only: no memory, no values. `.diffusion_model` is the UNet.
-    """
-    model_config = _sdxl_model_config(SDXL_UNET_CONFIG, dtype, None)
-    return model_config.get_model({}, "", device=torch.device("meta"))
-
-
-def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
-    """A comfy.sd.CLIP for SDXL: ComfyUI's SDXL tokenizer and text model classes, three-layer encoders.
-
-    Conditioning is (B, 77 * chunks, 2048) with pooled_output (B, 1280), as for real SDXL.
-    `dtype=None` lets ComfyUI choose (float16 weights on the CPU, computed in float32).
-    """
-    target = comfy.supported_models_base.ClipTarget(
-        comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel
-    )
-    model_options = {
-        "clip_l_model_config": dict(TINY_CLIP_L_OVERRIDES),
-        "clip_g_model_config": dict(TINY_CLIP_G_OVERRIDES),
-    }
-    if dtype is not None:
-        model_options["dtype"] = dtype
-    clip = comfy.sd.CLIP(target, model_options=model_options)
-    init_parameters(clip.cond_stage_model, seed)
-    return clip
-
-
-def tiny_clip_vision(
-    seed: int = 0,
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    image_size: int = 32,
-    patch_size: int = 8,
-    projection_dim: int = 32,
-) -> comfy.clip_vision.ClipVisionModel:
-    """A comfy.clip_vision.ClipVisionModel with a tiny ViT.
-
-    encode_image(images (B, H, W, 3) in [0, 1])["last_hidden_state"] is
-    (B, 1 + (image_size // patch_size) ** 2, hidden). ComfyUI's file loader (comfy.clip_vision.load)
-    picks its config from the layer count of known towers (ViT-L/H/bigG, SigLIP, DINOv2), so a tiny
-    tower cannot round-trip through a file: use this object directly.
-    """
-    config = {
-        **TINY_CLIP_VISION_CONFIG,
-        "hidden_size": hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "intermediate_size": 2 * hidden,
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "projection_dim": projection_dim,
-    }
-    with tempfile.TemporaryDirectory(prefix="nested-attention-") as tmp:
-        path = Path(tmp) / "clip_vision_tiny.json"
-        path.write_text(json.dumps(config))
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    init_parameters(clip_vision.model, seed)
-    return clip_vision
+from training.tiny import (  # noqa: E402,F401
+    SDXL_UNET_CONFIG,
+    TINY_CLIP_G_OVERRIDES,
+    TINY_CLIP_L_OVERRIDES,
+    TINY_CLIP_VISION_CONFIG,
+    TINY_SDXL_UNET_CONFIG,
+    TINY_VAE_DDCONFIG,
+    _sdxl_model_config,
+    full_sdxl_unet_meta,
+    init_parameters,
+    make_tiny_dataset,
+    tiny_clip_vision,
+    tiny_sdxl_clip,
+    tiny_sdxl_unet,
+    tiny_vae,
+)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ class ComfyNotFoundError(RuntimeError):
 
 
 def comfyui_candidates() -> list[Path]:
-    """Where ComfyUI is looked for, in order: $COMFYUI_PATH, the ComfyUI this repo sits in, `.comfyui/ComfyUI`."""
+    """Where ComfyUI is looked for: $COMFYUI_PATH, the ComfyUI this repo sits in, `.comfyui/ComfyUI`."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
         return [Path(env).expanduser()]
@@ -42,9 +42,11 @@ def find_comfyui() -> Path:
         if (path / "comfy" / "model_management.py").is_file():
             return path.resolve()
     raise ComfyNotFoundError(
-        f"ComfyUI not found (looked in {', '.join(str(p) for p in candidates)}). The trainer uses ComfyUI's model "
+        f"ComfyUI not found (looked in {', '.join(str(p) for p in candidates)}). "
+        "The trainer uses ComfyUI's model "
         "code: set COMFYUI_PATH to a ComfyUI folder (the one with main.py), clone this repo into "
-        "ComfyUI/custom_nodes/, or run `python3 dev.py test` once to install the pinned copy into .comfyui/.")
+        "ComfyUI/custom_nodes/, or run `python3 dev.py test` once to install the pinned copy into .comfyui/."
+    )
 
 
 def has_accelerator() -> bool:
@@ -58,7 +60,7 @@ def has_accelerator() -> bool:
 
 
 def setup_comfy() -> Path:
-    """Make `comfy` importable: ComfyUI first on sys.path, no argv parsing, `--cpu` without a GPU. Idempotent."""
+    """Make `comfy` importable: ComfyUI first on sys.path, no argv parsing, `--cpu` without a GPU."""
     path = str(find_comfyui())
     # First on sys.path: ComfyUI's own top-level modules (nodes, folder_paths, ...) must win over
     # anything with the same name, e.g. this repo's `nodes/` package.
@@ -73,7 +75,9 @@ def setup_comfy() -> Path:
 
     if not has_accelerator():
         if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
-            log.warning("[nested-attention] comfy.model_management was imported before setup_comfy(); "
-                        "--cpu cannot take effect any more")
+            log.warning(
+                "[nested-attention] comfy.model_management was imported before setup_comfy(); "
+                "--cpu cannot take effect any more"
+            )
         comfy.cli_args.args.cpu = True
     return Path(path)

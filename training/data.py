@@ -107,16 +107,24 @@ def read_manifest(path: Path) -> list[Record]:
                 if not isinstance(source, str):
                     raise TypeError("'input' must be a path")
                 target = item.get("target")
-                records.append(Record(
-                    key=f"{path.name}:{number}",
-                    input=str(root / source),
-                    target=str(root / target) if target else None,
-                    caption=item.get("caption"),
-                    subject=item.get("subject"),
-                ))
+                records.append(
+                    Record(
+                        key=f"{path.name}:{number}",
+                        input=str(root / source),
+                        target=str(root / target) if target else None,
+                        caption=item.get("caption"),
+                        subject=item.get("subject"),
+                    )
+                )
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                log.warning("%s %s line %d skipped: %s. Expected {\"input\": path, \"target\": path (optional), "
-                            "\"caption\": text (optional)}.", PREFIX, path, number, e)
+                log.warning(
+                    '%s %s line %d skipped: %s. Expected {"input": path, "target": path (optional), '
+                    '"caption": text (optional)}.',
+                    PREFIX,
+                    path,
+                    number,
+                    e,
+                )
     return records
 
 
@@ -176,7 +184,9 @@ def open_image(source: ImageSource):
         if image.width < 1 or image.height < 1:
             raise ValueError("empty image")
         return image.convert("RGB")
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
+    except (
+        Exception
+    ) as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
         raise BadImage(f"{type(e).__name__}: {e}") from e
 
 
@@ -235,14 +245,21 @@ def load_sample(record: Record, config: SampleConfig, position: int) -> Optional
     try:
         source = open_image(record.input)
         target = source if record.target is None else open_image(record.target)
+        pixels, time_ids = prepare_target(
+            target, config.resolution, config.center_crop, config.random_flip, rng
+        )
+        clip_pixels = prepare_clip_input(source, config.clip_size)
     except BadImage as e:
         log.warning("%s skipping %s: unreadable image (%s)", PREFIX, record.key, e)
         return None
-    pixels, time_ids = prepare_target(target, config.resolution, config.center_crop, config.random_flip, rng)
+    except Exception as e:  # an image PIL reads but cannot convert or resize: still one sample, not the run
+        name = type(e).__name__
+        log.warning("%s skipping %s: cannot prepare the image (%s: %s)", PREFIX, record.key, name, e)
+        return None
     return {
         "key": record.key,
         "pixels": pixels,
-        "clip_pixels": prepare_clip_input(source, config.clip_size),
+        "clip_pixels": clip_pixels,
         "time_ids": time_ids,
         "caption": config.captions.apply(record.caption, record.subject),
     }
@@ -356,10 +373,19 @@ def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Optional[Record]
             try:
                 meta = json.loads(parts["json"].decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                log.warning("%s %s: sample %s has unreadable json (%s); ignored", PREFIX, path, current_key, e)
-        caption = parts["caption"].decode("utf-8", "replace").strip() if "caption" in parts else meta.get("caption")
-        return Record(key=f"{os.path.basename(path)}:{current_key}", input=parts["input"], target=parts.get("target"),
-                      caption=caption, subject=meta.get("subject"))
+                log.warning(
+                    "%s %s: sample %s has unreadable json (%s); ignored", PREFIX, path, current_key, e
+                )
+        caption = (
+            parts["caption"].decode("utf-8", "replace").strip() if "caption" in parts else meta.get("caption")
+        )
+        return Record(
+            key=f"{os.path.basename(path)}:{current_key}",
+            input=parts["input"],
+            target=parts.get("target"),
+            caption=caption,
+            subject=meta.get("subject"),
+        )
 
     try:
         with tarfile.open(path, mode="r|*") as tar:  # a stream: no seeking, works on pipes and huge files
@@ -392,8 +418,15 @@ class TarShardStream(IterableDataset):
     images fail.
     """
 
-    def __init__(self, shards: Sequence[str], config: SampleConfig, batch_size: int, rank: int = 0, world: int = 1,
-                 start_batch: int = 0):
+    def __init__(
+        self,
+        shards: Sequence[str],
+        config: SampleConfig,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        start_batch: int = 0,
+    ):
         if not shards:
             raise ValueError("no tar shards")
         self.shards, self.config, self.batch_size = list(shards), config, batch_size
@@ -417,7 +450,7 @@ class TarShardStream(IterableDataset):
             count_at_pass = count
             order = list(self.shards)
             random.Random(mix_seed(self.config.seed, "shards", epoch)).shuffle(order)
-            for shard in (order[slot::slots] if own_shards else order):
+            for shard in order[slot::slots] if own_shards else order:
                 read_from = max(0, skip - count) if own_shards else max(0, skip * slots - seen)
                 for record in iter_tar_records(shard, read_from=read_from):
                     if not own_shards:
@@ -428,11 +461,17 @@ class TarShardStream(IterableDataset):
                     count += 1
                     if position < skip:
                         continue
-                    yield None if record is None else load_sample(record, self.config, mix_seed("stream", slot, position))
+                    yield (
+                        None
+                        if record is None
+                        else load_sample(record, self.config, mix_seed("stream", slot, position))
+                    )
             epoch += 1
             if count == count_at_pass:
-                raise RuntimeError(f"the tar shards ({len(self.shards)}, e.g. {self.shards[0]}) hold no samples for "
-                                   f"data loader slot {slot} of {slots}")
+                raise RuntimeError(
+                    f"the tar shards ({len(self.shards)}, e.g. {self.shards[0]}) hold no samples for "
+                    f"data loader slot {slot} of {slots}"
+                )
 
 
 # ------------------------------------------------------------------------------------------------

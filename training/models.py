@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nested_attention import ClipVisionSpec, EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig, unet_layers
+from nested_attention import (
+    ClipVisionSpec,
+    EncoderConfig,
+    LayerSpec,
+    NestedEncoder,
+    QFormerConfig,
+    unet_layers,
+)
 from nested_attention.layers import SDXL_LAYERS
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 from nested_attention.tokens import CHUNK, locate_word
@@ -62,28 +69,44 @@ def clip_vision_spec(clip_vision: Any, name: str) -> ClipVisionSpec:
     """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes."""
     vision = clip_vision.model.vision_model
     num_tokens, hidden = (int(s) for s in vision.embeddings.position_embedding.weight.shape)
-    return ClipVisionSpec(name=name, hidden_size=hidden, num_tokens=num_tokens, num_layers=len(vision.encoder.layers),
-                          image_size=int(clip_vision.image_size))
+    return ClipVisionSpec(
+        name=name,
+        hidden_size=hidden,
+        num_tokens=num_tokens,
+        num_layers=len(vision.encoder.layers),
+        image_size=int(clip_vision.image_size),
+    )
 
 
 def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any, Any]:
     """(UNet ModelPatcher, CLIP, VAE) from an SDXL single-file checkpoint, with ComfyUI's loader."""
     model_options = {"dtype": weight_dtype} if weight_dtype is not None else {}
-    unet, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                               model_options=model_options)
+    unet, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, model_options=model_options
+    )
     if unet is None or clip is None or vae is None:
-        raise ValueError(f"{path} is not a complete SDXL checkpoint (UNet, text encoders and VAE in one file); "
-                         "use the single-file sd_xl_base_1.0.safetensors.")
+        raise ValueError(
+            f"{path} is not a complete SDXL checkpoint (UNet, text encoders and VAE in one file); "
+            "use the single-file sd_xl_base_1.0.safetensors."
+        )
     layers = unet_layers(unet.model.diffusion_model)
     if layers != SDXL_LAYERS:
-        raise ValueError(f"{os.path.basename(path)} is a {type(unet.model).__name__} with {len(layers)} cross-attention "
-                         f"layers; nested encoders are trained on SDXL base ({len(SDXL_LAYERS)} layers). Pass an "
-                         "SDXL base checkpoint with --pretrained_model.")
+        raise ValueError(
+            f"{os.path.basename(path)} is a {type(unet.model).__name__} with {len(layers)} cross-attention "
+            f"layers; nested encoders are trained on SDXL base ({len(SDXL_LAYERS)} layers). Pass an "
+            "SDXL base checkpoint with --pretrained_model."
+        )
     return unet, clip, vae
 
 
-def load_frozen(*, tiny: bool, checkpoint: Optional[str], clip_vision_path: Optional[str],
-                weight_dtype: Optional[torch.dtype], seed: int = 0) -> FrozenModels:
+def load_frozen(
+    *,
+    tiny: bool,
+    checkpoint: Optional[str],
+    clip_vision_path: Optional[str],
+    weight_dtype: Optional[torch.dtype],
+    seed: int = 0,
+) -> FrozenModels:
     """The frozen models: SDXL + CLIP ViT-H/14 from files, or the tiny ones built in code."""
     if tiny:
         from . import tiny as tiny_models
@@ -104,30 +127,55 @@ def load_frozen(*, tiny: bool, checkpoint: Optional[str], clip_vision_path: Opti
     vae.vae_dtype = torch.float32
     for module in (unet.model, clip.cond_stage_model, vae.first_stage_model, clip_vision.model):
         module.requires_grad_(False).eval()
-    return FrozenModels(unet=unet, clip=clip, vae=vae, clip_vision=clip_vision, clip_vision_spec=spec,
-                        layers=unet_layers(unet.model.diffusion_model))
+    return FrozenModels(
+        unet=unet,
+        clip=clip,
+        vae=vae,
+        clip_vision=clip_vision,
+        clip_vision_spec=spec,
+        layers=unet_layers(unet.model.diffusion_model),
+    )
 
 
-def make_encoder(*, domain: str, token: str, qformer: QFormerConfig, frozen: FrozenModels, alpha: float,
-                 init_from_unet: bool, seed: int) -> NestedEncoder:
-    """A fresh encoder for the frozen models' layer table; W_K~ / W_V~ optionally from the UNet's to_k / to_v."""
-    config = EncoderConfig(domain=domain, token=token, alpha=alpha, qformer=qformer, clip_vision=frozen.clip_vision_spec,
-                           layers=frozen.layers)
+def make_encoder(
+    *,
+    domain: str,
+    token: str,
+    qformer: QFormerConfig,
+    frozen: FrozenModels,
+    alpha: float,
+    init_from_unet: bool,
+    seed: int,
+) -> NestedEncoder:
+    """A fresh encoder for the frozen models' layers; W_K~ / W_V~ optionally from the UNet's to_k / to_v."""
+    config = EncoderConfig(
+        domain=domain,
+        token=token,
+        alpha=alpha,
+        qformer=qformer,
+        clip_vision=frozen.clip_vision_spec,
+        layers=frozen.layers,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = NestedEncoder(config)
     if init_from_unet:
         attn2 = attn2_modules(frozen.base.diffusion_model)
-        encoder.init_from_unet([attn2[layer.key].to_k.weight.float().cpu() for layer in frozen.layers],
-                               [attn2[layer.key].to_v.weight.float().cpu() for layer in frozen.layers])
+        encoder.init_from_unet(
+            [attn2[layer.key].to_k.weight.float().cpu() for layer in frozen.layers],
+            [attn2[layer.key].to_v.weight.float().cpu() for layer in frozen.layers],
+        )
     return encoder
 
 
 def attn2_modules(diffusion_model: nn.Module) -> dict[tuple, nn.Module]:
     """The attn2 module of each cross-attention layer, keyed like LayerSpec.key."""
     out = {}
-    stages = [("input", list(diffusion_model.input_blocks)), ("middle", [diffusion_model.middle_block]),
-              ("output", list(diffusion_model.output_blocks))]
+    stages = [
+        ("input", list(diffusion_model.input_blocks)),
+        ("middle", [diffusion_model.middle_block]),
+        ("output", list(diffusion_model.output_blocks)),
+    ]
     for block, modules in stages:
         for number, module in enumerate(modules):
             for child in module:
@@ -137,10 +185,13 @@ def attn2_modules(diffusion_model: nn.Module) -> dict[tuple, nn.Module]:
     return out
 
 
-def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
-    """ComfyUI's own cross-attention, called as CrossAttention.forward calls it (the nodes' host attention)."""
+def comfy_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict
+) -> torch.Tensor:
+    """ComfyUI's own cross-attention, called as CrossAttention.forward calls it (as the nodes do)."""
     return comfy.ldm.modules.attention.optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+    )
 
 
 def enable_gradient_checkpointing(diffusion_model: nn.Module) -> int:
@@ -192,40 +243,33 @@ class TextEncoder:
         self.sd_tok = clip.tokenizer.clip_g if hasattr(clip.tokenizer, "clip_g") else clip.tokenizer.clip_l
         ids = self.sd_tok.tokenizer(token.lower())["input_ids"]
         end = -1 if getattr(self.sd_tok, "tokenizer_adds_end_token", True) else None
-        self.word_ids = tuple(int(t) for t in ids[getattr(self.sd_tok, "tokens_start", 1):end])
+        self.word_ids = tuple(int(t) for t in ids[getattr(self.sd_tok, "tokens_start", 1) : end])
         if not self.word_ids:
             raise ValueError(f"the subject token {token!r} encodes to no tokens; choose a plain word")
-        special = {getattr(self.sd_tok, name, None) for name in ("start_token", "end_token", "pad_token")}
-        self._special = {t for t in special if t is not None}
+        self._special = set(getattr(self.sd_tok.tokenizer, "all_special_ids", ()))
 
-    def _ends_word(self, token_id: Any) -> bool:
-        if not isinstance(token_id, int) or token_id in self._special:
-            return True
+    def _ends_word(self, token_id: int) -> bool:
+        """Whether a token closes a word: CLIP BPE marks that with '</w>'; special tokens do too."""
         piece = self.sd_tok.tokenizer.convert_ids_to_tokens(token_id)
-        return piece is None or piece.endswith("</w>")
+        return token_id in self._special or piece is None or piece.endswith("</w>")
 
-    def positions(self, chunk: Sequence[tuple]) -> tuple[int, ...]:
-        """The token's positions in one chunk: whole words only, last token of each occurrence (the nodes' rule)."""
-        n = len(self.word_ids)
-        found = []
-        for p in locate_word([chunk], self.word_ids):
-            start = p - n + 1
-            if start == 0 or self._ends_word(chunk[start - 1][0]):
-                found.append(p)
-        return tuple(found)
+    def positions(self, chunks: Sequence[Sequence[tuple]]) -> tuple[int, ...]:
+        """The token's positions in chunks tokenized with word ids: the core's rule, as the nodes apply it
+        (token ids of the word, whole words only, last token of a multi-token word, every occurrence)."""
+        return locate_word(chunks, self.word_ids, ends_word=self._ends_word)
 
     @torch.no_grad()
     def encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         if caption in self._cache:
             return self._cache[caption]
-        tokens = self.clip.tokenize(caption)
+        tokens = self.clip.tokenize(caption, return_word_ids=True)
         if any(len(chunks) > 1 for chunks in tokens.values()) and caption not in self._warned:
             self._warned.add(caption)
             log.warning("%s caption longer than 75 tokens, truncated for training: %r", PREFIX, caption[:120])
         tokens = {k: v[:1] for k, v in tokens.items()}
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         stream = "g" if "g" in tokens else next(iter(tokens))
-        out = (cond[0].float().cpu(), pooled[0].float().cpu(), self.positions(tokens[stream][0]))
+        out = (cond[0].float().cpu(), pooled[0].float().cpu(), self.positions(tokens[stream]))
         if self.cache and len(self._cache) < self.MAX_CACHE:
             self._cache[caption] = out
         return out
@@ -242,8 +286,17 @@ def sdxl_adm(base: Any, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.T
     rows = []
     for p, t in zip(pooled, time_ids.tolist()):
         height, width, top, left, target_h, target_w = t
-        rows.append(base.encode_adm(pooled_output=p[None], height=height, width=width, crop_h=top, crop_w=left,
-                                    target_height=target_h, target_width=target_w))
+        rows.append(
+            base.encode_adm(
+                pooled_output=p[None],
+                height=height,
+                width=width,
+                crop_h=top,
+                crop_w=left,
+                target_height=target_h,
+                target_width=target_w,
+            )
+        )
     return torch.cat(rows)
 
 
@@ -251,8 +304,9 @@ def sdxl_adm(base: Any, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.T
 # The trainable module
 
 
-def align_subjects(context: torch.Tensor, positions: Sequence[tuple[int, ...]], keep: torch.Tensor
-                   ) -> tuple[torch.Tensor, list[tuple[tuple[int, ...], torch.Tensor]]]:
+def align_subjects(
+    context: torch.Tensor, positions: Sequence[tuple[int, ...]], keep: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[tuple[int, ...], torch.Tensor]]]:
     """Move each row's subject token(s) to shared positions; returns (context, [(positions, rows (B,))]).
 
     A SubjectBinding has one positions tuple, but captions place the token differently. The UNet's
@@ -299,17 +353,40 @@ class NestedTrainingModule(nn.Module):
         self.encoder = encoder
         self.__dict__["base"] = base  # comfy.model_base.SDXL, deliberately not a submodule
 
-    def forward(self, clip_tokens: torch.Tensor, x_noisy: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-                adm: torch.Tensor, groups: Sequence[tuple[tuple[int, ...], torch.Tensor]]) -> torch.Tensor:
-        """The UNet's noise prediction eps (B, 4, h, w) for x_noisy = x0 + sigma * noise, with the subjects."""
+    def forward(
+        self,
+        clip_tokens: torch.Tensor,
+        x_noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        context: torch.Tensor,
+        adm: torch.Tensor,
+        groups: Sequence[tuple[tuple[int, ...], torch.Tensor]],
+    ) -> torch.Tensor:
+        """The UNet's noise prediction eps (B, 4, h, w) for x_noisy = x0 + sigma * noise, with subjects."""
         tokens = self.encoder.encode(clip_tokens)  # (B, M, C), with gradients
-        bindings = [SubjectBinding(encoder=self.encoder, tokens=tokens, positions=tuple(pos), prompt_tokens=CHUNK,
-                                   rows=rows.to(tokens.device), cache=False, name=f"train{pos}")
-                    for pos, rows in groups]
-        patches = {layer.key: NestedAttentionPatch(layer, i, bindings, comfy_attention)
-                   for i, layer in enumerate(self.encoder.layers)}
-        denoised = self.base.apply_model(x_noisy, sigmas, c_crossattn=context, y=adm,
-                                         transformer_options={"patches_replace": {"attn2": patches}})
+        bindings = [
+            SubjectBinding(
+                encoder=self.encoder,
+                tokens=tokens,
+                positions=tuple(pos),
+                prompt_tokens=CHUNK,
+                rows=rows.to(tokens.device),
+                cache=False,
+                name=f"train{pos}",
+            )
+            for pos, rows in groups
+        ]
+        patches = {
+            layer.key: NestedAttentionPatch(layer, i, bindings, comfy_attention)
+            for i, layer in enumerate(self.encoder.layers)
+        }
+        denoised = self.base.apply_model(
+            x_noisy,
+            sigmas,
+            c_crossattn=context,
+            y=adm,
+            transformer_options={"patches_replace": {"attn2": patches}},
+        )
         # ComfyUI's EPS parameterization: denoised = x_noisy - sigma * eps.
         return (x_noisy - denoised) / sigmas.view(-1, 1, 1, 1)
 
@@ -329,7 +406,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))  # warm-up, as diffusers' EMAModel
+        decay = min(
+            self.decay, (1 + self.num_updates) / (10 + self.num_updates)
+        )  # warm-up, as diffusers' EMAModel
         for name, p in module.named_parameters():
             shadow = self.shadow[name]
             if shadow.device != p.device:
@@ -342,8 +421,11 @@ class EMA:
             p.copy_(self.shadow[name].to(p.device, p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates,
-                "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": {k: v.cpu() for k, v in self.shadow.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]

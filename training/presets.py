@@ -13,9 +13,17 @@ from typing import Optional
 from nested_attention import ClipVisionSpec, QFormerConfig
 
 # File names ComfyUI users keep for these models (models/checkpoints, models/clip_vision).
-SDXL_CHECKPOINT_NAMES = ("sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors", "sdxl_base_1.0.safetensors")
-CLIP_VISION_H_NAMES = ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_h.safetensors",
-                       "CLIP-ViT-H-14.safetensors", "clip-vit-h-14.safetensors")
+SDXL_CHECKPOINT_NAMES = (
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_base_1.0_0.9vae.safetensors",
+    "sdxl_base_1.0.safetensors",
+)
+CLIP_VISION_H_NAMES = (
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+    "clip_vision_h.safetensors",
+    "CLIP-ViT-H-14.safetensors",
+    "clip-vit-h-14.safetensors",
+)
 
 
 @dataclass(frozen=True)
@@ -45,29 +53,71 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "pets": Preset(
-        domain="pets", token="pet",
-        subject_words=("dog", "cat", "puppy", "kitten", "pet", "animal", "bunny", "rabbit", "hamster", "bird", "parrot"),
+        domain="pets",
+        token="pet",
+        subject_words=(
+            "dog",
+            "cat",
+            "puppy",
+            "kitten",
+            "pet",
+            "animal",
+            "bunny",
+            "rabbit",
+            "hamster",
+            "bird",
+            "parrot",
+        ),
         caption_template="a photo of a {token}",
-        num_queries=256, resolutions=(512, 1024), center_crop=True, random_flip=True,
+        num_queries=256,
+        resolutions=(512, 1024),
+        center_crop=True,
+        random_flip=True,
         qformer=QFormerConfig(num_queries=256),
-        validation_prompts=("a photo of a {token}", "a {token} on the beach", "a watercolor painting of a {token}",
-                            "a {token} wearing a red hat"),
+        validation_prompts=(
+            "a photo of a {token}",
+            "a {token} on the beach",
+            "a watercolor painting of a {token}",
+            "a {token} wearing a red hat",
+        ),
     ),
     "faces": Preset(
-        domain="faces", token="person",
+        domain="faces",
+        token="person",
         subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
         caption_template="a photo of a {token}",
-        num_queries=1024, resolutions=(512, 1024), center_crop=True, random_flip=True,
+        num_queries=1024,
+        resolutions=(512, 1024),
+        center_crop=True,
+        random_flip=True,
         qformer=QFormerConfig(num_queries=1024),
-        validation_prompts=("a photo of a {token}", "a {token} as an astronaut", "an oil painting of a {token}",
-                            "a {token} smiling in a park"),
+        validation_prompts=(
+            "a photo of a {token}",
+            "a {token} as an astronaut",
+            "an oil painting of a {token}",
+            "a {token} smiling in a park",
+        ),
     ),
     "tiny": Preset(
-        domain="tiny", token="pet", subject_words=("pet",), caption_template="a photo of a {token}",
-        num_queries=16, resolutions=(64,), center_crop=True, random_flip=False,
+        domain="tiny",
+        token="pet",
+        subject_words=("pet",),
+        caption_template="a photo of a {token}",
+        num_queries=16,
+        resolutions=(64,),
+        center_crop=True,
+        random_flip=False,
         qformer=QFormerConfig(clip_dim=64, dim=64, depth=2, heads=4, dim_head=16, num_queries=16, ff_mult=2),
-        train_batch_size=2, learning_rate=1e-3, lr_warmup_steps=5, max_train_steps=30, checkpointing_steps=15,
-        validation_steps=30, validation_prompts=("a photo of a {token}", "a {token} in the snow"),
-        mixed_precision="no", gradient_checkpointing=False, sample_steps=4, tiny=True,
+        train_batch_size=2,
+        learning_rate=1e-3,
+        lr_warmup_steps=5,
+        max_train_steps=30,
+        checkpointing_steps=15,
+        validation_steps=30,
+        validation_prompts=("a photo of a {token}", "a {token} in the snow"),
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        sample_steps=4,
+        tiny=True,
     ),
 }

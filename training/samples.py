@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import comfy.sample  # noqa: E402  (training.models has set ComfyUI up)
 import numpy as np
 import torch
 
@@ -21,36 +22,49 @@ from nested_attention.tokens import CHUNK
 
 from .models import FrozenModels, TextEncoder, comfy_attention
 
-import comfy.sample  # noqa: E402  (training.models has set ComfyUI up)
-
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
 
 
 def prompt_positions(text: TextEncoder, prompt: str) -> tuple[tuple[int, ...], int]:
     """(positions of the subject token over all chunks, prompt length in tokens)."""
-    tokens = text.clip.tokenize(prompt)
+    tokens = text.clip.tokenize(prompt, return_word_ids=True)
     chunks = tokens["g"] if "g" in tokens else next(iter(tokens.values()))
-    positions = tuple(c * CHUNK + p for c, chunk in enumerate(chunks) for p in text.positions(chunk))
-    return positions, CHUNK * len(chunks)
+    return text.positions(chunks), CHUNK * len(chunks)
 
 
-def patched_model(frozen: FrozenModels, encoder: NestedEncoder, tokens: torch.Tensor, positions: tuple[int, ...],
-                  prompt_tokens: int):
+def patched_model(
+    frozen: FrozenModels,
+    encoder: NestedEncoder,
+    tokens: torch.Tensor,
+    positions: tuple[int, ...],
+    prompt_tokens: int,
+):
     """A clone of the UNet's ModelPatcher with the subject on every cross-attention layer."""
     model = frozen.unet.clone()
-    binding = SubjectBinding(encoder=encoder, tokens=tokens, positions=positions, prompt_tokens=prompt_tokens,
-                             name="validation")
+    binding = SubjectBinding(
+        encoder=encoder, tokens=tokens, positions=positions, prompt_tokens=prompt_tokens, name="validation"
+    )
     for i, layer in enumerate(encoder.layers):
-        model.set_model_attn2_replace(NestedAttentionPatch(layer, i, [binding], comfy_attention), layer.block,
-                                      layer.number, layer.index)
+        model.set_model_attn2_replace(
+            NestedAttentionPatch(layer, i, [binding], comfy_attention), layer.block, layer.number, layer.index
+        )
     return model
 
 
 @torch.no_grad()
-def sample_grid(frozen: FrozenModels, encoder: NestedEncoder, text: TextEncoder, images: Sequence[torch.Tensor],
-                prompts: Sequence[str], seeds: Sequence[int], resolution: int, steps: int, cfg: float,
-                path: Path) -> Path:
+def sample_grid(
+    frozen: FrozenModels,
+    encoder: NestedEncoder,
+    text: TextEncoder,
+    images: Sequence[torch.Tensor],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    resolution: int,
+    steps: int,
+    cfg: float,
+    path: Path,
+) -> Path:
     """Write a PNG grid: rows = [no subject] + images, columns = input + prompts x seeds."""
     from PIL import Image
 
@@ -59,7 +73,9 @@ def sample_grid(frozen: FrozenModels, encoder: NestedEncoder, text: TextEncoder,
     subject_tokens = []
     for image in images:  # (H, W, 3) in [0, 1]
         hidden = frozen.clip_vision.encode_image(image[None], crop=True)["last_hidden_state"]
-        subject_tokens.append(encoder.encode(hidden.to(device, next(encoder.parameters()).dtype)).float().cpu())
+        subject_tokens.append(
+            encoder.encode(hidden.to(device, next(encoder.parameters()).dtype)).float().cpu()
+        )
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(""))
     latent_size = resolution // 8
@@ -67,8 +83,12 @@ def sample_grid(frozen: FrozenModels, encoder: NestedEncoder, text: TextEncoder,
     for row in range(len(images) + 1):
         thumb = np.ones((resolution, resolution, 3), dtype=np.float32)
         if row > 0:
-            small = torch.nn.functional.interpolate(images[row - 1].movedim(-1, 0)[None], size=(resolution, resolution),
-                                                    mode="bilinear", antialias=True)
+            small = torch.nn.functional.interpolate(
+                images[row - 1].movedim(-1, 0)[None],
+                size=(resolution, resolution),
+                mode="bilinear",
+                antialias=True,
+            )
             thumb = small[0].movedim(0, -1).clamp(0, 1).numpy()
         line = [thumb]
         for prompt in prompts:
@@ -77,16 +97,31 @@ def sample_grid(frozen: FrozenModels, encoder: NestedEncoder, text: TextEncoder,
             if row > 0:
                 positions, prompt_tokens = prompt_positions(text, prompt)
                 if not positions:
-                    log.warning("%s validation prompt %r lacks the token %r; its subject column shows no subject",
-                                PREFIX, prompt, text.token)
+                    log.warning(
+                        "%s validation prompt %r lacks the token %r; its subject column shows no subject",
+                        PREFIX,
+                        prompt,
+                        text.token,
+                    )
                 else:
                     model = patched_model(frozen, encoder, subject_tokens[row - 1], positions, prompt_tokens)
             for seed in seeds:
                 latent = torch.zeros(1, 4, latent_size, latent_size)
                 latent = comfy.sample.fix_empty_latent_channels(model, latent)
                 noise = comfy.sample.prepare_noise(latent, seed)
-                samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                                              seed=seed, disable_pbar=True)
+                samples = comfy.sample.sample(
+                    model,
+                    noise,
+                    steps,
+                    cfg,
+                    "euler",
+                    "normal",
+                    positive,
+                    negative,
+                    latent,
+                    seed=seed,
+                    disable_pbar=True,
+                )
                 decoded = frozen.vae.decode(samples)[0]  # (H, W, 3) in [0, 1]
                 line.append(decoded.float().cpu().clamp(0, 1).numpy())
         cells.append(np.concatenate(line, axis=1))

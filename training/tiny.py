@@ -101,8 +101,16 @@ TINY_CLIP_VISION_NAME = "tiny-clip-vision (built in)"
 
 # SDXL's VAE layout (4 latent channels, 8x downscale: three downsamples) at a fraction of the width.
 TINY_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3, "out_ch": 3, "ch": 32,
-    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 128,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +194,9 @@ def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.
     Conditioning is (B, 77 * chunks, 2048) with pooled_output (B, 1280), as for real SDXL.
     `dtype=None` lets ComfyUI choose (float16 weights on the CPU, computed in float32).
     """
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel
+    )
     model_options = {
         "clip_l_model_config": dict(TINY_CLIP_L_OVERRIDES),
         "clip_g_model_config": dict(TINY_CLIP_G_OVERRIDES),
@@ -199,7 +209,13 @@ def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.
 
 
 def tiny_clip_vision(
-    seed: int = 0, *, hidden: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32, patch_size: int = 8,
+    seed: int = 0,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    image_size: int = 32,
+    patch_size: int = 8,
     projection_dim: int = 32,
 ) -> comfy.clip_vision.ClipVisionModel:
     """A comfy.clip_vision.ClipVisionModel with a tiny ViT.
@@ -210,8 +226,13 @@ def tiny_clip_vision(
     tower cannot round-trip through a file: use this object directly.
     """
     config = {
-        **TINY_CLIP_VISION_CONFIG, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "intermediate_size": 2 * hidden, "image_size": image_size, "patch_size": patch_size,
+        **TINY_CLIP_VISION_CONFIG,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 2 * hidden,
+        "image_size": image_size,
+        "patch_size": patch_size,
         "projection_dim": projection_dim,
     }
     with tempfile.TemporaryDirectory(prefix="nested-attention-") as tmp:
@@ -234,8 +255,16 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
 # ------------------------------------------------------------------------------------------------
 # Generated data: "pets" that are coloured shapes on white, input == target (the paper's pets setup)
 
-_COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 180, 20), (150, 60, 200), (20, 180, 190),
-            (240, 120, 30), (90, 90, 90)]
+_COLOURS = [
+    (220, 40, 40),
+    (40, 160, 60),
+    (40, 80, 220),
+    (230, 180, 20),
+    (150, 60, 200),
+    (20, 180, 190),
+    (240, 120, 30),
+    (90, 90, 90),
+]
 _SHAPES = ["circle", "square", "triangle", "diamond"]
 _SCENES = ["", "on the beach", "in the snow", "on a sofa", "in a garden"]
 
@@ -267,8 +296,13 @@ def make_tiny_dataset(folder: str | Path, count: int = 16, size: int = 128, seed
         else:
             turn = 0.0 if shape == "triangle" else math.pi / 4
             corners = 3 if shape == "triangle" else 4
-            points = [(cx + r * math.sin(turn + 2 * math.pi * k / corners), cy - r * math.cos(turn + 2 * math.pi * k / corners))
-                      for k in range(corners)]
+            points = [
+                (
+                    cx + r * math.sin(turn + 2 * math.pi * k / corners),
+                    cy - r * math.cos(turn + 2 * math.pi * k / corners),
+                )
+                for k in range(corners)
+            ]
             draw.polygon(points, fill=colour)
         image.save(folder / f"pet-{i:03d}.png")
         scene = _SCENES[i % len(_SCENES)]

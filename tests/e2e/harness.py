@@ -23,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
@@ -86,25 +86,27 @@ def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
 
 
 class ComfyServer:
-    """`python main.py --cpu` of a ComfyUI folder, with everything variable under `base` (--base-directory)."""
+    """`python main.py --cpu` of a ComfyUI folder; all it writes goes under `base` (--base-directory)."""
 
-    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: Optional[int] = None):
+    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: int | None = None):
         self.comfyui, self.base, self.log_path = Path(comfyui), Path(base), Path(log_path)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 600.0) -> "ComfyServer":
+    def start(self, timeout: float = 600.0) -> ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
         env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} while starting:\n"
+                                   f"{self.log_tail()}")
             try:
                 self.get_json("/system_stats")
                 return self
@@ -148,7 +150,8 @@ class ComfyServer:
     def queue_prompt(self, prompt: dict) -> str:
         """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors."""
         try:
-            return self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})["prompt_id"]
+            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})
+            return answer["prompt_id"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"the server refused the prompt: {e.read().decode(errors='replace')}") from e
 
@@ -168,7 +171,7 @@ class ComfyServer:
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
     def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict[str, list[bytes]]:
-        """Queue `prompt`, wait for it, and fetch its output images over /view: {node id: [PNG bytes, ...]}."""
+        """Queue `prompt`, wait for it, fetch its output images over /view: {node id: [PNG bytes, ...]}."""
         entry = self.wait_for(self.queue_prompt(prompt), timeout)
         images = {}
         for node_id, output in entry.get("outputs", {}).items():
@@ -190,8 +193,12 @@ async ([workflow, name]) => {
   const app = window.app, LG = window.LiteGraph;
   const missingDialog = [];
   const missingModels = [];
-  app.showMissingNodesError = (types) => { for (const t of types) missingDialog.push(typeof t === 'string' ? t : (t.type ?? JSON.stringify(t))); };
-  app.showMissingModelsError = (models) => { for (const m of models) missingModels.push(m.name ?? JSON.stringify(m)); };
+  app.showMissingNodesError = (types) => {
+    for (const t of types) missingDialog.push(typeof t === 'string' ? t : (t.type ?? JSON.stringify(t)));
+  };
+  app.showMissingModelsError = (models) => {
+    for (const m of models) missingModels.push(m.name ?? JSON.stringify(m));
+  };
   for (const b of document.querySelectorAll('.p-toast-close-button')) b.click();
   try {
     await app.loadGraphData(structuredClone(workflow), true, true, name);
@@ -210,7 +217,8 @@ async ([workflow, name]) => {
       if (w.type === 'combo') {
         let values = w.options?.values;
         if (typeof values === 'function') values = values(w, n);
-        if (Array.isArray(values) && !values.includes(w.value)) widgetErrors.push(`${where}: ${JSON.stringify(w.value)} is not one of its options`);
+        if (Array.isArray(values) && !values.includes(w.value))
+          widgetErrors.push(`${where}: ${JSON.stringify(w.value)} is not one of its options`);
       } else if (typeof w.value === 'number') {
         const o = w.options ?? {};
         if (Number.isNaN(w.value) || (o.min != null && w.value < o.min) || (o.max != null && w.value > o.max))
@@ -222,7 +230,8 @@ async ([workflow, name]) => {
   const saved = Object.fromEntries(workflow.nodes.map((n) => [n.id, n.widgets_values ?? []]));
   for (const n of app.graph.serialize().nodes) {
     const now = JSON.stringify(n.widgets_values ?? []), before = JSON.stringify(saved[n.id]);
-    if (now !== before) widgetErrors.push(`#${n.id} ${n.type}: widget values ${before} became ${now} on load`);
+    if (now !== before)
+      widgetErrors.push(`#${n.id} ${n.type}: widget values ${before} became ${now} on load`);
   }
   const alerts = [...document.querySelectorAll('.p-toast-message')]
     .filter((m) => /p-toast-message-(warn|error)/.test(m.className))
@@ -248,7 +257,8 @@ _FIT_VIEW_JS = """
   const h = canvas.canvas.height / window.devicePixelRatio - top - bottom;
   const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.0);
   canvas.ds.scale = scale;
-  canvas.ds.offset = [left / scale + (w / scale - (x1 - x0)) / 2 - x0, top / scale + (h / scale - (y1 - y0)) / 2 - y0];
+  canvas.ds.offset = [left / scale + (w / scale - (x1 - x0)) / 2 - x0,
+                      top / scale + (h / scale - (y1 - y0)) / 2 - y0];
   canvas.setDirty(true, true);
 }
 """
@@ -263,33 +273,34 @@ class Frontend:
         self.server = server
         self._playwright = None
         self._context = None
-        self._profile: Optional[str] = None
+        self._profile: str | None = None
         self.page = None
         self.console_errors: list[str] = []  # console errors and page errors, network failures left out
         self.http_errors: list[str] = []  # this server's answers >= 400 (fresh-profile user files left out)
 
-    def __enter__(self) -> "Frontend":
+    def __enter__(self) -> Frontend:
         return self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def open(self, timeout_ms: int = 600_000) -> "Frontend":
+    def open(self, timeout_ms: int = 600_000) -> Frontend:
         from playwright.sync_api import sync_playwright
 
         if not CHROMIUM.exists():
-            raise RuntimeError(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install chromium).")
+            raise RuntimeError(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install chromium)")
         self._profile = tempfile.mkdtemp(prefix="nested-attention-chromium-")
         self._playwright = sync_playwright().start()
         self._context = self._playwright.chromium.launch_persistent_context(
-            self._profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT)
-        # Nothing leaves the machine: the frontend also asks api.comfy.org (registry, releases) for information.
-        # (A regular expression, matched inside the driver; a Python predicate would slow every request.)
+            self._profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport=VIEWPORT)
+        # Nothing leaves the machine: the frontend also asks api.comfy.org (registry, releases). A regular
+        # expression is matched inside the driver; a Python predicate would slow every request down.
         elsewhere = re.compile(rf"^(?!{re.escape(self.server.url)}/)(https?|wss?)://")
         self._context.route(elsewhere, lambda route: route.abort())
         self.page = self._context.pages[0] if self._context.pages else self._context.new_page()
         self.page.set_default_timeout(120_000)  # generous: CI machines can be slow and shared
-        # A fresh user: no "Nodes 2.0" banner over the canvas (the frontend keeps that choice in localStorage).
+        # A fresh user: no "Nodes 2.0" banner over the canvas (the frontend keeps that in localStorage).
         self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         self.page.on("console", self._on_console)
         self.page.on("response", self._on_response)
@@ -338,8 +349,10 @@ class Frontend:
     def fetch_template(self, module: str, name: str) -> dict:
         """A custom node pack's template, fetched by the page from the URL the template browser uses."""
         return self.evaluate(
-            "async ([m, n]) => { const r = await fetch(window.app.api.apiURL(`/workflow_templates/${m}/${n}.json`));"
-            " if (!r.ok) throw new Error(`${r.status} ${r.url}`); return await r.json(); }", [module, name])
+            "async ([m, n]) => {"
+            " const r = await fetch(window.app.api.apiURL(`/workflow_templates/${m}/${n}.json`));"
+            " if (!r.ok) throw new Error(`${r.status} ${r.url}`); return await r.json(); }",
+            [module, name])
 
     def load_workflow(self, workflow: dict, name: str) -> dict:
         """Load `workflow` in the frontend; returns what went wrong (empty lists when nothing did)."""
@@ -351,7 +364,9 @@ class Frontend:
 
     @staticmethod
     def problems(report: dict) -> dict:
-        keys = ("missingDialog", "missingModels", "unknownTypes", "flagged", "widgetErrors", "alerts", "consoleErrors", "httpErrors")
+        """The parts of a load_workflow report that say something went wrong."""
+        keys = ("missingDialog", "missingModels", "unknownTypes", "flagged", "widgetErrors", "alerts",
+                "consoleErrors", "httpErrors")
         return {key: report[key] for key in keys if report.get(key)}
 
     def fit_view(self, margins: tuple = FIT_MARGINS) -> None:

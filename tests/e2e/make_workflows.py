@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -36,6 +36,7 @@ PET_IMAGE = "nested_attention_pet.png"
 CHECKPOINT_URL = f"https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{CHECKPOINT}"
 CLIP_VISION_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"
 NEGATIVE = "blurry, lowres, deformed, disfigured, watermark, text, signature"
+SEED = 20250101
 IMAGE_SIZE = 512  # example images: 512 x 512
 THUMBNAIL_WIDTH = 640
 
@@ -50,7 +51,7 @@ def _draw_person(bg_top, bg_bottom, shirt, hair, head_dx: int, smile: float) -> 
     for y in range(s):  # a vertical gradient background
         t = y / (s - 1)
         d.line([(0, y), (s, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(bg_top, bg_bottom)))
-    skin, dark = (224, 172, 138), (40, 30, 28)
+    skin = (224, 172, 138)
     cx = s // 2 + head_dx
     d.ellipse([cx - 420, 760, cx + 420, 1400], fill=shirt)  # shoulders
     d.rectangle([cx - 70, 600, cx + 70, 800], fill=(205, 152, 118))  # neck
@@ -63,7 +64,8 @@ def _draw_person(bg_top, bg_bottom, shirt, hair, head_dx: int, smile: float) -> 
         d.ellipse([ex - 17, 427, ex + 17, 461], fill=(70, 45, 30))
         d.line([(ex - 45, 385), (ex + 45, 380)], fill=hair, width=14)
     d.line([(cx, 470), (cx - 18, 550), (cx + 10, 556)], fill=(180, 120, 95), width=8)  # nose
-    d.arc([cx - 90, 540 - 40 * smile, cx + 90, 620 + 20 * smile], 20, 160, fill=(150, 60, 60), width=12)  # mouth
+    mouth = [cx - 90, 540 - 40 * smile, cx + 90, 620 + 20 * smile]
+    d.arc(mouth, 20, 160, fill=(150, 60, 60), width=12)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
 
 
@@ -112,10 +114,11 @@ class Graph:
     links: list = field(default_factory=list)
     groups: list = field(default_factory=list)
 
-    def node(self, type_: str, pos: tuple, *, title: Optional[str] = None, size: Optional[tuple] = None,
-             properties: Optional[dict] = None, **widgets: Any) -> int:
-        self.nodes.append({"type": type_, "pos": list(pos), "title": title, "size": list(size) if size else None,
-                           "properties": properties or {}, "widgets": widgets})
+    def node(self, type_: str, pos: tuple, *, title: str | None = None, size: tuple | None = None,
+             properties: dict | None = None, **widgets: Any) -> int:
+        self.nodes.append({"type": type_, "pos": list(pos), "title": title,
+                           "size": list(size) if size else None, "properties": properties or {},
+                           "widgets": widgets})
         return len(self.nodes) - 1
 
     def link(self, src: int, output: int | str, dst: int, input_name: str) -> None:
@@ -134,7 +137,8 @@ class Graph:
 _BUILD_JS = """
 async (spec) => {
   const app = window.app, LG = window.LiteGraph;
-  app.graph.clear();
+  // A new blank workflow tab: a cleared graph would still share per-node state (by node id) with the last one.
+  await app.extensionManager.command.execute('Comfy.NewBlankWorkflow');
   const made = [];
   for (const s of spec.nodes) {
     const n = LG.createNode(s.type);
@@ -158,6 +162,9 @@ async (spec) => {
     if (slot < 0 || target < 0 || !src.connect(slot, dst, target))
       throw new Error(`cannot connect ${src.type}[${output}] to ${dst.type}.${input}`);
   }
+  // The frontend may still grow nodes while image previews load; then the sizes of the spec win.
+  await new Promise((r) => setTimeout(r, 1500));
+  made.forEach((n, i) => { if (spec.nodes[i].size) n.setSize(spec.nodes[i].size); });
   for (const g of spec.groups) {
     const group = new LG.LGraphGroup(g.title, g.color);
     group.pos = [g.bounding[0], g.bounding[1]];
@@ -196,12 +203,14 @@ def _loaders(g: Graph) -> tuple[int, int]:
     """Checkpoint and CLIP vision loaders at the top of column A; returns their node indices."""
     # `models` lets the frontend offer the download when the file is missing (its "missing models" dialog).
     ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(320, 100), ckpt_name=CHECKPOINT,
-                  properties={"models": [{"name": CHECKPOINT, "url": CHECKPOINT_URL, "directory": "checkpoints"}]})
+                  properties={"models": [{"name": CHECKPOINT, "url": CHECKPOINT_URL,
+                                          "directory": "checkpoints"}]})
     vision = g.node("CLIPVisionLoader", (XA, 150), size=(320, 60), clip_name=CLIP_VISION)
     return ckpt, vision
 
 
-def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: int, title: str) -> tuple[int, int]:
+def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: int,
+             title: str) -> tuple[int, int]:
     """Load Nested Encoder, Load Image(s), Image Batch (several photos) and Encode Subject Image(s).
 
     Returns (the Encode node, the x where the next column starts).
@@ -224,8 +233,8 @@ def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: 
     return encode, x + 320
 
 
-def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple, *, text: Optional[str], token: str,
-           lambda_: float = 1.0, title: Optional[str] = None) -> int:
+def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple, *, text: str | None,
+           token: str, lambda_: float = 1.0, title: str | None = None) -> int:
     widgets = {"token": token, "lambda_": lambda_, "start_percent": 0.0, "end_percent": 1.0}
     if text is not None:
         widgets["text"] = text
@@ -246,8 +255,8 @@ def _latent(g: Graph, pos: tuple) -> int:
     return g.node("EmptyLatentImage", pos, size=(300, 110), width=1024, height=1024, batch_size=1)
 
 
-def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: int, latent: int, pos: tuple, *,
-             seed: int = 20250101, control: str = "randomize", title: Optional[str] = None) -> int:
+def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: int, latent: int,
+             pos: tuple, *, seed: int = SEED, control: str = "randomize", title: str | None = None) -> int:
     sampler = g.node("KSampler", pos, title=title, size=(300, 270), seed=seed, control_after_generate=control,
                      steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
     g.link(model[0], model[1], sampler, "model")
@@ -257,7 +266,8 @@ def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negati
     return sampler
 
 
-def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str, title: Optional[str] = None) -> None:
+def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str,
+                 title: str | None = None) -> None:
     decode = g.node("VAEDecode", pos, size=(200, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
@@ -276,29 +286,34 @@ def _single(name: str, title: str, encoder_file: str, images: list[str], token: 
     latent = _latent(g, (xc + COLUMN, 330))
     sampler = _sampler(g, (apply, 0), (apply, 1), negative, latent, (xc + COLUMN, 0))
     _decode_save(g, sampler, ckpt, (xc + COLUMN + 340, 0), prefix=f"nested_attention/{name}")
-    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"Nested Attention: {about}\n{MODELS_NOTE}{PHOTOS_NOTE}{APPLY_NOTE}")
+    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT),
+           f"Nested Attention: {about}\n{MODELS_NOTE}{PHOTOS_NOTE}{APPLY_NOTE}")
     return g
 
 
 def person_one_photo() -> Graph:
     return _single("person_one_photo", "person", FACES_ENCODER, PERSON_IMAGES[:1], "person",
-                   "a photo of a person as an astronaut floating inside a space station, soft window light, detailed",
-                   "one person from one photo. The word 'person' in the prompt is rendered as the person in the photo.")
+                   "a photo of a person as an astronaut floating inside a space station, soft window light, "
+                   "detailed",
+                   "one person from one photo. The word 'person' in the prompt is rendered as the person in "
+                   "the photo.")
 
 
 def pet_one_photo() -> Graph:
     return _single("pet_one_photo", "pet", PETS_ENCODER, [PET_IMAGE], "pet",
-                   "a photo of a pet wearing a tiny wizard hat, sitting on a stack of books in a cozy library",
-                   "one pet from one photo. The word 'pet' in the prompt is rendered as the animal in the photo.")
+                   "a photo of a pet wearing a tiny wizard hat, sitting on a stack of books in a cozy "
+                   "library",
+                   "one pet from one photo. The word 'pet' in the prompt is rendered as the animal in the "
+                   "photo.")
 
 
 def person_several_photos() -> Graph:
     return _single("person_several_photos", "person", FACES_ENCODER, PERSON_IMAGES, "person",
                    "a watercolor painting of a person reading a book in a sunlit cafe",
-                   "one person from several photos. Image Batch joins the photos into one IMAGE batch; Encode "
-                   "Subject Image(s) encodes each photo and concatenates their tokens (the paper's multi-image form), "
-                   "which usually gives a steadier likeness than one photo. Add photos with more Load Image + Image "
-                   "Batch nodes.")
+                   "one person from several photos. Image Batch joins the photos into one IMAGE batch; "
+                   "Encode Subject Image(s) encodes each photo and concatenates their tokens (the paper's "
+                   "multi-image form), which usually gives a steadier likeness than one photo. Add photos "
+                   "with more Load Image + Image Batch nodes.")
 
 
 def person_and_pet() -> Graph:
@@ -306,7 +321,8 @@ def person_and_pet() -> Graph:
     ckpt, vision = _loaders(g)
     person, xc = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[:1], y=260, title="person")
     pet, _ = _subject(g, vision, PETS_ENCODER, [PET_IMAGE], y=860, title="pet")
-    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by both Apply nodes)", size=(440, 200),
+    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(440, 200),
                     value="a photo of a person hugging their pet on a beach at sunset, golden hour")
     apply_person = _apply(g, (ckpt, 0), ckpt, person, (xc, 260), text=None, token="person",
                           title="Apply Nested Attention: person")
@@ -328,15 +344,18 @@ def lambda_sweep() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
     encode, xc = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[:1], y=260, title="person")
-    seed = 20250101
-    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by all branches)", size=(440, 200),
-                    value="a pencil sketch of a person as a medieval knight in armour, castle in the background")
+    seed = SEED
+    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by all branches)",
+                    size=(440, 200),
+                    value="a pencil sketch of a person as a medieval knight in armour, castle in the "
+                          "background")
     plain = g.node("CLIPTextEncode", (xc, 260), title="The prompt without nested attention", size=(440, 110))
     g.link(ckpt, 1, plain, "clip")
     g.link(prompt, 0, plain, "text")
     negative = _negative(g, ckpt, (xc, 430))
     latent = _latent(g, (xc, 640))
-    branches = [(None, "reference: no nested attention")] + [(lam, f"λ = {lam:.1f}") for lam in (1.0, 2.0, 3.0, 4.0)]
+    branches = [(None, "reference: no nested attention")]
+    branches += [(lam, f"λ = {lam:.1f}") for lam in (1.0, 2.0, 3.0, 4.0)]
     for i, (lam, label) in enumerate(branches):
         x = xc + COLUMN + i * COLUMN
         if lam is None:
@@ -349,7 +368,8 @@ def lambda_sweep() -> Graph:
         sampler = _sampler(g, model, positive, negative, latent, (x, 420), seed=seed, control="fixed",
                            title=f"KSampler ({label})")
         tag = "reference" if lam is None else f"lambda_{lam:.1f}"
-        _decode_save(g, sampler, ckpt, (x, 740), prefix=f"nested_attention/lambda_sweep_{tag}", title=f"Save ({label})")
+        _decode_save(g, sampler, ckpt, (x, 740), prefix=f"nested_attention/lambda_sweep_{tag}",
+                     title=f"Save ({label})")
     g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"""
 Nested Attention: a λ sweep, the identity / prompt trade-off. One subject, one prompt, one fixed seed; each branch applies nested attention with another λ (1 = as trained; higher = more attention on the subject word: a stronger likeness, less of the rest of the prompt). The first branch samples the same prompt without nested attention, for reference. The KSamplers share the seed {seed} (control: fixed): change it on all of them together, or edit the λ of each Apply node.
 {MODELS_NOTE}{PHOTOS_NOTE}""")
@@ -371,7 +391,7 @@ def _thumbnail(png: bytes, path: Path) -> None:
     image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, quality=82, optimize=True)
 
 
-def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"Workflows to regenerate, of: {', '.join(WORKFLOWS)} (default: all of them).")
@@ -403,15 +423,21 @@ def main(args: argparse.Namespace) -> None:
                     frontend.evaluate(_BUILD_JS, graph.spec())
                     frontend.fit_view()
                     workflow = frontend.serialize()
+                    for wanted, node in zip(graph.nodes, workflow["nodes"]):
+                        if wanted["size"] and [round(v) for v in node["size"]] != wanted["size"]:
+                            raise SystemExit(f"{name}: node #{node['id']} {node['type']} has size {node['size']}, "
+                                             f"expected {wanted['size']}")
                     # A stable id per workflow, so that regenerating does not change files needlessly.
                     workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{harness.PACK_NAME}/{name}"))
                     report = frontend.load_workflow(workflow, name)
                     problems = frontend.problems(report)
                     if problems:
-                        raise SystemExit(f"{name}: the frontend does not load the generated workflow cleanly: {problems}")
+                        raise SystemExit(f"{name}: the frontend does not load the generated workflow "
+                                         f"cleanly: {problems}")
                     frontend.fit_view()
                     frontend.screenshot(harness.ARTIFACTS_DIR.parent / "workflows" / f"{name}.png")
-                    (args.out / f"{name}.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+                    text = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+                    (args.out / f"{name}.json").write_text(text)
                     frontend.evaluate("() => { window.app.extensionManager.focusMode = true; }")  # graph only
                     frontend.fit_view(harness.FOCUS_MODE_MARGINS)
                     _thumbnail(frontend.page.screenshot(), args.out / f"{name}.jpg")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_TESTS_DIR = str(Path(__file__).resolve().parents[2])  # resolve(): the server sees this folder through a symlink
+# resolve(): the server sees this folder through a symlink.
+_TESTS_DIR = str(Path(__file__).resolve().parents[2])
 if _TESTS_DIR not in sys.path:
     sys.path.append(_TESTS_DIR)
 
@@ -52,7 +53,7 @@ def _cached(key: str, build):
 
 
 class NestedAttentionTestTinyCheckpoint:
-    DESCRIPTION = "Test only: a tiny SDXL-shaped MODEL, CLIP and VAE in place of Load Checkpoint (same outputs)."
+    DESCRIPTION = "Test only: a tiny SDXL-shaped MODEL, CLIP and VAE in place of Load Checkpoint."
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
