@@ -3,6 +3,7 @@
 
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
     python3 dev.py test  [pytest args...]    run the test suite
+    python3 dev.py bench [benchmark args...] measure nested attention's cost (training/benchmark.py)
 
 Both commands first make sure that, idempotently:
   - `.venv/` exists and holds the pinned torch, ComfyUI's requirements and this pack (`-e .[train,test]`);
@@ -327,8 +328,17 @@ def test(args: list[str]) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+def bench(args: list[str]) -> None:
+    py, comfyui = set_up()
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    cmd = [str(py), "-m", "training.benchmark", *args]
+    log(f"running the benchmark against ComfyUI {comfyui_version(comfyui)} at {comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)
+
+
 def main(argv: list[str]) -> None:
-    commands = {"serve": serve, "test": test}
+    commands = {"serve": serve, "test": test, "bench": bench}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
