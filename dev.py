@@ -318,23 +318,24 @@ def serve(args: list[str]) -> None:
     os.execv(cmd[0], cmd)
 
 
+def run_module(module: str, what: str, args: list[str], py: Path, comfyui: Path) -> None:
+    """Run `python -m module args` from the repo root in .venv, with COMFYUI_PATH set."""
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    cmd = [str(py), "-m", module, *args]
+    log(f"running {what} against ComfyUI {comfyui_version(comfyui)} at {comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)
+
+
 def test(args: list[str]) -> None:
     py, comfyui = set_up()
     ensure_chromium()
-    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
-    cmd = [str(py), "-m", "pytest", *args]
-    log(f"running pytest against ComfyUI {comfyui_version(comfyui)} at {comfyui}")
-    os.chdir(ROOT)
-    os.execve(cmd[0], cmd, env)
+    run_module("pytest", "pytest", args, py, comfyui)
 
 
 def bench(args: list[str]) -> None:
     py, comfyui = set_up()
-    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
-    cmd = [str(py), "-m", "training.benchmark", *args]
-    log(f"running the benchmark against ComfyUI {comfyui_version(comfyui)} at {comfyui}")
-    os.chdir(ROOT)
-    os.execve(cmd[0], cmd, env)
+    run_module("training.benchmark", "the benchmark", args, py, comfyui)
 
 
 def main(argv: list[str]) -> None:

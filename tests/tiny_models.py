@@ -13,61 +13,14 @@ first, before anything else can import `comfy`.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def find_comfyui() -> Path:
-    """ComfyUI's folder: $COMFYUI_PATH, else the ComfyUI this repo sits in, else `.comfyui/ComfyUI`."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        candidates = [Path(env).expanduser()]
-    else:
-        candidates = [here.parent.parent for here in (Path(os.path.abspath(__file__)).parents[1], REPO)
-                      if here.parent.name == "custom_nodes"]
-        candidates.append(REPO / ".comfyui" / "ComfyUI")
-    for path in candidates:
-        if (path / "comfy" / "model_management.py").is_file():
-            return path.resolve()
-    raise RuntimeError(
-        f"ComfyUI not found (looked in {', '.join(str(p) for p in candidates)}). "
-        "Run the tests with `python3 dev.py test`, which installs it, or set COMFYUI_PATH to a ComfyUI."
-    )
-
-
-def setup_comfy() -> Path:
-    """Make `comfy` importable as a library: ComfyUI first on sys.path, no argv parsing, CPU if no GPU.
-
-    Must run before anything imports `comfy.model_management`, which reads the arguments once.
-    Idempotent.
-    """
-    path = str(find_comfyui())
-    # First on sys.path: ComfyUI's own top-level modules (nodes, folder_paths, ...) must win over
-    # anything with the same name, e.g. this repo's `nodes/` package.
-    while path in sys.path:
-        sys.path.remove(path)
-    sys.path.insert(0, path)
-
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
-            logging.getLogger(__name__).warning(
-                "[nested-attention] comfy.model_management was imported before setup_comfy(); "
-                "--cpu cannot take effect any more"
-            )
-        comfy.cli_args.args.cpu = True
-    return Path(path)
-
+# One way to find and set up ComfyUI as a library, shared with the trainer.
+from training.comfy_env import find_comfyui, setup_comfy  # noqa: E402,F401
 
 setup_comfy()
 
