@@ -501,21 +501,8 @@ def patches_by_key(model: Any) -> dict:
     return dict(model.model_options["transformer_options"]["patches_replace"]["attn2"])
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
-def ops_per_call(fn: Callable) -> int:
-    """Aten operators one call dispatches: on a GPU each is (at least) one kernel launch."""
-    with torch.inference_mode(), _OpCounter() as counter:
-        fn()
-    return counter.ops
+# Ops that only relabel a tensor's metadata (outside autograd these reach the dispatcher decomposed).
+_NO_KERNEL = {"_unsafe_view", "alias", "lift_fresh", "detach", "detach_", "resolve_conj", "resolve_neg", "set_"}
 
 
 class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -529,11 +516,27 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs: list[str] = []
+        self.kernels: list[str] = []  # ops that compute a new device tensor: at least one kernel launch each
+        self.fused = 0  # > 0 inside an op counted as one fused kernel (SDPA), whose decomposition on meta is not
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = self._dispatch(func, args, kwargs or {})
+        if self.fused:
+            return out
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+        name = func.overloadpacket.__name__
+        if func.is_view or name in _NO_KERNEL:
+            return out
+        in_place = func._schema.is_mutable
+        if any(isinstance(o, torch.Tensor) and o.device.type != "cpu" and (in_place or id(o) not in inputs)
+               for o in outputs):
+            self.kernels.append(name)
+        return out
+
+    def _dispatch(self, func, args, kwargs):
         import torch.fx.experimental._config as fx_config
 
-        kwargs = kwargs or {}
         aten = torch.ops.aten
         on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu"
         if func in (aten._local_scalar_dense.default, aten.item.default) and on_device:
@@ -556,26 +559,46 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 class _TensorFromHostCounter(TorchFunctionMode):
-    def __init__(self, syncs: list):
+    """The Python-level half of _HostSyncCounter: tensors made from host data, and SDPA as one fused kernel."""
+
+    def __init__(self, counter: _HostSyncCounter):
         super().__init__()
-        self.syncs = syncs
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
             if torch.device(kwargs["device"]).type != "cpu":
-                self.syncs.append("blocking copy from host memory (torch.tensor)")
+                self.counter.syncs.append("blocking copy from host memory (torch.tensor)")
+        if func is F.scaled_dot_product_attention and not self.counter.fused:
+            self.counter.kernels.append("scaled_dot_product_attention")
+            self.counter.fused += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.counter.fused -= 1
         return func(*args, **kwargs)
 
 
-def host_syncs_per_call(fn: Callable) -> list[str]:
-    """The host-device synchronizations one call of `fn` (on meta tensors) would cost on a GPU; run it warm."""
+def device_work_per_call(fn: Callable) -> dict[str, list[str]]:
+    """What one warm call of `fn` (on meta tensors) would cost a GPU beyond FLOPs.
+
+    {"syncs": host-device synchronizations, "kernels": ops that launch at least one kernel}. Views,
+    and conversions that return their input, launch nothing and are not counted.
+    """
     counter = _HostSyncCounter()
-    with torch.inference_mode(), counter, _TensorFromHostCounter(counter.syncs):
+    # no_grad, not inference_mode: there, reshape and to() reach the dispatcher whole and may or may not copy.
+    with torch.no_grad(), counter, _TensorFromHostCounter(counter):
         fn()
         counter.syncs.clear()
+        counter.kernels.clear()
         fn()
-    return list(counter.syncs)
+    return {"syncs": list(counter.syncs), "kernels": list(counter.kernels)}
+
+
+def host_syncs_per_call(fn: Callable) -> list[str]:
+    """The host-device synchronizations one warm call of `fn` (on meta tensors) would cost on a GPU."""
+    return device_work_per_call(fn)["syncs"]
 
 
 def profile_attention(call: AttentionCall, patch: Callable, device: torch.device, dtype: torch.dtype,
@@ -895,10 +918,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # What would make the host wait for a GPU in one attn2 call (sigmas live on the GPU, as in sampling).
     q, k, vv, extra = layer_inputs(widest, 2, torch.device("meta"), dtype, seed=0)
     with sdpa_attention():
-        syncs = {"host": host_syncs_per_call(lambda: host(q, k, vv, widest.heads, extra))}
+        gpu_work = {"host": device_work_per_call(lambda: host(q, k, vv, widest.heads, extra))}
         for name, variant in meta_variants.items():
             patch = patches_by_key(variant)[widest.key]
-            syncs[name] = host_syncs_per_call(lambda: patch(q, k, vv, extra))
+            gpu_work[name] = device_work_per_call(lambda: patch(q, k, vv, extra))
     del meta, meta_encoders, meta_variants
 
     # The real models.
@@ -956,10 +979,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     log.info("%s timing the cross-attention calls alone", PREFIX)
     patch_sets = {v.name: patches_by_key(v.model) for v in variants[1:]}
     attention = time_attention_calls(calls, patch_sets, host, device, dtype, reps=args.attention_reps)
-    q, k, vv, extra = layer_inputs(widest, 2, device, dtype, seed=0)
-    ops = {"host": ops_per_call(lambda: host(q, k, vv, widest.heads, extra))}
-    for name, patches in patch_sets.items():
-        ops[name] = ops_per_call(lambda: patches[widest.key](q, k, vv, extra))
     profile = None
     if args.profile:
         profile = profile_attention(widest, patch_sets[f"nested M={NUM_QUERIES[-1]}"][widest.key], device, dtype)
@@ -986,7 +1005,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "attention_s": attention[v.name], "attention_host_s": attention["host"],
                 "attention_overhead_eval": ((attention[v.name] - attention["host"]) / v.rows) / (plain / 2),
                 "floor_eval": fl["floor"] / plain_eval_flops, "counted_eval": fl["counted"] / plain_eval_flops,
-                "ops_per_call": ops[v.name], "host_ops_per_call": ops["host"],
             })
             row["ratio_to_floor"] = row["overhead_eval"] / row["floor_eval"]
             row["attention_ratio_to_floor"] = row["attention_overhead_eval"] / row["floor_eval"]
@@ -997,7 +1015,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rows.append(row)
     result["variants"] = rows
     result["attention_calls"] = {"host_s": attention["host"], "reps": args.attention_reps, "count": len(calls),
-                                 "widest_layer": list(widest.key), "ops_per_call": ops, "host_syncs_per_call": syncs}
+                                 "widest_layer": list(widest.key), "gpu_work_per_call": gpu_work}
     if profile is not None:
         result["profile"] = profile
 
@@ -1069,11 +1087,12 @@ def format_table(result: dict) -> str:
                          f"per step after the first: {r['kv_projections_per_later_step']:g}; "
                          f"cache {r['kv_cache_bytes'] / 1e6:.0f} MB")
     ac = result["attention_calls"]
-    ops = ", ".join(f"{k} {v}" for k, v in ac["ops_per_call"].items())
-    lines.append(f"  aten ops per attn2 call ({'/'.join(map(str, ac['widest_layer']))}, batch 2; on a GPU most are a "
-                 f"kernel launch): {ops}")
-    syncs = ", ".join(f"{k} {len(v)}" for k, v in ac["host_syncs_per_call"].items())
-    lines.append(f"  host-GPU syncs per attn2 call (counted on meta; each drains the GPU queue): {syncs}")
+    work = ac["gpu_work_per_call"]
+    layer = "/".join(map(str, ac["widest_layer"]))
+    lines.append(f"  per attn2 call ({layer}, batch 2, counted on meta), GPU kernel launches: "
+                 + ", ".join(f"{k} {len(v['kernels'])}" for k, v in work.items()))
+    lines.append("  ... and host-GPU syncs (each drains the GPU's queue): "
+                 + ", ".join(f"{k} {len(v['syncs'])}" for k, v in work.items()))
 
     lines += ["", "FLOPs per conditional UNet evaluation (torch FlopCounterMode, meta device):"]
     head = f"{'resolution':<12}{'plain TFLOP':>12}" + "".join(f"{name + ' floor / counted':>42}"
