@@ -161,7 +161,7 @@ def test_fill_parameters_is_deterministic_finite_and_scaled():
 
 def test_cli_rejects_bad_combinations_and_fills_cpu_defaults(capsys):
     args = bench.parse_args(["--device", "cpu"])
-    assert (args.resolution, args.dtype, args.steps) == (512, "fp32", 2)
+    assert (args.resolution, args.dtype, args.steps) == (512, "fp32", 3)
     for bad in (["--device", "cpu", "--resolution", "500"], ["--device", "cpu", "--dtype", "fp16"],
                 ["--device", "cpu", "--steps", "0"]):
         with pytest.raises(SystemExit):

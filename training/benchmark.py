@@ -16,7 +16,8 @@ Each measured overhead sits next to its FLOP floor (4 N M D per layer, DESIGN 8)
 FLOPs torch's counter sees for the variant on the meta device, at the run's resolution and at
 1024x1024. Also measured: time to encode one subject (CLIP ViT-H/14, Q-Former, all layers' K~/V~),
 size of the K~/V~ cache, peak memory per variant, K~/V~ projections per step (0 after the first),
-the 70 cross-attention calls alone (less noisy than whole steps), and the trainer's throughput.
+the 70 cross-attention calls alone (less noisy than whole steps), what one attn2 call would cost a
+GPU beyond FLOPs (kernel launches and host-GPU syncs, counted on meta), and the trainer's throughput.
 
 Output: a table on stdout and a JSON file (default runs/benchmark/benchmark.json).
 """
@@ -1144,8 +1145,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None,
                    help="Image side in pixels, a multiple of 64 (default: 512 on the CPU, 1024 on a GPU).")
     p.add_argument("--steps", type=int, default=None,
-                   help="Timed UNet evaluations (CFG steps) per variant after one warm-up step each (default: 2 on "
-                        "the CPU, where one full SDXL step at 512 takes tens of seconds; 10 on a GPU).")
+                   help="Timed UNet evaluations (CFG steps) per variant after one warm-up step each (default: 3 on "
+                        "the CPU, where one full SDXL step at 512 takes 10 to 20 s on two cores; 10 on a GPU).")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="Weights and activations of the UNet and the encoder (default: fp32 on the CPU, fp16 on a GPU).")
     p.add_argument("--json", default=str(DEFAULT_JSON),
@@ -1174,7 +1175,7 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or auto.")
     gpu = args.device == "cuda"
     args.resolution = (1024 if gpu else 512) if args.resolution is None else args.resolution
-    args.steps = (10 if gpu else 2) if args.steps is None else args.steps
+    args.steps = (10 if gpu else 3) if args.steps is None else args.steps
     args.dtype = ("fp16" if gpu else "fp32") if args.dtype is None else args.dtype
     args.attention_reps = (20 if gpu else 1) if args.attention_reps is None else args.attention_reps
     if args.resolution % 64 or args.resolution <= 0:
