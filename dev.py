@@ -305,9 +305,27 @@ def last_option(cmd: list[str], name: str) -> str:
     return value
 
 
+def copy_example_inputs(comfyui: Path, extra: list[str]) -> None:
+    """Put the workflows' example photos in ComfyUI's input folder, so each workflow runs as shipped.
+
+    Files already there are left alone (a user's own photo under that name wins).
+    """
+    target = comfyui / (last_option(extra, "--input-directory") or "input")  # ComfyUI runs from its folder
+    source = ROOT / "workflows" / "input"
+    copied = []
+    for photo in sorted(source.glob("*.png")):
+        if not (target / photo.name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(photo, target / photo.name)
+            copied.append(photo.name)
+    if copied:
+        log(f"copied the workflows' example photos into {target}: {', '.join(copied)}")
+
+
 def serve(args: list[str]) -> None:
     py, comfyui = set_up()
     extra = list(args)
+    copy_example_inputs(comfyui, extra)
     if "--cpu" not in extra and not has_accelerator(py):
         log("no CUDA GPU found: starting ComfyUI with --cpu")
         extra.insert(0, "--cpu")
