@@ -58,16 +58,31 @@ class SubjectBinding:
     name: str = "subject"
     _kv: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
+    _positions: dict = field(default_factory=dict, repr=False)
+    _sigma: tuple = field(default=(None, None, 0.0), repr=False)  # (sigmas tensor, its version, its max)
 
     @property
     def sort_key(self) -> tuple:
         return (self.positions, self.name)
 
     def active(self, sigmas: Optional[torch.Tensor]) -> bool:
-        if sigmas is None:
+        if sigmas is None or (self.sigma_start == math.inf and self.sigma_end <= 0.0):
             return True
-        sigma = float(sigmas.max())
-        return self.sigma_end <= sigma <= self.sigma_start
+        return self.sigma_end <= self.current_sigma(sigmas) <= self.sigma_start
+
+    def current_sigma(self, sigmas: torch.Tensor) -> float:
+        """max(sigmas) as a float, read back once per model evaluation instead of once per layer.
+
+        ComfyUI hands the same `sigmas` tensor to every attn2 call of one evaluation, and reading a
+        GPU value waits for the GPU; so the value is kept for that tensor object (and its version,
+        where the tensor has one: inference tensors do not).
+        """
+        seen, version, value = self._sigma
+        now = None if sigmas.is_inference() else sigmas._version
+        if seen is not sigmas or version != now:
+            value = float(sigmas.max())
+            self._sigma = (sigmas, now, value)
+        return value
 
     def context_positions(self, context_tokens: int, device: torch.device) -> torch.Tensor:
         """Positions in a context of `context_tokens`, following ComfyUI's repetition of shorter contexts."""
@@ -76,9 +91,12 @@ class SubjectBinding:
                 f"nested attention: '{self.name}' was located in a prompt of {self.prompt_tokens} tokens, but the "
                 f"sampler's conditioning has {context_tokens}. Use the CONDITIONING from the Apply Nested Attention "
                 "node (or encode exactly the same prompt), and do not concatenate other conditioning onto it.")
-        repeats = context_tokens // self.prompt_tokens
-        pos = torch.tensor(self.positions, dtype=torch.long)
-        return (pos[None, :] + self.prompt_tokens * torch.arange(repeats)[:, None]).flatten().to(device)
+        key = (context_tokens, device)
+        if key not in self._positions:  # made once per device: a copy from host memory waits for a GPU
+            repeats = context_tokens // self.prompt_tokens
+            pos = torch.tensor(self.positions, dtype=torch.long)
+            self._positions[key] = (pos[None, :] + self.prompt_tokens * torch.arange(repeats)[:, None]).flatten().to(device)
+        return self._positions[key]
 
     def layer_kv(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K~ and V~ of one layer, projected once per (layer, device, dtype) when caching."""
@@ -99,9 +117,11 @@ class SubjectBinding:
         return F.linear(tokens, wk), F.linear(tokens, wv)
 
     def drop_cache(self, keep_device: Optional[torch.device] = None) -> None:
+        """Forget what was made for other devices: K~/V~, resized masks, positions (keyed by their device)."""
         keep = None if keep_device is None else torch.device(keep_device).type
-        for key in [k for k in self._kv if k[1].type != keep]:
-            del self._kv[key]
+        for cache in (self._kv, self._masks, self._positions):
+            for key in [k for k in cache if next(d for d in k if isinstance(d, torch.device)).type != keep]:
+                del cache[key]
 
     def region(self, activations_shape: Optional[Sequence[int]], n: int, device: torch.device) -> Optional[torch.Tensor]:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
@@ -130,12 +150,15 @@ class SubjectBinding:
                              weight=weight)
 
 
-def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Bool (B,) of the rows in chunks marked conditional (0) by ComfyUI's sampler; all rows when unknown."""
+def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]]) -> torch.Tensor:
+    """Bool (B,) of the rows in chunks marked conditional (0) by ComfyUI's sampler; all rows when unknown.
+
+    On the CPU, whatever device the model runs on: `nested_attention` reads CPU rows without a device sync.
+    """
     if not cond_or_uncond:
-        return torch.ones(batch, dtype=torch.bool, device=device)
+        return torch.ones(batch, dtype=torch.bool)
     chunk = batch // len(cond_or_uncond)
-    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool, device=device)
+    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool)
     return flags.repeat_interleave(chunk)
 
 
@@ -161,7 +184,7 @@ class NestedAttentionPatch:
         active = [s for s in self.subjects if s.active(sigmas)]
         if not active:
             return host(q, k, v, heads, extra_options)
-        rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"), q.device)
+        rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"))
         nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
         return nested_attention(q, k, v, nested, heads=heads, rows=rows,
                                 attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))

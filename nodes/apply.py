@@ -8,6 +8,7 @@ the patch keeps subjects in a canonical order, so the order of the nodes does no
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import comfy.ldm.modules.attention
@@ -123,7 +124,8 @@ def apply_subject(
         positions=location.positions,
         prompt_tokens=location.prompt_tokens,
         scale=float(lambda_),
-        sigma_start=float(sampling.percent_to_sigma(start_percent)),
+        # The whole schedule is open-ended, so the patch never reads sigma back from the device.
+        sigma_start=math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
         sigma_end=float(sampling.percent_to_sigma(end_percent)),
         mask=mask,
         name=f"{subject.name} ('{location.word}')",

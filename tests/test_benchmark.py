@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nested_attention import SDXL_LAYERS, unet_layers
+from nested_attention.patch import NestedAttentionPatch
 from training import benchmark as bench
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -137,6 +138,31 @@ def test_host_syncs_are_counted_on_meta_and_plain_attention_has_none(host):
         return float(q.max()), torch.tensor([1, 2], device="meta"), torch.arange(3).to("meta")
 
     assert len(bench.host_syncs_per_call(reads_back)) == 3
+
+
+def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
+    """No read-back and no blocking host copy per attn2 call: on a GPU each would drain its queue 70 times a step."""
+    import math
+
+    layers = unet_layers(tiny_meta.model.diffusion_model)
+    encoder = _tiny_encoder(16, layers, META)
+    tokens = torch.empty(1, 16, 2048, device="meta")
+    call = max(bench.attention_calls(tiny_meta, 64, host), key=lambda c: c.n * c.dim)
+    q, k, v, extra = bench.layer_inputs(call, 2, META, torch.float32, seed=0)  # CFG rows [cond, uncond]
+    index = [layer.key for layer in layers].index(call.key)
+    plain = bench.subject_binding(encoder, tokens)
+    boosted = bench.subject_binding(encoder, tokens)
+    boosted.scale, boosted.sigma_start, boosted.sigma_end = 3.0, 1e9, 0.5  # lambda, and a sigma window
+    with bench.sdpa_attention():
+        for binding in (plain, boosted):
+            patch = NestedAttentionPatch(layers[index], index, [binding], host)
+            work = bench.device_work_per_call(lambda: patch(q, k, v, extra))
+            assert work["syncs"] == [], (binding.scale, work)
+            assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
+        # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
+        extra["sigmas"] = torch.full((2,), 2.0, device="meta")
+        assert bench.host_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
+    assert plain.sigma_start == math.inf
 
 
 def test_trainer_timer_splits_steps_into_unet_and_the_rest(tiny_unet):

@@ -30,5 +30,33 @@ def test_to_a_device_drops_the_caches_of_other_devices():
     patch, binding = tiny_patch()
     binding.layer_kv(0, CPU, torch.float32)
     binding._kv[(0, torch.device("meta"), torch.float32)] = (None, None)  # as if cached on an accelerator
+    binding.context_positions(77, CPU)
+    binding.context_positions(154, torch.device("meta"))
     assert patch.to(CPU) is patch
     assert list(binding._kv) == [(0, CPU, torch.float32)]
+    assert list(binding._positions) == [(77, CPU)]
+
+
+def test_positions_are_made_once_per_device_and_follow_comfys_context_repetition():
+    _, binding = tiny_patch()
+    first = binding.context_positions(154, CPU)
+    assert first.tolist() == [1, 78]
+    assert binding.context_positions(154, CPU) is first
+    assert binding.context_positions(77, CPU).tolist() == [1]
+
+
+def test_sigma_is_read_once_per_sigmas_tensor_and_again_when_it_changes():
+    _, binding = tiny_patch()
+    binding.sigma_start, binding.sigma_end = 10.0, 1.0
+    sigmas = torch.tensor([5.0, 5.0])
+    assert binding.active(sigmas)
+    sigmas.fill_(0.5)  # changed in place: its version moves on, so it is read again
+    assert not binding.active(sigmas)
+    assert binding.active(torch.tensor([10.0]))  # a new tensor
+    assert not binding.active(torch.tensor([10.5]))
+    with torch.inference_mode():  # ComfyUI samples in inference mode: no version counter there
+        later = torch.tensor([2.0])
+        assert binding.active(later) and binding.current_sigma(later) == 2.0
+        assert not binding.active(torch.tensor([0.9]))
+    binding.sigma_start, binding.sigma_end = float("inf"), 0.0
+    assert binding.active(torch.tensor([1e12]))
