@@ -19,33 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny_models
-from harness import (
-    ARTIFACTS_DIR,
-    CHROMIUM,
-    CLIP_VISION,
-    FACES_ENCODER,
-    PACK_NAME,
-    PETS_ENCODER,
-    REPO,
-    TINY_PACK_DIR,
-    TINY_PACK_NAME,
-    WORKFLOWS_DIR,
-    ComfyServer,
-    Frontend,
-    prepare_base_dir,
-)
-from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
+from harness import ARTIFACTS_DIR, PACK_NAME, WORKFLOWS_DIR, Frontend
 from PIL import Image
-
-from nested_attention import save_encoder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -67,48 +46,6 @@ RUNS_AS_SHIPPED = {
 APPLY = "NestedAttentionApply"
 TINY_IMAGE_SIZE = 128  # pixels: a 16 x 16 latent for the tiny UNet
 TINY_STEPS = 2
-
-
-# ------------------------------------------------------------------------------------------------
-# Fixtures: one server and one browser for the whole module
-
-
-def write_tiny_encoders(folder: Path, unet) -> None:
-    """Real encoder files in the weight format, sized for the tiny UNet and the tiny CLIP vision tower.
-
-    They name the standard CLIP vision file, as the trained ones do; the graph connects the (tiny) CLIP
-    vision model explicitly, which the loader checks by architecture.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    clip_vision = {**TINY_CLIP_VISION_SPEC, "name": CLIP_VISION}
-    encoders = [(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]
-    for seed, (name, domain, token) in enumerate(encoders):
-        encoder = tiny_encoder(unet, seed=seed, domain=domain, token=token, clip_vision=clip_vision)
-        save_encoder(str(folder / name), encoder)
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory, _tiny_unet_shared):
-    if not CHROMIUM.exists():
-        # In CI the browser test must run: `python3 dev.py test` installs Chromium there (as root).
-        missing = pytest.fail if os.environ.get("CI") else pytest.skip
-        missing(f"{CHROMIUM} is missing: install Debian's chromium (python3 dev.py test does, as root)")
-    pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium")
-    if ARTIFACTS_DIR.exists():
-        shutil.rmtree(ARTIFACTS_DIR)
-    ARTIFACTS_DIR.mkdir(parents=True)
-    base = tmp_path_factory.mktemp("comfyui") / "base"
-    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
-    write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
-    server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def frontend(comfy):
-    with Frontend(comfy) as page:
-        yield page
 
 
 # ------------------------------------------------------------------------------------------------

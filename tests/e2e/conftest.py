@@ -1,0 +1,73 @@
+"""One real ComfyUI server (and one headless Chromium on its frontend) for every test under tests/e2e.
+
+The server runs with this pack and the test-only pack tests/e2e/tiny_pack, a throw-away
+`--base-directory`, and real encoder files sized for the tiny UNet (so the real Load Nested Encoder
+node loads and validates them). Starting it once saves each test module its own start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny_models
+from harness import (
+    ARTIFACTS_DIR,
+    CHROMIUM,
+    CLIP_VISION,
+    FACES_ENCODER,
+    PACK_NAME,
+    PETS_ENCODER,
+    REPO,
+    TINY_PACK_DIR,
+    TINY_PACK_NAME,
+    ComfyServer,
+    Frontend,
+    prepare_base_dir,
+)
+from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
+
+from nested_attention import save_encoder
+
+ENCODERS = [(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]
+
+
+def write_tiny_encoders(folder: Path, unet) -> None:
+    """Real encoder files in the weight format, sized for the tiny UNet and the tiny CLIP vision tower.
+
+    They name the standard CLIP vision file, as the trained ones do; the graph connects the (tiny) CLIP
+    vision model explicitly, which the loader checks by architecture.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    clip_vision = {**TINY_CLIP_VISION_SPEC, "name": CLIP_VISION}
+    for seed, (name, domain, token) in enumerate(ENCODERS):
+        encoder = tiny_encoder(unet, seed=seed, domain=domain, token=token, clip_vision=clip_vision)
+        save_encoder(str(folder / name), encoder)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, _tiny_unet_shared):
+    """The running server (harness.ComfyServer); its log is ARTIFACTS_DIR/server.log."""
+    if ARTIFACTS_DIR.exists():
+        shutil.rmtree(ARTIFACTS_DIR)
+    ARTIFACTS_DIR.mkdir(parents=True)
+    base = tmp_path_factory.mktemp("comfyui") / "base"
+    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
+    write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
+    server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def frontend(comfy):
+    """The server's frontend in Debian's Chromium (harness.Frontend)."""
+    if not CHROMIUM.exists():
+        # In CI the browser test must run: `python3 dev.py test` installs Chromium there (as root).
+        missing = pytest.fail if os.environ.get("CI") else pytest.skip
+        missing(f"{CHROMIUM} is missing: install Debian's chromium (python3 dev.py test does, as root)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium")
+    with Frontend(comfy) as page:
+        yield page
