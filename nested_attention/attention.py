@@ -102,16 +102,15 @@ def _pick_rows(rows: Optional[torch.Tensor], batch: int, device: torch.device):
     """
     if rows is None:
         return (0, batch)
-    if rows.device.type == "cpu":
-        index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
-        picked = index.tolist()
-        if not picked:
-            return None
-        if picked == list(range(picked[0], picked[0] + len(picked))):
-            return (picked[0], picked[0] + len(picked))
-        return index.to(device, non_blocking=True)
     index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
-    return index if index.numel() else None
+    if rows.device.type != "cpu":
+        return index if index.numel() else None
+    picked = index.tolist()
+    if not picked:
+        return None
+    if picked == list(range(picked[0], picked[0] + len(picked))):
+        return (picked[0], picked[0] + len(picked))
+    return index.to(device, non_blocking=True)
 
 
 def nested_attention(
