@@ -118,7 +118,7 @@ def load_frozen(
         unet, clip, vae = load_sdxl(checkpoint, weight_dtype)
         clip_vision = load_clip_vision(clip_vision_path)
         spec = clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
-    # The VAE works in float32 (DESIGN 6): its latents are the targets.
+    # The VAE works in float32 (docs/ARCHITECTURE.md §6): its latents are the targets.
     vae.first_stage_model.to(torch.float32)
     vae.vae_dtype = torch.float32
     for module in (unet.model, clip.cond_stage_model, vae.first_stage_model, clip_vision.model):
