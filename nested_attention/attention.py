@@ -70,8 +70,8 @@ def check_positions(positions: Sequence[int]) -> None:
         seen.add(p)
     if repeated:
         raise ValueError(
-            f"subject positions {list(positions)} repeat {repeated}: each text position is the subject's once "
-            "or not at all. Give each position once (a word that occurs twice has two different positions)."
+            f"subject positions {list(positions)} repeat {repeated}: each text position is the subject's "
+            "once or not at all. Give each position once (a word that occurs twice has two positions)."
         )
 
 

@@ -118,7 +118,9 @@ def attn2_patches(
     return patches
 
 
-def install_subject(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec], *, models: Sequence[Any] = ()) -> None:
+def install_subject(
+    model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec], *, models: Sequence[Any] = ()
+) -> None:
     """Add `binding` to every cross-attention layer of `model`, an already-cloned ModelPatcher.
 
     Raises NestedApplyError, before changing anything, when another pack's attn2 patch holds one of the
@@ -259,7 +261,9 @@ def _word_ends(sd_tok: Any) -> Callable[[int], bool]:
     return ends
 
 
-def word_positions(clip: Any, chunks: Sequence[Sequence[Any]], ids: Sequence[int], stream: str) -> tuple[int, ...]:
+def word_positions(
+    clip: Any, chunks: Sequence[Sequence[Any]], ids: Sequence[int], stream: str
+) -> tuple[int, ...]:
     """Positions of the word with token `ids` in one stream's chunks; () when it is absent.
 
     chunks: `clip.tokenize(..., return_word_ids=True)[stream]`, or a prefix of its chunks.

@@ -51,7 +51,7 @@ SDXL_CONTEXT_DIM = 2048
 
 
 def attn2_modules(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
-    """The attn2 (cross-attention) module of each transformer block of a ComfyUI UNet, keyed like LayerSpec.key.
+    """The cross-attention (attn2) module of each transformer block of a UNet, keyed as LayerSpec.key.
 
     Walks the input, middle and output blocks for SpatialTransformer modules (anything with
     `transformer_blocks`) so that tiny test UNets and full SDXL are read the same way. The order is

@@ -33,10 +33,10 @@ def check_conditioning(conditioning: list, clip: Any) -> None:
         width = int(cond.shape[-1])
         if width != SDXL_CONTEXT_DIM:
             raise NestedApplyError(
-                f"the clip input ({type(clip.cond_stage_model).__name__}) encodes the prompt to a conditioning "
-                f"{width} wide, but SDXL's cross-attention reads {SDXL_CONTEXT_DIM} (its two text encoders, "
-                "CLIP-L 768 + CLIP-G 1280). Connect the CLIP output of the SDXL checkpoint the model comes from "
-                "(Load Checkpoint's CLIP), not the CLIP of an SD1.5 or other checkpoint."
+                f"the clip input ({type(clip.cond_stage_model).__name__}) encodes the prompt to a "
+                f"conditioning {width} wide, but SDXL's cross-attention reads {SDXL_CONTEXT_DIM} (its two "
+                "text encoders, CLIP-L 768 + CLIP-G 1280). Connect the CLIP output of the SDXL checkpoint "
+                "the model comes from (Load Checkpoint's CLIP), not the CLIP of an SD1.5 or other checkpoint."
             )
 
 
@@ -56,9 +56,10 @@ def apply_subject(
     """
     if not lambda_ >= 1.0:
         raise NestedApplyError(
-            f"λ is {lambda_}; expected 1 or more. λ multiplies the subject word's positive attention logits "
-            "(logit -> max(logit, λ·logit)): 1 is the trained behaviour, higher makes the subject stronger. A "
-            "λ below 1 cannot weaken the subject; to weaken it, narrow start_percent / end_percent or use a mask."
+            f"λ is {lambda_}; expected 1 or more. λ multiplies the subject word's positive attention "
+            "logits (logit -> max(logit, λ·logit)): 1 is the trained behaviour, higher makes the subject "
+            "stronger. A λ below 1 cannot weaken the subject; to weaken it, narrow start_percent / "
+            "end_percent or use a mask."
         )
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise NestedApplyError(
