@@ -1,16 +1,17 @@
 """Nested attention for SDXL: the math, the subject encoder, the layer table and the weight file.
 
-Importable without ComfyUI; depends only on torch, einops and safetensors.
+Importable without ComfyUI; depends only on torch, einops and safetensors. The ComfyUI glue shared by
+the nodes and the trainer is `nested_attention.host`, which imports `comfy` and is never imported here.
 """
 
 from .attention import NestedSubject, nested_attention, nested_values, regularize_norm, sdpa_attention
 from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormer, QFormerConfig, concat_subject_tokens
-from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec, unet_context_dim, unet_layers
+from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec, attn2_modules, unet_context_dim, unet_layers
 from .weights import FORMAT_VERSION, NestedWeightsError, load_encoder, read_config, save_encoder
 
 __all__ = [
     "NestedSubject", "nested_attention", "nested_values", "regularize_norm", "sdpa_attention",
     "ClipVisionSpec", "EncoderConfig", "NestedEncoder", "QFormer", "QFormerConfig", "concat_subject_tokens",
-    "SDXL_CONTEXT_DIM", "SDXL_LAYERS", "LayerSpec", "unet_context_dim", "unet_layers",
+    "SDXL_CONTEXT_DIM", "SDXL_LAYERS", "LayerSpec", "attn2_modules", "unet_context_dim", "unet_layers",
     "FORMAT_VERSION", "NestedWeightsError", "load_encoder", "read_config", "save_encoder",
 ]

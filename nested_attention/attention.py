@@ -53,6 +53,27 @@ class NestedSubject:
     alpha: float = 2.0
     weight: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        # A position is the subject's or it is not: the method has no meaning for a repeated one, and the
+        # efficient form would count it twice. Checked where it costs nothing (positions in host memory);
+        # positions on a device come from SubjectBinding, whose tuple is checked the same way.
+        if self.positions.device.type == "cpu":
+            check_positions(self.positions.tolist())
+
+
+def check_positions(positions: Sequence[int]) -> None:
+    """Refuse a subject whose token positions repeat an index (ValueError naming them)."""
+    seen, repeated = set(), []
+    for p in positions:
+        if p in seen and p not in repeated:
+            repeated.append(p)
+        seen.add(p)
+    if repeated:
+        raise ValueError(
+            f"subject positions {list(positions)} repeat {repeated}: each text position is the subject's "
+            "once or not at all. Give each position once (a word that occurs twice has two positions)."
+        )
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Plain multi-head attention, (B, N, D) x (B, T, D) -> (B, N, D), with torch's fused kernel."""
@@ -125,6 +146,8 @@ def nested_attention(
 ) -> torch.Tensor:
     """Cross-attention with the subjects' nested values, (B, N, D) x (B, T, D) -> (B, N, D).
 
+    subjects: each with distinct positions, no position shared by two subjects (refused with a
+    ValueError where the positions are in host memory; see `check_positions`).
     rows: indices (or a bool mask) of the batch rows that receive nested values (the conditional
     rows under classifier-free guidance); None means every row. Other rows get `attention`'s output
     unchanged. Rows on the CPU avoid a device sync. attention(q, k, v, heads) is the host's plain
@@ -134,6 +157,8 @@ def nested_attention(
     base = attention(q, k, v, heads)
     if not subjects:
         return base
+    if len(subjects) > 1 and all(s.positions.device.type == "cpu" for s in subjects):
+        check_positions([p for s in subjects for p in s.positions.tolist()])  # two subjects on one position
     picked = _pick_rows(rows, q.shape[0], q.device)
     if picked is None:
         return base

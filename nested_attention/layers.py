@@ -50,26 +50,34 @@ SDXL_LAYERS: tuple[LayerSpec, ...] = tuple(
 SDXL_CONTEXT_DIM = 2048
 
 
-def unet_layers(diffusion_model: torch.nn.Module) -> tuple[LayerSpec, ...]:
-    """Enumerate the cross-attention layers of a ComfyUI UNet (`model.diffusion_model`).
+def attn2_modules(diffusion_model: torch.nn.Module) -> dict[tuple[str, int, int], torch.nn.Module]:
+    """The cross-attention (attn2) module of each transformer block of a UNet, keyed as LayerSpec.key.
 
     Walks the input, middle and output blocks for SpatialTransformer modules (anything with
-    `transformer_blocks`) so that tiny test UNets and full SDXL are read the same way.
+    `transformer_blocks`) so that tiny test UNets and full SDXL are read the same way. The order is
+    the walk's: input blocks, middle block, output blocks, which is the order of `unet_layers`.
     """
     stages = [
         ("input", list(diffusion_model.input_blocks)),
         ("middle", [diffusion_model.middle_block]),
         ("output", list(diffusion_model.output_blocks)),
     ]
-    layers = []
-    for block, modules in stages:
-        for number, module in enumerate(modules):
+    modules = {}
+    for block, blocks in stages:
+        for number, module in enumerate(blocks):
             for child in module:
                 for index, transformer in enumerate(getattr(child, "transformer_blocks", ())):
                     attn2 = getattr(transformer, "attn2", None)
                     if attn2 is not None:
-                        layers.append(LayerSpec(block, number, index, attn2.to_k.out_features))
-    return tuple(layers)
+                        modules[(block, number, index)] = attn2
+    return modules
+
+
+def unet_layers(diffusion_model: torch.nn.Module) -> tuple[LayerSpec, ...]:
+    """The cross-attention layers of a ComfyUI UNet (`model.diffusion_model`), in `attn2_modules` order."""
+    return tuple(
+        LayerSpec(*key, attn2.to_k.out_features) for key, attn2 in attn2_modules(diffusion_model).items()
+    )
 
 
 def unet_context_dim(diffusion_model: torch.nn.Module) -> int:

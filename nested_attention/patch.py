@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import NestedSubject, nested_attention, sdpa_attention
+from .attention import NestedSubject, check_positions, nested_attention, sdpa_attention
 from .encoder import NestedEncoder
 from .layers import LayerSpec
 
@@ -60,6 +60,14 @@ class SubjectBinding:
     _masks: dict = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
     _sigma: tuple = field(default=(None, None, 0.0), repr=False)  # (sigmas tensor, its version, its max)
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions)
+        outside = [p for p in self.positions if not 0 <= p < self.prompt_tokens]
+        if outside:  # would also collide with the repeats that context_positions adds
+            raise ValueError(
+                f"subject positions {outside} lie outside the prompt's {self.prompt_tokens} tokens; locate the "
+                "word in the same tokenized prompt whose length is given.")
 
     @property
     def sort_key(self) -> tuple:
@@ -173,9 +181,10 @@ class NestedAttentionPatch:
         self.host_attention = host_attention
         self._models = list(models)  # ModelPatchers ComfyUI should load with the UNet
 
-    def with_subject(self, subject: SubjectBinding, model: Any = None) -> "NestedAttentionPatch":
-        models = self._models + ([model] if model is not None and model not in self._models else [])
-        return NestedAttentionPatch(self.layer, self.index, [*self.subjects, subject], self.host_attention, models)
+    def with_subjects(self, subjects: Sequence[SubjectBinding], models: Sequence[Any] = ()) -> "NestedAttentionPatch":
+        """A new patch with `subjects` added (chaining); this one is left as it is, for the upstream model."""
+        models = self._models + [m for m in models if m not in self._models]
+        return NestedAttentionPatch(self.layer, self.index, [*self.subjects, *subjects], self.host_attention, models)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]

@@ -11,53 +11,33 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import comfy.ldm.modules.attention
-import comfy.model_base
 import torch
 
-from nested_attention import SDXL_CONTEXT_DIM, unet_context_dim, unet_layers
+from nested_attention import SDXL_CONTEXT_DIM, unet_layers
+from nested_attention.host import NestedApplyError, TokenLocation, check_sdxl, install_subject, locate_word
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
-from .tokens import TokenLocation, locate_word
 from .wires import CATEGORY, NESTED_SUBJECT, Subject
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 
-
-class NestedApplyError(ValueError):
-    """The model, prompt or subject cannot be combined; the message says what to do."""
+__all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "check_conditioning", "check_sdxl"]
 
 
-def comfy_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict
-) -> torch.Tensor:
-    """ComfyUI's own cross-attention, called exactly as CrossAttention.forward calls it."""
-    # Looked up at call time: ComfyUI picks the implementation at start-up from its arguments.
-    return comfy.ldm.modules.attention.optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
-    )
+def check_conditioning(conditioning: list, clip: Any) -> None:
+    """Refuse a CLIP whose conditioning is not SDXL's 2048 wide (e.g. an SD1.5 CLIP, 768), before sampling.
 
-
-def check_sdxl(model: Any) -> None:
-    """Refuse anything that is not an SDXL UNet with a 2048-wide text context."""
-    base = getattr(model, "model", None)
-    if not isinstance(base, comfy.model_base.SDXL):
-        raise NestedApplyError(
-            f"Apply Nested Attention needs an SDXL model, but got {type(base).__name__}. Nested encoders are "
-            "trained for SDXL's cross-attention layers; load an SDXL checkpoint (base or a fine-tune of "
-            "it)."
-        )
-    try:
-        width = unet_context_dim(base.diffusion_model)
-    except (ValueError, AttributeError) as e:
-        raise NestedApplyError(
-            f"this {type(base).__name__} model has no cross-attention layers to patch ({e})."
-        ) from e
-    if width != SDXL_CONTEXT_DIM:
-        raise NestedApplyError(
-            f"this model's cross-attention reads a text context of width {width}; SDXL's is "
-            f"{SDXL_CONTEXT_DIM}. Load an SDXL checkpoint."
-        )
+    Without this the sampler fails deep inside the UNet (`mat1 and mat2 shapes cannot be multiplied`).
+    """
+    for cond, _ in conditioning:  # [[cond (B, T, width), {"pooled_output": ...}], ...]
+        width = int(cond.shape[-1])
+        if width != SDXL_CONTEXT_DIM:
+            raise NestedApplyError(
+                f"the clip input ({type(clip.cond_stage_model).__name__}) encodes the prompt to a "
+                f"conditioning {width} wide, but SDXL's cross-attention reads {SDXL_CONTEXT_DIM} (its two "
+                "text encoders, CLIP-L 768 + CLIP-G 1280). Connect the CLIP output of the SDXL checkpoint "
+                "the model comes from (Load Checkpoint's CLIP), not the CLIP of an SD1.5 or other checkpoint."
+            )
 
 
 def apply_subject(
@@ -69,7 +49,18 @@ def apply_subject(
     end_percent: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> Any:
-    """A clone of `model` with `subject` bound to the located word in all cross-attention layers."""
+    """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
+
+    lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
+    (it would only lift the subject's negative logits), so it is refused rather than misread.
+    """
+    if not lambda_ >= 1.0:
+        raise NestedApplyError(
+            f"λ is {lambda_}; expected 1 or more. λ multiplies the subject word's positive attention "
+            "logits (logit -> max(logit, λ·logit)): 1 is the trained behaviour, higher makes the subject "
+            "stronger. A λ below 1 cannot weaken the subject; to weaken it, narrow start_percent / "
+            "end_percent or use a mask."
+        )
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise NestedApplyError(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start_percent <= "
@@ -130,21 +121,7 @@ def apply_subject(
         mask=mask,
         name=f"{subject.name} ('{location.word}')",
     )
-    patcher = subject.encoder.patcher
-    for index, layer in enumerate(layers):
-        existing = attn2.get(layer.key)
-        if existing is None:
-            patch = NestedAttentionPatch(layer, index, [binding], comfy_attention, [patcher])
-        elif isinstance(existing, NestedAttentionPatch):
-            patch = existing.with_subject(binding, patcher)
-        else:
-            raise NestedApplyError(
-                f"cross-attention layer {layer.key} of this model is already replaced by another node "
-                f"({type(existing).__module__}.{type(existing).__qualname__}). Nested attention cannot share "
-                "a layer with it: remove that node from this model's chain, or apply nested attention to a "
-                "model without it."
-            )
-        m.set_model_attn2_replace(patch, *layer.key)
+    install_subject(m, binding, layers, models=[subject.encoder.patcher])
     m.model_options[PROMPT_KEY] = location.signature
     return m
 
@@ -204,16 +181,20 @@ class NestedAttentionApply:
                         "token.",
                     },
                 ),
-                "lambda_": (
+                # Named "λ": ComfyUI 0.3.75's frontend labels a widget with its input name (an input's
+                # "display_name" is not read), and Python accepts λ as a keyword argument.
+                "λ": (
                     "FLOAT",
                     {
                         "default": 1.0,
-                        "min": 0.0,
+                        "min": 1.0,
                         "max": 10.0,
                         "step": 0.05,
-                        "display_name": "λ",
-                        "tooltip": "Boosts the subject word's attention: 1 = as trained; higher = stronger "
-                        "identity, less prompt adherence.",
+                        "tooltip": "Multiplies the subject word's attention logit where it is positive: "
+                        "logit -> max(logit, λ·logit), per query and head. 1 = as trained; higher = the "
+                        "subject takes more of the attention (stronger identity, less of the prompt). Values "
+                        "below 1 would not weaken the subject (they only lift its negative logits), so 1 is "
+                        "the minimum.",
                     },
                 ),
                 "start_percent": (
@@ -252,7 +233,7 @@ class NestedAttentionApply:
         subject: Subject,
         text: str,
         token: str = "",
-        lambda_: float = 1.0,
+        λ: float = 1.0,
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         mask: torch.Tensor | None = None,
@@ -266,5 +247,7 @@ class NestedAttentionApply:
         word = token.strip() or subject.encoder.config.token
         tokens = clip.tokenize(text, return_word_ids=True)
         location = locate_word(clip, tokens, word, text)
-        patched = apply_subject(model, subject, location, lambda_, start_percent, end_percent, mask)
-        return (patched, clip.encode_from_tokens_scheduled(tokens))
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        check_conditioning(conditioning, clip)
+        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask)
+        return (patched, conditioning)

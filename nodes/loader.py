@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Any
 
-import comfy.clip_vision
 import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 import torch
 
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder
+from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 
 from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, EncoderHandle
 
@@ -21,59 +20,11 @@ FOLDER = "nested_attention"
 log = logging.getLogger(__name__)
 
 
-class NestedEncoderLoadError(ValueError):
-    """The encoder or its CLIP vision model cannot be used; the message says what to do."""
-
-
 def searched_folders(folder: str) -> list[str]:
     try:
         return folder_paths.get_folder_paths(folder)
     except KeyError:
         return []
-
-
-def clip_vision_spec(clip_vision: Any, name: str = "") -> ClipVisionSpec:
-    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes (no forward)."""
-    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
-    embeddings = getattr(vision, "embeddings", None)
-    position = getattr(getattr(embeddings, "position_embedding", None), "weight", None)
-    layers = getattr(getattr(vision, "encoder", None), "layers", None)
-    if position is None or layers is None:
-        raise NestedEncoderLoadError(
-            f"the CLIP vision input ({type(getattr(clip_vision, 'model', clip_vision)).__name__}) is not a "
-            "CLIP or SigLIP vision transformer; nested encoders read the tokens of a CLIP ViT (e.g. "
-            "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors). Connect the CLIP vision model the encoder was "
-            "trained with."
-        )
-    num_tokens, hidden = (int(s) for s in position.shape)  # (tokens incl. CLS, width)
-    return ClipVisionSpec(
-        name=name,
-        hidden_size=hidden,
-        num_tokens=num_tokens,
-        num_layers=len(layers),
-        image_size=int(getattr(clip_vision, "image_size", 224)),
-    )
-
-
-def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, encoder_name: str) -> None:
-    """Refuse a CLIP vision model of another architecture; warn about another file name of the same one."""
-    found = clip_vision_spec(clip_vision, name)
-    if not expected.same_architecture(found):
-        raise NestedEncoderLoadError(
-            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but the one given "
-            f"is {found.describe()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
-            f"encoder was trained with (put {expected.name} in models/clip_vision and leave the clip_vision "
-            "input unconnected, or load it with a Load CLIP Vision node)."
-        )
-    if name and expected.name and os.path.basename(name) != os.path.basename(expected.name):
-        log.warning(
-            "%s %s was trained with %s; the connected CLIP vision model is %s, which has the same "
-            "architecture. Results are only as good as the two models are alike.",
-            LOG_PREFIX,
-            encoder_name,
-            expected.name,
-            name,
-        )
 
 
 def _load_named_clip_vision(expected: ClipVisionSpec, encoder_name: str) -> Any:
@@ -85,10 +36,7 @@ def _load_named_clip_vision(expected: ClipVisionSpec, encoder_name: str) -> Any:
             f"(searched: {', '.join(folders) or 'no folder registered'}). Download it into one of those "
             "folders, or connect a Load CLIP Vision node to this node's clip_vision input."
         )
-    clip_vision = comfy.clip_vision.load(path)
-    if clip_vision is None:
-        raise NestedEncoderLoadError(f"{path} is not a CLIP vision model ComfyUI can load; replace the file.")
-    return clip_vision
+    return load_clip_vision(path)
 
 
 def fingerprint(encoder: NestedEncoder) -> str:

@@ -5,6 +5,7 @@ Test modules import the fixtures they use from here (`from pack_helpers import .
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,7 +47,7 @@ def pack():
         apply=nodes.apply,
         loader=nodes.loader,
         subject=nodes.subject,
-        tokens=nodes.tokens,
+        host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
     )
 

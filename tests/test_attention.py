@@ -144,3 +144,45 @@ def test_gradients_flow_to_nested_keys_and_values_not_to_text():
     nested_attention(q, k, v, [subject], heads=2).square().sum().backward()
     assert key.grad is not None and key.grad.abs().sum() > 0
     assert value.grad is not None and value.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Repeated positions: refused (a position is the subject's or not; the sum form would count it twice)
+
+
+def test_a_subject_whose_positions_repeat_an_index_is_refused_naming_them():
+    q, k, v, key, value = make(t=9)
+    with pytest.raises(ValueError, match=r"subject positions \[3, 5, 3\] repeat \[3\]"):
+        NestedSubject(key, value, torch.tensor([3, 5, 3]))
+
+
+def test_two_subjects_on_one_position_are_refused():
+    q, k, v, key, value = make(t=9)
+    a = NestedSubject(key, value, torch.tensor([2, 4]))
+    b = NestedSubject(value, key, torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"repeat \[4\]"):
+        nested_attention(q, k, v, [a, b], heads=2)
+
+
+def test_refusing_repeats_is_what_the_reference_means(monkeypatch):
+    """The paper's V_q has one value per text position, so [3, 3] can only mean [3] (the reference's
+    reading); the efficient form, with the check switched off, answers something else: so it refuses."""
+    import nested_attention.attention as attention_module
+
+    q, k, v, key, value = make(t=9)
+    once = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    ref_once = reference_nested_attention(q, k, v, [once], heads=2)
+    torch.testing.assert_close(nested_attention(q, k, v, [once], heads=2).double(), ref_once, **TOL)
+    monkeypatch.setattr(attention_module, "check_positions", lambda positions: None)
+    twice = NestedSubject(key, value, torch.tensor([3, 3]), scale=2.0)
+    torch.testing.assert_close(reference_nested_attention(q, k, v, [twice], heads=2), ref_once)
+    assert not torch.allclose(nested_attention(q, k, v, [twice], heads=2).double(), ref_once, **TOL)
+
+
+def test_subject_binding_refuses_repeated_or_out_of_prompt_positions():
+    from nested_attention.patch import SubjectBinding
+
+    with pytest.raises(ValueError, match=r"repeat \[5\]"):
+        SubjectBinding(encoder=None, tokens=torch.zeros(1, 2, 4), positions=(5, 5), prompt_tokens=77)
+    with pytest.raises(ValueError, match=r"\[77\] lie outside the prompt's 77 tokens"):
+        SubjectBinding(encoder=None, tokens=torch.zeros(1, 2, 4), positions=(3, 77), prompt_tokens=77)

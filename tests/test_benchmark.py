@@ -62,7 +62,7 @@ def test_full_sdxl_has_seventy_attention_calls_in_table_order_and_the_design_flo
     calls = bench.attention_calls(meta, 1024, host)
     assert [c.key for c in calls] == [layer.key for layer in SDXL_LAYERS]
     assert [c.dim for c in calls] == [layer.dim for layer in SDXL_LAYERS]
-    # DESIGN 8: +0.107 TFLOP at M = 256 and +0.429 at M = 1024 per conditional evaluation at 1024x1024.
+    # docs/ARCHITECTURE.md §7: +0.107 TFLOP at M = 256 and +0.429 at M = 1024 per conditional evaluation at 1024x1024.
     assert bench.nested_floor(calls, 256) / 1e12 == pytest.approx(0.107, abs=5e-4)
     assert bench.nested_floor(calls, 1024) / 1e12 == pytest.approx(0.429, abs=5e-4)
 

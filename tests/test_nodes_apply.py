@@ -318,10 +318,10 @@ def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tin
     patch = attn2_patches(early)[("input", 4, 0)]
     sigma_end = patch.subjects[0].sigma_end
     q, k, v, extra = layer_inputs(patch, sigma=sigma_end * 0.9)
-    assert torch.equal(patch(q, k, v, extra), pack.apply.comfy_attention(q, k, v, extra["n_heads"], extra))
+    assert torch.equal(patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra))
     extra["sigmas"] = torch.tensor([sigma_end * 1.1])
     assert not torch.equal(
-        patch(q, k, v, extra), pack.apply.comfy_attention(q, k, v, extra["n_heads"], extra)
+        patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
     )
 
 
@@ -350,7 +350,7 @@ def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_cl
     patch = attn2_patches(patched)[("input", 4, 0)]
     q, k, v, extra = layer_inputs(patch, h=4, w=4)
     out = patch(q, k, v, extra)
-    plain = pack.apply.comfy_attention(q, k, v, extra["n_heads"], extra)
+    plain = pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
     grid = lambda t: t.reshape(2, 4, 4, -1)
     assert torch.equal(grid(out)[:, :, 2:], grid(plain)[:, :, 2:])  # right half: outside the mask
     assert torch.equal(out[1], plain[1])  # unconditional row
@@ -413,7 +413,7 @@ def test_shorter_prompt_repeated_against_a_longer_negative_keeps_the_subject_on_
 
 
 def test_word_absent_from_the_prompt_is_an_error_naming_both(pack, tiny_unet, tiny_clip, pet):
-    with pytest.raises(pack.tokens.SubjectWordError) as error:
+    with pytest.raises(pack.host.SubjectWordError) as error:
         apply(pack, tiny_unet, tiny_clip, pet, "a photo of a dog on the grass")
     assert "'pet'" in str(error.value) and "'a photo of a dog on the grass'" in str(error.value)
 
@@ -451,6 +451,27 @@ def test_non_sdxl_model_is_a_clear_error(pack, tiny_clip, pet):
     model = comfy.model_patcher.ModelPatcher(sd15, load_device=CPU, offload_device=CPU)
     with pytest.raises(pack.apply.NestedApplyError, match="needs an SDXL model, but got BaseModel"):
         apply(pack, model, tiny_clip, pet, PROMPT)
+
+
+def test_a_clip_whose_conditioning_is_not_2048_wide_is_refused_at_apply(pack, tiny_unet, pet):
+    """An SD1.5 CLIP (768 wide) wired to an SDXL model: refused at Apply, not deep inside the sampler."""
+    sd15_clip = tiny_models.tiny_sd15_clip(seed=0)
+    assert tiny_models.encode_text(sd15_clip, PROMPT)[0][0].shape[-1] == 768
+    with pytest.raises(
+        pack.apply.NestedApplyError,
+        match=r"conditioning 768 wide, but SDXL's cross-attention reads 2048.*Connect the CLIP output of the "
+        r"SDXL checkpoint",
+    ):
+        apply(pack, tiny_unet, sd15_clip, pet, PROMPT)
+
+
+def test_lambda_below_one_is_refused_and_the_input_starts_at_one(pack, tiny_unet, tiny_clip, pet):
+    """λ < 1 cannot weaken the subject under max(logit, λ·logit), so the input's range starts at 1."""
+    spec = pack.mappings["NestedAttentionApply"].INPUT_TYPES()["required"]["λ"][1]
+    assert spec["default"] == 1.0 and spec["min"] == 1.0
+    assert "max(logit, λ·logit)" in spec["tooltip"]
+    with pytest.raises(pack.apply.NestedApplyError, match=r"λ is 0.5; expected 1 or more"):
+        apply(pack, tiny_unet, tiny_clip, pet, PROMPT, lambda_=0.5)
 
 
 def test_encoder_for_another_layer_table_is_refused(pack, tiny_unet, tiny_clip, load_handle):

@@ -29,6 +29,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.sd
+import comfy.sd1_clip
 import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
@@ -53,6 +54,17 @@ from training.tiny import (  # noqa: E402,F401
     tiny_sdxl_unet,
     tiny_vae,
 )
+
+
+def tiny_sd15_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """A comfy.sd.CLIP for SD1.5: ComfyUI's SD1 tokenizer and CLIP-L text model, three layers.
+
+    Conditioning is (B, 77 * chunks, 768): what a user wires in by taking the CLIP of an SD1.5 checkpoint.
+    """
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP_L_OVERRIDES)})
+    init_parameters(clip.cond_stage_model, seed)
+    return clip
 
 
 # ------------------------------------------------------------------------------------------------

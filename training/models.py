@@ -26,21 +26,32 @@ from nested_attention import (
     LayerSpec,
     NestedEncoder,
     QFormerConfig,
+    attn2_modules,
     unet_layers,
 )
 from nested_attention.layers import SDXL_LAYERS
-from nested_attention.patch import NestedAttentionPatch, SubjectBinding
-from nested_attention.tokens import CHUNK, locate_word
+from nested_attention.patch import SubjectBinding
+from nested_attention.tokens import CHUNK
 
 from .comfy_env import setup_comfy
 
 setup_comfy()
 
-import comfy.clip_vision  # noqa: E402
 import comfy.ldm.modules.attention  # noqa: E402
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.sd  # noqa: E402
+
+# The glue shared with the nodes (imports comfy, so after setup_comfy).
+from nested_attention.host import (  # noqa: E402
+    attn2_patches,
+    comfy_attention,  # noqa: F401  (training/benchmark.py imports it from here until it moves to benchmark/)
+    clip_vision_spec,
+    load_clip_vision,
+    subject_stream,
+    word_positions,
+    word_token_ids,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -63,19 +74,6 @@ class FrozenModels:
     def base(self):
         """ComfyUI's BaseModel (apply_model, encode_adm, model_sampling, latent format)."""
         return self.unet.model
-
-
-def clip_vision_spec(clip_vision: Any, name: str) -> ClipVisionSpec:
-    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes."""
-    vision = clip_vision.model.vision_model
-    num_tokens, hidden = (int(s) for s in vision.embeddings.position_embedding.weight.shape)
-    return ClipVisionSpec(
-        name=name,
-        hidden_size=hidden,
-        num_tokens=num_tokens,
-        num_layers=len(vision.encoder.layers),
-        image_size=int(clip_vision.image_size),
-    )
 
 
 def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any, Any]:
@@ -118,11 +116,9 @@ def load_frozen(
         spec = clip_vision_spec(clip_vision, tiny_models.TINY_CLIP_VISION_NAME)
     else:
         unet, clip, vae = load_sdxl(checkpoint, weight_dtype)
-        clip_vision = comfy.clip_vision.load(clip_vision_path)
-        if clip_vision is None:
-            raise ValueError(f"{clip_vision_path} is not a CLIP vision model ComfyUI can load.")
+        clip_vision = load_clip_vision(clip_vision_path)
         spec = clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
-    # The VAE works in float32 (DESIGN 6): its latents are the targets.
+    # The VAE works in float32 (docs/ARCHITECTURE.md §6): its latents are the targets.
     vae.first_stage_model.to(torch.float32)
     vae.vae_dtype = torch.float32
     for module in (unet.model, clip.cond_stage_model, vae.first_stage_model, clip_vision.model):
@@ -166,32 +162,6 @@ def make_encoder(
             [attn2[layer.key].to_v.weight.float().cpu() for layer in frozen.layers],
         )
     return encoder
-
-
-def attn2_modules(diffusion_model: nn.Module) -> dict[tuple, nn.Module]:
-    """The attn2 module of each cross-attention layer, keyed like LayerSpec.key."""
-    out = {}
-    stages = [
-        ("input", list(diffusion_model.input_blocks)),
-        ("middle", [diffusion_model.middle_block]),
-        ("output", list(diffusion_model.output_blocks)),
-    ]
-    for block, modules in stages:
-        for number, module in enumerate(modules):
-            for child in module:
-                for index, transformer in enumerate(getattr(child, "transformer_blocks", ())):
-                    if getattr(transformer, "attn2", None) is not None:
-                        out[(block, number, index)] = transformer.attn2
-    return out
-
-
-def comfy_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict
-) -> torch.Tensor:
-    """ComfyUI's own cross-attention, called as CrossAttention.forward calls it (as the nodes do)."""
-    return comfy.ldm.modules.attention.optimized_attention(
-        q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
-    )
 
 
 def enable_gradient_checkpointing(diffusion_model: nn.Module) -> int:
@@ -240,23 +210,15 @@ class TextEncoder:
         self.clip, self.token, self.cache = clip, token, cache
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         self._warned: set[str] = set()
-        self.sd_tok = clip.tokenizer.clip_g if hasattr(clip.tokenizer, "clip_g") else clip.tokenizer.clip_l
-        ids = self.sd_tok.tokenizer(token.lower())["input_ids"]
-        end = -1 if getattr(self.sd_tok, "tokenizer_adds_end_token", True) else None
-        self.word_ids = tuple(int(t) for t in ids[getattr(self.sd_tok, "tokens_start", 1) : end])
+        self.stream = subject_stream(clip.tokenize(token))  # the stream the nodes search
+        self.word_ids = word_token_ids(clip, token, self.stream)
         if not self.word_ids:
             raise ValueError(f"the subject token {token!r} encodes to no tokens; choose a plain word")
-        self._special = set(getattr(self.sd_tok.tokenizer, "all_special_ids", ()))
 
-    def _ends_word(self, token_id: int) -> bool:
-        """Whether a token closes a word: CLIP BPE marks that with '</w>'; special tokens do too."""
-        piece = self.sd_tok.tokenizer.convert_ids_to_tokens(token_id)
-        return token_id in self._special or piece is None or piece.endswith("</w>")
-
-    def positions(self, chunks: Sequence[Sequence[tuple]]) -> tuple[int, ...]:
-        """The token's positions in chunks tokenized with word ids: the core's rule, as the nodes apply it
-        (token ids of the word, whole words only, last token of a multi-token word, every occurrence)."""
-        return locate_word(chunks, self.word_ids, ends_word=self._ends_word)
+    def positions(self, tokens: dict) -> tuple[int, ...]:
+        """The token's positions in `clip.tokenize(..., return_word_ids=True)` (chunks may be cut short):
+        the nodes' rule and stream (`nested_attention.host`); () when the caption lacks the token."""
+        return word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
 
     @torch.no_grad()
     def encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -268,8 +230,7 @@ class TextEncoder:
             log.warning("%s caption longer than 75 tokens, truncated for training: %r", PREFIX, caption[:120])
         tokens = {k: v[:1] for k, v in tokens.items()}
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-        stream = "g" if "g" in tokens else next(iter(tokens))
-        out = (cond[0].float().cpu(), pooled[0].float().cpu(), self.positions(tokens[stream]))
+        out = (cond[0].float().cpu(), pooled[0].float().cpu(), self.positions(tokens))
         if self.cache and len(self._cache) < self.MAX_CACHE:
             self._cache[caption] = out
         return out
@@ -376,10 +337,7 @@ class NestedTrainingModule(nn.Module):
             )
             for pos, rows in groups
         ]
-        patches = {
-            layer.key: NestedAttentionPatch(layer, i, bindings, comfy_attention)
-            for i, layer in enumerate(self.encoder.layers)
-        }
+        patches = attn2_patches(self.encoder.layers, bindings)  # as the nodes install them
         denoised = self.base.apply_model(
             x_noisy,
             sigmas,

@@ -1,6 +1,6 @@
 """Domain presets: what `--domain pets|faces|tiny` fills in when a flag is not given.
 
-A preset is a starting point from the paper and IP-Adapter practice (DESIGN 6); every value it sets
+A preset is a starting point from the paper and IP-Adapter practice (docs/ARCHITECTURE.md §6); every value it sets
 is also a flag. Phases: train at the first resolution, then continue at the second with
 `--resolution 1024 --init_encoder <phase-1 export>`.
 """

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from nested_attention import NestedEncoder
-from nested_attention.patch import NestedAttentionPatch, SubjectBinding
+from nested_attention.host import install_subject
+from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
-from .models import FrozenModels, TextEncoder, comfy_attention
+from .models import FrozenModels, TextEncoder
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -29,8 +30,7 @@ PREFIX = "[nested-attention]"
 def prompt_positions(text: TextEncoder, prompt: str) -> tuple[tuple[int, ...], int]:
     """(positions of the subject token over all chunks, prompt length in tokens)."""
     tokens = text.clip.tokenize(prompt, return_word_ids=True)
-    chunks = tokens["g"] if "g" in tokens else next(iter(tokens.values()))
-    return text.positions(chunks), CHUNK * len(chunks)
+    return text.positions(tokens), CHUNK * len(tokens[text.stream])
 
 
 def patched_model(
@@ -45,10 +45,7 @@ def patched_model(
     binding = SubjectBinding(
         encoder=encoder, tokens=tokens, positions=positions, prompt_tokens=prompt_tokens, name="validation"
     )
-    for i, layer in enumerate(encoder.layers):
-        model.set_model_attn2_replace(
-            NestedAttentionPatch(layer, i, [binding], comfy_attention), layer.block, layer.number, layer.index
-        )
+    install_subject(model, binding, encoder.layers)
     return model
 
 

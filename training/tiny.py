@@ -1,8 +1,8 @@
 """Tiny SDXL-shaped models built with ComfyUI's own classes, and a generated data set.
 
 For the trainer's `--domain tiny` preset and for tests: everything runs on the CPU in seconds. A
-UNet with SDXL's block structure and context width 2048 (DESIGN 4.8), SDXL's two CLIP text
-encoders with their real hidden sizes and tokenizer but three layers, a small CLIP vision tower,
+UNet with SDXL's block structure and context width 2048 (docs/ARCHITECTURE.md §5.9), SDXL's two CLIP
+text encoders with their real hidden sizes and tokenizer but three layers, a small CLIP vision tower,
 and a small KL autoencoder with SDXL's 8x downscale and 4 latent channels. Builders are
 deterministic given a seed: ComfyUI's ops skip weight initialization (parameters come from
 torch.empty), so every parameter is initialized here from a seeded generator.

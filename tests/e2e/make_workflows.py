@@ -235,7 +235,7 @@ def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: 
 
 def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple, *, text: str | None,
            token: str, lambda_: float = 1.0, title: str | None = None) -> int:
-    widgets = {"token": token, "lambda_": lambda_, "start_percent": 0.0, "end_percent": 1.0}
+    widgets = {"token": token, "λ": lambda_, "start_percent": 0.0, "end_percent": 1.0}
     if text is not None:
         widgets["text"] = text
     apply = g.node("NestedAttentionApply", pos, title=title, size=APPLY_SIZE, **widgets)

@@ -26,7 +26,7 @@ EXPECTED = {
     ),
     "NestedAttentionApply": (
         "Apply Nested Attention (token, λ)",
-        {"model", "clip", "subject", "text", "token", "lambda_", "start_percent", "end_percent"},
+        {"model", "clip", "subject", "text", "token", "λ", "start_percent", "end_percent"},
         {"mask"},
         ["MODEL", "CONDITIONING"],
     ),
@@ -54,4 +54,16 @@ def test_object_info_lists_the_three_nodes_with_inputs_and_tooltips(comfy):
     # The registered models folder is what the loader lists (so extra_model_paths.yaml entries work too).
     listed = info["NestedAttentionLoadEncoder"]["input"]["required"]["encoder_name"][0]
     assert {FACES_ENCODER, PETS_ENCODER} <= set(listed), listed
-    assert info["NestedAttentionApply"]["input"]["required"]["lambda_"][1]["display_name"] == "λ"
+    # λ starts at 1: under max(logit, λ·logit) a smaller λ cannot weaken the subject.
+    lam = info["NestedAttentionApply"]["input"]["required"]["λ"]
+    assert lam[0] == "FLOAT" and lam[1]["default"] == 1.0 and lam[1]["min"] == 1.0, lam
+
+
+def test_the_lambda_widget_reads_lambda_in_the_frontend(frontend):
+    """The frontend labels a widget with its input's name (ComfyUI 0.3.75 reads no per-input display name),
+    so the name itself is "λ"; checked on a node the frontend builds from /object_info."""
+    labels = frontend.evaluate(
+        "() => { const node = window.LiteGraph.createNode('NestedAttentionApply');"
+        " return node.widgets.map((w) => w.label ?? w.name); }"
+    )
+    assert "λ" in labels and not [label for label in labels if "lambda" in label], labels
