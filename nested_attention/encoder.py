@@ -125,8 +125,11 @@ class ClipVisionSpec:
         return HIDDEN_LAYERS[self.hidden_layer]
 
     def describe(self) -> str:
+        # The hidden layer is named only when it is not the last, so descriptions of the pack's own encoders
+        # (and the trainer's latent-cache identities built from them) stay as they were.
+        layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
         return (f"{self.name} (width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, "
-                f"{self.image_size}px)")
+                f"{self.image_size}px{layer})")
 
     def same_architecture(self, other: "ClipVisionSpec") -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
