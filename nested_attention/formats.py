@@ -215,7 +215,10 @@ def plan_encoder(
             f"{context_dim}-wide context (SDXL). {_model_hint(context)}")
 
     table = tuple(layers) if layers is not None else None
-    ordered, numbering = _order_layer_keys(header, layer_keys, table)
+    pairs = len(layer_keys) // 2
+    # Default table: SDXL's, used for ordering checks as soon as the file has SDXL's layer count.
+    ordered, numbering = _order_layer_keys(
+        header, layer_keys, table if table is not None else (SDXL_LAYERS if pairs == len(SDXL_LAYERS) else None))
     if table is None:
         if len(ordered) != len(SDXL_LAYERS):
             raise NestedWeightsError(
@@ -500,6 +503,12 @@ def _order_layer_keys(header: Header, matches: dict, table: Optional[Sequence[La
     consecutive = list(range(count if count is not None else max(numbers) + 1))
     if numbers == consecutive:
         return [(pairs[(n,)]["to_k"], pairs[(n,)]["to_v"]) for n in consecutive], "cross-attention position (0..L-1)"
+    if 0 in numbers and set(numbers) < set(consecutive):
+        missing = sorted(set(consecutive) - set(numbers))
+        raise NestedWeightsError(
+            f"{name}: per-layer weights numbered {_ranges(numbers)}; expected 0, 1, ..., {consecutive[-1]} "
+            f"({len(consecutive)} layers): missing n = {missing[:8]}{' ...' if len(missing) > 8 else ''}. The file is "
+            "incomplete or for another UNet.")
     raise NestedWeightsError(
         f"{name}: per-layer weights numbered {_ranges(numbers)}; expected 1, 3, 5, ... (IP-Adapter's attention-processor "
         f"numbering) or 0, 1, 2, ... (one entry per cross-attention layer)"

@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(c.layers)} cross-attention layers")
     print(f"source: {c.source or '(not recorded)'}\nlicence: {c.licence or '(not recorded)'}")
     print(f"config: {json.dumps(json.loads(c.to_json())['qformer'], sort_keys=True)}")
-    print(f"clip vision: {c.clip_vision.describe()}, {c.clip_vision.hidden_layer} hidden layer, "
+    print(f"clip vision: {c.clip_vision.describe()}; reads encode_image()['{c.clip_vision.output_key}'], "
           f"crop {c.clip_vision.crop}")
     for note in plan.notes:
         print(f"note: {note}")

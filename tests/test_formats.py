@@ -431,6 +431,22 @@ def test_missing_layer_is_named(tmp_path, tiny_layers):
         load_encoder(str(path))
 
 
+def test_missing_layer_in_consecutive_numbering_is_named(tmp_path, tiny_layers):
+    path = tmp_path / "gap0.safetensors"
+    build_tiny(path, "consecutive", tiny_layers, drop=("nested_layers.9.to_k_ip.weight", "nested_layers.9.to_v_ip.weight"))
+    with pytest.raises(NestedWeightsError, match=r"expected 0, 1, \.\.\., 16 \(17 layers\): missing n = \[9\]"):
+        load_encoder(str(path), layers=tiny_layers, clip_vision=TINY_SPEC)
+
+
+def test_diffusers_paths_for_another_unet_structure_are_refused(tmp_path, tiny_layers):
+    # Transformer depth 1 everywhere in the file, 2 at input 7/8 in the model: groups do not line up.
+    path = tmp_path / "shallow.safetensors"
+    keep = [l for l in tiny_layers if not (l.block == "input" and l.index == 1)]
+    build_tiny(path, "diffusers", keep)
+    with pytest.raises(NestedWeightsError, match=r"down_blocks attn2 layers of the file \(transformer blocks per attention: \[1, 1, 1, 1\]\) do not match the model's \(\[1, 1, 2, 2\]\)"):
+        load_encoder(str(path), layers=tiny_layers, clip_vision=TINY_SPEC)
+
+
 def test_missing_value_weight_of_one_layer_is_named(tmp_path, tiny_layers):
     path = tmp_path / "half.safetensors"
     build_tiny(path, "diffusers", tiny_layers, drop=("unet.mid_block.attentions.0.transformer_blocks.1.attn2.processor.to_v_ip.weight",))
