@@ -1,7 +1,7 @@
 """Nested Attention for ComfyUI: personalize SDXL with a subject encoder (arXiv 2501.01407).
 
 ComfyUI loads this folder as a package from custom_nodes/. It registers the `nested_attention` models
-folder and exports the node mappings, nothing else.
+folder (and `ipadapter`, if no other pack has) and exports the node mappings, nothing else.
 """
 
 import os
@@ -28,6 +28,14 @@ if (
         _extensions.append(".safetensors")
 else:
     folder_paths.folder_names_and_paths["nested_attention"] = ([_MODELS], {".safetensors"})
+
+# IP-Adapter Plus SDXL files are nested encoders too (see nested_attention/formats.py): Load Nested Encoder also
+# lists models/ipadapter. ComfyUI_IPAdapter_plus registers the same name and keeps the paths it finds there.
+if "ipadapter" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["ipadapter"] = (
+        [os.path.join(folder_paths.models_dir, "ipadapter")],
+        set(folder_paths.supported_pt_extensions),
+    )
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 

@@ -1,6 +1,8 @@
 """The subject encoder: a Q-Former over CLIP image tokens, and per-layer nested projections.
 
-image -> CLIP ViT-H/14 last-layer tokens (B, 257, 1280) -> Q-Former -> E (B, M, 2048)
+image -> CLIP ViT-H/14 tokens (B, 257, 1280) -> Q-Former -> E (B, M, 2048)
+      (the last layer's tokens for the pack's own encoders, the penultimate layer's for IP-Adapter Plus:
+      `ClipVisionSpec.hidden_layer` says which)
       -> per cross-attention layer l: K~_l = E W_K~_l^T, V~_l = E W_V~_l^T  (M, dim_l)
 
 The Q-Former is a perceiver resampler: M learned queries that attend to the CLIP tokens (and to
@@ -22,8 +24,10 @@ from torch import nn
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+def feed_forward(dim: int, mult: int, bias: bool = True) -> nn.Sequential:
+    # IP-Adapter's Resampler has no feed-forward biases; the pack's own encoders have them.
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=bias), nn.GELU(), nn.Linear(dim * mult, dim, bias=bias))
 
 
 class PerceiverAttention(nn.Module):
@@ -58,6 +62,7 @@ class QFormerConfig:
     num_queries: int = 256  # M, the number of subject tokens (paper: 256 pets, 1024 faces)
     output_dim: int = SDXL_CONTEXT_DIM  # width of E, the UNet's context width
     ff_mult: int = 4  # feed-forward expansion
+    ff_bias: bool = True  # feed-forward linears have biases (IP-Adapter's Resampler: False)
 
 
 class QFormer(nn.Module):
@@ -69,7 +74,10 @@ class QFormer(nn.Module):
         self.latents = nn.Parameter(torch.randn(c.num_queries, c.dim) / c.dim**0.5)
         self.proj_in = nn.Linear(c.clip_dim, c.dim)
         self.blocks = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=c.dim, heads=c.heads, dim_head=c.dim_head), feed_forward(c.dim, c.ff_mult)])
+            nn.ModuleList([
+                PerceiverAttention(dim=c.dim, heads=c.heads, dim_head=c.dim_head),
+                feed_forward(c.dim, c.ff_mult, c.ff_bias),
+            ])
             for _ in range(c.depth)
         )
         self.proj_out = nn.Linear(c.dim, c.output_dim)
@@ -84,6 +92,10 @@ class QFormer(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+# ClipVisionSpec.hidden_layer -> the key of ComfyUI's encode_image output holding those tokens.
+HIDDEN_LAYERS = {"last": "last_hidden_state", "penultimate": "penultimate_hidden_states"}
+
+
 @dataclass
 class ClipVisionSpec:
     """Which CLIP vision model the encoder was trained on; a different one is refused."""
@@ -93,10 +105,31 @@ class ClipVisionSpec:
     num_tokens: int = 257  # tokens of last_hidden_state (CLS + patches)
     num_layers: int = 32  # transformer layers of the tower
     image_size: int = 224  # input resolution
+    # Which hidden state feeds the Q-Former: "last" (encode_image()["last_hidden_state"], the pack's own
+    # encoders) or "penultimate" (["penultimate_hidden_states"], what IP-Adapter Plus was trained on).
+    hidden_layer: str = "last"
+    # Preprocessing the encoder was trained with: "center" (short side to image_size, centre crop, CLIP
+    # mean/std: ComfyUI's clip_preprocess(crop=True), the same as transformers' CLIPImageProcessor) or
+    # "none" (the whole photo squashed to a square).
+    crop: str = "center"
+
+    def __post_init__(self):
+        if self.hidden_layer not in HIDDEN_LAYERS:
+            raise ValueError(f"hidden_layer must be one of {sorted(HIDDEN_LAYERS)}, got {self.hidden_layer!r}")
+        if self.crop not in ("center", "none"):
+            raise ValueError(f"crop must be 'center' or 'none', got {self.crop!r}")
+
+    @property
+    def output_key(self) -> str:
+        """The entry of ComfyUI's `ClipVisionModel.encode_image(...)` output the Q-Former reads."""
+        return HIDDEN_LAYERS[self.hidden_layer]
 
     def describe(self) -> str:
+        # The hidden layer is named only when it is not the last, so descriptions of the pack's own encoders
+        # (and the trainer's latent-cache identities built from them) stay as they were.
+        layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
         return (f"{self.name} (width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, "
-                f"{self.image_size}px)")
+                f"{self.image_size}px{layer})")
 
     def same_architecture(self, other: "ClipVisionSpec") -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
@@ -113,6 +146,8 @@ class EncoderConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     clip_vision: ClipVisionSpec = field(default_factory=ClipVisionSpec)
     layers: tuple[LayerSpec, ...] = SDXL_LAYERS  # the cross-attention layers it projects for
+    source: str = ""  # where the weights came from (a file converted from another format says which)
+    licence: str = ""  # the weights' licence, when known (e.g. "CC BY-NC-SA 4.0 (non-commercial)")
 
     @property
     def num_tokens(self) -> int:
@@ -133,6 +168,9 @@ class EncoderConfig:
             qformer=QFormerConfig(**data["qformer"]),
             clip_vision=ClipVisionSpec(**data["clip_vision"]),
             layers=tuple(LayerSpec.from_json(item) for item in data["layers"]),
+            # Files written before these fields existed (format version 1 all the same) lack them.
+            source=str(data.get("source", "")),
+            licence=str(data.get("licence", "")),
         )
 
 
@@ -163,7 +201,7 @@ class NestedEncoder(nn.Module):
         return self.config.layers
 
     def encode(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP last-layer tokens (B, L, clip_dim) -> subject tokens E (B, M, output_dim)."""
+        """CLIP tokens (B, L, clip_dim) of `config.clip_vision.hidden_layer` -> subject tokens E (B, M, output_dim)."""
         return self.qformer(clip_tokens)
 
     def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,22 +3,26 @@
 Metadata (all strings, as safetensors requires):
     format          "nested-attention"
     format_version  "1"
-    config          EncoderConfig as JSON (domain, token, alpha, Q-Former dims, CLIP vision, layers)
+    config          EncoderConfig as JSON (domain, token, alpha, Q-Former dims, CLIP vision, layers, and since
+                    the IP-Adapter loader also ff_bias, hidden_layer, crop, source, licence: files written
+                    before lack them and read with the old meaning, so the version stays 1)
 
-Files are read with safetensors only (never pickle) and validated in full before any tensor is used.
+`load_encoder` also reads IP-Adapter Plus SDXL files and IP-Adapter-derived layouts (see formats.py): every
+file is planned from its header (names and shapes, no tensor loaded), then loaded. Files are read with
+safetensors only (never pickle) and validated in full before any tensor is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .encoder import EncoderConfig, NestedEncoder
+from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder
+from .layers import LayerSpec
 
 FORMAT = "nested-attention"
 FORMAT_VERSION = 1
@@ -38,26 +42,8 @@ def save_encoder(path: str, encoder: NestedEncoder, extra: Optional[dict[str, st
     os.replace(tmp, path)
 
 
-def read_config(path: str) -> EncoderConfig:
-    """Read and check only the metadata of an encoder file (cheap: no tensor is loaded)."""
-    name = os.path.basename(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise NestedWeightsError(
-            f"{name} is not a readable .safetensors file ({e}). Expected an encoder exported by "
-            "`python -m training.run`; re-export or re-download it.") from e
-    found = metadata.get("format")
-    if found != FORMAT:
-        raise NestedWeightsError(
-            f"{name} is not a nested attention encoder: expected metadata format '{FORMAT}', found "
-            f"{found!r}. Put only files exported by this pack's trainer in models/nested_attention.")
-    version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise NestedWeightsError(
-            f"{name} has format version {version!r}; this version of the pack reads version {FORMAT_VERSION}. "
-            "Update the pack, or re-export the encoder with the matching trainer.")
+def parse_config(name: str, metadata: dict[str, str]) -> EncoderConfig:
+    """The EncoderConfig stored in a pack file's metadata, with a clear error when it is unusable."""
     try:
         return EncoderConfig.from_json(metadata["config"])
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
@@ -65,33 +51,37 @@ def read_config(path: str) -> EncoderConfig:
                                  "re-export the encoder.") from e
 
 
-def load_encoder(path: str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> NestedEncoder:
-    """Load and fully validate an encoder file: format, version, config, every tensor's name and shape."""
-    name = os.path.basename(path)
-    config = read_config(path)
-    with torch.device("meta"):
-        encoder = NestedEncoder(config)
-    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+def read_config(path: str, **overrides) -> EncoderConfig:
+    """The config of any supported file, from its header alone (cheap: no tensor is loaded).
 
-    with safe_open(path, framework="pt") as f:
-        found_keys = set(f.keys())
-        missing = sorted(set(expected) - found_keys)
-        unexpected = sorted(found_keys - set(expected))
-        if missing or unexpected:
-            raise NestedWeightsError(
-                f"{name} does not match its own config (M={config.num_tokens}, {len(config.layers)} layers): "
-                f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected tensors "
-                f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. The file is damaged or was edited; re-export it.")
-        state = {}
-        for key, shape in expected.items():
-            tensor = f.get_tensor(key)
-            if tuple(tensor.shape) != shape:
-                raise NestedWeightsError(
-                    f"{name}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {shape} from the file's config. "
-                    "The file is damaged or was edited; re-export it.")
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise NestedWeightsError(f"{name}: tensor '{key}' holds non-finite or non-float values; re-export it.")
-            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    For the pack's own files it is the stored config; for IP-Adapter-style files the one the loader derives
+    (overrides as for `load_encoder`).
+    """
+    from . import formats  # formats imports this module; imported here to keep the import graph one-way
 
-    encoder.load_state_dict(state, strict=True, assign=True)  # the meta-device module takes the tensors
-    return encoder.eval().requires_grad_(False)
+    return formats.plan_encoder(formats.read_header(path), **overrides).config
+
+
+def load_encoder(
+    path: str,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    *,
+    layers: Optional[Sequence[LayerSpec]] = None,
+    dim_head: Optional[int] = None,
+    hidden_layer: Optional[str] = None,
+    clip_vision: Optional[ClipVisionSpec] = None,
+) -> NestedEncoder:
+    """Load and fully validate an encoder file of any supported format into a NestedEncoder.
+
+    The pack's own files, IP-Adapter Plus SDXL files and IP-Adapter-derived layouts (the authors' release) are
+    told apart by their key groups and shapes. The conversion is planned from the header, then each tensor is
+    read and checked. For other-than-own files: `layers` is the UNet's cross-attention table (default SDXL's
+    70), `dim_head` the Resampler's head width (default 64), `hidden_layer` / `clip_vision` override the CLIP
+    tokens the file is taken to read. Raises NestedWeightsError with what was expected, found, and what to do.
+    """
+    from . import formats  # see read_config
+
+    plan = formats.plan_encoder(formats.read_header(path), layers=layers, dim_head=dim_head,
+                                hidden_layer=hidden_layer, clip_vision=clip_vision)
+    return formats.load_planned(path, plan, device=device, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Load Nested Encoder: an encoder file from models/nested_attention plus the CLIP vision model it reads."""
+"""Load Nested Encoder: an encoder file (models/nested_attention, or an IP-Adapter Plus SDXL file from
+models/ipadapter) plus the CLIP vision model it reads."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder
+from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 
 from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, EncoderHandle
 
 FOLDER = "nested_attention"
+# IP-Adapter Plus SDXL files load as nested encoders (nested_attention.formats); users keep them here.
+IPADAPTER_FOLDER = "ipadapter"
+FOLDERS = (FOLDER, IPADAPTER_FOLDER)
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +29,29 @@ def searched_folders(folder: str) -> list[str]:
         return folder_paths.get_folder_paths(folder)
     except KeyError:
         return []
+
+
+def encoder_files() -> list[str]:
+    """Encoder files from models/nested_attention, then .safetensors files from models/ipadapter."""
+    names: list[str] = []
+    for folder in FOLDERS:
+        try:
+            found = folder_paths.get_filename_list(folder)
+        except KeyError:  # folder not registered
+            continue
+        names += [n for n in found if n.lower().endswith(".safetensors") and n not in names]
+    return names
+
+
+def find_encoder(name: str) -> str | None:
+    for folder in FOLDERS:
+        try:
+            path = folder_paths.get_full_path(folder, name)
+        except KeyError:
+            continue
+        if path is not None:
+            return path
+    return None
 
 
 def _load_named_clip_vision(expected: ClipVisionSpec, encoder_name: str) -> Any:
@@ -71,43 +98,48 @@ def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderH
 
 
 def load_handle(encoder_name: str, clip_vision: Any | None = None) -> EncoderHandle:
-    path = folder_paths.get_full_path(FOLDER, encoder_name)
+    path = find_encoder(encoder_name)
     if path is None:
-        folders = searched_folders(FOLDER)
+        folders = [f for folder in FOLDERS for f in searched_folders(folder)]
         raise NestedEncoderLoadError(
             f"nested encoder file {encoder_name!r} not found (searched: "
             f"{', '.join(folders) or 'no folder registered'}). Put the .safetensors file exported by the "
-            "trainer into one of those folders (or add a 'nested_attention' entry to "
-            "extra_model_paths.yaml) and refresh the node."
+            "trainer (or an IP-Adapter Plus SDXL file) into one of those folders (or add a 'nested_attention' "
+            "entry to extra_model_paths.yaml) and refresh the node."
         )
-    encoder = load_encoder(path)  # full validation: format, version, config, every tensor
-    load_device = comfy.model_management.get_torch_device()
-    dtype = encoder_dtype(load_device, sum(p.numel() for p in encoder.parameters()))
-    if dtype != next(encoder.parameters()).dtype:
-        encoder = encoder.to(dtype)
-    expected = encoder.config.clip_vision
+    # Any supported layout (the pack's files, IP-Adapter Plus SDXL, IP-Adapter-derived), fully validated:
+    # format, shapes, every tensor; a file of another kind is refused with what was found and expected.
+    # The header alone says which CLIP vision model the file needs: check that before loading any tensor.
+    expected = read_config(path).clip_vision
     if clip_vision is None:
         clip_vision = _load_named_clip_vision(expected, encoder_name)
         check_clip_vision(expected, clip_vision, expected.name, encoder_name)
     else:
         # ComfyUI does not keep a CLIP vision model's file name: a connected one is checked by architecture.
         check_clip_vision(expected, clip_vision, "", encoder_name)
+    encoder = load_encoder(path)
+    load_device = comfy.model_management.get_torch_device()
+    dtype = encoder_dtype(load_device, sum(p.numel() for p in encoder.parameters()))
+    if dtype != next(encoder.parameters()).dtype:
+        encoder = encoder.to(dtype)
     log.info(
-        "%s loaded %s (%s, token '%s', M=%d, %d layers)",
+        "%s loaded %s (%s, token '%s', M=%d, %d layers, CLIP %s hidden layer%s)",
         LOG_PREFIX,
         encoder_name,
         encoder.config.domain,
         encoder.config.token,
         encoder.config.num_tokens,
         len(encoder.config.layers),
+        encoder.config.clip_vision.hidden_layer,
+        f"; source {encoder.config.source}, licence {encoder.config.licence}" if encoder.config.source else "",
     )
     return make_handle(encoder, clip_vision, encoder_name)
 
 
 class NestedAttentionLoadEncoder:
     DESCRIPTION = (
-        "Loads a nested attention subject encoder (.safetensors from models/nested_attention) and the CLIP "
-        "vision model it reads images with."
+        "Loads a nested attention subject encoder (.safetensors from models/nested_attention, or an IP-Adapter "
+        "Plus SDXL file from models/ipadapter) and the CLIP vision model it reads images with."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (NESTED_ENCODER,)
@@ -120,11 +152,12 @@ class NestedAttentionLoadEncoder:
         return {
             "required": {
                 "encoder_name": (
-                    folder_paths.get_filename_list(FOLDER),
+                    encoder_files(),
                     {
                         "tooltip": "An encoder file exported by this pack's trainer, from "
                         "models/nested_attention (or a folder registered as 'nested_attention' in "
-                        "extra_model_paths.yaml)."
+                        "extra_model_paths.yaml), or an IP-Adapter Plus SDXL file (ViT-H) from "
+                        "models/ipadapter."
                     },
                 ),
             },

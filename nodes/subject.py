@@ -60,12 +60,18 @@ def encode_subject(
     images = composite_on_white(image, mask)
     n = images.shape[0]
     spec = handle.config.clip_vision
+    if crop != (spec.crop == "center"):
+        log.warning(
+            "%s encoder %s was trained with crop '%s'; encoding with crop '%s' instead",
+            LOG_PREFIX, handle.name, spec.crop, "center" if crop else "none",
+        )
     progress = comfy.utils.ProgressBar(n + 1)
 
     hidden = []
     for i in range(n):  # one photo at a time: a batch of large photos need not fit at once
         encoded = handle.clip_vision.encode_image(images[i : i + 1], crop=crop)
-        out = encoded["last_hidden_state"]  # (1, L, width)
+        # The hidden layer the encoder was trained on: last for the pack's encoders, penultimate for IP-Adapter.
+        out = encoded[spec.output_key]  # (1, L, width)
         if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
             raise SubjectError(
                 f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {handle.name} "

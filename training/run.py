@@ -142,6 +142,13 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="Start each layer's W_K~ / W_V~ from the UNet's own to_k / to_v ('unet') or at random.",
     )
     g.add_argument(
+        "--init_from",
+        default=None,
+        help="Warm start from trained weights of any layout the pack reads: an IP-Adapter Plus SDXL file, the "
+        "Nested Attention authors' release, or an export of this trainer. M, the Q-Former's shape and the CLIP "
+        "hidden layer come from the file; the export is in the pack's format (training/warm_start.py).",
+    )
+    g.add_argument(
         "--init_encoder",
         default=None,
         help="Start from an exported encoder file instead of fresh weights (e.g. phase two at 1024 "
@@ -509,6 +516,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "Give a checkpoint-N folder "
             "written by this trainer, or 'latest'."
         )
+    if args.init_from is not None and (args.init_encoder is not None or not os.path.isfile(args.init_from)):
+        p.error(f"--init_from {args.init_from}: no such file." if args.init_encoder is None
+                else "--init_from and --init_encoder both choose the starting weights; give one.")
     if args.init_encoder is not None and not os.path.isfile(args.init_encoder):
         p.error(
             f"--init_encoder {args.init_encoder}: no such file. "
@@ -705,7 +715,17 @@ def main(args: argparse.Namespace) -> dict:
     # The trainable encoder.
     qformer = copy.deepcopy(preset.qformer)
     qformer.num_queries = args.num_tokens
-    if args.init_encoder:
+    if args.init_from:  # warm start from any supported layout; M and the CLIP hidden layer from the file
+        from .warm_start import WarmStartError, warm_start_encoder
+
+        try:
+            encoder = warm_start_encoder(
+                args.init_from, frozen, domain=preset.domain, token=args.token, alpha=args.alpha
+            )
+        except WarmStartError as e:
+            raise SystemExit(f"{PREFIX} {e}") from e
+        args.num_tokens = encoder.config.num_tokens
+    elif args.init_encoder:
         encoder = load_encoder(args.init_encoder)
         cfg = encoder.config
         if (
@@ -719,6 +739,8 @@ def main(args: argparse.Namespace) -> dict:
                 f"M={args.num_tokens}, {len(frozen.layers)} layers and {frozen.clip_vision_spec.describe()}."
             )
         encoder.config.token, encoder.config.alpha = args.token, args.alpha
+        # An export of a warm-started run reads the CLIP layer it was trained on (IP-Adapter: penultimate).
+        frozen.clip_vision_spec.hidden_layer = cfg.clip_vision.hidden_layer
         encoder.requires_grad_(True).train()
     else:
         encoder = models_lib.make_encoder(
@@ -1012,7 +1034,7 @@ def training_loss(
         else:
             latents = frozen.vae.encode(batch["pixels"])
             clip_tokens = frozen.clip_vision.encode_image(batch["clip_pixels"], crop=True)[
-                "last_hidden_state"
+                frozen.clip_vision_spec.output_key  # the layer the encoder reads (warm start: the file's)
             ]
         latents = base.process_latent_in(latents.float().cpu())
 
@@ -1121,7 +1143,7 @@ def build_cache(accelerator, frozen, records, config, root: Path, args, data_lib
             latents = frozen.vae.encode(pixels).float().cpu()
             clip = frozen.clip_vision.encode_image(
                 torch.stack([s["clip_pixels"] for _, s in samples]), crop=True
-            )["last_hidden_state"].cpu()
+            )[frozen.clip_vision_spec.output_key].cpu()
         rows["index"].append(torch.tensor([i for i, _ in samples]))
         rows["latents"].append(latents)
         rows["clip_tokens"].append(clip)

@@ -69,7 +69,7 @@ def sample_grid(
     device = next(encoder.parameters()).device
     subject_tokens = []
     for image in images:  # (H, W, 3) in [0, 1]
-        hidden = frozen.clip_vision.encode_image(image[None], crop=True)["last_hidden_state"]
+        hidden = frozen.clip_vision.encode_image(image[None], crop=True)[frozen.clip_vision_spec.output_key]
         subject_tokens.append(
             encoder.encode(hidden.to(device, next(encoder.parameters()).dtype)).float().cpu()
         )

@@ -210,12 +210,14 @@ def _loaders(g: Graph) -> tuple[int, int]:
 
 
 def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: int,
-             title: str) -> tuple[int, int]:
+             title: str, encoder_models: list[dict] | None = None) -> tuple[int, int]:
     """Load Nested Encoder, Load Image(s), Image Batch (several photos) and Encode Subject Image(s).
 
+    `encoder_models` ({name, url, directory}) lets the frontend offer the encoder's download.
     Returns (the Encode node, the x where the next column starts).
     """
-    encoder = g.node("NestedAttentionLoadEncoder", (XA, y), size=(320, 80), encoder_name=encoder_file)
+    extra = {"properties": {"models": encoder_models}} if encoder_models else {}
+    encoder = g.node("NestedAttentionLoadEncoder", (XA, y), size=(320, 80), encoder_name=encoder_file, **extra)
     g.link(vision, 0, encoder, "clip_vision")
     photos = [g.node("LoadImage", (XA + i * (PHOTO_SIZE[0] + 20), y + 130), size=PHOTO_SIZE, image=name,
                      title=f"{title} photo {i + 1}" if len(images) > 1 else f"{title} photo")
@@ -376,12 +378,47 @@ Nested Attention: a λ sweep, the identity / prompt trade-off. One subject, one 
     return g
 
 
+IP_ADAPTER_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/{}"
+IP_ADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
+IP_ADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
+
+
+def ip_adapter_person_and_pet() -> Graph:
+    """A person and a pet with IP-Adapter Plus files as nested encoders (no trained pack encoder needed)."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    person, xc = _subject(g, vision, IP_ADAPTER_FACE, PERSON_IMAGES[:1], y=260, title="person",
+                          encoder_models=[{"name": IP_ADAPTER_FACE, "url": IP_ADAPTER_URL.format(IP_ADAPTER_FACE),
+                                           "directory": "ipadapter"}])
+    pet, _ = _subject(g, vision, IP_ADAPTER_PLUS, [PET_IMAGE], y=860, title="pet",
+                      encoder_models=[{"name": IP_ADAPTER_PLUS, "url": IP_ADAPTER_URL.format(IP_ADAPTER_PLUS),
+                                       "directory": "ipadapter"}])
+    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(440, 200),
+                    value="a photo of a person walking their pet through a snowy park, winter coat, bokeh")
+    apply_person = _apply(g, (ckpt, 0), ckpt, person, (xc, 260), text=None, token="person",
+                          title="Apply Nested Attention: person (IP-Adapter Plus Face)")
+    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (xc, 680), text=None, token="pet",
+                       title="Apply Nested Attention: pet (IP-Adapter Plus)")
+    g.link(prompt, 0, apply_person, "text")
+    g.link(prompt, 0, apply_pet, "text")
+    negative = _negative(g, ckpt, (xc, 1100))
+    latent = _latent(g, (xc + COLUMN, 330))
+    sampler = _sampler(g, (apply_pet, 0), (apply_pet, 1), negative, latent, (xc + COLUMN, 0))
+    _decode_save(g, sampler, ckpt, (xc + COLUMN + 340, 0), prefix="nested_attention/ip_adapter_person_and_pet")
+    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"""
+Nested Attention with IP-Adapter Plus files as the encoders: Load Nested Encoder also lists models/ipadapter, and an IP-Adapter Plus SDXL file loads as a nested encoder (16 tokens from CLIP's penultimate layer; its to_k_ip / to_v_ip are the nested keys and values). Unlike IP-Adapter, which adds the image to every word, the image is bound to one word: 'person' to the face file, 'pet' to the general file, so the rest of the prompt keeps its meaning. Files: {IP_ADAPTER_FACE} and {IP_ADAPTER_PLUS} from huggingface.co/h94/IP-Adapter (sdxl_models/, Apache-2.0) in models/ipadapter. Quality with these weights has not been measured: try λ between 1 and 3.
+{MODELS_NOTE}{PHOTOS_NOTE}""")
+    return g
+
+
 WORKFLOWS = {
     "person_one_photo": person_one_photo,
     "pet_one_photo": pet_one_photo,
     "person_several_photos": person_several_photos,
     "person_and_pet": person_and_pet,
     "lambda_sweep": lambda_sweep,
+    "ip_adapter_person_and_pet": ip_adapter_person_and_pet,
 }
 
 

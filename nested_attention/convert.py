@@ -1,0 +1,68 @@
+"""python -m nested_attention.convert IN OUT: any supported weight file -> the pack's own format.
+
+Reads the pack's files, IP-Adapter Plus SDXL files and IP-Adapter-derived layouts (the authors' release),
+and writes a nested attention encoder (.safetensors with the config in its metadata) that loads without any
+guessing. Core module: no ComfyUI import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from .encoder import HIDDEN_LAYERS
+from .formats import plan_encoder, read_header, load_planned
+from .weights import NestedWeightsError, save_encoder
+
+DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m nested_attention.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="The file to convert (.safetensors of any supported layout).")
+    parser.add_argument("output", help="Where to write the encoder in the pack's format (.safetensors).")
+    parser.add_argument("--dim-head", type=int, default=None,
+                        help="Width of one Resampler attention head; shapes fix only heads x dim_head. Default 64, "
+                        "as in every IP-Adapter Resampler.")
+    parser.add_argument("--hidden-layer", choices=sorted(HIDDEN_LAYERS), default=None,
+                        help="Which CLIP vision hidden layer the encoder reads; default: what the layout implies "
+                        "(penultimate for IP-Adapter Plus and the layouts derived from it).")
+    parser.add_argument("--token", default=None, help="Default subject word written into the config (e.g. 'person', 'dog').")
+    parser.add_argument("--domain", default=None, help="Domain name written into the config (e.g. 'faces').")
+    parser.add_argument("--alpha", type=float, default=None, help="Norm regularization alpha (default 2.0).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="Tensor dtype of the output file.")
+    parser.add_argument("--force", action="store_true", help="Overwrite OUTPUT if it exists.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if os.path.exists(args.output) and not args.force:
+        print(f"{args.output} exists; pass --force to overwrite it.", file=sys.stderr)
+        return 2
+    try:
+        header = read_header(args.input)
+        plan = plan_encoder(header, dim_head=args.dim_head, hidden_layer=args.hidden_layer)
+        for field, value in (("token", args.token), ("domain", args.domain), ("alpha", args.alpha)):
+            if value is not None:
+                setattr(plan.config, field, value)
+        encoder = load_planned(args.input, plan, dtype=DTYPES[args.dtype])
+    except NestedWeightsError as e:
+        print(f"cannot convert: {e}", file=sys.stderr)
+        return 1
+    save_encoder(args.output, encoder, extra={"converted_from": header.name, "source_format": plan.format})
+    c = encoder.config
+    print(f"{header.name} ({plan.format}) -> {args.output}: domain {c.domain!r}, token {c.token!r}, "
+          f"M={c.num_tokens}, {len(c.layers)} layers, CLIP {c.clip_vision.name} ({c.clip_vision.hidden_layer} "
+          f"hidden layer), licence {c.licence or 'unknown'}")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
