@@ -27,7 +27,8 @@ from PIL import Image
 from nested_attention.patch import SubjectBinding
 from training import evaluate as evaluate_cli
 from training import models as models_lib
-from training.evaluation import metrics, prompts as prompts_lib, report
+from training.evaluation import metrics, report
+from training.evaluation import prompts as prompts_lib
 from training.evaluation.generation import (
     DecoupledAttentionPatch,
     Generator,
@@ -62,7 +63,9 @@ def reset_accelerate():
 
 @pytest.fixture(scope="module")
 def frozen():
-    return models_lib.load_frozen(tiny=True, checkpoint=None, clip_vision_path=None, weight_dtype=None, seed=0)
+    return models_lib.load_frozen(
+        tiny=True, checkpoint=None, clip_vision_path=None, weight_dtype=None, seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,19 @@ def encoder(frozen):
     from training.presets import PRESETS
 
     preset = PRESETS["tiny"]
-    return models_lib.make_encoder(domain="tiny", token="pet", qformer=preset.qformer, frozen=frozen, alpha=2.0,
-                                   init_from_unet=True, seed=0).eval().requires_grad_(False)
+    return (
+        models_lib.make_encoder(
+            domain="tiny",
+            token="pet",
+            qformer=preset.qformer,
+            frozen=frozen,
+            alpha=2.0,
+            init_from_unet=True,
+            seed=0,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +94,40 @@ def subjects(tmp_path_factory):
     from training.tiny import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("subjects"), count=2, size=64, seed=1)
-    return [Subject(name=p.stem, source=str(p), image=to_comfy_image(open_image(str(p))))
-            for p in sorted(folder.glob("*.png"))]
+    return [
+        Subject(name=p.stem, source=str(p), image=to_comfy_image(open_image(str(p))))
+        for p in sorted(folder.glob("*.png"))
+    ]
 
 
 @pytest.fixture
 def generator(frozen, encoder, subjects):
     text = models_lib.TextEncoder(frozen.clip, "pet")
-    return Generator(frozen=frozen, encoder=encoder, text=text, subjects=subjects,
-                     prompts=list(prompts_lib.TINY_PROMPTS), token="pet", settings=SETTINGS,
-                     host=models_lib.comfy_attention)
+    return Generator(
+        frozen=frozen,
+        encoder=encoder,
+        text=text,
+        subjects=subjects,
+        prompts=list(prompts_lib.TINY_PROMPTS),
+        token="pet",
+        settings=SETTINGS,
+        host=models_lib.comfy_attention,
+    )
 
 
 def unpatched_image(frozen, prompt: str, seed: int) -> torch.Tensor:
     """ComfyUI's sampler on the unpatched UNet, as the test bed runs it (tests/tiny_models.py)."""
     positive = tiny_models.encode_text(frozen.clip, prompt)
     negative = tiny_models.encode_text(frozen.clip, "")
-    latent = tiny_models.sample(frozen.unet, positive, negative, seed, steps=SETTINGS.steps,
-                                size=SETTINGS.resolution // 8, cfg=SETTINGS.cfg)
+    latent = tiny_models.sample(
+        frozen.unet,
+        positive,
+        negative,
+        seed,
+        steps=SETTINGS.steps,
+        size=SETTINGS.resolution // 8,
+        cfg=SETTINGS.cfg,
+    )
     return frozen.vae.decode(latent)[0].float().cpu().clamp(0, 1)
 
 
@@ -113,8 +143,10 @@ def test_cosine_matches_hand_computed_values():
 
 def test_identical_images_score_one_and_known_embeddings_score_their_cosine(frozen, subjects):
     image = subjects[0].image
-    scorers = metrics.Scorers(clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name="tiny"),
-                              identity=metrics.TinyIdentity())
+    scorers = metrics.Scorers(
+        clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name="tiny"),
+        identity=metrics.TinyIdentity(),
+    )
     ref = scorers.reference(image, "subject 0")
     same = scorers.subject_scores(image, ref)
     assert same["clip_i[tiny]"] == pytest.approx(1.0, abs=1e-6)
@@ -145,12 +177,22 @@ def test_an_image_without_a_face_is_a_reported_failure_not_dropped(frozen, subje
     blank = torch.ones(64, 64, 3)
     scores = scorers.subject_scores(blank, ref)
     assert scores == {"face_found": False, "identity[tiny-face]": None}
-    rows = [dict(method="nested", parameter="lambda", value=1.0, image="a.png", **scores),
-            dict(method="nested", parameter="lambda", value=1.0, image="b.png", face_found=True,
-                 **{"identity[tiny-face]": 0.5})]
+    rows = [
+        dict(method="nested", parameter="lambda", value=1.0, image="a.png", **scores),
+        dict(
+            method="nested",
+            parameter="lambda",
+            value=1.0,
+            image="b.png",
+            face_found=True,
+            **{"identity[tiny-face]": 0.5},
+        ),
+    ]
     (entry,) = report.summarize(rows, ["identity[tiny-face]"])
     assert entry["rows"] == 2 and entry["face_failures"] == 1 and entry["face_failure_rate"] == 0.5
-    assert entry["identity[tiny-face]"] == 0.5  # the mean over detected faces, with the failure counted beside it
+    assert (
+        entry["identity[tiny-face]"] == 0.5
+    )  # the mean over detected faces, with the failure counted beside it
     with pytest.raises(metrics.MetricSetupError, match="no face found in the subject image blank.png"):
         scorers.reference(blank, "blank.png")
 
@@ -171,8 +213,9 @@ def test_clip_t_is_the_cosine_of_the_image_and_the_prompt_without_the_subject_wo
     expected = float(t @ i / (t.norm() * i.norm()))
     assert scorers.prompt_scores(image, text) == {"clip_t[joint]": pytest.approx(expected, abs=1e-6)}
     # A text tower and an image tower of different widths are not a joint space: refused, naming the fix.
-    wrong = metrics.Scorers(clip_t=[metrics.ComfyClipSpace(clip=frozen.clip, clip_vision=frozen.clip_vision,
-                                                           name="mismatched")])
+    wrong = metrics.Scorers(
+        clip_t=[metrics.ComfyClipSpace(clip=frozen.clip, clip_vision=frozen.clip_vision, name="mismatched")]
+    )
     with pytest.raises(metrics.MetricSetupError, match="not one joint space.*ViT-bigG"):
         wrong.prompt_scores(image, text)
 
@@ -185,8 +228,10 @@ def test_prompts_lose_their_subject_word_for_clip_t_and_load_from_a_file(tmp_pat
     file = tmp_path / "prompts.txt"
     file.write_text("# comment\n\nscene: a {token} on the moon\na Person in a red coat\n")
     loaded = prompts_lib.load_prompts(file, "person")
-    assert loaded == [prompts_lib.EvalPrompt("a {token} on the moon", "scene"),
-                      prompts_lib.EvalPrompt("a {token} in a red coat", "custom")]
+    assert loaded == [
+        prompts_lib.EvalPrompt("a {token} on the moon", "scene"),
+        prompts_lib.EvalPrompt("a {token} in a red coat", "custom"),
+    ]
     file.write_text("a {token} on the moon\na dog in the snow\n")
     with pytest.raises(prompts_lib.PromptFileError, match="line 2.*neither"):
         prompts_lib.load_prompts(file, "person")
@@ -196,9 +241,11 @@ def test_open_clip_space_loads_a_local_safetensors_checkpoint_and_refuses_hub_na
     open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is in the `train` extra")
     from safetensors.torch import save_file
 
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
     (tmp_path / "nested-eval-tiny-clip.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "nested-eval-tiny-clip.json")
     torch.manual_seed(0)
@@ -212,14 +259,18 @@ def test_open_clip_space_loads_a_local_safetensors_checkpoint_and_refuses_hub_na
     assert torch.equal(space.embed_texts(["a red hoodie"]), expected)  # the file's weights, not a fresh init
     assert space.embed_images(torch.rand(2, 40, 48, 3)).shape == (2, 32)
     with pytest.raises(metrics.MetricSetupError, match="built-in model names"):
-        metrics.OpenClipSpace(model_name="hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", checkpoint=str(weights))
+        metrics.OpenClipSpace(
+            model_name="hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", checkpoint=str(weights)
+        )
     with pytest.raises(metrics.MetricSetupError, match="expected an existing .safetensors file"):
         metrics.OpenClipSpace(model_name="nested-eval-tiny-clip", checkpoint=str(tmp_path / "weights.bin"))
 
 
 def test_dlib_identity_reports_no_face_on_an_image_without_one():
     pytest.importorskip("dlib", reason="dlib-bin is in the optional `faces` extra")
-    pytest.importorskip("face_recognition_models", reason="face-recognition-models is in the optional `faces` extra")
+    pytest.importorskip(
+        "face_recognition_models", reason="face-recognition-models is in the optional `faces` extra"
+    )
     model = metrics.DlibIdentity()
     assert model.embed(torch.full((96, 96, 3), 0.5)) is None
 
@@ -251,7 +302,9 @@ def test_decoupled_at_scale_zero_is_the_unpatched_sampler_and_runs_its_patch(fro
     assert torch.equal(zero, expected)
     one = generator.generate(Job(Method("decoupled", 1.0), 0, 0, seed=1))
     nested = generator.generate(Job(Method("nested", 1.0), 0, 0, seed=1))
-    assert not torch.equal(one, expected) and not torch.equal(nested, expected) and not torch.equal(one, nested)
+    assert (
+        not torch.equal(one, expected) and not torch.equal(nested, expected) and not torch.equal(one, nested)
+    )
 
 
 def reference_attention(q, k, v, heads):
@@ -291,7 +344,9 @@ def test_jobs_split_over_processes_cover_every_image_once():
     assert len(jobs) == 1 * 2 * 2 + 2 * 3 * 2 * 2 + 1 * 3 * 2 * 2
     shards = [shard(jobs, r, 3) for r in range(3)]
     assert Counter(j for s in shards for j in s) == Counter(jobs) and len(set(jobs)) == len(jobs)
-    assert len({j.relpath([Subject(f"s{i}", "", torch.zeros(1)) for i in range(3)]) for j in jobs}) == len(jobs)
+    assert len({j.relpath([Subject(f"s{i}", "", torch.zeros(1)) for i in range(3)]) for j in jobs}) == len(
+        jobs
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,13 +374,19 @@ def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_fini
     saved = json.loads((out / "metrics.json").read_text())
     assert len(rows) == len(saved["rows"]) == 2 * 2 + 8 + 8  # the prior image is scored against each subject
     for row, entry in zip(rows, saved["rows"]):
-        assert (row["method"], row["subject"], row["image"]) == (entry["method"], entry["subject"], entry["image"])
+        assert (row["method"], row["subject"], row["image"]) == (
+            entry["method"],
+            entry["subject"],
+            entry["image"],
+        )
         for name in metric_names:
             assert float(row[name]) == pytest.approx(entry[name], abs=1e-12)
     # Each figure recomputed from the image on disk and its subject's input.
     row = next(r for r in saved["rows"] if r["method"] == "nested" and r["value"] == 2.0)
     image = torch.from_numpy(np.asarray(Image.open(out / row["image"]), dtype=np.float32) / 255)
-    subject = torch.from_numpy(np.asarray(Image.open(row["subject_source"]).convert("RGB"), dtype=np.float32) / 255)
+    subject = torch.from_numpy(
+        np.asarray(Image.open(row["subject_source"]).convert("RGB"), dtype=np.float32) / 255
+    )
     identity = metrics.TinyIdentity()
     ref, got = identity.embed(subject), identity.embed(image)
     if got is None:
@@ -333,8 +394,13 @@ def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_fini
     else:
         assert row["identity[tiny-face]"] == pytest.approx(float(metrics.cosine(got, ref)), abs=1e-9)
     summary = {(e["method"], e["value"]): e for e in saved["summary"]}
-    assert set(summary) == {("prior", None), ("nested", 1.0), ("nested", 2.0), ("decoupled", 0.5),
-                            ("decoupled", 1.0)}
+    assert set(summary) == {
+        ("prior", None),
+        ("nested", 1.0),
+        ("nested", 2.0),
+        ("decoupled", 0.5),
+        ("decoupled", 1.0),
+    }
     nested_rows = [r for r in saved["rows"] if r["method"] == "nested" and r["value"] == 1.0]
     clip_i = metric_names[1]
     assert summary[("nested", 1.0)][clip_i] == pytest.approx(np.mean([r[clip_i] for r in nested_rows]))
@@ -369,8 +435,18 @@ def test_real_domains_say_what_is_missing(tmp_path):
         evaluate_cli.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder
     encoder = tmp_path / "e.safetensors"
     encoder.write_bytes(b"")
-    args = evaluate_cli.parse_args(["--domain", "pets", "--output_dir", str(tmp_path), "--encoder", str(encoder),
-                                    "--models_dir", str(tmp_path / "models")])
+    args = evaluate_cli.parse_args(
+        [
+            "--domain",
+            "pets",
+            "--output_dir",
+            str(tmp_path),
+            "--encoder",
+            str(encoder),
+            "--models_dir",
+            str(tmp_path / "models"),
+        ]
+    )
     try:
         with pytest.raises(SystemExit, match="SDXL base checkpoint was not found.*--pretrained_model"):
             evaluate_cli.main(args)
@@ -383,10 +459,33 @@ def test_two_processes_split_the_generations_and_gather_the_metrics_once(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "training.evaluate", "--domain", "tiny", "--steps", "2", "--output_dir", str(tmp_path),
-               "--lambdas", "1", "--decoupled_scales", "1", "--no_grids"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.evaluate",
+        "--domain",
+        "tiny",
+        "--steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+        "--lambdas",
+        "1",
+        "--decoupled_scales",
+        "1",
+        "--no_grids",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -409,11 +508,32 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
     held_out = make_tiny_dataset(tmp_path / "held-out", count=1, size=64, seed=5) / "pet-000.png"
-    args = trainer.parse_args(["--domain", "tiny", "--train_batch_size", "2", "--validation_steps", "0",
-                               "--train_data", str(data), "--output_dir", str(tmp_path / "run"),
-                               "--max_train_steps", "2", "--checkpointing_steps", "100", "--eval_steps", "2",
-                               "--validation_images", str(held_out), "--sample_steps", "2",
-                               "--report_to", "tensorboard"])
+    args = trainer.parse_args(
+        [
+            "--domain",
+            "tiny",
+            "--train_batch_size",
+            "2",
+            "--validation_steps",
+            "0",
+            "--train_data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "100",
+            "--eval_steps",
+            "2",
+            "--validation_images",
+            str(held_out),
+            "--sample_steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+        ]
+    )
     try:
         trainer.main(args)
     finally:
@@ -424,13 +544,19 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
     accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
     accumulator.Reload()
     scalars = accumulator.Tags()["scalars"]
-    for tag in ("eval/prior/clip_i", "eval/nested-lambda-1/clip_i", "eval/nested-lambda-1/identity",
-                "eval/nested-lambda-1/clip_t"):
+    for tag in (
+        "eval/prior/clip_i",
+        "eval/nested-lambda-1/clip_i",
+        "eval/nested-lambda-1/identity",
+        "eval/nested-lambda-1/clip_t",
+    ):
         assert tag in scalars
         assert accumulator.Scalars(tag)[-1].step == 2
     summary = {e["method"]: e for e in saved["summary"]}
     clip_i = next(m for m in saved["metrics"] if m.startswith("clip_i"))
-    assert accumulator.Scalars("eval/nested-lambda-1/clip_i")[-1].value == pytest.approx(summary["nested"][clip_i])
+    assert accumulator.Scalars("eval/nested-lambda-1/clip_i")[-1].value == pytest.approx(
+        summary["nested"][clip_i]
+    )
     assert {"eval/prior", "eval/nested-lambda-1"} <= set(accumulator.Tags()["images"])
     with pytest.raises(SystemExit):
         trainer.parse_args(["--domain", "tiny", "--eval_steps", "-1"])

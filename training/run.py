@@ -345,8 +345,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="Every N steps, evaluate on the --validation_images (use held-out images) with the validation "
-        "prompts and seeds: prior and nested attention at λ=1, CLIP-I, face identity (faces, with dlib) and, "
-        "for tiny, CLIP-T; metrics and grids go to <output_dir>/eval/step-N and the trackers (0: off).",
+        "prompts and seeds: prior and nested attention at λ=1, CLIP-I, face identity (faces, with dlib) "
+        "and, for tiny, CLIP-T; metrics and grids go to <output_dir>/eval/step-N and the trackers (0: off).",
     )
     g.add_argument(
         "--sample_steps",
@@ -964,7 +964,9 @@ def main(args: argparse.Namespace) -> dict:
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
             ):
                 sample(global_step)
-            if args.eval_steps and (global_step % args.eval_steps == 0 or global_step == args.max_train_steps):
+            if args.eval_steps and (
+                global_step % args.eval_steps == 0 or global_step == args.max_train_steps
+            ):
                 from .evaluation.during_training import evaluate_during_training
 
                 evaluate_during_training(

@@ -76,35 +76,65 @@ def evaluate_during_training(
     model.eval().requires_grad_(False)
     token = text.token
     word = re.compile(rf"\b{re.escape(token)}\b", re.IGNORECASE)
-    eval_prompts = [EvalPrompt(word.sub(PLACEHOLDER, p, count=1), "validation") for p in prompts if word.search(p)]
+    eval_prompts = [
+        EvalPrompt(word.sub(PLACEHOLDER, p, count=1), "validation") for p in prompts if word.search(p)
+    ]
     if not eval_prompts:
         log.warning("%s --eval_steps: no validation prompt contains %r; nothing to evaluate", PREFIX, token)
         return None
-    subjects = [Subject(name=f"heldout-{i}", source=f"validation image {i}", image=image.float().cpu())
-                for i, image in enumerate(images)]
+    subjects = [
+        Subject(name=f"heldout-{i}", source=f"validation image {i}", image=image.float().cpu())
+        for i, image in enumerate(images)
+    ]
     clip_t = []
     if args.domain == "tiny":
         from ..tiny import tiny_clip_vision
 
-        clip_t.append(metrics.ComfyClipSpace(clip=frozen.clip, clip_vision=tiny_clip_vision(seed=1, projection_dim=1280),
-                                             name="tiny-clip-g+tiny-vision"))
-    scorers = metrics.Scorers(clip_t=clip_t,
-                              clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision,
-                                                            name=frozen.clip_vision_spec.name),
-                              identity=_identity_model(args.domain))
+        clip_t.append(
+            metrics.ComfyClipSpace(
+                clip=frozen.clip,
+                clip_vision=tiny_clip_vision(seed=1, projection_dim=1280),
+                name="tiny-clip-g+tiny-vision",
+            )
+        )
+    scorers = metrics.Scorers(
+        clip_t=clip_t,
+        clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),
+        identity=_identity_model(args.domain),
+    )
     from ..models import comfy_attention
 
     settings = SampleSettings(steps=args.sample_steps, cfg=args.sample_cfg, resolution=args.resolution)
-    generator = Generator(frozen=frozen, encoder=model, text=text, subjects=subjects, prompts=eval_prompts,
-                          token=token, settings=settings, host=comfy_attention)
+    generator = Generator(
+        frozen=frozen,
+        encoder=model,
+        text=text,
+        subjects=subjects,
+        prompts=eval_prompts,
+        token=token,
+        settings=settings,
+        host=comfy_attention,
+    )
     chosen = methods(prior=True, lambdas=(1.0,), scales=())
     folder = Path(args.output_dir) / "eval" / f"step-{step}"
     try:
-        result = run_evaluation(generator=generator, scorers=scorers, methods=chosen,
-                                seeds=list(args.validation_seeds), output_dir=folder,
-                                settings={"step": step, "domain": args.domain, "steps": settings.steps,
-                                          "cfg": settings.cfg, "resolution": settings.resolution},
-                                accelerator=None, grids=True, progress=False)
+        result = run_evaluation(
+            generator=generator,
+            scorers=scorers,
+            methods=chosen,
+            seeds=list(args.validation_seeds),
+            output_dir=folder,
+            settings={
+                "step": step,
+                "domain": args.domain,
+                "steps": settings.steps,
+                "cfg": settings.cfg,
+                "resolution": settings.resolution,
+            },
+            accelerator=None,
+            grids=True,
+            progress=False,
+        )
     except metrics.MetricSetupError as e:  # e.g. no face in a held-out image: say so, keep training
         log.warning("%s --eval_steps at step %d skipped: %s", PREFIX, step, e)
         return None
@@ -123,6 +153,11 @@ def evaluate_during_training(
         for path in result["files"].get("grids", []):
             grid = np.asarray(load_png(Path(path)))  # (H, W, 3) in [0, 1]
             tracker.log_images({f"eval/{Path(path).stem}": grid[None]}, step=step, dataformats="NHWC")
-    log.info("%s evaluation at step %d: %s (%s)", PREFIX, step,
-             ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items()), folder)
+    log.info(
+        "%s evaluation at step %d: %s (%s)",
+        PREFIX,
+        step,
+        ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items()),
+        folder,
+    )
     return result

@@ -122,32 +122,55 @@ class DecoupledAttentionPatch:
     unpatched image exactly.
     """
 
-    def __init__(self, *, index: int, binding: SubjectBinding, scale: float, host: Any,
-                 uncond: Optional[SubjectBinding] = None):
+    def __init__(
+        self,
+        *,
+        index: int,
+        binding: SubjectBinding,
+        scale: float,
+        host: Any,
+        uncond: Optional[SubjectBinding] = None,
+    ):
         self.index = index  # the layer's position in the encoder's layer table
         self.binding, self.uncond = binding, uncond
         self.scale = float(scale)
         self.host = host  # ComfyUI's attention, called as CrossAttention calls it
 
-    def _term(self, binding: SubjectBinding, q: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
+    def _term(
+        self, binding: SubjectBinding, q: torch.Tensor, heads: int, extra_options: dict
+    ) -> torch.Tensor:
         k_ip, v_ip = binding.layer_kv(self.index, q.device, q.dtype)  # (M, dim) each
         b = q.shape[0]
-        return self.host(q, k_ip.expand(b, -1, -1), v_ip.expand(b, -1, -1), heads, extra_options)  # (B, N, dim)
+        return self.host(
+            q, k_ip.expand(b, -1, -1), v_ip.expand(b, -1, -1), heads, extra_options
+        )  # (B, N, dim)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         heads = extra_options["n_heads"]
         out = self.host(q, k, v, heads, extra_options)
         cond = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond")).to(q.device)[:, None, None]
         term = self._term(self.binding, q, heads, extra_options)
-        other = torch.zeros_like(term) if self.uncond is None else self._term(self.uncond, q, heads, extra_options)
+        other = (
+            torch.zeros_like(term)
+            if self.uncond is None
+            else self._term(self.uncond, q, heads, extra_options)
+        )
         return out + self.scale * torch.where(cond, term, other)
 
     def __deepcopy__(self, memo: dict) -> "DecoupledAttentionPatch":
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
-def decoupled_model(unet: Any, encoder: NestedEncoder, binding: SubjectBinding, scale: float, host: Any,
-                    uncond: Optional[SubjectBinding] = None) -> Any:
+def decoupled_model(
+    unet: Any,
+    encoder: NestedEncoder,
+    binding: SubjectBinding,
+    scale: float,
+    host: Any,
+    uncond: Optional[SubjectBinding] = None,
+) -> Any:
     """A clone of the UNet's ModelPatcher with the decoupled patch on every layer the encoder projects for."""
     model = unet.clone()
     for index, layer in enumerate(encoder.layers):
@@ -171,8 +194,9 @@ class SampleSettings:
 
 
 @torch.no_grad()
-def sample_image(frozen: Any, model: Any, positive: list, negative: list, seed: int,
-                 settings: SampleSettings) -> torch.Tensor:
+def sample_image(
+    frozen: Any, model: Any, positive: list, negative: list, seed: int, settings: SampleSettings
+) -> torch.Tensor:
     """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1]."""
     import comfy.sample
 
@@ -180,8 +204,19 @@ def sample_image(frozen: Any, model: Any, positive: list, negative: list, seed: 
     latent = torch.zeros(1, 4, side, side)
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(model, noise, settings.steps, settings.cfg, settings.sampler,
-                                  settings.scheduler, positive, negative, latent, seed=seed, disable_pbar=True)
+    samples = comfy.sample.sample(
+        model,
+        noise,
+        settings.steps,
+        settings.cfg,
+        settings.sampler,
+        settings.scheduler,
+        positive,
+        negative,
+        latent,
+        seed=seed,
+        disable_pbar=True,
+    )
     return frozen.vae.decode(samples)[0].float().cpu().clamp(0, 1)
 
 
@@ -214,9 +249,19 @@ def load_png(path: Path) -> torch.Tensor:
 class Generator:
     """Makes the image of a job with the frozen models and the encoder; caches conditioning and tokens."""
 
-    def __init__(self, *, frozen: Any, encoder: NestedEncoder, text: Any, subjects: Sequence[Subject],
-                 prompts: Sequence[EvalPrompt], token: str, settings: SampleSettings, host: Any,
-                 decoupled_uncond: bool = True):
+    def __init__(
+        self,
+        *,
+        frozen: Any,
+        encoder: NestedEncoder,
+        text: Any,
+        subjects: Sequence[Subject],
+        prompts: Sequence[EvalPrompt],
+        token: str,
+        settings: SampleSettings,
+        host: Any,
+        decoupled_uncond: bool = True,
+    ):
         self.frozen, self.encoder, self.text = frozen, encoder.eval(), text
         self.subjects, self.prompts, self.token = list(subjects), list(prompts), token
         self.settings, self.host = settings, host
@@ -259,18 +304,36 @@ class Generator:
             )
         tokens = self.tokens(job.subject)
         if method.kind == "nested":
-            return patched_model(self.frozen, self.encoder, tokens, positions, prompt_tokens, scale=method.value)
+            return patched_model(
+                self.frozen, self.encoder, tokens, positions, prompt_tokens, scale=method.value
+            )
         if method.kind == "decoupled":
-            binding = SubjectBinding(encoder=self.encoder, tokens=tokens, positions=positions,
-                                     prompt_tokens=prompt_tokens, name="decoupled")
+            binding = SubjectBinding(
+                encoder=self.encoder,
+                tokens=tokens,
+                positions=positions,
+                prompt_tokens=prompt_tokens,
+                name="decoupled",
+            )
             uncond = None
             if self.decoupled_uncond:
-                uncond = SubjectBinding(encoder=self.encoder, tokens=self.uncond_tokens(), positions=positions,
-                                        prompt_tokens=prompt_tokens, name="decoupled-uncond")
+                uncond = SubjectBinding(
+                    encoder=self.encoder,
+                    tokens=self.uncond_tokens(),
+                    positions=positions,
+                    prompt_tokens=prompt_tokens,
+                    name="decoupled-uncond",
+                )
             return decoupled_model(self.frozen.unet, self.encoder, binding, method.value, self.host, uncond)
         raise ValueError(f"unknown method {method.kind!r}; expected prior, nested or decoupled")
 
     def generate(self, job: Job) -> torch.Tensor:
         prompt = self.prompts[job.prompt].render(self.token)
-        return sample_image(self.frozen, self.model(job), self.conditioning(prompt),
-                            self.conditioning(self.settings.negative_prompt), job.seed, self.settings)
+        return sample_image(
+            self.frozen,
+            self.model(job),
+            self.conditioning(prompt),
+            self.conditioning(self.settings.negative_prompt),
+            job.seed,
+            self.settings,
+        )

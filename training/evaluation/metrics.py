@@ -183,8 +183,7 @@ class FaceDetector(Protocol):
 
     name: str
 
-    def detect(self, image: np.ndarray) -> list[FaceBox]:
-        ...
+    def detect(self, image: np.ndarray) -> list[FaceBox]: ...
 
 
 class IdentityModel(Protocol):
@@ -208,11 +207,13 @@ class DlibFaceDetector:
         self.upsample = upsample
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
-        return [FaceBox(r.left(), r.top(), r.right(), r.bottom()) for r in self._detector(image, self.upsample)]
+        return [
+            FaceBox(r.left(), r.top(), r.right(), r.bottom()) for r in self._detector(image, self.upsample)
+        ]
 
 
 def dlib_model_files(models_dir: Optional[str]) -> tuple[Path, Path]:
-    """(5-point shape predictor, ResNet face embedder) from `models_dir` or the face_recognition_models package."""
+    """(5-point shape predictor, ResNet face embedder) from `models_dir` or face_recognition_models."""
     names = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
     if models_dir is None:
         try:
@@ -232,7 +233,7 @@ def dlib_model_files(models_dir: Optional[str]) -> tuple[Path, Path]:
 
 
 class DlibIdentity:
-    """dlib's ResNet face embedder (128-d; its authors' threshold: Euclidean distance 0.6), on the largest face.
+    """dlib's ResNet face embedder (128-d; its author's threshold: Euclidean distance 0.6), largest face.
 
     Faces are found by `detector` (dlib's HOG detector by default) and aligned with dlib's 5-point
     landmark model. All three run offline from pip wheels (dlib-bin; face-recognition-models holds the
@@ -290,7 +291,7 @@ class TinyFaceDetector:
 
 
 class TinyIdentity:
-    """The tiny test bed's face-embedding stand-in: the detected box resized to 8x8, a fixed random projection.
+    """The tiny test bed's face-embedding stand-in: the detected box at 8x8, a fixed random projection.
 
     Same pipeline as a real one (detect, crop the largest face, embed), in microseconds.
     """
@@ -389,12 +390,16 @@ class Scorers:
         return out
 
     def subject_scores(self, image: torch.Tensor, ref: Reference) -> dict[str, Any]:
-        """CLIP-I and identity of one image against one subject; identity None and face_found False: no face."""
+        """CLIP-I and identity of one image against one subject (no face: identity None, face_found False)."""
         out: dict[str, Any] = {}
         if self.clip_i is not None and ref.clip_i is not None:
-            out[f"clip_i[{self.clip_i.name}]"] = float(cosine(self.clip_i.embed_images(image[None])[0], ref.clip_i))
+            out[f"clip_i[{self.clip_i.name}]"] = float(
+                cosine(self.clip_i.embed_images(image[None])[0], ref.clip_i)
+            )
         if self.identity is not None and ref.identity is not None:
             embedding = self.identity.embed(image)
             out["face_found"] = embedding is not None
-            out[f"identity[{self.identity.name}]"] = None if embedding is None else float(cosine(embedding, ref.identity))
+            out[f"identity[{self.identity.name}]"] = (
+                None if embedding is None else float(cosine(embedding, ref.identity))
+            )
         return out

@@ -37,8 +37,16 @@ def axes_for(metrics: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
     return x, y
 
 
-def score_job(job: Job, image: torch.Tensor, scorers: Scorers, references: Sequence[Any],
-              subjects: Sequence[Subject], prompts: Sequence[EvalPrompt], token: str, relpath: str) -> list[dict]:
+def score_job(
+    job: Job,
+    image: torch.Tensor,
+    scorers: Scorers,
+    references: Sequence[Any],
+    subjects: Sequence[Subject],
+    prompts: Sequence[EvalPrompt],
+    token: str,
+    relpath: str,
+) -> list[dict]:
     """The rows of one generated image: one per subject it is compared with (the prior: every subject)."""
     prompt = prompts[job.prompt]
     base = {
@@ -61,8 +69,15 @@ def score_job(job: Job, image: torch.Tensor, scorers: Scorers, references: Seque
     return rows
 
 
-def make_grids(output_dir: Path, methods: Sequence[Method], subjects: Sequence[Subject],
-               prompts: Sequence[EvalPrompt], token: str, seed: int, jobs_relpath) -> list[Path]:
+def make_grids(
+    output_dir: Path,
+    methods: Sequence[Method],
+    subjects: Sequence[Subject],
+    prompts: Sequence[EvalPrompt],
+    token: str,
+    seed: int,
+    jobs_relpath,
+) -> list[Path]:
     """One labelled grid per method setting: rows subjects (input first), columns prompts, at `seed`."""
     paths = []
     for method in methods:
@@ -104,8 +119,12 @@ def run_evaluation(
     relpath = lambda job: job.relpath(subjects)  # noqa: E731
     generated = skipped = 0
     started = time.perf_counter()
-    bar = tqdm(mine, desc=f"generations (process {rank})" if world > 1 else "generations",
-               disable=not progress, position=rank if world > 1 else None)
+    bar = tqdm(
+        mine,
+        desc=f"generations (process {rank})" if world > 1 else "generations",
+        disable=not progress,
+        position=rank if world > 1 else None,
+    )
     for job in bar:
         path = output_dir / relpath(job)
         if path.is_file():
@@ -119,8 +138,18 @@ def run_evaluation(
     references = [scorers.reference(s.image, s.source) for s in subjects]
     rows = []
     for job in tqdm(mine, desc="metrics", disable=not progress or not is_main):
-        rows.extend(score_job(job, load_png(output_dir / relpath(job)), scorers, references, subjects, prompts,
-                              token, relpath(job)))
+        rows.extend(
+            score_job(
+                job,
+                load_png(output_dir / relpath(job)),
+                scorers,
+                references,
+                subjects,
+                prompts,
+                token,
+                relpath(job),
+            )
+        )
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
     if world > 1:
         from accelerate.utils import gather_object
@@ -150,15 +179,23 @@ def run_evaluation(
     report.write_csv(rows, metrics, output_dir / "metrics.csv")
     report.write_summary_csv(summary, metrics, output_dir / "summary.csv")
     report.write_json(result, output_dir / "metrics.json")
-    paths = {"csv": str(output_dir / "metrics.csv"), "summary_csv": str(output_dir / "summary.csv"),
-             "json": str(output_dir / "metrics.json")}
+    paths = {
+        "csv": str(output_dir / "metrics.csv"),
+        "summary_csv": str(output_dir / "summary.csv"),
+        "json": str(output_dir / "metrics.json"),
+    }
     if x and y:
-        title = f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × {len(seeds)} seeds"
+        title = (
+            f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
+            f"{len(seeds)} seeds"
+        )
         paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
     else:
         log.warning("%s no trade-off plot: it needs a CLIP-T space and an identity or CLIP-I figure", PREFIX)
     if grids:
-        paths["grids"] = [str(p) for p in make_grids(output_dir, methods, subjects, prompts, token, seeds[0], relpath)]
+        paths["grids"] = [
+            str(p) for p in make_grids(output_dir, methods, subjects, prompts, token, seeds[0], relpath)
+        ]
     result["files"] = paths
     report.write_json(result, output_dir / "metrics.json")
     if accelerator is not None:

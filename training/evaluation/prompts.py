@@ -80,8 +80,8 @@ def load_prompts(path: str | Path, token: str) -> list[EvalPrompt]:
             if not word.search(line):
                 raise PromptFileError(
                     f"{path}, line {number}: {line!r} has neither {PLACEHOLDER} nor the subject word "
-                    f"{token!r}. Every evaluation prompt must name the subject once, e.g. 'a {{token}} on the "
-                    "beach'."
+                    f"{token!r}. Every evaluation prompt must name the subject once, e.g. 'a {{token}} on "
+                    "the beach'."
                 )
             line = word.sub(PLACEHOLDER, line)
         prompts.append(EvalPrompt(line, category))
@@ -91,4 +91,6 @@ def load_prompts(path: str | Path, token: str) -> list[EvalPrompt]:
 
 
 def describe(prompts: Sequence[EvalPrompt]) -> list[dict]:
-    return [{"template": p.template, "category": p.category, "clip_t_text": p.without_subject()} for p in prompts]
+    return [
+        {"template": p.template, "category": p.category, "clip_t_text": p.without_subject()} for p in prompts
+    ]

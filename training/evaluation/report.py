@@ -1,4 +1,4 @@
-"""The evaluation's outputs: every figure as CSV and JSON, a per-method summary, the trade-off plot, image grids.
+"""The evaluation's outputs: every figure as CSV and JSON, per-method means, the trade-off plot, image grids.
 
 The plot follows the paper's Figure 10: identity against prompt alignment (CLIP-T), one curve per
 method, one point per λ (nested) or scale (decoupled), the prior as a single point.
@@ -16,8 +16,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 BASE_COLUMNS = [
-    "method", "parameter", "value", "subject", "subject_source", "prompt_index", "category", "prompt",
-    "clip_t_text", "seed", "image",
+    "method",
+    "parameter",
+    "value",
+    "subject",
+    "subject_source",
+    "prompt_index",
+    "category",
+    "prompt",
+    "clip_t_text",
+    "seed",
+    "image",
 ]
 
 
@@ -100,10 +109,14 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
     """Identity (y) against CLIP-T (x): a curve per method, a point per λ / scale, labelled with its value."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    styles = {"nested": ("tab:blue", "o", "nested attention, λ"), "decoupled": ("tab:orange", "s",
-                                                                               "decoupled (IP-Adapter), scale")}
+    styles = {
+        "nested": ("tab:blue", "o", "nested attention, λ"),
+        "decoupled": ("tab:orange", "s", "decoupled (IP-Adapter), scale"),
+    }
     for method, (colour, marker, label) in styles.items():
-        points = [e for e in summary if e["method"] == method and e.get(x) is not None and e.get(y) is not None]
+        points = [
+            e for e in summary if e["method"] == method and e.get(x) is not None and e.get(y) is not None
+        ]
         if not points:
             continue
         xs, ys = [e[x] for e in points], [e[y] for e in points]
@@ -112,10 +125,14 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             note = f"{e['value']:g}"
             if e.get("face_failures"):
                 note += f" ({e['face_failures']}/{e['rows']} no face)"
-            ax.annotate(note, (e[x], e[y]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=colour)
+            ax.annotate(
+                note, (e[x], e[y]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=colour
+            )
     for e in summary:
         if e["method"] == "prior" and e.get(x) is not None and e.get(y) is not None:
-            ax.scatter([e[x]], [e[y]], color="tab:gray", marker="x", s=60, label="prior (no subject)", zorder=3)
+            ax.scatter(
+                [e[x]], [e[y]], color="tab:gray", marker="x", s=60, label="prior (no subject)", zorder=3
+            )
     ax.set_xlabel(f"prompt alignment: {x}, cosine")
     ax.set_ylabel(f"identity: {y}, cosine")
     ax.grid(True, alpha=0.3)
@@ -137,11 +154,12 @@ def image_grid(
     title: str = "",
     cell_inches: float = 1.6,
 ) -> Path:
-    """A labelled PNG grid: cells[r][c] (H, W, 3) float in [0, 1] or None (left blank), labels on both axes."""
+    """A labelled PNG grid: cells[r][c] (H, W, 3) float in [0, 1] or None (blank), labels on both axes."""
     plt = _pyplot()
     rows, cols = len(cells), max(len(r) for r in cells)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell_inches + 0.6, rows * cell_inches + 0.9),
-                             dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * cell_inches + 0.6, rows * cell_inches + 0.9), dpi=100, squeeze=False
+    )
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
