@@ -541,15 +541,18 @@ def main(args: argparse.Namespace) -> Optional[dict]:
 
 
 def print_summary(result: dict) -> None:
+    """The per-method means as a table; short column names, each figure's space listed below it."""
     metrics = result["metrics"]
+    short = [m.split("[", 1)[0] for m in metrics]
     print(f"{result['generated']} images generated, {result['skipped']} already there (resumed)")
-    head = f"{'method':<24}" + "".join(f"{m[:30]:>32}" for m in metrics) + f"{'no face':>10}"
-    print(head)
+    print(f"{'method':<22}" + "".join(f"{s:>12}" for s in short) + f"{'no face':>10}")
     for e in result["summary"]:
         label = e["method"] if e["value"] is None else f"{e['method']} {e['parameter']}={e['value']:g}"
-        cells = "".join(f"{'-' if e[m] is None else format(e[m], '.4f'):>32}" for m in metrics)
+        cells = "".join(f"{'-' if e[m] is None else format(e[m], '.4f'):>12}" for m in metrics)
         faces = f"{e['face_failures']}/{e['rows']}" if "face_failures" in e else ""
-        print(f"{label:<24}{cells}{faces:>10}")
+        print(f"{label:<22}{cells}{faces:>10}")
+    for s, m in zip(short, metrics):
+        print(f"  {s}: {m}")
     for name, path in result["files"].items():
         print(f"{name}: {path if isinstance(path, str) else f'{len(path)} files in {Path(path[0]).parent}'}")
 

@@ -187,7 +187,7 @@ def run_evaluation(
     if x and y:
         title = (
             f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
-            f"{len(seeds)} seeds"
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
         )
         paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
     else:

@@ -121,12 +121,13 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             continue
         xs, ys = [e[x] for e in points], [e[y] for e in points]
         ax.plot(xs, ys, color=colour, marker=marker, label=label)
-        for e in points:
+        for n, e in enumerate(points):  # labels alternate above and below, so close points stay readable
             note = f"{e['value']:g}"
             if e.get("face_failures"):
                 note += f" ({e['face_failures']}/{e['rows']} no face)"
+            offset = (5, 4 if n % 2 == 0 else -11)
             ax.annotate(
-                note, (e[x], e[y]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=colour
+                note, (e[x], e[y]), textcoords="offset points", xytext=offset, fontsize=8, color=colour
             )
     for e in summary:
         if e["method"] == "prior" and e.get(x) is not None and e.get(y) is not None:
@@ -168,6 +169,8 @@ def image_grid(
             cell = cells[r][c] if c < len(cells[r]) else None
             if cell is not None:
                 ax.imshow(np.clip(cell, 0, 1), interpolation="nearest")
+            elif c == 0:  # no input photo (the prior's row): say so instead of an empty frame
+                ax.text(0.5, 0.5, "(none)", ha="center", va="center", fontsize=8, color="gray")
             else:
                 ax.axis("off")
             if r == 0:
