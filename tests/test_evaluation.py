@@ -430,6 +430,15 @@ def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_fini
         run_cli("--output_dir", str(out), "--steps", "3")
 
 
+def test_a_subject_photo_without_a_face_stops_the_run_before_any_image_is_generated(tmp_path):
+    folder = tmp_path / "subjects"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(folder / "empty.png")
+    with pytest.raises(SystemExit, match="no face found in the subject image .*empty.png"):
+        run_cli("--output_dir", str(tmp_path / "out"), "--subjects", str(folder))
+    assert not (tmp_path / "out" / "images").exists()
+
+
 def test_real_domains_say_what_is_missing(tmp_path):
     with pytest.raises(SystemExit):
         evaluate_cli.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder

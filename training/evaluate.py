@@ -393,6 +393,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     from . import models as models_lib
     from .evaluation import prompts as prompts_lib
     from .evaluation.generation import Generator, SampleSettings, methods
+    from .evaluation.metrics import MetricSetupError
     from .evaluation.pipeline import run_evaluation
 
     if args.cpu_threads is not None:
@@ -523,17 +524,20 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         lambdas=args.lambdas if "nested" in args.methods else (),
         scales=args.decoupled_scales if "decoupled" in args.methods else (),
     )
-    result = run_evaluation(
-        generator=generator,
-        scorers=scorers,
-        methods=chosen,
-        seeds=args.seeds,
-        output_dir=output_dir,
-        settings=settings,
-        accelerator=accelerator,
-        grids=not args.no_grids,
-        progress=True,
-    )
+    try:
+        result = run_evaluation(
+            generator=generator,
+            scorers=scorers,
+            methods=chosen,
+            seeds=args.seeds,
+            output_dir=output_dir,
+            settings=settings,
+            accelerator=accelerator,
+            grids=not args.no_grids,
+            progress=True,
+        )
+    except MetricSetupError as e:  # e.g. a subject photo with no detectable face
+        raise SystemExit(f"{PREFIX} {e}") from e
     if result is not None:
         print_summary(result)
     accelerator.end_training()

@@ -117,6 +117,8 @@ def run_evaluation(
     jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
     mine = shard(jobs, rank, world)
     relpath = lambda job: job.relpath(subjects)  # noqa: E731
+    # First: a subject photo the metrics cannot use (no face found) stops the run before hours of sampling.
+    references = [scorers.reference(s.image, s.source) for s in subjects]
     generated = skipped = 0
     started = time.perf_counter()
     bar = tqdm(
@@ -135,7 +137,6 @@ def run_evaluation(
     bar.close()
     generation_s = time.perf_counter() - started
 
-    references = [scorers.reference(s.image, s.source) for s in subjects]
     rows = []
     for job in tqdm(mine, desc="metrics", disable=not progress or not is_main):
         rows.extend(
