@@ -128,7 +128,7 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         "--seeds",
         nargs="+",
         type=int,
-        default=[0, 1, 2, 3],
+        default=None,
         help="Sampling seeds; every method uses the same ones (default 0 1 2 3; tiny: 0).",
     )
 
@@ -197,8 +197,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     tiny = args.domain == "tiny"
     args.steps = args.steps or (PRESETS["tiny"].sample_steps if tiny else 30)
     args.resolution = args.resolution or (PRESETS["tiny"].resolutions[0] if tiny else 1024)
-    if tiny and args.seeds == [0, 1, 2, 3]:
-        args.seeds = [0]
+    if args.seeds is None:
+        args.seeds = [0] if tiny else [0, 1, 2, 3]
     if args.resolution % 8 or args.resolution < 8:
         p.error(f"--resolution {args.resolution}: expected a positive multiple of 8.")
     if not tiny and args.encoder is None:
