@@ -348,6 +348,14 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="Sampling seeds of the sample grid, one column per prompt and seed.",
     )
     g.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="Every N steps, evaluate on the --validation_images (use held-out images) with the validation "
+        "prompts and seeds: prior and nested attention at λ=1, CLIP-I, face identity (faces, with dlib) "
+        "and, for tiny, CLIP-T; metrics and grids go to <output_dir>/eval/step-N and the trackers (0: off).",
+    )
+    g.add_argument(
         "--sample_steps",
         type=int,
         default=None,
@@ -427,6 +435,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "--checkpoints_total_limit must be at least 1 (or left out to keep all), "
             f"got {args.checkpoints_total_limit}."
         )
+    if args.eval_steps < 0:
+        p.error("--eval_steps must be 0 (no evaluation) or a positive number of steps.")
     if args.validation_steps < 0:
         p.error("--validation_steps must be 0 (no sample grids) or a positive number of steps.")
     if args.ddp_timeout < 1:
@@ -844,7 +854,9 @@ def main(args: argparse.Namespace) -> dict:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
 
     text = models_lib.TextEncoder(frozen.clip, args.token, cache=args.cache_text_embeddings)
-    validation_images = load_validation_images(args, records, data_lib) if args.validation_steps else []
+    validation_images = (
+        load_validation_images(args, records, data_lib) if args.validation_steps or args.eval_steps else []
+    )
     validation_prompts = [prompt.format(token=args.token) for prompt in args.validation_prompts]
 
     if is_main and args.report_to != "none":
@@ -974,6 +986,15 @@ def main(args: argparse.Namespace) -> dict:
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
             ):
                 sample(global_step)
+            if args.eval_steps and (
+                global_step % args.eval_steps == 0 or global_step == args.max_train_steps
+            ):
+                from .evaluation.during_training import evaluate_during_training
+
+                evaluate_during_training(
+                    accelerator, frozen, encoder, text, validation_images, validation_prompts,
+                    step=global_step, args=args, ema=ema,
+                )
     progress.close()
 
     accelerator.wait_for_everyone()

@@ -39,11 +39,17 @@ def patched_model(
     tokens: torch.Tensor,
     positions: tuple[int, ...],
     prompt_tokens: int,
+    scale: float = 1.0,
 ):
-    """A clone of the UNet's ModelPatcher with the subject on every cross-attention layer."""
+    """A clone of the UNet's ModelPatcher with the subject on every cross-attention layer (λ = `scale`)."""
     model = frozen.unet.clone()
     binding = SubjectBinding(
-        encoder=encoder, tokens=tokens, positions=positions, prompt_tokens=prompt_tokens, name="validation"
+        encoder=encoder,
+        tokens=tokens,
+        positions=positions,
+        prompt_tokens=prompt_tokens,
+        scale=float(scale),
+        name="validation",
     )
     install_subject(model, binding, encoder.layers)
     return model

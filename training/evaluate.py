@@ -1,0 +1,565 @@
+"""Evaluate a nested encoder as the paper does (section 5.2): identity and prompt alignment vs baselines.
+
+    python -m training.evaluate --domain tiny --output_dir runs/eval-tiny          # CPU, tiny models, < 1 min
+    python -m training.evaluate --domain faces --encoder faces-encoder.safetensors \\
+        --subjects data/heldout-faces --output_dir runs/eval-faces     # SDXL etc. from ComfyUI/models
+    accelerate launch --num_processes 8 -m training.evaluate ...       # the jobs split over 8 GPUs
+
+For held-out subject images and a prompt set, it generates with ComfyUI's sampler: the model with no
+subject (prior), nested attention at λ in {1, 1.5, 2, 2.5, 3, 4}, and IP-Adapter's decoupled
+cross-attention with the same encoder's projections at scales 0.5 to 1.0; then scores every image
+(CLIP-T, CLIP-I, face identity) and writes metrics.csv, summary.csv, metrics.json, tradeoff.png and
+grids/<method>.png into --output_dir. Images already there are not generated again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
+from .evaluation.generation import DECOUPLED_SCALES, LAMBDAS
+from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
+
+log = logging.getLogger("training.evaluate")
+PREFIX = "[nested-attention]"
+
+CLIP_VISION_G_NAMES = (
+    "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+    "clip_vision_g.safetensors",
+    "CLIP-ViT-bigG-14.safetensors",
+)
+# What makes an image: a run directory whose images were made with other values is refused.
+IMAGE_SETTINGS = (
+    "domain",
+    "encoder_sha256",
+    "pretrained_model",
+    "steps",
+    "cfg",
+    "resolution",
+    "sampler",
+    "scheduler",
+    "negative_prompt",
+    "token",
+    "prompts",
+    "subjects",
+    "decoupled_uncond",
+    "precision",
+)
+
+
+def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Measure identity and prompt alignment of a nested encoder against the model's prior and "
+        "decoupled cross-attention (IP-Adapter) with the same weights; write CSV, JSON, a trade-off plot and "
+        "image grids.",
+    )
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument(
+        "--domain",
+        required=True,
+        choices=["faces", "pets", "tiny"],
+        help="'faces' (token 'person', face identity), 'pets' (token 'pet', CLIP-I as identity) or "
+        "'tiny' (tiny models built in code, generated subjects; a CPU run of under a minute).",
+    )
+    g.add_argument(
+        "--output_dir",
+        required=True,
+        help="Where images, metrics and plots go. Run again with the same folder to resume.",
+    )
+    g.add_argument(
+        "--encoder",
+        default=None,
+        help="The nested encoder file (.safetensors exported by training.run). Required for faces "
+        "and pets; for tiny, a fresh encoder is built in code unless given (e.g. a tiny training "
+        "run's tiny-encoder.safetensors).",
+    )
+    g.add_argument(
+        "--subjects",
+        default=None,
+        help="Held-out subject images: a folder (every image in it, names from the file names) or a "
+        'JSON-lines manifest ({"image": path, "name": optional} per line). Generated for tiny.',
+    )
+    g.add_argument("--max_subjects", type=int, default=None, help="Use only the first N subjects.")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        help="A text file of prompts, one per line, with {token} (or the subject word) where the "
+        "subject goes; 'category: prompt' lines set the category. Default: 12 shipped prompts "
+        "(clothing, expression, scene, style); 2 for tiny.",
+    )
+    g.add_argument("--token", default=None, help="The subject word (default: the encoder's word).")
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        default=["prior", "nested", "decoupled"],
+        choices=["prior", "nested", "decoupled"],
+        help="Which methods to generate.",
+    )
+    g.add_argument(
+        "--lambdas",
+        nargs="+",
+        type=float,
+        default=list(LAMBDAS),
+        help="λ values of nested attention (the paper's: 1 1.5 2 2.5 3 4).",
+    )
+    g.add_argument(
+        "--decoupled_scales",
+        nargs="+",
+        type=float,
+        default=list(DECOUPLED_SCALES),
+        help="Scales of the decoupled cross-attention baseline (IP-Adapter's 0.5 to 1.0).",
+    )
+    g.add_argument(
+        "--decoupled_uncond",
+        choices=["black_image", "none"],
+        default="black_image",
+        help="What the decoupled baseline adds to the unconditional half of guidance: the tokens of a "
+        "black image, as IP-Adapter does (default), or nothing, as nested attention does.",
+    )
+    g.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="Sampling seeds; every method uses the same ones (default 0 1 2 3; tiny: 0).",
+    )
+
+    g = p.add_argument_group("models (default: the standard files in ComfyUI/models)")
+    g.add_argument("--pretrained_model", default=None, help="SDXL base single-file checkpoint.")
+    g.add_argument(
+        "--clip_vision",
+        default=None,
+        help="The CLIP vision file the encoder reads (ViT-H/14); also gives CLIP-I.",
+    )
+    g.add_argument(
+        "--models_dir", default=None, help="A ComfyUI models folder to look in (default: ComfyUI's)."
+    )
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="UNet weights dtype (auto: fp16 on a GPU, fp32 on the CPU).",
+    )
+
+    g = p.add_argument_group("metrics (local files only; nothing is downloaded)")
+    g.add_argument(
+        "--clip_g_vision",
+        default=None,
+        help="The ViT-bigG vision file (CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors): with SDXL's "
+        "own CLIP-G text tower it gives CLIP-T in the OpenCLIP ViT-bigG-14 space. Looked for in "
+        "ComfyUI/models/clip_vision when not given.",
+    )
+    g.add_argument(
+        "--open_clip_model",
+        default=None,
+        help="CLIP-T (also) in this OpenCLIP model's space: a built-in open_clip name, e.g. ViT-H-14.",
+    )
+    g.add_argument(
+        "--open_clip_checkpoint", default=None, help="The local .safetensors weights for --open_clip_model."
+    )
+    g.add_argument(
+        "--identity",
+        choices=["auto", "dlib", "clip-i", "none"],
+        default="auto",
+        help="Face identity model: dlib's ResNet embedder (pip install dlib-bin face-recognition-models), "
+        "or none. CLIP-I is always measured. auto: dlib for faces, none for pets, the stand-in for tiny.",
+    )
+    g.add_argument(
+        "--dlib_models",
+        default=None,
+        help="A folder with shape_predictor_5_face_landmarks.dat and "
+        "dlib_face_recognition_resnet_model_v1.dat (default: the face_recognition_models package's).",
+    )
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=None, help="Sampler steps (default 30; tiny 4).")
+    g.add_argument("--cfg", type=float, default=5.0, help="Classifier-free guidance scale.")
+    g.add_argument(
+        "--resolution", type=int, default=None, help="Image side in pixels (default 1024; tiny 64)."
+    )
+    g.add_argument("--sampler", default="euler", help="A ComfyUI sampler name (KSampler's list).")
+    g.add_argument("--scheduler", default="normal", help="A ComfyUI scheduler name.")
+    g.add_argument("--negative_prompt", default="", help="The negative prompt of every image.")
+    g.add_argument("--no_grids", action="store_true", help="Skip the image grids.")
+    g.add_argument(
+        "--cpu_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
+
+    args = p.parse_args(args)
+    tiny = args.domain == "tiny"
+    args.steps = args.steps or (PRESETS["tiny"].sample_steps if tiny else 30)
+    args.resolution = args.resolution or (PRESETS["tiny"].resolutions[0] if tiny else 1024)
+    if args.seeds is None:
+        args.seeds = [0] if tiny else [0, 1, 2, 3]
+    if args.resolution % 8 or args.resolution < 8:
+        p.error(f"--resolution {args.resolution}: expected a positive multiple of 8.")
+    if not tiny and args.encoder is None:
+        p.error(f"--domain {args.domain} needs --encoder (a .safetensors file exported by training.run).")
+    if args.encoder is not None and not os.path.isfile(args.encoder):
+        p.error(f"--encoder {args.encoder}: no such file.")
+    if (args.open_clip_model is None) != (args.open_clip_checkpoint is None):
+        p.error(
+            "--open_clip_model and --open_clip_checkpoint go together (a built-in name, its local weights)."
+        )
+    if args.identity == "dlib" and tiny:
+        p.error(
+            "--identity dlib needs real faces; the tiny domain uses its stand-in (leave --identity auto)."
+        )
+    if "nested" not in args.methods and "decoupled" not in args.methods and "prior" not in args.methods:
+        p.error("--methods: choose at least one.")
+    return args
+
+
+def find_model(value: Optional[str], folder: str, names: tuple, what: str, flag: str, models_dir) -> str:
+    if value is not None:
+        if not os.path.isfile(value):
+            raise SystemExit(f"{PREFIX} --{flag} {value}: no such file ({what}).")
+        return value
+    candidates = [Path(models_dir) / folder / name for name in names] if models_dir else []
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = Path(models_dir) / folder if models_dir else f"<ComfyUI>/models/{folder}"
+        raise SystemExit(
+            f"{PREFIX} {what} was not found: looked for {', '.join(names)} in {where}. Put it there "
+            f"or pass --{flag} PATH."
+        )
+    return str(found)
+
+
+def load_subjects(args: argparse.Namespace, output_dir: Path):
+    """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
+    from .data import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
+    from .evaluation.generation import Subject
+
+    source = args.subjects
+    if source is None:
+        if args.domain != "tiny":
+            raise SystemExit(
+                f"{PREFIX} --subjects is required: a folder of held-out {args.domain} images or a "
+                "manifest.jsonl. Use images the encoder was not trained on."
+            )
+        from .tiny import make_tiny_dataset
+
+        source = str(make_tiny_dataset(output_dir / "tiny-subjects", count=2, size=64, seed=1))
+    path = Path(source)
+    entries: list[tuple[str, str]] = []  # (name, image path)
+    if path.is_dir():
+        for file in sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS):
+            entries.append((str(file.relative_to(path).with_suffix("")), str(file)))
+    elif path.is_file() and path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            image = item.get("image") or item.get("input")
+            if not image:
+                raise SystemExit(
+                    f'{PREFIX} {path}, line {number}: expected {{"image": path}}, found {line!r}.'
+                )
+            image = str((path.parent / image) if not os.path.isabs(image) else image)
+            entries.append((item.get("name") or Path(image).stem, image))
+    else:
+        raise SystemExit(f"{PREFIX} --subjects {source}: expected a folder of images or a .jsonl manifest.")
+    if args.max_subjects:
+        entries = entries[: args.max_subjects]
+    if not entries:
+        raise SystemExit(f"{PREFIX} no subject images in {source} ({', '.join(IMAGE_EXTENSIONS)}).")
+    subjects, seen = [], set()
+    for name, file in entries:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        if name in seen:
+            raise SystemExit(f"{PREFIX} two subjects are named {name!r}; give them distinct names.")
+        seen.add(name)
+        try:
+            image = to_comfy_image(open_image(file))
+        except BadImage as e:
+            raise SystemExit(f"{PREFIX} subject image {file}: {e}") from e
+        subjects.append(Subject(name=name, source=file, image=image))
+    return subjects
+
+
+def encoder_fingerprint(encoder) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_resume(output_dir: Path, settings: dict) -> None:
+    """Refuse to mix images made with other settings into this run's folder."""
+    path = output_dir / "settings.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)]
+    if changed:
+        raise SystemExit(
+            f"{PREFIX} {output_dir} holds images made with other settings ({', '.join(changed)} differ), "
+            "which a resumed run would mix in. Use a new --output_dir, or delete that folder's images/."
+        )
+
+
+def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
+    from .evaluation import metrics
+
+    clip_t = []
+    if args.domain == "tiny":
+        from .tiny import tiny_clip_vision
+
+        # The tiny test bed's joint space: the tiny SDXL CLIP's CLIP-G pooled output with a tiny vision
+        # tower projecting to the same width; the code path of SDXL CLIP-G + ViT-bigG.
+        clip_t.append(
+            metrics.ComfyClipSpace(
+                clip=frozen.clip,
+                clip_vision=tiny_clip_vision(seed=1, projection_dim=1280),
+                name="tiny-clip-g+tiny-vision",
+            )
+        )
+    else:
+        path = args.clip_g_vision
+        if path is None and models_dir is not None:
+            path = next(
+                (
+                    str(Path(models_dir) / "clip_vision" / n)
+                    for n in CLIP_VISION_G_NAMES
+                    if (Path(models_dir) / "clip_vision" / n).is_file()
+                ),
+                None,
+            )
+        if path is not None:
+            import comfy.clip_vision
+
+            vision = comfy.clip_vision.load(path)
+            if vision is None:
+                raise SystemExit(
+                    f"{PREFIX} --clip_g_vision {path} is not a CLIP vision model ComfyUI can load."
+                )
+            clip_t.append(
+                metrics.ComfyClipSpace(
+                    clip=frozen.clip, clip_vision=vision, name=f"sdxl-clip-g+{Path(path).stem}"
+                )
+            )
+        if args.open_clip_model:
+            try:
+                clip_t.append(
+                    metrics.OpenClipSpace(
+                        model_name=args.open_clip_model, checkpoint=args.open_clip_checkpoint, device=device
+                    )
+                )
+            except metrics.MetricSetupError as e:
+                raise SystemExit(f"{PREFIX} {e}") from e
+        if not clip_t:
+            raise SystemExit(
+                f"{PREFIX} CLIP-T needs a joint CLIP space from local files: put the ViT-bigG vision "
+                f"file ({CLIP_VISION_G_NAMES[0]}) in ComfyUI/models/clip_vision or pass --clip_g_vision "
+                "PATH (used with SDXL's own CLIP-G text tower), and/or pass --open_clip_model NAME "
+                "--open_clip_checkpoint FILE."
+            )
+    clip_i = metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=encoder_clip_name)
+    identity = None
+    choice = args.identity
+    if choice == "auto":
+        choice = {"faces": "dlib", "tiny": "tiny"}.get(args.domain, "none")
+    try:
+        if choice == "dlib":
+            identity = metrics.DlibIdentity(models_dir=args.dlib_models)
+        elif choice == "tiny":
+            identity = metrics.TinyIdentity()
+    except metrics.MetricSetupError as e:
+        raise SystemExit(f"{PREFIX} {e}") from e
+    return metrics.Scorers(clip_t=clip_t, clip_i=clip_i, identity=identity)
+
+
+def main(args: argparse.Namespace) -> Optional[dict]:
+    """Run the evaluation; returns the report (metrics.json's content) on the main process."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("training").setLevel(logging.INFO)
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not has_accelerator())
+    # ComfyUI is imported only now, so its device choice sees the device accelerate gave this process.
+    from nested_attention import load_encoder
+
+    from . import models as models_lib
+    from .evaluation import prompts as prompts_lib
+    from .evaluation.generation import Generator, SampleSettings, methods
+    from .evaluation.metrics import MetricSetupError
+    from .evaluation.pipeline import run_evaluation
+
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    output_dir = Path(args.output_dir)
+    tiny = args.domain == "tiny"
+    preset = PRESETS[args.domain]
+    models_dir = None
+    if not tiny:
+        try:
+            models_dir = Path(args.models_dir) if args.models_dir else find_comfyui() / "models"
+        except ComfyNotFoundError:
+            models_dir = None
+        args.pretrained_model = find_model(
+            args.pretrained_model,
+            "checkpoints",
+            SDXL_CHECKPOINT_NAMES,
+            "the SDXL base checkpoint",
+            "pretrained_model",
+            models_dir,
+        )
+        args.clip_vision = find_model(
+            args.clip_vision,
+            "clip_vision",
+            CLIP_VISION_H_NAMES,
+            "the CLIP vision model of the encoder",
+            "clip_vision",
+            models_dir,
+        )
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp16" if torch.cuda.is_available() else "fp32"
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    try:
+        frozen = models_lib.load_frozen(
+            tiny=tiny,
+            checkpoint=args.pretrained_model,
+            clip_vision_path=args.clip_vision,
+            weight_dtype=weight_dtype,
+            seed=0,
+        )
+    except ValueError as e:
+        raise SystemExit(f"{PREFIX} cannot load the models: {e}") from e
+    if args.encoder:
+        encoder = load_encoder(args.encoder)
+        cfg = encoder.config
+        if cfg.layers != frozen.layers or not cfg.clip_vision.same_architecture(frozen.clip_vision_spec):
+            raise SystemExit(
+                f"{PREFIX} {args.encoder} was trained for {len(cfg.layers)} layers and CLIP vision "
+                f"{cfg.clip_vision.describe()}; the loaded models have {len(frozen.layers)} layers and "
+                f"{frozen.clip_vision_spec.describe()}."
+            )
+        encoder_name = os.path.basename(args.encoder)
+    else:
+        encoder = models_lib.make_encoder(
+            domain=preset.domain,
+            token=preset.token,
+            qformer=preset.qformer,
+            frozen=frozen,
+            alpha=2.0,
+            init_from_unet=True,
+            seed=0,
+        )
+        encoder_name = "tiny encoder (untrained, built in code)"
+    encoder = encoder.float().to(accelerator.device).eval().requires_grad_(False)
+    token = args.token or encoder.config.token
+    prompts = (
+        prompts_lib.load_prompts(args.prompts, token)
+        if args.prompts
+        else list(prompts_lib.TINY_PROMPTS if tiny else prompts_lib.DEFAULT_PROMPTS)
+    )
+    subjects = load_subjects(args, output_dir)
+    sample_settings = SampleSettings(
+        steps=args.steps,
+        cfg=args.cfg,
+        resolution=args.resolution,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+    )
+    settings = {
+        "domain": args.domain,
+        "encoder": encoder_name,
+        "encoder_sha256": encoder_fingerprint(encoder),
+        "pretrained_model": os.path.basename(args.pretrained_model)
+        if args.pretrained_model
+        else "tiny (built in)",
+        "clip_vision": os.path.basename(args.clip_vision)
+        if args.clip_vision
+        else frozen.clip_vision_spec.name,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "resolution": args.resolution,
+        "sampler": args.sampler,
+        "scheduler": args.scheduler,
+        "negative_prompt": args.negative_prompt,
+        "token": token,
+        "precision": precision,
+        "decoupled_uncond": args.decoupled_uncond,
+        "prompts": prompts_lib.describe(prompts),
+        "subjects": [{"name": s.name, "source": s.source} for s in subjects],
+        "seeds": args.seeds,
+        "lambdas": args.lambdas,
+        "decoupled_scales": args.decoupled_scales,
+        "processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        check_resume(output_dir, settings)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "settings.json").write_text(json.dumps(settings, indent=1, ensure_ascii=False))
+    accelerator.wait_for_everyone()
+
+    scorers = build_scorers(args, frozen, settings["clip_vision"], accelerator.device, models_dir)
+    text = models_lib.TextEncoder(frozen.clip, token)
+    generator = Generator(
+        frozen=frozen,
+        encoder=encoder,
+        text=text,
+        subjects=subjects,
+        prompts=prompts,
+        token=token,
+        settings=sample_settings,
+        host=models_lib.comfy_attention,
+        decoupled_uncond=args.decoupled_uncond == "black_image",
+    )
+    chosen = methods(
+        prior="prior" in args.methods,
+        lambdas=args.lambdas if "nested" in args.methods else (),
+        scales=args.decoupled_scales if "decoupled" in args.methods else (),
+    )
+    try:
+        result = run_evaluation(
+            generator=generator,
+            scorers=scorers,
+            methods=chosen,
+            seeds=args.seeds,
+            output_dir=output_dir,
+            settings=settings,
+            accelerator=accelerator,
+            grids=not args.no_grids,
+            progress=True,
+        )
+    except MetricSetupError as e:  # e.g. a subject photo with no detectable face
+        raise SystemExit(f"{PREFIX} {e}") from e
+    if result is not None:
+        print_summary(result)
+    accelerator.end_training()
+    return result
+
+
+def print_summary(result: dict) -> None:
+    """The per-method means as a table; short column names, each figure's space listed below it."""
+    metrics = result["metrics"]
+    short = [m.split("[", 1)[0] for m in metrics]
+    print(f"{result['generated']} images generated, {result['skipped']} already there (resumed)")
+    print(f"{'method':<22}" + "".join(f"{s:>12}" for s in short) + f"{'no face':>10}")
+    for e in result["summary"]:
+        label = e["method"] if e["value"] is None else f"{e['method']} {e['parameter']}={e['value']:g}"
+        cells = "".join(f"{'-' if e[m] is None else format(e[m], '.4f'):>12}" for m in metrics)
+        faces = f"{e['face_failures']}/{e['rows']}" if "face_failures" in e else ""
+        print(f"{label:<22}{cells}{faces:>10}")
+    for s, m in zip(short, metrics):
+        print(f"  {s}: {m}")
+    for name, path in result["files"].items():
+        print(f"{name}: {path if isinstance(path, str) else f'{len(path)} files in {Path(path[0]).parent}'}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

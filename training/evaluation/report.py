@@ -1,0 +1,189 @@
+"""The evaluation's outputs: every figure as CSV and JSON, per-method means, the trade-off plot, image grids.
+
+The plot follows the paper's Figure 10: identity against prompt alignment (CLIP-T), one curve per
+method, one point per λ (nested) or scale (decoupled), the prior as a single point.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import textwrap
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BASE_COLUMNS = [
+    "method",
+    "parameter",
+    "value",
+    "subject",
+    "subject_source",
+    "prompt_index",
+    "category",
+    "prompt",
+    "clip_t_text",
+    "seed",
+    "image",
+]
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(present)) if present else None
+
+
+def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
+    """One entry per method setting: image count, the mean of each figure, and face detection failures.
+
+    Identity means are over images with a detected face; `face_failures` says how many had none (they
+    are failures of the method, reported next to the mean, never dropped silently).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["value"] if row["value"] is not None else -1.0), []).append(row)
+    order = {"prior": 0, "nested": 1, "decoupled": 2}
+    out = []
+    for (method, _), items in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        entry: dict[str, Any] = {
+            "method": method,
+            "parameter": items[0]["parameter"],
+            "value": items[0]["value"],
+            "rows": len(items),
+            "images": len({r["image"] for r in items}),
+        }
+        for name in metrics:
+            entry[name] = _mean([r.get(name) for r in items])
+        if any("face_found" in r for r in items):
+            found = [bool(r.get("face_found")) for r in items]
+            entry["face_failures"] = found.count(False)
+            entry["face_failure_rate"] = found.count(False) / len(found)
+        out.append(entry)
+    return out
+
+
+def write_csv(rows: Sequence[dict], metrics: Sequence[str], path: Path) -> Path:
+    columns = BASE_COLUMNS + list(metrics) + (["face_found"] if any("face_found" in r for r in rows) else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return path
+
+
+def write_summary_csv(summary: Sequence[dict], metrics: Sequence[str], path: Path) -> Path:
+    """The per-method means, one line per method setting."""
+    columns = ["method", "parameter", "value", "rows", "images"] + list(metrics)
+    columns += [c for c in ("face_failures", "face_failure_rate") if any(c in e for e in summary)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for entry in summary:
+            writer.writerow({k: ("" if entry.get(k) is None else entry.get(k)) for k in columns})
+    return path
+
+
+def write_json(payload: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+    tmp.replace(path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: str = "") -> Path:
+    """Identity (y) against CLIP-T (x): a curve per method, a point per λ / scale, labelled with its value."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    styles = {
+        "nested": ("tab:blue", "o", "nested attention, λ"),
+        "decoupled": ("tab:orange", "s", "decoupled (IP-Adapter), scale"),
+    }
+    for method, (colour, marker, label) in styles.items():
+        points = [
+            e for e in summary if e["method"] == method and e.get(x) is not None and e.get(y) is not None
+        ]
+        if not points:
+            continue
+        xs, ys = [e[x] for e in points], [e[y] for e in points]
+        ax.plot(xs, ys, color=colour, marker=marker, label=label)
+        for n, e in enumerate(points):  # labels alternate above and below, so close points stay readable
+            note = f"{e['value']:g}"
+            if e.get("face_failures"):
+                note += f" ({e['face_failures']}/{e['rows']} no face)"
+            offset = (5, 4 if n % 2 == 0 else -11)
+            ax.annotate(
+                note, (e[x], e[y]), textcoords="offset points", xytext=offset, fontsize=8, color=colour
+            )
+    for e in summary:
+        if e["method"] == "prior" and e.get(x) is not None and e.get(y) is not None:
+            ax.scatter(
+                [e[x]], [e[y]], color="tab:gray", marker="x", s=60, label="prior (no subject)", zorder=3
+            )
+    ax.set_xlabel(f"prompt alignment: {x}, cosine")
+    ax.set_ylabel(f"identity: {y}, cosine")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_grid(
+    cells: Sequence[Sequence[Optional[np.ndarray]]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: Path,
+    title: str = "",
+    cell_inches: float = 1.6,
+) -> Path:
+    """A labelled PNG grid: cells[r][c] (H, W, 3) float in [0, 1] or None (blank), labels on both axes."""
+    plt = _pyplot()
+    rows, cols = len(cells), max(len(r) for r in cells)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * cell_inches + 0.6, rows * cell_inches + 0.9), dpi=100, squeeze=False
+    )
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cell = cells[r][c] if c < len(cells[r]) else None
+            if cell is not None:
+                ax.imshow(np.clip(cell, 0, 1), interpolation="nearest")
+            elif c == 0:  # no input photo (the prior's row): say so instead of an empty frame
+                ax.text(0.5, 0.5, "(none)", ha="center", va="center", fontsize=8, color="gray")
+            else:
+                ax.axis("off")
+            if r == 0:
+                ax.set_title("\n".join(textwrap.wrap(col_labels[c], 22)), fontsize=7)
+            if c == 0:
+                ax.set_ylabel("\n".join(textwrap.wrap(row_labels[r], 16)), fontsize=7)
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
