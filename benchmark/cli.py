@@ -23,31 +23,68 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Measure nested attention's cost per SDXL sampling step next to plain SDXL and an IP-Adapter-style "
-                    "injection, with FLOP floors, encoding time, memory and the trainer's throughput.")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="Where to run: 'auto' takes the GPU when torch sees one, else the CPU.")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="Image side in pixels, a multiple of 64 (default: 512 on the CPU, 1024 on a GPU).")
-    p.add_argument("--steps", type=int, default=None,
-                   help="Timed UNet evaluations (CFG steps) per variant after one warm-up step each (default: 3 on "
-                        "the CPU, where one full SDXL step at 512 takes 10 to 20 s on two cores; 10 on a GPU).")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="Weights and activations of the UNet and the encoder (default: fp32 on the CPU, fp16 on a GPU).")
-    p.add_argument("--json", default=str(DEFAULT_JSON),
-                   help=f"Where to write the results as JSON (default: {DEFAULT_JSON.relative_to(REPO)}).")
-    p.add_argument("--attention-reps", type=int, default=None,
-                   help="Back-to-back calls per timed block when timing the 70 cross-attention calls alone; each "
-                        "layer is timed in 3 interleaved rounds (default: 1 on the CPU, 20 on a GPU).")
-    p.add_argument("--skip-trainer", action="store_true",
-                   help="Do not measure the trainer's throughput (tiny preset on the CPU; SDXL on a GPU).")
-    p.add_argument("--trainer-steps", type=int, default=8,
-                   help="Timed training steps for each trainer figure, after warm-up.")
-    p.add_argument("--trainer-batch-size", type=int, default=1,
-                   help="Batch size of the SDXL trainer figure on a GPU.")
-    p.add_argument("--profile", action="store_true",
-                   help="Also print torch.profiler's operator table for one nested attn2 call (M=1024, widest layer).")
+        "injection, with FLOP floors, encoding time, memory and the trainer's throughput.",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="Where to run: 'auto' takes the GPU when torch sees one, else the CPU.",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Image side in pixels, a multiple of 64 (default: 512 on the CPU, 1024 on a GPU).",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Timed UNet evaluations (CFG steps) per variant after one warm-up step each (default: 3 on "
+        "the CPU, where one full SDXL step at 512 takes 10 to 20 s on two cores; 10 on a GPU).",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="Weights and activations of the UNet and the encoder (default: fp32 on the CPU, fp16 on a GPU).",
+    )
+    p.add_argument(
+        "--json",
+        default=str(DEFAULT_JSON),
+        help=f"Where to write the results as JSON (default: {DEFAULT_JSON.relative_to(REPO)}).",
+    )
+    p.add_argument(
+        "--attention-reps",
+        type=int,
+        default=None,
+        help="Back-to-back calls per timed block when timing the 70 cross-attention calls alone; each "
+        "layer is timed in 3 interleaved rounds (default: 1 on the CPU, 20 on a GPU).",
+    )
+    p.add_argument(
+        "--skip-trainer",
+        action="store_true",
+        help="Do not measure the trainer's throughput (tiny preset on the CPU; SDXL on a GPU).",
+    )
+    p.add_argument(
+        "--trainer-steps",
+        type=int,
+        default=8,
+        help="Timed training steps for each trainer figure, after warm-up.",
+    )
+    p.add_argument(
+        "--trainer-batch-size", type=int, default=1, help="Batch size of the SDXL trainer figure on a GPU."
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="Also print torch.profiler's operator table for one nested attn2 call (M=1024, widest layer).",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke run on tiny models (tests)
-    p.add_argument("--trainer-child", default=None, help=argparse.SUPPRESS)  # internal: the tiny trainer's process
+    p.add_argument(
+        "--trainer-child", default=None, help=argparse.SUPPRESS
+    )  # internal: the tiny trainer's process
     p.add_argument("--trainer-warmup", type=int, default=2, help=argparse.SUPPRESS)
     args = p.parse_args(args)
 
@@ -63,12 +100,16 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     args.dtype = ("fp16" if gpu else "fp32") if args.dtype is None else args.dtype
     args.attention_reps = (20 if gpu else 1) if args.attention_reps is None else args.attention_reps
     if args.resolution % 64 or args.resolution <= 0:
-        p.error(f"--resolution {args.resolution}: expected a positive multiple of 64 (SDXL's latent is 1/8 of it "
-                "and the UNet halves that twice).")
+        p.error(
+            f"--resolution {args.resolution}: expected a positive multiple of 64 (SDXL's latent is 1/8 of it "
+            "and the UNet halves that twice)."
+        )
     if args.steps < 1 or args.attention_reps < 1 or args.trainer_steps < 1 or args.trainer_batch_size < 1:
         p.error("--steps, --attention-reps, --trainer-steps and --trainer-batch-size must be at least 1.")
     if args.dtype == "fp16" and not gpu:
-        p.error("--dtype fp16 on the CPU: ComfyUI computes float16 weights in float32 there; use fp32 or bf16.")
+        p.error(
+            "--dtype fp16 on the CPU: ComfyUI computes float16 weights in float32 there; use fp32 or bf16."
+        )
     return args
 
 

@@ -57,23 +57,39 @@ class _ShapeRecorder:
         self.key, self.calls, self.host = key, calls, host
 
     def __call__(self, q, k, v, extra_options):
-        self.calls.append(AttentionCall(self.key, q.shape[1], q.shape[2], extra_options["n_heads"],
-                                        extra_options.get("activations_shape")))
+        self.calls.append(
+            AttentionCall(
+                self.key,
+                q.shape[1],
+                q.shape[2],
+                extra_options["n_heads"],
+                extra_options.get("activations_shape"),
+            )
+        )
         return self.host(q, k, v, extra_options["n_heads"], extra_options)
 
     def __deepcopy__(self, memo):
         return self
 
 
-def layer_inputs(call: AttentionCall, batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> tuple:
+def layer_inputs(
+    call: AttentionCall, batch: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> tuple:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, call.n, call.dim, generator=g)
     k = torch.randn(batch, CHUNK, call.dim, generator=g)
     v = torch.randn(batch, CHUNK, call.dim, generator=g)
     block, number, index = call.key
-    extra = {"cond_or_uncond": [0, 1][:batch], "sigmas": torch.full((batch,), SIGMA, device=device),
-             "block": (block, number), "block_index": index, "n_heads": call.heads, "dim_head": call.dim // call.heads,
-             "attn_precision": None, "activations_shape": call.activations_shape}
+    extra = {
+        "cond_or_uncond": [0, 1][:batch],
+        "sigmas": torch.full((batch,), SIGMA, device=device),
+        "block": (block, number),
+        "block_index": index,
+        "n_heads": call.heads,
+        "dim_head": call.dim // call.heads,
+        "attn_precision": None,
+        "activations_shape": call.activations_shape,
+    }
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), extra
 
 
@@ -168,7 +184,16 @@ class PeakMemory:
 
 
 # Ops that only relabel a tensor's metadata (outside autograd these reach the dispatcher decomposed).
-_NO_KERNEL = {"_unsafe_view", "alias", "lift_fresh", "detach", "detach_", "resolve_conj", "resolve_neg", "set_"}
+_NO_KERNEL = {
+    "_unsafe_view",
+    "alias",
+    "lift_fresh",
+    "detach",
+    "detach_",
+    "resolve_conj",
+    "resolve_neg",
+    "set_",
+}
 
 
 class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -183,7 +208,9 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.syncs: list[str] = []
         self.kernels: list[str] = []  # ops that compute a new device tensor: at least one kernel launch each
-        self.fused = 0  # > 0 inside an op counted as one fused kernel (SDPA), whose decomposition on meta is not
+        self.fused = (
+            0  # > 0 inside an op counted as one fused kernel (SDPA), whose decomposition on meta is not
+        )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self._dispatch(func, args, kwargs or {})
@@ -195,8 +222,10 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
         if func.is_view or name in _NO_KERNEL:
             return out
         in_place = func._schema.is_mutable
-        if any(isinstance(o, torch.Tensor) and o.device.type != "cpu" and (in_place or id(o) not in inputs)
-               for o in outputs):
+        if any(
+            isinstance(o, torch.Tensor) and o.device.type != "cpu" and (in_place or id(o) not in inputs)
+            for o in outputs
+        ):
             self.kernels.append(name)
         return out
 
@@ -213,7 +242,11 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
             with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
                 return func(*args, **kwargs)
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if func.overloadpacket in (aten._to_copy, aten.to) and source is not None and source.device.type == "cpu":
+        if (
+            func.overloadpacket in (aten._to_copy, aten.to)
+            and source is not None
+            and source.device.type == "cpu"
+        ):
             target = kwargs.get("device") or next((a for a in args[1:] if isinstance(a, torch.device)), None)
             blocking = not kwargs.get("non_blocking", func is aten.to.device and len(args) > 3 and args[3])
             if target is not None and torch.device(target).type != "cpu" and blocking:

@@ -53,8 +53,14 @@ def machine_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
     try:
         import comfyui_version
 
@@ -74,7 +80,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     """The whole measurement (see the package's docstring); returns the result the table and the JSON show."""
     import comfy.ldm.modules.attention
 
-    # The shared model builders; imported only now, after configure_comfy (they import comfy.model_management).
+    # The shared model builders, imported only after configure_comfy: they import comfy.model_management.
     from training.tiny import build_encoder, build_unet, clip_vision_h, sdxl_unet_config, tiny_qformer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -82,10 +88,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         torch.set_flush_denormal(True)
     host = host_attention()
     started = time.perf_counter()
-    result: dict = {"machine": machine_info(device), "config": {
-        "device": device.type, "dtype": args.dtype, "resolution": args.resolution, "steps": args.steps,
-        "batch": "cond + uncond (CFG), 2 rows", "host_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
-        "num_tokens": list(NUM_TOKENS), "ip_tokens": IP_TOKENS, "tiny_models": args.tiny}}
+    result: dict = {
+        "machine": machine_info(device),
+        "config": {
+            "device": device.type,
+            "dtype": args.dtype,
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "batch": "cond + uncond (CFG), 2 rows",
+            "host_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
+            "num_tokens": list(NUM_TOKENS),
+            "ip_tokens": IP_TOKENS,
+            "tiny_models": args.tiny,
+        },
+    }
 
     # FLOPs and attention shapes on meta: free, and at 1024 whatever the run's resolution.
     log.info("%s counting FLOPs on the meta device", PREFIX)
@@ -93,11 +109,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     qformer = tiny_qformer() if args.tiny else QFormerConfig()
     meta = build_unet(unet_config, torch.device("meta"), dtype)
     layers = unet_layers(meta.model.diffusion_model)
-    meta_encoders = {m: build_encoder(m, layers, torch.device("meta"), dtype, qformer=qformer) for m in NUM_TOKENS}
+    meta_encoders = {
+        m: build_encoder(m, layers, torch.device("meta"), dtype, qformer=qformer) for m in NUM_TOKENS
+    }
     meta_tokens = {m: torch.empty(1, m, SDXL_CONTEXT_DIM, device="meta", dtype=dtype) for m in NUM_TOKENS}
-    meta_variants = {f"nested M={m}": with_nested(meta, subject_binding(meta_encoders[m], meta_tokens[m]), layers, host)
-                     for m in NUM_TOKENS}
-    meta_variants[f"IP-Adapter {IP_TOKENS} tokens"] = with_ip_adapter(meta, layers, host, torch.device("meta"), dtype)
+    meta_variants = {
+        f"nested M={m}": with_nested(meta, subject_binding(meta_encoders[m], meta_tokens[m]), layers, host)
+        for m in NUM_TOKENS
+    }
+    meta_variants[f"IP-Adapter {IP_TOKENS} tokens"] = with_ip_adapter(
+        meta, layers, host, torch.device("meta"), dtype
+    )
     flops: dict = {}
     for res in sorted({args.resolution, 1024}):
         calls = attention_calls(meta, res, host)
@@ -106,8 +128,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for name, variant in meta_variants.items():
             m = int(name.split("=")[1]) if name.startswith("nested") else IP_TOKENS
             floor = nested_floor(calls, m) if name.startswith("nested") else ip_adapter_floor(calls)
-            entry["variants"][name] = {"floor": floor, "counted": count_flops(variant, res)["total"] - plain,
-                                       "rows": 1 if name.startswith("nested") else 2}
+            entry["variants"][name] = {
+                "floor": floor,
+                "counted": count_flops(variant, res)["total"] - plain,
+                "rows": 1 if name.startswith("nested") else 2,
+            }
         flops[res] = entry
     result["flops"] = {str(k): v for k, v in flops.items()}
     calls = attention_calls(meta, args.resolution, host)
@@ -129,7 +154,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     first = build_encoder(NUM_TOKENS[0], layers, device, dtype, seed=1, qformer=qformer)
     encoders = {NUM_TOKENS[0]: first}
     for m in NUM_TOKENS[1:]:
-        encoders[m] = build_encoder(m, layers, device, dtype, seed=1, qformer=qformer, projections=first.projections)
+        encoders[m] = build_encoder(
+            m, layers, device, dtype, seed=1, qformer=qformer, projections=first.projections
+        )
 
     log.info("%s encoding one subject", PREFIX)
     if args.tiny:
@@ -138,20 +165,28 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         clip_vision = tiny_clip_vision(seed=0, hidden=qformer.clip_dim)
     else:
         clip_vision = clip_vision_h(device)
-    result["encode"], tokens = benchmark_encoding(clip_vision, encoders, device, dtype,
-                                                   reps=3 if device.type == "cuda" else 1)
+    result["encode"], tokens = benchmark_encoding(
+        clip_vision, encoders, device, dtype, reps=3 if device.type == "cuda" else 1
+    )
     del clip_vision
     gc.collect()
 
     variants = [Variant("plain SDXL", model, rows=0)]
     for m in NUM_TOKENS:
         binding = subject_binding(encoders[m], tokens[m], name=f"benchmark M={m}")
-        variant = Variant(f"nested M={m}", with_nested(model, binding, layers, host), rows=1, num_tokens=m,
-                          binding=binding)
+        variant = Variant(
+            f"nested M={m}", with_nested(model, binding, layers, host), rows=1, num_tokens=m, binding=binding
+        )
         variant.projections = count_projections(binding)
         variants.append(variant)
-    variants.append(Variant(f"IP-Adapter {IP_TOKENS} tokens", with_ip_adapter(model, layers, host, device, dtype),
-                            rows=2, num_tokens=IP_TOKENS))
+    variants.append(
+        Variant(
+            f"IP-Adapter {IP_TOKENS} tokens",
+            with_ip_adapter(model, layers, host, device, dtype),
+            rows=2,
+            num_tokens=IP_TOKENS,
+        )
+    )
 
     # Whole steps: one first (warm-up; nested projects K~/V~ here) per variant, then timed rounds.
     inputs = step_inputs(2, args.resolution, device)
@@ -179,7 +214,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     attention = time_attention_calls(calls, patch_sets, host, device, dtype, reps=args.attention_reps)
     profile = None
     if args.profile:
-        profile = profile_attention(widest, patch_sets[f"nested M={NUM_TOKENS[-1]}"][widest.key], device, dtype)
+        profile = profile_attention(
+            widest, patch_sets[f"nested M={NUM_TOKENS[-1]}"][widest.key], device, dtype
+        )
 
     # The fastest timed step: other load on the machine only ever slows a step down.
     plain = min(variants[0].step_s)
@@ -187,23 +224,36 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     rows = []
     for v in variants:
         step = min(v.step_s)
-        row = {"name": v.name, "rows": v.rows, "num_tokens": v.num_tokens, "first_step_s": v.first_s,
-               "step_s": v.step_s, "step_best_s": step, "step_median_s": statistics.median(v.step_s),
-               "peak_memory_bytes": v.peak_bytes,
-               "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else
-               ("peak RSS of the step" if memory.resettable else "process peak RSS so far"),
-               "output_finite": v.finite}
+        row = {
+            "name": v.name,
+            "rows": v.rows,
+            "num_tokens": v.num_tokens,
+            "first_step_s": v.first_s,
+            "step_s": v.step_s,
+            "step_best_s": step,
+            "step_median_s": statistics.median(v.step_s),
+            "peak_memory_bytes": v.peak_bytes,
+            "peak_memory_kind": "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else ("peak RSS of the step" if memory.resettable else "process peak RSS so far"),
+            "output_finite": v.finite,
+        }
         if v.rows:
             extra_s = step - plain
             fl = flops[args.resolution]["variants"][v.name]
-            row.update({
-                "overhead_step": extra_s / plain,
-                # Per evaluation that carries the injection: nested only in the cond half, IP-Adapter in both.
-                "overhead_eval": (extra_s / v.rows) / (plain / 2),
-                "attention_s": attention[v.name], "attention_host_s": attention["host"],
-                "attention_overhead_eval": ((attention[v.name] - attention["host"]) / v.rows) / (plain / 2),
-                "floor_eval": fl["floor"] / plain_eval_flops, "counted_eval": fl["counted"] / plain_eval_flops,
-            })
+            row.update(
+                {
+                    "overhead_step": extra_s / plain,
+                    # Per evaluation that carries the injection: nested only in the cond half, IP-Adapter in both.
+                    "overhead_eval": (extra_s / v.rows) / (plain / 2),
+                    "attention_s": attention[v.name],
+                    "attention_host_s": attention["host"],
+                    "attention_overhead_eval": ((attention[v.name] - attention["host"]) / v.rows)
+                    / (plain / 2),
+                    "floor_eval": fl["floor"] / plain_eval_flops,
+                    "counted_eval": fl["counted"] / plain_eval_flops,
+                }
+            )
             row["ratio_to_floor"] = row["overhead_eval"] / row["floor_eval"]
             row["attention_ratio_to_floor"] = row["attention_overhead_eval"] / row["floor_eval"]
         if v.binding is not None:
@@ -212,8 +262,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             row["kv_cache_bytes"] = cache_bytes(v.binding)
         rows.append(row)
     result["variants"] = rows
-    result["attention_calls"] = {"host_s": attention["host"], "reps": args.attention_reps, "count": len(calls),
-                                 "widest_layer": list(widest.key), "gpu_work_per_call": gpu_work}
+    result["attention_calls"] = {
+        "host_s": attention["host"],
+        "reps": args.attention_reps,
+        "count": len(calls),
+        "widest_layer": list(widest.key),
+        "gpu_work_per_call": gpu_work,
+    }
     if profile is not None:
         result["profile"] = profile
 
@@ -229,7 +284,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
             encoder = build_encoder(NUM_TOKENS[0], layers, device, torch.float32, seed=1, qformer=qformer)
             result["trainer"]["sdxl_gpu"] = synthetic_trainer_throughput(
-                model, encoder, args.resolution, args.trainer_batch_size, args.trainer_steps, 1, device,
-                autocast=dtype)
+                model,
+                encoder,
+                args.resolution,
+                args.trainer_batch_size,
+                args.trainer_steps,
+                1,
+                device,
+                autocast=dtype,
+            )
     result["wall_s"] = time.perf_counter() - started
     return result

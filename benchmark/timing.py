@@ -13,8 +13,15 @@ from .variants import subject_binding
 from .workload import synchronize, timed
 
 
-def time_attention_calls(calls: Sequence[AttentionCall], patches: dict[str, dict], host: Callable,
-                         device: torch.device, dtype: torch.dtype, reps: int, rounds: int = 3) -> dict[str, float]:
+def time_attention_calls(
+    calls: Sequence[AttentionCall],
+    patches: dict[str, dict],
+    host: Callable,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    rounds: int = 3,
+) -> dict[str, float]:
     """Seconds per CFG step (batch 2) spent in the attn2 calls: the host alone, and each variant's patch.
 
     Per layer, each function runs `reps` times back to back between two syncs (on a GPU the launches
@@ -39,8 +46,9 @@ def time_attention_calls(calls: Sequence[AttentionCall], patches: dict[str, dict
     return totals
 
 
-def profile_attention(call: AttentionCall, patch: Callable, device: torch.device, dtype: torch.dtype,
-                      rows: int = 18) -> str:
+def profile_attention(
+    call: AttentionCall, patch: Callable, device: torch.device, dtype: torch.dtype, rows: int = 18
+) -> str:
     """torch.profiler's operator table for one nested attn2 call (batch 2, cond + uncond)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -56,8 +64,13 @@ def profile_attention(call: AttentionCall, patch: Callable, device: torch.device
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def benchmark_encoding(clip_vision: Any, encoders: dict[int, NestedEncoder], device: torch.device,
-                       dtype: torch.dtype, reps: int = 2) -> tuple[dict, dict[int, torch.Tensor]]:
+def benchmark_encoding(
+    clip_vision: Any,
+    encoders: dict[int, NestedEncoder],
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int = 2,
+) -> tuple[dict, dict[int, torch.Tensor]]:
     """Seconds to encode one subject: CLIP (one 512x512 image), Q-Former, all layers' K~/V~; best of `reps` runs.
 
     Each piece runs once untimed first on a GPU (kernel selection, lazy loading); the CPU has no
@@ -68,11 +81,18 @@ def benchmark_encoding(clip_vision: Any, encoders: dict[int, NestedEncoder], dev
     image = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         clip_vision.encode_image(image)
-        clip_s = min(timed(lambda: clip_vision.encode_image(image)["last_hidden_state"], device)[0]
-                     for _ in range(reps))
+        clip_s = min(
+            timed(lambda: clip_vision.encode_image(image)["last_hidden_state"], device)[0]
+            for _ in range(reps)
+        )
         hidden = clip_vision.encode_image(image)["last_hidden_state"].to(device, dtype)  # (1, 257, 1280)
-    figures = {"clip_vision_s": clip_s, "clip_vision_dtype": str(getattr(clip_vision, "dtype", "")),
-               "clip_tokens": list(hidden.shape), "reps": reps, "by_num_tokens": {}}
+    figures = {
+        "clip_vision_s": clip_s,
+        "clip_vision_dtype": str(getattr(clip_vision, "dtype", "")),
+        "clip_tokens": list(hidden.shape),
+        "reps": reps,
+        "by_num_tokens": {},
+    }
     tokens_by_m = {}
     for m, encoder in encoders.items():
         with torch.inference_mode():
@@ -92,7 +112,10 @@ def benchmark_encoding(clip_vision: Any, encoders: dict[int, NestedEncoder], dev
             project_all()
         kv_s, binding = min((timed(project_all, device) for _ in range(reps)), key=lambda r: r[0])
         figures["by_num_tokens"][m] = {
-            "qformer_s": qformer_s, "kv_projection_s": kv_s, "total_s": clip_s + qformer_s + kv_s,
-            "kv_cache_bytes": cache_bytes(binding), "kv_projection_flops": projection_flops(encoder.layers, m),
+            "qformer_s": qformer_s,
+            "kv_projection_s": kv_s,
+            "total_s": clip_s + qformer_s + kv_s,
+            "kv_cache_bytes": cache_bytes(binding),
+            "kv_projection_flops": projection_flops(encoder.layers, m),
         }
     return figures, tokens_by_m

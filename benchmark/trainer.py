@@ -27,8 +27,9 @@ from .workload import CHUNK, SUBJECT_POSITION, synchronize
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure_trainer_steps(run_steps: Callable[[], None], unet_model: Any, encoder_cls: type,
-                          device: torch.device) -> dict:
+def measure_trainer_steps(
+    run_steps: Callable[[], None], unet_model: Any, encoder_cls: type, device: torch.device
+) -> dict:
     """Time the training steps `run_steps` performs; split off the frozen UNet's forward and backward.
 
     Hooks, no change to the trainer: BaseModel.apply_model is timed for the UNet forward (nested
@@ -46,6 +47,7 @@ def measure_trainer_steps(run_steps: Callable[[], None], unet_model: Any, encode
             synchronize(device)
             marks[name].append(time.perf_counter())
             return grad
+
         return hook
 
     def apply_model(self, *args, **kwargs):
@@ -64,7 +66,10 @@ def measure_trainer_steps(run_steps: Callable[[], None], unet_model: Any, encode
             tokens.register_hook(stamp("bwd_end"))
         return tokens
 
-    with _class_attribute(unet_model, "apply_model", apply_model), _class_attribute(encoder_cls, "encode", encode):
+    with (
+        _class_attribute(unet_model, "apply_model", apply_model),
+        _class_attribute(encoder_cls, "encode", encode),
+    ):
         run_steps()
     ends = marks["bwd_end"]
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -93,12 +98,19 @@ def summarize_trainer(raw: dict, batch_size: int, warmup: int, **extra) -> dict:
         raise RuntimeError(f"the trainer ran too few steps to time (got {len(raw['step_s'])} intervals)")
     step = statistics.median(steps)
     unet_s = statistics.median(unet)
-    return {"batch_size": batch_size, "steps_timed": len(steps), "step_s": step, "images_per_s": batch_size / step,
-            "unet_fwd_bwd_s": unet_s, "outside_unet_share": max(0.0, 1.0 - unet_s / step), **extra}
+    return {
+        "batch_size": batch_size,
+        "steps_timed": len(steps),
+        "step_s": step,
+        "images_per_s": batch_size / step,
+        "unet_fwd_bwd_s": unet_s,
+        "outside_unet_share": max(0.0, 1.0 - unet_s / step),
+        **extra,
+    }
 
 
 def tiny_trainer_child(out_json: str, steps: int, warmup: int) -> None:
-    """Run `python -m training.run --domain tiny` for warmup + steps + 1 steps and write its timing to `out_json`.
+    """Run `python -m training.run --domain tiny` for warmup + steps + 1 steps; write its timing to `out_json`.
 
     The trainer runs as a program (runpy, as `python -m` runs it) in this process, under the timing
     hooks; its settings for the figure come from its config (`training.config`), not from its entry point.
@@ -109,9 +121,22 @@ def tiny_trainer_child(out_json: str, steps: int, warmup: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="nested-bench-") as tmp:
         total = warmup + steps + 1
-        argv = ["--domain", "tiny", "--output_dir", tmp, "--max_train_steps", str(total),
-                "--checkpointing_steps", str(10 * total), "--validation_steps", "0",
-                "--report_to", "none", "--dataloader_num_workers", "0"]
+        argv = [
+            "--domain",
+            "tiny",
+            "--output_dir",
+            tmp,
+            "--max_train_steps",
+            str(total),
+            "--checkpointing_steps",
+            str(10 * total),
+            "--validation_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--dataloader_num_workers",
+            "0",
+        ]
         config = parse_args(argv)
 
         def run_cli() -> None:
@@ -123,11 +148,17 @@ def tiny_trainer_child(out_json: str, steps: int, warmup: int) -> None:
                 sys.argv = saved
 
         raw = measure_trainer_steps(run_cli, comfy.model_base.BaseModel, NestedEncoder, torch.device("cpu"))
-        result = summarize_trainer(raw, config.train_batch_size, warmup, preset="tiny", device="cpu",
-                                   resolution=config.resolution, num_tokens=config.num_tokens,
-                                   mixed_precision=config.mixed_precision,
-                                   what="python -m training.run --domain tiny: data, text, VAE, CLIP, Q-Former, "
-                                        "UNet, optimizer")
+        result = summarize_trainer(
+            raw,
+            config.train_batch_size,
+            warmup,
+            preset="tiny",
+            device="cpu",
+            resolution=config.resolution,
+            num_tokens=config.num_tokens,
+            mixed_precision=config.mixed_precision,
+            what="python -m training.run --domain tiny: data, text, VAE, CLIP, Q-Former, UNet, optimizer",
+        )
     Path(out_json).write_text(json.dumps(result))
 
 
@@ -136,17 +167,36 @@ def tiny_trainer_throughput(steps: int = 8, warmup: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="nested-bench-") as tmp:
         out = Path(tmp) / "trainer.json"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        cmd = [sys.executable, "-m", "benchmark", "--trainer-child", str(out), "--steps", str(steps),
-               "--trainer-warmup", str(warmup)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmark",
+            "--trainer-child",
+            str(out),
+            "--steps",
+            str(steps),
+            "--trainer-warmup",
+            str(warmup),
+        ]
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"the tiny trainer run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"the tiny trainer run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
         return json.loads(out.read_text())
 
 
-def synthetic_trainer_throughput(model: Any, encoder: NestedEncoder, resolution: int, batch_size: int, steps: int,
-                                 warmup: int, device: torch.device, autocast: Optional[torch.dtype],
-                                 checkpointing: bool = True) -> dict:
+def synthetic_trainer_throughput(
+    model: Any,
+    encoder: NestedEncoder,
+    resolution: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    autocast: Optional[torch.dtype],
+    checkpointing: bool = True,
+) -> dict:
     """The trainer's step on a given UNet with a synthetic batch (cached latents and CLIP tokens, no data pipeline).
 
     The trainer's own module (`NestedTrainingModule`: Q-Former, patches on every layer, ComfyUI's
@@ -177,16 +227,29 @@ def synthetic_trainer_throughput(model: Any, encoder: NestedEncoder, resolution:
 
     def run_steps():
         for _ in range(warmup + steps + 1):
-            ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            ctx = (
+                torch.autocast(device.type, dtype=autocast)
+                if autocast is not None
+                else contextlib.nullcontext()
+            )
             with ctx:
-                eps = module(batch["clip_tokens"], batch["x"], batch["sigmas"], batch["context"], batch["adm"], groups)
+                eps = module(
+                    batch["clip_tokens"], batch["x"], batch["sigmas"], batch["context"], batch["adm"], groups
+                )
                 loss = (eps.float() - batch["noise"]).pow(2).mean()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     raw = measure_trainer_steps(run_steps, type(base), NestedEncoder, device)
-    return summarize_trainer(raw, batch_size, warmup, device=device.type, resolution=resolution,
-                             num_tokens=encoder.config.num_tokens, autocast=str(autocast) if autocast else "no",
-                             gradient_checkpointing=checkpointing,
-                             what="NestedTrainingModule step, synthetic cached batch: Q-Former, UNet, AdamW")
+    return summarize_trainer(
+        raw,
+        batch_size,
+        warmup,
+        device=device.type,
+        resolution=resolution,
+        num_tokens=encoder.config.num_tokens,
+        autocast=str(autocast) if autocast else "no",
+        gradient_checkpointing=checkpointing,
+        what="NestedTrainingModule step, synthetic cached batch: Q-Former, UNet, AdamW",
+    )

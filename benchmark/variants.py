@@ -1,4 +1,4 @@
-"""The variants compared: nested attention installed as the Apply node installs it, and an IP-Adapter-style patch.
+"""The variants compared: nested attention as the Apply node installs it, and an IP-Adapter-style patch.
 
 Plain SDXL is the model itself. Models with random weights come from the shared builders
 (training/tiny.py: the test bed's too).
@@ -18,10 +18,13 @@ from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 from .workload import CHUNK, IP_TOKENS, SUBJECT_POSITION
 
 
-def subject_binding(encoder: NestedEncoder, tokens: torch.Tensor, name: str = "benchmark subject") -> SubjectBinding:
+def subject_binding(
+    encoder: NestedEncoder, tokens: torch.Tensor, name: str = "benchmark subject"
+) -> SubjectBinding:
     """One subject on a one-chunk prompt, as the Apply node binds it (lambda 1, always active, no mask)."""
-    return SubjectBinding(encoder=encoder, tokens=tokens, positions=(SUBJECT_POSITION,), prompt_tokens=CHUNK,
-                          name=name)
+    return SubjectBinding(
+        encoder=encoder, tokens=tokens, positions=(SUBJECT_POSITION,), prompt_tokens=CHUNK, name=name
+    )
 
 
 def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec], host: Callable) -> Any:
@@ -39,18 +42,29 @@ class IPAdapterStylePatch:
     every call and applied to every row (cond and uncond), as IP-Adapter implementations do.
     """
 
-    def __init__(self, *, image_tokens: torch.Tensor, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor, host: Callable,
-                 scale: float = 1.0):
+    def __init__(
+        self,
+        *,
+        image_tokens: torch.Tensor,
+        to_k_ip: torch.Tensor,
+        to_v_ip: torch.Tensor,
+        host: Callable,
+        scale: float = 1.0,
+    ):
         self.image_tokens = image_tokens  # (1, T_ip, context)
         self.to_k_ip, self.to_v_ip = to_k_ip, to_v_ip  # (dim, context) each
         self.host = host
         self.scale = scale
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict
+    ) -> torch.Tensor:
         heads = extra_options["n_heads"]
         out = self.host(q, k, v, heads, extra_options)
         tokens = self.image_tokens.to(q.device, q.dtype)
-        k_ip = F.linear(tokens, self.to_k_ip.to(q.device, q.dtype)).expand(q.shape[0], -1, -1)  # (B, T_ip, dim)
+        k_ip = F.linear(tokens, self.to_k_ip.to(q.device, q.dtype)).expand(
+            q.shape[0], -1, -1
+        )  # (B, T_ip, dim)
         v_ip = F.linear(tokens, self.to_v_ip.to(q.device, q.dtype)).expand(q.shape[0], -1, -1)
         return out + self.scale * self.host(q, k_ip, v_ip, heads, extra_options)
 
@@ -58,8 +72,15 @@ class IPAdapterStylePatch:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
-def with_ip_adapter(model: Any, layers: Sequence[LayerSpec], host: Callable, device: torch.device,
-                    dtype: torch.dtype, seed: int = 0, num_tokens: int = IP_TOKENS) -> Any:
+def with_ip_adapter(
+    model: Any,
+    layers: Sequence[LayerSpec],
+    host: Callable,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    num_tokens: int = IP_TOKENS,
+) -> Any:
     """A clone of `model` with an IP-Adapter-style patch (random to_k_ip / to_v_ip) on every cross-attention layer."""
     m = model.clone()
     tokens = torch.randn(1, num_tokens, SDXL_CONTEXT_DIM, generator=torch.Generator().manual_seed(seed))
@@ -67,8 +88,10 @@ def with_ip_adapter(model: Any, layers: Sequence[LayerSpec], host: Callable, dev
     for layer in layers:
         weights = torch.empty(2, layer.dim, SDXL_CONTEXT_DIM, device=device, dtype=dtype)
         if device.type != "meta":
-            weights.copy_(torch.randn(weights.shape, generator=torch.Generator().manual_seed(seed + layer.dim)))
-            weights.mul_(SDXL_CONTEXT_DIM ** -0.5)
+            weights.copy_(
+                torch.randn(weights.shape, generator=torch.Generator().manual_seed(seed + layer.dim))
+            )
+            weights.mul_(SDXL_CONTEXT_DIM**-0.5)
         patch = IPAdapterStylePatch(image_tokens=tokens, to_k_ip=weights[0], to_v_ip=weights[1], host=host)
         m.set_model_attn2_replace(patch, *layer.key)
     return m

@@ -1,4 +1,4 @@
-"""What the benchmark runs: ComfyUI set up with SDPA attention, and one CFG sampling step as its sampler makes it.
+"""What the benchmark runs: ComfyUI set up with SDPA attention, one CFG step as its sampler makes it.
 
 The constants fix the workload every variant sees: a one-chunk prompt with the subject word at
 position 5, cond + uncond in one batch of 2, a fixed noise level.
@@ -40,8 +40,11 @@ def configure_comfy(device: str) -> None:
     import comfy.cli_args
 
     if "comfy.model_management" in sys.modules:
-        log.warning("%s comfy.model_management was imported before the benchmark configured it; ComfyUI's "
-                    "attention choice may not be PyTorch's SDPA", PREFIX)
+        log.warning(
+            "%s comfy.model_management was imported before the benchmark configured it; ComfyUI's "
+            "attention choice may not be PyTorch's SDPA",
+            PREFIX,
+        )
     comfy.cli_args.args.use_pytorch_cross_attention = True
     if device == "cpu":
         comfy.cli_args.args.cpu = True
@@ -86,7 +89,9 @@ def transformer_options(model: Any, cond_or_uncond: Sequence[int], sigmas: torch
     """What comfy.samplers.calc_cond_batch hands the UNet: the model's options plus the batch layout."""
     import comfy.patcher_extension
 
-    options = comfy.patcher_extension.merge_nested_dicts({}, model.model_options.get("transformer_options", {}))
+    options = comfy.patcher_extension.merge_nested_dicts(
+        {}, model.model_options.get("transformer_options", {})
+    )
     options["cond_or_uncond"] = list(cond_or_uncond)
     options["uuids"] = [None] * len(cond_or_uncond)
     options["sigmas"] = sigmas
@@ -97,8 +102,13 @@ def unet_step(model: Any, inputs: tuple, cond_or_uncond: Sequence[int] = (0, 1))
     """One UNet evaluation of the batch through BaseModel.apply_model (the sampler's call); returns denoised."""
     x, sigma, context, adm = inputs
     with torch.inference_mode():
-        return model.model.apply_model(x, sigma, c_crossattn=context, y=adm,
-                                       transformer_options=transformer_options(model, cond_or_uncond, sigma))
+        return model.model.apply_model(
+            x,
+            sigma,
+            c_crossattn=context,
+            y=adm,
+            transformer_options=transformer_options(model, cond_or_uncond, sigma),
+        )
 
 
 def _meta_evaluation(model: Any, resolution: int, cond_or_uncond: Sequence[int]) -> Callable[[], Any]:
@@ -114,7 +124,13 @@ def _meta_evaluation(model: Any, resolution: int, cond_or_uncond: Sequence[int])
 
     def run():
         with torch.no_grad():
-            return dm(x, t, context=context, y=y, transformer_options=transformer_options(model, cond_or_uncond, sigmas))
+            return dm(
+                x,
+                t,
+                context=context,
+                y=y,
+                transformer_options=transformer_options(model, cond_or_uncond, sigmas),
+            )
 
     return run
 

@@ -272,7 +272,9 @@ def check_config(config: TrainConfig, error: Callable[[str], NoReturn]) -> None:
                 error(
                     "--max_train_samples applies to manifests and image folders, not to streamed tar shards."
                 )
-    if config.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(config.resume_from_checkpoint):
+    if config.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(
+        config.resume_from_checkpoint
+    ):
         error(
             f"--resume_from_checkpoint {config.resume_from_checkpoint}: no such folder. "
             "Give a checkpoint-N folder "

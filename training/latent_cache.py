@@ -27,7 +27,14 @@ PREFIX = "[nested-attention]"
 
 
 def build_cache(
-    accelerator, frozen, records: Sequence[Record], config: SampleConfig, root: Path, *, model: str, batch_size: int
+    accelerator,
+    frozen,
+    records: Sequence[Record],
+    config: SampleConfig,
+    root: Path,
+    *,
+    model: str,
+    batch_size: int,
 ) -> Path:
     """VAE latents and CLIP tokens of every record, computed once (split over processes) into safetensors."""
     identity = json.dumps(
@@ -61,9 +68,7 @@ def build_cache(
     for start in tqdm(
         range(0, len(mine), chunk), desc="caching latents", disable=not accelerator.is_main_process
     ):
-        samples = [
-            (i, load_sample(records[i], config, position=i)) for i in mine[start : start + chunk]
-        ]
+        samples = [(i, load_sample(records[i], config, position=i)) for i in mine[start : start + chunk]]
         samples = [(i, s) for i, s in samples if s is not None]
         if not samples:
             continue

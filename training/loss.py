@@ -24,9 +24,7 @@ class LossConfig:
     snr_gamma: Optional[float] = None  # min-SNR weighting min(SNR, gamma) / SNR; None off
 
 
-def training_loss(
-    module, frozen, text, batch: dict, config: LossConfig, rank: int, batch_index: int, device
-):
+def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: int, batch_index: int, device):
     """The epsilon-prediction loss of one batch; dropout, noise and timesteps from (seed, rank, batch)."""
     import torch
 
@@ -82,6 +80,8 @@ def training_loss(
         groups,
     )
     mse = (eps.float() - noise.to(device)).pow(2).mean(dim=(1, 2, 3))
-    if config.snr_gamma is not None:  # min-SNR for epsilon prediction: min(SNR, gamma) / SNR, SNR = 1 / sigma^2
+    if (
+        config.snr_gamma is not None
+    ):  # min-SNR for epsilon prediction: min(SNR, gamma) / SNR, SNR = 1 / sigma^2
         mse = mse * (config.snr_gamma * sigmas.to(device) ** 2).clamp(max=1.0)
     return mse.mean()

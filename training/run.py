@@ -104,7 +104,7 @@ class TrainingData:
 
 
 def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
-    """Read the manifest or folder (shards are streamed later); tiny without --train_data generates its data."""
+    """Read the manifest or folder (shards stream later); tiny without --train_data generates its data."""
     from . import data as data_lib
 
     path = config.train_data
@@ -146,7 +146,7 @@ def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
 
 
 def build_encoder(config: TrainConfig, frozen):
-    """The trainable NestedEncoder: fresh (M = --num_tokens) or from --init_encoder, float32, in train mode."""
+    """The trainable NestedEncoder: fresh (M = --num_tokens) or from --init_encoder; float32, train mode."""
     from dataclasses import replace
 
     from nested_attention import load_encoder
@@ -164,7 +164,8 @@ def build_encoder(config: TrainConfig, frozen):
             raise SystemExit(
                 f"{PREFIX} --init_encoder {config.init_encoder} was trained for M={cfg.num_tokens}, "
                 f"{len(cfg.layers)} layers and CLIP vision {cfg.clip_vision.describe()}; this run has "
-                f"M={config.num_tokens}, {len(frozen.layers)} layers and {frozen.clip_vision_spec.describe()}."
+                f"M={config.num_tokens}, {len(frozen.layers)} layers and "
+                f"{frozen.clip_vision_spec.describe()}."
             )
         encoder.config.token, encoder.config.alpha = config.token, config.alpha
         encoder.requires_grad_(True).train()
@@ -197,7 +198,7 @@ def lr_lambda(name: str, warmup: int, total: int):
 
 @dataclass
 class Trainee:
-    """What the optimizer changes, prepared by accelerate: the module, its encoder, optimizer, schedule, EMA."""
+    """What the optimizer changes, prepared by accelerate: module, encoder, optimizer, schedule, EMA."""
 
     module: Any  # NestedTrainingModule (maybe wrapped for distributed data parallel)
     encoder: Any  # the unwrapped NestedEncoder inside it
@@ -206,7 +207,7 @@ class Trainee:
     ema: Optional[Any]  # models.EMA of the encoder's weights, with --use_ema
 
     def export(self, path: Path, step: int, config: TrainConfig) -> None:
-        """The node weight file (docs/ARCHITECTURE.md): the EMA weights when --use_ema, else the trained ones."""
+        """The node weight file (docs/ARCHITECTURE.md): EMA weights with --use_ema, else the trained ones."""
         from nested_attention import save_encoder
 
         out = self.encoder
@@ -245,7 +246,7 @@ def make_optimizer(config: TrainConfig, accelerator, encoder, frozen) -> Trainee
 
 
 def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
-    """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images decoded per step."""
+    """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
     import torch
 
     from . import data as data_lib
@@ -259,7 +260,12 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     )
     if data.kind == "shards":
         stream = data_lib.TarShardStream(
-            data.source, data.sample_config, config.train_batch_size, rank=rank, world=world, start_batch=start_batch
+            data.source,
+            data.sample_config,
+            config.train_batch_size,
+            rank=rank,
+            world=world,
+            start_batch=start_batch,
         )
         return torch.utils.data.DataLoader(stream, batch_size=config.train_batch_size, **kwargs)
     if config.cache_latents:
@@ -344,8 +350,16 @@ class LoopState:
 
 
 def train_loop(
-    config: TrainConfig, accelerator, trainee: Trainee, frozen, text, loader, checkpoints: Checkpoints,
-    state: LoopState, validation_images: list,
+    config: TrainConfig,
+    accelerator,
+    trainee: Trainee,
+    frozen,
+    text,
+    loader,
+    checkpoints: Checkpoints,
+    state: LoopState,
+    validation_images: list,
+    data_path: str,
 ) -> None:
     """Optimizer steps until --max_train_steps: loss, backward, clip, step; log, checkpoint, sample."""
     from tqdm.auto import tqdm
@@ -355,7 +369,9 @@ def train_loop(
     if is_main:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
     loss_config = config.loss
-    progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="steps", disable=not is_main)
+    progress = tqdm(
+        total=config.max_train_steps, initial=state.global_step, desc="steps", disable=not is_main
+    )
     step_loss = 0.0
     batches = iter(loader)
     empty_in_a_row = 0
@@ -367,7 +383,7 @@ def train_loop(
             if empty_in_a_row >= 100:
                 raise SystemExit(
                     f"{PREFIX} 100 batches in a row had no readable image; check the training data "
-                    f"{config.train_data} (the warnings above name the files)."
+                    f"{data_path} (the warnings above name the files)."
                 )
             continue
         empty_in_a_row = 0
@@ -384,7 +400,9 @@ def train_loop(
             trainee.optimizer.step()
             trainee.scheduler.step()
             trainee.optimizer.zero_grad(set_to_none=True)
-        step_loss += accelerator.gather(loss.detach()[None]).mean().item() / config.gradient_accumulation_steps
+        step_loss += (
+            accelerator.gather(loss.detach()[None]).mean().item() / config.gradient_accumulation_steps
+        )
         if not accelerator.sync_gradients:
             continue
         if trainee.ema is not None:
@@ -411,6 +429,7 @@ def train_loop(
 
 
 def process_state(state: LoopState, world: int, encoder) -> ProcessState:
+    """What this process writes into a checkpoint: its position and a fingerprint of the weights it holds."""
     return ProcessState(
         global_step=state.global_step,
         batches=state.batches,
@@ -432,7 +451,7 @@ def main(config: TrainConfig) -> dict:
     logging.getLogger("training").setLevel(logging.INFO)
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
-    # ComfyUI is imported only from here on, so its device choice sees the device accelerate gave this process.
+    # ComfyUI is imported only from here on: its device choice sees the device accelerate gave this process.
     frozen = load_frozen_models(config)
     data = scan_data(config, accelerator, frozen)
     encoder = build_encoder(config, frozen)
@@ -458,8 +477,8 @@ def main(config: TrainConfig) -> dict:
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())
     log.info(
-        "%s training %s: %d steps, batch %d x %d accumulation x %d processes, resolution %d, M=%d, %d layers, "
-        "%d records (%s)",
+        "%s training %s: %d steps, batch %d x %d accumulation x %d processes, resolution %d, M=%d, "
+        "%d layers, %d records (%s)",
         PREFIX,
         config.domain,
         config.max_train_steps,
@@ -478,14 +497,17 @@ def main(config: TrainConfig) -> dict:
         initial_fingerprint=weights_fingerprint(trainee.encoder),
     )
     started = time.perf_counter()
-    train_loop(config, accelerator, trainee, frozen, text, loader, checkpoints, state, validation_images)
+    train_loop(
+        config, accelerator, trainee, frozen, text, loader, checkpoints, state, validation_images, data.path
+    )
 
     accelerator.wait_for_everyone()
     final = output_dir / encoder_file
     if accelerator.is_main_process:
         trainee.export(final, state.global_step, config)
         log.info(
-            "%s done: %d steps in %.1f s; encoder for the nodes: %s (copy it to ComfyUI/models/nested_attention)",
+            "%s done: %d steps in %.1f s; encoder for the nodes: %s "
+            "(copy it to ComfyUI/models/nested_attention)",
             PREFIX,
             state.global_step,
             time.perf_counter() - started,

@@ -295,7 +295,7 @@ def fill_parameters_(module: torch.nn.Module, seed: int) -> None:
             done, start = 0, offset % POOL
             while done < flat.numel():
                 take = min(flat.numel() - done, POOL - start)
-                flat[done:done + take].copy_(pool[start:start + take]).mul_(std)
+                flat[done : done + take].copy_(pool[start : start + take]).mul_(std)
                 done, start = done + take, 0
             offset += 7919  # every tensor starts elsewhere in the pool
 
@@ -308,7 +308,7 @@ def tiny_qformer() -> QFormerConfig:
 
 
 def sdxl_unet_config(tiny: bool = False) -> dict:
-    """The real SDXL base UNet config (ComfyUI's model_detection entry), or the tests' tiny SDXL-shaped one."""
+    """The real SDXL base UNet config (ComfyUI's model_detection entry), or the tiny SDXL-shaped one."""
     return dict(TINY_SDXL_UNET_CONFIG if tiny else SDXL_UNET_CONFIG)
 
 
@@ -324,9 +324,15 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     return comfy.model_patcher.ModelPatcher(model, load_device=home, offload_device=home)
 
 
-def build_encoder(num_tokens: int, layers: Sequence[LayerSpec], device: torch.device, dtype: torch.dtype,
-                  seed: int = 0, qformer: Optional[QFormerConfig] = None,
-                  projections: Optional[torch.nn.Module] = None) -> NestedEncoder:
+def build_encoder(
+    num_tokens: int,
+    layers: Sequence[LayerSpec],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    qformer: Optional[QFormerConfig] = None,
+    projections: Optional[torch.nn.Module] = None,
+) -> NestedEncoder:
     """A NestedEncoder with random weights (QFormerConfig defaults: the real Q-Former), in eval mode.
 
     `projections`: share another encoder's per-layer W_K~/W_V~ (they do not depend on M), which saves
@@ -346,7 +352,7 @@ def build_encoder(num_tokens: int, layers: Sequence[LayerSpec], device: torch.de
 
 
 def clip_vision_h(device: torch.device, seed: int = 0):
-    """comfy.clip_vision.ClipVisionModel with ComfyUI's ViT-H/14 config (clip_vision_config_h.json), random weights."""
+    """A comfy.clip_vision.ClipVisionModel with ComfyUI's ViT-H/14 config, random weights."""
     config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
     clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
     fill_parameters_(clip_vision.model, seed)
