@@ -10,7 +10,7 @@ install. Checkpoints (`save_state`) go to <output_dir>/checkpoint-N with the nod
 <domain>-encoder.safetensors inside; the final weight file is <output_dir>/<domain>-encoder.safetensors.
 
 `main` is the run as named steps: config (training.config) -> inputs -> accelerator -> frozen models
--> data scan -> encoder -> optimizer -> resume (training.checkpoints) -> data loader (with
+-> data scan -> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
 training.latent_cache) -> loop (loss: training.loss) -> export.
 """
 
@@ -19,17 +19,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .checkpoints import Checkpoints, Position, ProcessState, weights_fingerprint
 from .comfy_env import has_accelerator
 from .config import TrainConfig, parse_args, resolve_inputs
 from .loss import LossConfig, training_loss
+from .optim import Trainee, make_optimizer
 
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
@@ -180,69 +180,6 @@ def build_encoder(config: TrainConfig, frozen):
             seed=config.seed,
         )
     return encoder.float().train()
-
-
-def lr_lambda(name: str, warmup: int, total: int):
-    """The learning-rate factor of step `step` for the schedule `name` (LambdaLR's function)."""
-
-    def f(step: int) -> float:
-        if name != "constant" and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if name in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-@dataclass
-class Trainee:
-    """What the optimizer changes, prepared by accelerate: module, encoder, optimizer, schedule, EMA."""
-
-    module: Any  # NestedTrainingModule (maybe wrapped for distributed data parallel)
-    encoder: Any  # the unwrapped NestedEncoder inside it
-    optimizer: Any
-    scheduler: Any
-    ema: Optional[Any]  # models.EMA of the encoder's weights, with --use_ema
-
-    def export(self, path: Path, step: int, config: TrainConfig) -> None:
-        """The node weight file (docs/ARCHITECTURE.md): EMA weights with --use_ema, else the trained ones."""
-        from nested_attention import save_encoder
-
-        out = self.encoder
-        if self.ema is not None:
-            out = copy.deepcopy(self.encoder)
-            self.ema.copy_to(out)
-        extra = {"trainer_step": str(step), "trainer_resolution": str(config.resolution)}
-        save_encoder(str(path), out, extra={**extra, "trainer_domain": config.domain})
-        log.info("%s exported %s", PREFIX, path)
-
-
-def make_optimizer(config: TrainConfig, accelerator, encoder, frozen) -> Trainee:
-    """AdamW on the encoder, its learning-rate schedule and the EMA, prepared by accelerate."""
-    import torch
-
-    from .models import EMA, NestedTrainingModule
-
-    world = accelerator.num_processes
-    module = NestedTrainingModule(encoder, frozen.base)
-    optimizer = torch.optim.AdamW(
-        encoder.parameters(),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    schedule = lr_lambda(config.lr_scheduler, config.lr_warmup_steps * world, config.max_train_steps * world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ema = EMA(encoder, config.ema_decay) if config.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    encoder = accelerator.unwrap_model(module).encoder
-    return Trainee(module=module, encoder=encoder, optimizer=optimizer, scheduler=scheduler, ema=ema)
 
 
 def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
