@@ -3,7 +3,7 @@
 
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
     python3 dev.py test  [pytest args...]    run the test suite
-    python3 dev.py bench [benchmark args...] measure nested attention's cost (training/benchmark.py)
+    python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
 
 Both commands first make sure that, idempotently:
   - `.venv/` exists and holds the pinned torch, ComfyUI's requirements and this pack (`-e .[train,test]`);
@@ -353,7 +353,7 @@ def test(args: list[str]) -> None:
 
 def bench(args: list[str]) -> None:
     py, comfyui = set_up()
-    run_module("training.benchmark", "the benchmark", args, py, comfyui)
+    run_module("benchmark", "the benchmark", args, py, comfyui)
 
 
 def main(argv: list[str]) -> None:

@@ -12,23 +12,24 @@ import torch
 
 from nested_attention import SDXL_LAYERS, unet_layers
 from nested_attention.patch import NestedAttentionPatch
-from training import benchmark as bench
+from benchmark import cli, counters, trainer, variants, workload
+from training import tiny as builders
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 
 
 @pytest.fixture(scope="module")
 def host():
-    return bench.host_attention()
+    return workload.host_attention()
 
 
 @pytest.fixture(scope="module")
 def tiny_meta():
-    return bench.build_unet(bench.sdxl_unet_config(tiny=True), META, torch.float32)
+    return builders.build_unet(builders.sdxl_unet_config(tiny=True), META, torch.float32)
 
 
 def _tiny_encoder(m: int, layers, device=CPU):
-    return bench.build_encoder(m, layers, device, torch.float32, seed=1, qformer=bench.tiny_qformer())
+    return builders.build_encoder(m, layers, device, torch.float32, seed=1, qformer=builders.tiny_qformer())
 
 
 def test_nested_flops_are_the_floor_plus_the_recomputed_text_logits(tiny_meta, host):
@@ -36,71 +37,71 @@ def test_nested_flops_are_the_floor_plus_the_recomputed_text_logits(tiny_meta, h
     m = 64
     encoder = _tiny_encoder(m, layers, META)
     tokens = torch.empty(1, m, 2048, device="meta")
-    nested = bench.with_nested(tiny_meta, bench.subject_binding(encoder, tokens), layers, host)
+    nested = variants.with_nested(tiny_meta, variants.subject_binding(encoder, tokens), layers)
     for resolution in (64, 128):
-        calls = bench.attention_calls(tiny_meta, resolution, host)
-        plain = bench.count_flops(tiny_meta, resolution)["total"]
-        extra = bench.count_flops(nested, resolution)["total"] - plain
-        floor = bench.nested_floor(calls, m)
+        calls = counters.attention_calls(tiny_meta, resolution, host)
+        plain = counters.count_flops(tiny_meta, resolution)["total"]
+        extra = counters.count_flops(nested, resolution)["total"] - plain
+        floor = counters.nested_floor(calls, m)
         # The efficient form pays q K~^T and P V~ (the floor) plus the plain logits q K^T it recomputes
         # to weigh the subject token (2 N T D); the K~/V~ projection is cached before counting.
-        logits = sum(2 * c.n * bench.CHUNK * c.dim for c in calls)
+        logits = sum(2 * c.n * workload.CHUNK * c.dim for c in calls)
         assert plain > 0 and floor > 0
         assert extra == floor + logits
 
 
 def test_ip_adapter_flops_are_its_floor(tiny_meta, host):
     layers = unet_layers(tiny_meta.model.diffusion_model)
-    ip = bench.with_ip_adapter(tiny_meta, layers, host, META, torch.float32)
-    calls = bench.attention_calls(tiny_meta, 64, host)
-    extra = bench.count_flops(ip, 64)["total"] - bench.count_flops(tiny_meta, 64)["total"]
-    assert extra == bench.ip_adapter_floor(calls)
+    ip = variants.with_ip_adapter(tiny_meta, layers, host, META, torch.float32)
+    calls = counters.attention_calls(tiny_meta, 64, host)
+    extra = counters.count_flops(ip, 64)["total"] - counters.count_flops(tiny_meta, 64)["total"]
+    assert extra == counters.ip_adapter_floor(calls)
 
 
 def test_full_sdxl_has_seventy_attention_calls_in_table_order_and_the_design_floor(host):
-    meta = bench.build_unet(bench.sdxl_unet_config(), META, torch.float16)
-    calls = bench.attention_calls(meta, 1024, host)
+    meta = builders.build_unet(builders.sdxl_unet_config(), META, torch.float16)
+    calls = counters.attention_calls(meta, 1024, host)
     assert [c.key for c in calls] == [layer.key for layer in SDXL_LAYERS]
     assert [c.dim for c in calls] == [layer.dim for layer in SDXL_LAYERS]
     # docs/ARCHITECTURE.md §7: +0.107 TFLOP at M = 256 and +0.429 at M = 1024 per conditional evaluation at 1024x1024.
-    assert bench.nested_floor(calls, 256) / 1e12 == pytest.approx(0.107, abs=5e-4)
-    assert bench.nested_floor(calls, 1024) / 1e12 == pytest.approx(0.429, abs=5e-4)
+    assert counters.nested_floor(calls, 256) / 1e12 == pytest.approx(0.107, abs=5e-4)
+    assert counters.nested_floor(calls, 1024) / 1e12 == pytest.approx(0.429, abs=5e-4)
 
 
 def test_ip_adapter_patch_adds_a_decoupled_attention_to_every_row(host):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 16, 64, generator=g), torch.randn(2, 77, 64, generator=g), torch.randn(2, 77, 64, generator=g)
-    tokens = torch.randn(1, bench.IP_TOKENS, 2048, generator=g)
+    tokens = torch.randn(1, workload.IP_TOKENS, 2048, generator=g)
     wk, wv = torch.randn(64, 2048, generator=g) / 45, torch.randn(64, 2048, generator=g) / 45
     extra = {"n_heads": 4, "cond_or_uncond": [0, 1]}
     plain = host(q, k, v, 4, extra)
 
-    out = bench.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host)(q, k, v, extra)
+    out = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host)(q, k, v, extra)
     assert out.shape == q.shape
     k_ip, v_ip = (torch.nn.functional.linear(tokens, w).expand(2, -1, -1) for w in (wk, wv))
     torch.testing.assert_close(out, plain + host(q, k_ip, v_ip, 4, extra))
     assert ((out - plain).abs().amax(dim=(1, 2)) > 0).all()  # both rows (cond and uncond) change
 
-    off = bench.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host, scale=0.0)
+    off = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host, scale=0.0)
     torch.testing.assert_close(off(q, k, v, extra), plain, rtol=0, atol=0)
 
 
 def test_kv_projections_happen_in_the_first_step_only_and_uncond_flops_equal_plain(tiny_unet, host):
     layers = unet_layers(tiny_unet.model.diffusion_model)
     encoder = _tiny_encoder(16, layers)
-    binding = bench.subject_binding(encoder, torch.randn(1, 16, 2048))
-    model = bench.with_nested(tiny_unet, binding, layers, host)
-    counts = bench.count_projections(binding)
-    inputs = bench.step_inputs(2, 64, CPU)
+    binding = variants.subject_binding(encoder, torch.randn(1, 16, 2048))
+    model = variants.with_nested(tiny_unet, binding, layers)
+    counts = counters.count_projections(binding)
+    inputs = workload.step_inputs(2, 64, CPU)
 
-    out = bench.unet_step(model, inputs)
+    out = workload.unet_step(model, inputs)
     assert torch.isfinite(out).all()
     assert counts["linear"] == 2 * len(layers)  # K~ and V~ of every layer
     counts["linear"] = 0
-    bench.unet_step(model, inputs)
-    bench.unet_step(model, inputs)
+    workload.unet_step(model, inputs)
+    workload.unet_step(model, inputs)
     assert counts["linear"] == 0
-    assert bench.cache_bytes(binding) == sum(2 * 16 * layer.dim * 4 for layer in layers)
+    assert counters.cache_bytes(binding) == sum(2 * 16 * layer.dim * 4 for layer in layers)
 
     # An unconditional evaluation runs the host attention alone: the same FLOPs as the plain model.
     from torch.utils.flop_counter import FlopCounterMode
@@ -109,35 +110,35 @@ def test_kv_projections_happen_in_the_first_step_only_and_uncond_flops_equal_pla
     flops = []
     for m in (tiny_unet, model):
         with FlopCounterMode(display=False) as counter:
-            bench.unet_step(m, one, cond_or_uncond=(1,))
+            workload.unet_step(m, one, cond_or_uncond=(1,))
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1] > 0
 
 
 def test_uncond_rows_of_a_cfg_step_are_bit_identical_to_plain(tiny_unet, host):
     layers = unet_layers(tiny_unet.model.diffusion_model)
-    binding = bench.subject_binding(_tiny_encoder(16, layers), torch.randn(1, 16, 2048))
-    model = bench.with_nested(tiny_unet, binding, layers, host)
-    inputs = bench.step_inputs(2, 64, CPU)
-    plain, nested = bench.unet_step(tiny_unet, inputs), bench.unet_step(model, inputs)
+    binding = variants.subject_binding(_tiny_encoder(16, layers), torch.randn(1, 16, 2048))
+    model = variants.with_nested(tiny_unet, binding, layers)
+    inputs = workload.step_inputs(2, 64, CPU)
+    plain, nested = workload.unet_step(tiny_unet, inputs), workload.unet_step(model, inputs)
     torch.testing.assert_close(nested[1], plain[1], rtol=0, atol=0)
     assert (nested[0] - plain[0]).abs().max() > 0
 
 
 def test_host_syncs_are_counted_on_meta_and_plain_attention_has_none(host):
-    call = bench.AttentionCall(("input", 4, 0), 64, 128, 2)
-    q, k, v, extra = bench.layer_inputs(call, 2, META, torch.float32, seed=0)
-    tokens = torch.empty(1, bench.IP_TOKENS, 2048, device="meta")
+    call = counters.AttentionCall(("input", 4, 0), 64, 128, 2)
+    q, k, v, extra = counters.layer_inputs(call, 2, META, torch.float32, seed=0)
+    tokens = torch.empty(1, workload.IP_TOKENS, 2048, device="meta")
     weights = torch.empty(128, 2048, device="meta")
-    ip = bench.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=weights, to_v_ip=weights, host=host)
-    with bench.sdpa_attention():  # the benchmark's host attention; the CPU default cannot run on meta
-        assert bench.host_syncs_per_call(lambda: host(q, k, v, 2, extra)) == []
-        assert bench.host_syncs_per_call(lambda: ip(q, k, v, extra)) == []
+    ip = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=weights, to_v_ip=weights, host=host)
+    with workload.comfy_sdpa_attention():  # the benchmark's host attention; the CPU default cannot run on meta
+        assert counters.host_syncs_per_call(lambda: host(q, k, v, 2, extra)) == []
+        assert counters.host_syncs_per_call(lambda: ip(q, k, v, extra)) == []
 
     def reads_back():
         return float(q.max()), torch.tensor([1, 2], device="meta"), torch.arange(3).to("meta")
 
-    assert len(bench.host_syncs_per_call(reads_back)) == 3
+    assert len(counters.host_syncs_per_call(reads_back)) == 3
 
 
 def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
@@ -147,21 +148,21 @@ def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
     layers = unet_layers(tiny_meta.model.diffusion_model)
     encoder = _tiny_encoder(16, layers, META)
     tokens = torch.empty(1, 16, 2048, device="meta")
-    call = max(bench.attention_calls(tiny_meta, 64, host), key=lambda c: c.n * c.dim)
-    q, k, v, extra = bench.layer_inputs(call, 2, META, torch.float32, seed=0)  # CFG rows [cond, uncond]
+    call = max(counters.attention_calls(tiny_meta, 64, host), key=lambda c: c.n * c.dim)
+    q, k, v, extra = counters.layer_inputs(call, 2, META, torch.float32, seed=0)  # CFG rows [cond, uncond]
     index = [layer.key for layer in layers].index(call.key)
-    plain = bench.subject_binding(encoder, tokens)
-    boosted = bench.subject_binding(encoder, tokens)
+    plain = variants.subject_binding(encoder, tokens)
+    boosted = variants.subject_binding(encoder, tokens)
     boosted.scale, boosted.sigma_start, boosted.sigma_end = 3.0, 1e9, 0.5  # lambda, and a sigma window
-    with bench.sdpa_attention():
+    with workload.comfy_sdpa_attention():
         for binding in (plain, boosted):
             patch = NestedAttentionPatch(layers[index], index, [binding], host)
-            work = bench.device_work_per_call(lambda: patch(q, k, v, extra))
+            work = counters.device_work_per_call(lambda: patch(q, k, v, extra))
             assert work["syncs"] == [], (binding.scale, work)
             assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
         # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
         extra["sigmas"] = torch.full((2,), 2.0, device="meta")
-        assert bench.host_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
+        assert counters.host_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
     assert plain.sigma_start == math.inf
 
 
@@ -169,7 +170,7 @@ def test_trainer_timer_splits_steps_into_unet_and_the_rest(tiny_unet):
     layers = unet_layers(tiny_unet.model.diffusion_model)
     encoder = _tiny_encoder(8, layers)
     before = {name: p.clone() for name, p in encoder.named_parameters()}
-    result = bench.synthetic_trainer_throughput(tiny_unet, encoder, resolution=64, batch_size=2, steps=2, warmup=1,
+    result = trainer.synthetic_trainer_throughput(tiny_unet, encoder, resolution=64, batch_size=2, steps=2, warmup=1,
                                                 device=CPU, autocast=None, checkpointing=False)
     assert result["steps_timed"] == 2 and result["images_per_s"] > 0
     assert 0.0 <= result["outside_unet_share"] < 1.0
@@ -178,31 +179,31 @@ def test_trainer_timer_splits_steps_into_unet_and_the_rest(tiny_unet):
 
 def test_fill_parameters_is_deterministic_finite_and_scaled():
     a, b = torch.nn.Linear(300, 200), torch.nn.Linear(300, 200)
-    bench.fill_parameters_(a, seed=3)
-    bench.fill_parameters_(b, seed=3)
+    builders.fill_parameters_(a, seed=3)
+    builders.fill_parameters_(b, seed=3)
     torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
     assert torch.isfinite(a.weight).all()
     assert a.weight.std().item() == pytest.approx(300 ** -0.5, rel=0.1)
 
 
 def test_cli_rejects_bad_combinations_and_fills_cpu_defaults(capsys):
-    args = bench.parse_args(["--device", "cpu"])
+    args = cli.parse_args(["--device", "cpu"])
     assert (args.resolution, args.dtype, args.steps) == (512, "fp32", 3)
     for bad in (["--device", "cpu", "--resolution", "500"], ["--device", "cpu", "--dtype", "fp16"],
                 ["--device", "cpu", "--steps", "0"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(bad)
+            cli.parse_args(bad)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            bench.parse_args(["--device", "cuda"])
+            cli.parse_args(["--device", "cuda"])
 
 
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    args = bench.parse_args(["--device", "cpu", "--tiny", "--skip-trainer", "--resolution", "64", "--steps", "1",
+    args = cli.parse_args(["--device", "cpu", "--tiny", "--skip-trainer", "--resolution", "64", "--steps", "1",
                              "--attention-reps", "1", "--json", str(path)])
-    bench.main(args)
+    cli.main(args)
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     names = [v["name"] for v in result["variants"]]

@@ -6,7 +6,6 @@ cores a tiny step (batch 2, 64 px) takes one to a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -475,7 +474,7 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
     batch = data_lib.collate([data_lib.load_sample(r, config, i) for i, r in enumerate(records)])
     module = tiny_module(frozen)
     text = models_lib.TextEncoder(frozen.clip, "pet", cache=True)
-    args = argparse.Namespace(
+    config = trainer.LossConfig(
         seed=0,
         text_dropout=0.0,
         subject_dropout=0.0,
@@ -487,7 +486,7 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):  # about 0.73 x after 15 steps, 0.71 x after 20 (measured)
-        loss = trainer.training_loss(module, frozen, text, batch, args, rank=0, batch_index=0, device="cpu")
+        loss = trainer.training_loss(module, frozen, text, batch, config, rank=0, batch_index=0, device="cpu")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -45,7 +45,6 @@ import comfy.sd  # noqa: E402
 # The glue shared with the nodes (imports comfy, so after setup_comfy).
 from nested_attention.host import (  # noqa: E402
     attn2_patches,
-    comfy_attention,  # noqa: F401  (training/benchmark.py imports it from here until it moves to benchmark/)
     clip_vision_spec,
     load_clip_vision,
     subject_stream,

@@ -1,7 +1,9 @@
 """Domain presets: what `--domain pets|faces|tiny` fills in when a flag is not given.
 
-A preset is a starting point from the paper and IP-Adapter practice (docs/ARCHITECTURE.md §6); every value it sets
-is also a flag. Phases: train at the first resolution, then continue at the second with
+A preset is a starting point from the paper and IP-Adapter practice (docs/ARCHITECTURE.md §6); every
+value it sets is also a flag. M, the number of subject tokens, is stated once per preset: as its
+Q-Former's `num_queries` (the core's name), read as `Preset.num_tokens` (the trainer's, as `--num_tokens`).
+Phases: train at the first resolution, then continue at the second with
 `--resolution 1024 --init_encoder <phase-1 export>`.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nested_attention import ClipVisionSpec, QFormerConfig
+from nested_attention import QFormerConfig
 
 # File names ComfyUI users keep for these models (models/checkpoints, models/clip_vision).
 SDXL_CHECKPOINT_NAMES = (
@@ -32,11 +34,10 @@ class Preset:
     token: str  # the subject word s* that captions' subject words become
     subject_words: tuple[str, ...]  # caption words replaced by the token (first occurrence)
     caption_template: str  # caption for images without one; "{token}" is the subject word
-    num_queries: int  # M, the Q-Former's output tokens
     resolutions: tuple[int, ...]  # training phases, in order
     center_crop: bool  # crop the target to a square at its centre (else at random)
     random_flip: bool  # mirror targets at random
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # the encoder's Q-Former, M included
     train_batch_size: int = 4
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 500
@@ -48,7 +49,11 @@ class Preset:
     gradient_checkpointing: bool = True
     sample_steps: int = 30
     tiny: bool = False  # tiny models built in code, generated data (CPU smoke runs)
-    clip_vision: Optional[ClipVisionSpec] = None  # None: read from the loaded CLIP vision model
+
+    @property
+    def num_tokens(self) -> int:
+        """M, the subject tokens the Q-Former outputs (the default of --num_tokens)."""
+        return self.qformer.num_queries
 
 
 PRESETS: dict[str, Preset] = {
@@ -69,7 +74,6 @@ PRESETS: dict[str, Preset] = {
             "parrot",
         ),
         caption_template="a photo of a {token}",
-        num_queries=256,
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
@@ -86,7 +90,6 @@ PRESETS: dict[str, Preset] = {
         token="person",
         subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
         caption_template="a photo of a {token}",
-        num_queries=1024,
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
@@ -103,7 +106,6 @@ PRESETS: dict[str, Preset] = {
         token="pet",
         subject_words=("pet",),
         caption_template="a photo of a {token}",
-        num_queries=16,
         resolutions=(64,),
         center_crop=True,
         random_flip=False,

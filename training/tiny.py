@@ -1,11 +1,18 @@
-"""Tiny SDXL-shaped models built with ComfyUI's own classes, and a generated data set.
+"""Models with random weights built with ComfyUI's own classes, and a generated data set.
 
-For the trainer's `--domain tiny` preset and for tests: everything runs on the CPU in seconds. A
-UNet with SDXL's block structure and context width 2048 (docs/ARCHITECTURE.md §5.9), SDXL's two CLIP
-text encoders with their real hidden sizes and tokenizer but three layers, a small CLIP vision tower,
+The one home of the model builders: the trainer's `--domain tiny` preset, the test bed
+(tests/tiny_models.py re-exports them) and the benchmark (`benchmark/`) all build from here.
+
+Tiny models, for the tiny preset and for tests: everything runs on the CPU in seconds. A UNet with
+SDXL's block structure and context width 2048 (docs/ARCHITECTURE.md §5.9), SDXL's two CLIP text
+encoders with their real hidden sizes and tokenizer but three layers, a small CLIP vision tower,
 and a small KL autoencoder with SDXL's 8x downscale and 4 latent channels. Builders are
 deterministic given a seed: ComfyUI's ops skip weight initialization (parameters come from
 torch.empty), so every parameter is initialized here from a seeded generator.
+
+Full-size models, for the benchmark: any SDXL-shaped UNet config on a device or on the meta device,
+ViT-H/14 CLIP vision and NestedEncoders, filled in seconds by tiling one seeded pool of normals
+(`fill_parameters_`; drawing 2.6 B values one by one takes about a minute).
 
 Importing this module sets ComfyUI up (`training.comfy_env.setup_comfy`).
 """
@@ -16,9 +23,13 @@ import json
 import math
 import random
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
+
+from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
 
 from .comfy_env import setup_comfy
 
@@ -250,6 +261,102 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
     init_parameters(model, seed)
     state = {k: v.float() for k, v in model.state_dict().items()}
     return comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random weights at full size (the benchmark): any SDXL-shaped config, on a device or on meta
+
+
+POOL = 1_000_003  # prime length of the random pool weights are tiled from (see fill_parameters_)
+
+
+@torch.no_grad()
+def fill_parameters_(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights in seconds for billions of parameters (ComfyUI's ops leave them empty).
+
+    Drawing 2.6 B normals takes about a minute on two CPU cores; tiling one seeded pool of POOL
+    normals is memory-speed. Weights of linear/conv layers get std 1/sqrt(fan_in) so activations
+    keep unit scale through the stack (no overflow in float16, no denormals on the CPU); norms 1
+    and 0; everything else std 0.02. Parameters on the meta device are left alone.
+    """
+    pool = None
+    offset = 0
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if param.device.type == "meta":
+                continue
+            if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                param.fill_(1.0 if name == "weight" else 0.0)
+                continue
+            if pool is None or pool.device != param.device:
+                pool = torch.randn(POOL, generator=torch.Generator().manual_seed(seed)).to(param.device)
+            std = param[0].numel() ** -0.5 if name == "weight" and param.dim() >= 2 else 0.02
+            flat = param.view(-1)
+            done, start = 0, offset % POOL
+            while done < flat.numel():
+                take = min(flat.numel() - done, POOL - start)
+                flat[done : done + take].copy_(pool[start : start + take]).mul_(std)
+                done, start = done + take, 0
+            offset += 7919  # every tensor starts elsewhere in the pool
+
+
+def tiny_qformer() -> QFormerConfig:
+    """The tiny preset's Q-Former (M = 16), for smoke runs of the benchmark on the tiny models."""
+    from .presets import PRESETS
+
+    return PRESETS["tiny"].qformer
+
+
+def sdxl_unet_config(tiny: bool = False) -> dict:
+    """The real SDXL base UNet config (ComfyUI's model_detection entry), or the tiny SDXL-shaped one."""
+    return dict(TINY_SDXL_UNET_CONFIG if tiny else SDXL_UNET_CONFIG)
+
+
+def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A ModelPatcher around comfy.model_base.SDXL built from `config`; random weights unless on meta."""
+    model_config = _sdxl_model_config(config, dtype, None)
+    model = model_config.get_model({}, "", device=device)
+    if device.type != "meta":
+        fill_parameters_(model.diffusion_model, seed)
+        model.model_sampling.to(device)
+    model.eval().requires_grad_(False)
+    home = torch.device("cpu") if device.type == "meta" else device
+    return comfy.model_patcher.ModelPatcher(model, load_device=home, offload_device=home)
+
+
+def build_encoder(
+    num_tokens: int,
+    layers: Sequence[LayerSpec],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    qformer: Optional[QFormerConfig] = None,
+    projections: Optional[torch.nn.Module] = None,
+) -> NestedEncoder:
+    """A NestedEncoder with random weights (QFormerConfig defaults: the real Q-Former), in eval mode.
+
+    `projections`: share another encoder's per-layer W_K~/W_V~ (they do not depend on M), which saves
+    1.4 GB of float32 when both M are benchmarked.
+    """
+    qformer = replace(qformer or QFormerConfig(), num_queries=num_tokens)
+    with torch.device("meta"):
+        encoder = NestedEncoder(EncoderConfig(qformer=qformer, layers=tuple(layers)))
+    if projections is not None:
+        encoder.projections = projections
+    encoder.qformer.to_empty(device=device).to(dtype)
+    fill_parameters_(encoder.qformer, seed)
+    if projections is None:
+        encoder.projections.to_empty(device=device).to(dtype)
+        fill_parameters_(encoder.projections, seed + 1)
+    return encoder.eval().requires_grad_(False)
+
+
+def clip_vision_h(device: torch.device, seed: int = 0):
+    """A comfy.clip_vision.ClipVisionModel with ComfyUI's ViT-H/14 config, random weights."""
+    config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+    fill_parameters_(clip_vision.model, seed)
+    return clip_vision
 
 
 # ------------------------------------------------------------------------------------------------

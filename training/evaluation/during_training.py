@@ -59,14 +59,14 @@ def evaluate_during_training(
     prompts: Sequence[str],
     *,
     step: int,
-    args: Any,
+    config: Any,
     ema: Any = None,
 ) -> Optional[dict]:
     """Run the small evaluation on the main process and log it; returns the report there, None elsewhere.
 
     `encoder` is the trained encoder (copied, so training state is untouched; with `ema` its EMA weights
     are evaluated, as they are exported). `prompts` are the run's validation prompts with the subject
-    word in place; `args` gives validation_seeds, resolution, sample_steps, sample_cfg, output_dir, domain.
+    word in place; `config` (the TrainConfig) gives validation_seeds, resolution, sample_steps, sample_cfg, output_dir, domain.
     """
     if not accelerator.is_main_process or not images:
         return None
@@ -87,7 +87,7 @@ def evaluate_during_training(
         for i, image in enumerate(images)
     ]
     clip_t = []
-    if args.domain == "tiny":
+    if config.domain == "tiny":
         from ..tiny import tiny_clip_vision
 
         clip_t.append(
@@ -100,11 +100,11 @@ def evaluate_during_training(
     scorers = metrics.Scorers(
         clip_t=clip_t,
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),
-        identity=_identity_model(args.domain),
+        identity=_identity_model(config.domain),
     )
-    from ..models import comfy_attention
+    from nested_attention.host import comfy_attention
 
-    settings = SampleSettings(steps=args.sample_steps, cfg=args.sample_cfg, resolution=args.resolution)
+    settings = SampleSettings(steps=config.sample_steps, cfg=config.sample_cfg, resolution=config.resolution)
     generator = Generator(
         frozen=frozen,
         encoder=model,
@@ -116,17 +116,17 @@ def evaluate_during_training(
         host=comfy_attention,
     )
     chosen = methods(prior=True, lambdas=(1.0,), scales=())
-    folder = Path(args.output_dir) / "eval" / f"step-{step}"
+    folder = Path(config.output_dir) / "eval" / f"step-{step}"
     try:
         result = run_evaluation(
             generator=generator,
             scorers=scorers,
             methods=chosen,
-            seeds=list(args.validation_seeds),
+            seeds=list(config.validation_seeds),
             output_dir=folder,
             settings={
                 "step": step,
-                "domain": args.domain,
+                "domain": config.domain,
                 "steps": settings.steps,
                 "cfg": settings.cfg,
                 "resolution": settings.resolution,

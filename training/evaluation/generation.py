@@ -224,7 +224,7 @@ def sample_image(
 def subject_tokens(frozen: Any, encoder: NestedEncoder, image: torch.Tensor) -> torch.Tensor:
     """E (1, M, C) of one image: CLIP vision `encode_image(crop=True)` then the Q-Former, as the nodes do."""
     weight = next(encoder.parameters())
-    hidden = frozen.clip_vision.encode_image(image[None], crop=True)["last_hidden_state"]
+    hidden = frozen.clip_vision.encode_image(image[None], crop=True)[frozen.clip_vision_spec.output_key]
     return encoder.encode(hidden.to(weight.device, weight.dtype)).float().cpu()
 
 
