@@ -4,6 +4,7 @@ ComfyUI loads this folder as a package from custom_nodes/. It registers the `nes
 folder and exports the node mappings, nothing else.
 """
 
+import logging
 import os
 import sys
 
@@ -28,6 +29,18 @@ if (
         _extensions.append(".safetensors")
 else:
     folder_paths.folder_names_and_paths["nested_attention"] = ([_MODELS], {".safetensors"})
+
+# The folder must exist for users to find it (the error messages and the workflows' Missing Models dialog
+# send them there). ComfyUI's models folder can be read-only (system installs, containers): then only warn.
+try:
+    os.makedirs(_MODELS, exist_ok=True)
+except OSError as error:
+    logging.getLogger(__name__).warning(
+        "[nested-attention] cannot create the encoder folder %s (%s); put encoder files in a folder "
+        "registered as 'nested_attention' in extra_model_paths.yaml instead",
+        _MODELS,
+        error,
+    )
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
