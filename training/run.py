@@ -958,14 +958,13 @@ def main(args: argparse.Namespace) -> dict:
     final = output_dir / f"{preset.domain}-encoder.safetensors"
     if is_main:
         export_encoder(final, global_step)
-        log.info(
-            "%s done: %d steps in %.1f s; encoder for the nodes: %s "
-            "(copy it to ComfyUI/models/nested_attention)",
-            PREFIX,
-            global_step,
-            time.perf_counter() - started,
-            final,
+        where = (
+            "a test-bed encoder for the tiny models (tests, smoke runs), not for ComfyUI: SDXL cannot use it"
+            if preset.tiny
+            else "encoder for the nodes (copy it to ComfyUI/models/nested_attention)"
         )
+        log.info("%s done: %d steps in %.1f s; %s: %s", PREFIX, global_step, time.perf_counter() - started,
+                 where, final)
     accelerator.end_training()
     return {
         "global_step": global_step,
