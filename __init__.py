@@ -1,7 +1,7 @@
 """Nested Attention for ComfyUI: personalize SDXL with a subject encoder (arXiv 2501.01407).
 
 ComfyUI loads this folder as a package from custom_nodes/. It registers the `nested_attention` models
-folder and exports the node mappings, nothing else.
+folder and exports the node mappings and its small frontend extension (web/), nothing else.
 """
 
 import logging
@@ -44,4 +44,7 @@ except OSError as error:
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension that shows what Save Nested Subject saved (web/save_subject.js).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

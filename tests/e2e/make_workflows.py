@@ -177,7 +177,7 @@ async (spec) => {
 # Compact enough that a whole single-subject graph fits a 1600 x 1000 browser window at VIEW_SCALE.
 XA, XB, XC = 0, 340, 660
 XD, XE = XC + 440, XC + 760
-NOTE_TOP, NOTE_HEIGHT = -260, 220  # the notes' title bars start 30 units higher
+NOTE_TOP, NOTE_HEIGHT = -230, 190  # the notes' title bars start 30 units higher
 PHOTO_SIZE = (300, 320)
 APPLY_SIZE = (400, 330)  # with its own prompt box
 APPLY_LINKED_SIZE = (300, 250)  # prompt from a shared String node
@@ -324,7 +324,7 @@ def _single(name: str, title: str, encoder_file: str, image: str, token: str, te
     """One subject from one photo: the person and pet workflows."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode = _subject(g, vision, encoder_file, image, y=240, title=title)
+    encode = _subject(g, vision, encoder_file, image, y=260, title=title)
     apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), text=text, token=token)
     negative = _negative(g, ckpt, (XC, 380))
     _sample_and_save(g, ckpt, (apply, 0), (apply, 1), negative, f"nested_attention/{name}")
@@ -349,9 +349,9 @@ def pet_one_photo() -> Graph:
 def person_several_photos() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
-    encoder = _encoder(g, vision, FACES_ENCODER, (XA, 240))
+    encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
     size = (200, 320)  # the frontend's smallest Load Image with a preview
-    photos = [g.node("LoadImage", (XA + i * (size[0] + 20), 380), size=size, image=name,
+    photos = [g.node("LoadImage", (XA + i * (size[0] + 20), 400), size=size, image=name,
                      title=f"person photo {i + 1}") for i, name in enumerate(PERSON_IMAGES)]
     image = photos[0]
     for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
@@ -374,14 +374,14 @@ photo. Add photos with more Load Image + Image Batch nodes. (The examples are th
 def person_and_pet() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
-    person_encoder = _encoder(g, vision, FACES_ENCODER, (XA, 240))
-    person_photo = g.node("LoadImage", (XA, 360), size=PHOTO_SIZE, image=PERSON_IMAGES[0], title="person photo")
+    person_encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0], title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
-    pet = g.node("NestedAttentionEncodeSubject", (XB, 150), size=(280, 110), title="Encode pet")
-    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 300), size=(280, 80), encoder_name=PETS_ENCODER,
+    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 110), title="Encode pet")
+    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=PETS_ENCODER,
                          properties={"models": [model_entry(PETS_ENCODER)]})
     g.link(vision, 0, pet_encoder, "clip_vision")
-    pet_photo = g.node("LoadImage", (XB, 420), size=(280, 320), image=PET_IMAGE, title="pet photo")
+    pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
     g.link(pet_encoder, 0, pet, "encoder")
     g.link(pet_photo, 0, pet, "image")
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
@@ -405,7 +405,7 @@ Apply node's CONDITIONING goes to the KSampler, and their order does not matter.
 def lambda_sweep() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=240, title="person")
+    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=260, title="person")
     seed = SEED
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by all branches)",
                     size=(400, 140),
