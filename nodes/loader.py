@@ -143,9 +143,9 @@ def missing_encoder_message(encoder_name: str) -> str:
         f"nested encoder file {encoder_name!r} not found (searched: "
         f"{', '.join(folders) or 'no nested_attention folder registered'}; found there: "
         f"{found or 'no .safetensors file'}). Put the encoder file into "
-        f"{folders[0] if folders else 'ComfyUI/models/nested_attention'} (or add a 'nested_attention' entry to "
-        "extra_model_paths.yaml), press R in the graph to refresh the file lists, and pick it in Load Nested "
-        "Encoder. To get one: " + "; ".join(ENCODER_SOURCES) + "."
+        f"{folders[0] if folders else 'ComfyUI/models/nested_attention'} (or add a 'nested_attention' entry "
+        "to extra_model_paths.yaml), press R in the graph to refresh the file lists, and pick it in Load "
+        "Nested Encoder. To get one: " + "; ".join(ENCODER_SOURCES) + "."
     )
 
 

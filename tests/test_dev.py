@@ -55,7 +55,8 @@ def test_serve_says_where_the_model_folders_are(tmp_path):
         assert folder in message
     assert "extra_model_paths" not in message
     (comfyui / "extra_model_paths.yaml").write_text("a: {}\n")
-    assert f"(and the folders {comfyui / 'extra_model_paths.yaml'} adds)" in dev.model_folders_message(comfyui, [])
+    yaml = comfyui / "extra_model_paths.yaml"
+    assert f"(and the folders {yaml} adds)" in dev.model_folders_message(comfyui, [])
     # --base-directory moves the models folder, relative to ComfyUI's folder (where it runs) or absolute.
     assert dev.models_dir(comfyui, ["--base-directory", "mine"]) == comfyui / "mine" / "models"
     assert dev.models_dir(comfyui, [f"--base-directory={tmp_path / 'b'}"]) == tmp_path / "b" / "models"

@@ -18,11 +18,14 @@ app.registerExtension({
       let widget = this.widgets?.find((w) => w.name === WIDGET);
       if (!widget) {
         // Not an input: left out of the prompt (serialize: false) and only there once something was saved.
+        // (A disabled widget would hide its value, so this one stays enabled; editing it changes nothing.)
         widget = this.addWidget("text", WIDGET, "", () => {}, { serialize: false });
-        widget.disabled = true;
       }
       widget.value = names.join(", ");
-      this.setSize([Math.max(this.size[0], this.computeSize()[0]), this.computeSize()[1]]);
+      // Wide enough for the whole name: the frontend cuts a widget's value that does not fit.
+      const ctx = app.canvas.ctx;
+      const text = ctx ? ctx.measureText(`${WIDGET}  ${widget.value}`).width : 7 * widget.value.length;
+      this.setSize([Math.max(this.size[0], Math.ceil(text) + 160), this.computeSize()[1]]);
       this.setDirtyCanvas(true, true);
     };
   },

@@ -56,8 +56,8 @@ MODELS = {
     # pets: IP-Adapter Plus (Apache-2.0), the general-purpose file. Load Nested Encoder reads them by content.
     FACES_ENCODER: {"url": f"{HF}/orpatashnik/NestedAttentionEncoder/resolve/main/personalization_encoder/"
                            "model.safetensors", "directory": "nested_attention"},
-    PETS_ENCODER: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
-                   "directory": "nested_attention"},
+    PETS_ENCODER: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/"
+                          "ip-adapter-plus_sdxl_vit-h.safetensors", "directory": "nested_attention"},
     # An alternative face encoder (Apache-2.0) that IPAdapter_plus users already keep; declared at the
     # workflow level (no widget names it), so the dialog offers it next to the authors' file.
     IPADAPTER_FACE: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_FACE}",
@@ -209,16 +209,17 @@ def _models_note(encoders: list[str]) -> str:
         "Missing files are listed by the *Missing Models* dialog when the workflow opens, with a Download "
         "button. In a browser, save each download under the name shown, in the folder shown "
         "(under `ComfyUI/models/`):",
-        f"- `checkpoints/{CHECKPOINT}`: [SDXL base 1.0]({MODELS[CHECKPOINT]['url']}) (or any SDXL checkpoint)",
+        f"- `checkpoints/{CHECKPOINT}`: [SDXL base 1.0]({MODELS[CHECKPOINT]['url']}) "
+        "(or any SDXL checkpoint)",
         f"- `clip_vision/{CLIP_VISION}`: the [ViT-H/14 image encoder]({MODELS[CLIP_VISION]['url']}); "
         "it downloads as `model.safetensors`: **rename it**",
     ]
     if FACES_ENCODER in encoders:
         lines.append(
-            f"- `nested_attention/{FACES_ENCODER}`: the authors' [face encoder]({MODELS[FACES_ENCODER]['url']}) "
-            "(CC BY-NC-SA 4.0, non-commercial; downloads as `model.safetensors`: rename it), or "
-            f"[IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) (Apache-2.0) in `ipadapter/`, picked in "
-            "Load Nested Encoder")
+            f"- `nested_attention/{FACES_ENCODER}`: the authors' "
+            f"[face encoder]({MODELS[FACES_ENCODER]['url']}) (CC BY-NC-SA 4.0, non-commercial; downloads as "
+            f"`model.safetensors`: rename it), or [IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) "
+            "(Apache-2.0) in `ipadapter/`, picked in Load Nested Encoder")
     if PETS_ENCODER in encoders:
         lines.append(
             f"- `nested_attention/{PETS_ENCODER}`: no pet encoder is published; train one "
@@ -232,7 +233,8 @@ def _notes(g: Graph, width: int, about: str, encoders: list[str], extra: str = "
     read_me_width = max(560, width - 700)
     g.node("MarkdownNote", (XA, NOTE_TOP), title="Read me", size=(read_me_width, NOTE_HEIGHT),
            text=_read_me(about, extra).strip())
-    g.node("MarkdownNote", (XA + read_me_width + 40, NOTE_TOP), title="Models: what to download, where to put it",
+    g.node("MarkdownNote", (XA + read_me_width + 40, NOTE_TOP),
+           title="Models: what to download, where to put it",
            size=(width - read_me_width - 40, NOTE_HEIGHT), text=_models_note(encoders))
 
 
@@ -336,7 +338,8 @@ def person_one_photo() -> Graph:
     return _single("person_one_photo", "person", FACES_ENCODER, PERSON_IMAGES[0], "person",
                    "a photo of a person as an astronaut floating inside a space station, soft window light, "
                    "detailed",
-                   "One person from one photo: the word *person* in the prompt becomes the person in the photo")
+                   "One person from one photo: the word *person* in the prompt becomes the person in the "
+                   "photo")
 
 
 def pet_one_photo() -> Graph:
@@ -367,7 +370,8 @@ def person_several_photos() -> Graph:
     _notes(g, SINGLE_WIDTH, "One person from several photos", [FACES_ENCODER], """
 **Image Batch** joins the photos into one IMAGE batch; **Encode Subject Image(s)** encodes each photo and
 concatenates their tokens (the paper's multi-image form), which usually gives a steadier likeness than one
-photo. Add photos with more Load Image + Image Batch nodes. (The examples are three views of one portrait.)""")
+photo. Add photos with more Load Image + Image Batch nodes. (The examples are three views of one
+portrait.)""")
     return g
 
 
@@ -375,7 +379,8 @@ def person_and_pet() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
     person_encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
-    person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0], title="person photo")
+    person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
+                          title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
     pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 110), title="Encode pet")
     pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=PETS_ENCODER,
@@ -506,7 +511,7 @@ def main(args: argparse.Namespace) -> None:
     names = args.names or list(WORKFLOWS)
     with tempfile.TemporaryDirectory(prefix="nested-attention-workflows-") as tmp:
         base = Path(tmp) / "base"
-        # The test pack registers the ipadapter folder as IPAdapter_plus does (the workflows name a file there).
+        # The test pack registers the ipadapter folder as IPAdapter_plus does (a workflow names a file there).
         harness.prepare_base_dir(base, {harness.PACK_NAME: harness.REPO,
                                         harness.TINY_PACK_NAME: harness.TINY_PACK_DIR})
         for image in (args.out / "input").iterdir():

@@ -30,7 +30,7 @@ ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the fro
 
 
 def needed_files(workflow: dict) -> dict[str, str]:
-    """{file name: models folder} of every file the workflow's loaders name (+ the alternative face encoder)."""
+    """{file name: models folder}: what the loaders name, and the alternative face encoder."""
     files = {}
     for node in workflow["nodes"]:
         if node["type"] in LOADERS:  # each has one widget: the file's name

@@ -1,4 +1,6 @@
-"""Save Nested Subject in the real frontend: after Run, the node shows the file it saved (web/save_subject.js).
+"""Save Nested Subject in the real frontend: after Run, the node shows the file it saved.
+
+The display is web/save_subject.js, the pack's frontend extension.
 
 A small graph is built in the page (tiny CLIP vision from tests/e2e/tiny_pack, the real Load Nested Encoder
 on a real tiny encoder file, Load Image, Encode Subject Image(s), Save Nested Subject) and queued with the
@@ -41,6 +43,19 @@ async ([encoderName, imageName]) => {
 }
 """
 
+# The strings the canvas draws in one full redraw (the widget's value is drawn, not in the DOM).
+_DRAWN_JS = """
+() => {
+  const drawn = [], fillText = CanvasRenderingContext2D.prototype.fillText;
+  CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+    drawn.push(String(text));
+    return fillText.call(this, text, ...rest);
+  };
+  try { window.app.canvas.draw(true, true); } finally { CanvasRenderingContext2D.prototype.fillText = fillText; }
+  return drawn;
+}
+"""
+
 _SAVED_JS = """
 (id) => window.app.graph.getNodeById(id).widgets?.find((w) => w.name === 'saved')?.value ?? null
 """
@@ -56,6 +71,8 @@ def test_save_nested_subject_shows_the_saved_file_name_on_the_node(comfy, fronte
     shown = frontend.evaluate(_SAVED_JS, save_id)
     assert shown.startswith("nested_attention_subjects/subject_") and shown.endswith("_.safetensors"), shown
     assert (comfy.base / "output" / shown).is_file(), f"the node shows {shown}, which is not in output/"
+    drawn = frontend.evaluate(_DRAWN_JS)
+    assert shown in drawn, f"the canvas does not draw the whole name {shown!r}; it draws {drawn}"
     # The display is not an input: the prompt the frontend queues has no 'saved' value.
     prompt = frontend.graph_to_prompt()
     assert "saved" not in prompt[str(save_id)]["inputs"], prompt[str(save_id)]
