@@ -1,9 +1,11 @@
 """Nested Attention for ComfyUI: personalize SDXL with a subject encoder (arXiv 2501.01407).
 
 ComfyUI loads this folder as a package from custom_nodes/. It registers the `nested_attention` models
-folder (and `ipadapter`, if no other pack has) and exports the node mappings, nothing else.
+folder (and `ipadapter`, if no other pack has) and exports the node mappings and its small frontend
+extension (web/), nothing else.
 """
 
+import logging
 import os
 import sys
 
@@ -37,6 +39,21 @@ if "ipadapter" not in folder_paths.folder_names_and_paths:
         set(folder_paths.supported_pt_extensions),
     )
 
+# The folder must exist for users to find it (the error messages and the workflows' Missing Models dialog
+# send them there). ComfyUI's models folder can be read-only (system installs, containers): then only warn.
+try:
+    os.makedirs(_MODELS, exist_ok=True)
+except OSError as error:
+    logging.getLogger(__name__).warning(
+        "[nested-attention] cannot create the encoder folder %s (%s); put encoder files in a folder "
+        "registered as 'nested_attention' in extra_model_paths.yaml instead",
+        _MODELS,
+        error,
+    )
+
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension that shows what Save Nested Subject saved (web/save_subject.js).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -313,7 +313,7 @@ def copy_example_inputs(comfyui: Path, extra: list[str]) -> None:
     target = comfyui / (last_option(extra, "--input-directory") or "input")  # ComfyUI runs from its folder
     source = ROOT / "workflows" / "input"
     copied = []
-    for photo in sorted(source.glob("*.png")):
+    for photo in sorted(p for p in source.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
         if not (target / photo.name).exists():
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(photo, target / photo.name)
@@ -322,10 +322,27 @@ def copy_example_inputs(comfyui: Path, extra: list[str]) -> None:
         log(f"copied the workflows' example photos into {target}: {', '.join(copied)}")
 
 
+def models_dir(comfyui: Path, extra: list[str]) -> Path:
+    """The models folder the ComfyUI started with `extra` reads (its own, or --base-directory's)."""
+    base = last_option(extra, "--base-directory")
+    return (comfyui / base if base else comfyui) / "models"  # a relative base is taken from ComfyUI's folder
+
+
+def model_folders_message(comfyui: Path, extra: list[str]) -> str:
+    """Where the model files go, for the user who just started the server."""
+    models = models_dir(comfyui, extra)
+    yaml = comfyui / "extra_model_paths.yaml"
+    also = f" (and the folders {yaml} adds)" if yaml.is_file() else ""
+    return (f"model files go in {models}{also}: checkpoints/ (SDXL, e.g. sd_xl_base_1.0.safetensors), "
+            "clip_vision/ (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors), nested_attention/ (encoders), "
+            "ipadapter/ (IP-Adapter Plus files); each workflow's Missing Models dialog names what it needs")
+
+
 def serve(args: list[str]) -> None:
     py, comfyui = set_up()
     extra = list(args)
     copy_example_inputs(comfyui, extra)
+    log(model_folders_message(comfyui, extra))
     if "--cpu" not in extra and not has_accelerator(py):
         log("no CUDA GPU found: starting ComfyUI with --cpu")
         extra.insert(0, "--cpu")

@@ -97,16 +97,38 @@ def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderH
     )
 
 
+# Where encoders come from, for the message a missing file gets. No file in this pack's own format is
+# published; these are the trained weights that exist (their loading: Load Nested Encoder's formats).
+ENCODER_SOURCES = (
+    "train one with this pack's trainer (python -m training.run --domain faces|pets, see training/README.md)",
+    "faces: the authors' release https://huggingface.co/orpatashnik/NestedAttentionEncoder "
+    "(personalization_encoder/model.safetensors, CC BY-NC-SA 4.0, non-commercial)",
+    "IP-Adapter Plus SDXL files (Apache-2.0): https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/"
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors (faces) or ip-adapter-plus_sdxl_vit-h.safetensors, into "
+    "models/ipadapter",
+)
+
+
+def missing_encoder_message(encoder_name: str) -> str:
+    """What a user reads when the encoder file a graph names is in neither models/nested_attention nor
+    models/ipadapter."""
+    folders = [f for folder in FOLDERS for f in searched_folders(folder)]
+    listed = encoder_files()
+    found = ", ".join(listed[:8]) + (f" and {len(listed) - 8} more" if len(listed) > 8 else "")
+    return (
+        f"nested encoder file {encoder_name!r} not found (searched: "
+        f"{', '.join(folders) or 'no nested_attention folder registered'}; found there: "
+        f"{found or 'no .safetensors file'}). Put the encoder file into "
+        f"{folders[0] if folders else 'ComfyUI/models/nested_attention'} (or add a 'nested_attention' entry "
+        "to extra_model_paths.yaml), press R in the graph to refresh the file lists, and pick it in Load "
+        "Nested Encoder. To get one: " + "; ".join(ENCODER_SOURCES) + "."
+    )
+
+
 def load_handle(encoder_name: str, clip_vision: Any | None = None) -> EncoderHandle:
     path = find_encoder(encoder_name)
     if path is None:
-        folders = [f for folder in FOLDERS for f in searched_folders(folder)]
-        raise NestedEncoderLoadError(
-            f"nested encoder file {encoder_name!r} not found (searched: "
-            f"{', '.join(folders) or 'no folder registered'}). Put the .safetensors file exported by the "
-            "trainer (or an IP-Adapter Plus SDXL file) into one of those folders (or add a 'nested_attention' "
-            "entry to extra_model_paths.yaml) and refresh the node."
-        )
+        raise NestedEncoderLoadError(missing_encoder_message(encoder_name))
     # Any supported layout (the pack's files, IP-Adapter Plus SDXL, IP-Adapter-derived), fully validated:
     # format, shapes, every tensor; a file of another kind is refused with what was found and expected.
     # The header alone says which CLIP vision model the file needs: check that before loading any tensor.
@@ -171,6 +193,15 @@ class NestedAttentionLoadEncoder:
                 ),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, encoder_name: str):
+        # Declaring encoder_name here makes ComfyUI skip its own "Value not in list" check for it, so a
+        # missing file gets this message (which folders, where to get one) before anything runs. ComfyUI
+        # wants exactly True for a valid input.
+        if find_encoder(encoder_name) is None:
+            return missing_encoder_message(encoder_name)
+        return True
 
     def load(self, encoder_name: str, clip_vision: Any | None = None):
         return (load_handle(encoder_name, clip_vision),)

@@ -24,7 +24,7 @@ def test_last_option_reads_both_spellings_and_the_last_one_wins():
 
 def test_serve_copies_the_example_photos_into_comfyuis_input_without_overwriting(tmp_path):
     dev = load_dev()
-    shipped = sorted(p.name for p in (ROOT / "workflows" / "input").glob("*.png"))
+    shipped = sorted(p.name for p in (ROOT / "workflows" / "input").iterdir() if p.suffix in (".png", ".jpg"))
     assert shipped, "workflows/input/ has no example photos"
 
     comfyui = tmp_path / "ComfyUI"
@@ -43,3 +43,20 @@ def test_serve_copies_the_example_photos_into_comfyuis_input_without_overwriting
     absolute = tmp_path / "abs"
     dev.copy_example_inputs(comfyui, [f"--input-directory={absolute}"])
     assert sorted(p.name for p in absolute.iterdir()) == shipped
+
+
+def test_serve_says_where_the_model_folders_are(tmp_path):
+    dev = load_dev()
+    comfyui = tmp_path / "ComfyUI"
+    comfyui.mkdir()
+    message = dev.model_folders_message(comfyui, [])
+    assert f"model files go in {comfyui / 'models'}:" in message
+    for folder in ("checkpoints/", "clip_vision/", "nested_attention/", "ipadapter/"):
+        assert folder in message
+    assert "extra_model_paths" not in message
+    (comfyui / "extra_model_paths.yaml").write_text("a: {}\n")
+    yaml = comfyui / "extra_model_paths.yaml"
+    assert f"(and the folders {yaml} adds)" in dev.model_folders_message(comfyui, [])
+    # --base-directory moves the models folder, relative to ComfyUI's folder (where it runs) or absolute.
+    assert dev.models_dir(comfyui, ["--base-directory", "mine"]) == comfyui / "mine" / "models"
+    assert dev.models_dir(comfyui, [f"--base-directory={tmp_path / 'b'}"]) == tmp_path / "b" / "models"

@@ -78,6 +78,45 @@ def test_missing_encoder_file_error_lists_the_folders_searched(pack, models_fold
     assert "nope.safetensors" in str(error.value) and str(models_folder.encoders) in str(error.value)
 
 
+def test_missing_encoder_file_is_answered_at_validation_with_the_folder_and_sources(
+    pack, save_tiny_encoder, models_folder
+):
+    # ComfyUI runs VALIDATE_INPUTS instead of its own list check for encoder_name, before any node runs.
+    loader = pack.mappings["NestedAttentionLoadEncoder"]
+    name = save_tiny_encoder("present.safetensors")
+    assert loader.VALIDATE_INPUTS(encoder_name=name) is True  # exactly True: ComfyUI tests `is not True`
+    message = loader.VALIDATE_INPUTS(encoder_name="faces-encoder.safetensors")
+    assert isinstance(message, str)
+    assert "'faces-encoder.safetensors' not found" in message
+    assert f"searched: {models_folder.encoders}" in message and "found there: present.safetensors" in message
+    assert f"Put the encoder file into {models_folder.encoders}" in message
+    assert "python -m training.run" in message
+    assert "https://huggingface.co/orpatashnik/NestedAttentionEncoder" in message
+    assert "ip-adapter-plus-face_sdxl_vit-h.safetensors" in message and "models/ipadapter" in message
+
+
+def test_init_creates_the_models_folder_and_only_warns_when_it_cannot(monkeypatch, tmp_path, caplog):
+    models = tmp_path / "models"
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    try:
+        load_pack("nested_attention_pack_fresh")
+        assert (models / "nested_attention").is_dir()
+    finally:
+        unload_pack("nested_attention_pack_fresh")
+    blocked = tmp_path / "read-only"
+    blocked.write_text("a file where the models folder would be, so nothing can be created under it")
+    monkeypatch.setattr(folder_paths, "models_dir", str(blocked))
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    try:
+        with caplog.at_level(logging.WARNING):
+            load_pack("nested_attention_pack_fresh")
+        assert "[nested-attention] cannot create" in caplog.text
+        assert str(blocked / "nested_attention") in caplog.text
+    finally:
+        unload_pack("nested_attention_pack_fresh")
+
+
 def test_damaged_encoder_file_gets_the_core_validation_error(pack, models_folder, tiny_clip_vision):
     (models_folder.encoders / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(NestedWeightsError, match="junk.safetensors"):

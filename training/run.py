@@ -467,12 +467,17 @@ def main(config: TrainConfig) -> dict:
     final = output_dir / encoder_file
     if accelerator.is_main_process:
         trainee.export(final, state.global_step, config)
+        where = (
+            "a test-bed encoder for the tiny models (tests, smoke runs), not for ComfyUI: SDXL cannot use it"
+            if config.preset.tiny
+            else "encoder for the nodes (copy it to ComfyUI/models/nested_attention)"
+        )
         log.info(
-            "%s done: %d steps in %.1f s; encoder for the nodes: %s "
-            "(copy it to ComfyUI/models/nested_attention)",
+            "%s done: %d steps in %.1f s; %s: %s",
             PREFIX,
             state.global_step,
             time.perf_counter() - started,
+            where,
             final,
         )
     accelerator.end_training()

@@ -16,10 +16,7 @@ import tiny_models
 from harness import (
     ARTIFACTS_DIR,
     CHROMIUM,
-    CLIP_VISION,
-    FACES_ENCODER,
     PACK_NAME,
-    PETS_ENCODER,
     REPO,
     TINY_PACK_DIR,
     TINY_PACK_NAME,
@@ -27,6 +24,7 @@ from harness import (
     Frontend,
     prepare_base_dir,
 )
+from make_workflows import CLIP_VISION, FACES_ENCODER, PETS_ENCODER
 from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
 
 from nested_attention import save_encoder

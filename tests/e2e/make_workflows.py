@@ -1,16 +1,17 @@
 """Regenerate the shipped workflows (workflows/*.json) by building them in the real ComfyUI frontend.
 
-    .venv/bin/python tests/e2e/make_workflows.py
+    PYTHONPATH=/tmp/skimage .venv/bin/python tests/e2e/make_workflows.py
 
 Starts ComfyUI with this pack (a throw-away --base-directory), opens its frontend in headless Chromium,
 builds each graph with the frontend's own LiteGraph API (createNode, connect, widget values), and saves
 `app.graph.serialize()`: exactly the format the frontend saves. Each file is then loaded back through the
 frontend and must come back with no missing node and no refused widget value. Also writes a thumbnail per
-workflow (`workflows/<name>.jpg`, which the template browser shows) and the example subject images
-(`workflows/input/*.png`).
+workflow (`workflows/<name>.jpg`, which the template browser shows).
 
-The example images are simple drawings made here with PIL (placeholders, dedicated to the public domain
-under CC0 1.0); they show how a workflow is wired, not what a trained encoder can do with a real photo.
+This file is the one place that names the model files the workflows use (MODELS) and their example photos.
+The photos (`workflows/input/`) are copied from scikit-image's sample data, public domain and CC0 (see
+workflows/README.md); scikit-image is needed only to remake them (`pip install --target /tmp/skimage
+scikit-image`), never at run time. Existing photos are kept.
 """
 
 from __future__ import annotations
@@ -25,83 +26,82 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness import CHECKPOINT, CLIP_VISION, FACES_ENCODER, PETS_ENCODER  # noqa: E402
-
-PERSON_IMAGES = [f"nested_attention_person_{i}.png" for i in (1, 2, 3)]
-PET_IMAGE = "nested_attention_pet.png"
-CHECKPOINT_URL = f"https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{CHECKPOINT}"
-CLIP_VISION_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"
-NEGATIVE = "blurry, lowres, deformed, disfigured, watermark, text, signature"
-SEED = 20250101
-IMAGE_SIZE = 512  # example images: 512 x 512
-THUMBNAIL_WIDTH = 640
 
 # ------------------------------------------------------------------------------------------------
-# Example subject images (synthetic, CC0)
+# The model files the workflows name, with where each comes from. Each loader node carries its entry in
+# `properties.models` ([{name, url, directory}]), which the frontend's Missing Models dialog reads: it lists
+# the entries whose name is the node's current widget value and whose file is not in that models folder, with
+# a Download button (the ComfyUI desktop app saves the file under `name` in that folder; a browser saves it
+# under the URL's last segment). The frontend accepts only https://huggingface.co/, https://civitai.com/
+# and localhost URLs of .safetensors/.sft names, and drops an entry whose URL another entry already uses.
+
+CHECKPOINT = "sd_xl_base_1.0.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+FACES_ENCODER = "faces-encoder.safetensors"
+PETS_ENCODER = "pets-encoder.safetensors"
+IPADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
+
+HF = "https://huggingface.co"
+MODELS = {
+    CHECKPOINT: {"url": f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/{CHECKPOINT}",
+                 "directory": "checkpoints"},
+    # The ViT-H/14 image encoder IP-Adapter publishes; ComfyUI users keep it under the OpenCLIP name.
+    CLIP_VISION: {"url": f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
+                  "directory": "clip_vision"},
+    # No encoder in this pack's own format is published. Faces: the authors' release (CC BY-NC-SA 4.0);
+    # pets: IP-Adapter Plus (Apache-2.0), the general-purpose file. Load Nested Encoder reads them by content.
+    FACES_ENCODER: {"url": f"{HF}/orpatashnik/NestedAttentionEncoder/resolve/main/personalization_encoder/"
+                           "model.safetensors", "directory": "nested_attention"},
+    PETS_ENCODER: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/"
+                          "ip-adapter-plus_sdxl_vit-h.safetensors", "directory": "nested_attention"},
+    # An alternative face encoder (Apache-2.0) that IPAdapter_plus users already keep; declared at the
+    # workflow level (no widget names it), so the dialog offers it next to the authors' file.
+    IPADAPTER_FACE: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_FACE}",
+                     "directory": "ipadapter"},
+}
+# The files the loaders name, by models folder (the e2e server gets stand-ins for all of them).
+MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
+               "nested_attention": [FACES_ENCODER, PETS_ENCODER], "ipadapter": [IPADAPTER_FACE]}
 
 
-def _draw_person(bg_top, bg_bottom, shirt, hair, head_dx: int, smile: float) -> Image.Image:
-    s = 2 * IMAGE_SIZE  # drawn at twice the size, then downsampled (anti-aliasing)
-    image = Image.new("RGB", (s, s))
-    d = ImageDraw.Draw(image)
-    for y in range(s):  # a vertical gradient background
-        t = y / (s - 1)
-        d.line([(0, y), (s, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(bg_top, bg_bottom)))
-    skin = (224, 172, 138)
-    cx = s // 2 + head_dx
-    d.ellipse([cx - 420, 760, cx + 420, 1400], fill=shirt)  # shoulders
-    d.rectangle([cx - 70, 600, cx + 70, 800], fill=(205, 152, 118))  # neck
-    d.ellipse([cx - 210, 230, cx + 210, 720], fill=skin)  # face
-    d.chord([cx - 230, 190, cx + 230, 560], 180, 360, fill=hair)  # hair
-    d.ellipse([cx - 235, 400, cx - 185, 500], fill=skin)  # ears
-    d.ellipse([cx + 185, 400, cx + 235, 500], fill=skin)
-    for ex in (cx - 85, cx + 85):  # eyes and brows
-        d.ellipse([ex - 38, 420, ex + 38, 468], fill=(250, 250, 250))
-        d.ellipse([ex - 17, 427, ex + 17, 461], fill=(70, 45, 30))
-        d.line([(ex - 45, 385), (ex + 45, 380)], fill=hair, width=14)
-    d.line([(cx, 470), (cx - 18, 550), (cx + 10, 556)], fill=(180, 120, 95), width=8)  # nose
-    mouth = [cx - 90, 540 - 40 * smile, cx + 90, 620 + 20 * smile]
-    d.arc(mouth, 20, 160, fill=(150, 60, 60), width=12)
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+def model_entry(name: str) -> dict:
+    """One `properties.models` entry, as the frontend reads it."""
+    return {"name": name, **MODELS[name]}
 
 
-def _draw_pet() -> Image.Image:
-    s = 2 * IMAGE_SIZE
-    image = Image.new("RGB", (s, s), (255, 255, 255))  # white background, as the pets encoder prefers
-    d = ImageDraw.Draw(image)
-    fur, dark_fur, light = (196, 140, 82), (120, 78, 40), (238, 214, 180)
-    d.arc([700, 420, 960, 760], 200, 330, fill=dark_fur, width=40)  # tail
-    d.ellipse([250, 520, 820, 860], fill=fur)  # body
-    for x in (300, 420, 620, 720):  # legs and paws
-        d.rounded_rectangle([x, 760, x + 80, 960], radius=30, fill=fur)
-        d.ellipse([x - 10, 920, x + 90, 980], fill=light)
-    d.ellipse([150, 180, 530, 560], fill=fur)  # head
-    d.ellipse([110, 220, 230, 480], fill=dark_fur)  # floppy ears
-    d.ellipse([450, 220, 570, 480], fill=dark_fur)
-    d.ellipse([240, 380, 440, 540], fill=light)  # snout
-    d.ellipse([305, 395, 375, 445], fill=(30, 25, 25))  # nose
-    for ex in (270, 410):  # eyes
-        d.ellipse([ex - 30, 300, ex + 30, 360], fill=(30, 25, 25))
-        d.ellipse([ex - 12, 310, ex + 4, 326], fill=(255, 255, 255))
-    d.arc([290, 440, 390, 510], 20, 160, fill=(30, 25, 25), width=8)  # mouth
-    d.rounded_rectangle([220, 540, 470, 580], radius=18, fill=(200, 40, 60))  # collar
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+# ------------------------------------------------------------------------------------------------
+# Example photos (scikit-image's sample data: public domain and CC0)
+
+PERSON_IMAGES = [f"nested_attention_person_{i}.jpg" for i in (1, 2, 3)]
+PET_IMAGE = "nested_attention_pet.jpg"
+NEGATIVE = "blurry, lowres, deformed, disfigured, watermark, text, signature"
+SEED = 20250101
+THUMBNAIL_WIDTH = 640
 
 
 def make_example_images(folder: Path) -> None:
+    """The person (astronaut Eileen Collins, NASA, public domain) and the pet (Chelsea the cat, CC0).
+
+    The several-photos workflow gets three views of the one public-domain portrait (the whole photo, a
+    closer crop of the face, the mirror image): a stand-in for several photos of one person.
+    """
+    if all((folder / name).is_file() for name in [*PERSON_IMAGES, PET_IMAGE]):
+        return
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise SystemExit("the example photos come from scikit-image's sample data: pip install --target "
+                         "/tmp/skimage scikit-image, then run with PYTHONPATH=/tmp/skimage") from error
     folder.mkdir(parents=True, exist_ok=True)
-    people = [
-        _draw_person((150, 190, 235), (235, 240, 250), (60, 90, 160), (70, 45, 30), 0, 1.0),
-        _draw_person((200, 225, 190), (250, 250, 235), (160, 60, 60), (70, 45, 30), -60, 0.4),
-        _draw_person((240, 210, 180), (250, 240, 230), (60, 130, 100), (70, 45, 30), 50, 0.8),
-    ]
-    for name, image in zip(PERSON_IMAGES, people):
-        image.save(folder / name, optimize=True)
-    _draw_pet().save(folder / PET_IMAGE, optimize=True)
+    person = Image.fromarray(data.astronaut())  # 512 x 512
+    views = [person, person.crop((112, 0, 368, 256)), ImageOps.mirror(person)]  # (256 x 256: not enlarged)
+    for name, image in zip(PERSON_IMAGES, views):
+        image.save(folder / name, quality=90, optimize=True)
+    Image.fromarray(data.chelsea()).save(folder / PET_IMAGE, quality=90, optimize=True)  # 451 x 300, as shot
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,9 +123,6 @@ class Graph:
 
     def link(self, src: int, output: int | str, dst: int, input_name: str) -> None:
         self.links.append([src, output, dst, input_name])
-
-    def note(self, pos: tuple, size: tuple, text: str, title: str = "Read me") -> int:
-        return self.node("Note", pos, title=title, size=size, text=text.strip())
 
     def group(self, title: str, bounding: tuple, color: str = "#3f789e") -> None:
         self.groups.append({"title": title, "bounding": list(bounding), "color": color})
@@ -175,64 +172,101 @@ async (spec) => {
 }
 """
 
-# Layout: columns of nodes, left to right as the data flows. Loaders in column A, the subject encoding in B,
-# prompts and Apply nodes in C, sampling in D, decoding and saving in E.
-XA, XB, XC = 0, 360, 680
-COLUMN = 480  # width of one column of the C, D, E part
-NOTE_POS, NOTE_HEIGHT = (0, -480), 420
-PHOTO_SIZE = (320, 400)
-APPLY_SIZE = (440, 360)
+# Layout: columns of nodes, left to right as the data flows: loaders and photos in column A, the subject
+# encoding in B, prompts and Apply nodes in C, sampling in D, decoding and saving in E; the notes above.
+# Compact enough that a whole single-subject graph fits a 1600 x 1000 browser window at VIEW_SCALE.
+XA, XB, XC = 0, 340, 660
+XD, XE = XC + 440, XC + 760
+NOTE_TOP, NOTE_HEIGHT = -230, 190  # the notes' title bars start 30 units higher
+PHOTO_SIZE = (300, 320)
+APPLY_SIZE = (400, 330)  # with its own prompt box
+APPLY_LINKED_SIZE = (300, 250)  # prompt from a shared String node
+BRANCH = 320  # the λ sweep's branch columns
+# The zoom a workflow opens at (its saved extra.ds): the whole graph if it fits the reference window at
+# VIEW_SCALE or more, else VIEW_SCALE on its top-left corner (notes and loaders). The frontend draws nodes
+# without text below 8 px / (14 px * sqrt(devicePixelRatio)), i.e. a zoom of 0.571 at most (its default
+# "Zoom Node Level of Detail - font size threshold", LiteGraph.Canvas.MinFontSizeForLOD = 8).
+VIEW_SCALE, MAX_SCALE = 0.75, 1.0
 
-MODELS_NOTE = f"""
-Models (standard file names; pick yours in the loaders if they differ):
-- models/checkpoints/{CHECKPOINT} (SDXL base 1.0; SDXL fine-tunes work too)
-- models/clip_vision/{CLIP_VISION} (the CLIP ViT-H/14 image encoder IP-Adapter uses: {CLIP_VISION_URL}, saved under that name)
-- models/nested_attention/: the encoders exported by this pack's trainer, {FACES_ENCODER} (python -m training.run --domain faces) and {PETS_ENCODER} (--domain pets)
-"""
 
-PHOTOS_NOTE = """
-Photos: the Load Image nodes name the pack's example images (workflows/input/ in the pack's folder). They are simple synthetic drawings (CC0), placeholders only: copy them into ComfyUI/input/ to run the graph as shipped, or better, load your own photos (a clear, well-lit photo of the subject; pets ideally on a white background).
-"""
+def _read_me(about: str, extra: str = "") -> str:
+    return f"""
+## {about}
 
-APPLY_NOTE = """
-Apply Nested Attention: write the prompt in its text box; it must contain the subject word (the token field; empty = the encoder's own word). Its CONDITIONING output is the positive prompt of the KSampler: do not encode the prompt a second time. λ = 1 is the trained behaviour; a higher λ gives a stronger likeness and follows the rest of the prompt less.
-"""
+Put the model files where the **Models** note says (or pick your own in the loaders), then press **Run**.
+The example photos are in the pack's `workflows/input/` (`python3 dev.py serve` copies them into ComfyUI's
+input folder): a NASA portrait (public domain) and a cat photo (CC0). Load your own photos instead: a clear,
+well-lit photo of the subject; pets ideally on a white background.
+
+**Apply Nested Attention**: the prompt must contain the subject word (the *token* field). Its
+CONDITIONING output is the KSampler's positive prompt: do not encode the prompt again. λ = 1 is the trained
+behaviour; a higher λ gives a stronger likeness and follows the rest of the prompt less.
+{extra}"""
+
+
+def _models_note(encoders: list[str]) -> str:
+    lines = [
+        "Missing files are listed by the *Missing Models* dialog when the workflow opens, with a Download "
+        "button. In a browser, save each download under the name shown, in the folder shown "
+        "(under `ComfyUI/models/`):",
+        f"- `checkpoints/{CHECKPOINT}`: [SDXL base 1.0]({MODELS[CHECKPOINT]['url']}) "
+        "(or any SDXL checkpoint)",
+        f"- `clip_vision/{CLIP_VISION}`: the [ViT-H/14 image encoder]({MODELS[CLIP_VISION]['url']}); "
+        "it downloads as `model.safetensors`: **rename it**",
+    ]
+    if FACES_ENCODER in encoders:
+        lines.append(
+            f"- `nested_attention/{FACES_ENCODER}`: the authors' "
+            f"[face encoder]({MODELS[FACES_ENCODER]['url']}) (CC BY-NC-SA 4.0, non-commercial; downloads as "
+            f"`model.safetensors`: rename it), or [IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) "
+            "(Apache-2.0) in `ipadapter/`, picked in Load Nested Encoder")
+    if PETS_ENCODER in encoders:
+        lines.append(
+            f"- `nested_attention/{PETS_ENCODER}`: no pet encoder is published; train one "
+            "(`python -m training.run --domain pets`) or use [IP-Adapter Plus]"
+            f"({MODELS[PETS_ENCODER]['url']}) (Apache-2.0) under this name")
+    return "\n".join(lines)
+
+
+def _notes(g: Graph, width: int, about: str, encoders: list[str], extra: str = "") -> None:
+    """The "Read me" note (what the workflow does, how to use it) and the "Models" note beside it."""
+    read_me_width = max(560, width - 700)
+    g.node("MarkdownNote", (XA, NOTE_TOP), title="Read me", size=(read_me_width, NOTE_HEIGHT),
+           text=_read_me(about, extra).strip())
+    g.node("MarkdownNote", (XA + read_me_width + 40, NOTE_TOP),
+           title="Models: what to download, where to put it",
+           size=(width - read_me_width - 40, NOTE_HEIGHT), text=_models_note(encoders))
 
 
 def _loaders(g: Graph) -> tuple[int, int]:
     """Checkpoint and CLIP vision loaders at the top of column A; returns their node indices."""
-    # `models` lets the frontend offer the download when the file is missing (its "missing models" dialog).
-    ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(320, 100), ckpt_name=CHECKPOINT,
-                  properties={"models": [{"name": CHECKPOINT, "url": CHECKPOINT_URL,
-                                          "directory": "checkpoints"}]})
-    vision = g.node("CLIPVisionLoader", (XA, 150), size=(320, 60), clip_name=CLIP_VISION)
+    ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(300, 100), ckpt_name=CHECKPOINT,
+                  properties={"models": [model_entry(CHECKPOINT)]})
+    vision = g.node("CLIPVisionLoader", (XA, 140), size=(300, 60), clip_name=CLIP_VISION,
+                    properties={"models": [model_entry(CLIP_VISION)]})
     return ckpt, vision
 
 
-def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: int,
-             title: str, encoder_models: list[dict] | None = None) -> tuple[int, int]:
-    """Load Nested Encoder, Load Image(s), Image Batch (several photos) and Encode Subject Image(s).
-
-    `encoder_models` ({name, url, directory}) lets the frontend offer the encoder's download.
-    Returns (the Encode node, the x where the next column starts).
-    """
-    extra = {"properties": {"models": encoder_models}} if encoder_models else {}
-    encoder = g.node("NestedAttentionLoadEncoder", (XA, y), size=(320, 80), encoder_name=encoder_file, **extra)
+def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple) -> int:
+    encoder = g.node("NestedAttentionLoadEncoder", pos, size=(300, 80), encoder_name=encoder_file,
+                     properties={"models": [model_entry(encoder_file)]})
     g.link(vision, 0, encoder, "clip_vision")
-    photos = [g.node("LoadImage", (XA + i * (PHOTO_SIZE[0] + 20), y + 130), size=PHOTO_SIZE, image=name,
-                     title=f"{title} photo {i + 1}" if len(images) > 1 else f"{title} photo")
-              for i, name in enumerate(images)]
-    x = XB + (len(images) - 1) * (PHOTO_SIZE[0] + 20)
-    image = photos[0]
-    for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
-        batch = g.node("ImageBatch", (x, y + 180 + 100 * i), size=(280, 70))
-        g.link(image, 0, batch, "image1")
-        g.link(other, 0, batch, "image2")
-        image = batch
-    encode = g.node("NestedAttentionEncodeSubject", (x, y), size=(280, 110), title=f"Encode {title}")
+    return encoder
+
+
+def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
+    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 110), title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
-    return encode, x + 320
+    return encode
+
+
+def _subject(g: Graph, vision: int, encoder_file: str, image: str, *, y: int, title: str,
+             photo_size: tuple = PHOTO_SIZE) -> int:
+    """Load Nested Encoder, Load Image and Encode Subject Image(s); returns the Encode node."""
+    encoder = _encoder(g, vision, encoder_file, (XA, y))
+    photo = g.node("LoadImage", (XA, y + 120), size=photo_size, image=image, title=f"{title} photo")
+    return _encode(g, encoder, photo, (XB, y), title)
 
 
 def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple, *, text: str | None,
@@ -240,26 +274,27 @@ def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple
     widgets = {"token": token, "λ": lambda_, "start_percent": 0.0, "end_percent": 1.0}
     if text is not None:
         widgets["text"] = text
-    apply = g.node("NestedAttentionApply", pos, title=title, size=APPLY_SIZE, **widgets)
+    apply = g.node("NestedAttentionApply", pos, title=title,
+                   size=APPLY_SIZE if text is not None else APPLY_LINKED_SIZE, **widgets)
     g.link(model[0], model[1], apply, "model")
     g.link(ckpt, 1, apply, "clip")
     g.link(subject, 0, apply, "subject")
     return apply
 
 
-def _negative(g: Graph, ckpt: int, pos: tuple) -> int:
-    negative = g.node("CLIPTextEncode", pos, title="Negative prompt", size=(440, 150), text=NEGATIVE)
+def _negative(g: Graph, ckpt: int, pos: tuple, size: tuple = (400, 130)) -> int:
+    negative = g.node("CLIPTextEncode", pos, title="Negative prompt", size=size, text=NEGATIVE)
     g.link(ckpt, 1, negative, "clip")
     return negative
 
 
 def _latent(g: Graph, pos: tuple) -> int:
-    return g.node("EmptyLatentImage", pos, size=(300, 110), width=1024, height=1024, batch_size=1)
+    return g.node("EmptyLatentImage", pos, size=(280, 110), width=1024, height=1024, batch_size=1)
 
 
 def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: int, latent: int,
              pos: tuple, *, seed: int = SEED, control: str = "randomize", title: str | None = None) -> int:
-    sampler = g.node("KSampler", pos, title=title, size=(300, 270), seed=seed, control_after_generate=control,
+    sampler = g.node("KSampler", pos, title=title, size=(280, 270), seed=seed, control_after_generate=control,
                      steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
     g.link(model[0], model[1], sampler, "model")
     g.link(positive[0], positive[1], sampler, "positive")
@@ -268,98 +303,129 @@ def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negati
     return sampler
 
 
-def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str,
-                 title: str | None = None) -> None:
+def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str, title: str | None = None,
+                 size: tuple = (340, 380)) -> None:
     decode = g.node("VAEDecode", pos, size=(200, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (pos[0], pos[1] + 100), title=title, size=(440, 480), filename_prefix=prefix)
+    save = g.node("SaveImage", (pos[0], pos[1] + 100), title=title, size=size, filename_prefix=prefix)
     g.link(decode, 0, save, "images")
 
 
-def _single(name: str, title: str, encoder_file: str, images: list[str], token: str, text: str,
-            about: str) -> Graph:
-    """One subject, one image: the person, pet and several-photos workflows."""
+def _sample_and_save(g: Graph, ckpt: int, model: tuple, positive: tuple, negative: int, prefix: str) -> None:
+    """Columns D and E: latent, KSampler, VAE Decode, Save Image."""
+    latent = _latent(g, (XD, 320))
+    sampler = _sampler(g, model, positive, negative, latent, (XD, 0))
+    _decode_save(g, sampler, ckpt, (XE, 0), prefix=prefix)
+
+
+SINGLE_WIDTH = XE + 340
+
+
+def _single(name: str, title: str, encoder_file: str, image: str, token: str, text: str, about: str) -> Graph:
+    """One subject from one photo: the person and pet workflows."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode, xc = _subject(g, vision, encoder_file, images, y=260, title=title)
-    apply = _apply(g, (ckpt, 0), ckpt, encode, (xc, 0), text=text, token=token)
-    negative = _negative(g, ckpt, (xc, 440))
-    latent = _latent(g, (xc + COLUMN, 330))
-    sampler = _sampler(g, (apply, 0), (apply, 1), negative, latent, (xc + COLUMN, 0))
-    _decode_save(g, sampler, ckpt, (xc + COLUMN + 340, 0), prefix=f"nested_attention/{name}")
-    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT),
-           f"Nested Attention: {about}\n{MODELS_NOTE}{PHOTOS_NOTE}{APPLY_NOTE}")
+    encode = _subject(g, vision, encoder_file, image, y=260, title=title)
+    apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), text=text, token=token)
+    negative = _negative(g, ckpt, (XC, 380))
+    _sample_and_save(g, ckpt, (apply, 0), (apply, 1), negative, f"nested_attention/{name}")
+    _notes(g, SINGLE_WIDTH, about, [encoder_file])
     return g
 
 
 def person_one_photo() -> Graph:
-    return _single("person_one_photo", "person", FACES_ENCODER, PERSON_IMAGES[:1], "person",
+    return _single("person_one_photo", "person", FACES_ENCODER, PERSON_IMAGES[0], "person",
                    "a photo of a person as an astronaut floating inside a space station, soft window light, "
                    "detailed",
-                   "one person from one photo. The word 'person' in the prompt is rendered as the person in "
-                   "the photo.")
+                   "One person from one photo: the word *person* in the prompt becomes the person in the "
+                   "photo")
 
 
 def pet_one_photo() -> Graph:
-    return _single("pet_one_photo", "pet", PETS_ENCODER, [PET_IMAGE], "pet",
+    return _single("pet_one_photo", "pet", PETS_ENCODER, PET_IMAGE, "pet",
                    "a photo of a pet wearing a tiny wizard hat, sitting on a stack of books in a cozy "
                    "library",
-                   "one pet from one photo. The word 'pet' in the prompt is rendered as the animal in the "
-                   "photo.")
+                   "One pet from one photo: the word *pet* in the prompt becomes the animal in the photo")
 
 
 def person_several_photos() -> Graph:
-    return _single("person_several_photos", "person", FACES_ENCODER, PERSON_IMAGES, "person",
-                   "a watercolor painting of a person reading a book in a sunlit cafe",
-                   "one person from several photos. Image Batch joins the photos into one IMAGE batch; "
-                   "Encode Subject Image(s) encodes each photo and concatenates their tokens (the paper's "
-                   "multi-image form), which usually gives a steadier likeness than one photo. Add photos "
-                   "with more Load Image + Image Batch nodes.")
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    size = (200, 320)  # the frontend's smallest Load Image with a preview
+    photos = [g.node("LoadImage", (XA + i * (size[0] + 20), 400), size=size, image=name,
+                     title=f"person photo {i + 1}") for i, name in enumerate(PERSON_IMAGES)]
+    image = photos[0]
+    for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
+        batch = g.node("ImageBatch", (XB, 150 + 100 * i), size=(280, 70))
+        g.link(image, 0, batch, "image1")
+        g.link(other, 0, batch, "image2")
+        image = batch
+    encode = _encode(g, encoder, image, (XB, 0), "person")
+    apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
+                   text="a watercolor painting of a person reading a book in a sunlit cafe")
+    negative = _negative(g, ckpt, (XC, 380))
+    _sample_and_save(g, ckpt, (apply, 0), (apply, 1), negative, "nested_attention/person_several_photos")
+    _notes(g, SINGLE_WIDTH, "One person from several photos", [FACES_ENCODER], """
+**Image Batch** joins the photos into one IMAGE batch; **Encode Subject Image(s)** encodes each photo and
+concatenates their tokens (the paper's multi-image form), which usually gives a steadier likeness than one
+photo. Add photos with more Load Image + Image Batch nodes. (The examples are three views of one
+portrait.)""")
+    return g
 
 
 def person_and_pet() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
-    person, xc = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[:1], y=260, title="person")
-    pet, _ = _subject(g, vision, PETS_ENCODER, [PET_IMAGE], y=860, title="pet")
-    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by both Apply nodes)",
-                    size=(440, 200),
+    person_encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
+                          title="person photo")
+    person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
+    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 110), title="Encode pet")
+    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=PETS_ENCODER,
+                         properties={"models": [model_entry(PETS_ENCODER)]})
+    g.link(vision, 0, pet_encoder, "clip_vision")
+    pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
+    g.link(pet_encoder, 0, pet, "encoder")
+    g.link(pet_photo, 0, pet, "image")
+    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(400, 120),
                     value="a photo of a person hugging their pet on a beach at sunset, golden hour")
-    apply_person = _apply(g, (ckpt, 0), ckpt, person, (xc, 260), text=None, token="person",
+    apply_person = _apply(g, (ckpt, 0), ckpt, person, (XC, 170), text=None, token="person",
                           title="Apply Nested Attention: person")
-    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (xc, 680), text=None, token="pet",
+    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (XC, 460), text=None, token="pet",
                        title="Apply Nested Attention: pet")
     g.link(prompt, 0, apply_person, "text")
     g.link(prompt, 0, apply_pet, "text")
-    negative = _negative(g, ckpt, (xc, 1100))
-    latent = _latent(g, (xc + COLUMN, 330))
-    sampler = _sampler(g, (apply_pet, 0), (apply_pet, 1), negative, latent, (xc + COLUMN, 0))
-    _decode_save(g, sampler, ckpt, (xc + COLUMN + 340, 0), prefix="nested_attention/person_and_pet")
-    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"""
-Nested Attention: a person and a pet in one image. Two subjects of different domains are chained on one model: the first Apply node binds the word 'person' to the person's encoder, the second takes the first one's MODEL and binds 'pet' to the pet's encoder. Both must get the same prompt (here one String node feeds both text inputs), and the last Apply node's CONDITIONING goes to the KSampler. The order of the two Apply nodes does not matter.
-{MODELS_NOTE}{PHOTOS_NOTE}""")
+    negative = _negative(g, ckpt, (XD, 480), size=(280, 110))
+    _sample_and_save(g, ckpt, (apply_pet, 0), (apply_pet, 1), negative, "nested_attention/person_and_pet")
+    _notes(g, SINGLE_WIDTH, "A person and a pet in one picture", [FACES_ENCODER, PETS_ENCODER], """
+Two subjects of different domains on one model: the first Apply node binds *person* to the person's encoder,
+the second takes its MODEL and binds *pet*. Both get the same prompt (one String node feeds both), the last
+Apply node's CONDITIONING goes to the KSampler, and their order does not matter.""")
     return g
 
 
 def lambda_sweep() -> Graph:
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode, xc = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[:1], y=260, title="person")
+    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=260, title="person")
     seed = SEED
-    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by all branches)",
-                    size=(440, 200),
+    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by all branches)",
+                    size=(400, 140),
                     value="a pencil sketch of a person as a medieval knight in armour, castle in the "
                           "background")
-    plain = g.node("CLIPTextEncode", (xc, 260), title="The prompt without nested attention", size=(440, 110))
+    plain = g.node("CLIPTextEncode", (XC, 200), title="The prompt without nested attention", size=(400, 80))
     g.link(ckpt, 1, plain, "clip")
     g.link(prompt, 0, plain, "text")
-    negative = _negative(g, ckpt, (xc, 430))
-    latent = _latent(g, (xc, 640))
+    negative = _negative(g, ckpt, (XC, 340))
+    latent = _latent(g, (XC, 530))
     branches = [(None, "reference: no nested attention")]
     branches += [(lam, f"λ = {lam:.1f}") for lam in (1.0, 2.0, 3.0, 4.0)]
+    x0 = XC + 440
     for i, (lam, label) in enumerate(branches):
-        x = xc + COLUMN + i * COLUMN
+        x = x0 + i * BRANCH
         if lam is None:
             model, positive = (ckpt, 0), (plain, 0)
         else:
@@ -367,59 +433,55 @@ def lambda_sweep() -> Graph:
                            title=f"Apply Nested Attention ({label})")
             g.link(prompt, 0, apply, "text")
             model, positive = (apply, 0), (apply, 1)
-        sampler = _sampler(g, model, positive, negative, latent, (x, 420), seed=seed, control="fixed",
+        sampler = _sampler(g, model, positive, negative, latent, (x, 300), seed=seed, control="fixed",
                            title=f"KSampler ({label})")
         tag = "reference" if lam is None else f"lambda_{lam:.1f}"
-        _decode_save(g, sampler, ckpt, (x, 740), prefix=f"nested_attention/lambda_sweep_{tag}",
-                     title=f"Save ({label})")
-    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"""
-Nested Attention: a λ sweep, the identity / prompt trade-off. One subject, one prompt, one fixed seed; each branch applies nested attention with another λ (1 = as trained; higher = more attention on the subject word: a stronger likeness, less of the rest of the prompt). The first branch samples the same prompt without nested attention, for reference. The KSamplers share the seed {seed} (control: fixed): change it on all of them together, or edit the λ of each Apply node.
-{MODELS_NOTE}{PHOTOS_NOTE}""")
+        _decode_save(g, sampler, ckpt, (x, 620), prefix=f"nested_attention/lambda_sweep_{tag}",
+                     title=f"Save ({label})", size=(300, 300))
+    _notes(g, SINGLE_WIDTH, "A λ sweep: likeness against prompt", [FACES_ENCODER], f"""
+One subject, one prompt, one fixed seed ({seed}); each branch to the right applies nested attention with
+another λ (1 = as trained; higher = more attention on the subject word). The first branch samples the same
+prompt without nested attention, for reference. Change the seed on all KSamplers together.""")
     return g
 
 
-IP_ADAPTER_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/{}"
-IP_ADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
-IP_ADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
-
-
-def ip_adapter_person_and_pet() -> Graph:
-    """A person and a pet with IP-Adapter Plus files as nested encoders (no trained pack encoder needed)."""
-    g = Graph()
-    ckpt, vision = _loaders(g)
-    person, xc = _subject(g, vision, IP_ADAPTER_FACE, PERSON_IMAGES[:1], y=260, title="person",
-                          encoder_models=[{"name": IP_ADAPTER_FACE, "url": IP_ADAPTER_URL.format(IP_ADAPTER_FACE),
-                                           "directory": "ipadapter"}])
-    pet, _ = _subject(g, vision, IP_ADAPTER_PLUS, [PET_IMAGE], y=860, title="pet",
-                      encoder_models=[{"name": IP_ADAPTER_PLUS, "url": IP_ADAPTER_URL.format(IP_ADAPTER_PLUS),
-                                       "directory": "ipadapter"}])
-    prompt = g.node("PrimitiveStringMultiline", (xc, 0), title="Prompt (shared by both Apply nodes)",
-                    size=(440, 200),
-                    value="a photo of a person walking their pet through a snowy park, winter coat, bokeh")
-    apply_person = _apply(g, (ckpt, 0), ckpt, person, (xc, 260), text=None, token="person",
-                          title="Apply Nested Attention: person (IP-Adapter Plus Face)")
-    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (xc, 680), text=None, token="pet",
-                       title="Apply Nested Attention: pet (IP-Adapter Plus)")
-    g.link(prompt, 0, apply_person, "text")
-    g.link(prompt, 0, apply_pet, "text")
-    negative = _negative(g, ckpt, (xc, 1100))
-    latent = _latent(g, (xc + COLUMN, 330))
-    sampler = _sampler(g, (apply_pet, 0), (apply_pet, 1), negative, latent, (xc + COLUMN, 0))
-    _decode_save(g, sampler, ckpt, (xc + COLUMN + 340, 0), prefix="nested_attention/ip_adapter_person_and_pet")
-    g.note(NOTE_POS, (xc + 440, NOTE_HEIGHT), f"""
-Nested Attention with IP-Adapter Plus files as the encoders: Load Nested Encoder also lists models/ipadapter, and an IP-Adapter Plus SDXL file loads as a nested encoder (16 tokens from CLIP's penultimate layer; its to_k_ip / to_v_ip are the nested keys and values). Unlike IP-Adapter, which adds the image to every word, the image is bound to one word: 'person' to the face file, 'pet' to the general file, so the rest of the prompt keeps its meaning. Files: {IP_ADAPTER_FACE} and {IP_ADAPTER_PLUS} from huggingface.co/h94/IP-Adapter (sdxl_models/, Apache-2.0) in models/ipadapter. Quality with these weights has not been measured: try λ between 1 and 3.
-{MODELS_NOTE}{PHOTOS_NOTE}""")
-    return g
-
-
+# File name -> graph. The template browser shows a custom node pack's workflows by file name only (as the
+# card's title, and with - and _ as spaces as its description; no index.json or extra field is read for
+# them), so the names say what each workflow does.
 WORKFLOWS = {
-    "person_one_photo": person_one_photo,
-    "pet_one_photo": pet_one_photo,
-    "person_several_photos": person_several_photos,
-    "person_and_pet": person_and_pet,
-    "lambda_sweep": lambda_sweep,
-    "ip_adapter_person_and_pet": ip_adapter_person_and_pet,
+    "Person from one photo": person_one_photo,
+    "Pet from one photo": pet_one_photo,
+    "Person from several photos": person_several_photos,
+    "Person and pet in one picture": person_and_pet,
+    "Likeness vs prompt, lambda sweep": lambda_sweep,
 }
+# Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names.
+WORKFLOW_MODELS = {name: [model_entry(IPADAPTER_FACE)] for name, make in WORKFLOWS.items()
+                   if make is not pet_one_photo}
+
+# Runs in the page: the saved view. The whole graph in the reference window (its margins: left, top, right,
+# bottom) at up to MAX_SCALE; if that needs less than VIEW_SCALE, VIEW_SCALE on the top-left corner instead.
+_VIEW_JS = """
+([[left, top, right, bottom], minScale, maxScale]) => {
+  const app = window.app, canvas = app.canvas, nodes = app.graph.nodes;
+  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  for (const n of nodes) {
+    x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+    x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+  }
+  const w = canvas.canvas.width / window.devicePixelRatio - left - right;
+  const h = canvas.canvas.height / window.devicePixelRatio - top - bottom;
+  const fit = Math.min(w / (x1 - x0), h / (y1 - y0), maxScale);
+  const scale = fit >= minScale ? fit : minScale;
+  canvas.ds.scale = scale;
+  canvas.ds.offset = fit >= minScale
+    ? [left / scale + (w / scale - (x1 - x0)) / 2 - x0, top / scale + (h / scale - (y1 - y0)) / 2 - y0]
+    : [left / scale - x0, top / scale - y0];
+  canvas.setDirty(true, true);
+  return {scale, fits: fit >= minScale};
+}
+"""
 
 
 def _thumbnail(png: bytes, path: Path) -> None:
@@ -449,7 +511,9 @@ def main(args: argparse.Namespace) -> None:
     names = args.names or list(WORKFLOWS)
     with tempfile.TemporaryDirectory(prefix="nested-attention-workflows-") as tmp:
         base = Path(tmp) / "base"
-        harness.prepare_base_dir(base, {harness.PACK_NAME: harness.REPO})
+        # The test pack registers the ipadapter folder as IPAdapter_plus does (a workflow names a file there).
+        harness.prepare_base_dir(base, {harness.PACK_NAME: harness.REPO,
+                                        harness.TINY_PACK_NAME: harness.TINY_PACK_DIR})
         for image in (args.out / "input").iterdir():
             (base / "input" / image.name).write_bytes(image.read_bytes())
         server = harness.ComfyServer(find_comfyui(), base, Path(tmp) / "server.log").start()
@@ -458,7 +522,7 @@ def main(args: argparse.Namespace) -> None:
                 for name in names:
                     graph = WORKFLOWS[name]()
                     frontend.evaluate(_BUILD_JS, graph.spec())
-                    frontend.fit_view()
+                    view = frontend.evaluate(_VIEW_JS, [list(harness.FIT_MARGINS), VIEW_SCALE, MAX_SCALE])
                     workflow = frontend.serialize()
                     for wanted, node in zip(graph.nodes, workflow["nodes"]):
                         if wanted["size"] and [round(v) for v in node["size"]] != wanted["size"]:
@@ -466,21 +530,26 @@ def main(args: argparse.Namespace) -> None:
                                              f"expected {wanted['size']}")
                     # A stable id per workflow, so that regenerating does not change files needlessly.
                     workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{harness.PACK_NAME}/{name}"))
+                    if WORKFLOW_MODELS.get(name):
+                        workflow["models"] = WORKFLOW_MODELS[name]
                     report = frontend.load_workflow(workflow, name)
                     problems = frontend.problems(report)
                     if problems:
                         raise SystemExit(f"{name}: the frontend does not load the generated workflow "
                                          f"cleanly: {problems}")
-                    frontend.fit_view()
                     frontend.screenshot(harness.ARTIFACTS_DIR.parent / "workflows" / f"{name}.png")
                     text = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
                     (args.out / f"{name}.json").write_text(text)
-                    frontend.evaluate("() => { window.app.extensionManager.focusMode = true; }")  # graph only
+                    # The thumbnail: the whole graph, drawn in full detail however small (a card, not a view).
+                    frontend.evaluate("() => { window.app.extensionManager.focusMode = true;"
+                                      " window.app.canvas.min_font_size_for_lod = 0; }")
                     frontend.fit_view(harness.FOCUS_MODE_MARGINS)
                     _thumbnail(frontend.page.screenshot(), args.out / f"{name}.jpg")
-                    frontend.evaluate("() => { window.app.extensionManager.focusMode = false; }")
+                    frontend.evaluate("() => { window.app.extensionManager.focusMode = false;"
+                                      " window.app.canvas.min_font_size_for_lod = 8; }")
                     print(f"[nested-attention] wrote {args.out / name}.json ({report['nodes']} nodes, "
-                          f"{report['links']} links)")
+                          f"{report['links']} links; opens at {view['scale']:.2f}"
+                          f"{', whole graph in view' if view['fits'] else ', top-left corner'})")
         finally:
             server.stop()
 

@@ -20,6 +20,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.append(_TESTS_DIR)
 
 import comfy.ldm.models.autoencoder  # noqa: E402
+import folder_paths  # noqa: E402
 import comfy.sd  # noqa: E402
 import tiny_models  # noqa: E402
 
@@ -82,6 +83,12 @@ class NestedAttentionTestTinyCLIPVision:
     def load(self):
         return (_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)),)
 
+
+# The models/ipadapter folder, as IPAdapter_plus registers it (ComfyUI itself does not): the shipped
+# workflows name a file there, which the frontend's Missing Models dialog looks up by folder name.
+if "ipadapter" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["ipadapter"] = (
+        [str(Path(folder_paths.models_dir) / "ipadapter")], folder_paths.supported_pt_extensions)
 
 NODE_CLASS_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
