@@ -24,6 +24,7 @@ import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
 from PIL import Image
 
+from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
 from training import evaluate as evaluate_cli
 from training import models as models_lib
@@ -111,7 +112,7 @@ def generator(frozen, encoder, subjects):
         prompts=list(prompts_lib.TINY_PROMPTS),
         token="pet",
         settings=SETTINGS,
-        host=models_lib.comfy_attention,
+        host=comfy_attention,
     )
 
 

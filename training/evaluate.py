@@ -507,6 +507,8 @@ def main(args: argparse.Namespace) -> Optional[dict]:
     accelerator.wait_for_everyone()
 
     scorers = build_scorers(args, frozen, settings["clip_vision"], accelerator.device, models_dir)
+    from nested_attention.host import comfy_attention
+
     text = models_lib.TextEncoder(frozen.clip, token)
     generator = Generator(
         frozen=frozen,
@@ -516,7 +518,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         prompts=prompts,
         token=token,
         settings=sample_settings,
-        host=models_lib.comfy_attention,
+        host=comfy_attention,
         decoupled_uncond=args.decoupled_uncond == "black_image",
     )
     chosen = methods(
