@@ -113,6 +113,9 @@ class EncoderConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     clip_vision: ClipVisionSpec = field(default_factory=ClipVisionSpec)
     layers: tuple[LayerSpec, ...] = SDXL_LAYERS  # the cross-attention layers it projects for
+    # Face alignment the encoder was trained with: "ffhq" (aligned crops, nested_attention.faces) or "none".
+    face_align: str = "none"
+    face_size: int = 512  # side of the aligned crop, before CLIP's own resize
 
     @property
     def num_tokens(self) -> int:
@@ -133,6 +136,9 @@ class EncoderConfig:
             qformer=QFormerConfig(**data["qformer"]),
             clip_vision=ClipVisionSpec(**data["clip_vision"]),
             layers=tuple(LayerSpec.from_json(item) for item in data["layers"]),
+            # Files written before these fields: face encoders read aligned faces (the paper's recipe).
+            face_align=data.get("face_align", "ffhq" if data["domain"] == "faces" else "none"),
+            face_size=int(data.get("face_size", 512)),
         )
 
 
