@@ -508,7 +508,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
     image = data_lib.to_comfy_image(
         data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
     )[None]
-    (subject,) = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
+    subject, _ = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
     prompt = "a photo of a pet"
     patched, positive = nodes.apply.NestedAttentionApply().apply(unet, tiny_clip, subject, prompt)

@@ -65,6 +65,13 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="Use only the first N records of a manifest or folder (for quick runs and overfitting checks).",
     )
     g.add_argument(
+        "--min_image_size",
+        type=int,
+        default=None,
+        help="Images whose shorter side is below this many pixels are listed in the data summary before "
+        "training (they are upscaled to the resolution); default: half the resolution.",
+    )
+    g.add_argument(
         "--token",
         default=None,
         help="The subject word that captions' subject words become and that prompts use at inference "
@@ -655,6 +662,33 @@ def main(args: argparse.Namespace) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    # The data, read and checked once before any model loads (training.scan: one summary, unreadable dropped).
+    if preset.tiny and args.train_data is None:
+        from .tiny import make_tiny_dataset
+
+        args.train_data = str(output_dir / "tiny-data")
+        if is_main:
+            make_tiny_dataset(args.train_data, size=max(args.resolution, 64))
+        accelerator.wait_for_everyone()
+    captions = data_lib.CaptionRule(
+        token=args.token, subject_words=preset.subject_words + (args.token,), template=args.caption_template
+    )
+    from .scan import scan_data
+
+    scan = scan_data(
+        args.train_data,
+        captions,
+        min_size=args.min_image_size or args.resolution // 2,
+        max_samples=args.max_train_samples,
+        progress=is_main,
+    )
+    kind, source, records = scan.kind, scan.source, scan.records
+    if kind != "shards" and not records:
+        raise SystemExit(
+            f"{PREFIX} no readable training images in {args.train_data} ({kind}); expected "
+            f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
+        )
+
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     try:
         frozen = models_lib.load_frozen(
@@ -668,31 +702,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{PREFIX} cannot start training: {e}") from e
     base = frozen.base
 
-    # Data records (the tar stream is built later, once the resume position is known).
-    if preset.tiny and args.train_data is None:
-        from .tiny import make_tiny_dataset
-
-        args.train_data = str(output_dir / "tiny-data")
-        if is_main:
-            make_tiny_dataset(args.train_data, size=max(args.resolution, 64))
-        accelerator.wait_for_everyone()
-    kind, source = data_lib.describe_source(args.train_data)
-    records = []
-    if kind == "manifest":
-        records = data_lib.read_manifest(source)
-    elif kind == "folder":
-        records = data_lib.read_folder(source)
-    if kind != "shards":
-        if args.max_train_samples is not None:
-            records = records[: args.max_train_samples]
-        if not records:
-            raise SystemExit(
-                f"{PREFIX} no training images found in {args.train_data} ({kind}); expected "
-                f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
-            )
-    captions = data_lib.CaptionRule(
-        token=args.token, subject_words=preset.subject_words + (args.token,), template=args.caption_template
-    )
+    # (the tar stream is built later, once the resume position is known)
     sample_config = data_lib.SampleConfig(
         resolution=args.resolution,
         clip_size=frozen.clip_vision_spec.image_size,

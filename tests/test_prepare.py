@@ -1,0 +1,119 @@
+"""python -m training.prepare: aligned faces + targets + face boxes, pets on white, captions, the summary."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nested_attention import faces
+from training import data as data_lib
+from training import prepare
+
+EYES_AND_MOUTH = [(202.5, 101.3), (246.3, 103.3), (223.8, 141.9)]  # hand-placed on the astronaut (test_faces)
+
+
+def astronaut() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())  # NASA, public domain
+
+
+def test_faces_folder_becomes_aligned_inputs_upright_targets_and_face_boxes(tmp_path, capsys):
+    from skimage import data
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    astronaut().save(src / "eileen.png")
+    (src / "eileen.txt").write_bytes("an astronaut, caf\xe9 break".encode("latin-1"))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned; EXIF says "rotate 90 degrees counter-clockwise to view"
+    astronaut().rotate(-90).save(src / "sideways.jpg", quality=95, exif=exif)
+    Image.fromarray(data.coffee()).save(src / "coffee.png")  # no face (CC0)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+
+    summary = prepare.main(["--domain", "faces", str(src), str(tmp_path / "out"), "--face_size", "128"])
+    assert summary["kept"] == 2
+    assert summary["skipped_names"]["no face found"] == ["coffee.png"]
+    assert [k for k in summary["skipped"] if k.startswith("unreadable")]
+    assert summary["captions_from_files"] == 1 and summary["captions_from_template"] == 1
+    assert "eileen.txt line 1 is not UTF-8" in summary["text_problems"][0]
+    printed = capsys.readouterr().out
+    assert "kept 2, skipped 2" in printed and "coffee.png" in printed
+
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    first = lines[0]
+    assert first["caption"] == "an astronaut, café break"
+    aligned = np.asarray(Image.open(tmp_path / "out" / first["input"]))
+    expected = faces.to_uint8(faces.align_face(faces.pil_to_tensor(astronaut()), size=128).image)
+    assert aligned.shape == (128, 128, 3) and np.abs(aligned.astype(int) - expected).max() <= 1
+    left, top, right, bottom = first["face_box"]
+    assert all(left < x < right and top < y < bottom for x, y in EYES_AND_MOUTH)
+    # The sideways photo: its target is upright (EXIF applied) and its aligned crop matches the first.
+    second = lines[1]
+    target = Image.open(tmp_path / "out" / second["target"])
+    assert target.size == (512, 512)
+    upright = np.asarray(target, dtype=np.float64)
+    assert np.abs(upright - np.asarray(astronaut(), dtype=np.float64)).mean() < 4  # JPEG noise only
+    crop = np.asarray(Image.open(tmp_path / "out" / second["input"]), dtype=np.float64)
+    assert np.abs(crop - aligned).mean() < 10  # 7 measured: JPEG re-encoding moves the landmarks a little
+
+    # The trainer reads the manifest, with the face box.
+    kind, source = data_lib.describe_source(str(tmp_path / "out"))
+    records = data_lib.read_manifest(source)
+    assert kind == "manifest" and records[0].face_box == tuple(first["face_box"])
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_target_crops_keep_the_face_box(center):
+    # A wide photo with the face near its left edge: a centred square crop would cut it off.
+    photo = Image.new("RGB", (1000, 300), (0, 128, 0))
+    box = (40.0, 60.0, 200.0, 240.0)
+    for seed in range(30):
+        rng = random.Random(seed)
+        _, time_ids = data_lib.prepare_target(photo, 64, center_crop=center, flip=False, rng=rng, keep=box)
+        top, left = time_ids[2].item(), time_ids[3].item()
+        scale = 64 / 300
+        assert left <= box[0] * scale and left + 64 >= box[2] * scale
+        assert top <= box[1] * scale and top + 64 >= box[3] * scale
+    # Without a box, the same calls give the old crops (resumed runs see the same data).
+    a = data_lib.prepare_target(photo, 64, center_crop=False, flip=False, rng=random.Random(3))[1]
+    b = data_lib.prepare_target(photo, 64, center_crop=False, flip=False, rng=random.Random(3), keep=None)[1]
+    assert torch.equal(a, b)
+
+
+def test_pets_are_put_on_white_from_alpha_or_masks(tmp_path):
+    src = tmp_path / "pets"
+    (src / "masks").mkdir(parents=True)
+    photo = Image.new("RGB", (32, 32), (10, 20, 30))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    cut = photo.convert("RGBA")
+    cut.putalpha(mask)
+    cut.save(src / "cut.png")
+    photo.save(src / "rex.png")
+    mask.save(src / "masks" / "rex.png")
+    photo.save(src / "bella.jpg", quality=100)
+    mask.save(src / "bella.mask.png")
+    photo.save(src / "plain.png")  # neither alpha nor mask
+
+    summary = prepare.main(["--domain", "pets", str(src), str(tmp_path / "out")])
+    assert summary["kept"] == 4 and summary["pets_without_mask"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [entry["input"] for entry in lines] == ["images/bella.png", "images/cut.png", "images/plain.png",
+                                                   "images/rex.png"]
+    for entry in lines:
+        image = Image.open(tmp_path / "out" / entry["input"])
+        corner = image.getpixel((0, 0))
+        assert corner == ((10, 20, 30) if entry["input"] == "images/plain.png" else (255, 255, 255))
+        assert np.abs(np.array(image.getpixel((16, 16))) - (10, 20, 30)).max() <= 2
+
+    summary = prepare.main(["--domain", "pets", str(src), str(tmp_path / "strict"), "--require_mask"])
+    assert summary["kept"] == 3 and list(summary["skipped_names"].values()) == [["plain.png"]]
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        prepare.main(["--domain", "pets", str(src), str(tmp_path / "strict")])
