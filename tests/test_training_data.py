@@ -241,3 +241,66 @@ def test_trainer_and_node_share_one_compositing(tmp_path):
     trained = images_lib.to_tensor(data_lib.open_image(str(tmp_path / "cut.png")))
     node = composite_on_white(images_lib.to_tensor(halves(32, 32))[None], images_lib.to_tensor(mask_image())[None, ..., 0])
     torch.testing.assert_close(trained, node[0], atol=1 / 255, rtol=0)
+
+
+def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
+    """The issue's check: upright, white-backed, correctly converted images for each case, without any model."""
+    from training import run as trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves(128, 64).save(data / "a_phone.jpg", quality=95, exif=exif)
+    cut = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    cut.paste(Image.new("RGBA", (64, 64), (200, 100, 50, 255)), (32, 32))
+    cut.save(data / "b_cutout.png")
+    Image.fromarray(np.full((128, 128), 30000, np.uint16)).save(data / "c_deep.png")
+    halves(128, 128).save(data / "d_photo.tif")
+    (data / "d_photo.txt").write_bytes("a dog at the caf\xe9".encode("latin-1"))
+    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
+                               "--report_to", "none", "--dry_run", "--subject_words", "cat,dog"])
+    try:
+        summary = trainer.main(args)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert summary["dry_run"] and len(summary["preview"]) == 4
+    saved = json.loads((tmp_path / "o" / "args.json").read_text())
+    assert saved["resolution"] == 64 and saved["dry_run"] is True
+    assert not list((tmp_path / "o").glob("checkpoint-*"))
+    panels = [np.asarray(Image.open(p).convert("RGB")) for p in summary["preview"]]
+    size = 256  # preview panels: encoder input at x 0..255, target at x 264..519
+
+    def target(i, x, y):
+        return panels[i][y, 264 + x]
+
+    # a_phone: turned upright, the red (left) half is now on top of the centre-cropped target.
+    assert np.abs(target(0, 128, 10).astype(int) - RED).max() < 40
+    assert np.abs(target(0, 128, size - 10).astype(int) - BLUE).max() < 40
+    # b_cutout: white around the subject, in the encoder input and the target.
+    assert tuple(panels[1][5, 5]) == (255, 255, 255) and tuple(target(1, 5, 5)) == (255, 255, 255)
+    assert tuple(target(1, 128, 128)) == (200, 100, 50)
+    # c_deep: 30000 / 65535 of full scale, grey, not white.
+    assert abs(int(target(2, 128, 128)[0]) - round(30000 / 65535 * 255)) <= 1
+    # d_photo.tif with its Latin-1 caption, the dog become the token.
+    captions = (tmp_path / "o" / "data-preview" / "captions.tsv").read_text(encoding="utf-8")
+    assert "d_photo.tif\ta pet at the café" in captions
+
+
+def test_subject_words_plurals_and_breeds_become_the_token():
+    from training.presets import PRESETS
+
+    rule = data_lib.CaptionRule("pet", ("puppy", "dog", "corgi"), "a photo of a {token}")
+    assert rule.apply("two Puppies in the grass") == "two pet in the grass"
+    assert rule.apply("my corgis at home") == "my pet at home"
+    assert rule.apply("a hotdogs stand") == "a photo of a pet, a hotdogs stand"  # whole words only
+    people = data_lib.CaptionRule("person", PRESETS["faces"].subject_words, "a photo of a {token}")
+    assert people.apply("two women laughing") == "two person laughing"
+    assert people.apply("a young actress smiling") == "a young person smiling"
+    pets = data_lib.CaptionRule("pet", PRESETS["pets"].subject_words, "a photo of a {token}")
+    assert pets.apply("a golden retriever on a sofa") == "a golden pet on a sofa"
+    assert pets.kind("a sunny meadow") == "no subject word" and pets.kind("") == "template"
+    assert pets.kind("a beagle") == "ok"

@@ -88,6 +88,23 @@ class DataReport:
     bad_lines: list[str] = field(default_factory=list)  # manifest lines skipped, with the reason
 
 
+IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people", "mouse": "mice",
+                     "goose": "geese", "fish": "fish", "sheep": "sheep", "wolf": "wolves", "calf": "calves"}
+
+
+def word_forms(word: str) -> tuple[str, ...]:
+    """A subject word and its plural ("puppy" -> puppy, puppies): captions of one subject often say "two dogs"
+    for two photos' worth, and the token replaces either."""
+    word = word.lower()
+    if word in IRREGULAR_PLURALS:
+        return (word, IRREGULAR_PLURALS[word])
+    if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
+        return (word, word[:-1] + "ies")
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return (word, word + "es")
+    return (word, word + "s")
+
+
 @dataclass(frozen=True)
 class CaptionRule:
     token: str  # the domain token s*
@@ -109,7 +126,8 @@ class CaptionRule:
         if not caption:
             return base
         words = [subject] if subject else list(self.subject_words)
-        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+        forms = sorted({f for w in words for f in word_forms(w)}, key=len, reverse=True)  # longest first
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in forms) + r")\b", re.IGNORECASE)
         if pattern.search(caption):  # the first subject word in the caption
             return pattern.sub(self.token, caption, count=1)
         if re.search(rf"\b{re.escape(self.token)}\b", caption, re.IGNORECASE):

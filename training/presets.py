@@ -55,18 +55,14 @@ PRESETS: dict[str, Preset] = {
     "pets": Preset(
         domain="pets",
         token="pet",
+        # General words first, then common breeds: the first of them in a caption becomes the token.
         subject_words=(
-            "dog",
-            "cat",
-            "puppy",
-            "kitten",
-            "pet",
-            "animal",
-            "bunny",
-            "rabbit",
-            "hamster",
-            "bird",
-            "parrot",
+            "dog", "cat", "puppy", "kitten", "pet", "animal", "bunny", "rabbit", "hamster", "bird", "parrot",
+            "doggy", "doggo", "pup", "kitty", "pooch", "hound", "tabby",
+            "retriever", "labrador", "poodle", "beagle", "bulldog", "terrier", "spaniel", "husky", "corgi",
+            "dachshund", "chihuahua", "pug", "shepherd", "collie", "rottweiler", "boxer", "shiba", "pomeranian",
+            "schnauzer", "doberman", "greyhound", "maltese", "samoyed", "siamese", "persian", "ragdoll",
+            "sphynx", "bengal", "maine coon",
         ),
         caption_template="a photo of a {token}",
         num_queries=256,
@@ -84,7 +80,10 @@ PRESETS: dict[str, Preset] = {
     "faces": Preset(
         domain="faces",
         token="person",
-        subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
+        subject_words=(
+            "person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid",
+            "gentleman", "teenager", "teen", "adult", "baby", "toddler", "actor", "actress", "model",
+        ),
         caption_template="a photo of a {token}",
         num_queries=1024,
         resolutions=(512, 1024),

@@ -72,10 +72,25 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         "training (they are upscaled to the resolution); default: half the resolution.",
     )
     g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Resolve every setting, scan the data, write <output_dir>/args.json and a preview of a few "
+        "processed samples (encoder input, target crop, caption with the token) to <output_dir>/data-preview/, "
+        "then stop before loading any model.",
+    )
+    g.add_argument(
         "--token",
         default=None,
         help="The subject word that captions' subject words become and that prompts use at inference "
         "(default: the preset's, 'pet' or 'person').",
+    )
+    g.add_argument(
+        "--subject_words",
+        type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
+        default=None,
+        help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the first "
+        "one in each caption (singular or plural) becomes the token. Default: the preset's list (pets: dog, "
+        "cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
     )
     g.add_argument(
         "--caption_template",
@@ -573,13 +588,17 @@ def resolve_inputs(args: argparse.Namespace, preset: Preset) -> None:
                 "a folder of images with optional sidecar .txt captions, a manifest.jsonl, or .tar shards"
                 if args.domain == "pets"
                 else 'a manifest.jsonl with {"input": aligned face crop, "target": in-the-wild photo, '
-                '"caption": text} per line, or .tar shards'
+                '"caption": text} per line (`python -m training.prepare --domain faces PHOTOS OUT` makes one), '
+                "or .tar shards"
             )
             problems.append(
                 f"the training data {os.path.abspath(args.train_data)} does not exist. Put {layout} there, "
                 "or pass --train_data PATH."
             )
-    if problems:
+    if problems and args.dry_run and args.train_data is not None and os.path.exists(args.train_data):
+        # A dry run looks at the data only: missing models are worth saying, not worth stopping for.
+        log.warning("%s a real run could not start:\n  - %s", PREFIX, "\n  - ".join(problems))
+    elif problems:
         raise SystemExit(f"{PREFIX} cannot start training:\n  - " + "\n  - ".join(problems))
 
 
@@ -671,7 +690,9 @@ def main(args: argparse.Namespace) -> dict:
             make_tiny_dataset(args.train_data, size=max(args.resolution, 64))
         accelerator.wait_for_everyone()
     captions = data_lib.CaptionRule(
-        token=args.token, subject_words=preset.subject_words + (args.token,), template=args.caption_template
+        token=args.token,
+        subject_words=tuple(args.subject_words or preset.subject_words) + (args.token,),
+        template=args.caption_template,
     )
     from .scan import scan_data
 
@@ -688,6 +709,10 @@ def main(args: argparse.Namespace) -> dict:
             f"{PREFIX} no readable training images in {args.train_data} ({kind}); expected "
             f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
         )
+    if args.dry_run:  # settings and a preview of processed samples, no model loaded
+        from .preview import dry_run
+
+        return dry_run(args, scan, captions, output_dir) if is_main else {"dry_run": True}
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     try:
