@@ -304,3 +304,87 @@ def test_subject_words_plurals_and_breeds_become_the_token():
     assert pets.apply("a golden retriever on a sofa") == "a golden pet on a sofa"
     assert pets.kind("a sunny meadow") == "no subject word" and pets.kind("") == "template"
     assert pets.kind("a beagle") == "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# Paper-scale run shapes
+
+
+def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatch):
+    from training import run as trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    faces = trainer.parse_args(["--domain", "faces"])
+    assert faces.train_batch_size * faces.gradient_accumulation_steps == 32  # 512 px phase, one process
+    assert faces.checkpoints_total_limit == 3
+    assert trainer.parse_args(["--domain", "faces", "--resolution", "1024"]).gradient_accumulation_steps * 4 == 16
+    monkeypatch.setenv("WORLD_SIZE", "8")  # accelerate launch on 8 GPUs
+    pets = trainer.parse_args(["--domain", "pets"])
+    assert pets.train_batch_size * 8 * pets.gradient_accumulation_steps == 128
+    assert trainer.parse_args(["--domain", "pets", "--gradient_accumulation_steps", "3"]).gradient_accumulation_steps == 3
+    assert trainer.parse_args(["--domain", "tiny"]).gradient_accumulation_steps == 1
+    assert trainer.parse_args(["--domain", "tiny"]).checkpoints_total_limit is None
+
+
+def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
+    from training import run as trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(10):
+        halves(64, 64).save(data / f"{i}.png")
+    (data / "bad.png").write_bytes(b"no")
+    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
+                               "--report_to", "none", "--dry_run", "--num_train_epochs", "3",
+                               "--train_batch_size", "2", "--gradient_accumulation_steps", "2"])
+    try:
+        trainer.main(args)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert json.loads((tmp_path / "o" / "args.json").read_text())["max_train_steps"] == 8  # ceil(3 * 10 / 4)
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["--domain", "tiny", "--num_train_epochs", "2", "--max_train_steps", "5"])
+    assert "not both" in capsys.readouterr().err
+
+
+def test_resuming_with_another_batch_shape_is_named():
+    import argparse
+
+    from training.schedule import resume_warnings
+
+    args = argparse.Namespace(train_batch_size=4, gradient_accumulation_steps=8)
+    state = {"world": 1, "train_batch_size": 4, "gradient_accumulation_steps": 8}
+    assert resume_warnings(state, args, 1) == []
+    (warning,) = resume_warnings({**state, "world": 2}, args, 1)
+    assert "processes 1, the checkpoint was saved with 2" in warning
+    assert len(resume_warnings({"world": 4, "train_batch_size": 2}, args, 1)) == 2
+
+
+def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
+    import comfy.model_management
+    from accelerate.state import AcceleratorState, GradientState
+
+    from training import run as trainer
+    from training.tiny import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
+    common = ["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"), "--report_to",
+              "none", "--validation_steps", "0", "--checkpointing_steps", "1"]
+
+    def train(*extra):
+        try:
+            return trainer.main(trainer.parse_args([*common, *extra]))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            comfy.model_management.unload_all_models()
+
+    train("--max_train_steps", "1", "--train_batch_size", "2")
+    state = json.loads((tmp_path / "o" / "checkpoint-1" / "trainer_state-0.json").read_text())
+    assert (state["train_batch_size"], state["gradient_accumulation_steps"]) == (2, 1)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        train("--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
+    assert "resuming with --train_batch_size 1, the checkpoint was saved with 2" in caplog.text

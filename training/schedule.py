@@ -1,0 +1,62 @@
+"""Paper-scale run shapes: global batch sizes from the presets, epochs as steps, and resume checks.
+
+The paper trains faces with a global batch of 32 at 512 px then 16 at 1024 px, pets with 128 then 32
+(DESIGN 6). A global batch is per-device batch x processes x gradient accumulation; the presets fix the
+global batch of each phase and the per-device batch, and the accumulation makes up the rest for however
+many processes `accelerate launch` starts (its WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+log = logging.getLogger(__name__)
+PREFIX = "[nested-attention]"
+
+
+def world_size() -> int:
+    """Processes of this run, as accelerate launch / torchrun announce them (1 when run directly)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def fill_accumulation(args: argparse.Namespace, global_batches: tuple[int, ...], resolutions: tuple[int, ...],
+                      world: int | None = None) -> None:
+    """Set --gradient_accumulation_steps (when not given) so the global batch is the preset's for the phase."""
+    if args.gradient_accumulation_steps is not None:
+        return
+    if not global_batches:
+        args.gradient_accumulation_steps = 1
+        return
+    world = world or world_size()
+    phase = resolutions.index(args.resolution) if args.resolution in resolutions else 0
+    target = global_batches[min(phase, len(global_batches) - 1)]
+    per_step = args.train_batch_size * world
+    args.gradient_accumulation_steps = max(1, round(target / per_step))
+    got = per_step * args.gradient_accumulation_steps
+    if got != target:
+        log.warning("%s the preset's global batch at %d px is %d; %d per device x %d processes gives %d with "
+                    "accumulation %d. Set --train_batch_size or --gradient_accumulation_steps to choose.",
+                    PREFIX, args.resolution, target, args.train_batch_size, world, got,
+                    args.gradient_accumulation_steps)
+
+
+def epochs_to_steps(args: argparse.Namespace, samples: int, world: int) -> int:
+    """Optimizer steps for --num_train_epochs passes over `samples` records at the run's global batch."""
+    global_batch = args.train_batch_size * world * args.gradient_accumulation_steps
+    return max(1, math.ceil(args.num_train_epochs * samples / global_batch))
+
+
+def resume_warnings(state: dict, args: argparse.Namespace, world: int) -> list[str]:
+    """What differs between the checkpoint's run shape and this run's (the data order and the global batch)."""
+    out = []
+    for name, now in (("world", world), ("train_batch_size", args.train_batch_size),
+                      ("gradient_accumulation_steps", args.gradient_accumulation_steps)):
+        before = state.get(name)
+        if before is not None and before != now:
+            what = "processes" if name == "world" else f"--{name}"
+            out.append(f"resuming with {what} {now}, the checkpoint was saved with {before}: the global batch "
+                       "and the order of the data differ from the interrupted run's (it is not an exact resume).")
+    return out
