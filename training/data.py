@@ -502,6 +502,18 @@ def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Optional[Record]
         log.warning("%s shard %s is damaged or unreadable (%s); the rest of it is skipped", PREFIX, path, e)
 
 
+def first_records(spec: str, count: int) -> list[Record]:
+    """The first `count` records with an input image of the tar shards named by `spec` ([] for other data)."""
+    found: list[Record] = []
+    for shard in find_shards(spec):
+        for record in iter_tar_records(shard):
+            if record is not None:
+                found.append(record)
+            if len(found) == count:
+                return found
+    return found
+
+
 class TarShardStream(IterableDataset):
     """An endless stream of samples from tar shards, split between ranks and data loader workers.
 

@@ -31,17 +31,8 @@ def args_json(args: argparse.Namespace) -> dict:
             for k, v in sorted(vars(args).items())}
 
 
-def _records_for_preview(scan, count: int) -> list:
-    if scan.kind != "shards":
-        return scan.records[:count]
-    found = []
-    for shard in scan.source:
-        for record in data_lib.iter_tar_records(shard):
-            if record is not None:
-                found.append(record)
-            if len(found) == count:
-                return found
-    return found
+def _records_for_preview(scan, count: int, spec: str) -> list:
+    return scan.records[:count] if scan.kind != "shards" else data_lib.first_records(spec, count)
 
 
 def _panel(pixels) -> "np.ndarray":
@@ -85,7 +76,7 @@ def dry_run(args: argparse.Namespace, scan, captions, output_dir: Path, *, count
         random_flip=args.random_flip, captions=captions, seed=args.seed,
     )
     written, lines = [], []
-    for i, record in enumerate(_records_for_preview(scan, count)):
+    for i, record in enumerate(_records_for_preview(scan, count, args.train_data)):
         sample = data_lib.load_sample(record, config, i)
         if sample is None:
             continue

@@ -1123,13 +1123,13 @@ def training_loss(
 
 def load_validation_images(args, records, data_lib) -> list:
     """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs."""
-    sources = list(args.validation_images or [])
-    if not sources:
-        sources = [r.input for r in records[:2]]
+    sources = [(path, None) for path in args.validation_images or []]
+    if not sources:  # the first two training inputs as the encoder sees them (masks applied; shards too)
+        sources = [(r.input, r.mask) for r in records[:2] or data_lib.first_records(args.train_data, 2)]
     images = []
-    for source in sources:
+    for source, mask in sources:
         try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source)))
+            images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
         except data_lib.BadImage as e:
             log.warning(
                 "%s validation image %s skipped: %s", PREFIX, source if isinstance(source, str) else "?", e
