@@ -35,8 +35,10 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--domain", choices=("faces", "pets"), required=True,
                    help="faces: aligned face crop as input, the photo as target; pets: the pet on white as both.")
-    p.add_argument("src", help="The folder of photos (searched recursively), with optional .txt captions and masks.")
-    p.add_argument("out", help="The output folder; it gets manifest.jsonl and the prepared images.")
+    p.add_argument("paths", nargs="+", metavar="SRC OUT",
+                   help="SRC: the folder of photos (searched recursively), with optional .txt captions and masks; "
+                   "OUT: the output folder, which gets manifest.jsonl and the prepared images. With --generate, "
+                   "only OUT.")
     p.add_argument("--face_size", type=int, default=512,
                    help="Side of the aligned face crops in pixels (the authors' demo uses 512).")
     p.add_argument("--min_face_size", type=int, default=64,
@@ -45,7 +47,32 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
                    help="pets: skip photos with neither an alpha channel nor a mask, instead of keeping their "
                    "background.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing OUT/manifest.jsonl.")
+    g = p.add_argument_group("synthetic pets (--domain pets --generate N OUT)")
+    g.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="Make N images of pets on a white background with SDXL through ComfyUI's sampler "
+                   "(species/breed x pose x framing prompts, fixed seeds, captions from the prompts); resumable, "
+                   "split across processes under accelerate launch.")
+    g.add_argument("--pretrained_model", default=None,
+                   help="The SDXL base checkpoint (default: sd_xl_base_1.0.safetensors in <ComfyUI>/models/checkpoints).")
+    g.add_argument("--tiny", action="store_true", help="Use the tiny models built in code (tests, smoke runs).")
+    g.add_argument("--resolution", type=int, default=1024, help="Side of the generated images in pixels.")
+    g.add_argument("--steps", type=int, default=30, help="Euler steps per image.")
+    g.add_argument("--cfg", type=float, default=5.0, help="Classifier-free guidance scale.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the prompt draws and the noise.")
     args = p.parse_args(args)
+    if args.generate is not None:
+        if args.domain != "pets":
+            p.error("--generate makes pets; use it with --domain pets.")
+        if len(args.paths) != 1 or args.generate < 1:
+            p.error("--generate N takes one folder, OUT, and N >= 1: python -m training.prepare --domain pets "
+                    "--generate 1000 data/pets-synthetic")
+        args.src, args.out = None, args.paths[0]
+        if args.resolution % 8:
+            p.error(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    elif len(args.paths) != 2:
+        p.error("give SRC and OUT: python -m training.prepare --domain faces photos/ data/faces")
+    else:
+        args.src, args.out = args.paths
     if args.face_size < 64:
         p.error(f"--face_size must be at least 64 pixels, got {args.face_size}.")
     return args
@@ -201,9 +228,32 @@ def describe(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def generate_pets(args: argparse.Namespace) -> dict:
+    checkpoint = args.pretrained_model
+    if not args.tiny and checkpoint is None:
+        from .comfy_env import find_comfyui
+        from .presets import SDXL_CHECKPOINT_NAMES
+
+        folder = find_comfyui() / "models" / "checkpoints"
+        checkpoint = next((str(folder / n) for n in SDXL_CHECKPOINT_NAMES if (folder / n).is_file()), None)
+        if checkpoint is None:
+            raise SystemExit(f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
+                             f"{folder}. Download it there or pass --pretrained_model PATH.")
+    from .generate import generate
+
+    return generate(Path(args.out), args.generate, seed=args.seed, tiny=args.tiny, checkpoint=checkpoint,
+                    resolution=args.resolution, steps=args.steps, cfg=args.cfg)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    summary = prepare(parse_args(argv))
+    args = parse_args(argv)
+    if args.generate is not None:
+        summary = generate_pets(args)
+        print(f"{PREFIX} generated {summary['made']}, already there {summary['skipped']}; manifest: "
+              f"{summary['manifest']}")
+        return summary
+    summary = prepare(args)
     print(describe(summary))
     return summary
 
