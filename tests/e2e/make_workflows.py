@@ -227,7 +227,7 @@ def _subject(g: Graph, vision: int, encoder_file: str, images: list[str], *, y: 
         g.link(image, 0, batch, "image1")
         g.link(other, 0, batch, "image2")
         image = batch
-    encode = g.node("NestedAttentionEncodeSubject", (x, y), size=(280, 110), title=f"Encode {title}")
+    encode = g.node("NestedAttentionEncodeSubject", (x, y), size=(280, 138), title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
     return encode, x + 320
