@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +36,8 @@ ALIGN_MODES = (ALIGN_NONE, ALIGN_FFHQ)
 DEFAULT_FACE_SIZE = 512  # the authors' demo aligns every face to 512 px before CLIP's own resize
 
 INSTALL_HINT = (
-    "Install the face tools into ComfyUI's Python environment: `pip install dlib-bin face-recognition-models` "
+    "Install the face tools into ComfyUI's Python environment: "
+    "`pip install dlib-bin face-recognition-models` "
     "(or `pip install comfyui-nested-attention[faces]`), then restart ComfyUI"
 )
 # Eye-to-mouth over eye-to-nose-bottom along the face's midline. Measured on scikit-image's astronaut
@@ -71,7 +72,9 @@ class Face:
 class AlignedFace:
     image: torch.Tensor  # (size, size, 3) float32 in [0, 1]
     face: Face
-    quad: torch.Tensor  # (4, 2) the photo's corners of the crop: top-left, bottom-left, bottom-right, top-right
+    quad: (
+        torch.Tensor
+    )  # (4, 2) the photo's corners of the crop: top-left, bottom-left, bottom-right, top-right
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,8 +87,9 @@ def _dlib_models():
         import dlib
         import face_recognition_models as models
     except ImportError as e:
-        raise FaceAlignError(f"face alignment needs dlib and its models, which are not installed ({e}). "
-                             f"{INSTALL_HINT}.") from e
+        raise FaceAlignError(
+            f"face alignment needs dlib and its models, which are not installed ({e}). {INSTALL_HINT}."
+        ) from e
     hog = dlib.get_frontal_face_detector()
     landmarks = dlib.shape_predictor(models.pose_predictor_five_point_model_location())
     return dlib, hog, landmarks, models.cnn_face_detector_model_location()
@@ -148,8 +152,9 @@ def detect_faces(image: torch.Tensor) -> list[Face]:
         eye_avg = ((eye_left[0] + eye_right[0]) / 2, (eye_left[1] + eye_right[1]) / 2)
         nose = (float(p[4][0]), float(p[4][1]))
         mouth = tuple(e + MOUTH_FROM_NOSE * (n - e) for e, n in zip(eye_avg, nose))
-        faces.append(Face(box=box, score=float(score), eye_left=eye_left, eye_right=eye_right, nose=nose,
-                          mouth=mouth))
+        faces.append(
+            Face(box=box, score=float(score), eye_left=eye_left, eye_right=eye_right, nose=nose, mouth=mouth)
+        )
     return sorted(faces, key=lambda f: -f.area)
 
 
@@ -158,13 +163,16 @@ def detect_faces(image: torch.Tensor) -> list[Face]:
 
 
 def ffhq_quad(eye_left, eye_right, mouth) -> torch.Tensor:
-    """FFHQ's oriented crop for eye centres and mouth centre: (4, 2) top-left, bottom-left, bottom-right, top-right.
+    """FFHQ's oriented crop for eye centres and mouth centre: (4, 2) corners, top-left, bottom-left,
+    bottom-right, top-right.
 
     The crop's x axis averages the eye line and the perpendicular of the eye-to-mouth line; its half-side is
     the larger of twice the eye distance and 1.8 times the eye-to-mouth distance; its centre sits a tenth of
     the eye-to-mouth vector below the eyes.
     """
-    eye_left, eye_right, mouth = (torch.as_tensor(v, dtype=torch.float64) for v in (eye_left, eye_right, mouth))
+    eye_left, eye_right, mouth = (
+        torch.as_tensor(v, dtype=torch.float64) for v in (eye_left, eye_right, mouth)
+    )
     eye_avg = (eye_left + eye_right) / 2
     eye_to_eye = eye_right - eye_left
     eye_to_mouth = mouth - eye_avg
@@ -198,14 +206,18 @@ def crop_quad(image: torch.Tensor, quad: torch.Tensor, size: int) -> torch.Tenso
     v, u = torch.meshgrid(t, t, indexing="ij")  # (size, size)
     origin, across, down = quad[0], quad[3] - quad[0], quad[1] - quad[0]
     src = origin + u[..., None] * across + v[..., None] * down  # (size, size, 2) pixel coordinates (x, y)
-    grid = torch.stack([src[..., 0] / w * 2 - 1, src[..., 1] / h * 2 - 1], dim=-1)  # align_corners=False units
-    out = F.grid_sample(pixels, grid[None].to(pixels.dtype), mode="bicubic", padding_mode="reflection",
-                        align_corners=False)
+    grid = torch.stack(
+        [src[..., 0] / w * 2 - 1, src[..., 1] / h * 2 - 1], dim=-1
+    )  # align_corners=False units
+    out = F.grid_sample(
+        pixels, grid[None].to(pixels.dtype), mode="bicubic", padding_mode="reflection", align_corners=False
+    )
     return out[0].movedim(0, -1).clamp(0, 1)  # (size, size, C)
 
 
-def align_face(image: torch.Tensor, *, size: int = DEFAULT_FACE_SIZE, face_index: int = 0,
-               name: str = "the photo") -> AlignedFace:
+def align_face(
+    image: torch.Tensor, *, size: int = DEFAULT_FACE_SIZE, face_index: int = 0, name: str = "the photo"
+) -> AlignedFace:
     """Detect the faces of a photo (H, W, 3) in [0, 1] and crop face `face_index` (0: the largest) FFHQ-style.
 
     Raises FaceAlignError naming `name` when there is no face, or fewer faces than the index asks for.
@@ -215,14 +227,18 @@ def align_face(image: torch.Tensor, *, size: int = DEFAULT_FACE_SIZE, face_index
         raise FaceAlignError(
             f"no face found in {name} ({image.shape[1]}x{image.shape[0]} px). The face encoder reads aligned "
             "faces: use a photo where the face is clearly visible (frontal, at least ~80 px tall), or turn "
-            "alignment off to encode the photo as it is.")
+            "alignment off to encode the photo as it is."
+        )
     if face_index >= len(faces):
         raise FaceAlignError(
             f"{name} has {len(faces)} face(s) (largest first), so there is no face number {face_index}; "
-            f"choose a face_index from 0 to {len(faces) - 1}.")
+            f"choose a face_index from 0 to {len(faces) - 1}."
+        )
     face = faces[face_index]
     if len(faces) > 1:
-        log.info("%s %s: %d faces found, using number %d (largest first)", PREFIX, name, len(faces), face_index)
+        log.info(
+            "%s %s: %d faces found, using number %d (largest first)", PREFIX, name, len(faces), face_index
+        )
     quad = ffhq_quad(face.eye_left, face.eye_right, face.mouth)
     return AlignedFace(image=crop_quad(image, quad, size), face=face, quad=quad.float())
 
@@ -245,4 +261,3 @@ def tensor_to_pil(image: torch.Tensor):
     from PIL import Image
 
     return Image.fromarray(to_uint8(image))
-

@@ -151,7 +151,8 @@ class NestedAttentionEncodeSubject:
                     ["auto", "off"],
                     {
                         "default": "auto",
-                        "tooltip": "auto: when the encoder was trained on aligned faces (face encoders), find "
+                        "tooltip": "auto: when the encoder was trained on aligned faces (face encoders), "
+                        "find "
                         "the face and crop it with the eyes and mouth where training put them. off: encode "
                         "the photos as they are.",
                     },
@@ -162,7 +163,8 @@ class NestedAttentionEncodeSubject:
                         "default": 0,
                         "min": 0,
                         "max": 63,
-                        "tooltip": "Which face to use when a photo shows several: 0 is the largest, 1 the next. "
+                        "tooltip": "Which face to use when a photo shows several: 0 is the largest, 1 the "
+                        "next. "
                         "See the encoded_images output.",
                     },
                 ),

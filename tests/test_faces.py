@@ -43,7 +43,7 @@ def reference_quad(eye_left, eye_right, mouth):
 
 
 def test_ffhq_quad_of_an_upright_face_by_hand():
-    # Eyes 40 px apart at y=100, mouth 40 px below: half-side max(2*40, 1.8*40) = 80, centre 4 px below the eyes.
+    # Eyes 40 px apart at y=100, mouth 40 px below: half-side max(2*40, 1.8*40) = 80, centre 4 px below.
     quad = faces.ffhq_quad((100, 100), (140, 100), (120, 140))
     expected = torch.tensor([[40, 24], [40, 184], [200, 184], [200, 24]], dtype=torch.float64)
     torch.testing.assert_close(quad, expected)
@@ -80,19 +80,27 @@ def test_crop_quad_samples_the_photo_inside_the_quad(angle):
     assert out.shape == (16, 16, 3)
     t = (np.arange(16) + 0.5) / 16
     v, u = np.meshgrid(t, t, indexing="ij")
-    src = quad[0].numpy() + u[..., None] * (quad[3] - quad[0]).numpy() + v[..., None] * (quad[1] - quad[0]).numpy()
+    src = (
+        quad[0].numpy()
+        + u[..., None] * (quad[3] - quad[0]).numpy()
+        + v[..., None] * (quad[1] - quad[0]).numpy()
+    )
     np.testing.assert_allclose(out[..., 0].numpy(), src[..., 0] / 160, atol=2e-3)
     np.testing.assert_allclose(out[..., 1].numpy(), src[..., 1] / 120, atol=2e-3)
 
 
 def test_crop_quad_mirrors_outside_the_photo_and_shrinks_large_quads():
     image = ramp(64, 64)
-    out = faces.crop_quad(image, torch.tensor([[-32.0, -32.0], [-32.0, 96.0], [96.0, 96.0], [96.0, -32.0]]), 128)
+    out = faces.crop_quad(
+        image, torch.tensor([[-32.0, -32.0], [-32.0, 96.0], [96.0, 96.0], [96.0, -32.0]]), 128
+    )
     # Reflection: the pixel 10 px left of the photo reads the pixel 10 px inside it.
     torch.testing.assert_close(out[64, 32 - 10, 0], out[64, 32 + 9, 0], atol=0.02, rtol=0)
     # A quad 8x larger than the output: the antialiased result is the photo's local mean, not a noisy sample.
     noise = torch.rand(800, 800, 3, generator=torch.Generator().manual_seed(0))
-    small = faces.crop_quad(noise, torch.tensor([[0.0, 0.0], [0.0, 800.0], [800.0, 800.0], [800.0, 0.0]]), 100)
+    small = faces.crop_quad(
+        noise, torch.tensor([[0.0, 0.0], [0.0, 800.0], [800.0, 800.0], [800.0, 0.0]]), 100
+    )
     assert small.std() < 0.08  # a point sample of uniform noise would have std 0.29
 
 
@@ -106,7 +114,7 @@ def test_astronaut_landmarks_match_the_hand_placed_ones():
     assert math.dist(face.mouth, ASTRONAUT_MOUTH) < 3.0
     left, top, right, bottom = face.box
     assert left < ASTRONAUT_EYE_LEFT[0] and right > ASTRONAUT_EYE_RIGHT[0] and top < 101 and bottom > 142
-    # The crop from detected landmarks is the crop from the hand-placed ones, within 3% of its side (2.5% measured).
+    # The crop from detected landmarks is the hand-placed ones' crop, within 3% of its side (2.5% measured).
     hand = reference_quad(ASTRONAUT_EYE_LEFT, ASTRONAUT_EYE_RIGHT, ASTRONAUT_MOUTH)
     detected = faces.ffhq_quad(face.eye_left, face.eye_right, face.mouth).numpy()
     side = np.hypot(*(hand[3] - hand[0]))

@@ -153,7 +153,8 @@ def test_encoders_without_face_alignment_leave_photos_alone(pack, load_handle):
 def test_no_face_names_the_image_and_the_way_out(pack, load_handle):
     handle = load_handle(domain="faces", token="person", face_align="ffhq", face_size=64)
     batch = torch.cat([astronaut_batch(), torch.full((1, 512, 512, 3), 0.5)])
-    with pytest.raises(pack.subject.SubjectError, match=r"no face found in image 1 of the batch.*alignment off"):
+    message = r"no face found in image 1 of the batch.*alignment off"
+    with pytest.raises(pack.subject.SubjectError, match=message):
         pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch, "center")
     with pytest.raises(pack.subject.SubjectError, match="face_index from 0 to 0"):
         pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch[:1], "center", face_index=1)

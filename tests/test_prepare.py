@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,8 +104,12 @@ def test_pets_are_put_on_white_from_alpha_or_masks(tmp_path):
     summary = prepare.main(["--domain", "pets", str(src), str(tmp_path / "out")])
     assert summary["kept"] == 4 and summary["pets_without_mask"] == 1
     lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
-    assert [entry["input"] for entry in lines] == ["images/bella.png", "images/cut.png", "images/plain.png",
-                                                   "images/rex.png"]
+    assert [entry["input"] for entry in lines] == [
+        "images/bella.png",
+        "images/cut.png",
+        "images/plain.png",
+        "images/rex.png",
+    ]
     for entry in lines:
         image = Image.open(tmp_path / "out" / entry["input"])
         corner = image.getpixel((0, 0))
@@ -139,7 +142,7 @@ def test_generate_synthetic_pets_with_comfys_sampler_resumes_and_is_seeded(tmp_p
     records = data_lib.read_manifest(out / "manifest.jsonl")
     rule = data_lib.CaptionRule("pet", ("dog", "cat"), "a photo of a {token}")
     assert all(" pet" in rule.apply(r.caption, r.subject) for r in records)
-    # Resumable: a fourth sample is added, the first three are not made again; a lost one comes back identical.
+    # Resumable: a fourth sample is added, the first three are not made again; a lost one comes back the same.
     before = np.asarray(Image.open(out / "images" / "000001.png"))
     (out / "images" / "000001.json").unlink()
     again = prepare.main([*flags, "--generate", "4", str(out)])

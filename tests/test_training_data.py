@@ -1,4 +1,4 @@
-"""Training data is never corrupted silently: each case is a file built here the way real photo folders hold it.
+"""Training data is never corrupted silently: each case is a file built here as real photo folders hold it.
 
 EXIF rotation, RGBA cut-outs (white, not black), 16-bit PNGs, Latin-1 captions, tiny images, .tif/.gif,
 unreadable files, masks from manifests / folders / tar shards, and the one scan before the models load.
@@ -52,7 +52,9 @@ def test_exif_rotation_is_applied(tmp_path):
 def test_rgba_cutout_lands_on_white_not_black(tmp_path):
     cutout = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # transparent black around the subject
     cutout.paste(Image.new("RGBA", (16, 16), (200, 100, 50, 255)), (8, 8))
-    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))  # a half-transparent black edge: grey, as a compositor gives
+    half = Image.new(
+        "RGBA", (4, 4), (0, 0, 0, 128)
+    )  # a half-transparent black edge: grey, as a compositor gives
     cutout.paste(half, (0, 28))
     cutout.save(tmp_path / "cutout.png")
     image = data_lib.open_image(str(tmp_path / "cutout.png"))
@@ -72,7 +74,9 @@ def test_16_bit_png_keeps_its_range(tmp_path):
     image = np.asarray(data_lib.open_image(str(tmp_path / "deep.png")))
     expected = np.round(ramp.astype(np.float64) / 65535 * 255)
     np.testing.assert_allclose(image[..., 0], expected, atol=1)
-    assert (image[..., 0] == image[..., 2]).all() and image.mean() < 200  # grey, not the all-white of clipping
+    assert (
+        image[..., 0] == image[..., 2]
+    ).all() and image.mean() < 200  # grey, not the all-white of clipping
 
 
 def test_tif_and_gif_are_read(tmp_path):
@@ -94,7 +98,8 @@ def test_latin1_caption_is_read_and_reported_with_file_and_line(tmp_path):
     assert report.text_problems == ["a.txt line 1 is not UTF-8 (byte 0xe9); read as Latin-1/Windows-1252"]
     # A manifest written by an old tool: the bad line is found, the rest read.
     (tmp_path / "m.jsonl").write_bytes(
-        b'{"input": "a.png", "caption": "a dog"}\n' + '{"input": "a.png", "caption": "a d\xf6g"}\n'.encode("latin-1")
+        b'{"input": "a.png", "caption": "a dog"}\n'
+        + '{"input": "a.png", "caption": "a d\xf6g"}\n'.encode("latin-1")
     )
     report = data_lib.DataReport()
     records = data_lib.read_manifest(tmp_path / "m.jsonl", report)
@@ -122,15 +127,25 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
     with caplog.at_level(logging.INFO, logger="training"):
         result = scan_lib.scan_data(str(folder), RULE, min_size=32, progress=True)
     assert [r.key for r in result.records] == ["good.png", "other.png", "plain.jpg", "tiny.png"]
-    assert result.readable == 4 and len(result.unreadable) == 1 and result.unreadable[0].startswith("broken.jpg")
+    assert (
+        result.readable == 4 and len(result.unreadable) == 1 and result.unreadable[0].startswith("broken.jpg")
+    )
     assert result.report.ignored == ["notes.pdf", "raw.heic"]
     assert result.small == ["tiny.png (20x20)"]
     assert result.template == 1 and result.no_subject == ["other.png"]
     summary = [r.getMessage() for r in caplog.records if "training data" in r.getMessage()]
     assert len(summary) == 1  # one summary
     text = summary[0]
-    for expected in ("4 readable, 1 unreadable", "broken.jpg", "notes.pdf", "raw.heic", "tiny.png (20x20)",
-                     "tiny.txt line 1 is not UTF-8", "1 captions from the template", "other.png"):
+    for expected in (
+        "4 readable, 1 unreadable",
+        "broken.jpg",
+        "notes.pdf",
+        "raw.heic",
+        "tiny.png (20x20)",
+        "tiny.txt line 1 is not UTF-8",
+        "1 captions from the template",
+        "other.png",
+    ):
         assert expected in text
 
 
@@ -140,15 +155,29 @@ def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog)
 
     folder = make_messy_folder(tmp_path / "data")
     order = []
-    monkeypatch.setattr(scan_lib, "scan_data", lambda *a, __f=scan_lib.scan_data, **k: order.append("scan") or __f(*a, **k))
+    monkeypatch.setattr(
+        scan_lib, "scan_data", lambda *a, __f=scan_lib.scan_data, **k: order.append("scan") or __f(*a, **k)
+    )
 
     def no_models(**_):
         order.append("models")
         raise RuntimeError("stop here: the models would load now")
 
     monkeypatch.setattr(models_lib, "load_frozen", no_models)
-    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(folder), "--output_dir", str(tmp_path / "o"),
-                               "--report_to", "none", "--min_image_size", "32"])
+    args = trainer.parse_args(
+        [
+            "--domain",
+            "tiny",
+            "--train_data",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "none",
+            "--min_image_size",
+            "32",
+        ]
+    )
     try:
         with caplog.at_level(logging.INFO, logger="training"), pytest.raises(RuntimeError, match="stop here"):
             trainer.main(args)
@@ -167,8 +196,18 @@ def test_unreadable_only_data_is_refused_before_the_models(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "x.png").write_bytes(b"nope")
-    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(folder), "--output_dir", str(tmp_path / "o"),
-                               "--report_to", "none"])
+    args = trainer.parse_args(
+        [
+            "--domain",
+            "tiny",
+            "--train_data",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "none",
+        ]
+    )
     try:
         with pytest.raises(SystemExit, match="no readable training images"):
             trainer.main(args)
@@ -201,7 +240,9 @@ def test_masks_from_manifest_folder_and_shards_put_the_pet_on_white(tmp_path):
     photo.save(tmp_path / "0001.png")
     mask_image().save(tmp_path / "masks" / "0001.png")
     expected = expected_on_white(photo, mask_image())
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"input": "0001.png", "mask": "masks/0001.png"}) + "\n")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"input": "0001.png", "mask": "masks/0001.png"}) + "\n"
+    )
     (record,) = data_lib.read_manifest(tmp_path / "manifest.jsonl")
     np.testing.assert_array_equal(np.asarray(data_lib.open_image(record.input, record.mask)), expected)
 
@@ -234,17 +275,19 @@ def test_trainer_and_node_share_one_compositing(tmp_path):
 
     subject = load_pack().nodes.subject
     assert subject.composite_on_white is composite_on_white
-    # The trainer's alpha path gives what the node's MASK path gives for the same pixels (up to 8-bit rounding).
+    # The trainer's alpha path gives what the node's MASK path gives for the same pixels (8-bit rounding).
     rgba = halves(32, 32).convert("RGBA")
     rgba.putalpha(mask_image())
     rgba.save(tmp_path / "cut.png")
     trained = images_lib.to_tensor(data_lib.open_image(str(tmp_path / "cut.png")))
-    node = composite_on_white(images_lib.to_tensor(halves(32, 32))[None], images_lib.to_tensor(mask_image())[None, ..., 0])
+    node = composite_on_white(
+        images_lib.to_tensor(halves(32, 32))[None], images_lib.to_tensor(mask_image())[None, ..., 0]
+    )
     torch.testing.assert_close(trained, node[0], atol=1 / 255, rtol=0)
 
 
 def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
-    """The issue's check: upright, white-backed, correctly converted images for each case, without any model."""
+    """The issue's check: upright, white-backed, correctly converted images for each case, no model loaded."""
     from training import run as trainer
 
     data = tmp_path / "data"
@@ -258,8 +301,21 @@ def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
     Image.fromarray(np.full((128, 128), 30000, np.uint16)).save(data / "c_deep.png")
     halves(128, 128).save(data / "d_photo.tif")
     (data / "d_photo.txt").write_bytes("a dog at the caf\xe9".encode("latin-1"))
-    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
-                               "--report_to", "none", "--dry_run", "--subject_words", "cat,dog"])
+    args = trainer.parse_args(
+        [
+            "--domain",
+            "tiny",
+            "--train_data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "none",
+            "--dry_run",
+            "--subject_words",
+            "cat,dog",
+        ]
+    )
     try:
         summary = trainer.main(args)
     finally:
@@ -317,11 +373,19 @@ def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatc
     faces = trainer.parse_args(["--domain", "faces"])
     assert faces.train_batch_size * faces.gradient_accumulation_steps == 32  # 512 px phase, one process
     assert faces.checkpoints_total_limit == 3
-    assert trainer.parse_args(["--domain", "faces", "--resolution", "1024"]).gradient_accumulation_steps * 4 == 16
+    assert (
+        trainer.parse_args(["--domain", "faces", "--resolution", "1024"]).gradient_accumulation_steps * 4
+        == 16
+    )
     monkeypatch.setenv("WORLD_SIZE", "8")  # accelerate launch on 8 GPUs
     pets = trainer.parse_args(["--domain", "pets"])
     assert pets.train_batch_size * 8 * pets.gradient_accumulation_steps == 128
-    assert trainer.parse_args(["--domain", "pets", "--gradient_accumulation_steps", "3"]).gradient_accumulation_steps == 3
+    assert (
+        trainer.parse_args(
+            ["--domain", "pets", "--gradient_accumulation_steps", "3"]
+        ).gradient_accumulation_steps
+        == 3
+    )
     assert trainer.parse_args(["--domain", "tiny"]).gradient_accumulation_steps == 1
     assert trainer.parse_args(["--domain", "tiny"]).checkpoints_total_limit is None
 
@@ -334,9 +398,25 @@ def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
     for i in range(10):
         halves(64, 64).save(data / f"{i}.png")
     (data / "bad.png").write_bytes(b"no")
-    args = trainer.parse_args(["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"),
-                               "--report_to", "none", "--dry_run", "--num_train_epochs", "3",
-                               "--train_batch_size", "2", "--gradient_accumulation_steps", "2"])
+    args = trainer.parse_args(
+        [
+            "--domain",
+            "tiny",
+            "--train_data",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "none",
+            "--dry_run",
+            "--num_train_epochs",
+            "3",
+            "--train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+        ]
+    )
     try:
         trainer.main(args)
     finally:
@@ -371,8 +451,20 @@ def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
     from training.tiny import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
-    common = ["--domain", "tiny", "--train_data", str(data), "--output_dir", str(tmp_path / "o"), "--report_to",
-              "none", "--validation_steps", "0", "--checkpointing_steps", "1"]
+    common = [
+        "--domain",
+        "tiny",
+        "--train_data",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--report_to",
+        "none",
+        "--validation_steps",
+        "0",
+        "--checkpointing_steps",
+        "1",
+    ]
 
     def train(*extra):
         try:

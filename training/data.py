@@ -55,7 +55,7 @@ PREFIX = "[nested-attention]"
 from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 
 MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
-CAPTION_EXTENSIONS = (".txt", ".caption")
+CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
 
 
 def mix_seed(*parts: Any) -> int:
@@ -112,7 +112,7 @@ class CaptionRule:
     template: str  # "{token}" is replaced by the token
 
     def kind(self, caption: Optional[str], subject: Optional[str] = None) -> str:
-        """How apply() treats a caption: "template" (none), "no subject word" (template put in front), "ok"."""
+        """How apply() treats a caption: "template" (none), "no subject word" (template in front), "ok"."""
         caption = (caption or "").strip()
         if not caption:
             return "template"
@@ -209,7 +209,9 @@ def read_folder(folder: Path, report: Optional[DataReport] = None) -> list[Recor
             caption = caption.strip()
             if problem:
                 report.text_problems.append(problem)
-        masks = [m for m in path.parent.glob(f"{path.stem}{MASK_SUFFIX}.*") if m.suffix.lower() in IMAGE_EXTENSIONS]
+        masks = [
+            m for m in path.parent.glob(f"{path.stem}{MASK_SUFFIX}.*") if m.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         records.append(
             Record(
                 key=str(path.relative_to(folder)),

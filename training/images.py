@@ -86,7 +86,9 @@ def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Opt
             image = _to_8bit(image)
         alpha = _alpha(image)
         rgb = image.convert("RGB")
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+    except (
+        Exception
+    ) as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
         raise BadImage(f"{type(e).__name__}: {e}") from e
     masks = []
     if alpha is not None:
@@ -138,7 +140,10 @@ def decode_text(data: bytes, name: str) -> tuple[str, Optional[str]]:
             text = data.decode("cp1252")
         except UnicodeDecodeError:
             text = data.decode("latin-1")  # every byte is a character: never fails
-        return text, f"{name} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); read as Latin-1/Windows-1252"
+        return (
+            text,
+            f"{name} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); read as Latin-1/Windows-1252",
+        )
 
 
 def read_text(path: str) -> tuple[str, Optional[str]]:

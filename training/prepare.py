@@ -1,4 +1,4 @@
-"""Turn a folder of photos into training data the trainer reads: `python -m training.prepare --domain faces SRC OUT`.
+"""Turn a folder of photos into training data: `python -m training.prepare --domain faces|pets SRC OUT`.
 
 faces: each photo's largest face is found and aligned FFHQ-style (nested_attention.faces, the same code the
        Encode node runs) into `OUT/inputs/<name>.png`; the photo itself, upright, becomes the target
@@ -33,28 +33,58 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         prog="python -m training.prepare",
         description="Make a training manifest from a folder of photos (aligned faces, or pets on white).",
     )
-    p.add_argument("--domain", choices=("faces", "pets"), required=True,
-                   help="faces: aligned face crop as input, the photo as target; pets: the pet on white as both.")
-    p.add_argument("paths", nargs="+", metavar="SRC OUT",
-                   help="SRC: the folder of photos (searched recursively), with optional .txt captions and masks; "
-                   "OUT: the output folder, which gets manifest.jsonl and the prepared images. With --generate, "
-                   "only OUT.")
-    p.add_argument("--face_size", type=int, default=512,
-                   help="Side of the aligned face crops in pixels (the authors' demo uses 512).")
-    p.add_argument("--min_face_size", type=int, default=64,
-                   help="Skip faces whose detected box is smaller than this many pixels (blurry crops).")
-    p.add_argument("--require_mask", action="store_true",
-                   help="pets: skip photos with neither an alpha channel nor a mask, instead of keeping their "
-                   "background.")
+    p.add_argument(
+        "--domain",
+        choices=("faces", "pets"),
+        required=True,
+        help="faces: aligned face crop as input, the photo as target; pets: the pet on white as both.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SRC OUT",
+        help="SRC: the folder of photos (searched recursively), with optional .txt captions and masks; "
+        "OUT: the output folder, which gets manifest.jsonl and the prepared images. With --generate, "
+        "only OUT.",
+    )
+    p.add_argument(
+        "--face_size",
+        type=int,
+        default=512,
+        help="Side of the aligned face crops in pixels (the authors' demo uses 512).",
+    )
+    p.add_argument(
+        "--min_face_size",
+        type=int,
+        default=64,
+        help="Skip faces whose detected box is smaller than this many pixels (blurry crops).",
+    )
+    p.add_argument(
+        "--require_mask",
+        action="store_true",
+        help="pets: skip photos with neither an alpha channel nor a mask, instead of keeping their "
+        "background.",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing OUT/manifest.jsonl.")
     g = p.add_argument_group("synthetic pets (--domain pets --generate N OUT)")
-    g.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="Make N images of pets on a white background with SDXL through ComfyUI's sampler "
-                   "(species/breed x pose x framing prompts, fixed seeds, captions from the prompts); resumable, "
-                   "split across processes under accelerate launch.")
-    g.add_argument("--pretrained_model", default=None,
-                   help="The SDXL base checkpoint (default: sd_xl_base_1.0.safetensors in <ComfyUI>/models/checkpoints).")
-    g.add_argument("--tiny", action="store_true", help="Use the tiny models built in code (tests, smoke runs).")
+    g.add_argument(
+        "--generate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Make N images of pets on a white background with SDXL through ComfyUI's sampler "
+        "(species/breed x pose x framing prompts, fixed seeds, captions from the prompts); resumable, "
+        "split across processes under accelerate launch.",
+    )
+    g.add_argument(
+        "--pretrained_model",
+        default=None,
+        help="The SDXL base checkpoint (default: sd_xl_base_1.0.safetensors in "
+        "<ComfyUI>/models/checkpoints).",
+    )
+    g.add_argument(
+        "--tiny", action="store_true", help="Use the tiny models built in code (tests, smoke runs)."
+    )
     g.add_argument("--resolution", type=int, default=1024, help="Side of the generated images in pixels.")
     g.add_argument("--steps", type=int, default=30, help="Euler steps per image.")
     g.add_argument("--cfg", type=float, default=5.0, help="Classifier-free guidance scale.")
@@ -64,8 +94,10 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         if args.domain != "pets":
             p.error("--generate makes pets; use it with --domain pets.")
         if len(args.paths) != 1 or args.generate < 1:
-            p.error("--generate N takes one folder, OUT, and N >= 1: python -m training.prepare --domain pets "
-                    "--generate 1000 data/pets-synthetic")
+            p.error(
+                "--generate N takes one folder, OUT, and N >= 1: python -m training.prepare --domain pets "
+                "--generate 1000 data/pets-synthetic"
+            )
         args.src, args.out = None, args.paths[0]
         if args.resolution % 8:
             p.error(f"--resolution must be a multiple of 8, got {args.resolution}.")
@@ -82,15 +114,20 @@ def photos(src: Path) -> list[Path]:
     """Images under `src`, masks excluded (`*.mask.*` and anything under a top-level masks/ folder)."""
     masks_dir = src / "masks"
     return sorted(
-        p for p in src.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.lower().endswith(MASK_SUFFIX)
+        p
+        for p in src.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.stem.lower().endswith(MASK_SUFFIX)
         and masks_dir not in p.parents
     )
 
 
 def find_mask(src: Path, photo: Path) -> Optional[Path]:
-    for candidate in [*photo.parent.glob(f"{photo.stem}{MASK_SUFFIX}.*"),
-                      *(src / "masks" / photo.relative_to(src).parent).glob(f"{photo.stem}.*")]:
+    for candidate in [
+        *photo.parent.glob(f"{photo.stem}{MASK_SUFFIX}.*"),
+        *(src / "masks" / photo.relative_to(src).parent).glob(f"{photo.stem}.*"),
+    ]:
         if candidate.suffix.lower() in IMAGE_EXTENSIONS:
             return candidate
     return None
@@ -122,7 +159,9 @@ def prepare(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{PREFIX} {src} is not a folder; give the folder that holds the photos.")
     manifest = out / "manifest.jsonl"
     if manifest.exists() and not args.overwrite:
-        raise SystemExit(f"{PREFIX} {manifest} exists; pass --overwrite to replace it, or choose another OUT.")
+        raise SystemExit(
+            f"{PREFIX} {manifest} exists; pass --overwrite to replace it, or choose another OUT."
+        )
     items = photos(src)
     if not items:
         raise SystemExit(f"{PREFIX} no photos ({', '.join(IMAGE_EXTENSIONS)}) under {src}.")
@@ -175,10 +214,17 @@ def prepare(args: argparse.Namespace) -> dict:
             # The detector's box (eyebrows to mouth) grown by half its size: forehead and chin included.
             left, top, right, bottom = face.box
             grow_x, grow_y = (right - left) / 4, (bottom - top) / 4
-            box = [max(0.0, left - grow_x), max(0.0, top - grow_y),
-                   min(float(image.width), right + grow_x), min(float(image.height), bottom + grow_y)]
-            entry = {"input": f"inputs/{stem}.png", "target": f"targets/{stem}.jpg",
-                     "face_box": [round(v, 1) for v in box]}
+            box = [
+                max(0.0, left - grow_x),
+                max(0.0, top - grow_y),
+                min(float(image.width), right + grow_x),
+                min(float(image.height), bottom + grow_y),
+            ]
+            entry = {
+                "input": f"inputs/{stem}.png",
+                "target": f"targets/{stem}.jpg",
+                "face_box": [round(v, 1) for v in box],
+            }
         else:
             if mask is None and not has_alpha(photo):
                 if args.require_mask:
@@ -212,17 +258,22 @@ def prepare(args: argparse.Namespace) -> dict:
 def describe(summary: dict) -> str:
     lines = [
         f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
-        f"captions: {summary['captions_from_files']} from .txt files, {summary['captions_from_template']} will "
+        f"captions: {summary['captions_from_files']} from .txt files, "
+        f"{summary['captions_from_template']} will "
         f"use the trainer's template. Manifest: {summary['manifest']}"
     ]
     for reason, names in summary["skipped_names"].items():
         more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
         lines.append(f"  skipped, {reason}: {len(names)}: {'; '.join(names[:10])}{more}")
     if summary["several_faces_used_largest"]:
-        lines.append(f"  {summary['several_faces_used_largest']} photos show several faces: the largest was used")
+        lines.append(
+            f"  {summary['several_faces_used_largest']} photos show several faces: the largest was used"
+        )
     if summary["pets_without_mask"]:
-        lines.append(f"  {summary['pets_without_mask']} pets have no alpha or mask: their background was kept "
-                     "(use --require_mask to skip them)")
+        lines.append(
+            f"  {summary['pets_without_mask']} pets have no alpha or mask: their background was kept "
+            "(use --require_mask to skip them)"
+        )
     for note in summary["text_problems"]:
         lines.append(f"  {note}")
     return "\n".join(lines)
@@ -237,12 +288,22 @@ def generate_pets(args: argparse.Namespace) -> dict:
         folder = find_comfyui() / "models" / "checkpoints"
         checkpoint = next((str(folder / n) for n in SDXL_CHECKPOINT_NAMES if (folder / n).is_file()), None)
         if checkpoint is None:
-            raise SystemExit(f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
-                             f"{folder}. Download it there or pass --pretrained_model PATH.")
+            raise SystemExit(
+                f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
+                f"{folder}. Download it there or pass --pretrained_model PATH."
+            )
     from .generate import generate
 
-    return generate(Path(args.out), args.generate, seed=args.seed, tiny=args.tiny, checkpoint=checkpoint,
-                    resolution=args.resolution, steps=args.steps, cfg=args.cfg)
+    return generate(
+        Path(args.out),
+        args.generate,
+        seed=args.seed,
+        tiny=args.tiny,
+        checkpoint=checkpoint,
+        resolution=args.resolution,
+        steps=args.steps,
+        cfg=args.cfg,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -250,8 +311,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     if args.generate is not None:
         summary = generate_pets(args)
-        print(f"{PREFIX} generated {summary['made']}, already there {summary['skipped']}; manifest: "
-              f"{summary['manifest']}")
+        print(
+            f"{PREFIX} generated {summary['made']}, already there {summary['skipped']}; manifest: "
+            f"{summary['manifest']}"
+        )
         return summary
     summary = prepare(args)
     print(describe(summary))

@@ -26,9 +26,16 @@ CLIP_SIZE = 224  # the CLIP ViT-H/14 input the presets train with (the tiny pres
 
 def args_json(args: argparse.Namespace) -> dict:
     """The resolved flags, JSON-safe."""
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else
-                [str(x) for x in v] if isinstance(v, (list, tuple)) else str(v))
-            for k, v in sorted(vars(args).items())}
+    return {
+        k: (
+            v
+            if isinstance(v, (int, float, str, bool, type(None)))
+            else [str(x) for x in v]
+            if isinstance(v, (list, tuple))
+            else str(v)
+        )
+        for k, v in sorted(vars(args).items())
+    }
 
 
 def _records_for_preview(scan, count: int, spec: str) -> list:
@@ -48,8 +55,10 @@ def render(sample: dict) -> "object":
 
     from PIL import Image, ImageDraw, ImageFont
 
-    images = np.concatenate([_panel(sample["clip_pixels"]), np.full((PANEL, 8, 3), 255, np.uint8),
-                             _panel(sample["pixels"])], axis=1)
+    images = np.concatenate(
+        [_panel(sample["clip_pixels"]), np.full((PANEL, 8, 3), 255, np.uint8), _panel(sample["pixels"])],
+        axis=1,
+    )
     lines = [f"{sample['key']}   (left: encoder input, right: target crop)"]
     lines += textwrap.wrap(f"caption: {sample['caption']}", width=80)
     canvas = Image.new("RGB", (images.shape[1], PANEL + 14 * len(lines) + 10), (255, 255, 255))
@@ -64,16 +73,27 @@ def render(sample: dict) -> "object":
     return canvas
 
 
-def dry_run(args: argparse.Namespace, scan, captions, output_dir: Path, *, count: int = 8,
-            clip_size: Optional[int] = None) -> dict:
-    """Write args.json and data-preview/ for `scan`'s data; returns {"dry_run": True, "preview": [...], ...}."""
+def dry_run(
+    args: argparse.Namespace,
+    scan,
+    captions,
+    output_dir: Path,
+    *,
+    count: int = 8,
+    clip_size: Optional[int] = None,
+) -> dict:
+    """Write args.json and data-preview/ for `scan`'s data; returns {"dry_run": True, "preview", ...}."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "args.json").write_text(json.dumps(args_json(args), indent=2) + "\n")
     folder = output_dir / PREVIEW_DIR
     folder.mkdir(exist_ok=True)
     config = data_lib.SampleConfig(
-        resolution=args.resolution, clip_size=clip_size or CLIP_SIZE, center_crop=args.center_crop,
-        random_flip=args.random_flip, captions=captions, seed=args.seed,
+        resolution=args.resolution,
+        clip_size=clip_size or CLIP_SIZE,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        captions=captions,
+        seed=args.seed,
     )
     written, lines = [], []
     for i, record in enumerate(_records_for_preview(scan, count, args.train_data)):
@@ -85,7 +105,15 @@ def dry_run(args: argparse.Namespace, scan, captions, output_dir: Path, *, count
         written.append(str(path))
         lines.append(f"{path.name}\t{sample['key']}\t{sample['caption']}")
     (folder / "captions.tsv").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    log.info("[nested-attention] dry run: settings in %s, %d preview samples in %s; no training was done",
-             output_dir / "args.json", len(written), folder)
-    return {"dry_run": True, "args_path": str(output_dir / "args.json"), "preview": written,
-            "output_dir": str(output_dir)}
+    log.info(
+        "[nested-attention] dry run: settings in %s, %d preview samples in %s; no training was done",
+        output_dir / "args.json",
+        len(written),
+        folder,
+    )
+    return {
+        "dry_run": True,
+        "args_path": str(output_dir / "args.json"),
+        "preview": written,
+        "output_dir": str(output_dir),
+    }

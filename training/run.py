@@ -75,7 +75,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         "--dry_run",
         action="store_true",
         help="Resolve every setting, scan the data, write <output_dir>/args.json and a preview of a few "
-        "processed samples (encoder input, target crop, caption with the token) to <output_dir>/data-preview/, "
+        "processed samples (encoder input, target crop, caption with the token) to "
+        "<output_dir>/data-preview/, "
         "then stop before loading any model.",
     )
     g.add_argument(
@@ -88,7 +89,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         "--subject_words",
         type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
         default=None,
-        help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the first "
+        help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the "
+        "first "
         "one in each caption (singular or plural) becomes the token. Default: the preset's list (pets: dog, "
         "cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
     )
@@ -606,7 +608,8 @@ def resolve_inputs(args: argparse.Namespace, preset: Preset) -> None:
                 "a folder of images with optional sidecar .txt captions, a manifest.jsonl, or .tar shards"
                 if args.domain == "pets"
                 else 'a manifest.jsonl with {"input": aligned face crop, "target": in-the-wild photo, '
-                '"caption": text} per line (`python -m training.prepare --domain faces PHOTOS OUT` makes one), '
+                '"caption": text} per line (`python -m training.prepare --domain faces PHOTOS OUT` makes '
+                "one), "
                 "or .tar shards"
             )
             problems.append(

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .data import PREFIX, CaptionRule, DataReport, Record, describe_source, iter_tar_records, read_folder, read_manifest
+from .data import (
+    PREFIX,
+    CaptionRule,
+    DataReport,
+    Record,
+    describe_source,
+    iter_tar_records,
+    read_folder,
+    read_manifest,
+)
 from .images import BadImage, probe_image
 
 log = logging.getLogger(__name__)
@@ -46,9 +55,11 @@ class ScanResult:
 
         r = self.report
         lines = [
-            f"{PREFIX} training data ({self.kind}): {self.readable} readable, {len(self.unreadable)} unreadable "
+            f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
+            f"{len(self.unreadable)} unreadable "
             f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
-            f"{self.template} captions from the template, {len(self.no_subject)} captions without the subject "
+            f"{self.template} captions from the template, "
+            f"{len(self.no_subject)} captions without the subject "
             f"word (template put in front), {len(r.text_problems)} caption/manifest files not UTF-8, "
             f"{len(r.bad_lines)} manifest lines skipped."
         ]

@@ -22,9 +22,13 @@ def world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def fill_accumulation(args: argparse.Namespace, global_batches: tuple[int, ...], resolutions: tuple[int, ...],
-                      world: int | None = None) -> None:
-    """Set --gradient_accumulation_steps (when not given) so the global batch is the preset's for the phase."""
+def fill_accumulation(
+    args: argparse.Namespace,
+    global_batches: tuple[int, ...],
+    resolutions: tuple[int, ...],
+    world: int | None = None,
+) -> None:
+    """Set --gradient_accumulation_steps (when not given) so the global batch is the preset's one."""
     if args.gradient_accumulation_steps is not None:
         return
     if not global_batches:
@@ -37,10 +41,17 @@ def fill_accumulation(args: argparse.Namespace, global_batches: tuple[int, ...],
     args.gradient_accumulation_steps = max(1, round(target / per_step))
     got = per_step * args.gradient_accumulation_steps
     if got != target:
-        log.warning("%s the preset's global batch at %d px is %d; %d per device x %d processes gives %d with "
-                    "accumulation %d. Set --train_batch_size or --gradient_accumulation_steps to choose.",
-                    PREFIX, args.resolution, target, args.train_batch_size, world, got,
-                    args.gradient_accumulation_steps)
+        log.warning(
+            "%s the preset's global batch at %d px is %d; %d per device x %d processes gives %d with "
+            "accumulation %d. Set --train_batch_size or --gradient_accumulation_steps to choose.",
+            PREFIX,
+            args.resolution,
+            target,
+            args.train_batch_size,
+            world,
+            got,
+            args.gradient_accumulation_steps,
+        )
 
 
 def epochs_to_steps(args: argparse.Namespace, samples: int, world: int) -> int:
@@ -50,13 +61,18 @@ def epochs_to_steps(args: argparse.Namespace, samples: int, world: int) -> int:
 
 
 def resume_warnings(state: dict, args: argparse.Namespace, world: int) -> list[str]:
-    """What differs between the checkpoint's run shape and this run's (the data order and the global batch)."""
+    """What differs between the checkpoint's run shape and this run's (data order and global batch)."""
     out = []
-    for name, now in (("world", world), ("train_batch_size", args.train_batch_size),
-                      ("gradient_accumulation_steps", args.gradient_accumulation_steps)):
+    for name, now in (
+        ("world", world),
+        ("train_batch_size", args.train_batch_size),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps),
+    ):
         before = state.get(name)
         if before is not None and before != now:
             what = "processes" if name == "world" else f"--{name}"
-            out.append(f"resuming with {what} {now}, the checkpoint was saved with {before}: the global batch "
-                       "and the order of the data differ from the interrupted run's (it is not an exact resume).")
+            out.append(
+                f"resuming with {what} {now}, the checkpoint was saved with {before}: the global batch "
+                "and the order of the data differ from the interrupted run's (it is not an exact resume)."
+            )
     return out
