@@ -158,3 +158,81 @@ def test_generate_flags_are_checked():
         prepare.parse_args(["--domain", "faces", "--generate", "3", "out"])
     with pytest.raises(SystemExit):
         prepare.parse_args(["--domain", "pets", "--generate", "3", "src", "out"])
+
+
+def tiny_captioner(folder: Path) -> Path:
+    """A BLIP captioning model with random weights, saved as a user keeps one (save_pretrained, safetensors)."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat", "on", "grass"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    text = dict(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        bos_token_id=2,
+        sep_token_id=3,
+        pad_token_id=0,
+        eos_token_id=3,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=BertTokenizer(str(folder / "vocab.txt")),
+    )
+    model.save_pretrained(folder / "blip")
+    processor.save_pretrained(folder / "blip")
+    return folder / "blip"
+
+
+def test_a_local_captioning_model_captions_photos_without_a_caption_file(tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    model_dir = tiny_captioner(tmp_path / "models")
+    src = tmp_path / "pets"
+    src.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(src / "a.png")
+    Image.new("RGB", (40, 40), (30, 200, 30)).save(src / "b.png")
+    (src / "b.txt").write_text("a dog on grass")
+    summary = prepare.main(
+        ["--domain", "pets", str(src), str(tmp_path / "out"), "--caption_model", str(model_dir)]
+    )
+    assert (
+        summary["captions_from_files"],
+        summary["captions_from_model"],
+        summary["captions_from_template"],
+    ) == (1, 1, 0)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    # The reference: the same model and processor run directly, greedy.
+    processor = BlipProcessor.from_pretrained(model_dir)
+    model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        ids = model.generate(
+            **processor(images=Image.open(src / "a.png"), return_tensors="pt"),
+            max_new_tokens=40,
+            do_sample=False,
+        )
+    expected = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+    assert expected and lines[0]["caption"] == expected and lines[1]["caption"] == "a dog on grass"
+    with pytest.raises(SystemExit, match="no config.json"):
+        prepare.main(["--domain", "pets", str(src), str(tmp_path / "o2"), "--caption_model", str(tmp_path)])

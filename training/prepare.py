@@ -65,6 +65,14 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="pets: skip photos with neither an alpha channel nor a mask, instead of keeping their "
         "background.",
     )
+    p.add_argument(
+        "--caption_model",
+        default=None,
+        metavar="DIR",
+        help="Caption photos that have no .txt file with an image-to-text model kept in a local folder (a "
+        "transformers model such as BLIP, saved with save_pretrained; safetensors weights only, nothing is "
+        "downloaded). Without it, they get the trainer's template.",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing OUT/manifest.jsonl.")
     g = p.add_argument_group("synthetic pets (--domain pets --generate N OUT)")
     g.add_argument(
@@ -150,6 +158,41 @@ def caption_of(photo: Path, notes: list[str]) -> Optional[str]:
     return text.strip() or None
 
 
+class Captioner:
+    """An image-to-text model from a local folder: image -> caption (greedy, so the same photo gives the same)."""
+
+    def __init__(self, folder: str, max_new_tokens: int = 40):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not Path(folder, "config.json").is_file():
+            raise SystemExit(
+                f"{PREFIX} --caption_model {folder}: no config.json there. Give the folder of a transformers "
+                "image-to-text model saved with save_pretrained (e.g. a BLIP captioning model)."
+            )
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True
+            )
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"{PREFIX} --caption_model {folder} could not be loaded as an image-to-text model with "
+                f"safetensors weights ({e})."
+            ) from e
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, image) -> str:
+        import torch
+
+        inputs = self.processor(images=image, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
     from tqdm.auto import tqdm
@@ -170,13 +213,14 @@ def prepare(args: argparse.Namespace) -> dict:
 
         if not faces.face_tools_available():
             raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
+    captioner = Captioner(args.caption_model) if args.caption_model else None
     out.mkdir(parents=True, exist_ok=True)
 
     skipped: Counter = Counter()
     skipped_names: dict[str, list[str]] = {}
     notes: list[str] = []
     lines: list[str] = []
-    several_faces, captions, unmasked = 0, 0, 0
+    several_faces, captions, model_captions, unmasked = 0, 0, 0, 0
 
     def skip(reason: str, name: str) -> None:
         skipped[reason] += 1
@@ -238,6 +282,9 @@ def prepare(args: argparse.Namespace) -> dict:
         if caption is not None:
             entry["caption"] = caption
             captions += 1
+        elif captioner is not None:
+            entry["caption"] = captioner(image)
+            model_captions += 1
         lines.append(json.dumps(entry, ensure_ascii=False))
 
     manifest.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -246,7 +293,8 @@ def prepare(args: argparse.Namespace) -> dict:
         "skipped": dict(skipped),
         "skipped_names": skipped_names,
         "captions_from_files": captions,
-        "captions_from_template": len(lines) - captions,
+        "captions_from_model": model_captions,
+        "captions_from_template": len(lines) - captions - model_captions,
         "several_faces_used_largest": several_faces,
         "pets_without_mask": unmasked,
         "text_problems": notes,
@@ -259,6 +307,7 @@ def describe(summary: dict) -> str:
     lines = [
         f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
         f"captions: {summary['captions_from_files']} from .txt files, "
+        f"{summary['captions_from_model']} from --caption_model, "
         f"{summary['captions_from_template']} will "
         f"use the trainer's template. Manifest: {summary['manifest']}"
     ]
