@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_generate_flags_are_checked():
 
 
 def tiny_captioner(folder: Path) -> Path:
-    """A BLIP captioning model with random weights, saved as a user keeps one (save_pretrained, safetensors)."""
+    """A BLIP captioning model with random weights, saved as users keep one (save_pretrained, safetensors)."""
     from transformers import (
         BertTokenizer,
         BlipConfig,

@@ -159,7 +159,7 @@ def caption_of(photo: Path, notes: list[str]) -> Optional[str]:
 
 
 class Captioner:
-    """An image-to-text model from a local folder: image -> caption (greedy, so the same photo gives the same)."""
+    """An image-to-text model from a local folder: image -> caption (greedy: a photo always gets the same)."""
 
     def __init__(self, folder: str, max_new_tokens: int = 40):
         import torch
