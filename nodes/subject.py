@@ -152,9 +152,8 @@ class NestedAttentionEncodeSubject:
                     {
                         "default": "auto",
                         "tooltip": "auto: when the encoder was trained on aligned faces (face encoders), "
-                        "find "
-                        "the face and crop it with the eyes and mouth where training put them. off: encode "
-                        "the photos as they are.",
+                        "find the face and crop it with the eyes and mouth where training put them. off: "
+                        "encode the photos as they are.",
                     },
                 ),
                 "face_index": (
@@ -164,8 +163,7 @@ class NestedAttentionEncodeSubject:
                         "min": 0,
                         "max": 63,
                         "tooltip": "Which face to use when a photo shows several: 0 is the largest, 1 the "
-                        "next. "
-                        "See the encoded_images output.",
+                        "next. See the encoded_images output.",
                     },
                 ),
             },

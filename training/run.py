@@ -76,8 +76,7 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="Resolve every setting, scan the data, write <output_dir>/args.json and a preview of a few "
         "processed samples (encoder input, target crop, caption with the token) to "
-        "<output_dir>/data-preview/, "
-        "then stop before loading any model.",
+        "<output_dir>/data-preview/, then stop before loading any model.",
     )
     g.add_argument(
         "--token",
@@ -90,9 +89,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
         default=None,
         help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the "
-        "first "
-        "one in each caption (singular or plural) becomes the token. Default: the preset's list (pets: dog, "
-        "cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
+        "first one in each caption (singular or plural) becomes the token. Default: the preset's list "
+        "(pets: dog, cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
     )
     g.add_argument(
         "--caption_template",
@@ -609,8 +607,7 @@ def resolve_inputs(args: argparse.Namespace, preset: Preset) -> None:
                 if args.domain == "pets"
                 else 'a manifest.jsonl with {"input": aligned face crop, "target": in-the-wild photo, '
                 '"caption": text} per line (`python -m training.prepare --domain faces PHOTOS OUT` makes '
-                "one), "
-                "or .tar shards"
+                "one), or .tar shards"
             )
             problems.append(
                 f"the training data {os.path.abspath(args.train_data)} does not exist. Put {layout} there, "
