@@ -6,7 +6,7 @@
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
 
 Both commands first make sure that, idempotently:
-  - `.venv/` exists and holds the pinned torch, ComfyUI's requirements and this pack (`-e .[train,test]`);
+  - `.venv/` exists and holds the pinned torch, ComfyUI's requirements and this pack (`-e .[train,test,faces]`);
     a stamp file skips pip when none of the requirement inputs changed;
   - a ComfyUI host is available: $COMFYUI_PATH, else the ComfyUI this repo sits in
     (`<ComfyUI>/custom_nodes/<pack>`), else the pinned release bootstrapped into `.comfyui/ComfyUI`;
@@ -38,7 +38,7 @@ TORCH_PINS = ("torch==2.9.1", "torchvision==0.24.1")
 # ComfyUI's requirements.txt lines left out (torch pinned above; torchaudio is optional) and added.
 COMFYUI_REQUIREMENTS_SKIP = ("torch", "torchvision", "torchaudio")
 COMFYUI_REQUIREMENTS_ADD = ("requests",)
-PACK_EXTRAS = "train,test"
+PACK_EXTRAS = "train,test,faces"
 PACK_LINK_NAME = "comfyui-nested-attention"
 HOST, PORT = "127.0.0.1", "8188"
 CHROMIUM = Path("/usr/bin/chromium")

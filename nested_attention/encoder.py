@@ -148,6 +148,9 @@ class EncoderConfig:
     layers: tuple[LayerSpec, ...] = SDXL_LAYERS  # the cross-attention layers it projects for
     source: str = ""  # where the weights came from (a file converted from another format says which)
     licence: str = ""  # the weights' licence, when known (e.g. "CC BY-NC-SA 4.0 (non-commercial)")
+    # Face alignment the encoder was trained with: "ffhq" (aligned crops, nested_attention.faces) or "none".
+    face_align: str = "none"
+    face_size: int = 512  # side of the aligned crop, before CLIP's own resize
 
     @property
     def num_tokens(self) -> int:
@@ -171,6 +174,9 @@ class EncoderConfig:
             # Files written before these fields existed (format version 1 all the same) lack them.
             source=str(data.get("source", "")),
             licence=str(data.get("licence", "")),
+            # Files written before these fields: face encoders read aligned faces (the paper's recipe).
+            face_align=data.get("face_align", "ffhq" if data["domain"] == "faces" else "none"),
+            face_size=int(data.get("face_size", 512)),
         )
 
 

@@ -9,11 +9,12 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nested_attention import concat_subject_tokens
+from nested_attention import faces
+from nested_attention.images import composite_on_white
 
 from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, NESTED_SUBJECT, EncoderHandle, Subject
 
@@ -27,23 +28,41 @@ class SubjectError(ValueError):
     """Bad images, masks or subject files; the message says what to do."""
 
 
-def composite_on_white(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """IMAGE (B, H, W, C) in [0, 1]: the subject kept where the mask is 1, white elsewhere."""
-    image = image[..., :3]
-    if mask is None:
-        return image
-    mask = mask.to(image.device, torch.float32)
-    if mask.dim() == 2:
-        mask = mask[None]  # (1, H, W)
-    if mask.dim() != 3 or mask.shape[0] not in (1, image.shape[0]):
-        raise SubjectError(
-            f"the mask has shape {tuple(mask.shape)}; expected one mask (H, W) or one per image "
-            f"({image.shape[0]}, H, W). Give one mask for all photos or exactly one per photo."
-        )
-    if mask.shape[-2:] != image.shape[1:3]:
-        mask = F.interpolate(mask[:, None], size=image.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
-    mask = mask.clamp(0, 1)[..., None]  # (B|1, H, W, 1)
-    return image * mask + (1.0 - mask)
+def subject_images(
+    handle: EncoderHandle,
+    image: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    align: str = "auto",
+    face_index: int = 0,
+) -> torch.Tensor:
+    """The photos as the encoder should see them: on white outside the mask, then aligned FFHQ-style when the
+    encoder's config asks for aligned faces (align "auto") -> (n, H, W, 3); "off" skips the alignment."""
+    if image is None or image.dim() != 4 or image.shape[0] == 0:
+        return image  # encode_subject says what is wrong
+    images = composite_on_white(image, mask)
+    config = handle.config
+    if align == "off" or config.face_align == faces.ALIGN_NONE:
+        return images
+    if align != "auto":
+        raise SubjectError(f"align is {align!r}; expected 'auto' (as the encoder was trained) or 'off'.")
+    faces.check_align_mode(config.face_align)
+    n = images.shape[0]
+    progress = comfy.utils.ProgressBar(n)
+    crops = []
+    for i in range(n):
+        try:
+            crops.append(
+                faces.align_face(
+                    images[i].cpu(), size=config.face_size, face_index=face_index,
+                    name=f"image {i} of the batch (counting from 0)",
+                ).image
+            )
+        except faces.FaceAlignError as e:
+            raise SubjectError(
+                f"Encode Subject Image(s): encoder {handle.name} reads aligned faces, and {e}"
+            ) from e
+        progress.update(1)
+    return torch.stack(crops).to(images.device)  # (n, face_size, face_size, 3)
 
 
 @torch.no_grad()
@@ -96,9 +115,12 @@ class NestedAttentionEncodeSubject:
         "are combined; photos of different subjects mix their identities."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = (NESTED_SUBJECT,)
-    RETURN_NAMES = ("subject",)
-    OUTPUT_TOOLTIPS = ("The subject, for Apply Nested Attention.",)
+    RETURN_TYPES = (NESTED_SUBJECT, "IMAGE")
+    RETURN_NAMES = ("subject", "encoded_images")
+    OUTPUT_TOOLTIPS = (
+        "The subject, for Apply Nested Attention.",
+        "The images the encoder read (aligned face crops, white outside the mask), to check them.",
+    )
     FUNCTION = "encode"
 
     @classmethod
@@ -131,6 +153,25 @@ class NestedAttentionEncodeSubject:
                         "photo."
                     },
                 ),
+                "align": (
+                    ["auto", "off"],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: when the encoder was trained on aligned faces (face encoders), "
+                        "find the face and crop it with the eyes and mouth where training put them. off: "
+                        "encode the photos as they are.",
+                    },
+                ),
+                "face_index": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 63,
+                        "tooltip": "Which face to use when a photo shows several: 0 is the largest, 1 the "
+                        "next. See the encoded_images output.",
+                    },
+                ),
             },
         }
 
@@ -140,8 +181,11 @@ class NestedAttentionEncodeSubject:
         image: torch.Tensor,
         crop: str = "center",
         mask: torch.Tensor | None = None,
+        align: str = "auto",
+        face_index: int = 0,
     ):
-        return (encode_subject(encoder, image, mask, crop=crop != "none"),)
+        images = subject_images(encoder, image, mask, align=align, face_index=face_index)
+        return (encode_subject(encoder, images, None, crop=crop != "none"), images)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ def tiny_encoder(
     alpha: float = 2.0,
     layers=None,
     clip_vision: dict | None = None,
+    face_align: str = "none",
+    face_size: int = 512,
 ) -> NestedEncoder:
     """A small NestedEncoder for the tiny UNet's layer table and the tiny CLIP vision model, seeded."""
     config = EncoderConfig(
@@ -80,6 +82,8 @@ def tiny_encoder(
         ),
         clip_vision=ClipVisionSpec(**(clip_vision or TINY_CLIP_VISION_SPEC)),
         layers=tuple(layers if layers is not None else unet_layers(unet_patcher.model.diffusion_model)),
+        face_align=face_align,
+        face_size=face_size,
     )
     torch.manual_seed(seed)
     encoder = NestedEncoder(config).eval().requires_grad_(False)
@@ -138,7 +142,7 @@ def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
 
 
 def encode_subject(pack, handle, seed: int = 0, n: int = 1, mask=None):
-    (subject,) = pack.mappings["NestedAttentionEncodeSubject"]().encode(
+    subject, _ = pack.mappings["NestedAttentionEncodeSubject"]().encode(
         handle, photos(seed, n), "center", mask
     )
     return subject

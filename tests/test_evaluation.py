@@ -239,7 +239,7 @@ def test_prompts_lose_their_subject_word_for_clip_t_and_load_from_a_file(tmp_pat
 
 
 def test_open_clip_space_loads_a_local_safetensors_checkpoint_and_refuses_hub_names(tmp_path):
-    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is in the `train` extra")
+    import open_clip  # the `train` extra
     from safetensors.torch import save_file
 
     config = {
@@ -268,12 +268,21 @@ def test_open_clip_space_loads_a_local_safetensors_checkpoint_and_refuses_hub_na
 
 
 def test_dlib_identity_reports_no_face_on_an_image_without_one():
-    pytest.importorskip("dlib", reason="dlib-bin is in the optional `faces` extra")
-    pytest.importorskip(
-        "face_recognition_models", reason="face-recognition-models is in the optional `faces` extra"
-    )
-    model = metrics.DlibIdentity()
+    model = metrics.DlibIdentity()  # dlib-bin and face-recognition-models: the `faces` extra
     assert model.embed(torch.full((96, 96, 3), 0.5)) is None
+
+
+def test_dlib_identity_of_a_real_face_matches_itself_and_its_mirror_image():
+    from skimage import data as skimage_data  # the astronaut: NASA photo of Eileen Collins, public domain
+
+    photo = torch.from_numpy(skimage_data.astronaut()).float() / 255.0  # (512, 512, 3)
+    model = metrics.DlibIdentity()
+    a, b = model.embed(photo), model.embed(photo.flip(1))
+    assert a is not None and b is not None
+    same = float(torch.nn.functional.cosine_similarity(a.flatten(), model.embed(photo).flatten(), dim=0))
+    mirrored = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+    assert same == pytest.approx(1.0, abs=1e-6)
+    assert mirrored > 0.9  # one person: dlib's own same-person threshold is a distance of 0.6 (cosine ~0.8)
 
 
 # ------------------------------------------------------------------------------------------------

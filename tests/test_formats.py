@@ -337,7 +337,7 @@ def test_encode_subject_node_reads_the_penultimate_layer_of_a_converted_ip_adapt
 
     (handle,) = pack.mappings["NestedAttentionLoadEncoder"]().load("tiny-ip-converted.safetensors", clip_vision=tiny_clip_vision)
     image = photos(7)
-    (subject,) = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center")
+    subject, _encoded = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center")
     hidden = tiny_clip_vision.encode_image(image)["penultimate_hidden_states"].detach().double()
     expected = reference_resampler(hidden, read_all(source), "image_proj.", depth=2, heads=2).float()
     torch.testing.assert_close(subject.tokens, expected, atol=1e-5, rtol=1e-4)  # float32 encoder in the node

@@ -32,7 +32,7 @@ def test_pack_exports_the_three_nodes_with_their_display_names(pack):
             for name, (kind, *options) in section.items():
                 assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES == ("NESTED_ENCODER",)
-    assert pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES == ("NESTED_SUBJECT",)
+    assert pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES == ("NESTED_SUBJECT", "IMAGE")
     assert pack.mappings["NestedAttentionApply"].RETURN_TYPES == ("MODEL", "CONDITIONING")
 
 

@@ -11,6 +11,7 @@ import torch
 from pack_helpers import encode_subject, photos
 
 from nested_attention import concat_subject_tokens
+from nested_attention.images import MaskError
 
 
 def reference_tokens(handle, images):
@@ -51,7 +52,8 @@ def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
     composite = pack.subject.composite_on_white(image, mask)
     assert torch.equal(composite[:, 8:24, 8:24], image[:, 8:24, 8:24])
     assert torch.equal(composite[:, :8], torch.ones_like(composite[:, :8]))
-    (masked,) = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center", mask)
+    masked, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center", mask)
+    assert torch.equal(seen, composite)  # the IMAGE output is what the encoder read
     torch.testing.assert_close(masked.tokens, reference_tokens(handle, composite))
 
 
@@ -62,7 +64,7 @@ def test_mask_of_another_size_is_resized_and_one_mask_serves_all_photos(pack):
 
 
 def test_mask_count_must_match_the_photos(pack):
-    with pytest.raises(pack.subject.SubjectError, match="one per image"):
+    with pytest.raises(MaskError, match="one per image"):
         pack.subject.composite_on_white(photos(0, 3), torch.ones(2, 32, 32))
 
 
@@ -110,3 +112,68 @@ def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path
     pack.subject.save_subject(path, subject)
     with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
         pack.subject.load_subject(path, load_handle(seed=6))
+
+
+# ------------------------------------------------------------------------------------------------
+# Face alignment (the encoder's config asks for aligned faces)
+
+
+def astronaut_batch(n: int = 1) -> torch.Tensor:
+    """scikit-image's astronaut (NASA, public domain) as a ComfyUI IMAGE batch (n, 512, 512, 3)."""
+    from skimage import data
+
+    return (torch.from_numpy(data.astronaut()).float() / 255.0)[None].repeat(n, 1, 1, 1)
+
+
+def test_face_encoder_aligns_the_photo_and_outputs_the_crop_it_encoded(pack, load_handle):
+    from nested_attention import faces
+
+    handle = load_handle(domain="faces", token="person", face_align="ffhq", face_size=64)
+    photo = astronaut_batch()
+    subject, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, photo, "center")
+    expected = faces.align_face(photo[0], size=64).image
+    assert seen.shape == (1, 64, 64, 3)
+    torch.testing.assert_close(seen[0], expected, atol=0, rtol=0)
+    torch.testing.assert_close(subject.tokens, reference_tokens(handle, seen))
+    # Turned off, the photo itself is encoded (CLIP's centre crop) and output.
+    plain, seen_off = pack.mappings["NestedAttentionEncodeSubject"]().encode(
+        handle, photo, "center", align="off"
+    )
+    assert torch.equal(seen_off, photo)
+    torch.testing.assert_close(plain.tokens, reference_tokens(handle, photo))
+
+
+def test_encoders_without_face_alignment_leave_photos_alone(pack, load_handle):
+    handle = load_handle()  # a pets encoder: face_align "none"
+    photo = astronaut_batch()
+    _, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, photo, "center")
+    assert torch.equal(seen, photo)
+
+
+def test_no_face_names_the_image_and_the_way_out(pack, load_handle):
+    handle = load_handle(domain="faces", token="person", face_align="ffhq", face_size=64)
+    batch = torch.cat([astronaut_batch(), torch.full((1, 512, 512, 3), 0.5)])
+    message = r"no face found in image 1 of the batch.*alignment off"
+    with pytest.raises(pack.subject.SubjectError, match=message):
+        pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch, "center")
+    with pytest.raises(pack.subject.SubjectError, match="face_index from 0 to 0"):
+        pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch[:1], "center", face_index=1)
+    _, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch, "center", align="off")
+    assert seen.shape == (2, 512, 512, 3)
+
+
+def test_face_alignment_settings_round_trip_through_the_weight_file(tmp_path, tiny_unet):
+    from pack_helpers import tiny_encoder
+
+    from nested_attention import EncoderConfig, read_config, save_encoder
+
+    save_encoder(str(tmp_path / "f.safetensors"), tiny_encoder(tiny_unet, face_align="ffhq", face_size=256))
+    config = read_config(str(tmp_path / "f.safetensors"))
+    assert (config.face_align, config.face_size) == ("ffhq", 256)
+    # Files written before the fields existed: face encoders read aligned faces, others do not.
+    import json
+
+    data = json.loads(config.to_json())
+    del data["face_align"], data["face_size"]
+    assert EncoderConfig.from_json(json.dumps({**data, "domain": "faces"})).face_align == "ffhq"
+    assert EncoderConfig.from_json(json.dumps({**data, "domain": "pets"})).face_align == "none"

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import comfy.model_management
+import numpy as np
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
@@ -414,8 +415,11 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     from PIL import Image
 
     grid = Image.open(out / "samples-4.png")
-    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells
-    assert grid.size == (3 * 64, 3 * 64)
+    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells, under a header
+    # that names each column (prompt and seed)
+    header = grid.size[1] - 3 * 64
+    assert grid.size[0] == 3 * 64 and 0 < header <= 62
+    assert np.asarray(grid)[:header].min() < 128  # text drawn in the header band
 
 
 def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(
@@ -505,7 +509,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
     image = data_lib.to_comfy_image(
         data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
     )[None]
-    (subject,) = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
+    subject, _ = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
     prompt = "a photo of a pet"
     patched, positive = nodes.apply.NestedAttentionApply().apply(unet, tiny_clip, subject, prompt)
@@ -546,8 +550,15 @@ def test_tar_shards_train_end_to_end(tmp_path):
         "1",
         "--checkpointing_steps",
         "1",
+        "--validation_steps",
+        "1",
     )
     assert summary["global_step"] == 1 and (tmp_path / "out" / "tiny-encoder.safetensors").is_file()
+    # Sample grids work for shards too: rows = no subject + the shards' first two inputs.
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "out" / "samples-1.png")
+    assert grid.size[0] == 3 * 64 and grid.size[1] > 3 * 64
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ class ProcessState:
     global_step: int  # optimizer steps done
     batches: int  # batches this process has drawn (its data stream's position)
     world: int  # processes of the run
+    train_batch_size: int  # batch per process (with world and accumulation: the global batch)
+    gradient_accumulation_steps: int  # batches per optimizer step
     weights_sha256: str  # fingerprint of the encoder it holds (equal on every process)
     initial_weights_sha256: str  # fingerprint of the encoder the run started from
     batch_keys: list = field(default_factory=list)  # keys of its last batch
@@ -41,6 +43,7 @@ class Position:
 
     global_step: int = 0
     batches: int = 0
+    saved: dict = field(default_factory=dict)  # the checkpoint's trainer_state of this process ({}: none)
 
 
 def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
@@ -90,7 +93,7 @@ def read_position(folder: Path, rank: int, accumulation: int) -> Position:
     state_file = folder / f"trainer_state-{rank}.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     step = int(state.get("global_step", FOLDER.fullmatch(folder.name).group(1)))
-    return Position(global_step=step, batches=int(state.get("batches", step * accumulation)))
+    return Position(global_step=step, batches=int(state.get("batches", step * accumulation)), saved=state)
 
 
 class Checkpoints:

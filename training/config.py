@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from .flags import REPORT_TO, build_parser
 from .loss import LossConfig
 from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
+from .schedule import accumulation_for_global_batch
 
 PREFIX = "[nested-attention]"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,10 @@ class TrainConfig:
     domain: str  # the preset: pets, faces or tiny
     train_data: Optional[str]  # manifest, image folder or tar shards; None: tiny's generated data
     max_train_samples: Optional[int]  # use only the first N records
+    min_image_size: int  # images with a shorter side below this are listed in the data summary
+    dry_run: bool  # scan the data, write args.json and data-preview/, stop before loading models
     token: str  # the subject word s*
+    subject_words: tuple[str, ...]  # words in captions that become the token (first one per caption)
     caption_template: str  # caption for images without one, with {token}
     resolution: int  # training resolution of the targets, a multiple of 64
     center_crop: bool  # crop targets at their centre (else at random)
@@ -54,6 +60,7 @@ class TrainConfig:
     train_batch_size: int  # batch size per device
     gradient_accumulation_steps: int  # batches per optimizer step
     max_train_steps: int  # optimizer steps
+    num_train_epochs: Optional[float]  # passes over the data; sets max_train_steps after the data scan
     learning_rate: float  # AdamW learning rate after warm-up
     lr_scheduler: str  # schedule after the warm-up
     lr_warmup_steps: int  # optimizer steps of linear warm-up
@@ -128,7 +135,12 @@ class TrainConfig:
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """Flags -> preset defaults -> validation; exits with status 2 and a message on bad input."""
     parser = build_parser()
-    config = from_flags(parser.parse_args(argv))
+    flags = parser.parse_args(argv)
+    if flags.num_train_epochs is not None and flags.max_train_steps is not None:
+        parser.error("give --num_train_epochs or --max_train_steps, not both.")
+    if flags.num_train_epochs is not None and flags.num_train_epochs <= 0:
+        parser.error(f"--num_train_epochs must be positive, got {flags.num_train_epochs}.")
+    config = from_flags(flags)
     check_config(config, parser.error)
     return config
 
@@ -161,6 +173,15 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
     for name, value in defaults.items():
         if values[name] is None:
             values[name] = value
+    values["subject_words"] = tuple(values["subject_words"] or preset.subject_words)
+    if values["min_image_size"] is None:
+        values["min_image_size"] = values["resolution"] // 2
+    if values["checkpoints_total_limit"] is None:
+        values["checkpoints_total_limit"] = preset.checkpoints_total_limit
+    if values["gradient_accumulation_steps"] is None:
+        values["gradient_accumulation_steps"] = accumulation_for_global_batch(
+            values["train_batch_size"], values["resolution"], preset.global_batch_sizes, preset.resolutions
+        )
     if values["cpu_threads"] is None and preset.tiny and "OMP_NUM_THREADS" not in os.environ:
         values["cpu_threads"] = 1
     if values["cache_dir"] is None:
@@ -346,12 +367,16 @@ def resolve_inputs(config: TrainConfig) -> TrainConfig:
                 "a folder of images with optional sidecar .txt captions, a manifest.jsonl, or .tar shards"
                 if config.domain == "pets"
                 else 'a manifest.jsonl with {"input": aligned face crop, "target": in-the-wild photo, '
-                '"caption": text} per line, or .tar shards'
+                '"caption": text} per line (`python -m training.prepare --domain faces PHOTOS OUT` makes '
+                "one), or .tar shards"
             )
             problems.append(
                 f"the training data {os.path.abspath(train_data)} does not exist. Put {layout} there, "
                 "or pass --train_data PATH."
             )
-    if problems:
+    if problems and config.dry_run and train_data is not None and os.path.exists(train_data):
+        # A dry run looks at the data only: missing models are worth saying, not worth stopping for.
+        log.warning("%s a real run could not start:\n  - %s", PREFIX, "\n  - ".join(problems))
+    elif problems:
         raise SystemExit(f"{PREFIX} cannot start training:\n  - " + "\n  - ".join(problems))
     return config.with_inputs(**found)

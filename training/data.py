@@ -2,16 +2,22 @@
 
 Sources (`--train_data`):
 - a JSON-lines manifest: one object per line, {"input": path, "target": path (optional, default the
-  input), "caption": text (optional), "subject": the caption's subject word (optional)}; paths are
-  relative to the manifest's folder;
+  input), "caption": text (optional), "subject": the caption's subject word (optional), "mask": path
+  (optional, the subject's mask)}; paths are relative to the manifest's folder;
 - a folder of images: each image is input and target; its caption is the sidecar `<name>.txt`
-  when there is one, else the domain's template. A folder holding `manifest.jsonl` is read as that
-  manifest, and a folder holding `.tar` files as those shards;
+  when there is one, else the domain's template, its mask `<name>.mask.png` when there is one. A
+  folder holding `manifest.jsonl` is read as that manifest, and a folder holding `.tar` files as
+  those shards;
 - tar shards (a .tar file, a folder of them, or a glob): streamed with the standard library's
   `tarfile`, never unpacked, so a data set can be larger than the disk. Members are grouped by key
   (the member name up to the first dot of its base name), as webdataset writes them:
   `<key>.jpg|png|webp` (or `<key>.input.<ext>`) the input, `<key>.target.<ext>` the target,
-  `<key>.txt` the caption, `<key>.json` {"caption", "subject"}.
+  `<key>.txt` the caption, `<key>.json` {"caption", "subject"}, `<key>.mask.png` the mask.
+
+Images are read by training.images: upright (EXIF), 8-bit (16-bit greyscale scaled, not clipped),
+on WHITE outside an alpha channel or a mask (the one compositing of nested_attention.images, which
+the Encode node uses too); .tif and .gif are read. training.scan reads everything once before the
+models load and prints one summary.
 
 The caption's subject word (the record's "subject", else the first of the domain's subject words)
 becomes the domain token; a caption without one gets the template in front. Targets are resized
@@ -28,16 +34,16 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +52,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
+from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 
-ImageSource = Union[str, bytes]  # a path, or the bytes of a file inside a tar shard
+MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
+CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
 
 
 def mix_seed(*parts: Any) -> int:
@@ -69,6 +75,34 @@ class Record:
     target: Optional[ImageSource] = None  # the image the UNet learns to denoise; None means the input
     caption: Optional[str] = None
     subject: Optional[str] = None  # the caption's subject word, when the data names it
+    mask: Optional[ImageSource] = None  # the subject's mask: the input is put on white outside it
+    face_box: Optional[tuple[float, float, float, float]] = None  # (left, top, right, bottom) in the target
+
+
+@dataclass
+class DataReport:
+    """What reading the data found besides records, for the one summary before training (training.scan)."""
+
+    ignored: list[str] = field(default_factory=list)  # files that are neither images, masks nor captions
+    text_problems: list[str] = field(default_factory=list)  # caption / manifest files that are not UTF-8
+    bad_lines: list[str] = field(default_factory=list)  # manifest lines skipped, with the reason
+
+
+IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people", "mouse": "mice",
+                     "goose": "geese", "fish": "fish", "sheep": "sheep", "wolf": "wolves", "calf": "calves"}
+
+
+def word_forms(word: str) -> tuple[str, ...]:
+    """A subject word and its plural ("puppy" -> puppy, puppies): captions of one subject often say "two dogs"
+    for two photos' worth, and the token replaces either."""
+    word = word.lower()
+    if word in IRREGULAR_PLURALS:
+        return (word, IRREGULAR_PLURALS[word])
+    if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
+        return (word, word[:-1] + "ies")
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return (word, word + "es")
+    return (word, word + "s")
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,14 @@ class CaptionRule:
     subject_words: tuple[str, ...]  # words that name the subject in raw captions
     template: str  # "{token}" is replaced by the token
 
+    def kind(self, caption: Optional[str], subject: Optional[str] = None) -> str:
+        """How apply() treats a caption: "template" (none), "no subject word" (template in front), "ok"."""
+        caption = (caption or "").strip()
+        if not caption:
+            return "template"
+        return "no subject word" if self.apply(caption, subject).startswith(
+            self.template.format(token=self.token) + ", ") else "ok"
+
     def apply(self, caption: Optional[str], subject: Optional[str] = None) -> str:
         """The training caption: the subject word replaced by the token, or the template for no caption."""
         base = self.template.format(token=self.token)
@@ -84,7 +126,8 @@ class CaptionRule:
         if not caption:
             return base
         words = [subject] if subject else list(self.subject_words)
-        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+        forms = sorted({f for w in words for f in word_forms(w)}, key=len, reverse=True)  # longest first
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in forms) + r")\b", re.IGNORECASE)
         if pattern.search(caption):  # the first subject word in the caption
             return pattern.sub(self.token, caption, count=1)
         if re.search(rf"\b{re.escape(self.token)}\b", caption, re.IGNORECASE):
@@ -92,49 +135,91 @@ class CaptionRule:
         return f"{base}, {caption}"
 
 
-def read_manifest(path: Path) -> list[Record]:
-    """Records of a JSON-lines manifest; malformed lines are reported and skipped."""
+def read_manifest(path: Path, report: Optional[DataReport] = None) -> list[Record]:
+    """Records of a JSON-lines manifest; malformed lines are reported and skipped.
+
+    {"input", "target" (optional), "caption" (optional), "subject" (optional), "mask" (optional: the
+    subject's mask, white outside it)}. A file that is not UTF-8 is read as Latin-1 and reported.
+    """
+    report = report if report is not None else DataReport()
     records = []
     root = path.parent
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                item = json.loads(line)
-                source = item["input"]
-                if not isinstance(source, str):
-                    raise TypeError("'input' must be a path")
-                target = item.get("target")
-                records.append(
-                    Record(
-                        key=f"{path.name}:{number}",
-                        input=str(root / source),
-                        target=str(root / target) if target else None,
-                        caption=item.get("caption"),
-                        subject=item.get("subject"),
-                    )
+    text, problem = decode_text(Path(path).read_bytes(), str(path))
+    if problem:
+        report.text_problems.append(problem)
+        log.warning("%s %s", PREFIX, problem)
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            item = json.loads(line)
+            source = item["input"]
+            if not isinstance(source, str):
+                raise TypeError("'input' must be a path")
+            target = item.get("target")
+            mask = item.get("mask")
+            records.append(
+                Record(
+                    key=f"{path.name}:{number}",
+                    input=str(root / source),
+                    target=str(root / target) if target else None,
+                    caption=item.get("caption"),
+                    subject=item.get("subject"),
+                    mask=str(root / mask) if mask else None,
+                    face_box=tuple(float(v) for v in item["face_box"]) if item.get("face_box") else None,
                 )
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                log.warning(
-                    '%s %s line %d skipped: %s. Expected {"input": path, "target": path (optional), '
-                    '"caption": text (optional)}.',
-                    PREFIX,
-                    path,
-                    number,
-                    e,
-                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            report.bad_lines.append(f"{path.name} line {number}: {e}")
+            log.warning(
+                '%s %s line %d skipped: %s. Expected {"input": path, "target": path (optional), '
+                '"caption": text (optional)}.',
+                PREFIX,
+                path,
+                number,
+                e,
+            )
     return records
 
 
-def read_folder(folder: Path) -> list[Record]:
-    """Records of a folder of images (searched recursively), captions from sidecar .txt files."""
+def _is_mask(path: Path) -> bool:
+    return path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def read_folder(folder: Path, report: Optional[DataReport] = None) -> list[Record]:
+    """Records of a folder of images (searched recursively).
+
+    Captions come from sidecar `<name>.txt` files (Latin-1 ones are read and reported), masks from
+    `<name>.mask.png` next to the image. Other files are listed in `report.ignored`.
+    """
+    report = report if report is not None else DataReport()
     records = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix in CAPTION_EXTENSIONS or path.name.startswith("."):
+            continue
+        report.ignored.append(str(path.relative_to(folder)))
+    for path in (p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask(p)):
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
-        records.append(Record(key=str(path.relative_to(folder)), input=str(path), caption=caption))
+        caption = None
+        if sidecar.is_file():
+            caption, problem = decode_text(sidecar.read_bytes(), str(sidecar.relative_to(folder)))
+            caption = caption.strip()
+            if problem:
+                report.text_problems.append(problem)
+        masks = [
+            m for m in path.parent.glob(f"{path.stem}{MASK_SUFFIX}.*") if m.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        records.append(
+            Record(
+                key=str(path.relative_to(folder)),
+                input=str(path),
+                caption=caption,
+                mask=str(sorted(masks)[0]) if masks else None,
+            )
+        )
     return records
 
 
@@ -170,24 +255,10 @@ def describe_source(spec: str) -> tuple[str, Any]:
 # Images
 
 
-class BadImage(Exception):
-    pass
-
-
-def open_image(source: ImageSource):
-    """A PIL RGB image, fully decoded (so a truncated file fails here, not later)."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        image.load()
-        if image.width < 1 or image.height < 1:
-            raise ValueError("empty image")
-        return image.convert("RGB")
-    except (
-        Exception
-    ) as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
-        raise BadImage(f"{type(e).__name__}: {e}") from e
+def open_image(source: ImageSource, mask: Optional[ImageSource] = None):
+    """A PIL RGB image, fully decoded (so a truncated file fails here, not later), upright (EXIF), 8-bit,
+    on white outside its alpha channel and its mask; see training.images."""
+    return load_rgb(source, mask)
 
 
 def to_comfy_image(image) -> torch.Tensor:
@@ -195,18 +266,40 @@ def to_comfy_image(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
-def prepare_target(image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
-    """Resize (shorter side), crop to a square and maybe mirror; returns ((res, res, 3), time ids (6,))."""
+def _crop_start(size: int, crop: int, keep: Optional[tuple[float, float]], center: bool, rng) -> int:
+    """First pixel of a `crop`-long window in `size` pixels: centred or random, and covering `keep` (lo, hi)
+    whenever it fits (else centred on it)."""
+    lo, hi = 0, size - crop
+    if keep is not None:
+        need_lo, need_hi = math.ceil(keep[1]) - crop, math.floor(keep[0])  # window covers [keep0, keep1]
+        if need_lo <= need_hi:
+            lo, hi = max(lo, need_lo), min(hi, need_hi)
+        else:
+            lo = hi = min(max(round((keep[0] + keep[1] - crop) / 2), 0), size - crop)
+        if lo > hi:  # the face is at the photo's edge: the nearest valid window
+            lo = hi = min(max(lo, 0), size - crop)
+        if center:
+            return min(max((size - crop) // 2, lo), hi)
+    elif center:
+        return (size - crop) // 2
+    return rng.randint(lo, hi)
+
+
+def prepare_target(image, resolution: int, center_crop: bool, flip: bool, rng: random.Random,
+                   keep: Optional[tuple[float, float, float, float]] = None):
+    """Resize (shorter side), crop to a square and maybe mirror; returns ((res, res, 3), time ids (6,)).
+
+    `keep` (left, top, right, bottom) in the original image is a face box the crop must contain when it fits.
+    """
     from PIL import Image
 
     width, height = image.size
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    if center_crop:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    else:
-        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    sx, sy = new_w / width, new_h / height
+    top = _crop_start(new_h, resolution, keep and (keep[1] * sy, keep[3] * sy), center_crop, rng)
+    left = _crop_start(new_w, resolution, keep and (keep[0] * sx, keep[2] * sx), center_crop, rng)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -243,10 +336,10 @@ def load_sample(record: Record, config: SampleConfig, position: int) -> Optional
     """The training sample of a record, or None (logged) when an image cannot be read."""
     rng = random.Random(mix_seed(config.seed, "sample", position))
     try:
-        source = open_image(record.input)
+        source = open_image(record.input, record.mask)
         target = source if record.target is None else open_image(record.target)
         pixels, time_ids = prepare_target(
-            target, config.resolution, config.center_crop, config.random_flip, rng
+            target, config.resolution, config.center_crop, config.random_flip, rng, keep=record.face_box
         )
         clip_pixels = prepare_clip_input(source, config.clip_size)
     except BadImage as e:
@@ -343,6 +436,8 @@ def _member_role(name: str) -> tuple[str, Optional[str]]:
     ext = ext.lower()
     if ext in ("txt", "caption", "caption.txt"):
         return key, "caption"
+    if ext.startswith("mask.") and "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+        return key, "mask"
     if ext == "json":
         return key, "json"
     last = "." + ext.rsplit(".", 1)[-1]
@@ -385,6 +480,8 @@ def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Optional[Record]
             target=parts.get("target"),
             caption=caption,
             subject=meta.get("subject"),
+            mask=parts.get("mask"),
+            face_box=tuple(float(v) for v in meta["face_box"]) if meta.get("face_box") else None,
         )
 
     try:
@@ -405,6 +502,18 @@ def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Optional[Record]
                 yield finish()
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("%s shard %s is damaged or unreadable (%s); the rest of it is skipped", PREFIX, path, e)
+
+
+def first_records(spec: str, count: int) -> list[Record]:
+    """The first `count` records with an input image of the tar shards named by `spec` ([] for other data)."""
+    found: list[Record] = []
+    for shard in find_shards(spec):
+        for record in iter_tar_records(shard):
+            if record is not None:
+                found.append(record)
+            if len(found) == count:
+                return found
+    return found
 
 
 class TarShardStream(IterableDataset):

@@ -43,10 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Use only the first N records of a manifest or folder (for quick runs and overfitting checks).",
     )
     g.add_argument(
+        "--min_image_size",
+        type=int,
+        default=None,
+        help="Images whose shorter side is below this many pixels are listed in the data summary before "
+        "training (they are upscaled to the resolution); default: half the resolution.",
+    )
+    g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Resolve every setting, scan the data, write <output_dir>/args.json and a preview of a few "
+        "processed samples (encoder input, target crop, caption with the token) to "
+        "<output_dir>/data-preview/, then stop before loading any model.",
+    )
+    g.add_argument(
         "--token",
         default=None,
         help="The subject word that captions' subject words become and that prompts use at inference "
         "(default: the preset's, 'pet' or 'person').",
+    )
+    g.add_argument(
+        "--subject_words",
+        type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
+        default=None,
+        help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the "
+        "first one in each caption (singular or plural) becomes the token. Default: the preset's list "
+        "(pets: dog, cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
     )
     g.add_argument(
         "--caption_template",
@@ -151,8 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--gradient_accumulation_steps",
         type=int,
-        default=1,
-        help="Number of batches whose gradients are accumulated before each optimizer step.",
+        default=None,
+        help="Number of batches whose gradients are accumulated before each optimizer step (default: what "
+        "makes the preset's global batch for this resolution with this many processes: faces 32 at 512 px "
+        "and 16 at 1024, pets 128 and 32; 1 for tiny).",
+    )
+    g.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=None,
+        help="Train for this many passes over the data instead of --max_train_steps (steps = epochs x "
+        "samples / global batch, counted after the data scan).",
     )
     g.add_argument(
         "--max_train_steps",

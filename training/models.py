@@ -150,6 +150,8 @@ def make_encoder(
         qformer=qformer,
         clip_vision=frozen.clip_vision_spec,
         layers=frozen.layers,
+        # Face encoders train on aligned crops (training.prepare --domain faces), so the nodes align too.
+        face_align="ffhq" if domain == "faces" else "none",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

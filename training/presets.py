@@ -38,7 +38,9 @@ class Preset:
     center_crop: bool  # crop the target to a square at its centre (else at random)
     random_flip: bool  # mirror targets at random
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # the encoder's Q-Former, M included
-    train_batch_size: int = 4
+    train_batch_size: int = 4  # per device
+    global_batch_sizes: tuple[int, ...] = ()  # per phase (resolution); () = no accumulation
+    checkpoints_total_limit: Optional[int] = None  # checkpoint-N folders kept (SDXL-size ones are ~6 GB each)
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 500
     max_train_steps: int = 50_000
@@ -60,24 +62,23 @@ PRESETS: dict[str, Preset] = {
     "pets": Preset(
         domain="pets",
         token="pet",
+        # General words first, then common breeds: the first of them in a caption becomes the token.
         subject_words=(
-            "dog",
-            "cat",
-            "puppy",
-            "kitten",
-            "pet",
-            "animal",
-            "bunny",
-            "rabbit",
-            "hamster",
-            "bird",
-            "parrot",
+            "dog", "cat", "puppy", "kitten", "pet", "animal", "bunny", "rabbit", "hamster", "bird", "parrot",
+            "doggy", "doggo", "pup", "kitty", "pooch", "hound", "tabby",
+            "retriever", "labrador", "poodle", "beagle", "bulldog", "terrier", "spaniel", "husky", "corgi",
+            "dachshund", "chihuahua", "pug", "shepherd", "collie", "rottweiler", "boxer", "shiba",
+            "pomeranian",
+            "schnauzer", "doberman", "greyhound", "maltese", "samoyed", "siamese", "persian", "ragdoll",
+            "sphynx", "bengal", "maine coon",
         ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
         qformer=QFormerConfig(num_queries=256),
+        global_batch_sizes=(128, 32),  # paper: 8 GPUs, 128 at 512 px then 32 at 1024 px
+        checkpoints_total_limit=3,
         validation_prompts=(
             "a photo of a {token}",
             "a {token} on the beach",
@@ -88,12 +89,17 @@ PRESETS: dict[str, Preset] = {
     "faces": Preset(
         domain="faces",
         token="person",
-        subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
+        subject_words=(
+            "person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid",
+            "gentleman", "teenager", "teen", "adult", "baby", "toddler", "actor", "actress", "model",
+        ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
         qformer=QFormerConfig(num_queries=1024),
+        global_batch_sizes=(32, 16),  # paper: 32 at 512 px (4 GPUs), 16 at 1024 px (8 GPUs)
+        checkpoints_total_limit=3,
         validation_prompts=(
             "a photo of a {token}",
             "a {token} as an astronaut",

@@ -95,18 +95,25 @@ def load_frozen_models(config: TrainConfig):
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The data found: its kind, where it is, its records (none for streamed shards) and how to read them."""
+    """The data found: its kind, where it is, its readable records (none for streamed shards), how captions
+    are made, and the scan's summary."""
 
     kind: str  # "manifest", "folder" or "shards"
     path: str  # what --train_data named (or the generated tiny data)
     source: Any  # describe_source's answer: a manifest path, a folder, or shard paths
-    records: list  # data.Record, in order (empty for shards)
-    sample_config: Any  # data.SampleConfig: resolution, crops, captions, seed
+    records: list  # data.Record, in order (empty for shards); unreadable images already dropped
+    captions: Any  # data.CaptionRule: the subject words that become the token, the template
+    scan: Any  # scan.ScanResult: what the one pass over the data found
 
 
-def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
-    """Read the manifest or folder (shards stream later); tiny without --train_data generates its data."""
+def scan_data(config: TrainConfig, accelerator) -> TrainingData:
+    """Read and check the data once, before any model loads (one summary; unreadable images dropped).
+
+    Manifests and folders are read whole; shards are streamed through once. --domain tiny without
+    --train_data generates its data first.
+    """
     from . import data as data_lib
+    from .scan import scan_data as scan
 
     path = config.train_data
     if path is None:  # only --domain tiny gets here (resolve_inputs defaulted the others)
@@ -116,34 +123,52 @@ def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
         if accelerator.is_main_process:
             make_tiny_dataset(path, size=max(config.resolution, 64))
         accelerator.wait_for_everyone()
-    kind, source = data_lib.describe_source(path)
-    records = []
-    if kind == "manifest":
-        records = data_lib.read_manifest(source)
-    elif kind == "folder":
-        records = data_lib.read_folder(source)
-    if kind != "shards":
-        if config.max_train_samples is not None:
-            records = records[: config.max_train_samples]
-        if not records:
-            raise SystemExit(
-                f"{PREFIX} no training images found in {path} ({kind}); expected "
-                f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
-            )
     captions = data_lib.CaptionRule(
         token=config.token,
-        subject_words=config.preset.subject_words + (config.token,),
+        subject_words=tuple(config.subject_words) + (config.token,),
         template=config.caption_template,
     )
-    sample_config = data_lib.SampleConfig(
+    found = scan(
+        path,
+        captions,
+        min_size=config.min_image_size,
+        max_samples=config.max_train_samples,
+        progress=accelerator.is_main_process,
+    )
+    if found.kind != "shards" and not found.records:
+        raise SystemExit(
+            f"{PREFIX} no readable training images in {path} ({found.kind}); expected "
+            f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
+        )
+    return TrainingData(
+        kind=found.kind, path=path, source=found.source, records=found.records, captions=captions, scan=found
+    )
+
+
+def steps_from_epochs(config: TrainConfig, accelerator, data: TrainingData) -> TrainConfig:
+    """With --num_train_epochs, a new config whose max_train_steps covers that many passes over the data."""
+    if config.num_train_epochs is None:
+        return config
+    from .schedule import epochs_to_steps
+
+    steps = epochs_to_steps(config, data.scan.readable, accelerator.num_processes)
+    if accelerator.is_main_process:
+        log.info("%s %g epochs of %d samples: %d steps", PREFIX, config.num_train_epochs, data.scan.readable, steps)
+    return dataclasses.replace(config, max_train_steps=steps)
+
+
+def sample_config(config: TrainConfig, data: TrainingData, frozen):
+    """How one record becomes a training sample: resolution, CLIP input size, crops, captions, seed."""
+    from . import data as data_lib
+
+    return data_lib.SampleConfig(
         resolution=config.resolution,
         clip_size=frozen.clip_vision_spec.image_size,
         center_crop=config.center_crop,
         random_flip=config.random_flip,
-        captions=captions,
+        captions=data.captions,
         seed=config.seed,
     )
-    return TrainingData(kind=kind, path=path, source=source, records=records, sample_config=sample_config)
 
 
 def build_encoder(config: TrainConfig, frozen):
@@ -195,7 +220,7 @@ def build_encoder(config: TrainConfig, frozen):
     return encoder.float().train()
 
 
-def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
+def make_loader(config: TrainConfig, accelerator, data: TrainingData, samples, frozen, start_batch: int):
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
     import torch
 
@@ -211,7 +236,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     if data.kind == "shards":
         stream = data_lib.TarShardStream(
             data.source,
-            data.sample_config,
+            samples,
             config.train_batch_size,
             rank=rank,
             world=world,
@@ -225,29 +250,31 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
             accelerator,
             frozen,
             data.records,
-            data.sample_config,
+            samples,
             Path(config.cache_dir),
             model=config.pretrained_model or "tiny",
             batch_size=config.train_batch_size,
         )
-        dataset = CachedDataset(folder, data.records, data.sample_config.captions)
+        dataset = CachedDataset(folder, data.records, data.captions)
     else:
-        dataset = data_lib.RecordDataset(data.records, data.sample_config)
+        dataset = data_lib.RecordDataset(data.records, samples)
     sampler = data_lib.StepBatchSampler(
         len(dataset), config.train_batch_size, config.seed, rank=rank, world=world, start=start_batch
     )
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
 
 
-def load_validation_images(config: TrainConfig, records: list) -> list:
+def load_validation_images(config: TrainConfig, records: list, data_path: str) -> list:
     """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs."""
     from . import data as data_lib
 
-    sources = list(config.validation_images) or [r.input for r in records[:2]]
+    sources = [(path, None) for path in config.validation_images]
+    if not sources:  # the first two training inputs as the encoder sees them (masks applied; shards too)
+        sources = [(r.input, r.mask) for r in records[:2] or data_lib.first_records(data_path, 2)]
     images = []
-    for source in sources:
+    for source, mask in sources:
         try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source)))
+            images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
         except data_lib.BadImage as e:
             name = source if isinstance(source, str) else "?"
             log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
@@ -371,7 +398,7 @@ def train_loop(
         step_loss = 0.0
         last = step == config.max_train_steps
         if step % config.checkpointing_steps == 0 or last:
-            checkpoints.save(step, process_state(state, accelerator.num_processes, trainee.encoder))
+            checkpoints.save(step, process_state(config, state, accelerator.num_processes, trainee.encoder))
         if config.validation_steps and (step % config.validation_steps == 0 or last):
             if is_main and validation_images:
                 write_samples(config, step, frozen, trainee, text, validation_images)
@@ -386,12 +413,14 @@ def train_loop(
     progress.close()
 
 
-def process_state(state: LoopState, world: int, encoder) -> ProcessState:
+def process_state(config: TrainConfig, state: LoopState, world: int, encoder) -> ProcessState:
     """What this process writes into a checkpoint: its position and a fingerprint of the weights it holds."""
     return ProcessState(
         global_step=state.global_step,
         batches=state.batches,
         world=world,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         weights_sha256=weights_fingerprint(encoder),
         initial_weights_sha256=state.initial_fingerprint,
         batch_keys=state.last_keys,
@@ -409,9 +438,17 @@ def main(config: TrainConfig) -> dict:
     logging.getLogger("training").setLevel(logging.INFO)
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
+    data = scan_data(config, accelerator)  # before any model loads: bad data stops the run in seconds
+    config = steps_from_epochs(config, accelerator, data)
+    if config.dry_run:  # settings and a preview of processed samples, no model loaded
+        from .preview import dry_run
+
+        if not accelerator.is_main_process:
+            return {"dry_run": True}
+        return dry_run(config, data.scan, data.captions, Path(config.output_dir))
     # ComfyUI is imported only from here on: its device choice sees the device accelerate gave this process.
     frozen = load_frozen_models(config)
-    data = scan_data(config, accelerator, frozen)
+    samples = sample_config(config, data, frozen)
     encoder = build_encoder(config, frozen)
     if config.init_from:  # M comes from the file: a new frozen config says so to everything after this step
         config = dataclasses.replace(config, num_tokens=encoder.config.num_tokens)
@@ -428,13 +465,20 @@ def main(config: TrainConfig) -> dict:
     position: Position = checkpoints.resume(
         config.resume_from_checkpoint, config.gradient_accumulation_steps, config.init_encoder
     )
-    loader = make_loader(config, accelerator, data, frozen, position.batches)
+    if accelerator.is_main_process and position.saved:
+        from .schedule import resume_warnings
+
+        for warning in resume_warnings(position.saved, config, accelerator.num_processes):
+            log.warning("%s %s", PREFIX, warning)
+    loader = make_loader(config, accelerator, data, samples, frozen, position.batches)
 
     from .models import TextEncoder
 
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (
-        load_validation_images(config, data.records) if config.validation_steps or config.eval_steps else []
+        load_validation_images(config, data.records, data.path)
+        if config.validation_steps or config.eval_steps
+        else []
     )
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())

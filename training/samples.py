@@ -130,5 +130,31 @@ def sample_grid(
         cells.append(np.concatenate(line, axis=1))
     grid = np.concatenate(cells, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+    columns = ["input"] + [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
+    rows = ["no subject"] + [f"subject {i + 1}" for i in range(len(images))]
+    label_grid(Image.fromarray((grid * 255).round().astype(np.uint8)), columns, rows, resolution).save(path)
     return path
+
+
+def label_grid(grid, columns: Sequence[str], rows: Sequence[str], cell: int):
+    """The grid under a header naming each column (prompt and seed), each row's name in its first cell."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", 11)
+    except OSError:
+        font = ImageFont.load_default()
+    width = max(8, cell // 7)  # characters per header line
+    wrapped = [textwrap.wrap(text, width=width)[:4] for text in columns]
+    header = 14 * max(len(lines) for lines in wrapped) + 6
+    out = Image.new("RGB", (grid.width, grid.height + header), (255, 255, 255))
+    out.paste(grid, (0, header))
+    draw = ImageDraw.Draw(out)
+    for i, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text((i * cell + 3, 3 + 14 * j), line, fill=(0, 0, 0), font=font)
+    for i, name in enumerate(rows):
+        draw.text((3, header + i * cell + 3), name, fill=(0, 0, 0), font=font)
+    return out

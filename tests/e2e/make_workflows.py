@@ -255,7 +255,7 @@ def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple) -> int:
 
 
 def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
-    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 110), title=f"Encode {title}")
+    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 138), title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
     return encode

@@ -22,8 +22,8 @@ EXPECTED = {
     "NestedAttentionEncodeSubject": (
         "Encode Subject Image(s)",
         {"encoder", "image", "crop"},
-        {"mask"},
-        ["NESTED_SUBJECT"],
+        {"mask", "align", "face_index"},
+        ["NESTED_SUBJECT", "IMAGE"],
     ),
     "NestedAttentionApply": (
         "Apply Nested Attention (token, λ)",

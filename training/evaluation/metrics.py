@@ -196,20 +196,16 @@ class IdentityModel(Protocol):
 
 
 class DlibFaceDetector:
-    """dlib's HOG frontal face detector (built into dlib, no model file), upsampling the image once."""
+    """The faces the Encode node and training.prepare align (nested_attention.faces.detect_faces: dlib's HOG
+    detector, its CNN detector for faces HOG misses, the same score threshold), as boxes."""
 
     name = "dlib-hog"
 
-    def __init__(self, upsample: int = 1):
-        import dlib
-
-        self._detector = dlib.get_frontal_face_detector()
-        self.upsample = upsample
-
     def detect(self, image: np.ndarray) -> list[FaceBox]:
-        return [
-            FaceBox(r.left(), r.top(), r.right(), r.bottom()) for r in self._detector(image, self.upsample)
-        ]
+        from nested_attention.faces import detect_faces
+
+        faces = detect_faces(torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0)
+        return [FaceBox(*(int(round(v)) for v in face.box)) for face in faces]
 
 
 def dlib_model_files(models_dir: Optional[str]) -> tuple[Path, Path]:
