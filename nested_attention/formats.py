@@ -50,6 +50,10 @@ KNOWN_CLIP_VISION = {
     1664: ClipVisionSpec(name="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", hidden_size=1664, num_tokens=257,
                          num_layers=48, image_size=224, hidden_layer="penultimate", crop="center"),
 }
+# UNets an IP-Adapter-style file can be told apart by (its number of cross-attention layers), for callers that
+# pass no layer table (Load Nested Encoder does not know the model yet). Another host can register its table
+# here, as the test-only node pack does for the tiny test UNet.
+KNOWN_UNET_LAYERS: dict[int, tuple[LayerSpec, ...]] = {len(SDXL_LAYERS): SDXL_LAYERS}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,15 +220,16 @@ def plan_encoder(
 
     table = tuple(layers) if layers is not None else None
     pairs = len(layer_keys) // 2
-    # Default table: SDXL's, used for ordering checks as soon as the file has SDXL's layer count.
+    # Default table: a known UNet's (SDXL's), used for ordering checks as soon as the file has its layer
+    # count.
     ordered, numbering = _order_layer_keys(
-        header, layer_keys, table if table is not None else (SDXL_LAYERS if pairs == len(SDXL_LAYERS) else None))
+        header, layer_keys, table if table is not None else KNOWN_UNET_LAYERS.get(pairs))
     if table is None:
-        if len(ordered) != len(SDXL_LAYERS):
+        if len(ordered) not in KNOWN_UNET_LAYERS:
             raise NestedWeightsError(
                 f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; SDXL has "
                 f"{len(SDXL_LAYERS)}. {_model_hint(context)} (For another UNet, pass its layer table.)")
-        table = SDXL_LAYERS
+        table = KNOWN_UNET_LAYERS[len(ordered)]
     table_order = diffusers_order(table)
     if len(ordered) != len(table_order):
         raise NestedWeightsError(

@@ -48,6 +48,7 @@ from nested_attention import (
     unet_layers,
 )
 from nested_attention import convert as convert_cli
+from nested_attention import formats
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = ClipVisionSpec(**TINY_CLIP_VISION_SPEC)
@@ -306,6 +307,26 @@ def test_all_layouts_give_the_same_encoder(tmp_path, tiny_layers):
         assert encoder.config.domain == "faces" and encoder.config.token == "person"
         for name, tensor in encoder.state_dict().items():
             assert torch.equal(tensor, base[name]), (layout, name)
+
+
+def test_a_registered_unet_and_tower_let_a_file_load_without_a_layer_table(tmp_path, tiny_layers,
+                                                                           monkeypatch):
+    # Load Nested Encoder passes no layer table: the file's layer count picks a known UNet (SDXL's by default;
+    # the e2e server registers the tiny one), its token width a known CLIP vision tower.
+    path = tmp_path / "ip.safetensors"
+    build_tiny(path, "ip-adapter", tiny_layers)
+    with pytest.raises(NestedWeightsError, match=f"{len(tiny_layers)} cross-attention layers; SDXL has 70"):
+        load_encoder(str(path), clip_vision=TINY_SPEC)
+    monkeypatch.setitem(formats.KNOWN_UNET_LAYERS, len(tiny_layers), tuple(tiny_layers))
+    with pytest.raises(NestedWeightsError, match="reads CLIP tokens 64 wide"):
+        load_encoder(str(path))
+    monkeypatch.setitem(formats.KNOWN_CLIP_VISION, 64, replace(TINY_SPEC, hidden_layer="penultimate"))
+    encoder = load_encoder(str(path))
+    expected = load_encoder(str(path), layers=tiny_layers, clip_vision=TINY_SPEC)
+    assert encoder.config == expected.config and encoder.config.layers == tuple(tiny_layers)
+    assert plan_encoder(read_header(str(path))).format == "ip-adapter-plus-sdxl"
+    base = expected.state_dict()
+    assert all(torch.equal(tensor, base[name]) for name, tensor in encoder.state_dict().items())
 
 
 def test_dim_head_override_changes_the_heads_and_matches_the_reference(tmp_path, tiny_layers):

@@ -88,8 +88,9 @@ def resampler_keys(prefix: str, *, dim: int, depth: int, inner: int, num_queries
     return keys
 
 
-# The 70 cross-attention layers of SDXL and the IP-Adapter key number of each, as DESIGN 5.2 states them from
-# the IP-Adapter sources (diffusers attn_processors: down blocks, up blocks, mid block; odd = attn2).
+# The 70 cross-attention layers of SDXL and the IP-Adapter key number of each, as docs/ARCHITECTURE.md §4
+# ("Other projects' files") states them from the IP-Adapter sources (diffusers attn_processors: down blocks,
+# up blocks, mid block; odd = attn2).
 def sdxl_ip_adapter_table() -> dict[int, tuple[tuple[str, int, int], int]]:
     """IP-Adapter number -> (ComfyUI attn2 key, width)."""
     table = {}
@@ -123,6 +124,33 @@ def ip_adapter_plus_sdxl_keys():
         keys += [(f"ip_adapter.{number}.to_k_ip.weight", (width, 2048)),
                  (f"ip_adapter.{number}.to_v_ip.weight", (width, 2048))]
     return keys
+
+
+def ip_adapter_plus_keys(widths: dict[int, int], *, output_dim: int = 2048, **resampler):
+    """IP-Adapter Plus's key names for any UNet: the Resampler (sizes as for `resampler_keys`) under
+    `image_proj.`, and `ip_adapter.{n}.to_k_ip.weight` / `.to_v_ip.weight` [width, output_dim] for each
+    IP-Adapter number n -> layer width in `widths`."""
+    keys = resampler_keys("image_proj.", output_dim=output_dim, **resampler)
+    for number, width in sorted(widths.items()):
+        keys += [(f"ip_adapter.{number}.to_k_ip.weight", (width, output_dim)),
+                 (f"ip_adapter.{number}.to_v_ip.weight", (width, output_dim))]
+    return keys
+
+
+def plausible_values(seed: int) -> Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]:
+    """A `fill` for small files: random values at the scale trained weights have (norm weights near 1,
+    matrices scaled by 1/sqrt(fan-in), latents 0.5), so that a model built from them is not degenerate."""
+    def fill(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        name_hash = sum(ord(c) * (i + 1) for i, c in enumerate(name))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + name_hash)
+        values = torch.randn(shape, generator=g)
+        if name.endswith("latents"):
+            return values * 0.5
+        if len(shape) == 1:  # LayerNorm weights and biases, linear biases
+            return values * 0.1 + (1.0 if name.endswith(("norm1.weight", "norm2.weight", "1.0.weight",
+                                                         "norm_out.weight")) else 0.0)
+        return values * shape[-1] ** -0.5
+    return fill
 
 
 # The tiny test UNet's layers in diffusers' terms, written out by hand from its config (transformer depth 1 at

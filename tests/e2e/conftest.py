@@ -1,8 +1,9 @@
 """One real ComfyUI server (and one headless Chromium on its frontend) for every test under tests/e2e.
 
 The server runs with this pack and the test-only pack tests/e2e/tiny_pack, a throw-away
-`--base-directory`, and real encoder files sized for the tiny UNet (so the real Load Nested Encoder
-node loads and validates them). Starting it once saves each test module its own start-up.
+`--base-directory`, and real encoder files sized for the tiny UNet, in the pack's own format and in
+IP-Adapter Plus's layout (so the real Load Nested Encoder node loads and validates them). Starting it once
+saves each test module its own start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiny_models
+import torch
 from harness import (
     ARTIFACTS_DIR,
     CHROMIUM,
@@ -24,12 +26,18 @@ from harness import (
     Frontend,
     prepare_base_dir,
 )
-from make_workflows import CLIP_VISION, FACES_ENCODER, PETS_ENCODER
+from make_workflows import CLIP_VISION, FACES_ENCODER, IPADAPTER_FACE, IPADAPTER_PLUS, PETS_ENCODER
 from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
+from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values, write_safetensors
 
-from nested_attention import save_encoder
+from nested_attention import save_encoder, unet_layers
 
 ENCODERS = [(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]
+IP_ADAPTER_FILES = [IPADAPTER_FACE, IPADAPTER_PLUS]
+# IP-Adapter Plus's Resampler shrunk for the tiny models: it reads the tiny CLIP vision tower's 64-wide
+# tokens and writes 4 tokens as wide as the tiny UNet's context (2048, as SDXL's); 2 heads of 64 (as in
+# IP-Adapter).
+TINY_RESAMPLER = dict(dim=128, depth=2, inner=128, num_queries=4, clip_dim=64, ff_mult=2)
 
 
 def write_tiny_encoders(folder: Path, unet) -> None:
@@ -45,6 +53,19 @@ def write_tiny_encoders(folder: Path, unet) -> None:
         save_encoder(str(folder / name), encoder)
 
 
+def write_tiny_ip_adapter_files(folder: Path, unet) -> None:
+    """Files in IP-Adapter Plus SDXL's layout (its key names, no metadata), sized for the tiny UNet and CLIP
+    vision tower: the real Load Nested Encoder reads them as it reads the real files, by their keys and shapes
+    (the test-only pack registers the tiny UNet's layer table and tower with the loader)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    width = {layer.key: layer.dim for layer in unet_layers(unet.model.diffusion_model)}
+    widths = {number: width[key] for key, number in TINY_IP_ADAPTER_NUMBERS.items()}
+    for seed, name in enumerate(IP_ADAPTER_FILES, start=len(ENCODERS)):
+        keys = ip_adapter_plus_keys(widths, output_dim=2048, **TINY_RESAMPLER)
+        write_safetensors(folder / name, [(key, shape, torch.float16) for key, shape in keys],
+                          plausible_values(seed))
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, _tiny_unet_shared):
     """The running server (harness.ComfyServer); its log is ARTIFACTS_DIR/server.log."""
@@ -54,6 +75,7 @@ def comfy(tmp_path_factory, _tiny_unet_shared):
     base = tmp_path_factory.mktemp("comfyui") / "base"
     prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
     write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
+    write_tiny_ip_adapter_files(base / "models" / "ipadapter", _tiny_unet_shared)
     server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
     yield server
     server.stop()

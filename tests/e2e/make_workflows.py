@@ -44,6 +44,7 @@ CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 FACES_ENCODER = "faces-encoder.safetensors"
 PETS_ENCODER = "pets-encoder.safetensors"
 IPADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
+IPADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
 
 HF = "https://huggingface.co"
 MODELS = {
@@ -62,10 +63,15 @@ MODELS = {
     # workflow level (no widget names it), so the dialog offers it next to the authors' file.
     IPADAPTER_FACE: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_FACE}",
                      "directory": "ipadapter"},
+    # The general IP-Adapter Plus file under its own name, where IPAdapter_plus users keep it (the same URL as
+    # PETS_ENCODER's: a workflow names one or the other, never both).
+    IPADAPTER_PLUS: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_PLUS}",
+                     "directory": "ipadapter"},
 }
 # The files the loaders name, by models folder (the e2e server gets stand-ins for all of them).
 MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
-               "nested_attention": [FACES_ENCODER, PETS_ENCODER], "ipadapter": [IPADAPTER_FACE]}
+               "nested_attention": [FACES_ENCODER, PETS_ENCODER],
+               "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS]}
 
 
 def model_entry(name: str) -> dict:
@@ -225,6 +231,15 @@ def _models_note(encoders: list[str]) -> str:
             f"- `nested_attention/{PETS_ENCODER}`: no pet encoder is published; train one "
             "(`python -m training.run --domain pets`) or use [IP-Adapter Plus]"
             f"({MODELS[PETS_ENCODER]['url']}) (Apache-2.0) under this name")
+    if IPADAPTER_FACE in encoders:
+        lines.append(f"- `ipadapter/{IPADAPTER_FACE}`: "
+                     f"[IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) (Apache-2.0), for the person")
+    if IPADAPTER_PLUS in encoders:
+        lines.append(f"- `ipadapter/{IPADAPTER_PLUS}`: [IP-Adapter Plus]({MODELS[IPADAPTER_PLUS]['url']}) "
+                     "(Apache-2.0), for the pet")
+    if {IPADAPTER_FACE, IPADAPTER_PLUS} & set(encoders):
+        lines.append("`models/ipadapter` is the folder ComfyUI_IPAdapter_plus reads too: files already there "
+                     "need no second copy.")
     return "\n".join(lines)
 
 
@@ -375,23 +390,23 @@ portrait.)""")
     return g
 
 
-def person_and_pet() -> Graph:
+def _person_and_pet(person_file: str, pet_file: str, text: str, prefix: str, about: str, extra: str) -> Graph:
+    """A person and a pet on one model: two encoders, two Apply nodes chained, one prompt for both."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    person_encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    person_encoder = _encoder(g, vision, person_file, (XA, 260))
     person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
                           title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
     pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 110), title="Encode pet")
-    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=PETS_ENCODER,
-                         properties={"models": [model_entry(PETS_ENCODER)]})
+    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=pet_file,
+                         properties={"models": [model_entry(pet_file)]})
     g.link(vision, 0, pet_encoder, "clip_vision")
     pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
     g.link(pet_encoder, 0, pet, "encoder")
     g.link(pet_photo, 0, pet, "image")
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
-                    size=(400, 120),
-                    value="a photo of a person hugging their pet on a beach at sunset, golden hour")
+                    size=(400, 120), value=text)
     apply_person = _apply(g, (ckpt, 0), ckpt, person, (XC, 170), text=None, token="person",
                           title="Apply Nested Attention: person")
     apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (XC, 460), text=None, token="pet",
@@ -399,12 +414,31 @@ def person_and_pet() -> Graph:
     g.link(prompt, 0, apply_person, "text")
     g.link(prompt, 0, apply_pet, "text")
     negative = _negative(g, ckpt, (XD, 480), size=(280, 110))
-    _sample_and_save(g, ckpt, (apply_pet, 0), (apply_pet, 1), negative, "nested_attention/person_and_pet")
-    _notes(g, SINGLE_WIDTH, "A person and a pet in one picture", [FACES_ENCODER, PETS_ENCODER], """
+    _sample_and_save(g, ckpt, (apply_pet, 0), (apply_pet, 1), negative, prefix)
+    _notes(g, SINGLE_WIDTH, about, [person_file, pet_file], extra)
+    return g
+
+
+def person_and_pet() -> Graph:
+    return _person_and_pet(
+        FACES_ENCODER, PETS_ENCODER,
+        "a photo of a person hugging their pet on a beach at sunset, golden hour",
+        "nested_attention/person_and_pet", "A person and a pet in one picture", """
 Two subjects of different domains on one model: the first Apply node binds *person* to the person's encoder,
 the second takes its MODEL and binds *pet*. Both get the same prompt (one String node feeds both), the last
 Apply node's CONDITIONING goes to the KSampler, and their order does not matter.""")
-    return g
+
+
+def ip_adapter_person_and_pet() -> Graph:
+    """A person and a pet with IP-Adapter Plus files as the encoders (no trained pack encoder needed)."""
+    return _person_and_pet(
+        IPADAPTER_FACE, IPADAPTER_PLUS,
+        "a photo of a person walking their pet through a snowy park, winter coat, soft light, bokeh",
+        "nested_attention/ip_adapter_person_and_pet", "A person and a pet with IP-Adapter Plus files", """
+Load Nested Encoder also lists `models/ipadapter` and reads an IP-Adapter Plus SDXL file as a nested encoder.
+Unlike IP-Adapter, which adds the image to every word, each image is bound to one word (*person* to the face
+file, *pet* to the general one), so the rest of the prompt keeps its meaning. The two Apply nodes are chained
+and share one prompt. Quality with these weights has not been measured yet: try λ between 1 and 3.""")
 
 
 def lambda_sweep() -> Graph:
@@ -454,10 +488,12 @@ WORKFLOWS = {
     "Person from several photos": person_several_photos,
     "Person and pet in one picture": person_and_pet,
     "Likeness vs prompt, lambda sweep": lambda_sweep,
+    "Person and pet with IP-Adapter Plus": ip_adapter_person_and_pet,
 }
-# Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names.
+# Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names,
+# here the alternative to the authors' face encoder, for the workflows that name that one.
 WORKFLOW_MODELS = {name: [model_entry(IPADAPTER_FACE)] for name, make in WORKFLOWS.items()
-                   if make is not pet_one_photo}
+                   if make not in (pet_one_photo, ip_adapter_person_and_pet)}
 
 # Runs in the page: the saved view. The whole graph in the reference window (its margins: left, top, right,
 # bottom) at up to MAX_SCALE; if that needs less than VIEW_SCALE, VIEW_SCALE on the top-left corner instead.

@@ -22,10 +22,10 @@ from make_workflows import FACES_ENCODER, IPADAPTER_FACE, MODELS
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-# The loaders of the shipped workflows, with the models folder ComfyUI reads their file from: the files a
-# workflow needs are read from the workflow itself.
-LOADERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vision",
-           "NestedAttentionLoadEncoder": "nested_attention"}
+# The loaders of the shipped workflows, with the models folders ComfyUI reads their file from: the files a
+# workflow needs are read from the workflow itself. Load Nested Encoder lists two folders.
+LOADERS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
+           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter")}
 ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's download allow-list
 
 
@@ -34,7 +34,10 @@ def needed_files(workflow: dict) -> dict[str, str]:
     files = {}
     for node in workflow["nodes"]:
         if node["type"] in LOADERS:  # each has one widget: the file's name
-            files[node["widgets_values"][0]] = LOADERS[node["type"]]
+            file = node["widgets_values"][0]
+            folder = MODELS[file]["directory"]
+            assert folder in LOADERS[node["type"]], f"{node['type']} does not read {folder}/{file}"
+            files[file] = folder
     if FACES_ENCODER in files:
         files[IPADAPTER_FACE] = "ipadapter"  # offered next to the authors' face encoder
     return files

@@ -11,8 +11,9 @@ every workflows/*.json the test
   - runs the same prompt with every Apply node bypassed (its model passed through, its conditioning
     replaced by CLIP Text Encode of the same text): the images downstream of an Apply node must differ,
     all others must be identical.
-The encoder files are real (tiny, written here for the tiny UNet's layer table), so the real Load Nested
-Encoder node loads and validates them.
+The encoder files are real (tiny, written by conftest.py for the tiny UNet's layer table: the pack's own
+format, and IP-Adapter Plus's layout for the IP-Adapter workflow), so the real Load Nested Encoder node loads
+and validates them.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from PIL import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SHIPPED = ["Likeness vs prompt, lambda sweep", "Person and pet in one picture", "Person from one photo",
-           "Person from several photos", "Pet from one photo"]
+SHIPPED = ["Likeness vs prompt, lambda sweep", "Person and pet in one picture",
+           "Person and pet with IP-Adapter Plus", "Person from one photo", "Person from several photos",
+           "Pet from one photo"]
 WIDE = {"Likeness vs prompt, lambda sweep"}  # opens on its notes and loaders; the branches need panning
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 
@@ -122,7 +124,7 @@ def pixels(png: bytes) -> np.ndarray:
 # Tests
 
 
-def test_the_shipped_workflows_are_the_five_of_the_product():
+def test_the_shipped_workflows_are_the_six_of_the_product():
     assert WORKFLOW_NAMES == SHIPPED
     for name in SHIPPED:
         assert (WORKFLOWS_DIR / f"{name}.jpg").is_file(), f"{name} has no thumbnail for the template browser"

@@ -6,12 +6,14 @@ prompt, so that the real graph runs on a CPU in seconds. Everything else in the 
 pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
 
 The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
-tiny comfy.sd.VAE built here.
+tiny comfy.sd.VAE built here. It also registers the tiny UNet and CLIP vision tower with the pack's weight
+formats, so that tiny IP-Adapter Plus layout files load as they would for SDXL.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 # resolve(): the server sees this folder through a symlink.
@@ -23,6 +25,8 @@ import comfy.ldm.models.autoencoder  # noqa: E402
 import folder_paths  # noqa: E402
 import comfy.sd  # noqa: E402
 import tiny_models  # noqa: E402
+from nested_attention import formats, unet_layers  # noqa: E402
+from nested_attention.host import clip_vision_spec  # noqa: E402
 
 CATEGORY = "nested_attention/testing"
 SEED = 0
@@ -83,6 +87,18 @@ class NestedAttentionTestTinyCLIPVision:
     def load(self):
         return (_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)),)
 
+
+# IP-Adapter-style files carry no layer table and no CLIP vision name: the loader recognises the UNet by the
+# file's layer count and the CLIP vision tower by its token width (nested_attention.formats). Registering the
+# tiny UNet's table and the tiny tower there lets the real Load Nested Encoder read the e2e server's tiny
+# IP-Adapter Plus layout files (tests/e2e/conftest.py) through the IP-Adapter path, unchanged otherwise.
+_tiny_unet = _cached("unet", lambda: tiny_models.tiny_sdxl_unet(seed=SEED))
+_tiny_layers = tuple(unet_layers(_tiny_unet.model.diffusion_model))
+formats.KNOWN_UNET_LAYERS.setdefault(len(_tiny_layers), _tiny_layers)
+_tiny_tower = clip_vision_spec(_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)))
+formats.KNOWN_CLIP_VISION.setdefault(
+    _tiny_tower.hidden_size,
+    replace(_tiny_tower, name="tiny CLIP vision (test only)", hidden_layer="penultimate"))
 
 # The models/ipadapter folder, as IPAdapter_plus registers it (ComfyUI itself does not): the shipped
 # workflows name a file there, which the frontend's Missing Models dialog looks up by folder name.
