@@ -398,7 +398,7 @@ def _person_and_pet(person_file: str, pet_file: str, text: str, prefix: str, abo
     person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
                           title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
-    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 110), title="Encode pet")
+    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 138), title="Encode pet")
     pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=pet_file,
                          properties={"models": [model_entry(pet_file)]})
     g.link(vision, 0, pet_encoder, "clip_vision")
