@@ -55,3 +55,11 @@ def test_object_info_lists_the_three_nodes_with_inputs_and_tooltips(comfy):
     listed = info["NestedAttentionLoadEncoder"]["input"]["required"]["encoder_name"][0]
     assert {FACES_ENCODER, PETS_ENCODER} <= set(listed), listed
     assert info["NestedAttentionApply"]["input"]["required"]["lambda_"][1]["display_name"] == "λ"
+
+
+def test_server_starts_without_a_traceback(comfy):
+    # A missing dependency (torchaudio, which dev.py installs with torch) shows up as a traceback at
+    # start-up, in ComfyUI's own modules or in a custom node pack's import.
+    log = comfy.startup_log
+    assert "Import times for custom nodes" in log, log[-3000:]  # the packs were loaded before it answered
+    assert "Traceback" not in log and "IMPORT FAILED" not in log, log[-6000:]
