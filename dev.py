@@ -174,7 +174,8 @@ def pick_hosts(wanted: str | None) -> tuple[list[Host], str]:
         why = "this repo sits in its custom_nodes" if mine.inside else "COMFYUI_PATH chooses it"
         if wanted and wanted != mine.version:
             die(f"--host {wanted} was asked for, but {why}: ComfyUI {mine.version} at {mine.comfyui}.\n"
-                "    Unset COMFYUI_PATH (or run from a clone outside ComfyUI) to use the pinned and archived hosts.")
+                "    Unset COMFYUI_PATH (or run from a clone outside ComfyUI) to use the pinned and archived "
+                "hosts.")
         return [mine], why
     folder = hosts_dir()
     hosts = [pinned_host(), *archived_hosts(folder)]
@@ -387,7 +388,8 @@ def install_requirements(host: Host) -> None:
     """pip install everything once; later runs compare a hash of the inputs and skip pip."""
     py = host.python
     requirements = comfyui_requirements(host.comfyui)
-    digest = hashlib.sha256(json.dumps(install_inputs(host, requirements), sort_keys=True).encode()).hexdigest()
+    inputs = json.dumps(install_inputs(host, requirements), sort_keys=True)
+    digest = hashlib.sha256(inputs.encode()).hexdigest()
     if host.stamp.is_file() and host.stamp.read_text().strip() == digest:
         return
     requirements_file = host.venv / "comfyui-requirements.txt"

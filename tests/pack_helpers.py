@@ -184,6 +184,7 @@ def assert_inputs_valid(node_class, **values) -> None:
     shows anything else, 1 or "ok" or None included, as the reason the prompt was refused."""
     result = validate_inputs(node_class, **values)
     assert result is True, (
-        f"{node_class.__name__}.VALIDATE_INPUTS returned {result!r} for valid inputs {values}; it must return "
+        f"{node_class.__name__}.VALIDATE_INPUTS returned {result!r} for valid inputs {values}; it must "
+        "return "
         "exactly True (ComfyUI refuses the prompt with anything else as the error message)."
     )

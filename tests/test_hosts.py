@@ -53,8 +53,8 @@ def snapshot(model) -> dict:
         out[key] = (
             id(patch), patch.layer, patch.index, patch.host_attention, tuple(patch.models()),
             tuple(
-                (id(s), s.encoder, s.tokens.data_ptr(), s.tokens._version, s.positions, s.prompt_tokens, s.scale,
-                 s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
+                (id(s), s.encoder, s.tokens.data_ptr(), s.tokens._version, s.positions, s.prompt_tokens,
+                 s.scale, s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
                 for s in patch.subjects
             ),
         )
@@ -223,7 +223,8 @@ def test_comfy_calls_cleanup_after_sampling_where_it_does_and_a_shared_subject_s
     assert torch.equal(sample(first, conditioning, negative), reference)
     # 0.17 on: ModelPatcher.cleanup() calls each patch's cleanup() (model_patches_call_function).
     calls_cleanup = hasattr(comfy.model_patcher.ModelPatcher, "model_patches_call_function")
-    assert {id(p) for p in cleaned} == ({id(p) for p in attn2_patches(first).values()} if calls_cleanup else set())
+    expected = {id(p) for p in attn2_patches(first).values()} if calls_cleanup else set()
+    assert {id(p) for p in cleaned} == expected
     binding = next(iter(attn2_patches(first).values())).subjects[0]
     if calls_cleanup:
         assert binding._sigma[0] is None  # the finished run's sigmas are not kept alive
@@ -332,7 +333,8 @@ def test_every_node_with_validate_inputs_returns_exactly_true_for_valid_widget_v
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
     handle = load_handle(seed=5)
-    pack.mappings["NestedAttentionSaveSubject"]().save(encode_subject(pack, handle), "nested_attention_subjects/s")
+    saver = pack.mappings["NestedAttentionSaveSubject"]()
+    saver.save(encode_subject(pack, handle), "nested_attention_subjects/s")
     checked = []
     for name, node in pack.mappings.items():
         if getattr(node, "VALIDATE_INPUTS", None) is None:

@@ -222,10 +222,12 @@ def comfy_clip_preprocess():
     import comfy.clip_model
     import comfy.clip_vision
 
-    found = getattr(comfy.clip_model, "clip_preprocess", None) or getattr(comfy.clip_vision, "clip_preprocess", None)
+    found = getattr(comfy.clip_model, "clip_preprocess", None)
+    found = found or getattr(comfy.clip_vision, "clip_preprocess", None)
     if found is None:
-        raise ImportError("this ComfyUI has clip_preprocess neither in comfy.clip_model nor in comfy.clip_vision; "
-                          "the pack supports ComfyUI 0.3.75 to 0.33 (README, Supported ComfyUI).")
+        raise ImportError(
+            "this ComfyUI has clip_preprocess neither in comfy.clip_model nor in comfy.clip_vision; the pack "
+            "is tested with ComfyUI 0.3.75 and 0.33.0 (README, Supported ComfyUI).")
     return found
 
 
