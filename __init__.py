@@ -29,6 +29,9 @@ if (
 else:
     folder_paths.folder_names_and_paths["nested_attention"] = ([_MODELS], {".safetensors"})
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # always when ComfyUI loads the pack. pytest also imports this file (the repo root is a
+    # package to it), as the plain module `__init__` when the checkout's folder name is no identifier
+    # (`git clone ... comfyui-nested-attention`); a relative import would fail there.
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
