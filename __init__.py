@@ -51,7 +51,10 @@ except OSError as error:
         error,
     )
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # always when ComfyUI loads the pack. pytest also imports this file (the repo root is a
+    # package to it), as the plain module `__init__` when the checkout's folder name is no identifier
+    # (`git clone ... comfyui-nested-attention`); a relative import would fail there.
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 # The frontend extension that shows what Save Nested Subject saved (web/save_subject.js).
 WEB_DIRECTORY = "./web"

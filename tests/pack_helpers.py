@@ -163,3 +163,33 @@ def apply(
     return pack.mappings["NestedAttentionApply"]().apply(
         model, clip, subject, text, token, lambda_, start, end, mask
     )
+
+
+def validate_inputs(node_class, **values):
+    """Call `node_class.VALIDATE_INPUTS` as ComfyUI's execution.validate_inputs does; return what it returns.
+
+    ComfyUI passes only the inputs the method's signature names (all of them to a `**kwargs`), and
+    `input_types` (the types of linked inputs; none here) when the signature asks for it.
+    """
+    import inspect
+
+    method = node_class.VALIDATE_INPUTS
+    spec = inspect.getfullargspec(method)
+    if spec.varkw:
+        arguments = dict(values)
+    else:
+        arguments = {k: v for k, v in values.items() if k in spec.args}
+    if "input_types" in spec.args:
+        arguments["input_types"] = {}
+    return method(**arguments)
+
+
+def assert_inputs_valid(node_class, **values) -> None:
+    """VALIDATE_INPUTS must return exactly True for valid inputs: ComfyUI (`r is not True`, 0.3.75 and 0.33)
+    shows anything else, 1 or "ok" or None included, as the reason the prompt was refused."""
+    result = validate_inputs(node_class, **values)
+    assert result is True, (
+        f"{node_class.__name__}.VALIDATE_INPUTS returned {result!r} for valid inputs {values}; it must "
+        "return "
+        "exactly True (ComfyUI refuses the prompt with anything else as the error message)."
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,122 @@ def test_serve_says_where_the_model_folders_are(tmp_path):
     # --base-directory moves the models folder, relative to ComfyUI's folder (where it runs) or absolute.
     assert dev.models_dir(comfyui, ["--base-directory", "mine"]) == comfyui / "mine" / "models"
     assert dev.models_dir(comfyui, [f"--base-directory={tmp_path / 'b'}"]) == tmp_path / "b" / "models"
+
+
+# ------------------------------------------------------------------------------------------------
+# Hosts: the pinned ComfyUI and archived releases, each with its own venv
+
+
+def fake_comfyui_tarball(path: Path, version: str, extra: dict[str, bytes] | None = None) -> Path:
+    """A tarball of one `ComfyUI/` folder that dev.is_comfyui accepts."""
+    import io
+    import tarfile
+
+    files = {
+        "ComfyUI/main.py": b"",
+        "ComfyUI/comfy/model_management.py": b"",
+        "ComfyUI/comfyui_version.py": f'__version__ = "{version}"\n'.encode(),
+        "ComfyUI/requirements.txt": b"torch\ntorchaudio\nnumpy>=1.25.0\n",
+        **(extra or {}),
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("ComfyUI/outside")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    return path
+
+
+def test_each_archived_release_is_a_host_with_its_own_folder_and_venv(tmp_path, monkeypatch):
+    dev = load_dev()
+    for version in ("0.33.0", "0.4.2", dev.COMFYUI_VERSION):
+        fake_comfyui_tarball(tmp_path / f"comfyui-{version}.tar.gz", version)
+    (tmp_path / "comfyui-latest.tar.gz").touch()  # no version in the name: not a host
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv(dev.HOSTS_ENV, str(tmp_path))
+    hosts, why = dev.pick_hosts(None)
+    assert [h.version for h in hosts] == [dev.COMFYUI_VERSION, "0.4.2", "0.33.0"] and why == ""
+    pinned, other = hosts[0], hosts[2]
+    assert (pinned.venv, pinned.comfyui) == (ROOT / ".venv", ROOT / ".comfyui" / "ComfyUI")
+    assert pinned.archive is None
+    assert (other.venv, other.comfyui) == (ROOT / ".venv-0.33.0", ROOT / ".comfyui" / "ComfyUI-0.33.0")
+    assert other.archive == tmp_path / "comfyui-0.33.0.tar.gz"
+    assert other.stamp.parent == other.venv
+    assert dev.pick_hosts("0.33.0")[0] == [other]
+
+
+def test_without_archived_releases_one_host_runs_and_the_reason_is_given(tmp_path, monkeypatch):
+    dev = load_dev()
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv(dev.HOSTS_ENV, str(tmp_path))
+    hosts, why = dev.pick_hosts(None)
+    assert [h.version for h in hosts] == [dev.COMFYUI_VERSION]
+    assert "no other ComfyUI release was found" in why and str(tmp_path) in why
+    # COMFYUI_PATH chooses one ComfyUI, run in .venv.
+    comfyui = tmp_path / "mine" / "ComfyUI"
+    for name in ("main.py", "comfy/model_management.py"):
+        (comfyui / name).parent.mkdir(parents=True, exist_ok=True)
+        (comfyui / name).touch()
+    monkeypatch.setenv("COMFYUI_PATH", str(comfyui))
+    hosts, why = dev.pick_hosts(None)
+    assert [(h.comfyui, h.venv) for h in hosts] == [(comfyui, ROOT / ".venv")] and "COMFYUI_PATH" in why
+
+
+def test_a_hosts_folder_that_does_not_exist_is_an_error(tmp_path, monkeypatch, capsys):
+    dev = load_dev()
+    monkeypatch.setenv(dev.HOSTS_ENV, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit):
+        dev.hosts_dir()
+    assert dev.HOSTS_ENV in capsys.readouterr().err
+
+
+def test_an_archived_release_unpacks_once_without_links_or_paths_outside(tmp_path):
+    dev = load_dev()
+    archive = fake_comfyui_tarball(tmp_path / "comfyui-0.33.0.tar.gz", "0.33.0",
+                                   {"ComfyUI/../escaped.txt": b"x", "ComfyUI/nodes.py": b"# nodes"})
+    host = dev.Host(version="0.33.0", comfyui=tmp_path / "hosts" / "ComfyUI-0.33.0", venv=tmp_path / "venv",
+                    archive=archive)
+    dev.unpack_comfyui(host)
+    assert dev.comfyui_version(host.comfyui) == "0.33.0"
+    assert (host.comfyui / "nodes.py").read_text() == "# nodes"
+    assert not (tmp_path / "hosts" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert not (host.comfyui / "outside").exists() and not (host.comfyui / "outside").is_symlink()
+    assert sorted(p.name for p in host.comfyui.parent.iterdir()) == ["ComfyUI-0.33.0"]  # no staging left
+    (host.comfyui / "marker").touch()
+    dev.unpack_comfyui(host)  # already there: untouched
+    assert (host.comfyui / "marker").exists()
+    # The requirements it brings lose the unpinned torch family; dev.py pins torch, torchvision, torchaudio.
+    assert dev.comfyui_requirements(host.comfyui) == "numpy>=1.25.0\nrequests\n"
+    assert any(p.startswith("torchaudio==2.9.") for p in dev.TORCH_PINS)
+
+
+def test_an_archive_holding_another_version_is_refused(tmp_path, capsys):
+    dev = load_dev()
+    archive = fake_comfyui_tarball(tmp_path / "comfyui-0.33.0.tar.gz", "0.32.0")
+    host = dev.Host(version="0.33.0", comfyui=tmp_path / "ComfyUI-0.33.0", venv=tmp_path / "venv",
+                    archive=archive)
+    with pytest.raises(SystemExit):
+        dev.unpack_comfyui(host)
+    assert "should hold one ComfyUI 0.33.0 folder" in capsys.readouterr().err
+
+
+def test_the_install_stamp_names_this_checkout_so_a_clone_reinstalls_its_own_editable_pack():
+    dev = load_dev()
+    inputs = dev.install_inputs(dev.pinned_host(), "numpy\n")
+    assert inputs["root"] == str(ROOT) and inputs["python"].startswith(str(ROOT))
+
+
+def test_result_lines_and_options():
+    dev = load_dev()
+    assert dev.result_line("==== 164 passed, 2 warnings in 301.20s (0:05:01) ====\n") == \
+        "164 passed, 2 warnings in 301.20s (0:05:01)"
+    coloured = "\x1b[31m= 1 failed, 163 passed in 2.00s =\x1b[0m"
+    assert dev.result_line(coloured) == "1 failed, 163 passed in 2.00s"
+    assert dev.result_line("12 passed in 0.5s") == "12 passed in 0.5s"
+    assert dev.result_line("tests/test_x.py::test_passed_in_order PASSED") is None
+    assert dev.take_option(["-k", "x", "--host", "0.33.0", "-q"], "--host") == ("0.33.0", ["-k", "x", "-q"])
+    assert dev.take_option(["--host=0.3.75"], "--host") == ("0.3.75", [])
+    assert dev.take_option(["-q"], "--host") == (None, ["-q"])

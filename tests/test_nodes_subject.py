@@ -77,6 +77,8 @@ def test_empty_image_batch_is_an_error(pack, load_handle):
 
 
 def test_encoding_reports_progress_to_comfy(pack, load_handle, monkeypatch):
+    # What the user sees: a bar over 4 steps (3 photos + the Q-Former) that ends full. How often ComfyUI
+    # passes updates on to its hook is its own business (0.33 throttles them; 0.3.75 passes each one).
     handle = load_handle()
     calls = []
     monkeypatch.setattr(
@@ -85,7 +87,10 @@ def test_encoding_reports_progress_to_comfy(pack, load_handle, monkeypatch):
         lambda value, total, preview, node_id=None: calls.append((value, total)),
     )
     encode_subject(pack, handle, seed=0, n=3)
-    assert calls[-1] == (4, 4) and len(calls) == 4
+    assert calls and calls[-1] == (4, 4)
+    assert all(total == 4 for _, total in calls)
+    values = [value for value, _ in calls]
+    assert values == sorted(values) and 1 <= values[0]
 
 
 def test_saved_subject_loads_back_identically(pack, load_handle, tmp_path, monkeypatch):

@@ -94,3 +94,22 @@ def test_full_sdxl_unet_on_meta_has_70_cross_attention_layers_reading_2048():
     assert all(m.to_k.in_features == 2048 and m.to_v.in_features == 2048 for m in attn2)
     assert all(p.device.type == "meta" for p in unet.parameters())
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+def test_the_root_init_imports_as_a_plain_module_as_pytest_does_in_a_hyphenated_checkout():
+    # pytest imports the repo root's __init__.py before the first test; in a checkout whose folder name is
+    # not an identifier (comfyui-nested-attention) it does so as the top-level module `__init__`.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("__init__", root / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("__init__")
+    try:
+        spec.loader.exec_module(module)  # no "attempted relative import with no known parent package"
+    finally:
+        if saved is not None:
+            sys.modules["__init__"] = saved
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # the mappings are for ComfyUI, which loads a package

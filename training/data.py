@@ -309,16 +309,29 @@ def prepare_target(image, resolution: int, center_crop: bool, flip: bool, rng: r
     return to_comfy_image(image), time_ids
 
 
+def comfy_clip_preprocess():
+    """ComfyUI's clip_preprocess: in comfy.clip_model since 0.8 (comfy.clip_vision keeps an alias that
+    ComfyUI means to remove), in comfy.clip_vision before."""
+    import comfy.clip_model
+    import comfy.clip_vision
+
+    found = getattr(comfy.clip_model, "clip_preprocess", None)
+    found = found or getattr(comfy.clip_vision, "clip_preprocess", None)
+    if found is None:
+        raise ImportError(
+            "this ComfyUI has clip_preprocess neither in comfy.clip_model nor in comfy.clip_vision; the pack "
+            "is tested with ComfyUI 0.3.75 and 0.33.0 (README, Supported ComfyUI).")
+    return found
+
+
 def prepare_clip_input(image, size: int) -> torch.Tensor:
     """(size, size, 3) in [0, 1]: the pixels ComfyUI's encode_image(crop=True) feeds the CLIP tower.
 
     clip_preprocess with mean 0 and std 1 does its resize, centre crop and rounding only; the
     normalization happens again (identically) inside encode_image, whose resize is then a no-op.
     """
-    from comfy.clip_vision import clip_preprocess
-
     pixels = to_comfy_image(image)[None]  # (1, H, W, 3)
-    out = clip_preprocess(pixels, size=size, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], crop=True)
+    out = comfy_clip_preprocess()(pixels, size=size, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], crop=True)
     return out[0].movedim(0, -1).contiguous()  # (size, size, 3)
 
 

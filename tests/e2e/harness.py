@@ -86,6 +86,7 @@ class ComfyServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.startup_log = ""
 
     def start(self, timeout: float = 600.0) -> ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,7 @@ class ComfyServer:
                                    f"{self.log_tail()}")
             try:
                 self.get_json("/system_stats")
+                self.startup_log = self.log_path.read_text(errors="replace")  # what it printed until ready
                 return self
             except (OSError, urllib.error.URLError):
                 time.sleep(0.5)

@@ -68,3 +68,11 @@ def test_the_lambda_widget_reads_lambda_in_the_frontend(frontend):
         " return node.widgets.map((w) => w.label ?? w.name); }"
     )
     assert "λ" in labels and not [label for label in labels if "lambda" in label], labels
+
+
+def test_server_starts_without_a_traceback(comfy):
+    # A missing dependency (torchaudio, which dev.py installs with torch) shows up as a traceback at
+    # start-up, in ComfyUI's own modules or in a custom node pack's import.
+    log = comfy.startup_log
+    assert "Import times for custom nodes" in log, log[-3000:]  # the packs were loaded before it answered
+    assert "Traceback" not in log and "IMPORT FAILED" not in log, log[-6000:]
