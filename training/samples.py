@@ -56,6 +56,33 @@ def patched_model(
 
 
 @torch.no_grad()
+def sample_image(
+    model,
+    vae,
+    positive: list,
+    negative: list,
+    seed: int,
+    *,
+    steps: int,
+    cfg: float,
+    resolution: int,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+) -> torch.Tensor:
+    """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1].
+
+    The one sampling call of the trainer's sample grids, the evaluation and `training.prepare --generate`.
+    """
+    side = resolution // 8
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, side, side))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed, disable_pbar=True
+    )
+    return vae.decode(samples)[0].float().cpu().clamp(0, 1)
+
+
+@torch.no_grad()
 def sample_grid(
     frozen: FrozenModels,
     encoder: NestedEncoder,
@@ -81,7 +108,6 @@ def sample_grid(
         )
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(""))
-    latent_size = resolution // 8
     cells = []  # rows of (H, W, 3) arrays
     for row in range(len(images) + 1):
         thumb = np.ones((resolution, resolution, 3), dtype=np.float32)
@@ -109,24 +135,10 @@ def sample_grid(
                 else:
                     model = patched_model(frozen, encoder, subject_tokens[row - 1], positions, prompt_tokens)
             for seed in seeds:
-                latent = torch.zeros(1, 4, latent_size, latent_size)
-                latent = comfy.sample.fix_empty_latent_channels(model, latent)
-                noise = comfy.sample.prepare_noise(latent, seed)
-                samples = comfy.sample.sample(
-                    model,
-                    noise,
-                    steps,
-                    cfg,
-                    "euler",
-                    "normal",
-                    positive,
-                    negative,
-                    latent,
-                    seed=seed,
-                    disable_pbar=True,
+                image = sample_image(
+                    model, frozen.vae, positive, negative, seed, steps=steps, cfg=cfg, resolution=resolution
                 )
-                decoded = frozen.vae.decode(samples)[0]  # (H, W, 3) in [0, 1]
-                line.append(decoded.float().cpu().clamp(0, 1).numpy())
+                line.append(image.numpy())
         cells.append(np.concatenate(line, axis=1))
     grid = np.concatenate(cells, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
