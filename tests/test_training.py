@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import comfy.model_management
+import numpy as np
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
@@ -111,7 +112,7 @@ def reference(tmp_path_factory, data_dir) -> dict:
         (["--subject_dropout", "1.5"], "probability in [0, 1]"),
         (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
         (["--resolution", "100"], "multiple of 64"),
-        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
+        (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be 0 (keep all) or a positive"),
         (["--pretrained_model", "sdxl.safetensors"], "cannot be used with --domain tiny"),
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "no such folder"),
         (["--snr_gamma", "0"], "--snr_gamma must be positive"),
@@ -413,9 +414,16 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     from PIL import Image
 
+    from training.preview import labelled_grid
+
     grid = Image.open(out / "samples-4.png")
-    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells
-    assert grid.size == (3 * 64, 3 * 64)
+    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells, labelled
+    cells = [[torch.zeros(64, 64, 3).numpy()] * 3] * 3
+    labels = ["a photo of a pet | seed 0", "a pet in the snow | seed 0"]
+    layout, boxes = labelled_grid(cells, ["no subject", "subject 1", "subject 2"], ["subject image", *labels])
+    assert grid.size == layout.size
+    left, top, right, bottom = boxes[0][0]
+    assert (np.asarray(grid.convert("RGB"))[top:bottom, left:right] == 255).all()  # no subject: blank cell
 
 
 def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(
@@ -546,8 +554,12 @@ def test_tar_shards_train_end_to_end(tmp_path):
         "1",
         "--checkpointing_steps",
         "1",
+        "--validation_steps",
+        "1",
     )
     assert summary["global_step"] == 1 and (tmp_path / "out" / "tiny-encoder.safetensors").is_file()
+    # the sample grid's subjects are the first two samples of the stream: two subject rows
+    assert (tmp_path / "out" / "samples-1.png").is_file()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ class TrainConfig:
     train_data: Optional[str]  # manifest, image folder or tar shards; None: tiny's generated data
     max_train_samples: Optional[int]  # use only the first N records
     token: str  # the subject word s*
+    subject_words: tuple[str, ...]  # caption words that become the token (training.captions)
     caption_template: str  # caption for images without one, with {token}
     resolution: int  # training resolution of the targets, a multiple of 64
     center_crop: bool  # crop targets at their centre (else at random)
     random_flip: bool  # mirror targets at random
+    dry_run: bool  # write args.json and a data preview, then stop before loading the models
     dataloader_num_workers: int  # data loader processes per GPU
     # models
     pretrained_model: Optional[str]  # SDXL base single-file checkpoint
@@ -52,8 +55,10 @@ class TrainConfig:
     output_dir: str  # checkpoints, sample grids, logs, the export
     seed: int  # seed of everything random
     train_batch_size: int  # batch size per device
+    global_batch_size: int  # samples per optimizer step = train_batch_size x num_processes x accumulation
     gradient_accumulation_steps: int  # batches per optimizer step
-    max_train_steps: int  # optimizer steps
+    max_train_steps: Optional[int]  # optimizer steps; None until the data is read, with num_train_epochs
+    num_train_epochs: Optional[float]  # passes over the data that set max_train_steps (with_epochs)
     learning_rate: float  # AdamW learning rate after warm-up
     lr_scheduler: str  # schedule after the warm-up
     lr_warmup_steps: int  # optimizer steps of linear warm-up
@@ -79,7 +84,7 @@ class TrainConfig:
     noise_offset: float  # per-channel constant noise, 0 off
     # checkpoints and monitoring
     checkpointing_steps: int  # save_state and export every N steps
-    checkpoints_total_limit: Optional[int]  # keep at most this many checkpoint-N folders
+    checkpoints_total_limit: int  # keep at most this many checkpoint-N folders; 0 keeps all
     resume_from_checkpoint: Optional[str]  # a checkpoint-N folder or "latest"
     validation_steps: int  # sample grid every N steps, 0 off
     eval_steps: int  # evaluation (training.evaluation) every N steps, 0 off
@@ -90,6 +95,7 @@ class TrainConfig:
     sample_cfg: float  # CFG scale of the grid
     report_to: str  # tensorboard, wandb, all or none
     logging_dir: str  # relative to output_dir
+    num_processes: int  # not a flag: the processes of the launch ($WORLD_SIZE), the global batch's split
 
     @property
     def preset(self) -> Preset:
@@ -115,6 +121,13 @@ class TrainConfig:
             raise TypeError(f"with_inputs sets model and data paths only, not {sorted(unknown)}")
         return dataclasses.replace(self, **paths)
 
+    def with_epochs(self, dataset_size: int) -> "TrainConfig":
+        """A copy whose max_train_steps comes from --num_train_epochs and the data set's size (if given)."""
+        if self.num_train_epochs is None:
+            return self
+        steps = max(1, math.ceil(self.num_train_epochs * dataset_size / self.global_batch_size))
+        return dataclasses.replace(self, max_train_steps=steps)
+
     def for_trackers(self) -> dict:
         """The run's settings as scalars (lists joined), for accelerate's trackers."""
         out = {}
@@ -137,15 +150,16 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
     """Fill every flag left unset from the domain preset (the namespace itself is not changed)."""
     preset = PRESETS[flags.domain]
     values = dict(vars(flags))
+    values["num_processes"] = launcher_world_size()
     defaults = {
         "token": preset.token,
+        "subject_words": preset.subject_words,
         "caption_template": preset.caption_template,
         "resolution": preset.resolutions[0],
         "center_crop": preset.center_crop,
         "random_flip": preset.random_flip,
         "num_tokens": preset.num_tokens,
-        "train_batch_size": preset.train_batch_size,
-        "max_train_steps": preset.max_train_steps,
+        "checkpoints_total_limit": preset.checkpoints_total_limit,
         "learning_rate": preset.learning_rate,
         "lr_warmup_steps": preset.lr_warmup_steps,
         "gradient_checkpointing": preset.gradient_checkpointing,
@@ -161,13 +175,54 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
     for name, value in defaults.items():
         if values[name] is None:
             values[name] = value
+    if values["num_train_epochs"] is None and values["max_train_steps"] is None:
+        values["max_train_steps"] = preset.max_train_steps
+    values.update(batch_sizes(preset, values))
     if values["cpu_threads"] is None and preset.tiny and "OMP_NUM_THREADS" not in os.environ:
         values["cpu_threads"] = 1
     if values["cache_dir"] is None:
         values["cache_dir"] = os.path.join(values["output_dir"], "cache")
-    for name in ("validation_prompts", "validation_images", "validation_seeds"):
+    for name in ("subject_words", "validation_prompts", "validation_images", "validation_seeds"):
         values[name] = tuple(values[name] or ())
     return TrainConfig(**values)
+
+
+def launcher_world_size() -> int:
+    """The processes of this launch: $WORLD_SIZE, which torchrun and `accelerate launch` set (1 without)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def batch_sizes(preset: Preset, values: dict) -> dict:
+    """train_batch_size, gradient_accumulation_steps and global_batch_size from the flags and the preset.
+
+    A global batch (--global_batch_size, else the preset's for this resolution when no accumulation is
+    given) is split as per-device batch x processes x accumulation: the accumulation is derived, and the
+    per-device batch, when not given, is the largest up to the preset's that divides the global batch
+    per process. Without a global batch, accumulation defaults to 1. check_config refuses what does not
+    divide evenly.
+    """
+    world = values["num_processes"]
+    batch, accumulation = values["train_batch_size"], values["gradient_accumulation_steps"]
+    total = values["global_batch_size"]
+    if total is None and accumulation is None and preset.global_batch_sizes:
+        phases = [i for i, r in enumerate(preset.resolutions) if r <= values["resolution"]]
+        phase = min(phases[-1] if phases else 0, len(preset.global_batch_sizes) - 1)
+        total = preset.global_batch_sizes[phase]
+    if total is None:
+        batch = batch or preset.train_batch_size
+        accumulation = accumulation or 1
+        total = batch * world * accumulation
+        return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
+    if batch is None:
+        per_process = total // world if total % world == 0 else 0
+        batch = max((d for d in range(1, preset.train_batch_size + 1) if per_process % d == 0), default=1)
+        batch = batch if per_process else preset.train_batch_size
+    if accumulation is None:
+        accumulation = max(1, total // (batch * world))
+    return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
 
 
 def check_config(config: TrainConfig, error: Callable[[str], NoReturn]) -> None:
@@ -180,17 +235,43 @@ def check_config(config: TrainConfig, error: Callable[[str], NoReturn]) -> None:
     for name in (
         "train_batch_size",
         "gradient_accumulation_steps",
-        "max_train_steps",
+        "global_batch_size",
         "checkpointing_steps",
         "num_tokens",
         "sample_steps",
     ):
         positive(name)
-    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+    world = config.num_processes
+    if config.train_batch_size * world * config.gradient_accumulation_steps != config.global_batch_size:
         error(
-            "--checkpoints_total_limit must be at least 1 (or left out to keep all), "
+            f"--global_batch_size {config.global_batch_size} must be --train_batch_size "
+            f"{config.train_batch_size} x {world} process(es) x --gradient_accumulation_steps (derived when "
+            f"not given; {config.gradient_accumulation_steps} here), a multiple of "
+            f"{config.train_batch_size * world}; choose a global batch that divides evenly, or another "
+            "--train_batch_size (or leave it out: the preset's is lowered to fit)."
+        )
+    if config.num_train_epochs is not None:
+        if config.max_train_steps is not None:
+            error("--num_train_epochs and --max_train_steps both set the run's length; give one.")
+        if not config.num_train_epochs > 0:
+            error(f"--num_train_epochs must be positive, got {config.num_train_epochs}.")
+        if config.train_data is not None:
+            from .data import find_shards
+
+            if find_shards(config.train_data):
+                error(
+                    "--num_train_epochs needs the data set's size, which tar shards do not tell (they "
+                    "stream); give --max_train_steps instead."
+                )
+    elif config.max_train_steps < 1:
+        error(f"--max_train_steps must be at least 1, got {config.max_train_steps}.")
+    if config.checkpoints_total_limit < 0:
+        error(
+            "--checkpoints_total_limit must be 0 (keep all) or a positive number, "
             f"got {config.checkpoints_total_limit}."
         )
+    if not config.subject_words or not all(w.strip() for w in config.subject_words):
+        error("--subject_words needs at least one word (no empty words).")
     if config.eval_steps < 0:
         error("--eval_steps must be 0 (no evaluation) or a positive number of steps.")
     if config.validation_steps < 0:

@@ -13,8 +13,9 @@ Sources (`--train_data`):
   `<key>.jpg|png|webp` (or `<key>.input.<ext>`) the input, `<key>.target.<ext>` the target,
   `<key>.txt` the caption, `<key>.json` {"caption", "subject"}.
 
-The caption's subject word (the record's "subject", else the first of the domain's subject words)
-becomes the domain token; a caption without one gets the template in front. Targets are resized
+The caption's subject word (the record's "subject", else the first run of the domain's subject
+words) becomes the domain token; a caption without one gets the template in front (training.captions,
+which also counts them). Targets are resized
 (shorter side to the resolution) and cropped to a square, and SDXL's time ids record the original
 size, the crop's top-left corner and the target size. The input is fitted to the CLIP vision
 model's square exactly as ComfyUI's `clip_preprocess` does for the nodes (centre crop).
@@ -33,7 +34,6 @@ import json
 import logging
 import os
 import random
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -69,27 +71,6 @@ class Record:
     target: Optional[ImageSource] = None  # the image the UNet learns to denoise; None means the input
     caption: Optional[str] = None
     subject: Optional[str] = None  # the caption's subject word, when the data names it
-
-
-@dataclass(frozen=True)
-class CaptionRule:
-    token: str  # the domain token s*
-    subject_words: tuple[str, ...]  # words that name the subject in raw captions
-    template: str  # "{token}" is replaced by the token
-
-    def apply(self, caption: Optional[str], subject: Optional[str] = None) -> str:
-        """The training caption: the subject word replaced by the token, or the template for no caption."""
-        base = self.template.format(token=self.token)
-        caption = (caption or "").strip()
-        if not caption:
-            return base
-        words = [subject] if subject else list(self.subject_words)
-        pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-        if pattern.search(caption):  # the first subject word in the caption
-            return pattern.sub(self.token, caption, count=1)
-        if re.search(rf"\b{re.escape(self.token)}\b", caption, re.IGNORECASE):
-            return caption
-        return f"{base}, {caption}"
 
 
 def read_manifest(path: Path) -> list[Record]:

@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the preset's, 'pet' or 'person').",
     )
     g.add_argument(
+        "--subject_words",
+        nargs="+",
+        default=None,
+        help="Words that name the subject in captions; the first run of them becomes --token "
+        "(case-insensitive, whole words; a caption with them only in the plural, 'two dogs', is not "
+        "rewritten). Default: "
+        "the preset's (pets: dog, cat, puppy, kitten, pet and common breed words; faces: man, woman, "
+        "person, boy, girl, lady, guy, ...).",
+    )
+    g.add_argument(
         "--caption_template",
         default=None,
         help="Caption for images without one, with {token} for the subject word (default: the preset's, "
@@ -73,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Mirror targets at random (default: the preset's).",
+    )
+    g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Resolve every setting, write <output_dir>/args.json and a preview of a few processed samples "
+        "(the encoder's input, the target crop, the caption) to <output_dir>/data-preview/, then stop "
+        "before loading SDXL.",
     )
     g.add_argument(
         "--dataloader_num_workers",
@@ -146,19 +163,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seed of everything random: initialization, data order, crops, dropout, noise and timesteps.",
     )
     g.add_argument(
-        "--train_batch_size", type=int, default=None, help="Batch size per device (default: the preset's)."
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="Batch size per device (default: the preset's, 4, lowered to fit the preset's global batch).",
+    )
+    g.add_argument(
+        "--global_batch_size",
+        type=int,
+        default=None,
+        help="Samples per optimizer step over all processes: --train_batch_size x processes x accumulation, "
+        "the accumulation derived (must divide evenly). Default: the preset's phase, as in the paper (faces "
+        "32 at 512 and 16 at 1024; pets 128 and 32); none for 'tiny'.",
     )
     g.add_argument(
         "--gradient_accumulation_steps",
         type=int,
-        default=1,
-        help="Number of batches whose gradients are accumulated before each optimizer step.",
+        default=None,
+        help="Number of batches whose gradients are accumulated before each optimizer step (default: "
+        "derived from the global batch, else 1; given with --global_batch_size, the two must agree).",
     )
     g.add_argument(
         "--max_train_steps",
         type=int,
         default=None,
-        help="Number of optimizer steps to train for (default: the preset's).",
+        help="Number of optimizer steps to train for (default: the preset's; not with --num_train_epochs).",
+    )
+    g.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=None,
+        help="Train for this many passes over the data instead (the paper: 100 per phase): sets "
+        "--max_train_steps = ceil(epochs x data set size / global batch) once the data is read. Not for "
+        "tar shards (their size is unknown) and not together with --max_train_steps.",
     )
     g.add_argument(
         "--learning_rate",
@@ -292,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints_total_limit",
         type=int,
         default=None,
-        help="Keep at most this many checkpoint-N folders; older ones are deleted (default: keep all).",
+        help="Keep at most this many checkpoint-N folders, each about 6 GB at SDXL size; older ones are "
+        "deleted (default: 3; 0 keeps all).",
     )
     g.add_argument(
         "--resume_from_checkpoint",

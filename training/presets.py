@@ -32,13 +32,16 @@ CLIP_VISION_H_NAMES = (
 class Preset:
     domain: str  # name written into the encoder file
     token: str  # the subject word s* that captions' subject words become
-    subject_words: tuple[str, ...]  # caption words replaced by the token (first occurrence)
+    subject_words: tuple[str, ...]  # default --subject_words: caption words replaced by the token (singular)
     caption_template: str  # caption for images without one; "{token}" is the subject word
     resolutions: tuple[int, ...]  # training phases, in order
     center_crop: bool  # crop the target to a square at its centre (else at random)
     random_flip: bool  # mirror targets at random
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # the encoder's Q-Former, M included
-    train_batch_size: int = 4
+    train_batch_size: int = 4  # per device (largest; lowered when the global batch needs it)
+    # Global batch (all processes x accumulation) per phase, as the paper trained; () leaves it to the flags.
+    global_batch_sizes: tuple[int, ...] = ()
+    checkpoints_total_limit: int = 3  # checkpoint-N folders kept (about 6 GB each at SDXL size)
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 500
     max_train_steps: int = 50_000
@@ -61,23 +64,20 @@ PRESETS: dict[str, Preset] = {
         domain="pets",
         token="pet",
         subject_words=(
-            "dog",
-            "cat",
-            "puppy",
-            "kitten",
-            "pet",
-            "animal",
-            "bunny",
-            "rabbit",
-            "hamster",
-            "bird",
-            "parrot",
+            "pet", "animal", "dog", "puppy", "pup", "doggy", "cat", "kitten", "kitty", "bunny", "rabbit",
+            "hamster", "bird", "parrot",
+            # common dog and cat breed words, as captioners write them ("a golden retriever puppy")
+            "retriever", "labrador", "poodle", "terrier", "beagle", "bulldog", "husky", "shepherd",
+            "dachshund", "chihuahua", "pug", "corgi", "spaniel", "collie", "rottweiler", "shih tzu",
+            "pomeranian", "doberman", "schnauzer", "greyhound", "sheepdog", "samoyed", "akita", "malamute",
+            "tabby", "siamese", "persian", "ragdoll", "sphynx", "maine coon", "bengal",
         ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
         qformer=QFormerConfig(num_queries=256),
+        global_batch_sizes=(128, 32),  # 8 GPUs in the paper
         validation_prompts=(
             "a photo of a {token}",
             "a {token} on the beach",
@@ -88,12 +88,16 @@ PRESETS: dict[str, Preset] = {
     "faces": Preset(
         domain="faces",
         token="person",
-        subject_words=("person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid"),
+        subject_words=(
+            "person", "man", "woman", "boy", "girl", "child", "kid", "lady", "guy", "gentleman", "teenager",
+            "adult", "baby", "toddler",
+        ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
         center_crop=True,
         random_flip=True,
         qformer=QFormerConfig(num_queries=1024),
+        global_batch_sizes=(32, 16),  # 4 GPUs at 512, 8 at 1024 in the paper
         validation_prompts=(
             "a photo of a {token}",
             "a {token} as an astronaut",

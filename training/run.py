@@ -9,14 +9,14 @@ the standard noise-prediction loss through the UNet with the very attention patc
 install. Checkpoints (`save_state`) go to <output_dir>/checkpoint-N with the node weight file
 <domain>-encoder.safetensors inside; the final weight file is <output_dir>/<domain>-encoder.safetensors.
 
-`main` is the run as named steps: config (training.config) -> inputs -> accelerator -> frozen models
--> data scan -> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
+`main` is the run as named steps: config (training.config) -> inputs -> accelerator -> data scan
+(caption report; --num_train_epochs; args.json; --dry_run stops here: training.preview) -> frozen models
+-> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
 training.latent_cache) -> loop (loss: training.loss) -> export.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -60,6 +60,11 @@ def make_accelerator(config: TrainConfig):
         # Ranks wait for each other while one builds its part of the latent cache or draws a sample grid.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
+    if accelerator.num_processes != config.num_processes:  # the global batch was split over num_processes
+        raise SystemExit(
+            f"{PREFIX} accelerate started {accelerator.num_processes} processes but $WORLD_SIZE said "
+            f"{config.num_processes}; launch with accelerate launch or torchrun, which set it."
+        )
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
     if config.allow_tf32 and torch.cuda.is_available():
@@ -95,17 +100,34 @@ def load_frozen_models(config: TrainConfig):
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The data found: its kind, where it is, its records (none for streamed shards) and how to read them."""
+    """The data found: its kind, where it is, its records (none for streamed shards), its caption rule."""
 
     kind: str  # "manifest", "folder" or "shards"
     path: str  # what --train_data named (or the generated tiny data)
     source: Any  # describe_source's answer: a manifest path, a folder, or shard paths
     records: list  # data.Record, in order (empty for shards)
-    sample_config: Any  # data.SampleConfig: resolution, crops, captions, seed
+    captions: Any  # captions.CaptionRule: subject words -> token, template
+
+    def sample_config(self, config: TrainConfig, clip_size: int):
+        """data.SampleConfig: how samples are made (resolution, crops, captions, seed) for this CLIP size."""
+        from .data import SampleConfig
+
+        return SampleConfig(
+            resolution=config.resolution,
+            clip_size=clip_size,
+            center_crop=config.center_crop,
+            random_flip=config.random_flip,
+            captions=self.captions,
+            seed=config.seed,
+        )
 
 
-def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
-    """Read the manifest or folder (shards stream later); tiny without --train_data generates its data."""
+CAPTION_SCAN_SAMPLES = 500  # tar shards: the caption report counts this many samples from the stream's start
+
+
+def scan_data(config: TrainConfig, accelerator) -> TrainingData:
+    """Read the manifest or folder (shards stream later) and report its captions, before any model loads;
+    tiny without --train_data generates its data."""
     from . import data as data_lib
 
     path = config.train_data
@@ -132,18 +154,20 @@ def scan_data(config: TrainConfig, accelerator, frozen) -> TrainingData:
             )
     captions = data_lib.CaptionRule(
         token=config.token,
-        subject_words=config.preset.subject_words + (config.token,),
+        subject_words=config.subject_words + (config.token,),
         template=config.caption_template,
     )
-    sample_config = data_lib.SampleConfig(
-        resolution=config.resolution,
-        clip_size=frozen.clip_vision_spec.image_size,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        captions=captions,
-        seed=config.seed,
-    )
-    return TrainingData(kind=kind, path=path, source=source, records=records, sample_config=sample_config)
+    if accelerator.is_main_process:
+        from .captions import caption_report
+        from .preview import first_records
+
+        if kind == "shards":
+            seen = first_records(kind, source, records, CAPTION_SCAN_SAMPLES)
+            what = f"the first {len(seen)} samples of the shards"
+        else:
+            seen, what = records, f"{len(records)} records"
+        log.info(caption_report(captions, seen, what))
+    return TrainingData(kind=kind, path=path, source=source, records=records, captions=captions)
 
 
 def build_encoder(config: TrainConfig, frozen):
@@ -202,6 +226,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     from . import data as data_lib
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
     kwargs = dict(
         num_workers=config.dataloader_num_workers,
         collate_fn=data_lib.collate,
@@ -211,7 +236,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     if data.kind == "shards":
         stream = data_lib.TarShardStream(
             data.source,
-            data.sample_config,
+            sample_config,
             config.train_batch_size,
             rank=rank,
             world=world,
@@ -225,56 +250,18 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
             accelerator,
             frozen,
             data.records,
-            data.sample_config,
+            sample_config,
             Path(config.cache_dir),
             model=config.pretrained_model or "tiny",
             batch_size=config.train_batch_size,
         )
-        dataset = CachedDataset(folder, data.records, data.sample_config.captions)
+        dataset = CachedDataset(folder, data.records, data.captions)
     else:
-        dataset = data_lib.RecordDataset(data.records, data.sample_config)
+        dataset = data_lib.RecordDataset(data.records, sample_config)
     sampler = data_lib.StepBatchSampler(
         len(dataset), config.train_batch_size, config.seed, rank=rank, world=world, start=start_batch
     )
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
-
-
-def load_validation_images(config: TrainConfig, records: list) -> list:
-    """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs."""
-    from . import data as data_lib
-
-    sources = list(config.validation_images) or [r.input for r in records[:2]]
-    images = []
-    for source in sources:
-        try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source)))
-        except data_lib.BadImage as e:
-            name = source if isinstance(source, str) else "?"
-            log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
-    return images
-
-
-def write_samples(config: TrainConfig, step: int, frozen, trainee: Trainee, text, images: list) -> None:
-    """The sample grid of step `step` (with the EMA weights when --use_ema), on the main process."""
-    from .samples import sample_grid
-
-    out = copy.deepcopy(trainee.encoder)
-    if trainee.ema is not None:
-        trainee.ema.copy_to(out)
-    prompts = [prompt.format(token=config.token) for prompt in config.validation_prompts]
-    path = sample_grid(
-        frozen,
-        out,
-        text,
-        images,
-        prompts,
-        config.validation_seeds,
-        config.resolution,
-        config.sample_steps,
-        config.sample_cfg,
-        Path(config.output_dir) / f"samples-{step}.png",
-    )
-    log.info("%s sample grid %s", PREFIX, path)
 
 
 def comfy_load(unet) -> None:
@@ -371,9 +358,11 @@ def train_loop(
         step_loss = 0.0
         last = step == config.max_train_steps
         if step % config.checkpointing_steps == 0 or last:
-            checkpoints.save(step, process_state(state, accelerator.num_processes, trainee.encoder))
+            checkpoints.save(step, process_state(state, config, trainee.encoder))
         if config.validation_steps and (step % config.validation_steps == 0 or last):
             if is_main and validation_images:
+                from .samples import write_samples
+
                 write_samples(config, step, frozen, trainee, text, validation_images)
         if config.eval_steps and (step % config.eval_steps == 0 or last):
             from .evaluation.during_training import evaluate_during_training
@@ -386,12 +375,15 @@ def train_loop(
     progress.close()
 
 
-def process_state(state: LoopState, world: int, encoder) -> ProcessState:
-    """What this process writes into a checkpoint: its position and a fingerprint of the weights it holds."""
+def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessState:
+    """What this process writes into a checkpoint: its position, its batch layout and a fingerprint of the
+    weights it holds."""
     return ProcessState(
         global_step=state.global_step,
         batches=state.batches,
-        world=world,
+        world=config.num_processes,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         weights_sha256=weights_fingerprint(encoder),
         initial_weights_sha256=state.initial_fingerprint,
         batch_keys=state.last_keys,
@@ -410,8 +402,16 @@ def main(config: TrainConfig) -> dict:
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
     # ComfyUI is imported only from here on: its device choice sees the device accelerate gave this process.
+    data = scan_data(config, accelerator)
+    # The data's path (tiny: generated) and --num_train_epochs' steps, now that the data is read.
+    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
+    from .preview import dry_run, load_validation_images, write_args
+
+    if accelerator.is_main_process:
+        write_args(config)
+    if config.dry_run:
+        return dry_run(config, data) if accelerator.is_main_process else {"dry_run": True}
     frozen = load_frozen_models(config)
-    data = scan_data(config, accelerator, frozen)
     encoder = build_encoder(config, frozen)
     if config.init_from:  # M comes from the file: a new frozen config says so to everything after this step
         config = dataclasses.replace(config, num_tokens=encoder.config.num_tokens)
@@ -421,12 +421,15 @@ def main(config: TrainConfig) -> dict:
     checkpoints = Checkpoints(
         accelerator=accelerator,
         output_dir=output_dir,
-        limit=config.checkpoints_total_limit,
+        limit=config.checkpoints_total_limit or None,
         encoder_file=encoder_file,
         export=lambda path, step: trainee.export(path, step, config),
     )
     position: Position = checkpoints.resume(
-        config.resume_from_checkpoint, config.gradient_accumulation_steps, config.init_encoder
+        config.resume_from_checkpoint,
+        config.gradient_accumulation_steps,
+        config.init_encoder,
+        config.train_batch_size,
     )
     loader = make_loader(config, accelerator, data, frozen, position.batches)
 
@@ -434,16 +437,17 @@ def main(config: TrainConfig) -> dict:
 
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (
-        load_validation_images(config, data.records) if config.validation_steps or config.eval_steps else []
+        load_validation_images(config, data) if config.validation_steps or config.eval_steps else []
     )
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())
     log.info(
-        "%s training %s: %d steps, batch %d x %d accumulation x %d processes, resolution %d, M=%d, "
-        "%d layers, %d records (%s)",
+        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
+        "M=%d, %d layers, %d records (%s)",
         PREFIX,
         config.domain,
         config.max_train_steps,
+        config.global_batch_size,
         config.train_batch_size,
         config.gradient_accumulation_steps,
         accelerator.num_processes,
