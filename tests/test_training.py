@@ -558,8 +558,15 @@ def test_tar_shards_train_end_to_end(tmp_path):
         "1",
     )
     assert summary["global_step"] == 1 and (tmp_path / "out" / "tiny-encoder.safetensors").is_file()
-    # the sample grid's subjects are the first two samples of the stream: two subject rows
-    assert (tmp_path / "out" / "samples-1.png").is_file()
+    # the sample grid's subjects are the first two samples of the stream: two subject rows, as from a folder
+    from PIL import Image
+
+    from training.preview import labelled_grid
+
+    labels = ["subject image", "a photo of a pet | seed 0", "a pet in the snow | seed 0"]
+    rows = ["no subject", "subject 1", "subject 2"]
+    layout, _ = labelled_grid([[np.zeros((64, 64, 3))] * 3] * 3, rows, labels)
+    assert Image.open(tmp_path / "out" / "samples-1.png").size == layout.size
 
 
 @pytest.mark.slow

@@ -260,6 +260,8 @@ def test_epochs_refuse_tar_shards_and_set_steps_from_the_data_size(tmp_path, cap
     )
     assert config.max_train_steps is None and config.global_batch_size == 6
     assert config.with_epochs(100).max_train_steps == 42  # ceil(2.5 x 100 / 6)
+    with pytest.raises(SystemExit, match="tar shards do not tell"):  # shards found at the default path
+        config.with_epochs(0)
     assert trainer.parse_args(["--domain", "tiny"]).with_epochs(100).max_train_steps == 30  # the preset's
 
 

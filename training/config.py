@@ -28,7 +28,8 @@ PREFIX = "[nested-attention]"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of one training run (one field per flag; see `python -m training.run --help`)."""
+    """Every setting of one training run: one field per flag (see `python -m training.run --help`), plus
+    num_processes, the launch's, which the global batch is split over."""
 
     # domain and data
     domain: str  # the preset: pets, faces or tiny
@@ -125,6 +126,11 @@ class TrainConfig:
         """A copy whose max_train_steps comes from --num_train_epochs and the data set's size (if given)."""
         if self.num_train_epochs is None:
             return self
+        if dataset_size < 1:  # tar shards found at the default data path (check_config saw no --train_data)
+            raise SystemExit(
+                f"{PREFIX} --num_train_epochs needs the data set's size, which tar shards do not tell (they "
+                "stream); give --max_train_steps instead."
+            )
         steps = max(1, math.ceil(self.num_train_epochs * dataset_size / self.global_batch_size))
         return dataclasses.replace(self, max_train_steps=steps)
 

@@ -88,7 +88,7 @@ def labelled_grid(
         size *= math.ceil(MIN_CELL / size)
     shown = [[to_display(cell, size) for cell in row] for row in cells]
     height = max(image.height for row in shown for image in row)
-    face = font(max(12, min(28, size // 16)))
+    face = font(max(12, min(40, size // 16)))
     pad = max(4, size // 64)
     line_h = int(face.size * 1.25) if hasattr(face, "size") else 12
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
