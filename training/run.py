@@ -415,6 +415,8 @@ def main(config: TrainConfig) -> dict:
     encoder = build_encoder(config, frozen)
     if config.init_from:  # M comes from the file: a new frozen config says so to everything after this step
         config = dataclasses.replace(config, num_tokens=encoder.config.num_tokens)
+        if accelerator.is_main_process:
+            write_args(config)
     trainee = make_optimizer(config, accelerator, encoder, frozen)
     output_dir = Path(config.output_dir)
     encoder_file = f"{config.domain}-encoder.safetensors"
