@@ -240,6 +240,8 @@ def test_global_batch_splits_into_per_device_batch_and_accumulation(flags, world
         (["--domain", "tiny", "--num_train_epochs", "2", "--max_train_steps", "5"], 1, "give one"),
         (["--domain", "tiny", "--num_train_epochs", "0"], 1, "--num_train_epochs must be positive"),
         (["--domain", "tiny", "--checkpoints_total_limit", "-1"], 1, "0 (keep all) or a positive number"),
+        (["--domain", "tiny", "--train_batch_size", "0"], 1, "--train_batch_size must be at least 1"),
+        (["--domain", "tiny", "--gradient_accumulation_steps", "0"], 1, "--gradient_accumulation_steps must be"),
     ],
 )
 def test_batch_and_length_flags_that_do_not_fit_are_refused(flags, world, message, monkeypatch, capsys):

@@ -218,8 +218,8 @@ def batch_sizes(preset: Preset, values: dict) -> dict:
         phase = min(phases[-1] if phases else 0, len(preset.global_batch_sizes) - 1)
         total = preset.global_batch_sizes[phase]
     if total is None:
-        batch = batch or preset.train_batch_size
-        accumulation = accumulation or 1
+        batch = preset.train_batch_size if batch is None else batch
+        accumulation = 1 if accumulation is None else accumulation
         total = batch * world * accumulation
         return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
     if batch is None:
