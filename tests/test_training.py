@@ -112,7 +112,7 @@ def reference(tmp_path_factory, data_dir) -> dict:
         (["--subject_dropout", "1.5"], "probability in [0, 1]"),
         (["--cache_latents", "--random_flip"], "cannot be combined with --random_flip"),
         (["--resolution", "100"], "multiple of 64"),
-        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
+        (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be 0 (keep all) or a positive"),
         (["--pretrained_model", "sdxl.safetensors"], "cannot be used with --domain tiny"),
         (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "no such folder"),
         (["--snr_gamma", "0"], "--snr_gamma must be positive"),
@@ -414,12 +414,16 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     from PIL import Image
 
+    from training.preview import labelled_grid
+
     grid = Image.open(out / "samples-4.png")
-    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells, under a header
-    # that names each column (prompt and seed)
-    header = grid.size[1] - 3 * 64
-    assert grid.size[0] == 3 * 64 and 0 < header <= 62
-    assert np.asarray(grid)[:header].min() < 128  # text drawn in the header band
+    # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells, labelled
+    cells = [[torch.zeros(64, 64, 3).numpy()] * 3] * 3
+    labels = ["a photo of a pet | seed 0", "a pet in the snow | seed 0"]
+    layout, boxes = labelled_grid(cells, ["no subject", "subject 1", "subject 2"], ["subject image", *labels])
+    assert grid.size == layout.size
+    left, top, right, bottom = boxes[0][0]
+    assert (np.asarray(grid.convert("RGB"))[top:bottom, left:right] == 255).all()  # no subject: blank cell
 
 
 def test_resume_reproduces_the_uninterrupted_losses_and_keeps_the_checkpoint_limit(
@@ -554,11 +558,15 @@ def test_tar_shards_train_end_to_end(tmp_path):
         "1",
     )
     assert summary["global_step"] == 1 and (tmp_path / "out" / "tiny-encoder.safetensors").is_file()
-    # Sample grids work for shards too: rows = no subject + the shards' first two inputs.
+    # the sample grid's subjects are the first two samples of the stream: two subject rows, as from a folder
     from PIL import Image
 
-    grid = Image.open(tmp_path / "out" / "samples-1.png")
-    assert grid.size[0] == 3 * 64 and grid.size[1] > 3 * 64
+    from training.preview import labelled_grid
+
+    labels = ["subject image", "a photo of a pet | seed 0", "a pet in the snow | seed 0"]
+    rows = ["no subject", "subject 1", "subject 2"]
+    layout, _ = labelled_grid([[np.zeros((64, 64, 3))] * 3] * 3, rows, labels)
+    assert Image.open(tmp_path / "out" / "samples-1.png").size == layout.size
 
 
 @pytest.mark.slow

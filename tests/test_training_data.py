@@ -143,8 +143,9 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
         "raw.heic",
         "tiny.png (20x20)",
         "tiny.txt line 1 is not UTF-8",
-        "1 captions from the template",
-        "other.png",
+        "1 have no caption (the template 'a photo of a pet' is used)",
+        "1 have no subject word (the template is put in front; --subject_words sets the words), "
+        "e.g. other.png",
     ):
         assert expected in text
 
@@ -328,38 +329,49 @@ def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
     assert saved["resolution"] == 64 and saved["dry_run"] is True
     assert not list((tmp_path / "o").glob("checkpoint-*"))
     panels = [np.asarray(Image.open(p).convert("RGB")) for p in summary["preview"]]
-    size = 256  # preview panels: encoder input at x 0..255, target at x 264..519
+    from training.preview import preview_boxes
+    from training.tiny import TINY_CLIP_VISION_CONFIG
+
+    clip_box, target_box = preview_boxes(TINY_CLIP_VISION_CONFIG["image_size"], 64)
+    size = target_box[2] - target_box[0]  # the 64 px target shown 4x: 256
+    assert size == 256 and target_box[3] - target_box[1] == 256
 
     def target(i, x, y):
-        return panels[i][y, 264 + x]
+        return panels[i][target_box[1] + y, target_box[0] + x]
 
     # a_phone: turned upright, the red (left) half is now on top of the centre-cropped target.
     assert np.abs(target(0, 128, 10).astype(int) - RED).max() < 40
     assert np.abs(target(0, 128, size - 10).astype(int) - BLUE).max() < 40
     # b_cutout: white around the subject, in the encoder input and the target.
-    assert tuple(panels[1][5, 5]) == (255, 255, 255) and tuple(target(1, 5, 5)) == (255, 255, 255)
+    assert tuple(panels[1][clip_box[1] + 5, clip_box[0] + 5]) == (255, 255, 255)
+    assert tuple(target(1, 5, 5)) == (255, 255, 255)
     assert tuple(target(1, 128, 128)) == (200, 100, 50)
     # c_deep: 30000 / 65535 of full scale, grey, not white.
     assert abs(int(target(2, 128, 128)[0]) - round(30000 / 65535 * 255)) <= 1
     # d_photo.tif with its Latin-1 caption, the dog become the token.
     captions = (tmp_path / "o" / "data-preview" / "captions.tsv").read_text(encoding="utf-8")
-    assert "d_photo.tif\ta pet at the café" in captions
+    assert "\td_photo.tif\ta pet at the café" in captions
 
 
 def test_subject_words_plurals_and_breeds_become_the_token():
     from training.presets import PRESETS
 
     rule = data_lib.CaptionRule("pet", ("puppy", "dog", "corgi"), "a photo of a {token}")
-    assert rule.apply("two Puppies in the grass") == "two pet in the grass"
-    assert rule.apply("my corgis at home") == "my pet at home"
+    # Plurals are recognised but not rewritten (training.captions: the encoder binds one subject; "two pet"
+    # would teach the token a wrong meaning): the template goes in front and the scan counts them.
+    assert rule.apply("two Puppies in the grass") == "a photo of a pet, two Puppies in the grass"
+    assert rule.apply("my corgis at home") == "a photo of a pet, my corgis at home"
+    assert rule.classify("my corgis at home") == "plural"
+    assert rule.apply("my Corgi at home") == "my pet at home"
     assert rule.apply("a hotdogs stand") == "a photo of a pet, a hotdogs stand"  # whole words only
     people = data_lib.CaptionRule("person", PRESETS["faces"].subject_words, "a photo of a {token}")
-    assert people.apply("two women laughing") == "two person laughing"
+    assert people.apply("two women laughing") == "a photo of a person, two women laughing"
+    assert people.classify("two women laughing") == "plural"
     assert people.apply("a young actress smiling") == "a young person smiling"
     pets = data_lib.CaptionRule("pet", PRESETS["pets"].subject_words, "a photo of a {token}")
     assert pets.apply("a golden retriever on a sofa") == "a golden pet on a sofa"
-    assert pets.kind("a sunny meadow") == "no subject word" and pets.kind("") == "template"
-    assert pets.kind("a beagle") == "ok"
+    assert pets.classify("a sunny meadow") == "no_subject" and pets.classify("") == "template"
+    assert pets.classify("a beagle") == "subject"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,7 +399,8 @@ def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatc
         == 3
     )
     assert trainer.parse_args(["--domain", "tiny"]).gradient_accumulation_steps == 1
-    assert trainer.parse_args(["--domain", "tiny"]).checkpoints_total_limit is None
+    # one default for every preset (training/test_training_data_prep.py: 0 keeps all)
+    assert trainer.parse_args(["--domain", "tiny"]).checkpoints_total_limit == 3
 
 
 def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
@@ -430,17 +443,18 @@ def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-def test_resuming_with_another_batch_shape_is_named():
-    import argparse
+def test_resuming_with_another_batch_shape_is_named(tmp_path):
+    from training.checkpoints import batch_mismatch
 
-    from training.schedule import resume_warnings
+    def mismatch(state: dict):
+        (tmp_path / "trainer_state-0.json").write_text(json.dumps(state))
+        return batch_mismatch(tmp_path, world=1, batch_size=4, accumulation=8)
 
-    args = argparse.Namespace(train_batch_size=4, gradient_accumulation_steps=8)
     state = {"world": 1, "train_batch_size": 4, "gradient_accumulation_steps": 8}
-    assert resume_warnings(state, args, 1) == []
-    (warning,) = resume_warnings({**state, "world": 2}, args, 1)
-    assert "processes 1, the checkpoint was saved with 2" in warning
-    assert len(resume_warnings({"world": 4, "train_batch_size": 2}, args, 1)) == 2
+    assert mismatch(state) is None
+    assert "processes 2 -> 1" in mismatch({**state, "world": 2})
+    warning = mismatch({"world": 4, "train_batch_size": 2})
+    assert "processes 4 -> 1" in warning and "batch size per device 2 -> 4" in warning
 
 
 def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
@@ -479,4 +493,4 @@ def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
     assert (state["train_batch_size"], state["gradient_accumulation_steps"]) == (2, 1)
     with caplog.at_level(logging.WARNING, logger="training"):
         train("--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
-    assert "resuming with --train_batch_size 1, the checkpoint was saved with 2" in caplog.text
+    assert "batch size per device 2 -> 1" in caplog.text

@@ -30,11 +30,11 @@ class ProcessState:
     global_step: int  # optimizer steps done
     batches: int  # batches this process has drawn (its data stream's position)
     world: int  # processes of the run
-    train_batch_size: int  # batch per process (with world and accumulation: the global batch)
-    gradient_accumulation_steps: int  # batches per optimizer step
     weights_sha256: str  # fingerprint of the encoder it holds (equal on every process)
     initial_weights_sha256: str  # fingerprint of the encoder the run started from
     batch_keys: list = field(default_factory=list)  # keys of its last batch
+    train_batch_size: Optional[int] = None  # per-device batch of the run (None: a checkpoint from before)
+    gradient_accumulation_steps: Optional[int] = None  # batches per optimizer step
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,6 @@ class Position:
 
     global_step: int = 0
     batches: int = 0
-    saved: dict = field(default_factory=dict)  # the checkpoint's trainer_state of this process ({}: none)
 
 
 def checkpoint_steps(output_dir: Path) -> list[tuple[int, Path]]:
@@ -70,8 +69,9 @@ def find_resume(resume_from: Optional[str], output_dir: Path) -> Optional[Path]:
 
 
 def prune(output_dir: Path, limit: Optional[int], saving: int) -> None:
-    """Delete the oldest checkpoints so that, with checkpoint-`saving` written, at most `limit` remain."""
-    if limit is None:
+    """Delete the oldest checkpoints so that, with checkpoint-`saving` written, at most `limit` remain
+    (None or 0: keep all)."""
+    if not limit:
         return
     existing = [path for step, path in checkpoint_steps(output_dir) if step != saving]
     for old in existing[: max(0, len(existing) - limit + 1)]:
@@ -93,7 +93,35 @@ def read_position(folder: Path, rank: int, accumulation: int) -> Position:
     state_file = folder / f"trainer_state-{rank}.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     step = int(state.get("global_step", FOLDER.fullmatch(folder.name).group(1)))
-    return Position(global_step=step, batches=int(state.get("batches", step * accumulation)), saved=state)
+    return Position(global_step=step, batches=int(state.get("batches", step * accumulation)))
+
+
+def batch_mismatch(folder: Path, *, world: int, batch_size: int, accumulation: int) -> Optional[str]:
+    """What differs between the run that wrote `folder` and this one (processes, per-device batch,
+    accumulation), as a warning; None when nothing does or the checkpoint does not say."""
+    states = sorted(Path(folder).glob("trainer_state-*.json"))
+    if not states:
+        return None
+    saved = json.loads(states[0].read_text())
+    then = {
+        "processes": saved.get("world"),
+        "batch size per device": saved.get("train_batch_size"),
+        "gradient accumulation steps": saved.get("gradient_accumulation_steps"),
+    }
+    now = {
+        "processes": world,
+        "batch size per device": batch_size,
+        "gradient accumulation steps": accumulation,
+    }
+    changed = [f"{k} {then[k]} -> {now[k]}" for k in now if then[k] is not None and then[k] != now[k]]
+    if not changed:
+        return None
+    return (
+        f"{PREFIX} resuming {folder} with a different batch layout ({', '.join(changed)}): the data order "
+        "does not continue where it stopped (samples may repeat or be skipped), and the global batch, "
+        "hence the effective learning rate, may differ. Launch with the interrupted run's settings to "
+        "continue it exactly."
+    )
 
 
 class Checkpoints:
@@ -132,11 +160,19 @@ class Checkpoints:
         (folder / f"trainer_state-{rank}.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
         return folder
 
-    def resume(self, resume_from: Optional[str], accumulation: int, init_encoder: Optional[str]) -> Position:
-        """Load the state of `resume_from` (a folder or 'latest'); a new run's Position when there is none."""
+    def resume(
+        self, resume_from: Optional[str], accumulation: int, init_encoder: Optional[str], batch_size: int
+    ) -> Position:
+        """Load the state of `resume_from` (a folder or 'latest'); a new run's Position when there is none.
+        Warns when the checkpoint was written with other processes, per-device batch or accumulation."""
         folder = find_resume(resume_from, self.output_dir)
         if folder is None:
             return Position()
+        mismatch = batch_mismatch(
+            folder, world=self.accelerator.num_processes, batch_size=batch_size, accumulation=accumulation
+        )
+        if mismatch and self.accelerator.is_main_process:
+            log.warning(mismatch)
         if init_encoder:
             log.info("%s resuming from %s; --init_encoder is not used", PREFIX, folder)
         self.accelerator.load_state(str(folder))

@@ -22,7 +22,7 @@ from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from .flags import REPORT_TO, build_parser
 from .loss import LossConfig
 from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
-from .schedule import accumulation_for_global_batch
+from .schedule import batch_sizes, epochs_to_steps, launcher_world_size
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of one training run (one field per flag; see `python -m training.run --help`)."""
+    """Every setting of one training run: one field per flag (see `python -m training.run --help`), plus
+    num_processes, the launch's, which the global batch is split over."""
 
     # domain and data
     domain: str  # the preset: pets, faces or tiny
@@ -39,7 +40,7 @@ class TrainConfig:
     min_image_size: int  # images with a shorter side below this are listed in the data summary
     dry_run: bool  # scan the data, write args.json and data-preview/, stop before loading models
     token: str  # the subject word s*
-    subject_words: tuple[str, ...]  # words in captions that become the token (first one per caption)
+    subject_words: tuple[str, ...]  # caption words that become the token (training.captions)
     caption_template: str  # caption for images without one, with {token}
     resolution: int  # training resolution of the targets, a multiple of 64
     center_crop: bool  # crop targets at their centre (else at random)
@@ -58,9 +59,10 @@ class TrainConfig:
     output_dir: str  # checkpoints, sample grids, logs, the export
     seed: int  # seed of everything random
     train_batch_size: int  # batch size per device
+    global_batch_size: int  # samples per optimizer step = train_batch_size x num_processes x accumulation
     gradient_accumulation_steps: int  # batches per optimizer step
-    max_train_steps: int  # optimizer steps
-    num_train_epochs: Optional[float]  # passes over the data; sets max_train_steps after the data scan
+    max_train_steps: Optional[int]  # optimizer steps; None until the data is read, with num_train_epochs
+    num_train_epochs: Optional[float]  # passes over the data that set max_train_steps (with_epochs)
     learning_rate: float  # AdamW learning rate after warm-up
     lr_scheduler: str  # schedule after the warm-up
     lr_warmup_steps: int  # optimizer steps of linear warm-up
@@ -86,7 +88,7 @@ class TrainConfig:
     noise_offset: float  # per-channel constant noise, 0 off
     # checkpoints and monitoring
     checkpointing_steps: int  # save_state and export every N steps
-    checkpoints_total_limit: Optional[int]  # keep at most this many checkpoint-N folders
+    checkpoints_total_limit: int  # keep at most this many checkpoint-N folders; 0 keeps all
     resume_from_checkpoint: Optional[str]  # a checkpoint-N folder or "latest"
     validation_steps: int  # sample grid every N steps, 0 off
     eval_steps: int  # evaluation (training.evaluation) every N steps, 0 off
@@ -97,6 +99,7 @@ class TrainConfig:
     sample_cfg: float  # CFG scale of the grid
     report_to: str  # tensorboard, wandb, all or none
     logging_dir: str  # relative to output_dir
+    num_processes: int  # not a flag: the processes of the launch ($WORLD_SIZE), the global batch's split
 
     @property
     def preset(self) -> Preset:
@@ -122,6 +125,18 @@ class TrainConfig:
             raise TypeError(f"with_inputs sets model and data paths only, not {sorted(unknown)}")
         return dataclasses.replace(self, **paths)
 
+    def with_epochs(self, dataset_size: int) -> "TrainConfig":
+        """A copy whose max_train_steps comes from --num_train_epochs and the data set's size (if given)."""
+        if self.num_train_epochs is None:
+            return self
+        if dataset_size < 1:  # tar shards found at the default data path (check_config saw no --train_data)
+            raise SystemExit(
+                f"{PREFIX} --num_train_epochs needs the data set's size, which tar shards do not tell (they "
+                "stream); give --max_train_steps instead."
+            )
+        steps = epochs_to_steps(self.num_train_epochs, dataset_size, self.global_batch_size)
+        return dataclasses.replace(self, max_train_steps=steps)
+
     def for_trackers(self) -> dict:
         """The run's settings as scalars (lists joined), for accelerate's trackers."""
         out = {}
@@ -135,12 +150,7 @@ class TrainConfig:
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """Flags -> preset defaults -> validation; exits with status 2 and a message on bad input."""
     parser = build_parser()
-    flags = parser.parse_args(argv)
-    if flags.num_train_epochs is not None and flags.max_train_steps is not None:
-        parser.error("give --num_train_epochs or --max_train_steps, not both.")
-    if flags.num_train_epochs is not None and flags.num_train_epochs <= 0:
-        parser.error(f"--num_train_epochs must be positive, got {flags.num_train_epochs}.")
-    config = from_flags(flags)
+    config = from_flags(parser.parse_args(argv))
     check_config(config, parser.error)
     return config
 
@@ -149,6 +159,7 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
     """Fill every flag left unset from the domain preset (the namespace itself is not changed)."""
     preset = PRESETS[flags.domain]
     values = dict(vars(flags))
+    values["num_processes"] = launcher_world_size()
     defaults = {
         "token": preset.token,
         "caption_template": preset.caption_template,
@@ -156,8 +167,7 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
         "center_crop": preset.center_crop,
         "random_flip": preset.random_flip,
         "num_tokens": preset.num_tokens,
-        "train_batch_size": preset.train_batch_size,
-        "max_train_steps": preset.max_train_steps,
+        "checkpoints_total_limit": preset.checkpoints_total_limit,
         "learning_rate": preset.learning_rate,
         "lr_warmup_steps": preset.lr_warmup_steps,
         "gradient_checkpointing": preset.gradient_checkpointing,
@@ -173,20 +183,21 @@ def from_flags(flags: argparse.Namespace) -> TrainConfig:
     for name, value in defaults.items():
         if values[name] is None:
             values[name] = value
-    values["subject_words"] = tuple(values["subject_words"] or preset.subject_words)
+    if flags.subject_words is None:
+        values["subject_words"] = preset.subject_words
+    else:  # words and comma-separated lists alike: --subject_words dog corgi / "dog,corgi" / "shih tzu"
+        words = (w.strip() for text in flags.subject_words for w in text.split(","))
+        values["subject_words"] = tuple(w for w in words if w)
     if values["min_image_size"] is None:
         values["min_image_size"] = values["resolution"] // 2
-    if values["checkpoints_total_limit"] is None:
-        values["checkpoints_total_limit"] = preset.checkpoints_total_limit
-    if values["gradient_accumulation_steps"] is None:
-        values["gradient_accumulation_steps"] = accumulation_for_global_batch(
-            values["train_batch_size"], values["resolution"], preset.global_batch_sizes, preset.resolutions
-        )
+    if values["num_train_epochs"] is None and values["max_train_steps"] is None:
+        values["max_train_steps"] = preset.max_train_steps
+    values.update(batch_sizes(preset, values))
     if values["cpu_threads"] is None and preset.tiny and "OMP_NUM_THREADS" not in os.environ:
         values["cpu_threads"] = 1
     if values["cache_dir"] is None:
         values["cache_dir"] = os.path.join(values["output_dir"], "cache")
-    for name in ("validation_prompts", "validation_images", "validation_seeds"):
+    for name in ("subject_words", "validation_prompts", "validation_images", "validation_seeds"):
         values[name] = tuple(values[name] or ())
     return TrainConfig(**values)
 
@@ -201,17 +212,43 @@ def check_config(config: TrainConfig, error: Callable[[str], NoReturn]) -> None:
     for name in (
         "train_batch_size",
         "gradient_accumulation_steps",
-        "max_train_steps",
+        "global_batch_size",
         "checkpointing_steps",
         "num_tokens",
         "sample_steps",
     ):
         positive(name)
-    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+    world = config.num_processes
+    if config.train_batch_size * world * config.gradient_accumulation_steps != config.global_batch_size:
         error(
-            "--checkpoints_total_limit must be at least 1 (or left out to keep all), "
+            f"--global_batch_size {config.global_batch_size} must be --train_batch_size "
+            f"{config.train_batch_size} x {world} process(es) x --gradient_accumulation_steps (derived when "
+            f"not given; {config.gradient_accumulation_steps} here), a multiple of "
+            f"{config.train_batch_size * world}; choose a global batch that divides evenly, or another "
+            "--train_batch_size (or leave it out: the preset's is lowered to fit)."
+        )
+    if config.num_train_epochs is not None:
+        if config.max_train_steps is not None:
+            error("--num_train_epochs and --max_train_steps both set the run's length; give one, not both.")
+        if not config.num_train_epochs > 0:
+            error(f"--num_train_epochs must be positive, got {config.num_train_epochs}.")
+        if config.train_data is not None:
+            from .data import find_shards
+
+            if find_shards(config.train_data):
+                error(
+                    "--num_train_epochs needs the data set's size, which tar shards do not tell (they "
+                    "stream); give --max_train_steps instead."
+                )
+    elif config.max_train_steps < 1:
+        error(f"--max_train_steps must be at least 1, got {config.max_train_steps}.")
+    if config.checkpoints_total_limit < 0:
+        error(
+            "--checkpoints_total_limit must be 0 (keep all) or a positive number, "
             f"got {config.checkpoints_total_limit}."
         )
+    if not config.subject_words or not all(w.strip() for w in config.subject_words):
+        error("--subject_words needs at least one word (no empty words).")
     if config.eval_steps < 0:
         error("--eval_steps must be 0 (no evaluation) or a positive number of steps.")
     if config.validation_steps < 0:

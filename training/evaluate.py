@@ -313,17 +313,7 @@ def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
 
     clip_t = []
     if args.domain == "tiny":
-        from .tiny import tiny_clip_vision
-
-        # The tiny test bed's joint space: the tiny SDXL CLIP's CLIP-G pooled output with a tiny vision
-        # tower projecting to the same width; the code path of SDXL CLIP-G + ViT-bigG.
-        clip_t.append(
-            metrics.ComfyClipSpace(
-                clip=frozen.clip,
-                clip_vision=tiny_clip_vision(seed=1, projection_dim=1280),
-                name="tiny-clip-g+tiny-vision",
-            )
-        )
+        clip_t.append(metrics.tiny_clip_space(frozen.clip))
     else:
         path = args.clip_g_vision
         if path is None and models_dir is not None:

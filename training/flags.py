@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dry_run",
         action="store_true",
-        help="Resolve every setting, scan the data, write <output_dir>/args.json and a preview of a few "
-        "processed samples (encoder input, target crop, caption with the token) to "
-        "<output_dir>/data-preview/, then stop before loading any model.",
+        help="Resolve every setting, scan the data, write <output_dir>/args.json (every run writes it) and "
+        "a labelled preview of the first 4 processed samples (encoder input as CLIP sees it, target crop "
+        "as the UNet sees it, caption with the token) to <output_dir>/data-preview/, then stop before "
+        "loading any model.",
     )
     g.add_argument(
         "--token",
@@ -64,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--subject_words",
-        type=lambda text: [w.strip() for w in text.split(",") if w.strip()],
+        nargs="+",
         default=None,
-        help="Comma-separated words that name the subject in your captions, e.g. 'dog,corgi,puppy'; the "
-        "first one in each caption (singular or plural) becomes the token. Default: the preset's list "
-        "(pets: dog, cat, puppy, kitten and common breeds; faces: person, man, woman and common roles).",
+        help="Words that name the subject in captions, as separate words or comma-separated "
+        "('dog corgi' or 'dog,corgi'; quote a two-word breed: 'shih tzu'); the first run of them in a "
+        "caption becomes --token (case-insensitive, whole words; a caption with them only in the plural, "
+        "'two dogs', is not rewritten: the template is put in front and the data summary counts it). "
+        "Default: the preset's (pets: dog, cat, puppy, kitten, pet and common breed words; faces: man, "
+        "woman, person, boy, girl, lady, guy, ...).",
     )
     g.add_argument(
         "--caption_template",
@@ -168,28 +172,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seed of everything random: initialization, data order, crops, dropout, noise and timesteps.",
     )
     g.add_argument(
-        "--train_batch_size", type=int, default=None, help="Batch size per device (default: the preset's)."
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="Batch size per device (default: the preset's, 4, lowered to fit the preset's global batch).",
+    )
+    g.add_argument(
+        "--global_batch_size",
+        type=int,
+        default=None,
+        help="Samples per optimizer step over all processes: --train_batch_size x processes x accumulation, "
+        "the accumulation derived (must divide evenly). Default: the preset's phase, as in the paper (faces "
+        "32 at 512 and 16 at 1024; pets 128 and 32); none for 'tiny'.",
     )
     g.add_argument(
         "--gradient_accumulation_steps",
         type=int,
         default=None,
-        help="Number of batches whose gradients are accumulated before each optimizer step (default: what "
-        "makes the preset's global batch for this resolution with this many processes: faces 32 at 512 px "
-        "and 16 at 1024, pets 128 and 32; 1 for tiny).",
-    )
-    g.add_argument(
-        "--num_train_epochs",
-        type=float,
-        default=None,
-        help="Train for this many passes over the data instead of --max_train_steps (steps = epochs x "
-        "samples / global batch, counted after the data scan).",
+        help="Number of batches whose gradients are accumulated before each optimizer step (default: "
+        "derived from the global batch, else 1; given with --global_batch_size, the two must agree).",
     )
     g.add_argument(
         "--max_train_steps",
         type=int,
         default=None,
-        help="Number of optimizer steps to train for (default: the preset's).",
+        help="Number of optimizer steps to train for (default: the preset's; not with --num_train_epochs).",
+    )
+    g.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=None,
+        help="Train for this many passes over the data instead (the paper: 100 per phase): sets "
+        "--max_train_steps = ceil(epochs x data set size / global batch) once the data is read. Not for "
+        "tar shards (their size is unknown) and not together with --max_train_steps.",
     )
     g.add_argument(
         "--learning_rate",
@@ -323,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints_total_limit",
         type=int,
         default=None,
-        help="Keep at most this many checkpoint-N folders; older ones are deleted (default: keep all).",
+        help="Keep at most this many checkpoint-N folders, each about 6 GB at SDXL size; older ones are "
+        "deleted (default: 3; 0 keeps all).",
     )
     g.add_argument(
         "--resume_from_checkpoint",

@@ -97,15 +97,13 @@ def generate(
 ) -> dict:
     """Make (or finish making) `count` samples in `out`; returns {"made", "skipped", "manifest"}."""
     import numpy as np
-    import torch
     from accelerate import PartialState
     from PIL import Image
     from tqdm.auto import tqdm
 
     state = PartialState()  # first: ComfyUI, imported next, picks the device accelerate gave this process
-    import comfy.sample
-
     from . import models as models_lib  # sets ComfyUI up
+    from .samples import sample_image
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -129,24 +127,9 @@ def generate(
         for i in tqdm(todo, desc=f"generating pets (process {state.process_index})", disable=not progress):
             item = plan(i, seed)
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(item["prompt"]))
-            latent = comfy.sample.fix_empty_latent_channels(
-                unet, torch.zeros(1, 4, resolution // 8, resolution // 8)
-            )
-            noise = comfy.sample.prepare_noise(latent, item["seed"])
-            samples = comfy.sample.sample(
-                unet,
-                noise,
-                steps,
-                cfg,
-                "euler",
-                "normal",
-                positive,
-                negative,
-                latent,
-                seed=item["seed"],
-                disable_pbar=True,
-            )
-            pixels = vae.decode(samples)[0].float().cpu().clamp(0, 1)  # (H, W, 3)
+            pixels = sample_image(
+                unet, vae, positive, negative, item["seed"], steps=steps, cfg=cfg, resolution=resolution
+            )  # (H, W, 3)
             Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8)).save(images / f"{i:06d}.png")
             record = {
                 "input": f"images/{i:06d}.png",

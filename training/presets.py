@@ -32,15 +32,16 @@ CLIP_VISION_H_NAMES = (
 class Preset:
     domain: str  # name written into the encoder file
     token: str  # the subject word s* that captions' subject words become
-    subject_words: tuple[str, ...]  # caption words replaced by the token (first occurrence)
+    subject_words: tuple[str, ...]  # default --subject_words: caption words replaced by the token (singular)
     caption_template: str  # caption for images without one; "{token}" is the subject word
     resolutions: tuple[int, ...]  # training phases, in order
     center_crop: bool  # crop the target to a square at its centre (else at random)
     random_flip: bool  # mirror targets at random
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # the encoder's Q-Former, M included
-    train_batch_size: int = 4  # per device
-    global_batch_sizes: tuple[int, ...] = ()  # per phase (resolution); () = no accumulation
-    checkpoints_total_limit: Optional[int] = None  # checkpoint-N folders kept (SDXL-size ones are ~6 GB each)
+    train_batch_size: int = 4  # per device (largest; lowered when the global batch needs it)
+    # Global batch (all processes x accumulation) per phase, as the paper trained; () leaves it to the flags.
+    global_batch_sizes: tuple[int, ...] = ()
+    checkpoints_total_limit: int = 3  # checkpoint-N folders kept (about 6 GB each at SDXL size); 0 keeps all
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 500
     max_train_steps: int = 50_000
@@ -62,15 +63,14 @@ PRESETS: dict[str, Preset] = {
     "pets": Preset(
         domain="pets",
         token="pet",
-        # General words first, then common breeds: the first of them in a caption becomes the token.
         subject_words=(
-            "dog", "cat", "puppy", "kitten", "pet", "animal", "bunny", "rabbit", "hamster", "bird", "parrot",
-            "doggy", "doggo", "pup", "kitty", "pooch", "hound", "tabby",
-            "retriever", "labrador", "poodle", "beagle", "bulldog", "terrier", "spaniel", "husky", "corgi",
-            "dachshund", "chihuahua", "pug", "shepherd", "collie", "rottweiler", "boxer", "shiba",
-            "pomeranian",
-            "schnauzer", "doberman", "greyhound", "maltese", "samoyed", "siamese", "persian", "ragdoll",
-            "sphynx", "bengal", "maine coon",
+            "pet", "animal", "dog", "puppy", "pup", "doggy", "doggo", "pooch", "hound", "cat", "kitten",
+            "kitty", "bunny", "rabbit", "hamster", "bird", "parrot",
+            # common dog and cat breed words, as captioners write them ("a golden retriever puppy")
+            "retriever", "labrador", "poodle", "terrier", "beagle", "bulldog", "husky", "shepherd",
+            "dachshund", "chihuahua", "pug", "corgi", "spaniel", "collie", "rottweiler", "shih tzu", "boxer",
+            "shiba", "maltese", "pomeranian", "doberman", "schnauzer", "greyhound", "sheepdog", "samoyed",
+            "akita", "malamute", "tabby", "siamese", "persian", "ragdoll", "sphynx", "maine coon", "bengal",
         ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
@@ -78,7 +78,6 @@ PRESETS: dict[str, Preset] = {
         random_flip=True,
         qformer=QFormerConfig(num_queries=256),
         global_batch_sizes=(128, 32),  # paper: 8 GPUs, 128 at 512 px then 32 at 1024 px
-        checkpoints_total_limit=3,
         validation_prompts=(
             "a photo of a {token}",
             "a {token} on the beach",
@@ -90,8 +89,9 @@ PRESETS: dict[str, Preset] = {
         domain="faces",
         token="person",
         subject_words=(
-            "person", "man", "woman", "boy", "girl", "child", "lady", "guy", "people", "kid",
-            "gentleman", "teenager", "teen", "adult", "baby", "toddler", "actor", "actress", "model",
+            # singular nouns only: "people", "women" are plurals (training.captions), "model" is ambiguous
+            "person", "man", "woman", "boy", "girl", "child", "kid", "lady", "guy", "gentleman", "teenager",
+            "teen", "adult", "baby", "toddler", "actor", "actress",
         ),
         caption_template="a photo of a {token}",
         resolutions=(512, 1024),
@@ -99,7 +99,6 @@ PRESETS: dict[str, Preset] = {
         random_flip=True,
         qformer=QFormerConfig(num_queries=1024),
         global_batch_sizes=(32, 16),  # paper: 32 at 512 px (4 GPUs), 16 at 1024 px (8 GPUs)
-        checkpoints_total_limit=3,
         validation_prompts=(
             "a photo of a {token}",
             "a {token} as an astronaut",

@@ -9,14 +9,15 @@ the standard noise-prediction loss through the UNet with the very attention patc
 install. Checkpoints (`save_state`) go to <output_dir>/checkpoint-N with the node weight file
 <domain>-encoder.safetensors inside; the final weight file is <output_dir>/<domain>-encoder.safetensors.
 
-`main` is the run as named steps: config (training.config) -> inputs -> accelerator -> frozen models
--> data scan -> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
+`main` is the run as named steps: config (training.config) -> inputs -> accelerator -> data scan
+(training.scan: one summary, caption counts included; --num_train_epochs; args.json; --dry_run stops
+here: training.preview) -> frozen models
+-> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
 training.latent_cache) -> loop (loss: training.loss) -> export.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -24,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from .checkpoints import Checkpoints, Position, ProcessState, weights_fingerprint
 from .comfy_env import has_accelerator
 from .config import TrainConfig, parse_args, resolve_inputs
 from .loss import LossConfig, training_loss
 from .optim import Trainee, make_optimizer
+from .scan import TrainingData, read_training_data
 
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
@@ -60,6 +61,11 @@ def make_accelerator(config: TrainConfig):
         # Ranks wait for each other while one builds its part of the latent cache or draws a sample grid.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
+    if accelerator.num_processes != config.num_processes:  # the global batch was split over num_processes
+        raise SystemExit(
+            f"{PREFIX} accelerate started {accelerator.num_processes} processes but $WORLD_SIZE said "
+            f"{config.num_processes}; launch with accelerate launch or torchrun, which set it."
+        )
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
     if config.allow_tf32 and torch.cuda.is_available():
@@ -91,84 +97,6 @@ def load_frozen_models(config: TrainConfig):
 
         enable_gradient_checkpointing(frozen.base.diffusion_model)
     return frozen
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """The data found: its kind, where it is, its readable records (none for streamed shards), how captions
-    are made, and the scan's summary."""
-
-    kind: str  # "manifest", "folder" or "shards"
-    path: str  # what --train_data named (or the generated tiny data)
-    source: Any  # describe_source's answer: a manifest path, a folder, or shard paths
-    records: list  # data.Record, in order (empty for shards); unreadable images already dropped
-    captions: Any  # data.CaptionRule: the subject words that become the token, the template
-    scan: Any  # scan.ScanResult: what the one pass over the data found
-
-
-def scan_data(config: TrainConfig, accelerator) -> TrainingData:
-    """Read and check the data once, before any model loads (one summary; unreadable images dropped).
-
-    Manifests and folders are read whole; shards are streamed through once. --domain tiny without
-    --train_data generates its data first.
-    """
-    from . import data as data_lib
-    from .scan import scan_data as scan
-
-    path = config.train_data
-    if path is None:  # only --domain tiny gets here (resolve_inputs defaulted the others)
-        from .tiny import make_tiny_dataset
-
-        path = str(Path(config.output_dir) / "tiny-data")
-        if accelerator.is_main_process:
-            make_tiny_dataset(path, size=max(config.resolution, 64))
-        accelerator.wait_for_everyone()
-    captions = data_lib.CaptionRule(
-        token=config.token,
-        subject_words=tuple(config.subject_words) + (config.token,),
-        template=config.caption_template,
-    )
-    found = scan(
-        path,
-        captions,
-        min_size=config.min_image_size,
-        max_samples=config.max_train_samples,
-        progress=accelerator.is_main_process,
-    )
-    if found.kind != "shards" and not found.records:
-        raise SystemExit(
-            f"{PREFIX} no readable training images in {path} ({found.kind}); expected "
-            f"{', '.join(data_lib.IMAGE_EXTENSIONS)} files or manifest lines."
-        )
-    return TrainingData(
-        kind=found.kind, path=path, source=found.source, records=found.records, captions=captions, scan=found
-    )
-
-
-def steps_from_epochs(config: TrainConfig, accelerator, data: TrainingData) -> TrainConfig:
-    """With --num_train_epochs, a new config whose max_train_steps covers that many passes over the data."""
-    if config.num_train_epochs is None:
-        return config
-    from .schedule import epochs_to_steps
-
-    steps = epochs_to_steps(config, data.scan.readable, accelerator.num_processes)
-    if accelerator.is_main_process:
-        log.info("%s %g epochs of %d samples: %d steps", PREFIX, config.num_train_epochs, data.scan.readable, steps)
-    return dataclasses.replace(config, max_train_steps=steps)
-
-
-def sample_config(config: TrainConfig, data: TrainingData, frozen):
-    """How one record becomes a training sample: resolution, CLIP input size, crops, captions, seed."""
-    from . import data as data_lib
-
-    return data_lib.SampleConfig(
-        resolution=config.resolution,
-        clip_size=frozen.clip_vision_spec.image_size,
-        center_crop=config.center_crop,
-        random_flip=config.random_flip,
-        captions=data.captions,
-        seed=config.seed,
-    )
 
 
 def build_encoder(config: TrainConfig, frozen):
@@ -220,13 +148,14 @@ def build_encoder(config: TrainConfig, frozen):
     return encoder.float().train()
 
 
-def make_loader(config: TrainConfig, accelerator, data: TrainingData, samples, frozen, start_batch: int):
+def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
     import torch
 
     from . import data as data_lib
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
     kwargs = dict(
         num_workers=config.dataloader_num_workers,
         collate_fn=data_lib.collate,
@@ -234,9 +163,11 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, samples, f
         pin_memory=torch.cuda.is_available(),
     )
     if data.kind == "shards":
-        stream = data_lib.TarShardStream(
+        from .shards import TarShardStream
+
+        stream = TarShardStream(
             data.source,
-            samples,
+            sample_config,
             config.train_batch_size,
             rank=rank,
             world=world,
@@ -250,58 +181,18 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, samples, f
             accelerator,
             frozen,
             data.records,
-            samples,
+            sample_config,
             Path(config.cache_dir),
             model=config.pretrained_model or "tiny",
             batch_size=config.train_batch_size,
         )
         dataset = CachedDataset(folder, data.records, data.captions)
     else:
-        dataset = data_lib.RecordDataset(data.records, samples)
+        dataset = data_lib.RecordDataset(data.records, sample_config)
     sampler = data_lib.StepBatchSampler(
         len(dataset), config.train_batch_size, config.seed, rank=rank, world=world, start=start_batch
     )
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
-
-
-def load_validation_images(config: TrainConfig, records: list, data_path: str) -> list:
-    """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs."""
-    from . import data as data_lib
-
-    sources = [(path, None) for path in config.validation_images]
-    if not sources:  # the first two training inputs as the encoder sees them (masks applied; shards too)
-        sources = [(r.input, r.mask) for r in records[:2] or data_lib.first_records(data_path, 2)]
-    images = []
-    for source, mask in sources:
-        try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
-        except data_lib.BadImage as e:
-            name = source if isinstance(source, str) else "?"
-            log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
-    return images
-
-
-def write_samples(config: TrainConfig, step: int, frozen, trainee: Trainee, text, images: list) -> None:
-    """The sample grid of step `step` (with the EMA weights when --use_ema), on the main process."""
-    from .samples import sample_grid
-
-    out = copy.deepcopy(trainee.encoder)
-    if trainee.ema is not None:
-        trainee.ema.copy_to(out)
-    prompts = [prompt.format(token=config.token) for prompt in config.validation_prompts]
-    path = sample_grid(
-        frozen,
-        out,
-        text,
-        images,
-        prompts,
-        config.validation_seeds,
-        config.resolution,
-        config.sample_steps,
-        config.sample_cfg,
-        Path(config.output_dir) / f"samples-{step}.png",
-    )
-    log.info("%s sample grid %s", PREFIX, path)
 
 
 def comfy_load(unet) -> None:
@@ -398,9 +289,11 @@ def train_loop(
         step_loss = 0.0
         last = step == config.max_train_steps
         if step % config.checkpointing_steps == 0 or last:
-            checkpoints.save(step, process_state(config, state, accelerator.num_processes, trainee.encoder))
+            checkpoints.save(step, process_state(state, config, trainee.encoder))
         if config.validation_steps and (step % config.validation_steps == 0 or last):
             if is_main and validation_images:
+                from .samples import write_samples
+
                 write_samples(config, step, frozen, trainee, text, validation_images)
         if config.eval_steps and (step % config.eval_steps == 0 or last):
             from .evaluation.during_training import evaluate_during_training
@@ -413,12 +306,13 @@ def train_loop(
     progress.close()
 
 
-def process_state(config: TrainConfig, state: LoopState, world: int, encoder) -> ProcessState:
-    """What this process writes into a checkpoint: its position and a fingerprint of the weights it holds."""
+def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessState:
+    """What this process writes into a checkpoint: its position, its batch layout and a fingerprint of the
+    weights it holds."""
     return ProcessState(
         global_step=state.global_step,
         batches=state.batches,
-        world=world,
+        world=config.num_processes,
         train_batch_size=config.train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         weights_sha256=weights_fingerprint(encoder),
@@ -438,56 +332,65 @@ def main(config: TrainConfig) -> dict:
     logging.getLogger("training").setLevel(logging.INFO)
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
-    data = scan_data(config, accelerator)  # before any model loads: bad data stops the run in seconds
-    config = steps_from_epochs(config, accelerator, data)
-    if config.dry_run:  # settings and a preview of processed samples, no model loaded
-        from .preview import dry_run
+    # The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
+    # captions. Then the data's path (tiny: generated) and --num_train_epochs' steps, now that it is read.
+    data = read_training_data(config, accelerator)
+    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
+    if config.num_train_epochs is not None and accelerator.is_main_process:
+        log.info(
+            "%s %g epochs of %d records at a global batch of %d: %d steps",
+            PREFIX,
+            config.num_train_epochs,
+            len(data.records),
+            config.global_batch_size,
+            config.max_train_steps,
+        )
+    from .preview import dry_run, load_validation_images, write_args
 
-        if not accelerator.is_main_process:
-            return {"dry_run": True}
-        return dry_run(config, data.scan, data.captions, Path(config.output_dir))
+    if accelerator.is_main_process:
+        write_args(config)
+    if config.dry_run:  # settings and a preview of processed samples, no model loaded
+        return dry_run(config, data) if accelerator.is_main_process else {"dry_run": True}
     # ComfyUI is imported only from here on: its device choice sees the device accelerate gave this process.
     frozen = load_frozen_models(config)
-    samples = sample_config(config, data, frozen)
     encoder = build_encoder(config, frozen)
     if config.init_from:  # M comes from the file: a new frozen config says so to everything after this step
         config = dataclasses.replace(config, num_tokens=encoder.config.num_tokens)
+        if accelerator.is_main_process:
+            write_args(config)
     trainee = make_optimizer(config, accelerator, encoder, frozen)
     output_dir = Path(config.output_dir)
     encoder_file = f"{config.domain}-encoder.safetensors"
     checkpoints = Checkpoints(
         accelerator=accelerator,
         output_dir=output_dir,
-        limit=config.checkpoints_total_limit,
+        limit=config.checkpoints_total_limit or None,
         encoder_file=encoder_file,
         export=lambda path, step: trainee.export(path, step, config),
     )
     position: Position = checkpoints.resume(
-        config.resume_from_checkpoint, config.gradient_accumulation_steps, config.init_encoder
+        config.resume_from_checkpoint,
+        config.gradient_accumulation_steps,
+        config.init_encoder,
+        config.train_batch_size,
     )
-    if accelerator.is_main_process and position.saved:
-        from .schedule import resume_warnings
-
-        for warning in resume_warnings(position.saved, config, accelerator.num_processes):
-            log.warning("%s %s", PREFIX, warning)
-    loader = make_loader(config, accelerator, data, samples, frozen, position.batches)
+    loader = make_loader(config, accelerator, data, frozen, position.batches)
 
     from .models import TextEncoder
 
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (
-        load_validation_images(config, data.records, data.path)
-        if config.validation_steps or config.eval_steps
-        else []
+        load_validation_images(config, data) if config.validation_steps or config.eval_steps else []
     )
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())
     log.info(
-        "%s training %s: %d steps, batch %d x %d accumulation x %d processes, resolution %d, M=%d, "
-        "%d layers, %d records (%s)",
+        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
+        "M=%d, %d layers, %d records (%s)",
         PREFIX,
         config.domain,
         config.max_train_steps,
+        config.global_batch_size,
         config.train_batch_size,
         config.gradient_accumulation_steps,
         accelerator.num_processes,

@@ -3,11 +3,13 @@
 The encoder is used exactly as the nodes use it: CLIP vision `encode_image(crop=True)`, the
 Q-Former, one `SubjectBinding` per subject and prompt, the core's `NestedAttentionPatch` on a
 clone of the UNet's ModelPatcher, `comfy.sample.sample`, VAE decode. Row 0 is the model without
-a subject (same prompts and seeds), then one row per subject image; column 0 shows the input.
+a subject (same prompts and seeds), then one row per subject image; column 0 shows the input. Rows
+and columns are labelled ("no subject", the prompt and seed).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +24,7 @@ from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
 from .models import FrozenModels, TextEncoder
+from .preview import labelled_grid
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -56,6 +59,33 @@ def patched_model(
 
 
 @torch.no_grad()
+def sample_image(
+    model,
+    vae,
+    positive: list,
+    negative: list,
+    seed: int,
+    *,
+    steps: int,
+    cfg: float,
+    resolution: int,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+) -> torch.Tensor:
+    """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1].
+
+    The one sampling call of the trainer's sample grids, the evaluation and `training.prepare --generate`.
+    """
+    side = resolution // 8
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 4, side, side))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed, disable_pbar=True
+    )
+    return vae.decode(samples)[0].float().cpu().clamp(0, 1)
+
+
+@torch.no_grad()
 def sample_grid(
     frozen: FrozenModels,
     encoder: NestedEncoder,
@@ -68,9 +98,8 @@ def sample_grid(
     cfg: float,
     path: Path,
 ) -> Path:
-    """Write a PNG grid: rows = [no subject] + images, columns = input + prompts x seeds."""
-    from PIL import Image
-
+    """Write a labelled PNG grid (training.preview.labelled_grid): rows = [no subject] + images, columns =
+    input + prompts x seeds, each column labelled with its prompt and seed."""
     encoder.eval()
     device = next(encoder.parameters()).device
     subject_tokens = []
@@ -81,7 +110,6 @@ def sample_grid(
         )
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(""))
-    latent_size = resolution // 8
     cells = []  # rows of (H, W, 3) arrays
     for row in range(len(images) + 1):
         thumb = np.ones((resolution, resolution, 3), dtype=np.float32)
@@ -109,52 +137,39 @@ def sample_grid(
                 else:
                     model = patched_model(frozen, encoder, subject_tokens[row - 1], positions, prompt_tokens)
             for seed in seeds:
-                latent = torch.zeros(1, 4, latent_size, latent_size)
-                latent = comfy.sample.fix_empty_latent_channels(model, latent)
-                noise = comfy.sample.prepare_noise(latent, seed)
-                samples = comfy.sample.sample(
-                    model,
-                    noise,
-                    steps,
-                    cfg,
-                    "euler",
-                    "normal",
-                    positive,
-                    negative,
-                    latent,
-                    seed=seed,
-                    disable_pbar=True,
+                image = sample_image(
+                    model, frozen.vae, positive, negative, seed, steps=steps, cfg=cfg, resolution=resolution
                 )
-                decoded = frozen.vae.decode(samples)[0]  # (H, W, 3) in [0, 1]
-                line.append(decoded.float().cpu().clamp(0, 1).numpy())
-        cells.append(np.concatenate(line, axis=1))
-    grid = np.concatenate(cells, axis=0)
+                line.append(image.numpy())
+        cells.append(line)
+    grid, _ = labelled_grid(
+        cells,
+        row_labels=["no subject"] + [f"subject {i + 1}" for i in range(len(images))],
+        col_labels=["subject image"] + [f"{prompt} | seed {seed}" for prompt in prompts for seed in seeds],
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["input"] + [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
-    rows = ["no subject"] + [f"subject {i + 1}" for i in range(len(images))]
-    label_grid(Image.fromarray((grid * 255).round().astype(np.uint8)), columns, rows, resolution).save(path)
+    grid.save(path)
     return path
 
 
-def label_grid(grid, columns: Sequence[str], rows: Sequence[str], cell: int):
-    """The grid under a header naming each column (prompt and seed), each row's name in its first cell."""
-    import textwrap
+def write_samples(config, step: int, frozen: FrozenModels, trainee, text: TextEncoder, images: list) -> Path:
+    """The sample grid of step `step` (with the EMA weights when --use_ema), on the main process."""
+    out = copy.deepcopy(trainee.encoder)
+    if trainee.ema is not None:
+        trainee.ema.copy_to(out)
+    prompts = [prompt.format(token=config.token) for prompt in config.validation_prompts]
+    path = sample_grid(
+        frozen,
+        out,
+        text,
+        images,
+        prompts,
+        config.validation_seeds,
+        config.resolution,
+        config.sample_steps,
+        config.sample_cfg,
+        Path(config.output_dir) / f"samples-{step}.png",
+    )
+    log.info("%s sample grid %s", PREFIX, path)
+    return path
 
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.truetype("DejaVuSans.ttf", 11)
-    except OSError:
-        font = ImageFont.load_default()
-    width = max(8, cell // 7)  # characters per header line
-    wrapped = [textwrap.wrap(text, width=width)[:4] for text in columns]
-    header = 14 * max(len(lines) for lines in wrapped) + 6
-    out = Image.new("RGB", (grid.width, grid.height + header), (255, 255, 255))
-    out.paste(grid, (0, header))
-    draw = ImageDraw.Draw(out)
-    for i, lines in enumerate(wrapped):
-        for j, line in enumerate(lines):
-            draw.text((i * cell + 3, 3 + 14 * j), line, fill=(0, 0, 0), font=font)
-    for i, name in enumerate(rows):
-        draw.text((3, header + i * cell + 3), name, fill=(0, 0, 0), font=font)
-    return out

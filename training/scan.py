@@ -2,9 +2,13 @@
 
 Unreadable images are dropped from manifests and folders here, named once, instead of warning on
 every draw and shrinking batches; small images, files that are not read, caption files that are not
-UTF-8, captions without the subject word and captions that fall back to the template are counted
-and named. Tar shards are streamed through once the same way (records that fail stay in the stream
-as skipped samples, so resume positions never depend on which images fail).
+UTF-8 are counted and named, and the readable records' captions are counted by kind (training.captions:
+rewritten, already the token, template, no subject word, plural only): the summary is the one place
+these counts are reported. Tar shards are streamed through once the same way (records that fail stay
+in the stream as skipped samples, so resume positions never depend on which images fail).
+
+`read_training_data` is the run's data step (training.run): tiny's generated data, the caption rule,
+this scan, and a refusal when nothing is readable, all before any model loads.
 """
 
 from __future__ import annotations
@@ -12,19 +16,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from .captions import CAPTION_KINDS, CaptionRule, caption_report
 from .data import (
     PREFIX,
-    CaptionRule,
+    IMAGE_EXTENSIONS,
     DataReport,
     Record,
     describe_source,
-    iter_tar_records,
     read_folder,
     read_manifest,
 )
 from .images import BadImage, probe_image
+from .shards import iter_tar_records
 
 log = logging.getLogger(__name__)
 SHOW = 10  # names listed per kind of problem; the rest are counted
@@ -38,15 +43,25 @@ class ScanResult:
     total: int = 0  # records seen
     unreadable: list[str] = field(default_factory=list)  # "key: reason"
     small: list[str] = field(default_factory=list)  # "key (W x H)"
-    no_subject: list[str] = field(default_factory=list)  # keys whose caption lacks the subject word
-    template: int = 0  # records without a caption (the template is used)
+    # keys of the readable records per caption kind (training.captions.CAPTION_KINDS)
+    captions: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in CAPTION_KINDS})
     report: DataReport = field(default_factory=DataReport)
 
     @property
     def readable(self) -> int:
         return self.total - len(self.unreadable)
 
-    def summary(self, min_size: int) -> str:
+    @property
+    def template(self) -> int:
+        """Readable records without a caption (the template is used)."""
+        return len(self.captions["template"])
+
+    @property
+    def no_subject(self) -> list[str]:
+        """Keys of readable records whose caption has no subject word (the template is put in front)."""
+        return self.captions["no_subject"]
+
+    def summary(self, min_size: int, rule: CaptionRule) -> str:
         """One readable block: counts first, then the names behind each problem."""
 
         def names(items: Sequence[str]) -> str:
@@ -58,10 +73,9 @@ class ScanResult:
             f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
             f"{len(self.unreadable)} unreadable "
             f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
-            f"{self.template} captions from the template, "
-            f"{len(self.no_subject)} captions without the subject "
-            f"word (template put in front), {len(r.text_problems)} caption/manifest files not UTF-8, "
-            f"{len(r.bad_lines)} manifest lines skipped."
+            f"{len(r.text_problems)} caption/manifest files not UTF-8, "
+            f"{len(r.bad_lines)} manifest lines skipped.",
+            caption_report(rule, self.captions, self.what, examples=SHOW),
         ]
         for title, items in (
             ("unreadable", self.unreadable),
@@ -69,11 +83,15 @@ class ScanResult:
             (f"smaller than --min_image_size {min_size} px (upscaled for training)", self.small),
             ("not UTF-8", r.text_problems),
             ("manifest lines skipped", r.bad_lines),
-            ("captions without the subject word", self.no_subject),
         ):
             if items:
                 lines.append(f"  {title}: {names(items)}")
         return "\n".join(lines)
+
+    @property
+    def what(self) -> str:
+        """Which records the caption counts cover (the readable ones)."""
+        return f"{self.readable} " + ("samples of the shards" if self.kind == "shards" else "records")
 
     @property
     def has_problems(self) -> bool:
@@ -92,11 +110,7 @@ def _check(record: Record, captions: CaptionRule, min_size: int, result: ScanRes
         return False
     if min(min(size) for size in sizes) < min_size:
         result.small.append(f"{record.key} ({' / '.join(f'{w}x{h}' for w, h in sizes)})")
-    kind = captions.kind(record.caption, record.subject)
-    if kind == "template":
-        result.template += 1
-    elif kind == "no subject word":
-        result.no_subject.append(record.key)
+    result.captions[captions.classify(record.caption, record.subject)].append(record.key)
     return True
 
 
@@ -135,5 +149,68 @@ def scan_data(
             if _check(record, captions, min_size, result):
                 result.records.append(record)
     if progress:
-        (log.warning if result.has_problems else log.info)(result.summary(min_size))
+        (log.warning if result.has_problems else log.info)(result.summary(min_size, captions))
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's data step
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data found: its kind, where it is, its readable records (none for streamed shards), how captions
+    are made, and the scan's result."""
+
+    kind: str  # "manifest", "folder" or "shards"
+    path: str  # what --train_data named (or the generated tiny data)
+    source: Any  # describe_source's answer: a manifest path, a folder, or shard paths
+    records: list  # data.Record, in order (empty for shards); unreadable images already dropped
+    captions: CaptionRule  # the subject words that become the token, the template
+    scan: ScanResult  # what the one pass over the data found
+
+    def sample_config(self, config: Any, clip_size: int):
+        """data.SampleConfig: how samples are made (resolution, crops, captions, seed) for this CLIP size."""
+        from .data import SampleConfig
+
+        return SampleConfig(
+            resolution=config.resolution,
+            clip_size=clip_size,
+            center_crop=config.center_crop,
+            random_flip=config.random_flip,
+            captions=self.captions,
+            seed=config.seed,
+        )
+
+
+def read_training_data(config: Any, accelerator) -> TrainingData:
+    """Read and check the run's data once, before any model loads (one summary, caption counts included;
+    unreadable images dropped). --domain tiny without --train_data generates its data first."""
+    path = config.train_data
+    if path is None:  # only --domain tiny gets here (resolve_inputs defaulted the others)
+        from .tiny import make_tiny_dataset
+
+        path = str(Path(config.output_dir) / "tiny-data")
+        if accelerator.is_main_process:
+            make_tiny_dataset(path, size=max(config.resolution, 64))
+        accelerator.wait_for_everyone()
+    captions = CaptionRule(
+        token=config.token,
+        subject_words=tuple(config.subject_words) + (config.token,),
+        template=config.caption_template,
+    )
+    found = scan_data(
+        path,
+        captions,
+        min_size=config.min_image_size,
+        max_samples=config.max_train_samples,
+        progress=accelerator.is_main_process,
+    )
+    if found.kind != "shards" and not found.records:
+        raise SystemExit(
+            f"{PREFIX} no readable training images in {path} ({found.kind}); expected "
+            f"{', '.join(IMAGE_EXTENSIONS)} files or manifest lines."
+        )
+    return TrainingData(
+        kind=found.kind, path=path, source=found.source, records=found.records, captions=captions, scan=found
+    )

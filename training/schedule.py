@@ -1,77 +1,58 @@
-"""Paper-scale run shapes: global batch sizes from the presets, epochs as steps, and resume checks.
+"""Paper-scale run shapes: the global batch split over processes and accumulation, and epochs as steps.
 
 The paper trains faces with a global batch of 32 at 512 px then 16 at 1024 px, pets with 128 then 32
-(docs/ARCHITECTURE.md §6). A global batch is per-device batch x processes x gradient accumulation; the presets fix the
-global batch of each phase and the per-device batch, and the accumulation makes up the rest for however
-many processes `accelerate launch` starts (its WORLD_SIZE).
+(docs/ARCHITECTURE.md §6). A global batch is per-device batch x processes x gradient accumulation:
+`--global_batch_size` (default: the preset's for the resolution's phase) is split over the processes
+`accelerate launch` / torchrun start ($WORLD_SIZE), the per-device batch lowered to fit when it was not
+given, the accumulation derived; what does not divide evenly is refused (config.check_config), never
+rounded. What changes when a run is resumed with another layout: training.checkpoints.batch_mismatch.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Any
 
-log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
-
-def world_size() -> int:
-    """Processes of this run, as accelerate launch / torchrun announce them (1 when run directly)."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def accumulation_for_global_batch(
-    train_batch_size: int,
-    resolution: int,
-    global_batches: tuple[int, ...],
-    resolutions: tuple[int, ...],
-    world: int | None = None,
-) -> int:
-    """The --gradient_accumulation_steps that makes the preset's global batch at `resolution` (1 without one)."""
-    if not global_batches:
+def launcher_world_size() -> int:
+    """The processes of this launch: $WORLD_SIZE, which torchrun and `accelerate launch` set (1 without)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
         return 1
-    world = world or world_size()
-    phase = resolutions.index(resolution) if resolution in resolutions else 0
-    target = global_batches[min(phase, len(global_batches) - 1)]
-    per_step = train_batch_size * world
-    accumulation = max(1, round(target / per_step))
-    got = per_step * accumulation
-    if got != target:
-        log.warning(
-            "%s the preset's global batch at %d px is %d; %d per device x %d processes gives %d with "
-            "accumulation %d. Set --train_batch_size or --gradient_accumulation_steps to choose.",
-            PREFIX,
-            resolution,
-            target,
-            train_batch_size,
-            world,
-            got,
-            accumulation,
-        )
-    return accumulation
 
 
-def epochs_to_steps(run: Any, samples: int, world: int) -> int:
-    """Optimizer steps for --num_train_epochs passes over `samples` records at the run's global batch."""
-    global_batch = run.train_batch_size * world * run.gradient_accumulation_steps
-    return max(1, math.ceil(run.num_train_epochs * samples / global_batch))
+def batch_sizes(preset: Any, values: dict) -> dict:
+    """train_batch_size, gradient_accumulation_steps and global_batch_size from the flags and the preset.
+
+    `values` holds the flags (None where not given) with resolution and num_processes resolved. A global
+    batch (--global_batch_size, else the preset's for this resolution when no accumulation is given) is
+    split as per-device batch x processes x accumulation: the accumulation is derived, and the per-device
+    batch, when not given, is the largest up to the preset's that divides the global batch per process.
+    Without a global batch, accumulation defaults to 1.
+    """
+    world = values["num_processes"]
+    batch, accumulation = values["train_batch_size"], values["gradient_accumulation_steps"]
+    total = values["global_batch_size"]
+    if total is None and accumulation is None and preset.global_batch_sizes:
+        phases = [i for i, r in enumerate(preset.resolutions) if r <= values["resolution"]]
+        phase = min(phases[-1] if phases else 0, len(preset.global_batch_sizes) - 1)
+        total = preset.global_batch_sizes[phase]
+    if total is None:
+        batch = preset.train_batch_size if batch is None else batch
+        accumulation = 1 if accumulation is None else accumulation
+        total = batch * world * accumulation
+        return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
+    if batch is None:
+        per_process = total // world if total % world == 0 else 0
+        batch = max((d for d in range(1, preset.train_batch_size + 1) if per_process % d == 0), default=1)
+        batch = batch if per_process else preset.train_batch_size
+    if accumulation is None:
+        accumulation = max(1, total // (batch * world))
+    return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
 
 
-def resume_warnings(state: dict, run: Any, world: int) -> list[str]:
-    """What differs between the checkpoint's run shape and this run's (data order and global batch)."""
-    out = []
-    for name, now in (
-        ("world", world),
-        ("train_batch_size", run.train_batch_size),
-        ("gradient_accumulation_steps", run.gradient_accumulation_steps),
-    ):
-        before = state.get(name)
-        if before is not None and before != now:
-            what = "processes" if name == "world" else f"--{name}"
-            out.append(
-                f"resuming with {what} {now}, the checkpoint was saved with {before}: the global batch "
-                "and the order of the data differ from the interrupted run's (it is not an exact resume)."
-            )
-    return out
+def epochs_to_steps(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimizer steps for `epochs` passes over `samples` records at `global_batch` samples per step."""
+    return max(1, math.ceil(epochs * samples / global_batch))

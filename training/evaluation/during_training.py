@@ -88,15 +88,7 @@ def evaluate_during_training(
     ]
     clip_t = []
     if config.domain == "tiny":
-        from ..tiny import tiny_clip_vision
-
-        clip_t.append(
-            metrics.ComfyClipSpace(
-                clip=frozen.clip,
-                clip_vision=tiny_clip_vision(seed=1, projection_dim=1280),
-                name="tiny-clip-g+tiny-vision",
-            )
-        )
+        clip_t.append(metrics.tiny_clip_space(frozen.clip))
     scorers = metrics.Scorers(
         clip_t=clip_t,
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),

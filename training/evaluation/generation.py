@@ -198,26 +198,20 @@ def sample_image(
     frozen: Any, model: Any, positive: list, negative: list, seed: int, settings: SampleSettings
 ) -> torch.Tensor:
     """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1]."""
-    import comfy.sample
+    from ..samples import sample_image as sample
 
-    side = settings.resolution // 8
-    latent = torch.zeros(1, 4, side, side)
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(
+    return sample(
         model,
-        noise,
-        settings.steps,
-        settings.cfg,
-        settings.sampler,
-        settings.scheduler,
+        frozen.vae,
         positive,
         negative,
-        latent,
-        seed=seed,
-        disable_pbar=True,
+        seed,
+        steps=settings.steps,
+        cfg=settings.cfg,
+        resolution=settings.resolution,
+        sampler=settings.sampler,
+        scheduler=settings.scheduler,
     )
-    return frozen.vae.decode(samples)[0].float().cpu().clamp(0, 1)
 
 
 @torch.no_grad()
