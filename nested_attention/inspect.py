@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 from .encoder import HIDDEN_LAYERS

@@ -13,8 +13,6 @@ first, before anything else can import `comfy`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
