@@ -97,7 +97,11 @@ _PANEL_ROWS_JS = """
 
 @pytest.fixture(scope="module")
 def fresh_install(comfy):
-    """The server with no model file at all, and a fresh frontend page on it."""
+    """The server with no model file at all, and a fresh frontend page on it. The user's frontend settings
+    are put back afterwards too: frontend 1.48 saves its Errors panel open (Comfy.RightSidePanel.IsOpen),
+    which would cover the right of every graph the later tests open."""
+    settings = comfy.base / "user" / "default" / "comfy.settings.json"
+    saved_settings = settings.read_bytes()
     models, aside = comfy.base / "models", comfy.base / "models-aside"
     moved = []
     for file in sorted(p for p in models.rglob("*") if p.is_file()):
@@ -111,6 +115,7 @@ def fresh_install(comfy):
     finally:
         for file, target in moved:
             shutil.move(target, file)
+        settings.write_bytes(saved_settings)
 
 
 def close_dialogs(frontend: Frontend) -> None:
