@@ -366,10 +366,6 @@ class Frontend:
         run = self.page.get_by_role("button", name="Run", exact=True)
         run.and_(self.page.locator("button:not([aria-haspopup=menu])")).click()
 
-    def frontend_version(self) -> str:
-        """The frontend package's version, as the page reports it (e.g. "1.32.9")."""
-        return self.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? ''")
-
     def _on_console(self, message) -> None:
         if message.type == "error" and not message.text.startswith("Failed to load resource"):
             self.console_errors.append(message.text)
