@@ -236,6 +236,24 @@ async ([workflow, name]) => {
 }
 """
 
+# Records the addresses the page opens in new tabs (a link clicked with target=_blank, window.open) until
+# window.__nestedAttentionUnwatch() is called; the browser still opens them.
+_WATCH_NEW_TABS_JS = """
+() => {
+  const opened = (window.__nestedAttentionOpened = []);
+  const click = HTMLAnchorElement.prototype.click, open = window.open;
+  HTMLAnchorElement.prototype.click = function () {
+    if (this.target === '_blank') opened.push(this.href);
+    return click.call(this);
+  };
+  window.open = function (url, ...rest) {
+    opened.push(new URL(url, location.href).href);
+    return open.call(this, url, ...rest);
+  };
+  window.__nestedAttentionUnwatch = () => { HTMLAnchorElement.prototype.click = click; window.open = open; };
+}
+"""
+
 # Zooms and pans so that every node is in view, inside the part of the canvas that the sidebar, the tab bar
 # and the floating menu leave visible (margins: left, top, right, bottom).
 _FIT_VIEW_JS = """
@@ -261,6 +279,27 @@ FIT_MARGINS = (80, 110, 30, 30)
 FOCUS_MODE_MARGINS = (30, 30, 30, 30)
 
 
+# One playwright driver per process, shared by the Frontends open at the same time (the sync API refuses
+# a second one while the first runs: a module's own fresh page beside the session's page needs this).
+_PLAYWRIGHT: dict[str, Any] = {"driver": None, "users": 0}
+
+
+def _playwright_start():
+    from playwright.sync_api import sync_playwright
+
+    if _PLAYWRIGHT["driver"] is None:
+        _PLAYWRIGHT["driver"] = sync_playwright().start()
+    _PLAYWRIGHT["users"] += 1
+    return _PLAYWRIGHT["driver"]
+
+
+def _playwright_stop() -> None:
+    _PLAYWRIGHT["users"] -= 1
+    if _PLAYWRIGHT["users"] == 0:
+        _PLAYWRIGHT["driver"].stop()
+        _PLAYWRIGHT["driver"] = None
+
+
 class Frontend:
     """ComfyUI's frontend, served by `server`, in headless Debian Chromium with a fresh profile."""
 
@@ -280,12 +319,10 @@ class Frontend:
         self.close()
 
     def open(self, timeout_ms: int = 600_000) -> Frontend:
-        from playwright.sync_api import sync_playwright
-
         if not CHROMIUM.exists():
             raise RuntimeError(f"{CHROMIUM} is missing; install Debian's chromium (apt-get install chromium)")
         self._profile = tempfile.mkdtemp(prefix="nested-attention-chromium-")
-        self._playwright = sync_playwright().start()
+        self._playwright = _playwright_start()
         self._context = self._playwright.chromium.launch_persistent_context(
             self._profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
             viewport=VIEWPORT)
@@ -307,6 +344,28 @@ class Frontend:
             timeout=timeout_ms)
         return self
 
+    def address_opened_by(self, locator) -> str:
+        """Click `locator` (e.g. a model's Download button), which opens an address in a new tab (through a
+        link with target=_blank, or window.open); returns that address and closes the tab (its request to
+        the outside is aborted, as all are)."""
+        self.evaluate(_WATCH_NEW_TABS_JS)
+        try:
+            locator.click()
+            self.page.wait_for_function("window.__nestedAttentionOpened.length > 0", timeout=10_000)
+            opened = self.evaluate("() => window.__nestedAttentionOpened")
+        finally:
+            self.evaluate("() => window.__nestedAttentionUnwatch?.()")
+        for page in self._context.pages:
+            if page is not self.page:
+                page.close()
+        assert len(opened) == 1, f"{locator} opened {opened}"
+        return opened[0]
+
+    def press_run(self) -> None:
+        """Press the Run button (frontend 1.48 has a second button labelled Run beside it: the mode menu)."""
+        run = self.page.get_by_role("button", name="Run", exact=True)
+        run.and_(self.page.locator("button:not([aria-haspopup=menu])")).click()
+
     def _on_console(self, message) -> None:
         if message.type == "error" and not message.text.startswith("Failed to load resource"):
             self.console_errors.append(message.text)
@@ -321,7 +380,7 @@ class Frontend:
         if self._context is not None:
             self._context.close()
         if self._playwright is not None:
-            self._playwright.stop()
+            _playwright_stop()
         if self._profile:
             shutil.rmtree(self._profile, ignore_errors=True)
         self._context = self._playwright = self._profile = None

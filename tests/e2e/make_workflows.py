@@ -212,8 +212,9 @@ behaviour; a higher λ gives a stronger likeness and follows the rest of the pro
 
 def _models_note(encoders: list[str]) -> str:
     lines = [
-        "Missing files are listed by the *Missing Models* dialog when the workflow opens, with a Download "
-        "button. In a browser, save each download under the name shown, in the folder shown "
+        "Missing files are listed under *Missing Models* when the workflow opens (a dialog; in newer "
+        "ComfyUI, the Errors panel that *View details* opens), each with a Download button. In a "
+        "browser, save each download under the name shown, in the folder shown "
         "(under `ComfyUI/models/`):",
         f"- `checkpoints/{CHECKPOINT}`: [SDXL base 1.0]({MODELS[CHECKPOINT]['url']}) "
         "(or any SDXL checkpoint)",

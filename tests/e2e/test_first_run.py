@@ -3,11 +3,18 @@
 The shared e2e server (tests/e2e/conftest.py) runs with its model folders emptied for this module (the
 files are moved aside and put back afterwards) and a fresh Chromium page opens its frontend, as on a fresh
 install. Then
-  - each workflow's Missing Models dialog (the frontend's own, from the loaders' `properties.models` and
-    the workflow's `models`) lists every file the workflow's loaders name, with a download address the
-    frontend accepts and the models folder it goes in;
+  - the frontend's list of missing models (from the loaders' `properties.models` and the workflow's
+    `models`) names every file the workflow's loaders name, with a download address the frontend accepts
+    and the models folder it goes in;
   - pressing Run shows the pack's message for the missing encoder (which file, the folder searched, where
     to get one) instead of ComfyUI's "Value not in list".
+The two frontends the suite runs on show these facts in different places:
+  - frontend 1.32 (ComfyUI 0.3.75): a Missing Models dialog on load, one row per file ("folder / file",
+    a Download button whose title is the address); the Run error in a dialog;
+  - frontend 1.48 (ComfyUI 0.33): a toast "N errors found ... View details" on load, which opens the
+    Errors tab of the right-side panel: a Missing Models group, one row per file (file, folder, a Download
+    button that opens the address in a new tab); the Run error under "Invalid input", its text behind the
+    row's Info button.
 Screenshots: tests/artifacts/e2e/first-run-*.png.
 """
 
@@ -30,7 +37,7 @@ ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the fro
 
 
 def needed_files(workflow: dict) -> dict[str, str]:
-    """{file name: models folder}: what the loaders name, and the alternative face encoder."""
+    """{file name: models folder}: the files the workflow's loaders name."""
     files = {}
     for node in workflow["nodes"]:
         if node["type"] in LOADERS:  # each has one widget: the file's name
@@ -38,19 +45,29 @@ def needed_files(workflow: dict) -> dict[str, str]:
             folder = MODELS[file]["directory"]
             assert folder in LOADERS[node["type"]], f"{node['type']} does not read {folder}/{file}"
             files[file] = folder
-    if FACES_ENCODER in files:
-        files[IPADAPTER_FACE] = "ipadapter"  # offered next to the authors' face encoder
     return files
 
 
-# Opens a workflow as the template browser does (the real Missing Models dialog included).
+def offered_files(workflow: dict) -> dict[str, str]:
+    """needed_files and the alternative face encoder that the workflow's `models` list offers."""
+    files = needed_files(workflow)
+    if FACES_ENCODER in files:
+        files[IPADAPTER_FACE] = "ipadapter"
+    return files
+
+
+# Opens a workflow as the template browser does (the frontend's own missing-models report included).
 _OPEN_JS = """
 async ([workflow, name]) => {
   await window.app.loadGraphData(structuredClone(workflow), true, true, name);
 }
 """
 
-# The Missing Models dialog's rows: label ("folder / file"), the address it downloads from, any error.
+# What either frontend shows on loading a workflow whose model files are missing: frontend 1.32's Missing
+# Models dialog, or frontend 1.48's error toast (with its View details button).
+_MISSING_MODELS_SHOWN = ".comfy-missing-models, [data-testid=error-overlay]"
+
+# Frontend 1.32's Missing Models dialog's rows: label ("folder / file"), the address it downloads from.
 _DIALOG_ROWS_JS = """
 () => [...document.querySelectorAll('.comfy-missing-models [role=option]')].map((row) => ({
   text: row.innerText.replace(/\\s+/g, ' ').trim(),
@@ -58,10 +75,33 @@ _DIALOG_ROWS_JS = """
 }))
 """
 
+# Frontend 1.48's Missing Models group (Errors tab of the right-side panel): one row per file, each with a
+# copy button ("Copy URL" when the file has an address, "Copy model name" when not); the row's lines are
+# the file name, its models folder (" · size" when known) and Download when the frontend allows it.
+_PANEL_ROWS_JS = """
+() => {
+  const group = document.querySelector('[data-testid=error-group-missing-model]');
+  if (!group) return null;
+  const copies = group.querySelectorAll(
+    'button[aria-label="Copy URL"], button[aria-label="Copy model name"]');
+  return [...copies].map((copy) => {
+    const row = copy.closest('.w-full.flex-col');
+    const lines = row.innerText.split('\\n').map((l) => l.trim()).filter(Boolean);
+    const download = row.querySelector('[data-testid=missing-model-download]');
+    return {file: lines[0], folder: (lines[1] ?? '').split(' · ')[0], lines,
+            copy: copy.getAttribute('aria-label'), download: download?.getAttribute('aria-label') ?? null};
+  });
+}
+"""
+
 
 @pytest.fixture(scope="module")
 def fresh_install(comfy):
-    """The server with no model file at all, and a fresh frontend page on it."""
+    """The server with no model file at all, and a fresh frontend page on it. The user's frontend settings
+    are put back afterwards too: frontend 1.48 saves its Errors panel open (Comfy.RightSidePanel.IsOpen),
+    which would cover the right of every graph the later tests open."""
+    settings = comfy.base / "user" / "default" / "comfy.settings.json"
+    saved_settings = settings.read_bytes()
     models, aside = comfy.base / "models", comfy.base / "models-aside"
     moved = []
     for file in sorted(p for p in models.rglob("*") if p.is_file()):
@@ -75,6 +115,7 @@ def fresh_install(comfy):
     finally:
         for file, target in moved:
             shutil.move(target, file)
+        settings.write_bytes(saved_settings)
 
 
 def close_dialogs(frontend: Frontend) -> None:
@@ -86,45 +127,98 @@ def close_dialogs(frontend: Frontend) -> None:
         page.wait_for_timeout(300)
 
 
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_missing_models_dialog_lists_every_file_with_its_address_and_folder(name, fresh_install):
-    frontend, page = fresh_install, fresh_install.page
+def open_first_run(frontend: Frontend, name: str) -> tuple[dict, str]:
+    """Open a shipped workflow on the empty models folders; returns it and how the frontend reports the
+    missing files: "dialog" (frontend 1.32) or "panel" (frontend 1.48, its Errors panel now open)."""
+    page = frontend.page
     close_dialogs(frontend)
     workflow = frontend.fetch_template(PACK_NAME, name)
     frontend.evaluate(_OPEN_JS, [workflow, name])
-    page.locator(".comfy-missing-models").wait_for()
-    page.wait_for_timeout(300)
-    frontend.screenshot(ARTIFACTS_DIR / f"first-run-missing-models-{name}.png")
-    rows = frontend.evaluate(_DIALOG_ROWS_JS)
-    close_dialogs(frontend)
+    page.locator(_MISSING_MODELS_SHOWN).first.wait_for()
+    if page.locator(".comfy-missing-models").count():
+        return workflow, "dialog"
+    page.get_by_test_id("error-overlay-see-errors").click()  # "View details"
+    buttons = page.locator("[data-testid=error-group-missing-model] [data-testid=missing-model-download]")
+    buttons.first.wait_for()
+    return workflow, "panel"
 
-    needed = needed_files(workflow)
-    assert len(rows) == len(needed), f"{name}: the dialog lists {rows}, the workflow needs {needed}"
-    for file, folder in needed.items():
-        matching = [row for row in rows if row["text"].startswith(f"{folder} / {file}")]
-        assert len(matching) == 1, f"{name}: {folder} / {file} is not in the Missing Models dialog: {rows}"
-        (row,) = matching
-        # No "Download not allowed", "Only allowed suffixes" or "Invalid directory" in place of the button.
-        assert "allowed" not in row["text"] and "Invalid directory" not in row["text"], row
-        assert "Download" in row["text"], row
-        assert row["urls"] and row["urls"][0] == MODELS[file]["url"], row
-        assert row["urls"][0].startswith(ALLOWED_SOURCES) and row["urls"][0].endswith(".safetensors"), row
+
+def download_address(frontend: Frontend, file: str) -> str:
+    """Press frontend 1.48's Download button of `file`; returns the address the tab it opens goes to."""
+    button = frontend.page.locator(f'[data-testid=error-group-missing-model] [aria-label="Download {file}"]')
+    return frontend.address_opened_by(button)
+
+
+def check_address(file: str, url: str, where: str) -> None:
+    assert url == MODELS[file]["url"], f"{where}: {file} downloads from {url}, not {MODELS[file]['url']}"
+    assert url.startswith(ALLOWED_SOURCES) and url.endswith(".safetensors"), (where, url)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_missing_models_list_every_file_with_its_address_and_folder(name, fresh_install):
+    """Frontend 1.32's dialog lists the loaders' files and the alternative face encoder of the workflow's
+    `models` list. Frontend 1.48's panel has a row only for a file that a node's widget names (the
+    workflow's `models` and the nodes' `properties.models` only give those rows their address and folder:
+    enrichWithEmbeddedMetadata in its bundle), so there the alternative has no row; it stays in the Models
+    note and in the workflow's `models`."""
+    frontend = fresh_install
+    workflow, shown = open_first_run(frontend, name)
+    frontend.page.wait_for_timeout(300)
+    frontend.screenshot(ARTIFACTS_DIR / f"first-run-missing-models-{name}.png")
+    if shown == "dialog":
+        rows = frontend.evaluate(_DIALOG_ROWS_JS)
+        close_dialogs(frontend)
+        expected = offered_files(workflow)
+        assert len(rows) == len(expected), f"{name}: the dialog lists {rows}, the workflow needs {expected}"
+        for file, folder in expected.items():
+            matching = [row for row in rows if row["text"].startswith(f"{folder} / {file}")]
+            assert len(matching) == 1, f"{name}: {folder} / {file} is not in the dialog: {rows}"
+            (row,) = matching
+            # No "Download not allowed", "Only allowed suffixes" or "Invalid directory" instead of Download.
+            assert "allowed" not in row["text"] and "Invalid directory" not in row["text"], row
+            assert "Download" in row["text"], row
+            assert row["urls"], row
+            check_address(file, row["urls"][0], name)
+        return
+
+    rows = frontend.evaluate(_PANEL_ROWS_JS)
+    expected = needed_files(workflow)
+    assert sorted(row["file"] for row in rows) == sorted(expected), (
+        f"{name}: the Missing Models panel lists {rows}, the workflow's loaders name {expected}")
+    for row in rows:
+        file = row["file"]
+        assert row["folder"] == expected[file], f"{name}: {file} goes in {expected[file]}: {row}"
+        # A file the frontend will not download (address not allow-listed, wrong suffix) has no button.
+        assert row["download"] == f"Download {file}" and row["copy"] == "Copy URL", row
+        check_address(file, download_address(frontend, file), name)
+
+
+# The Run error as the frontend shows it: 1.32 in a dialog; 1.48 in the Errors panel's "Invalid input"
+# group, the server's message behind the failing input's Info button.
+_ENCODER_INPUT = "Load Nested Encoder - encoder_name"
+
+
+def run_error_text(frontend: Frontend, shown: str) -> str:
+    page = frontend.page
+    if shown == "dialog":
+        error = page.locator(".p-dialog").filter(has_text="not found")
+    else:
+        info = page.get_by_role("button", name=f"Info for {_ENCODER_INPUT}", exact=True)
+        info.click()
+        error = page.locator(f'[id="{info.get_attribute("aria-controls")}"]')
+    error.wait_for()
+    page.wait_for_timeout(300)
+    frontend.screenshot(ARTIFACTS_DIR / "first-run-queue-error.png")
+    return " ".join(error.inner_text().split())
 
 
 def test_run_with_no_model_files_shows_the_packs_message_naming_the_folder(fresh_install, comfy):
     frontend, page = fresh_install, fresh_install.page
-    close_dialogs(frontend)
-    name = "Person from one photo"
-    frontend.evaluate(_OPEN_JS, [frontend.fetch_template(PACK_NAME, name), name])
-    page.locator(".comfy-missing-models").wait_for()
+    _, shown = open_first_run(frontend, "Person from one photo")
     close_dialogs(frontend)
 
-    page.get_by_role("button", name="Run", exact=True).click()
-    error = page.locator(".p-dialog").filter(has_text="not found")
-    error.wait_for()
-    page.wait_for_timeout(300)
-    frontend.screenshot(ARTIFACTS_DIR / "first-run-queue-error.png")
-    text = " ".join(error.inner_text().split())
+    frontend.press_run()
+    text = run_error_text(frontend, shown)
     folder = comfy.base / "models" / "nested_attention"
     assert f"'{FACES_ENCODER}' not found (searched: {folder}" in text, text
     assert f"Put the encoder file into {folder}" in text, text

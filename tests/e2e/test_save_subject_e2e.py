@@ -64,7 +64,7 @@ _SAVED_JS = """
 def test_save_nested_subject_shows_the_saved_file_name_on_the_node(comfy, frontend):
     page = frontend.page
     save_id = frontend.evaluate(_BUILD_JS, [FACES_ENCODER, PERSON_IMAGES[0]])
-    page.get_by_role("button", name="Run", exact=True).click()
+    frontend.press_run()
     page.wait_for_function(f"({_SAVED_JS})({save_id}) !== null", timeout=300_000)
     page.wait_for_timeout(300)
     frontend.screenshot(ARTIFACTS_DIR / "save-subject.png")

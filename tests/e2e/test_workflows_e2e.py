@@ -160,6 +160,16 @@ _VIEW_JS = """
   const app = window.app, canvas = app.canvas, LG = window.LiteGraph;
   const scale = canvas.ds.scale, [ox, oy] = canvas.ds.offset, dpr = window.devicePixelRatio || 1;
   const width = canvas.canvas.width / dpr, height = canvas.canvas.height / dpr;
+  // A side panel open over the canvas (frontend 1.48's right-side panel is a splitter panel on top of the
+  // full-width canvas) hides what lies under it: the free area ends at its edge.
+  const panels = [];
+  for (const panel of document.querySelectorAll('.p-splitterpanel.pointer-events-auto')) {
+    const r = panel.getBoundingClientRect();
+    if (r.width < 1 || r.height < height / 2) continue;
+    panels.push([Math.round(r.left), Math.round(r.right)]);
+    if (r.left > width / 2) right = Math.max(right, width - r.left + 10);
+    else if (r.right < width / 2) left = Math.max(left, r.right + 10);
+  }
   const lod = app.extensionManager.setting.get('LiteGraph.Canvas.MinFontSizeForLOD');
   const outside = [];
   for (const n of app.graph.nodes) {
@@ -173,7 +183,7 @@ _VIEW_JS = """
     // The frontend's own rule (LGraphCanvas.updateLowQualityThreshold): below it, nodes lose their text.
     threshold: lod / (LG.NODE_TEXT_SIZE * Math.sqrt(dpr)),
     noteFontPx: note ? parseFloat(getComputedStyle(note).fontSize) * scale : null,
-    outside,
+    outside, panels,
   };
 }
 """
