@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from nested_attention import SDXL_CONTEXT_DIM, LayerSpec, NestedEncoder
-from nested_attention.host import install_subject
 from nested_attention.patch import SubjectBinding
 
 from .workload import CHUNK, IP_TOKENS, SUBJECT_POSITION
@@ -30,6 +29,8 @@ def subject_binding(
 
 def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec]) -> Any:
     """A clone of `model` with the subject on every cross-attention layer, installed as the Apply node does."""
+    from nested_attention.host import install_subject  # imports comfy: only once the benchmark has set it up
+
     m = model.clone()
     install_subject(m, binding, layers)
     return m

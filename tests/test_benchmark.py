@@ -215,3 +215,30 @@ def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(
     assert nested["kv_projections_first_step"] == 2 * result["attention_calls"]["count"]
     assert "K~/V~ projections" in out and "FLOPs per conditional UNet evaluation" in out
     assert set(result["flops"]) == {"64", "1024"}
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
+    """`python -m benchmark` in its own process, as `dev.py bench` starts it: it sets ComfyUI up itself
+    (an import of ComfyUI-aware code before that fails), measures every variant and writes its JSON."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "benchmark.json"
+    args = ["--device", "cpu", "--tiny", "--resolution", "64", "--steps", "1", "--attention-reps", "1",
+            "--trainer-steps", "2", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["plain SDXL", "nested M=256", "nested M=1024", "IP-Adapter 16 tokens"]
+    assert all(v["output_finite"] for v in result["variants"])
+    nested = [v for v in result["variants"] if v["name"].startswith("nested")]
+    # K~/V~ are projected in the first step only: two per cross-attention layer, none after.
+    layers = result["attention_calls"]["count"]
+    assert all(v["kv_projections_first_step"] == 2 * layers and v["kv_projections_per_later_step"] == 0
+               for v in nested)
+    assert "Per sampling step" in run.stdout and "Trainer throughput" in run.stdout
