@@ -118,6 +118,11 @@ def attn2_patches(
     return patches
 
 
+def attn2_replacements(model: Any) -> dict:
+    """The attn2 replace patches set on a ModelPatcher, by layer key ({} when none)."""
+    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+
+
 def install_subject(
     model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec], *, models: Sequence[Any] = ()
 ) -> None:
@@ -126,8 +131,7 @@ def install_subject(
     Raises NestedApplyError, before changing anything, when another pack's attn2 patch holds one of the
     layers.
     """
-    attn2 = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-    for key, patch in attn2_patches(layers, [binding], existing=attn2, models=models).items():
+    for key, patch in attn2_patches(layers, [binding], existing=attn2_replacements(model), models=models).items():
         model.set_model_attn2_replace(patch, *key)
 
 

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from nested_attention import SDXL_CONTEXT_DIM, unet_layers
-from nested_attention.host import NestedApplyError, TokenLocation, check_sdxl, install_subject, locate_word
+from nested_attention.host import (
+    NestedApplyError,
+    TokenLocation,
+    attn2_replacements,
+    check_sdxl,
+    install_subject,
+    locate_word,
+)
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
 from .wires import CATEGORY, NESTED_SUBJECT, Subject
@@ -85,7 +92,7 @@ def apply_subject(
             "Attention nodes must all be given the same prompt text (connect one text to all of them) and "
             "the last node's CONDITIONING must go to the sampler."
         )
-    attn2 = m.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    attn2 = attn2_replacements(m)
     taken = {
         p: s.name
         for patch in attn2.values()

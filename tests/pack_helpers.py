@@ -136,6 +136,18 @@ def load_handle(pack, save_tiny_encoder, tiny_clip_vision):
     return load
 
 
+@pytest.fixture
+def pet(pack, load_handle):
+    """A subject from a tiny 'pets' encoder (default word 'pet')."""
+    return encode_subject(pack, load_handle(seed=1, domain="pets", token="pet"), seed=10)
+
+
+@pytest.fixture
+def person(pack, load_handle):
+    """A subject from another tiny encoder, of another domain (default word 'person')."""
+    return encode_subject(pack, load_handle(seed=2, domain="faces", token="person", num_queries=4), seed=20)
+
+
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
     """An IMAGE batch (n, size, size, 3) in [0, 1]."""
     return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))

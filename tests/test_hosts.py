@@ -22,24 +22,11 @@ import torch
 from pack_helpers import apply, assert_inputs_valid, encode_subject, validate_inputs
 
 from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
+from nested_attention.host import attn2_replacements
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
 TEXT = "a person and their pet"
 CPU = torch.device("cpu")
-
-
-def attn2_patches(model) -> dict:
-    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-
-
-@pytest.fixture
-def pet(pack, load_handle):
-    return encode_subject(pack, load_handle(seed=1, domain="pets", token="pet"), seed=10)
-
-
-@pytest.fixture
-def person(pack, load_handle):
-    return encode_subject(pack, load_handle(seed=2, domain="faces", token="person", num_queries=4), seed=20)
 
 
 def sample(model, positive, negative, **kwargs) -> torch.Tensor:
@@ -49,7 +36,7 @@ def sample(model, positive, negative, **kwargs) -> torch.Tensor:
 def snapshot(model) -> dict:
     """Everything of a model's attn2 patches that sampling reads, by identity or value."""
     out = {"prompt": model.model_options.get("nested_attention_prompt")}
-    for key, patch in attn2_patches(model).items():
+    for key, patch in attn2_replacements(model).items():
         out[key] = (
             id(patch), patch.layer, patch.index, patch.host_attention, tuple(patch.models()),
             tuple(
@@ -74,8 +61,8 @@ def test_apply_never_changes_a_patch_already_set_on_a_model(
     negative = tiny_models.encode_text(tiny_clip, "")
     first, conditioning = apply(pack, tiny_unet, tiny_clip, pet, TEXT)
     if clone == "sharing_patches":
-        key = next(iter(attn2_patches(first)))
-        assert attn2_patches(first.clone())[key] is attn2_patches(first)[key]
+        key = next(iter(attn2_replacements(first)))
+        assert attn2_replacements(first.clone())[key] is attn2_replacements(first)[key]
     before = snapshot(first)
     reference = sample(first, conditioning, negative)
 
@@ -90,12 +77,12 @@ def test_apply_never_changes_a_patch_already_set_on_a_model(
     unchained, _ = apply(pack, tiny_unet, tiny_clip, pet, TEXT)
     assert torch.equal(sample(unchained, conditioning, negative), reference)
     assert not torch.equal(chained, reference)  # the second subject did act
-    assert attn2_patches(tiny_unet) == {}
+    assert attn2_replacements(tiny_unet) == {}
 
 
 def test_a_patch_cannot_be_changed_in_place(pack, tiny_unet, tiny_clip, pet):
     first, _ = apply(pack, tiny_unet, tiny_clip, pet, TEXT)
-    patch = next(iter(attn2_patches(first).values()))
+    patch = next(iter(attn2_replacements(first).values()))
     assert isinstance(patch.subjects, tuple) and isinstance(patch._models, tuple)
     grown = patch.with_subjects([patch.subjects[0]], [object()])
     assert grown is not patch and len(patch.subjects) == 1 and len(patch.models()) == 1
@@ -210,25 +197,25 @@ def test_comfy_calls_cleanup_after_sampling_where_it_does_and_a_shared_subject_s
     during = first.clone()
 
     def wrapper(apply_model, args):
-        for patch in attn2_patches(second).values():
+        for patch in attn2_replacements(second).values():
             patch.cleanup()
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     during.set_model_unet_function_wrapper(wrapper)
     cleaned.clear()
     assert torch.equal(sample(during, conditioning, negative), reference)
-    assert len(cleaned) >= len(attn2_patches(second))
+    assert len(cleaned) >= len(attn2_replacements(second))
 
     cleaned.clear()
     assert torch.equal(sample(first, conditioning, negative), reference)
     # 0.17 on: ModelPatcher.cleanup() calls each patch's cleanup() (model_patches_call_function).
     calls_cleanup = hasattr(comfy.model_patcher.ModelPatcher, "model_patches_call_function")
-    expected = {id(p) for p in attn2_patches(first).values()} if calls_cleanup else set()
+    expected = {id(p) for p in attn2_replacements(first).values()} if calls_cleanup else set()
     assert {id(p) for p in cleaned} == expected
-    binding = next(iter(attn2_patches(first).values())).subjects[0]
+    binding = next(iter(attn2_replacements(first).values())).subjects[0]
     if calls_cleanup:
         assert binding._sigma[0] is None  # the finished run's sigmas are not kept alive
-    assert len(binding._kv) == len(attn2_patches(first))  # K~/V~ stay for the next run
+    assert len(binding._kv) == len(attn2_replacements(first))  # K~/V~ stay for the next run
 
 
 # ------------------------------------------------------------------------------------------------

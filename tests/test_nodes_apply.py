@@ -25,6 +25,7 @@ from nested_attention import (
     QFormerConfig,
     unet_layers,
 )
+from nested_attention.host import attn2_replacements
 from nested_attention.patch import NestedAttentionPatch
 
 PROMPT = "a photo of a pet"
@@ -61,22 +62,6 @@ def rows(evaluation, flag: int) -> torch.Tensor:
     )
 
 
-def attn2_patches(model) -> dict:
-    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
-
-
-@pytest.fixture
-def pet(pack, load_handle):
-    """A subject from a tiny 'pets' encoder (default word 'pet')."""
-    return encode_subject(pack, load_handle(seed=1, domain="pets", token="pet"), seed=10)
-
-
-@pytest.fixture
-def person(pack, load_handle):
-    """A subject from another tiny encoder, of another domain (default word 'person')."""
-    return encode_subject(pack, load_handle(seed=2, domain="faces", token="person", num_queries=4), seed=20)
-
-
 # ------------------------------------------------------------------------------------------------
 # Structure
 
@@ -86,7 +71,7 @@ def test_every_layer_key_is_patched_and_called_once_per_unet_evaluation(
 ):
     patched, positive = apply(pack, tiny_unet, tiny_clip, pet, PROMPT)
     keys = {layer.key for layer in unet_layers(tiny_unet.model.diffusion_model)}
-    assert set(attn2_patches(patched)) == keys
+    assert set(attn2_replacements(patched)) == keys
     calls = Counter()
     original = NestedAttentionPatch.__call__
 
@@ -120,7 +105,7 @@ def test_full_size_sdxl_has_all_70_layers_patched_and_each_called_once_per_evalu
     )
     subject = pack.wires.Subject(tokens=torch.zeros(1, 4, 2048), encoder=handle, name="pet", images=1)
     patched, _ = apply(pack, model, tiny_clip, subject, PROMPT)
-    patches = attn2_patches(patched)
+    patches = attn2_replacements(patched)
     assert unet_layers(base.diffusion_model) == SDXL_LAYERS
     assert set(patches) == {layer.key for layer in SDXL_LAYERS} and len(patches) == 70
     assert [patches[layer.key].index for layer in SDXL_LAYERS] == list(range(70))
@@ -209,7 +194,7 @@ def test_nested_values_equal_to_v_sstar_with_lambda_1_sample_the_unpatched_image
     torch.testing.assert_close(latent, expected, rtol=0, atol=1e-4 * scale)
     # Control: the same encoder with its norm regularization at alpha = 2 visibly changes the image.
     boosted, _ = apply(pack, tiny_unet, tiny_clip, subject, PROMPT)
-    for patch in attn2_patches(boosted).values():
+    for patch in attn2_replacements(boosted).values():
         patch.subjects[0].alpha = 2.0
     assert (
         tiny_models.sample(boosted, conditioning, negative, 0, steps=2, size=16) - expected
@@ -234,9 +219,9 @@ def test_chained_subjects_act_together_and_order_does_not_change_the_result(
     assert (both - only_pet).abs().max() > 1e-3 * scale and (both - only_person).abs().max() > 1e-3 * scale
 
     # The upstream models are never modified.
-    assert attn2_patches(tiny_unet) == {}
-    assert all(len(p.subjects) == 1 for p in attn2_patches(pet_model).values())
-    assert all(len(p.subjects) == 2 for p in attn2_patches(pet_then_person).values())
+    assert attn2_replacements(tiny_unet) == {}
+    assert all(len(p.subjects) == 1 for p in attn2_replacements(pet_model).values())
+    assert all(len(p.subjects) == 2 for p in attn2_replacements(pet_then_person).values())
 
 
 def test_chaining_shares_weights_tokens_and_caches_instead_of_copying(
@@ -246,7 +231,7 @@ def test_chaining_shares_weights_tokens_and_caches_instead_of_copying(
     first, _ = apply(pack, tiny_unet, tiny_clip, pet, text)
     second, _ = apply(pack, first, tiny_clip, person, text)
     key = ("input", 4, 0)
-    a, b = attn2_patches(first)[key], attn2_patches(second)[key]
+    a, b = attn2_replacements(first)[key], attn2_replacements(second)[key]
     assert a is not b and a.subjects[0] is b.subjects[1 if b.subjects[0].name.startswith("faces") else 0]
     copied = copy.deepcopy(second.model_options)  # what every clone() does
     c = copied["transformer_options"]["patches_replace"]["attn2"][key]
@@ -276,15 +261,15 @@ def test_kv_are_projected_once_per_subject_and_layer_not_per_step(
     monkeypatch.setattr(core_patch, "F", CountingF())
     _, evals = run(patched, positive, negative, steps=3)
     run(patched, positive, negative, steps=3)  # a second prompt run reuses the cache too
-    layers = len(attn2_patches(patched))
+    layers = len(attn2_replacements(patched))
     assert len(evals) == 3 and len(projections) == 2 * layers
-    binding = attn2_patches(patched)[("input", 4, 0)].subjects[0]
+    binding = attn2_replacements(patched)[("input", 4, 0)].subjects[0]
     assert len(binding._kv) == layers
 
 
 def test_patches_follow_comfy_memory_management(pack, tiny_unet, tiny_clip, pet):
     patched, _ = apply(pack, tiny_unet, tiny_clip, pet, PROMPT)
-    patch = attn2_patches(patched)[("input", 4, 0)]
+    patch = attn2_replacements(patched)[("input", 4, 0)]
     assert patch.models() == [pet.encoder.patcher]
     assert patch.to(torch.float16) is patch  # ComfyUI's model_load passes the model dtype too
     binding = patch.subjects[0]
@@ -302,7 +287,7 @@ def test_patches_follow_comfy_memory_management(pack, tiny_unet, tiny_clip, pet)
 def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tiny_clip, pet):
     negative = tiny_models.encode_text(tiny_clip, "")
     late, positive = apply(pack, tiny_unet, tiny_clip, pet, PROMPT, start=0.5, end=1.0)
-    binding = attn2_patches(late)[("input", 4, 0)].subjects[0]
+    binding = attn2_replacements(late)[("input", 4, 0)].subjects[0]
     sampling = tiny_unet.get_model_object("model_sampling")
     assert binding.sigma_start == pytest.approx(sampling.percent_to_sigma(0.5)) and binding.sigma_end == 0.0
     _, plain = run(tiny_unet, positive, negative, steps=4)
@@ -315,7 +300,7 @@ def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tin
 
     # The end of the window, at the layer: below sigma_end the patch is the host's attention, bit for bit.
     early, _ = apply(pack, tiny_unet, tiny_clip, pet, PROMPT, start=0.0, end=0.5)
-    patch = attn2_patches(early)[("input", 4, 0)]
+    patch = attn2_replacements(early)[("input", 4, 0)]
     sigma_end = patch.subjects[0].sigma_end
     q, k, v, extra = layer_inputs(patch, sigma=sigma_end * 0.9)
     assert torch.equal(patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra))
@@ -347,7 +332,7 @@ def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_cl
     mask = torch.zeros(1, 32, 32)
     mask[:, :, :16] = 1.0  # left half
     patched, _ = apply(pack, tiny_unet, tiny_clip, pet, PROMPT, mask=mask)
-    patch = attn2_patches(patched)[("input", 4, 0)]
+    patch = attn2_replacements(patched)[("input", 4, 0)]
     q, k, v, extra = layer_inputs(patch, h=4, w=4)
     out = patch(q, k, v, extra)
     plain = pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
@@ -360,7 +345,7 @@ def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_cl
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_patch_runs_in_half_precision_close_to_float32(pack, tiny_unet, tiny_clip, pet, dtype):
     patched, _ = apply(pack, tiny_unet, tiny_clip, pet, PROMPT)
-    patch = attn2_patches(patched)[("middle", 0, 0)]
+    patch = attn2_replacements(patched)[("middle", 0, 0)]
     q, k, v, extra = layer_inputs(patch)
     reference = patch(q, k, v, extra)
     out = patch(q.to(dtype), k.to(dtype), v.to(dtype), extra)
@@ -421,8 +406,8 @@ def test_word_absent_from_the_prompt_is_an_error_naming_both(pack, tiny_unet, ti
 def test_empty_token_takes_the_encoder_word_and_a_typed_token_overrides_it(pack, tiny_unet, tiny_clip, pet):
     default, _ = apply(pack, tiny_unet, tiny_clip, pet, "a dog and a pet")
     typed, _ = apply(pack, tiny_unet, tiny_clip, pet, "a dog and a pet", token=" dog ")
-    assert attn2_patches(default)[("input", 4, 0)].subjects[0].positions == (5,)
-    assert attn2_patches(typed)[("input", 4, 0)].subjects[0].positions == (2,)
+    assert attn2_replacements(default)[("input", 4, 0)].subjects[0].positions == (5,)
+    assert attn2_replacements(typed)[("input", 4, 0)].subjects[0].positions == (2,)
 
 
 def test_non_sdxl_model_is_a_clear_error(pack, tiny_clip, pet):

@@ -213,7 +213,7 @@ def run_error_text(frontend: Frontend, shown: str) -> str:
 
 
 def test_run_with_no_model_files_shows_the_packs_message_naming_the_folder(fresh_install, comfy):
-    frontend, page = fresh_install, fresh_install.page
+    frontend = fresh_install
     _, shown = open_first_run(frontend, "Person from one photo")
     close_dialogs(frontend)
 
