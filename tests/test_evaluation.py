@@ -11,16 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import comfy.model_management
 import numpy as np
 import pytest
-import tiny_models  # noqa: F401  (ComfyUI set-up first)
+import tiny_models  # ComfyUI set-up first; also the accelerate launcher
 import torch
 from PIL import Image
 
@@ -475,37 +472,11 @@ def test_real_domains_say_what_is_missing(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_split_the_generations_and_gather_the_metrics_once(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+    result = tiny_models.accelerate_launch(
         "training.evaluate",
-        "--domain",
-        "tiny",
-        "--steps",
-        "2",
-        "--output_dir",
-        str(tmp_path),
-        "--lambdas",
-        "1",
-        "--decoupled_scales",
-        "1",
-        "--no_grids",
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        ["--domain", "tiny", "--steps", "2", "--output_dir", tmp_path, "--lambdas", "1", "--decoupled_scales", "1",
+         "--no_grids"],
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     processes = sorted(saved["processes"], key=lambda p: p["process"])

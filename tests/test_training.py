@@ -11,15 +11,13 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import comfy.model_management
 import numpy as np
 import pytest
-import tiny_models  # noqa: F401  (ComfyUI set-up first)
+import tiny_models  # ComfyUI set-up first; also the accelerate launcher
 import torch
 from safetensors.torch import load_file
 
@@ -571,34 +569,11 @@ def test_tar_shards_train_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_end_a_step_with_identical_weights(tmp_path, data_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
+    result = tiny_models.accelerate_launch(
         "training.run",
-        *FAST,
-        "--train_data",
-        str(data_dir),
-        "--output_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-        "--checkpointing_steps",
-        "1",
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [*FAST, "--train_data", data_dir, "--output_dir", tmp_path, "--max_train_steps", "1",
+         "--checkpointing_steps", "1"],
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     states = [json.loads((tmp_path / "checkpoint-1" / f"trainer_state-{r}.json").read_text()) for r in (0, 1)]
     assert states[0]["world"] == states[1]["world"] == 2

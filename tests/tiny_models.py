@@ -13,9 +13,12 @@ first, before anything else can import `comfy`.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
-
-
 
 # One way to find and set up ComfyUI as a library, shared with the trainer.
 from training.comfy_env import find_comfyui, setup_comfy  # noqa: E402,F401
@@ -86,3 +89,16 @@ def sample(model, positive: list, negative: list, seed: int, steps: int = 4, siz
     return comfy.sample.sample(
         model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True
     )
+
+
+def accelerate_launch(module: str, args: list, processes: int = 2) -> subprocess.CompletedProcess:
+    """`python -m module args` under `accelerate launch --multi_gpu` with `processes` CPU processes, from the
+    repo root (so the repo's packages are imported), one thread each; returns the finished process."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", module, *[str(a) for a in args]]
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
