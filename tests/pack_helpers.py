@@ -130,7 +130,7 @@ def load_handle(pack, save_tiny_encoder, tiny_clip_vision):
 
     def load(name: str | None = None, **kwargs):
         name = save_tiny_encoder(name or f"tiny_{next(counter)}.safetensors", **kwargs)
-        (handle,) = pack.mappings["NestedAttentionLoadEncoder"]().load(name, clip_vision=tiny_clip_vision)
+        (handle,) = run_node(pack, "NestedAttentionLoadEncoder", encoder_name=name, clip_vision=tiny_clip_vision)
         return handle
 
     return load
@@ -148,15 +148,23 @@ def person(pack, load_handle):
     return encode_subject(pack, load_handle(seed=2, domain="faces", token="person", num_queries=4), seed=20)
 
 
+def run_node(pack, node_id: str, **inputs):
+    """Run the pack's node `node_id` with its inputs by name, as ComfyUI's executor calls it; what it returns.
+
+    Tests run nodes only through this, so that how a node class is called (its schema) lives in one place.
+    """
+    node_class = pack.mappings[node_id]
+    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+
+
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
     """An IMAGE batch (n, size, size, 3) in [0, 1]."""
     return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
 
 
 def encode_subject(pack, handle, seed: int = 0, n: int = 1, mask=None):
-    subject, _ = pack.mappings["NestedAttentionEncodeSubject"]().encode(
-        handle, photos(seed, n), "center", mask
-    )
+    subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=photos(seed, n),
+                          crop="center", mask=mask)
     return subject
 
 
@@ -172,9 +180,8 @@ def apply(
     end: float = 1.0,
     mask=None,
 ):
-    return pack.mappings["NestedAttentionApply"]().apply(
-        model, clip, subject, text, token, lambda_, start, end, mask
-    )
+    return run_node(pack, "NestedAttentionApply", model=model, clip=clip, subject=subject, text=text, token=token,
+                    start_percent=start, end_percent=end, mask=mask, **{"λ": lambda_})
 
 
 def validate_inputs(node_class, **values):

@@ -20,7 +20,7 @@ import folder_paths
 import pytest
 import torch
 import torch.nn.functional as F
-from pack_helpers import TINY_CLIP_VISION_SPEC, photos
+from pack_helpers import TINY_CLIP_VISION_SPEC, photos, run_node
 from safetensors import safe_open
 from weight_layouts import (
     TINY_DIFFUSERS_NAMES,
@@ -164,7 +164,7 @@ def test_loader_node_refuses_a_clip_vision_of_another_architecture_before_loadin
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     assert full_ip_adapter_file.name in pack.loader.encoder_files()
     with pytest.raises(pack.loader.NestedEncoderLoadError, match=r"CLIP-ViT-H-14.*width 1280.*width 64"):
-        pack.mappings["NestedAttentionLoadEncoder"]().load(full_ip_adapter_file.name, clip_vision=tiny_clip_vision)
+        run_node(pack, "NestedAttentionLoadEncoder", encoder_name=full_ip_adapter_file.name, clip_vision=tiny_clip_vision)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,9 +356,9 @@ def test_encode_subject_node_reads_the_penultimate_layer_of_a_converted_ip_adapt
     files = pack.loader.encoder_files()
     assert "tiny-ip-converted.safetensors" in files and "pickled.bin" not in files
 
-    (handle,) = pack.mappings["NestedAttentionLoadEncoder"]().load("tiny-ip-converted.safetensors", clip_vision=tiny_clip_vision)
+    (handle,) = run_node(pack, "NestedAttentionLoadEncoder", encoder_name="tiny-ip-converted.safetensors", clip_vision=tiny_clip_vision)
     image = photos(7)
-    subject, _encoded = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center")
+    subject, _encoded = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
     hidden = tiny_clip_vision.encode_image(image)["penultimate_hidden_states"].detach().double()
     expected = reference_resampler(hidden, read_all(source), "image_proj.", depth=2, heads=2).float()
     torch.testing.assert_close(subject.tokens, expected, atol=1e-5, rtol=1e-4)  # float32 encoder in the node

@@ -19,7 +19,7 @@ import comfy.model_patcher
 import pytest
 import tiny_models
 import torch
-from pack_helpers import apply, assert_inputs_valid, encode_subject, validate_inputs
+from pack_helpers import apply, assert_inputs_valid, encode_subject, run_node, validate_inputs
 
 from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
 from nested_attention.host import attn2_replacements
@@ -320,8 +320,8 @@ def test_every_node_with_validate_inputs_returns_exactly_true_for_valid_widget_v
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
     handle = load_handle(seed=5)
-    saver = pack.mappings["NestedAttentionSaveSubject"]()
-    saver.save(encode_subject(pack, handle), "nested_attention_subjects/s")
+    run_node(pack, "NestedAttentionSaveSubject", subject=encode_subject(pack, handle),
+             filename_prefix="nested_attention_subjects/s")
     checked = []
     for name, node in pack.mappings.items():
         if getattr(node, "VALIDATE_INPUTS", None) is None:

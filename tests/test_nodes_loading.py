@@ -12,7 +12,7 @@ import folder_paths
 import pytest
 import torch
 from pack import REPO, load_pack, unload_pack
-from pack_helpers import TINY_CLIP_VISION_SPEC
+from pack_helpers import TINY_CLIP_VISION_SPEC, run_node
 
 from nested_attention import NestedWeightsError
 
@@ -74,7 +74,7 @@ def test_load_encoder_wraps_it_for_comfy_memory_management(pack, load_handle, ti
 
 def test_missing_encoder_file_error_lists_the_folders_searched(pack, models_folder, tiny_clip_vision):
     with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
-        pack.mappings["NestedAttentionLoadEncoder"]().load("nope.safetensors", tiny_clip_vision)
+        run_node(pack, "NestedAttentionLoadEncoder", encoder_name="nope.safetensors", clip_vision=tiny_clip_vision)
     assert "nope.safetensors" in str(error.value) and str(models_folder.encoders) in str(error.value)
 
 
@@ -120,7 +120,7 @@ def test_init_creates_the_models_folder_and_only_warns_when_it_cannot(monkeypatc
 def test_damaged_encoder_file_gets_the_core_validation_error(pack, models_folder, tiny_clip_vision):
     (models_folder.encoders / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(NestedWeightsError, match="junk.safetensors"):
-        pack.mappings["NestedAttentionLoadEncoder"]().load("junk.safetensors", tiny_clip_vision)
+        run_node(pack, "NestedAttentionLoadEncoder", encoder_name="junk.safetensors", clip_vision=tiny_clip_vision)
 
 
 def test_clip_vision_of_another_architecture_is_refused_at_load(pack, save_tiny_encoder):
@@ -129,7 +129,7 @@ def test_clip_vision_of_another_architecture_is_refused_at_load(pack, save_tiny_
     name = save_tiny_encoder()
     wider = tiny_models.tiny_clip_vision(seed=0, hidden=96, heads=4)
     with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
-        pack.mappings["NestedAttentionLoadEncoder"]().load(name, wider)
+        run_node(pack, "NestedAttentionLoadEncoder", encoder_name=name, clip_vision=wider)
     message = str(error.value)
     assert "width 64" in message and "width 96" in message and TINY_CLIP_VISION_SPEC["name"] in message
 
@@ -155,7 +155,7 @@ def test_unconnected_clip_vision_is_loaded_by_the_name_the_encoder_file_gives(
     (models_folder.clip_vision / TINY_CLIP_VISION_SPEC["name"]).write_bytes(b"stand-in")
     loaded = []
     monkeypatch.setattr(comfy.clip_vision, "load", lambda path: loaded.append(path) or tiny_clip_vision)
-    (handle,) = pack.mappings["NestedAttentionLoadEncoder"]().load(name)
+    (handle,) = run_node(pack, "NestedAttentionLoadEncoder", encoder_name=name)
     assert loaded == [str(models_folder.clip_vision / TINY_CLIP_VISION_SPEC["name"])]
     assert handle.clip_vision is tiny_clip_vision
 
@@ -165,7 +165,7 @@ def test_missing_clip_vision_file_error_lists_the_folders_and_the_alternative(
 ):
     name = save_tiny_encoder()
     with pytest.raises(pack.loader.NestedEncoderLoadError) as error:
-        pack.mappings["NestedAttentionLoadEncoder"]().load(name)
+        run_node(pack, "NestedAttentionLoadEncoder", encoder_name=name)
     message = str(error.value)
     assert TINY_CLIP_VISION_SPEC["name"] in message and str(models_folder.clip_vision) in message
     assert "Load CLIP Vision" in message

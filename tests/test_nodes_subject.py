@@ -8,7 +8,7 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from pack_helpers import encode_subject, photos
+from pack_helpers import encode_subject, photos, run_node
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
@@ -52,7 +52,7 @@ def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
     composite = pack.subject.composite_on_white(image, mask)
     assert torch.equal(composite[:, 8:24, 8:24], image[:, 8:24, 8:24])
     assert torch.equal(composite[:, :8], torch.ones_like(composite[:, :8]))
-    masked, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, image, "center", mask)
+    masked, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center", mask=mask)
     assert torch.equal(seen, composite)  # the IMAGE output is what the encoder read
     torch.testing.assert_close(masked.tokens, reference_tokens(handle, composite))
 
@@ -71,9 +71,7 @@ def test_mask_count_must_match_the_photos(pack):
 def test_empty_image_batch_is_an_error(pack, load_handle):
     handle = load_handle()
     with pytest.raises(pack.subject.SubjectError, match="no image"):
-        pack.mappings["NestedAttentionEncodeSubject"]().encode(
-            handle, torch.zeros(0, 32, 32, 3), "center", None
-        )
+        run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=torch.zeros(0, 32, 32, 3), crop="center", mask=None)
 
 
 def test_encoding_reports_progress_to_comfy(pack, load_handle, monkeypatch):
@@ -98,7 +96,7 @@ def test_saved_subject_loads_back_identically(pack, load_handle, tmp_path, monke
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
     handle = load_handle(seed=5)
     subject = encode_subject(pack, handle, seed=0, n=2)
-    result = pack.mappings["NestedAttentionSaveSubject"]().save(subject, "nested_attention_subjects/cat")
+    result = run_node(pack, "NestedAttentionSaveSubject", subject=subject, filename_prefix="nested_attention_subjects/cat")
     saved = result["ui"]["subjects"][0]
     assert os.path.isfile(tmp_path / "output" / saved["subfolder"] / saved["filename"])
     listed = pack.subject.subject_files()
@@ -107,7 +105,7 @@ def test_saved_subject_loads_back_identically(pack, load_handle, tmp_path, monke
     assert (
         load_node.IS_CHANGED(encoder=handle, subject_file=listed[0]) != listed[0]
     )  # mtime and size of the file
-    (loaded,) = load_node().load(handle, listed[0])
+    (loaded,) = run_node(pack, "NestedAttentionLoadSubject", encoder=handle, subject_file=listed[0])
     assert torch.equal(loaded.tokens, subject.tokens) and loaded.images == 2 and loaded.encoder is handle
 
 
@@ -135,15 +133,13 @@ def test_face_encoder_aligns_the_photo_and_outputs_the_crop_it_encoded(pack, loa
 
     handle = load_handle(domain="faces", token="person", face_align="ffhq", face_size=64)
     photo = astronaut_batch()
-    subject, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, photo, "center")
+    subject, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=photo, crop="center")
     expected = faces.align_face(photo[0], size=64).image
     assert seen.shape == (1, 64, 64, 3)
     torch.testing.assert_close(seen[0], expected, atol=0, rtol=0)
     torch.testing.assert_close(subject.tokens, reference_tokens(handle, seen))
     # Turned off, the photo itself is encoded (CLIP's centre crop) and output.
-    plain, seen_off = pack.mappings["NestedAttentionEncodeSubject"]().encode(
-        handle, photo, "center", align="off"
-    )
+    plain, seen_off = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=photo, crop="center", align="off")
     assert torch.equal(seen_off, photo)
     torch.testing.assert_close(plain.tokens, reference_tokens(handle, photo))
 
@@ -151,7 +147,7 @@ def test_face_encoder_aligns_the_photo_and_outputs_the_crop_it_encoded(pack, loa
 def test_encoders_without_face_alignment_leave_photos_alone(pack, load_handle):
     handle = load_handle()  # a pets encoder: face_align "none"
     photo = astronaut_batch()
-    _, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, photo, "center")
+    _, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=photo, crop="center")
     assert torch.equal(seen, photo)
 
 
@@ -160,10 +156,10 @@ def test_no_face_names_the_image_and_the_way_out(pack, load_handle):
     batch = torch.cat([astronaut_batch(), torch.full((1, 512, 512, 3), 0.5)])
     message = r"no face found in image 1 of the batch.*alignment off"
     with pytest.raises(pack.subject.SubjectError, match=message):
-        pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch, "center")
+        run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=batch, crop="center")
     with pytest.raises(pack.subject.SubjectError, match="face_index from 0 to 0"):
-        pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch[:1], "center", face_index=1)
-    _, seen = pack.mappings["NestedAttentionEncodeSubject"]().encode(handle, batch, "center", align="off")
+        run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=batch[:1], crop="center", face_index=1)
+    _, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=batch, crop="center", align="off")
     assert seen.shape == (2, 512, 512, 3)
 
 
