@@ -24,7 +24,7 @@ from nested_attention.host import (
 )
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
-from .wires import CATEGORY, NESTED_SUBJECT, Subject
+from .wires import CATEGORY, NESTED_SUBJECT, Subject, names_the_node
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 
@@ -233,6 +233,7 @@ class NestedAttentionApply:
             },
         }
 
+    @names_the_node("Apply Nested Attention (token, λ)")
     def apply(
         self,
         model: Any,
