@@ -199,6 +199,27 @@ def test_labelled_grid_keeps_every_cell_exact_and_writes_labels_around_them():
     assert (pixels[top : boxes[0][0][3], : boxes[0][0][0]] < 100).any()  # a row label left of row 0
 
 
+def test_preview_labels_draw_accents_and_wrap_long_file_names_whole():
+    from PIL import Image, ImageDraw
+
+    face = preview_lib.font(20)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def drawn(text):
+        image = Image.new("L", (60, 40), 0)
+        ImageDraw.Draw(image).text((5, 5), text, fill=255, font=face)
+        return np.asarray(image)
+
+    unassigned = drawn("\u0378")  # no font has it: the 'missing glyph' box
+    for letter in "éëüçñ":
+        assert not np.array_equal(drawn(letter), unassigned), letter  # drawn, not as a box
+    name = "café-au-lait-cat-photographed-on-the-sofa-2024-05-01_IMG_4821.png"
+    lines = preview_lib.wrap(draw, f"{name} x", 120, face)
+    assert "".join(lines)[: len(name)] == name  # every character kept, in order
+    assert all(draw.textlength(line, font=face) <= 120 for line in lines)
+    assert lines[0].endswith("-")  # cut after a separator where one fits
+
+
 def torch_of(array):
     import torch
 
