@@ -309,8 +309,8 @@ def case(seeds: dict[str, bytes], seed: int, index: int) -> tuple[str, str, byte
 
 class Worker:
     def __init__(self, workdir: Path):
+        import tiny_models  # isort: skip  (first: it sets ComfyUI up, then folder_paths can be imported)
         import folder_paths
-        import tiny_models
         import torch
         from pack_helpers import TINY_CLIP_VISION_SPEC, encode_subject, run_node, tiny_encoder
         from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values
