@@ -311,28 +311,35 @@ class Checkpoints:
         if accelerator.is_local_main_process:
             remove_partial(self.output_dir)
         accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(partial))
-            if accelerator.is_main_process:
-                self.export(partial / self.encoder_file, step)
-            partial.mkdir(parents=True, exist_ok=True)  # machines without a shared file system
-            rank = accelerator.process_index
-            text = json.dumps(dataclasses.asdict(state), indent=1)
-            (partial / f"trainer_state-{rank}.json").write_text(text)
-            accelerator.wait_for_everyone()
-            # The main process finalizes; on machines without a shared file system, each machine's first
-            # process then finalizes the copy on its own disk.
-            if accelerator.is_main_process:
-                finalize(partial, folder, step)
-            accelerator.wait_for_everyone()
-            if accelerator.is_local_main_process and partial.exists():
-                finalize(partial, folder, step)
-        except Exception as e:  # anything the write raised (OSError, torch's and safetensors' wrappers)
-            shutil.rmtree(partial, ignore_errors=True)
-            raise write_failure(folder, e, self.output_dir) from e
+
+        def written(action: Callable[[], None]) -> None:
+            try:
+                action()
+            except Exception as e:  # anything a write raises (OSError, torch's and safetensors' wrappers)
+                shutil.rmtree(partial, ignore_errors=True)
+                raise write_failure(folder, e, self.output_dir) from e
+
+        written(lambda: self._write(partial, step, state))
+        accelerator.wait_for_everyone()
+        # The main process finalizes; on machines without a shared file system, each machine's first process
+        # then finalizes the copy on its own disk.
+        if accelerator.is_main_process:
+            written(lambda: finalize(partial, folder, step))
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process and partial.exists():
+            written(lambda: finalize(partial, folder, step))
         if accelerator.is_main_process:
             prune(self.output_dir, self.limit)
         return folder
+
+    def _write(self, partial: Path, step: int, state: ProcessState) -> None:
+        """This process's part of a checkpoint, into `partial`."""
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            self.export(partial / self.encoder_file, step)
+        partial.mkdir(parents=True, exist_ok=True)  # machines without a shared file system
+        text = json.dumps(dataclasses.asdict(state), indent=1)
+        (partial / f"trainer_state-{self.accelerator.process_index}.json").write_text(text)
 
     def resume(
         self, resume_from: str | None, accumulation: int, init_encoder: str | None, batch_size: int
