@@ -89,6 +89,24 @@ def test_latest_is_the_newest_complete_checkpoint_never_a_partial_or_unmarked_on
     assert not (tmp_path / "checkpoint-3.partial").exists()
 
 
+def test_pruning_never_leaves_a_half_deleted_folder_under_a_checkpoints_name(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        checkpoint(tmp_path, step)
+
+    def killed_half_way(path, *args, **kwargs):  # rmtree killed after the first file
+        next(p for p in sorted(path.iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints_lib.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints_lib.prune(tmp_path, 2)
+    monkeypatch.undo()
+    # checkpoint-1 is out of the way under another name; the next save deletes it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1.deleting", "checkpoint-2", "checkpoint-3"]
+    checkpoints_lib.remove_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_finalize_replaces_a_checkpoint_of_the_same_step_and_a_kill_inside_it_loses_neither(tmp_path):
     old = checkpoint(tmp_path, 6, {"model.safetensors": "old"})
     checkpoint(tmp_path, 6, {"model.safetensors": "new"})

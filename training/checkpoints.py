@@ -11,7 +11,8 @@ folder renamed to checkpoint-N (one atomic rename). So a run killed at any momen
 complete checkpoint-N or a checkpoint-N.partial that no resume ever reads (the next save deletes it);
 `--resume_from_checkpoint latest` takes the newest folder whose marker matches its files. Older
 checkpoints are pruned only after the new one is complete, so a failed write (a full disk) leaves them
-all intact.
+all intact, and each is renamed checkpoint-N.deleting before it is deleted, so a kill while deleting
+never leaves half a folder under a checkpoint's name.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
 FOLDER = re.compile(r"checkpoint-(\d+)")
 PARTIAL = ".partial"  # checkpoint-N.partial: a checkpoint being written (never resumed from)
+DELETING = ".deleting"  # checkpoint-N.deleting: an old checkpoint being pruned
 REPLACED = ".replaced"  # checkpoint-N.replaced: an older checkpoint-N while finalize puts the new one in place
 MARKER = "complete.json"  # written last into a checkpoint: {"step": N, "files": {name: size in bytes}}
 # Errors that mean "the disk is full" (ENOSPC), "over quota" (EDQUOT) or "file too large" (EFBIG, a file
@@ -138,16 +140,22 @@ def prune(output_dir: Path, limit: int | None) -> None:
     existing = complete_checkpoints(output_dir)
     for _, old in existing[: max(0, len(existing) - limit)]:
         log.info("%s removing old checkpoint %s (--checkpoints_total_limit %d)", PREFIX, old, limit)
-        shutil.rmtree(old)
+        # Renamed first: a run killed while deleting leaves a checkpoint-N.deleting, never a half-deleted
+        # folder under a checkpoint's name.
+        doomed = old.with_name(old.name + DELETING)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def remove_partial(output_dir: Path) -> None:
-    """Delete checkpoint-N.partial folders, writes that a killed or failed run left unfinished; put back a
-    checkpoint-N.replaced that a run killed inside `finalize` left without its replacement."""
-    for path in Path(output_dir).glob(f"checkpoint-*{PARTIAL}"):
-        if path.is_dir():
-            log.info("%s removing %s (an unfinished checkpoint write)", PREFIX, path)
-            shutil.rmtree(path, ignore_errors=True)
+    """Delete checkpoint-N.partial and .deleting folders, writes and deletions that a killed or failed run
+    left unfinished; put back a checkpoint-N.replaced that a run killed inside `finalize` left without its
+    replacement."""
+    for suffix, what in ((PARTIAL, "an unfinished checkpoint write"), (DELETING, "an unfinished deletion")):
+        for path in Path(output_dir).glob(f"checkpoint-*{suffix}"):
+            if path.is_dir():
+                log.info("%s removing %s (%s)", PREFIX, path, what)
+                shutil.rmtree(path, ignore_errors=True)
     for path in Path(output_dir).glob(f"checkpoint-*{REPLACED}"):
         original = path.with_name(path.name[: -len(REPLACED)])
         if original.exists():
