@@ -347,8 +347,7 @@ def test_encode_subject_node_reads_the_penultimate_layer_of_a_converted_ip_adapt
     source = tmp_path / "tiny-ip.safetensors"
     build_tiny(source, "ip-adapter", tiny_layers)
     encoder = load_encoder(str(source), layers=tiny_layers, clip_vision=TINY_SPEC)
-    ipadapter = tmp_path / "ipadapter"
-    ipadapter.mkdir()
+    ipadapter = models_folder.ipadapter
     save_encoder(str(ipadapter / "tiny-ip-converted.safetensors"), encoder)
     (ipadapter / "pickled.bin").write_bytes(b"not listed")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "ipadapter", ([str(ipadapter)], {".safetensors", ".bin"}))

@@ -63,6 +63,7 @@ class Trial:
     start_s: float = 0.0  # start to the first checkpoint write (or to SIGTERM)
     exit_s: float = 0.0  # SIGTERM to the process's exit
     returncode: int | None = None
+    cpu_s: float | None = None  # CPU time the trainer process used (user + system)
     steps: tuple[int, int] = (0, 0)  # (first, last) step it logged
     log: str = ""
 
@@ -110,7 +111,9 @@ class Launcher:
     def start(self, args: list[str], log_path: Path):
         if self.server is None:
             with open(log_path, "wb") as log:
-                return subprocess.Popen(args, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(args, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+            proc.cpu_before = children_cpu()  # one trainer at a time: the rise when it is reaped is its own
+            return proc
         self.server.stdin.write(json.dumps({"argv": args[3:], "log": str(log_path)}) + "\n")
         return Forked(self.server, int(json.loads(self.server.stdout.readline())["pid"]))
 
@@ -125,7 +128,7 @@ class Forked:
     """A trainer forked by the fork server: Popen's pid, poll, wait, send_signal, returncode."""
 
     def __init__(self, server: subprocess.Popen, pid: int):
-        self.server, self.pid, self.returncode = server, pid, None
+        self.server, self.pid, self.returncode, self.cpu_s = server, pid, None, None
 
     def poll(self) -> int | None:
         return self.wait(timeout=0, raise_timeout=False)
@@ -136,7 +139,8 @@ class Forked:
         if self.returncode is None:
             ready, _, _ = select.select([self.server.stdout], [], [], timeout)
             if ready:
-                self.returncode = int(json.loads(self.server.stdout.readline())["returncode"])
+                ended = json.loads(self.server.stdout.readline())
+                self.returncode, self.cpu_s = int(ended["returncode"]), ended.get("cpu_s")
             elif raise_timeout:
                 raise subprocess.TimeoutExpired(f"trainer {self.pid}", timeout)
         return self.returncode
@@ -185,12 +189,20 @@ def fork_server() -> None:
             sys.stderr.flush()
             os._exit(code)
         print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        _, status, usage = os.wait4(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status),
+                          "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def finish(proc, log_path: Path, timeout: float = 600) -> str:
     proc.wait(timeout=timeout)
+    if hasattr(proc, "cpu_before"):
+        proc.cpu_s = children_cpu() - proc.cpu_before
     return log_path.read_text(errors="replace")
 
 
@@ -328,7 +340,7 @@ def kill_trial(launcher: Launcher, number: int, out: Path, max_steps: int, rng: 
         trial.phase = newest_file(out / names[0])
     proc.send_signal(signal.SIGKILL)
     trial.log = finish(proc, log_path)
-    trial.returncode = proc.returncode
+    trial.returncode, trial.cpu_s = proc.returncode, proc.cpu_s
     trial.mid_write = bool(partial_folders(out, old))
     trial.resumed_from = resumed_from(trial.log)
     report.trials.append(trial)
@@ -352,7 +364,7 @@ def sigterm_trial(launcher: Launcher, number: int, out: Path, max_steps: int, rn
     proc.send_signal(signal.SIGTERM)
     trial.log = finish(proc, log_path, timeout=300)
     trial.exit_s = time.monotonic() - signalled
-    trial.returncode = proc.returncode
+    trial.returncode, trial.cpu_s = proc.returncode, proc.cpu_s
     trial.resumed_from = resumed_from(trial.log)
     report.trials.append(trial)
     stopped = re.search(r"stopped by SIGTERM after step (\d+)", trial.log)
@@ -475,6 +487,10 @@ def disk_full(launcher: Launcher, workdir: Path, how: str) -> DiskFull:
 # The command
 
 
+def median(values: list) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def summary(report: Report) -> str:
     kills = report.kills()
     mid = [t for t in kills if t.mid_write]
@@ -482,6 +498,7 @@ def summary(report: Report) -> str:
     for t in mid:
         phases[t.phase] = phases.get(t.phase, 0) + 1
     starts = [t.start_s for t in report.trials if t.start_s]
+    kill_cpu = [t.cpu_s for t in kills if t.cpu_s is not None]
     lines = [
         (f"trainer starts: {len(report.trials)}; SIGKILL trials: {len(kills)}, {len(mid)} during a checkpoint "
          f"write ({len(kills) - len(mid)} just after one ended)"),
@@ -491,6 +508,8 @@ def summary(report: Report) -> str:
         f"{sorted(report.write_s)[len(report.write_s) // 2]:.2f} s over {len(report.write_s)} writes watched whole"
         if report.write_s else "  no write watched whole",
         f"  start to first checkpoint write: median {sorted(starts)[len(starts) // 2]:.1f} s" if starts else "",
+        (f"  CPU time of a killed start (imports, models, resume, 1-2 steps): median {median(kill_cpu):.1f} s"
+         if kill_cpu else ""),
         (f"every start resumed from the newest checkpoint: "
          f"{all(t.resumed_from == t.expected_from for t in report.trials[1:])}; "
          f"checkpoint-N folders checked whole: {report.checked_folders}; steps trained twice with equal losses: "
