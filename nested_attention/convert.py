@@ -53,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         header = read_header(args.input)
         config = None
         if args.config_from:
+            if header.metadata.get("format") == FORMAT:
+                raise NestedWeightsError(f"{header.name} has its own config; --config-from is for a file of this "
+                                         "pack whose metadata was dropped.")
             donor = read_header(args.config_from)
             if donor.metadata.get("format") != FORMAT:
                 raise NestedWeightsError(f"--config-from {donor.name} has no config of this pack in its metadata; "

@@ -263,3 +263,6 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     assert convert_cli.main([str(stripped), str(tmp_path / "x.safetensors"), "--config-from", str(other)]) == 1
     assert ("tensor 'qformer.latents' has shape (4, 32), expected (8, 32) from its config (taken from another file)"
             in capsys.readouterr().err)
+    assert convert_cli.main([saved, str(tmp_path / "y.safetensors"), "--config-from", str(other)]) == 1
+    assert "has its own config; --config-from is for a file of this pack whose metadata was dropped" in (
+        capsys.readouterr().err)
