@@ -165,11 +165,11 @@ class EncoderConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EncoderConfig":
-        """The config `to_json` wrote; a value of the wrong type or out of range raises ValueError (a damaged
+        """The config `to_json` wrote; a value of the wrong type or out of range raises (`check`: a damaged
         or hand-edited file must not build a module of a billion blocks, or one that fails later)."""
         data = json.loads(text)
         if not isinstance(data, dict):
-            raise ValueError(f"the config is {type(data).__name__}, expected a JSON object")
+            raise TypeError(f"the config is {type(data).__name__}, expected a JSON object")
         config = cls(
             domain=data["domain"],
             token=data["token"],
@@ -189,14 +189,14 @@ class EncoderConfig:
         return config
 
     def check(self) -> None:
-        """Raise ValueError naming the first field of the wrong type or out of range."""
+        """Raise TypeError or ValueError naming the first field of the wrong type or out of range."""
         def positive(name: str, value) -> None:
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} is {value!r}, expected a whole number >= 1")
 
         for name in ("domain", "token", "source", "licence"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} is {getattr(self, name)!r}, expected a string")
+                raise TypeError(f"{name} is {getattr(self, name)!r}, expected a string")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1e6:
             raise ValueError(f"alpha is {self.alpha!r}, expected a positive number")
         q = self.qformer
@@ -206,7 +206,7 @@ class EncoderConfig:
             raise ValueError(f"qformer.ff_bias is {q.ff_bias!r}, expected true or false")
         c = self.clip_vision
         if not isinstance(c.name, str):
-            raise ValueError(f"clip_vision.name is {c.name!r}, expected a file name")
+            raise TypeError(f"clip_vision.name is {c.name!r}, expected a file name")
         for name in ("hidden_size", "num_tokens", "num_layers", "image_size"):
             positive(f"clip_vision.{name}", getattr(c, name))
         if not self.layers or len({layer.key for layer in self.layers}) != len(self.layers):

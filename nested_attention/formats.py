@@ -267,7 +267,7 @@ def plan_encoder(
     dim_head: Optional[int] = None,
     hidden_layer: Optional[str] = None,
     clip_vision: Optional[ClipVisionSpec] = None,
-    config: Optional[EncoderConfig] = None,
+    config: EncoderConfig | None = None,
 ) -> Plan:
     """Decide from the header alone what the file is and how each encoder tensor is filled.
 

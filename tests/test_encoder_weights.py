@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_a_file_that_is_not_safetensors_is_named_for_what_it_is(tmp_path, conten
 
 
 def test_a_truncated_file_says_so_and_a_damaged_one_is_not_called_truncated(saved, tmp_path):
-    data = open(saved, "rb").read()
+    data = Path(saved).read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:-100])
     with pytest.raises(NestedWeightsError, match=rf"is truncated: its tensors need {len(data)} bytes and the file has "
@@ -159,7 +160,7 @@ def test_a_truncated_file_says_so_and_a_damaged_one_is_not_called_truncated(save
 
 
 def test_a_tensor_named_twice_in_the_header_is_refused(saved, tmp_path):
-    data = open(saved, "rb").read()
+    data = Path(saved).read_bytes()
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
     entry = json.dumps(header["qformer.latents"])
@@ -174,7 +175,7 @@ def test_a_tensor_named_twice_in_the_header_is_refused(saved, tmp_path):
 def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
     for value in (float("nan"), float("inf")):
         with safe_open(saved, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             meta = f.metadata()
         tensors["projections.1.to_v.weight"][3, 5] = value
         bad = str(tmp_path / "nan.safetensors")
@@ -185,7 +186,7 @@ def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
 
 def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused_by_name(saved, tmp_path):
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         meta = f.metadata()
     mixed = dict(tensors, **{"qformer.latents": tensors["qformer.latents"].half()})
     save_file(mixed, str(tmp_path / "mixed.safetensors"), metadata=meta)
@@ -232,7 +233,7 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     from nested_attention import inspect as inspect_cli
 
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     stripped = tmp_path / "merged.safetensors"
     save_file(tensors, str(stripped))  # what merge and convert tools write: the tensors, no metadata
     with pytest.raises(NestedWeightsError) as error:

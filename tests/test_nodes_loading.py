@@ -97,8 +97,8 @@ def test_missing_encoder_file_is_answered_at_validation_with_the_folder_and_sour
     ]
     assert lines[4:7] == [
         "Which file goes where:",
-        "  the pack's encoders (from its trainer or nested_attention.convert) and the authors' encoder -> "
-        "models/nested_attention",
+        ("  the pack's encoders (from its trainer or nested_attention.convert) and the authors' encoder -> "
+         "models/nested_attention"),
         "  IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter",
     ]
     assert lines[7] == "Where to get one:"

@@ -299,11 +299,11 @@ def train_loop(
             if stopping:
                 state.stopped = True
                 break
-            if config.validation_steps and (step % config.validation_steps == 0 or last):
-                if is_main and validation_images:
-                    from .samples import write_samples
+            due = config.validation_steps and (step % config.validation_steps == 0 or last)
+            if due and is_main and validation_images:
+                from .samples import write_samples
 
-                    write_samples(config, step, frozen, trainee, text, validation_images)
+                write_samples(config, step, frozen, trainee, text, validation_images)
             if config.eval_steps and (step % config.eval_steps == 0 or last):
                 from .evaluation.during_training import evaluate_during_training
 
