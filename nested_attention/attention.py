@@ -143,6 +143,7 @@ def nested_attention(
     heads: int,
     rows: Optional[torch.Tensor] = None,
     attention: Attention = sdpa_attention,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-attention with the subjects' nested values, (B, N, D) x (B, T, D) -> (B, N, D).
 
@@ -153,8 +154,11 @@ def nested_attention(
     unchanged. Rows on the CPU avoid a device sync. attention(q, k, v, heads) is the host's plain
     attention; base rows come from it. It must return a new tensor: without autograd recording
     (sampling), the subject rows are updated in it in place.
+    base: the output of the plain attention when the caller has it already (another pack's attn2 patch
+    computed it: `NestedAttentionPatch`); used instead of calling `attention`, and written like it.
     """
-    base = attention(q, k, v, heads)
+    if base is None:
+        base = attention(q, k, v, heads)
     if not subjects:
         return base
     if len(subjects) > 1 and all(s.positions.device.type == "cpu" for s in subjects):

@@ -95,24 +95,24 @@ def attn2_patches(
     """Per layer key, the `NestedAttentionPatch` that carries `bindings` with ComfyUI's attention as host.
 
     layers: the UNet's cross-attention layers in the encoder's order (the index into its projections).
-    existing: the model's current attn2 replace patches; a NestedAttentionPatch there gets the bindings
-        added (chained subjects), anything else is another pack's patch and is refused.
+    existing: the model's current attn2 replace patches. A NestedAttentionPatch there gets the bindings
+        added (chained subjects, around the same wrapped patch, if any); another pack's patch (IPAdapter_plus,
+        InstantID, PuLID) is wrapped as it is: it computes the base and the nested terms are added.
     models: ModelPatchers ComfyUI should load with the UNet (the encoder's), listed by each patch.
     """
     existing = existing or {}
     patches = {}
     for index, layer in enumerate(layers):
         patch = existing.get(layer.key)
-        if patch is None:
-            patch = NestedAttentionPatch(layer, index, list(bindings), comfy_attention, list(models))
-        elif isinstance(patch, NestedAttentionPatch):  # a chained subject: a new patch, the old one untouched
+        if isinstance(patch, NestedAttentionPatch):  # a chained subject: a new patch, the old one untouched
             patch = patch.with_subjects(bindings, models)
+        elif patch is None or callable(patch):
+            patch = NestedAttentionPatch(layer, index, list(bindings), comfy_attention, list(models), wrapped=patch)
         else:
             raise NestedApplyError(
-                f"cross-attention layer {layer.key} of this model is already replaced by another node "
-                f"({type(patch).__module__}.{type(patch).__qualname__}). Nested attention cannot share "
-                "a layer with it: remove that node from this model's chain, or apply nested attention to a "
-                "model without it."
+                f"cross-attention layer {layer.key} of this model holds a {type(patch).__module__}."
+                f"{type(patch).__qualname__} where ComfyUI expects an attn2 patch, something called with "
+                "(q, k, v, extra_options). The node that set it is broken; remove it from this model's chain."
             )
         patches[layer.key] = patch
     return patches
@@ -128,8 +128,7 @@ def install_subject(
 ) -> None:
     """Add `binding` to every cross-attention layer of `model`, an already-cloned ModelPatcher.
 
-    Raises NestedApplyError, before changing anything, when another pack's attn2 patch holds one of the
-    layers.
+    Another pack's attn2 patch on a layer is wrapped (see `attn2_patches`), never changed.
     """
     for key, patch in attn2_patches(layers, [binding], existing=attn2_replacements(model), models=models).items():
         model.set_model_attn2_replace(patch, *key)

@@ -38,7 +38,7 @@ def snapshot(model) -> dict:
     out = {"prompt": model.model_options.get("nested_attention_prompt")}
     for key, patch in attn2_replacements(model).items():
         out[key] = (
-            id(patch), patch.layer, patch.index, patch.host_attention, tuple(patch.models()),
+            id(patch), patch.layer, patch.index, patch.host_attention, id(patch.wrapped), tuple(patch.models()),
             tuple(
                 (id(s), s.encoder, s.tokens.data_ptr(), s.tokens._version, s.positions, s.prompt_tokens,
                  s.scale, s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
