@@ -268,7 +268,9 @@ class NestedAttentionPatch:
 
     def add(self, callback: Any, **kwargs: Any) -> None:
         """What IPAdapter_plus, InstantID and PuLID call on a layer's patch when their node comes after ours."""
-        name = f"{getattr(callback, '__module__', '?')}.{getattr(callback, '__qualname__', type(callback).__name__)}"
+        # ComfyUI names a custom node pack's modules by their path: keep only the pack's folder on.
+        module = str(getattr(callback, "__module__", "?")).replace("\\", "/").rsplit("/", 1)[-1]
+        name = f"{module}.{getattr(callback, '__qualname__', type(callback).__name__)}"
         raise NestedOrderError(
             f"a node applied after Apply Nested Attention tried to add its attention ({name}) to the nested "
             f"attention patch on cross-attention layer {self.layer.key}. Nested attention patches never change "

@@ -35,6 +35,12 @@ ARTIFACTS_DIR = REPO / "tests" / "artifacts" / "e2e"
 PACK_NAME = "comfyui-nested-attention"  # the folder name dev.py links the pack under
 TINY_PACK_NAME = "nested_attention_test_tiny"
 
+# Other packs' source archives, installed into the test server for compatibility tests (never into the repo):
+# $NESTED_ATTENTION_PACKS, else ../shared/packs beside the checkout.
+PACKS_ENV = "NESTED_ATTENTION_PACKS"
+IPADAPTER_PLUS_ARCHIVE = "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"  # cubiq's pack (GPL-3.0), one folder inside
+IPADAPTER_PLUS_NAME = "ComfyUI_IPAdapter_plus"
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
@@ -76,6 +82,21 @@ def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
             if image.is_file():
                 shutil.copy2(image, base / "input" / image.name)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS))
+
+
+def pack_archive(name: str) -> Path | None:
+    """Another pack's source archive from the packs folder ($NESTED_ATTENTION_PACKS, else ../shared/packs)."""
+    folder = Path(os.environ.get(PACKS_ENV) or REPO.parent / "shared" / "packs")
+    path = folder / name
+    return path if path.is_file() else None
+
+
+def install_pack_archive(archive: Path, custom_nodes: Path) -> None:
+    """Unpack a pack's archive (one top-level folder) into a test server's custom_nodes."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(custom_nodes, filter="data")
 
 
 class ComfyServer:

@@ -88,6 +88,15 @@ class NestedAttentionTestTinyCLIPVision:
         return (_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)),)
 
 
+class NestedAttentionTestTinyCLIPVision224(NestedAttentionTestTinyCLIPVision):
+    DESCRIPTION = ("Test only: a tiny CLIP vision transformer for 224-pixel inputs (patch 56, so 16 patches as the "
+                   "32-pixel one has), for packs that resize images to 224 themselves (IPAdapter_plus).")
+
+    def load(self):
+        return (_cached("clip_vision_224", lambda: tiny_models.tiny_clip_vision(seed=SEED, image_size=224,
+                                                                                patch_size=56)),)
+
+
 # IP-Adapter-style files carry no layer table and no CLIP vision name: the loader recognises the UNet by the
 # file's layer count and the CLIP vision tower by its token width (nested_attention.formats). Registering the
 # tiny UNet's table and the tiny tower there lets the real Load Nested Encoder read the e2e server's tiny
@@ -109,8 +118,10 @@ if "ipadapter" not in folder_paths.folder_names_and_paths:
 NODE_CLASS_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
     "NestedAttentionTestTinyCLIPVision": NestedAttentionTestTinyCLIPVision,
+    "NestedAttentionTestTinyCLIPVision224": NestedAttentionTestTinyCLIPVision224,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": "Tiny SDXL Checkpoint (test only)",
     "NestedAttentionTestTinyCLIPVision": "Tiny CLIP Vision (test only)",
+    "NestedAttentionTestTinyCLIPVision224": "Tiny CLIP Vision 224 px (test only)",
 }
