@@ -34,6 +34,7 @@ from nested_attention import (
     NestedEncoder,
     NestedSubject,
     QFormerConfig,
+    nested_attention,
     unet_layers,
 )
 from nested_attention.host import attn2_replacements
@@ -104,10 +105,12 @@ SUBJECTS = {  # lambda of each subject; the second (if any) sits at two position
 def test_on_another_packs_patch_the_output_is_nested_attention_plus_their_own_term_unchanged(scales, masked):
     bindings = [binding(10 + i, ((5,), (9, 30))[i], scale, masked=masked and i == 0) for i, scale in enumerate(scales)]
     theirs = their_patch()
+    before = state(theirs)
     patch = NestedAttentionPatch(LAYER, 0, bindings, plain_host_attention, wrapped=theirs)
     q, k, v, extra = layer_call()
 
     out = patch(q, k, v, extra)
+    assert same_state(state(theirs), before)
     their_term = reference_their_term(q, extra, theirs.kwargs)
     expected = reference_nested_attention(q, k, v, [reference_subject(b) for b in bindings], heads=HEADS, rows=COND)
     torch.testing.assert_close(out[COND].double(), (expected + their_term)[COND], **TOL)
@@ -124,8 +127,6 @@ def test_above_lambda_1_their_output_is_no_base_for_the_efficient_form():
     q, k, v, extra = layer_call(flags=(0,), batch=2)
     subjects = [reference_subject(b) for b in bindings]
     expected = reference_nested_attention(q, k, v, subjects, heads=HEADS) + reference_their_term(q, extra, theirs.kwargs)
-    from nested_attention import nested_attention
-
     naive = nested_attention(q, k, v, subjects, heads=HEADS, base=theirs(q, k, v, extra))
     assert (naive.double() - expected).abs().amax() > 100 * TOL["atol"]
     out = NestedAttentionPatch(LAYER, 0, bindings, plain_host_attention, wrapped=theirs)(q, k, v, extra)

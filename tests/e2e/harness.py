@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -93,8 +94,6 @@ def pack_archive(name: str) -> Path | None:
 
 def install_pack_archive(archive: Path, custom_nodes: Path) -> None:
     """Unpack a pack's archive (one top-level folder) into a test server's custom_nodes."""
-    import tarfile
-
     with tarfile.open(archive) as tar:
         tar.extractall(custom_nodes, filter="data")
 
