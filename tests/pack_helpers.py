@@ -157,6 +157,15 @@ def run_node(pack, node_id: str, **inputs):
     return getattr(node_class(), node_class.FUNCTION)(**inputs)
 
 
+def run_comfy_node(node_id: str, **inputs):
+    """Run one of ComfyUI's own nodes (nodes.py: KSampler, InpaintModelConditioning, ...) by its id, with its
+    inputs by name, as the executor calls it; what it returns (a tuple of its outputs)."""
+    import nodes  # ComfyUI's own module (the pack is loaded under another name, tests/pack.py)
+
+    node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
+    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+
+
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
     """An IMAGE batch (n, size, size, 3) in [0, 1]."""
     return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
