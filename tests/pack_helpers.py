@@ -193,6 +193,24 @@ def apply(
                     start_percent=start, end_percent=end, mask=mask, **{"λ": lambda_})
 
 
+def layer_inputs(patch, *, sigma=1.0, h=4, w=4, dtype=torch.float32, seed=0):
+    """q, k, v and extra_options as BasicTransformerBlock passes them to attn2 patches (cond, uncond)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = patch.layer.dim
+    q = torch.randn(2, h * w, dim, generator=g).to(dtype)
+    k = torch.randn(2, 77, dim, generator=g).to(dtype)
+    v = torch.randn(2, 77, dim, generator=g).to(dtype)
+    extra = {
+        "n_heads": dim // 16,
+        "dim_head": 16,
+        "cond_or_uncond": [0, 1],
+        "sigmas": torch.tensor([sigma]),
+        "activations_shape": [2, dim, h, w],
+        "attn_precision": None,
+    }
+    return q, k, v, extra
+
+
 def validate_inputs(node_class, **values):
     """Call `node_class.VALIDATE_INPUTS` as ComfyUI's execution.validate_inputs does; return what it returns.
 
