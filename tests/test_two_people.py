@@ -63,7 +63,7 @@ def test_in_each_region_the_layer_output_is_that_of_its_own_subject_alone(
     for key in [("input", 4, 0), ("middle", 0, 1), ("output", 5, 0)]:
         patch = attn2_replacements(both)[key]
         q, k, v, extra = layer_inputs(patch, h=H, w=W)
-        grid = lambda t: t.reshape(2, H, W, -1)  # noqa: E731  (B, N, D) -> (B, h, w, D)
+        grid = lambda t: t.reshape(2, H, W, -1)  # (B, N, D) -> (B, h, w, D)
         out = grid(patch(q, k, v, extra))
         man_alone = grid(attn2_replacements(only_man)[key](q, k, v, extra))
         woman_alone = grid(attn2_replacements(only_woman)[key](q, k, v, extra))
@@ -83,7 +83,7 @@ def test_two_people_sample_together_and_the_order_of_the_apply_nodes_does_not_ma
     man_then_woman, _ = apply(pack, only_man, tiny_clip, woman, PROMPT, token="woman", mask=right)
     woman_then_man, _ = apply(pack, only_woman, tiny_clip, man, PROMPT, token="man", mask=left)
     negative = encode(tiny_clip, "")
-    sample = lambda m: tiny_models.sample(m, positive, negative, 0, steps=2, size=16)  # noqa: E731
+    sample = lambda m: tiny_models.sample(m, positive, negative, 0, steps=2, size=16)
     both = sample(man_then_woman)
     assert torch.equal(both, sample(woman_then_man))
     scale = both.abs().max()
