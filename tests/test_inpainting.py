@@ -43,7 +43,9 @@ def photo():
     """An IMAGE (1, H, W, 3): smooth colours plus texture, so that the latent is not flat."""
     y = torch.linspace(0, 1, HEIGHT)[:, None, None]
     x = torch.linspace(0, 1, WIDTH)[None, :, None]
-    base = torch.cat([y.expand(-1, WIDTH, 1), x.expand(HEIGHT, -1, 1), (1 - x * y).expand(HEIGHT, WIDTH, 1)], -1)
+    base = torch.cat(
+        [y.expand(-1, WIDTH, 1), x.expand(HEIGHT, -1, 1), (1 - x * y).expand(HEIGHT, WIDTH, 1)], -1
+    )
     noise = torch.rand(HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(3))
     return (0.7 * base + 0.3 * noise)[None]
 
@@ -64,41 +66,61 @@ def latent_outside(mask: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     return blocks.amax(dim=(1, 3)) == 0
 
 
-
 def inpaint(path: str, model, positive, negative, vae, photo, mask, seed: int = 0):
     """The latent KSampler returns for `photo` with `mask` through one of ComfyUI's inpainting paths, and the
     latent it started from."""
     if path == "InpaintModelConditioning":
-        positive, negative, latent = run_comfy_node("InpaintModelConditioning", positive=positive,
-                                                    negative=negative, vae=vae, pixels=photo, mask=mask,
-                                                    noise_mask=True)
+        positive, negative, latent = run_comfy_node(
+            "InpaintModelConditioning",
+            positive=positive,
+            negative=negative,
+            vae=vae,
+            pixels=photo,
+            mask=mask,
+            noise_mask=True,
+        )
     elif path == "VAEEncodeForInpaint":
         (latent,) = run_comfy_node("VAEEncodeForInpaint", vae=vae, pixels=photo, mask=mask, grow_mask_by=0)
     else:  # SetLatentNoiseMask on the plain VAE Encode
         (latent,) = run_comfy_node("VAEEncode", vae=vae, pixels=photo)
         (latent,) = run_comfy_node("SetLatentNoiseMask", samples=latent, mask=mask)
-    (out,) = run_comfy_node("KSampler", model=model, seed=seed, steps=STEPS, cfg=5.0, sampler_name="euler",
-                            scheduler="normal", positive=positive, negative=negative, latent_image=latent,
-                            denoise=1.0)
+    (out,) = run_comfy_node(
+        "KSampler",
+        model=model,
+        seed=seed,
+        steps=STEPS,
+        cfg=5.0,
+        sampler_name="euler",
+        scheduler="normal",
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
+        denoise=1.0,
+    )
     return out["samples"], latent["samples"]
 
 
 def test_the_tiny_inpainting_unet_is_sdxl_with_nine_input_channels_and_the_same_cross_attention_layers(
-        tiny_unet, inpaint_unet):
+    tiny_unet, inpaint_unet
+):
     assert inpaint_unet.model.diffusion_model.input_blocks[0][0].in_channels == 9
     assert inpaint_unet.model.concat_keys == ("mask", "masked_image")  # ComfyUI concatenates these itself
     assert unet_layers(inpaint_unet.model.diffusion_model) == unet_layers(tiny_unet.model.diffusion_model)
 
 
-@pytest.mark.parametrize("checkpoint, path", [
-    ("sdxl", "InpaintModelConditioning"),
-    ("sdxl", "VAEEncodeForInpaint"),
-    ("sdxl", "SetLatentNoiseMask"),
-    ("sdxl-inpaint", "InpaintModelConditioning"),
-    ("sdxl-inpaint", "VAEEncodeForInpaint"),
-])
+@pytest.mark.parametrize(
+    "checkpoint, path",
+    [
+        ("sdxl", "InpaintModelConditioning"),
+        ("sdxl", "VAEEncodeForInpaint"),
+        ("sdxl", "SetLatentNoiseMask"),
+        ("sdxl-inpaint", "InpaintModelConditioning"),
+        ("sdxl-inpaint", "VAEEncodeForInpaint"),
+    ],
+)
 def test_inpainting_keeps_the_photo_outside_the_mask_and_puts_the_subject_inside(
-        pack, tiny_unet, inpaint_unet, tiny_clip, pet, vae, photo, mask, encode, checkpoint, path):
+    pack, tiny_unet, inpaint_unet, tiny_clip, pet, vae, photo, mask, encode, checkpoint, path
+):
     model = {"sdxl": tiny_unet, "sdxl-inpaint": inpaint_unet}[checkpoint]
     negative = encode(tiny_clip, "")
     patched, positive = apply(pack, model, tiny_clip, pet, PROMPT)
@@ -118,7 +140,8 @@ def test_inpainting_keeps_the_photo_outside_the_mask_and_puts_the_subject_inside
 
 
 def test_with_the_inpainting_mask_on_apply_every_layer_output_outside_it_is_plain_attention(
-        pack, inpaint_unet, tiny_clip, pet, vae, photo, mask, encode, monkeypatch):
+    pack, inpaint_unet, tiny_clip, pet, vae, photo, mask, encode, monkeypatch
+):
     """The real sampler on the inpainting UNet; each cross-attention call's conditional rows outside the
     region equal ComfyUI's own attention, bit for bit, and differ inside."""
     patched, positive = apply(pack, inpaint_unet, tiny_clip, pet, PROMPT, mask=mask)

@@ -40,30 +40,45 @@ def test_one_encoder_binds_two_people_to_two_words_of_one_prompt(pack, tiny_unet
     left, right = halves()
     first, conditioning = apply(pack, tiny_unet, tiny_clip, man, PROMPT, token="man", mask=left)
     both, conditioning_2 = apply(pack, first, tiny_clip, woman, PROMPT, token="woman", mask=right)
-    assert torch.equal(conditioning[0][0], conditioning_2[0][0])  # one prompt, encoded once as CLIP Text Encode
+    assert torch.equal(
+        conditioning[0][0], conditioning_2[0][0]
+    )  # one prompt, encoded once as CLIP Text Encode
 
     tokens = tiny_clip.tokenize(PROMPT)["g"][0]  # [(token id, weight), ...] of the first 77-token chunk
-    word_id = {w: tiny_clip.tokenize(w)["g"][0][1][0] for w in ("man", "woman")}  # the word alone: [start, w, ...]
+    word_id = {
+        w: tiny_clip.tokenize(w)["g"][0][1][0] for w in ("man", "woman")
+    }  # the word alone: [start, w, ...]
     for patch in attn2_replacements(both).values():
         bound = {s.name.split("'")[1]: s.positions for s in patch.subjects}
         assert set(bound) == {"man", "woman"}
-        for word, positions in bound.items():  # each word where the tokenizer put it, once ("woman" is not "man")
+        for (
+            word,
+            positions,
+        ) in bound.items():  # each word where the tokenizer put it, once ("woman" is not "man")
             assert [tokens[p][0] for p in positions] == [word_id[word]]
-        assert len({s.encoder for s in patch.subjects}) == 1 and len(patch.models()) == 1  # one encoder, loaded once
+        assert (
+            len({s.encoder for s in patch.subjects}) == 1 and len(patch.models()) == 1
+        )  # one encoder, loaded once
 
 
 @pytest.mark.parametrize("lambda_", [1.0, 2.5])
 def test_in_each_region_the_layer_output_is_that_of_its_own_subject_alone(
-        pack, tiny_unet, tiny_clip, two_people, lambda_):
+    pack, tiny_unet, tiny_clip, two_people, lambda_
+):
     man, woman = two_people
     left, right = halves()
     only_man, _ = apply(pack, tiny_unet, tiny_clip, man, PROMPT, token="man", lambda_=lambda_, mask=left)
-    only_woman, _ = apply(pack, tiny_unet, tiny_clip, woman, PROMPT, token="woman", lambda_=lambda_, mask=right)
+    only_woman, _ = apply(
+        pack, tiny_unet, tiny_clip, woman, PROMPT, token="woman", lambda_=lambda_, mask=right
+    )
     both, _ = apply(pack, only_man, tiny_clip, woman, PROMPT, token="woman", lambda_=lambda_, mask=right)
     for key in [("input", 4, 0), ("middle", 0, 1), ("output", 5, 0)]:
         patch = attn2_replacements(both)[key]
         q, k, v, extra = layer_inputs(patch, h=H, w=W)
-        grid = lambda t: t.reshape(2, H, W, -1)  # (B, N, D) -> (B, h, w, D)
+
+        def grid(t):  # (B, N, D) -> (B, h, w, D)
+            return t.reshape(2, H, W, -1)
+
         out = grid(patch(q, k, v, extra))
         man_alone = grid(attn2_replacements(only_man)[key](q, k, v, extra))
         woman_alone = grid(attn2_replacements(only_woman)[key](q, k, v, extra))
@@ -75,7 +90,8 @@ def test_in_each_region_the_layer_output_is_that_of_its_own_subject_alone(
 
 
 def test_two_people_sample_together_and_the_order_of_the_apply_nodes_does_not_matter(
-        pack, tiny_unet, tiny_clip, two_people, encode):
+    pack, tiny_unet, tiny_clip, two_people, encode
+):
     man, woman = two_people
     left, right = halves()
     only_man, positive = apply(pack, tiny_unet, tiny_clip, man, PROMPT, token="man", mask=left)
@@ -83,7 +99,10 @@ def test_two_people_sample_together_and_the_order_of_the_apply_nodes_does_not_ma
     man_then_woman, _ = apply(pack, only_man, tiny_clip, woman, PROMPT, token="woman", mask=right)
     woman_then_man, _ = apply(pack, only_woman, tiny_clip, man, PROMPT, token="man", mask=left)
     negative = encode(tiny_clip, "")
-    sample = lambda m: tiny_models.sample(m, positive, negative, 0, steps=2, size=16)
+
+    def sample(model):
+        return tiny_models.sample(model, positive, negative, 0, steps=2, size=16)
+
     both = sample(man_then_woman)
     assert torch.equal(both, sample(woman_then_man))
     scale = both.abs().max()

@@ -68,8 +68,8 @@ MODELS = {
     # PETS_ENCODER's: a workflow names one or the other, never both).
     IPADAPTER_PLUS: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_PLUS}",
                      "directory": "ipadapter"},
-    # The SDXL inpainting UNet (9 input channels) of the diffusers team, for Load Diffusion Model; CLIP and VAE
-    # come from SDXL base. CreativeML Open RAIL++-M.
+    # The SDXL inpainting UNet (9 input channels) of the diffusers team, for Load Diffusion Model; CLIP and
+    # VAE come from SDXL base. CreativeML Open RAIL++-M.
     SDXL_INPAINTING: {"url": f"{HF}/diffusers/stable-diffusion-xl-1.0-inpainting-0.1/resolve/main/unet/"
                              "diffusion_pytorch_model.fp16.safetensors", "directory": "diffusion_models"},
 }
@@ -119,8 +119,8 @@ def make_example_images(folder: Path) -> None:
 
 
 def make_inpainting_and_two_people_images(folder: Path) -> None:
-    """The man of the two-people workflow (scikit-image's "camera": Lav Varshney's photo, CC0) and the scene of
-    the inpainting workflows (scikit-image's "rocket": SpaceX's Falcon 9 on Launch Complex 40, public domain),
+    """The man of the two-people workflow (scikit-image's "camera": Lav Varshney's photo, CC0) and the scene
+    of the inpainting workflows (scikit-image's "rocket": SpaceX's Falcon 9 on Launch Complex 40, public domain),
     as shot. The scene is a PNG whose region for the person is transparent: Load Image's MASK is 1 there
     (1 - alpha), exactly what painting it in ComfyUI's mask editor gives; the pixels under it are kept.
     """
@@ -129,8 +129,8 @@ def make_inpainting_and_two_people_images(folder: Path) -> None:
     try:
         from skimage import data
     except ImportError as error:
-        raise SystemExit("the example photos come from scikit-image's sample data: pip install scikit-image") \
-            from error
+        raise SystemExit("the example photos come from scikit-image's sample data: "
+                         "pip install scikit-image") from error
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(data.camera()).save(folder / MAN_IMAGE, quality=90, optimize=True)  # 512 x 512, grey
     scene = Image.fromarray(data.rocket()).convert("RGBA")  # 640 x 427
@@ -271,7 +271,8 @@ def _models_note(encoders: list[str]) -> str:
     if SDXL_INPAINTING in encoders:
         lines.append(f"- `diffusion_models/{SDXL_INPAINTING}`: the [SDXL inpainting UNet]"
                      f"({MODELS[SDXL_INPAINTING]['url']}) (CreativeML Open RAIL++-M; downloads as "
-                     "`diffusion_pytorch_model.fp16.safetensors`: rename it); CLIP and VAE come from SDXL base")
+                     "`diffusion_pytorch_model.fp16.safetensors`: rename it); CLIP and VAE come from SDXL "
+                     "base")
     if {IPADAPTER_FACE, IPADAPTER_PLUS} & set(encoders):
         lines.append("`models/ipadapter` is the folder ComfyUI_IPAdapter_plus reads too: files already there "
                      "need no second copy.")
@@ -524,11 +525,11 @@ INPAINT_SCALE = 1.9  # the example scene (640 x 427) to about one megapixel, SDX
 def _person_into_photo(inpainting_model: bool) -> Graph:
     """The person painted into the transparent (masked) region of a photo with ComfyUI's core inpainting path.
 
-    InpaintModelConditioning serves both kinds of checkpoint: it adds the noise mask to the photo's latent (the
-    sampler keeps everything outside the mask) and the masked photo as the conditioning's concat image, which
-    an inpainting UNet (9 input channels) reads and SDXL base ignores. VAE Encode (for Inpainting) greys the
-    region out before encoding (SDXL base then starts from grey and needs denoise 1), and Set Latent Noise Mask
-    gives an inpainting UNet no masked image.
+    InpaintModelConditioning serves both kinds of checkpoint: it adds the noise mask to the photo's latent
+    (the sampler keeps everything outside the mask) and the masked photo as the conditioning's concat image,
+    which an inpainting UNet (9 input channels) reads and SDXL base ignores. VAE Encode (for Inpainting) greys
+    the region out before encoding (SDXL base then starts from grey and needs denoise 1), and Set Latent Noise
+    Mask gives an inpainting UNet no masked image.
     """
     g = Graph()
     ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(300, 100), ckpt_name=CHECKPOINT,
@@ -549,8 +550,8 @@ def _person_into_photo(inpainting_model: bool) -> Graph:
                    upscale_method="lanczos", scale_by=INPAINT_SCALE)
     g.link(scene, 0, scale, "image")
     apply = _apply(g, model, ckpt, encode, (XC, 0), token="person",
-                   text="a photo of a person in a white spacesuit standing in front of a rocket on the launch "
-                        "pad at dusk, detailed")
+                   text="a photo of a person in a white spacesuit standing in front of a rocket on the "
+                        "launch pad at dusk, detailed")
     g.link(scene, 1, apply, "mask")
     negative = _negative(g, ckpt, (XC, 380))
     inpaint = g.node("InpaintModelConditioning", (XD, 0), size=(280, 138), noise_mask=True)
@@ -567,8 +568,8 @@ def _person_into_photo(inpainting_model: bool) -> Graph:
     g.link(inpaint, 2, sampler, "latent_image")
     name = "person_into_photo_inpainting_model" if inpainting_model else "person_into_photo"
     _decode_save(g, sampler, ckpt, (XE, 0), prefix=f"nested_attention/{name}")
-    checkpoint = ("an SDXL **inpainting** UNet (9 input channels: it also reads the mask and the masked photo) "
-                  "in **Load Diffusion Model**, with CLIP and VAE from SDXL base" if inpainting_model else
+    checkpoint = ("an SDXL **inpainting** UNet (9 input channels: it also reads the mask and the masked "
+                  "photo) in **Load Diffusion Model**, with CLIP and VAE from SDXL base" if inpainting_model else
                   "SDXL base (any SDXL checkpoint)")
     _notes(g, SINGLE_WIDTH, "One person painted into your own photo (inpainting)",
            [FACES_ENCODER, SDXL_INPAINTING] if inpainting_model else [FACES_ENCODER], f"""

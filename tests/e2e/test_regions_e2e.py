@@ -38,10 +38,16 @@ def test_each_person_gets_one_half_of_the_image_from_core_mask_nodes(comfy, fron
         for node_id in upstream(prompt, apply_id) & ({link[0]} | upstream(prompt, link[0])):
             run[node_id] = prompt[node_id]
         run[f"{900 + n}"] = {"class_type": "MaskToImage", "inputs": {"mask": link}}
-        run[f"{910 + n}"] = {"class_type": "SaveImage",
-                             "inputs": {"images": [f"{900 + n}", 0], "filename_prefix": f"regions/{word}"}}
+        run[f"{910 + n}"] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [f"{900 + n}", 0], "filename_prefix": f"regions/{word}"},
+        }
         saves[word] = f"{910 + n}"
-    assert {prompt[i]["class_type"] for i in run if i in prompt} == {"SolidMask", "MaskComposite", "InvertMask"}
+    assert {prompt[i]["class_type"] for i in run if i in prompt} == {
+        "SolidMask",
+        "MaskComposite",
+        "InvertMask",
+    }
     with frontend.frozen():
         images = comfy.run_prompt(run)
     regions = {}

@@ -1,8 +1,8 @@
 """Test-only ComfyUI node pack: tiny stand-ins for the heavy SDXL and CLIP vision loaders.
 
 The end-to-end test links this folder into the test server's custom_nodes (never into a user's ComfyUI)
-and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader / UNETLoader for these nodes in the API
-prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
+and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader / UNETLoader for these nodes in
+the API prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
 pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
 
 The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
@@ -75,8 +75,8 @@ class NestedAttentionTestTinyCheckpoint:
 
 
 class NestedAttentionTestTinyInpaintUNet:
-    DESCRIPTION = ("Test only: the tiny SDXL-shaped UNet with an inpainting checkpoint's 9 input channels, in place "
-                   "of Load Diffusion Model.")
+    DESCRIPTION = ("Test only: the tiny SDXL-shaped UNet with an inpainting checkpoint's 9 input channels, "
+                   "in place of Load Diffusion Model.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
