@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
 
 
-def _dist(accelerator: Any) -> tuple[int, int, bool]:
+def process_info(accelerator: Any) -> tuple[int, int, bool]:
     if accelerator is None:
         return 0, 1, True
     return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -112,7 +112,7 @@ def run_evaluation(
     """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
     from tqdm.auto import tqdm
 
-    rank, world, is_main = _dist(accelerator)
+    rank, world, is_main = process_info(accelerator)
     subjects, prompts, token = generator.subjects, generator.prompts, generator.token
     jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
     mine = shard(jobs, rank, world)
