@@ -378,7 +378,6 @@ def plot_leakage(summary: Sequence[dict], own: str, other: str, path: Path, titl
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     styles = {"none": ("tab:red", "o"), "manual": ("tab:blue", "s"), "auto": ("tab:green", "^")}
-    values = [v for e in summary for v in (e.get(own), e.get(other)) if v is not None]
     for region, (colour, marker) in styles.items():
         points = [e for e in summary if e["region"] == region and e.get(own) is not None]
         if not points:
@@ -404,17 +403,20 @@ def plot_leakage(summary: Sequence[dict], own: str, other: str, path: Path, titl
             ax.scatter(
                 [e[other]], [e[own]], color="tab:gray", marker="x", s=60, label="prior (no subject)", zorder=3
             )
-    if values:
-        low, high = min(values), max(values)
-        pad = 0.05 * (high - low or 1.0)
-        ax.plot(
-            [low - pad, high + pad],
-            [low - pad, high + pad],
-            color="gray",
-            linestyle=":",
-            linewidth=1,
-            label="own = other (identities blend)",
-        )
+    points = [(e[other], e[own]) for e in summary if e.get(own) is not None and e.get(other) is not None]
+    for axis, values in ((ax.set_xlim, [p[0] for p in points]), (ax.set_ylim, [p[1] for p in points])):
+        if values:  # the axes fit the points (the diagonal would stretch them to the origin)
+            pad = max(0.15 * (max(values) - min(values)), 0.01)
+            axis(min(values) - pad, max(values) + pad)
+    # The diagonal where a face resembles both photos alike (out of view when every face is nearer its own).
+    ax.axline(
+        (0.0, 0.0),
+        slope=1.0,
+        color="gray",
+        linestyle=":",
+        linewidth=1,
+        label="own = other (identities blend)",
+    )
     ax.set_xlabel(f"leakage: the face against the OTHER subject's photo, {other}, cosine", fontsize=8)
     ax.set_ylabel(f"identity: the face against its OWN subject's photo, {own}, cosine", fontsize=8)
     ax.grid(True, alpha=0.3)
