@@ -370,8 +370,7 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         decoupled_uncond=args.decoupled_uncond == "black_image",
     )
     if args.two_subjects:
-        pair_generator = two_subjects.PairGenerator(generator, pairs, pair_prompts,
-                                                    args.pair_words)
+        pair_generator = two_subjects.PairGenerator(generator, pairs, pair_prompts, args.pair_words)
         try:
             result = two_subjects.run_pair_evaluation(
                 generator=pair_generator,

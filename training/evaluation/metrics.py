@@ -303,7 +303,7 @@ class TinyFaceDetector:
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         background = np.median(border, axis=0)
         differs = np.abs(pixels - background).max(axis=-1) > self.threshold  # (H, W)
-        labels, count = scipy.ndimage.label(differs, structure=np.ones((3, 3)))  # 8-connected blobs
+        labels, _ = scipy.ndimage.label(differs, structure=np.ones((3, 3)))  # 8-connected blobs
         boxes = []
         for label, (rows, cols) in enumerate(scipy.ndimage.find_objects(labels), start=1):
             if (labels[rows, cols] == label).sum() >= self.min_fraction * differs.size:
