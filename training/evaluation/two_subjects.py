@@ -25,9 +25,7 @@ subjects).
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -223,9 +221,8 @@ class PairGenerator:
         side = self.base.settings.resolution // 8
         masks = manual_regions(side, side) if region == "manual" else (None, None)
         model = frozen.unet.clone()
-        for binding in self.bindings(
-            job, masks
-        ):  # as two chained Apply nodes: one patch per layer, both subjects
+        # As two chained Apply nodes install them: one patch per layer, holding both subjects.
+        for binding in self.bindings(job, masks):
             install_subject(model, binding, encoder.layers)
         return model
 
@@ -247,17 +244,15 @@ class PairGenerator:
 
 
 def match_faces(similarity: torch.Tensor) -> dict[int, int]:
-    """{subject: face} from a (faces, 2) similarity matrix: the one-to-one matching with the largest sum."""
-    faces = similarity.shape[0]
-    best, chosen = -math.inf, {}
-    for order in itertools.permutations(range(faces), min(faces, 2)):  # order[k] = face of subject k
-        if len(order) == 1:  # one face: the subject it resembles more
-            subject = int(similarity[order[0]].argmax())
-            return {subject: order[0]}
-        total = float(similarity[order[0], 0] + similarity[order[1], 1])
-        if total > best:
-            best, chosen = total, {0: order[0], 1: order[1]}
-    return chosen
+    """{subject: face} from a (faces, 2) similarity matrix of at most two faces: the one-to-one matching with
+    the larger summed similarity; a single face goes to the subject it resembles more."""
+    if similarity.shape[0] == 0:
+        return {}
+    if similarity.shape[0] == 1:
+        return {int(similarity[0].argmax()): 0}
+    straight = float(similarity[0, 0] + similarity[1, 1])
+    crossed = float(similarity[1, 0] + similarity[0, 1])
+    return {0: 0, 1: 1} if straight >= crossed else {0: 1, 1: 0}
 
 
 def identity_columns(scorers: Scorers) -> tuple[str, str]:
