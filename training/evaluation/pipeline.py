@@ -29,6 +29,20 @@ def process_info(accelerator: Any) -> tuple[int, int, bool]:
     return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
 
+def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple[list, list]]:
+    """Every process's rows and counts, on the main process; None on the others (after waiting for it)."""
+    _, world, is_main = process_info(accelerator)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows, counts = gather_object(rows), gather_object(counts)
+    if not is_main:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return None
+    return rows, counts
+
+
 def axes_for(metrics: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
     """(x, y) of the trade-off plot: the first CLIP-T space; face identity if measured, else CLIP-I."""
     x = next((m for m in metrics if m.startswith("clip_t[")), None)
@@ -152,14 +166,10 @@ def run_evaluation(
             )
         )
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        rows, counts = gather_object(rows), gather_object(counts)
-    if not is_main:
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+    gathered = gather_on_main(rows, counts, accelerator)
+    if gathered is None:
         return None
+    rows, counts = gathered
 
     order = {job: i for i, job in enumerate(jobs)}
     key = {relpath(job): order[job] for job in jobs}

@@ -136,6 +136,11 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             )
     ax.set_xlabel(f"prompt alignment: {x}, cosine")
     ax.set_ylabel(f"identity: {y}, cosine")
+    return save_figure(fig, ax, path, title)
+
+
+def save_figure(fig: Any, ax: Any, path: Path, title: str = "") -> Path:
+    """A plot's grid, legend and title on `ax`, then `fig` written to `path` and closed."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     if title:
@@ -143,7 +148,7 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

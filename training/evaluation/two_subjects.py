@@ -414,15 +414,7 @@ def plot_leakage(summary: Sequence[dict], own: str, other: str, path: Path, titl
     )
     ax.set_xlabel(f"leakage: the face against the OTHER subject's photo, {other}, cosine", fontsize=8)
     ax.set_ylabel(f"identity: the face against its OWN subject's photo, {own}, cosine", fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, ax, path, title)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,7 +436,7 @@ def run_pair_evaluation(
     """Generate (resuming), score, gather and report, as `pipeline.run_evaluation` does for one subject."""
     from tqdm.auto import tqdm
 
-    from .pipeline import process_info
+    from .pipeline import gather_on_main, process_info
 
     if scorers.identity is None:
         raise ValueError("the two-subject mode measures face identity: it needs an identity model.")
@@ -498,14 +490,10 @@ def run_pair_evaluation(
                     }
                 )
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        rows, counts = gather_object(rows), gather_object(counts)
-    if not is_main:
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+    gathered = gather_on_main(rows, counts, accelerator)
+    if gathered is None:
         return None
+    rows, counts = gathered
 
     order = {job.relpath(names): i for i, job in enumerate(jobs)}
     rows.sort(key=lambda r: (order[r["image"]], r["pair"], r["word"] != words[0]))
