@@ -369,35 +369,21 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         host=comfy_attention,
         decoupled_uncond=args.decoupled_uncond == "black_image",
     )
-    if args.two_subjects:
-        pair_generator = two_subjects.PairGenerator(generator, pairs, pair_prompts, args.pair_words)
-        try:
-            result = two_subjects.run_pair_evaluation(
-                generator=pair_generator,
-                scorers=scorers,
-                methods=two_subjects.pair_methods(prior="prior" in args.methods,
-                                                  lambdas=args.lambdas if "nested" in args.methods else (),
-                                                  regions=args.regions),
-                seeds=args.seeds,
-                output_dir=output_dir,
-                settings=settings,
-                accelerator=accelerator,
-                grids=not args.no_grids,
-                progress=True,
-            )
-        except MetricSetupError as e:
-            raise SystemExit(f"{PREFIX} {e}") from e
-        if result is not None:
-            print_summary(result)
-        accelerator.end_training()
-        return result
-    chosen = methods(
-        prior="prior" in args.methods,
-        lambdas=args.lambdas if "nested" in args.methods else (),
-        scales=args.decoupled_scales if "decoupled" in args.methods else (),
-    )
+    nested = args.lambdas if "nested" in args.methods else ()
+    if args.two_subjects:  # the same run with the two-subject jobs, scores and report
+        run = two_subjects.run_pair_evaluation
+        generator = two_subjects.PairGenerator(generator, pairs, pair_prompts, args.pair_words)
+        prior = "prior" in args.methods
+        chosen = two_subjects.pair_methods(prior=prior, lambdas=nested, regions=args.regions)
+    else:
+        run = run_evaluation
+        chosen = methods(
+            prior="prior" in args.methods,
+            lambdas=nested,
+            scales=args.decoupled_scales if "decoupled" in args.methods else (),
+        )
     try:
-        result = run_evaluation(
+        result = run(
             generator=generator,
             scorers=scorers,
             methods=chosen,
