@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..presets import PRESETS
 from .generation import DECOUPLED_SCALES, LAMBDAS
+from .two_subjects import AUTO_REGIONS_CONNECTED, AUTO_REGIONS_MISSING, PAIR_WORDS, REGIONS
 
 
 def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
@@ -150,7 +151,52 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         "--cpu_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
     )
 
+    # ---- Two-subject mode (issue 23): its flags and checks in one block, for the flag restructure ----
+    g = p.add_argument_group("two subjects (two people in one image: how much identity leaks between them)")
+    g.add_argument(
+        "--two_subjects",
+        action="store_true",
+        help="Evaluate two subjects per image instead of one: the subjects in pairs (1st + 2nd, 3rd + 4th, "
+        "...), each bound by the same encoder to its own word of two-subject prompts; every detected face is "
+        "scored against both reference photos (own vs the other: leakage). Writes the same files, with "
+        "identity_own / identity_other columns, and leakage.png instead of tradeoff.png.",
+    )
+    g.add_argument(
+        "--regions",
+        nargs="+",
+        choices=REGIONS,
+        default=None,
+        help="Region methods to compare (default: none manual): none = both subjects on the whole image; "
+        "manual = the first subject on the left half, the second on the right (the Apply node's MASK); auto "
+        "= each subject's region from its word's cross-attention in the first steps (refused until that "
+        "option is part of the build).",
+    )
+    g.add_argument(
+        "--pair_words",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="The words of the first and second subject of each pair in the prompts (default: faces 'man' "
+        "'woman', tiny 'pet' 'toy'). Order the subjects so that each pair's first one fits A.",
+    )
     args = p.parse_args(args)
+    if args.two_subjects:
+        if args.domain not in PAIR_WORDS:
+            p.error(f"--two_subjects measures faces: use --domain faces (or tiny), not {args.domain}.")
+        if args.identity in ("none", "clip-i"):
+            p.error("--two_subjects scores each detected face: it needs face identity (--identity auto).")
+        if args.prompts is not None:
+            p.error("--two_subjects has its own prompts (two subject words); --prompts is for one subject.")
+        args.regions = list(dict.fromkeys(args.regions or ["none", "manual"]))
+        if "auto" in args.regions and not AUTO_REGIONS_CONNECTED:
+            p.error(AUTO_REGIONS_MISSING)
+        args.pair_words = list(args.pair_words or PAIR_WORDS[args.domain])
+        if args.pair_words[0].lower() == args.pair_words[1].lower():
+            p.error(f"--pair_words {' '.join(args.pair_words)}: each subject needs its own word.")
+    elif args.regions is not None or args.pair_words is not None:
+        p.error("--regions and --pair_words belong to --two_subjects.")
+    # ---- end of the two-subject block ----
+
     tiny = args.domain == "tiny"
     args.steps = args.steps or (PRESETS["tiny"].sample_steps if tiny else 30)
     args.resolution = args.resolution or (PRESETS["tiny"].resolutions[0] if tiny else 1024)
