@@ -157,6 +157,15 @@ def run_node(pack, node_id: str, **inputs):
     return getattr(node_class(), node_class.FUNCTION)(**inputs)
 
 
+def run_comfy_node(node_id: str, **inputs):
+    """Run one of ComfyUI's own nodes (nodes.py: KSampler, InpaintModelConditioning, ...) by its id, with its
+    inputs by name, as the executor calls it; what it returns (a tuple of its outputs)."""
+    import nodes  # ComfyUI's own module (the pack is loaded under another name, tests/pack.py)
+
+    node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
+    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+
+
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
     """An IMAGE batch (n, size, size, 3) in [0, 1]."""
     return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
@@ -182,6 +191,24 @@ def apply(
 ):
     return run_node(pack, "NestedAttentionApply", model=model, clip=clip, subject=subject, text=text, token=token,
                     start_percent=start, end_percent=end, mask=mask, **{"λ": lambda_})
+
+
+def layer_inputs(patch, *, sigma=1.0, h=4, w=4, dtype=torch.float32, seed=0):
+    """q, k, v and extra_options as BasicTransformerBlock passes them to attn2 patches (cond, uncond)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = patch.layer.dim
+    q = torch.randn(2, h * w, dim, generator=g).to(dtype)
+    k = torch.randn(2, 77, dim, generator=g).to(dtype)
+    v = torch.randn(2, 77, dim, generator=g).to(dtype)
+    extra = {
+        "n_heads": dim // 16,
+        "dim_head": 16,
+        "cond_or_uncond": [0, 1],
+        "sigmas": torch.tensor([sigma]),
+        "activations_shape": [2, dim, h, w],
+        "attn_precision": None,
+    }
+    return q, k, v, extra
 
 
 def validate_inputs(node_class, **values):

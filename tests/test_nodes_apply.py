@@ -15,7 +15,7 @@ import tiny_models
 import torch
 import torch.nn.functional as F
 from other_packs import with_other_pack
-from pack_helpers import TINY_CLIP_VISION_SPEC, apply, encode_subject, tiny_encoder
+from pack_helpers import TINY_CLIP_VISION_SPEC, apply, encode_subject, layer_inputs, tiny_encoder
 
 import nested_attention.patch as core_patch
 from nested_attention import (
@@ -317,24 +317,6 @@ def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tin
     assert not torch.equal(
         patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
     )
-
-
-def layer_inputs(patch, *, sigma=1.0, h=4, w=4, dtype=torch.float32, seed=0):
-    """q, k, v and extra_options as BasicTransformerBlock passes them to attn2 patches (cond, uncond)."""
-    g = torch.Generator().manual_seed(seed)
-    dim = patch.layer.dim
-    q = torch.randn(2, h * w, dim, generator=g).to(dtype)
-    k = torch.randn(2, 77, dim, generator=g).to(dtype)
-    v = torch.randn(2, 77, dim, generator=g).to(dtype)
-    extra = {
-        "n_heads": dim // 16,
-        "dim_head": 16,
-        "cond_or_uncond": [0, 1],
-        "sigmas": torch.tensor([sigma]),
-        "activations_shape": [2, dim, h, w],
-        "attn_precision": None,
-    }
-    return q, k, v, extra
 
 
 def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_clip, pet):

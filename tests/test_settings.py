@@ -47,6 +47,7 @@ class Toy:
             rule(lambda c: c.ratio is None or c.loud, "--ratio needs --loud."),
         ),
     )
+    extra: tuple[int, ...] | None = setting("more", "Optional numbers: None when not given.")
     count: int = derived(lambda c: len(c.names))
 
     @property
@@ -66,22 +67,25 @@ def test_flags_take_their_type_group_and_kind_from_the_declaration():
     parser = toy_parser()
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
     assert groups["what"] == ["kind", "half", "size"]
-    assert groups["more"] == ["names", "loud", "shiny", "ratio"]
+    assert groups["more"] == ["names", "loud", "shiny", "ratio", "extra"]
     actions = {a.dest: a for a in parser._actions}
     assert "count" not in actions  # derived: no flag
     assert actions["kind"].required and list(actions["kind"].choices) == ["large", "small"]
     assert actions["size"].type is int and actions["ratio"].type is float and actions["names"].nargs == "+"
+    assert actions["extra"].type is int and actions["extra"].nargs == "+"
     assert isinstance(actions["loud"], argparse._StoreTrueAction)
     assert isinstance(actions["shiny"], argparse.BooleanOptionalAction)
     assert all(a.default is None for a in actions.values() if a.dest != "help")  # "not given" is None
 
 
 def test_presets_fill_what_is_not_given_reading_other_settings_in_any_order():
-    large = Toy(kind="large", half=32, size=64, names=("large",), loud=False, shiny=True, ratio=None, count=1)
+    large = Toy(
+        kind="large", half=32, size=64, names=("large",), loud=False, shiny=True, ratio=None, extra=None, count=1
+    )
     assert parse_toy("--kind", "large") == large
     toy = parse_toy("--kind", "small", "--size", "10", "--names", "a", "b", "--no-shiny", "--loud")
     assert (toy.half, toy.size, toy.names, toy.shiny, toy.loud) == (5, 10, ("A", "B"), False, True)
-    assert toy.count == 2
+    assert toy.count == 2 and parse_toy("--kind", "small", "--extra", "3", "1").extra == (3, 1)
     assert parse_toy("--kind", "small").names == ("small",)  # convert applies to a given value only
 
 
@@ -131,6 +135,7 @@ EVAL_GROUPS = [
     "models (default: the standard files in ComfyUI/models)",
     "metrics (local files only; nothing is downloaded)",
     "sampling",
+    "two subjects (two people in one image: how much identity leaks between them)",
 ]
 
 

@@ -5,7 +5,7 @@ The trainer's `TrainConfig` (training/config.py) and the evaluation's `EvalConfi
 shows, the default, the value a domain preset gives it when the flag is not given, and its validity
 rules. The field's type annotation is the flag's type: `int`, `float`, `str`; `bool` is a switch
 (`--x`), or an on/off pair (`--x` / `--no-x`) where a preset or a default of True decides; `tuple[X, ...]`
-takes one or more values. Everything else is made from that one declaration:
+takes one or more values (an empty tuple when none is given, or None if the annotation allows it). Everything else is made from that one declaration:
 
 - `build_parser`: the argparse parser, groups and flags in declaration order;
 - `resolve`: each setting not given filled from its `preset` (a function of the config being resolved:
@@ -127,12 +127,14 @@ def derived(value: Callable[[Any], Any], *, check: Rule | tuple[Rule, ...] = ())
 
 @dataclass(frozen=True)
 class Declared:
-    """A setting with what its annotation says: the flag's value type, and whether it takes several."""
+    """A setting with what its annotation says: the flag's value type, whether it takes several, and
+    whether it may be None."""
 
     name: str
     setting: Setting
     kind: type
     several: bool
+    optional: bool
 
     def argparse_options(self) -> dict:
         s = self.setting
@@ -153,13 +155,15 @@ class Declared:
         return options
 
 
-def value_type(hint: Any) -> tuple[type, bool]:
-    """(type of one value, takes several) of an annotation: Optional[X] -> X, tuple[X, ...] -> X, several."""
-    if typing.get_origin(hint) in (Union, types.UnionType):
+def value_type(hint: Any) -> tuple[type, bool, bool]:
+    """(type of one value, takes several, may be None) of an annotation: X | None -> X, optional;
+    tuple[X, ...] -> X, several."""
+    optional = typing.get_origin(hint) in (Union, types.UnionType)
+    if optional:
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], True
-    return hint, False
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
 
 
 @functools.cache
@@ -170,8 +174,7 @@ def declared(cls: type) -> dict[str, Declared]:
     for f in dataclasses.fields(cls):
         if SETTING not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with setting(...) or derived(...)")
-        kind, several = value_type(hints[f.name])
-        out[f.name] = Declared(f.name, f.metadata[SETTING], kind, several)
+        out[f.name] = Declared(f.name, f.metadata[SETTING], *value_type(hints[f.name]))
     return out
 
 
@@ -219,7 +222,7 @@ class Resolving:
             value = d.setting.convert(value)
         if value is None:
             value = d.setting.preset(self) if d.setting.preset is not None else d.setting.default
-        if d.several:
+        if d.several and not (value is None and d.optional):
             value = tuple(value or ())
         self._busy.discard(d.name)
         self._values[d.name] = value

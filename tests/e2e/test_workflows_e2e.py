@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SHIPPED = ["Likeness vs prompt, lambda sweep", "Person and pet in one picture",
            "Person and pet with IP-Adapter Plus", "Person from one photo", "Person from several photos",
-           "Pet from one photo"]
+           "Person into a photo, SDXL inpainting model", "Person into a photo, inpainting",
+           "Pet from one photo", "Two people, left and right"]
 WIDE = {"Likeness vs prompt, lambda sweep"}  # opens on its notes and loaders; the branches need panning
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 
@@ -40,6 +41,7 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 TINY_LOADERS = {
     "CheckpointLoaderSimple": "NestedAttentionTestTinyCheckpoint",
     "CLIPVisionLoader": "NestedAttentionTestTinyCLIPVision",
+    "UNETLoader": "NestedAttentionTestTinyInpaintUNet",  # the SDXL inpainting UNet's workflow
 }
 # Nodes that run as shipped, cheap on a CPU once the loaders are tiny. Anything else in a workflow fails the
 # test until it is put in one of these two tables.
@@ -47,10 +49,14 @@ RUNS_AS_SHIPPED = {
     "NestedAttentionLoadEncoder", "NestedAttentionEncodeSubject", "NestedAttentionApply", "LoadImage",
     "ImageBatch", "PrimitiveStringMultiline", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
     "SaveImage",
+    # inpainting and two people
+    "InpaintModelConditioning", "ImageScaleBy", "SolidMask", "MaskComposite", "InvertMask",
 }
 APPLY = "NestedAttentionApply"
 TINY_IMAGE_SIZE = 128  # pixels: a 16 x 16 latent for the tiny UNet
 TINY_STEPS = 2
+TINY_PHOTO_SCALE = 0.2  # the inpainting photo (640 x 427) to 128 x 85 pixels
+TINY_INPAINT_SHAPE = (80, 128, 3)  # ... which InpaintModelConditioning crops to whole latent cells (8 px)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,6 +77,8 @@ def tiny_prompt(prompt: dict) -> dict:
             node["inputs"].update(width=TINY_IMAGE_SIZE, height=TINY_IMAGE_SIZE)
         elif kind == "KSampler":
             node["inputs"]["steps"] = TINY_STEPS
+        elif kind == "ImageScaleBy":
+            node["inputs"]["scale_by"] = TINY_PHOTO_SCALE
     return prompt
 
 
@@ -124,7 +132,7 @@ def pixels(png: bytes) -> np.ndarray:
 # Tests
 
 
-def test_the_shipped_workflows_are_the_six_of_the_product():
+def test_the_shipped_workflows_are_the_nine_of_the_product():
     assert WORKFLOW_NAMES == SHIPPED
     for name in SHIPPED:
         assert (WORKFLOWS_DIR / f"{name}.jpg").is_file(), f"{name} has no thumbnail for the template browser"
@@ -229,7 +237,9 @@ def test_shipped_workflow_opens_legible_loads_cleanly_and_runs(name, comfy, fron
         assert len(with_subject.get(save, [])) == 1, f"{name}: Save Image #{save} returned no image"
         assert len(without.get(save, [])) == 1, f"{name}: Save Image #{save} returned no image (bypassed)"
         a, b = pixels(with_subject[save][0]), pixels(without[save][0])
-        assert a.shape == b.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        inpainting = any(n["class_type"] == "InpaintModelConditioning" for n in tiny.values())
+        expected = TINY_INPAINT_SHAPE if inpainting else (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        assert a.shape == b.shape == expected
         (ARTIFACTS_DIR / f"{name}.output-{save}.png").write_bytes(with_subject[save][0])
         (ARTIFACTS_DIR / f"{name}.output-{save}.bypassed.png").write_bytes(without[save][0])
         difference = np.abs(a - b).mean()

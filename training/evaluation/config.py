@@ -17,6 +17,7 @@ from ..presets import PRESETS, Preset
 from ..settings import build_parser as settings_parser
 from ..settings import parse, rule, setting, valid
 from .generation import DECOUPLED_SCALES, LAMBDAS
+from .two_subjects import AUTO_REGIONS_CONNECTED, AUTO_REGIONS_MISSING, PAIR_WORDS, REGIONS
 
 METHODS = ("prior", "nested", "decoupled")
 # The groups of `--help`, in order.
@@ -24,6 +25,7 @@ WHAT = "what to evaluate"
 MODELS = "models (default: the standard files in ComfyUI/models)"
 METRICS = "metrics (local files only; nothing is downloaded)"
 SAMPLING = "sampling"
+TWO_SUBJECTS = "two subjects (two people in one image: how much identity leaks between them)"
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,67 @@ class EvalConfig:
     negative_prompt: str = setting(SAMPLING, "The negative prompt of every image.", default="")
     no_grids: bool = setting(SAMPLING, "Skip the image grids.", default=False)
     cpu_threads: int | None = setting(SAMPLING, "torch CPU threads (default: torch's choice).")
+
+    two_subjects: bool = setting(
+        TWO_SUBJECTS,
+        "Evaluate two subjects per image instead of one: the subjects in pairs (1st + 2nd, 3rd + 4th, "
+        "...), each bound by the same encoder to its own word of two-subject prompts; every detected face is "
+        "scored against both reference photos (own vs the other: leakage). Writes the same files, with "
+        "identity_own / identity_other columns, and leakage.png instead of tradeoff.png.",
+        default=False,
+        check=(
+            rule(
+                lambda c: not c.two_subjects or c.domain in PAIR_WORDS,
+                lambda c: f"--two_subjects measures faces: use --domain faces (or tiny), not {c.domain}.",
+            ),
+            rule(
+                lambda c: not (c.two_subjects and c.identity in ("none", "clip-i")),
+                "--two_subjects scores each detected face: it needs face identity (--identity auto).",
+            ),
+            rule(
+                lambda c: not (c.two_subjects and c.prompts is not None),
+                "--two_subjects has its own prompts (two subject words); --prompts is for one subject.",
+            ),
+        ),
+    )
+    regions: tuple[str, ...] | None = setting(
+        TWO_SUBJECTS,
+        "Region methods to compare (default: none manual): none = both subjects on the whole image; "
+        "manual = the first subject on the left half, the second on the right (the Apply node's MASK); auto "
+        "= each subject's region from its word's cross-attention in the first steps (refused until that "
+        "option is part of the build).",
+        preset=lambda c: ("none", "manual") if c.two_subjects else None,
+        choices=REGIONS,
+        convert=lambda given: tuple(dict.fromkeys(given)),  # each once, in the order given
+        check=(
+            rule(
+                lambda c: c.two_subjects or c.regions is None,
+                "--regions and --pair_words belong to --two_subjects.",
+            ),
+            valid(
+                lambda regions: "auto" not in regions or AUTO_REGIONS_CONNECTED,
+                AUTO_REGIONS_MISSING,
+            ),
+        ),
+    )
+    pair_words: tuple[str, ...] | None = setting(
+        TWO_SUBJECTS,
+        "The words of the first and second subject of each pair in the prompts (default: faces 'man' "
+        "'woman', tiny 'pet' 'toy'). Order the subjects so that each pair's first one fits A.",
+        preset=lambda c: PAIR_WORDS.get(c.domain, ()) if c.two_subjects else None,
+        nargs=2,
+        metavar=("A", "B"),
+        check=(
+            rule(
+                lambda c: c.two_subjects or c.pair_words is None,
+                "--regions and --pair_words belong to --two_subjects.",
+            ),
+            valid(
+                lambda words: len({w.lower() for w in words}) == len(words),
+                lambda c: f"--pair_words {' '.join(c.pair_words)}: each subject needs its own word.",
+            ),
+        ),
+    )
 
     @property
     def preset(self) -> Preset:

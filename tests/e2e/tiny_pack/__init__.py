@@ -1,8 +1,8 @@
 """Test-only ComfyUI node pack: tiny stand-ins for the heavy SDXL and CLIP vision loaders.
 
 The end-to-end test links this folder into the test server's custom_nodes (never into a user's ComfyUI)
-and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader for these nodes in the API
-prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
+and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader / UNETLoader for these nodes in
+the API prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
 pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
 
 The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
@@ -74,6 +74,21 @@ class NestedAttentionTestTinyCheckpoint:
         return (unet.clone(), clip.clone(), vae)
 
 
+class NestedAttentionTestTinyInpaintUNet:
+    DESCRIPTION = ("Test only: the tiny SDXL-shaped UNet with an inpainting checkpoint's 9 input channels, "
+                   "in place of Load Diffusion Model.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (_cached("inpaint_unet", lambda: tiny_models.tiny_sdxl_unet(seed=SEED, inpaint=True)).clone(),)
+
+
 class NestedAttentionTestTinyCLIPVision:
     DESCRIPTION = "Test only: a tiny CLIP vision transformer in place of Load CLIP Vision (same output)."
     CATEGORY = CATEGORY
@@ -119,9 +134,11 @@ NODE_CLASS_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
     "NestedAttentionTestTinyCLIPVision": NestedAttentionTestTinyCLIPVision,
     "NestedAttentionTestTinyCLIPVision224": NestedAttentionTestTinyCLIPVision224,
+    "NestedAttentionTestTinyInpaintUNet": NestedAttentionTestTinyInpaintUNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": "Tiny SDXL Checkpoint (test only)",
     "NestedAttentionTestTinyCLIPVision": "Tiny CLIP Vision (test only)",
     "NestedAttentionTestTinyCLIPVision224": "Tiny CLIP Vision 224 px (test only)",
+    "NestedAttentionTestTinyInpaintUNet": "Tiny SDXL Inpainting UNet (test only)",
 }
