@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_evaluation import reset_accelerate
+from trainer_runs import reset_after_run
 
 from nested_attention.host import attn2_replacements
 from training import evaluate as evaluate_cli
@@ -196,7 +196,7 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
             )
         )
     finally:
-        reset_accelerate()
+        reset_after_run()
     # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 2 region methods x 2.
     images = sorted(out.glob("images/**/*.png"))
     assert result["generated"] == len(images) == 2 + 2 * 2

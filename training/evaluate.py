@@ -14,17 +14,16 @@ grids/<method>.png into --output_dir. Images already there are not generated aga
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from .evaluation.flags import parse_args  # noqa: F401  (the CLI's flags; tests parse with it)
+from .evaluation.config import EvalConfig, parse_args
 from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
 
 log = logging.getLogger("training.evaluate")
@@ -56,7 +55,7 @@ IMAGE_SETTINGS = (
 )
 
 
-def find_model(value: Optional[str], folder: str, names: tuple, what: str, flag: str, models_dir) -> str:
+def find_model(value: str | None, folder: str, names: tuple, what: str, flag: str, models_dir) -> str:
     if value is not None:
         if not os.path.isfile(value):
             raise SystemExit(f"{PREFIX} --{flag} {value}: no such file ({what}).")
@@ -72,7 +71,7 @@ def find_model(value: Optional[str], folder: str, names: tuple, what: str, flag:
     return str(found)
 
 
-def load_subjects(args: argparse.Namespace, output_dir: Path):
+def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
     from .data import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
     from .evaluation.generation import Subject
@@ -138,7 +137,8 @@ def check_resume(output_dir: Path, settings: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    changed = [k for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)]
+    new = json.loads(json.dumps(settings))  # as saved: tuples are lists there
+    changed = [k for k in IMAGE_SETTINGS if old.get(k) != new.get(k)]
     if changed:
         raise SystemExit(
             f"{PREFIX} {output_dir} holds images made with other settings ({', '.join(changed)} differ), "
@@ -207,7 +207,7 @@ def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
     return metrics.Scorers(clip_t=clip_t, clip_i=clip_i, identity=identity)
 
 
-def main(args: argparse.Namespace) -> Optional[dict]:
+def main(args: EvalConfig) -> dict | None:
     """Run the evaluation; returns the report (metrics.json's content) on the main process."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("training").setLevel(logging.INFO)
@@ -235,21 +235,24 @@ def main(args: argparse.Namespace) -> Optional[dict]:
             models_dir = Path(args.models_dir) if args.models_dir else find_comfyui() / "models"
         except ComfyNotFoundError:
             models_dir = None
-        args.pretrained_model = find_model(
-            args.pretrained_model,
-            "checkpoints",
-            SDXL_CHECKPOINT_NAMES,
-            "the SDXL base checkpoint",
-            "pretrained_model",
-            models_dir,
-        )
-        args.clip_vision = find_model(
-            args.clip_vision,
-            "clip_vision",
-            CLIP_VISION_H_NAMES,
-            "the CLIP vision model of the encoder",
-            "clip_vision",
-            models_dir,
+        args = dataclasses.replace(
+            args,
+            pretrained_model=find_model(
+                args.pretrained_model,
+                "checkpoints",
+                SDXL_CHECKPOINT_NAMES,
+                "the SDXL base checkpoint",
+                "pretrained_model",
+                models_dir,
+            ),
+            clip_vision=find_model(
+                args.clip_vision,
+                "clip_vision",
+                CLIP_VISION_H_NAMES,
+                "the CLIP vision model of the encoder",
+                "clip_vision",
+                models_dir,
+            ),
         )
     precision = args.precision
     if precision == "auto":
