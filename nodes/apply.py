@@ -142,28 +142,32 @@ class NestedAttentionApply(io.ComfyNode):
             display_name="Apply Nested Attention (token, λ)",
             category=CATEGORY,
             description="Renders one word of the prompt as the subject, with nested attention in all SDXL "
-            "cross-attention layers. Returns a patched copy of the model and the prompt's conditioning; chain "
-            "several for several subjects.",
+            "cross-attention layers. Returns a patched copy of the model and the prompt's conditioning; "
+            "chain several for several subjects.",
             inputs=[
-                io.Model.Input("model", tooltip="An SDXL model. It is not changed; a patched copy is returned."),
+                io.Model.Input(
+                    "model", tooltip="An SDXL model. It is not changed; a patched copy is returned."
+                ),
                 io.Clip.Input(
                     "clip",
                     tooltip="The SDXL checkpoint's CLIP: tokenizes the prompt to find the subject word, and "
                     "encodes the prompt.",
                 ),
-                NestedSubjectType.Input("subject", tooltip="From Encode Subject Image(s) (or Load Nested Subject)."),
+                NestedSubjectType.Input(
+                    "subject", tooltip="From Encode Subject Image(s) (or Load Nested Subject)."
+                ),
                 io.String.Input(
                     "text",
                     multiline=True,
                     dynamic_prompts=True,
-                    tooltip="The prompt. It must contain the subject word, e.g. 'a photo of a pet on the beach'. "
-                    "ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
+                    tooltip="The prompt. It must contain the subject word, e.g. 'a photo of a pet on the "
+                    "beach'. ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
                 ),
                 io.String.Input(
                     "token",
                     default="",
-                    tooltip="The subject word in the prompt; empty = the encoder's word (e.g. 'person', 'pet'). "
-                    "Every occurrence counts. A word of several tokens uses its last token.",
+                    tooltip="The subject word in the prompt; empty = the encoder's word (e.g. 'person', "
+                    "'pet'). Every occurrence counts. A word of several tokens uses its last token.",
                 ),
                 # Named "λ": ComfyUI 0.3.75's frontend labels a widget with its input name (an input's
                 # display_name is not read), and Python accepts λ as a keyword argument.
@@ -174,9 +178,9 @@ class NestedAttentionApply(io.ComfyNode):
                     max=10.0,
                     step=0.05,
                     tooltip="Multiplies the subject word's attention logit where it is positive: logit -> "
-                    "max(logit, λ·logit), per query and head. 1 = as trained; higher = the subject takes more of "
-                    "the attention (stronger identity, less of the prompt). Values below 1 would not weaken the "
-                    "subject (they only lift its negative logits), so 1 is the minimum.",
+                    "max(logit, λ·logit), per query and head. 1 = as trained; higher = the subject takes "
+                    "more of the attention (stronger identity, less of the prompt). Values below 1 would not "
+                    "weaken the subject (they only lift its negative logits), so 1 is the minimum.",
                 ),
                 io.Float.Input(
                     "start_percent",
@@ -195,7 +199,9 @@ class NestedAttentionApply(io.ComfyNode):
                     tooltip="Fraction of sampling after which the subject stops.",
                 ),
                 io.Mask.Input(
-                    "mask", optional=True, tooltip="Confines the subject to a region of the image (white = subject)."
+                    "mask",
+                    optional=True,
+                    tooltip="Confines the subject to a region of the image (white = subject).",
                 ),
             ],
             # Output ids must differ from input ids on ComfyUI 0.3.75; workflows know outputs by display_name.
@@ -208,9 +214,9 @@ class NestedAttentionApply(io.ComfyNode):
                 io.Conditioning.Output(
                     "conditioning",
                     display_name="conditioning",
-                    tooltip="The prompt encoded exactly as CLIP Text Encode does; use it (or that of the last "
-                    "chained node) as the positive conditioning, so that the subject word sits where the patch "
-                    "expects it.",
+                    tooltip="The prompt encoded exactly as CLIP Text Encode does; use it (or that of the "
+                    "last chained node) as the positive conditioning, so that the subject word sits where "
+                    "the patch expects it.",
                 ),
             ],
         )

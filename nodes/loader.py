@@ -166,22 +166,22 @@ class NestedAttentionLoadEncoder(io.ComfyNode):
             node_id="NestedAttentionLoadEncoder",
             display_name="Load Nested Encoder",
             category=CATEGORY,
-            description="Loads a nested attention subject encoder (.safetensors from models/nested_attention, "
-            "or an IP-Adapter Plus SDXL file from models/ipadapter) and the CLIP vision model it reads images "
-            "with.",
+            description="Loads a nested attention subject encoder (.safetensors from "
+            "models/nested_attention, or an IP-Adapter Plus SDXL file from models/ipadapter) and the CLIP "
+            "vision model it reads images with.",
             inputs=[
                 io.Combo.Input(
                     "encoder_name",
                     options=encoder_files(),
-                    tooltip="An encoder file exported by this pack's trainer, from models/nested_attention (or "
-                    "a folder registered as 'nested_attention' in extra_model_paths.yaml), or an IP-Adapter Plus "
-                    "SDXL file (ViT-H) from models/ipadapter.",
+                    tooltip="An encoder file exported by this pack's trainer, from models/nested_attention "
+                    "(or a folder registered as 'nested_attention' in extra_model_paths.yaml), or an "
+                    "IP-Adapter Plus SDXL file (ViT-H) from models/ipadapter.",
                 ),
                 io.ClipVision.Input(
                     "clip_vision",
                     optional=True,
-                    tooltip="The CLIP vision model the encoder was trained with. Leave unconnected to load the "
-                    "file the encoder names from models/clip_vision.",
+                    tooltip="The CLIP vision model the encoder was trained with. Leave unconnected to load "
+                    "the file the encoder names from models/clip_vision.",
                 ),
             ],
             outputs=[

@@ -126,21 +126,21 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
             node_id="NestedAttentionEncodeSubject",
             display_name="Encode Subject Image(s)",
             category=CATEGORY,
-            description="Encodes one or more photos of ONE subject into subject tokens. Several photos of the "
-            "same subject are combined; photos of different subjects mix their identities.",
+            description="Encodes one or more photos of ONE subject into subject tokens. Several photos of "
+            "the same subject are combined; photos of different subjects mix their identities.",
             inputs=[
                 NestedEncoderType.Input("encoder", tooltip="From Load Nested Encoder."),
                 io.Image.Input(
                     "image",
-                    tooltip="Photos of one subject (a batch). Each is encoded and the tokens are concatenated; "
-                    "two different people in one batch mix their identities.",
+                    tooltip="Photos of one subject (a batch). Each is encoded and the tokens are "
+                    "concatenated; two different people in one batch mix their identities.",
                 ),
                 io.Combo.Input(
                     "crop",
                     options=list(CROPS),
                     default="center",
-                    tooltip="How photos are fitted to the CLIP vision input: center crop, or squash the whole "
-                    "photo.",
+                    tooltip="How photos are fitted to the CLIP vision input: center crop, or squash the "
+                    "whole photo.",
                 ),
                 io.Mask.Input(
                     "mask",
@@ -153,9 +153,9 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
                     options=list(ALIGNS),
                     default="auto",
                     optional=True,
-                    tooltip="auto: when the encoder was trained on aligned faces (face encoders), find the face "
-                    "and crop it with the eyes and mouth where training put them. off: encode the photos as "
-                    "they are.",
+                    tooltip="auto: when the encoder was trained on aligned faces (face encoders), find the "
+                    "face and crop it with the eyes and mouth where training put them. off: encode the "
+                    "photos as they are.",
                 ),
                 io.Int.Input(
                     "face_index",
@@ -284,8 +284,8 @@ class NestedAttentionSaveSubject(io.ComfyNode):
             node_id="NestedAttentionSaveSubject",
             display_name="Save Nested Subject",
             category=CATEGORY,
-            description="Saves an encoded subject (.safetensors in output/nested_attention_subjects), to reuse it "
-            "without the photos.",
+            description="Saves an encoded subject (.safetensors in output/nested_attention_subjects), to "
+            "reuse it without the photos.",
             inputs=[
                 NestedSubjectType.Input("subject", tooltip="From Encode Subject Image(s)."),
                 io.String.Input(
@@ -316,7 +316,8 @@ class NestedAttentionLoadSubject(io.ComfyNode):
             node_id="NestedAttentionLoadSubject",
             display_name="Load Nested Subject",
             category=CATEGORY,
-            description="Loads a subject saved by Save Nested Subject; it must come from the connected encoder.",
+            description="Loads a subject saved by Save Nested Subject; it must come from the connected "
+            "encoder.",
             inputs=[
                 NestedEncoderType.Input("encoder", tooltip="The encoder the subject was encoded with."),
                 io.Combo.Input(

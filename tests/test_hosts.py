@@ -318,10 +318,12 @@ def test_comfy_refuses_a_validate_inputs_result_that_is_not_exactly_true(value):
 def test_comfy_gives_validate_inputs_what_its_signature_names_and_checks_the_rest_itself():
     seen = []
     assert validate_inputs(_validating(True, seen), encoder_name="not a choice", steps=2) is True
-    assert "Value 9 bigger than max of 4" in validate_inputs(_validating(True, seen), encoder_name="x", steps=9)
+    too_many = validate_inputs(_validating(True, seen), encoder_name="x", steps=9)
+    assert "Value 9 bigger than max of 4" in too_many, too_many
     # **values takes every input, and ComfyUI then checks none of them itself.
     assert validate_inputs(_validating(True, seen, "**values"), encoder_name="x", steps=9) is True
-    assert seen == [{"encoder_name": "not a choice"}, {"encoder_name": "x"}, {"encoder_name": "x", "steps": 9}]
+    assert seen == [{"encoder_name": "not a choice"}, {"encoder_name": "x"},
+                    {"encoder_name": "x", "steps": 9}]
 
 
 def test_every_node_passes_comfy_validation_with_its_default_widget_values(

@@ -126,7 +126,9 @@ def test_load_nested_subject_runs_again_when_its_file_changes(pack, load_handle,
     assert fingerprint(node, encoder=["0", 0], subject_file=listed) != second
 
 
-def test_a_subject_file_that_is_not_saved_is_refused_before_anything_runs(pack, load_handle, tmp_path, monkeypatch):
+def test_a_subject_file_that_is_not_saved_is_refused_before_anything_runs(
+    pack, load_handle, tmp_path, monkeypatch
+):
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
     node = pack.mappings["NestedAttentionLoadSubject"]
@@ -145,9 +147,10 @@ def test_a_crop_or_align_that_is_not_a_choice_is_refused_before_anything_runs(pa
     # ComfyUI 0.3.75 checks no V3 combo against its choices; the node does, on every host.
     node = pack.mappings["NestedAttentionEncodeSubject"]
     assert validate_inputs(node, crop="none", align="off", face_index=0) is True
-    (name, value), choices = next(iter(inputs.items())), {"crop": "'center', 'none'", "align": "'auto', 'off'"}
+    (name, value), = inputs.items()
+    choices = {"crop": "'center', 'none'", "align": "'auto', 'off'"}[name]
     message = validate_inputs(node, **{"crop": "center", **inputs})
-    assert f"{name} is {value!r}; expected one of {choices[name]}." in message, message
+    assert f"{name} is {value!r}; expected one of {choices}." in message, message
 
 
 def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path):

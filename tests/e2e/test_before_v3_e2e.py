@@ -23,8 +23,8 @@ BEFORE_V3 = E2E_DIR / "before_v3"
 SAVED_WORKFLOWS = sorted(p.stem for p in (BEFORE_V3 / "workflows").glob("*.json"))
 # What a node definition says that saved workflows and the frontend rely on (names, order, types, widget
 # defaults and ranges), and what users read (display names, categories, descriptions, tooltips).
-CONTRACT = ("name", "display_name", "category", "description", "output_node", "input", "input_order", "output",
-            "output_is_list", "output_name", "output_tooltips")
+CONTRACT = ("name", "display_name", "category", "description", "output_node", "input", "input_order",
+            "output", "output_is_list", "output_name", "output_tooltips")
 # Choices read from a folder when /object_info is asked: the saved subjects depend on what ran before.
 FOLDER_LISTS = {"subject_file"}
 
