@@ -43,13 +43,16 @@ TINY_CLIP_VISION_SPEC = {
 
 @pytest.fixture(scope="session")
 def pack():
-    """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`."""
+    """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`, and
+    its nodes by id as ComfyUI registers them (from the node list its comfy_entrypoint gives)."""
     module = load_pack()
     nodes = module.nodes
+    extension = run_async(module.comfy_entrypoint())
+    schemas = {cls: cls.GET_SCHEMA() for cls in run_async(extension.get_node_list())}
     return SimpleNamespace(
         module=module,
-        mappings=module.NODE_CLASS_MAPPINGS,
-        display=module.NODE_DISPLAY_NAME_MAPPINGS,
+        mappings={schema.node_id: cls for cls, schema in schemas.items()},
+        display={schema.node_id: schema.display_name for schema in schemas.values()},
         apply=nodes.apply,
         loader=nodes.loader,
         subject=nodes.subject,
@@ -183,7 +186,9 @@ def run_node(pack, node_id: str, **inputs):
     values, _, v3 = execution.get_input_data(inputs, node_class, node_id)
 
     async def execute():
-        outputs, ui, _, pending = await execution.get_output_data(node_id, node_id, obj, values, None, None, v3)
+        outputs, ui, _, pending = await execution.get_output_data(
+            node_id, node_id, obj, values, None, None, v3
+        )
         if pending:  # an async node: what execution.execute does once its tasks are done
             returned = await execution.resolve_map_node_over_list_results(outputs)
             outputs, ui, _ = execution.get_output_from_returns(returned, obj)

@@ -11,8 +11,16 @@ import comfy.model_patcher
 import folder_paths
 import pytest
 import torch
+from comfy_api.latest import io
 from pack import REPO, load_pack, unload_pack
-from pack_helpers import TINY_CLIP_VISION_SPEC, combo_choices, input_specs, run_node, validate_inputs
+from pack_helpers import (
+    TINY_CLIP_VISION_SPEC,
+    combo_choices,
+    input_specs,
+    run_async,
+    run_node,
+    validate_inputs,
+)
 
 from nested_attention import NestedWeightsError
 
@@ -33,6 +41,29 @@ def test_pack_exports_the_three_nodes_with_their_display_names(pack):
     assert tuple(pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES) == ("NESTED_ENCODER",)
     assert tuple(pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES) == ("NESTED_SUBJECT", "IMAGE")
     assert tuple(pack.mappings["NestedAttentionApply"].RETURN_TYPES) == ("MODEL", "CONDITIONING")
+
+
+def test_comfyui_registers_the_nodes_through_comfy_entrypoint(pack, monkeypatch):
+    """ComfyUI's own load_custom_node, as the server runs it at start-up for custom_nodes/<pack>."""
+    import nodes  # ComfyUI's
+
+    registries = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "EXTENSION_WEB_DIRS", "LOADED_MODULE_DIRS")
+    for registry in registries:
+        monkeypatch.setattr(nodes, registry, dict(getattr(nodes, registry)))
+    # A pack with NODE_CLASS_MAPPINGS is registered from them, and its comfy_entrypoint is never called.
+    assert not hasattr(pack.module, "NODE_CLASS_MAPPINGS")
+    module_name = str(REPO).replace(".", "_x_")  # load_custom_node's name for a pack folder
+    try:
+        assert run_async(nodes.load_custom_node(str(REPO))) is True
+    finally:
+        unload_pack(module_name)
+    for node_id, ours in pack.mappings.items():
+        registered = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(registered, io.ComfyNode) and registered.__name__ == ours.__name__
+        assert registered.__module__.startswith(f"{module_name}.nodes.")
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == pack.display[node_id]
+    assert len(pack.mappings) == len(pack.module.nodes.NODES) >= 5
+    assert nodes.EXTENSION_WEB_DIRS[REPO.name] == str(REPO / "web")  # web/save_subject.js
 
 
 def test_pack_leaves_comfy_nodes_module_first_and_makes_the_core_importable(pack):
