@@ -169,15 +169,20 @@ def run_async(coroutine):
 
 
 def run_node(pack, node_id: str, **inputs):
-    """Run the pack's node `node_id` with its inputs by name, as ComfyUI's executor runs it; what it returns.
+    """Run the pack's node `node_id` with its inputs by name, as ComfyUI's executor runs it; what it returns
+    (see execute_node). Tests run the pack's nodes only through this."""
+    return execute_node(pack.mappings[node_id], node_id, **inputs)
+
+
+def execute_node(node_class, node_id: str, **inputs):
+    """Run a node class (V1 or V3, the pack's or ComfyUI's) as ComfyUI's executor runs it; what it returns.
 
     Through ComfyUI's own execution.get_input_data and get_output_data (what execution.execute calls for
     a node), so a V3 node is called as the server calls it (a class clone, its hidden inputs). Inputs are the
     values the node receives (what a link carries, or a widget value). Returns the node's outputs as a tuple
     in slot order; a node with a UI output returns {"ui": ...} (and "result": the tuple, if it has outputs).
-    Tests run nodes only through this, so that how a node class is called (its schema) lives in one place.
+    How a node class is called (its schema) lives here alone.
     """
-    node_class = pack.mappings[node_id]
     unknown = set(inputs) - set(input_specs(node_class))
     if unknown:  # ComfyUI drops an input a node does not declare: a misspelled name would pass unseen
         raise TypeError(f"{node_id} has no input {sorted(unknown)}; it has {list(input_specs(node_class))}")
