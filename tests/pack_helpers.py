@@ -278,7 +278,7 @@ def validate_inputs(node_class, **values):
     prompt, sources, inputs = {}, [], dict(values)
     for name, (kind, _) in input_specs(node_class).items():
         is_widget = isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
-        if name not in inputs and name in node_class.INPUT_TYPES()["required"] and not is_widget:
+        if name not in inputs and name in node_class.INPUT_TYPES().get("required", {}) and not is_widget:
             sources.append(_source_of(kind))
             source_id = str(len(sources) + 1)
             prompt[source_id] = {"class_type": sources[-1].__name__, "inputs": {}}
