@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from nested_attention import SDXL_CONTEXT_DIM, unet_layers
 from nested_attention.host import (
@@ -24,7 +25,7 @@ from nested_attention.host import (
 )
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
-from .wires import CATEGORY, NESTED_SUBJECT, Subject
+from .wires import CATEGORY, NestedSubjectType, Subject
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 
@@ -133,108 +134,96 @@ def apply_subject(
     return m
 
 
-class NestedAttentionApply:
-    DESCRIPTION = (
-        "Renders one word of the prompt as the subject, with nested attention in all SDXL cross-attention "
-        "layers. Returns a patched copy of the model and the prompt's conditioning; chain several for "
-        "several subjects."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CONDITIONING")
-    RETURN_NAMES = ("model", "conditioning")
-    OUTPUT_TOOLTIPS = (
-        "A patched copy of the model (the input model is not changed).",
-        (
-            "The prompt encoded exactly as CLIP Text Encode does; use it (or that of the last chained node) "
-            "as the positive conditioning, so that the subject word sits where the patch expects it."
-        ),
-    )
-    FUNCTION = "apply"
-
+class NestedAttentionApply(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "An SDXL model. It is not changed; a patched copy is returned."},
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionApply",
+            display_name="Apply Nested Attention (token, λ)",
+            category=CATEGORY,
+            description="Renders one word of the prompt as the subject, with nested attention in all SDXL "
+            "cross-attention layers. Returns a patched copy of the model and the prompt's conditioning; "
+            "chain several for several subjects.",
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="An SDXL model. It is not changed; a patched copy is returned."
                 ),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The SDXL checkpoint's CLIP: tokenizes the prompt to find the subject "
-                        "word, and encodes the prompt."
-                    },
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The SDXL checkpoint's CLIP: tokenizes the prompt to find the subject word, and "
+                    "encodes the prompt.",
                 ),
-                "subject": (
-                    NESTED_SUBJECT,
-                    {"tooltip": "From Encode Subject Image(s) (or Load Nested Subject)."},
+                NestedSubjectType.Input(
+                    "subject", tooltip="From Encode Subject Image(s) (or Load Nested Subject)."
                 ),
-                "text": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "dynamicPrompts": True,
-                        "tooltip": "The prompt. It must contain the subject word, e.g. 'a photo of a pet on "
-                        "the beach'. ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
-                    },
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="The prompt. It must contain the subject word, e.g. 'a photo of a pet on the "
+                    "beach'. ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
                 ),
-                "token": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "The subject word in the prompt; empty = the encoder's word (e.g. "
-                        "'person', 'pet'). Every occurrence counts. A word of several tokens uses its last "
-                        "token.",
-                    },
+                io.String.Input(
+                    "token",
+                    default="",
+                    tooltip="The subject word in the prompt; empty = the encoder's word (e.g. 'person', "
+                    "'pet'). Every occurrence counts. A word of several tokens uses its last token.",
                 ),
                 # Named "λ": ComfyUI 0.3.75's frontend labels a widget with its input name (an input's
-                # "display_name" is not read), and Python accepts λ as a keyword argument.
-                "λ": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 1.0,
-                        "max": 10.0,
-                        "step": 0.05,
-                        "tooltip": "Multiplies the subject word's attention logit where it is positive: "
-                        "logit -> max(logit, λ·logit), per query and head. 1 = as trained; higher = the "
-                        "subject takes more of the attention (stronger identity, less of the prompt). Values "
-                        "below 1 would not weaken the subject (they only lift its negative logits), so 1 is "
-                        "the minimum.",
-                    },
+                # display_name is not read), and Python accepts λ as a keyword argument.
+                io.Float.Input(
+                    "λ",
+                    default=1.0,
+                    min=1.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Multiplies the subject word's attention logit where it is positive: logit -> "
+                    "max(logit, λ·logit), per query and head. 1 = as trained; higher = the subject takes "
+                    "more of the attention (stronger identity, less of the prompt). Values below 1 would not "
+                    "weaken the subject (they only lift its negative logits), so 1 is the minimum.",
                 ),
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.001,
-                        "tooltip": "Fraction of sampling after which the subject becomes active.",
-                    },
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of sampling after which the subject becomes active.",
                 ),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.001,
-                        "tooltip": "Fraction of sampling after which the subject stops.",
-                    },
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of sampling after which the subject stops.",
                 ),
-            },
-            "optional": {
-                "mask": (
-                    "MASK",
-                    {"tooltip": "Confines the subject to a region of the image (white = subject)."},
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Confines the subject to a region of the image (white = subject).",
                 ),
-            },
-        }
+            ],
+            # Output ids must differ from input ids on ComfyUI 0.3.75; workflows know outputs by display_name.
+            outputs=[
+                io.Model.Output(
+                    "patched_model",
+                    display_name="model",
+                    tooltip="A patched copy of the model (the input model is not changed).",
+                ),
+                io.Conditioning.Output(
+                    "conditioning",
+                    display_name="conditioning",
+                    tooltip="The prompt encoded exactly as CLIP Text Encode does; use it (or that of the "
+                    "last chained node) as the positive conditioning, so that the subject word sits where "
+                    "the patch expects it.",
+                ),
+            ],
+        )
 
-    def apply(
-        self,
+    @classmethod
+    def execute(
+        cls,
         model: Any,
         clip: Any,
         subject: Subject,
@@ -244,7 +233,7 @@ class NestedAttentionApply:
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         mask: torch.Tensor | None = None,
-    ):
+    ) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError(
                 "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your "
@@ -257,4 +246,4 @@ class NestedAttentionApply:
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         check_conditioning(conditioning, clip)
         patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask)
-        return (patched, conditioning)
+        return io.NodeOutput(patched, conditioning)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tiny_models  # ComfyUI set-up first; also the accelerate launcher
 import torch
+from pack_helpers import run_node
 from safetensors.torch import load_file
 from trainer_runs import run_trainer, tiny_argv, train
 
@@ -486,20 +487,18 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
 
 
 def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
-    reference, tiny_clip, tiny_clip_vision
+    pack, reference, tiny_clip, tiny_clip_vision
 ):
-    from pack import load_pack
-
-    nodes = load_pack().nodes
     encoder = load_encoder(reference["encoder_path"])
-    handle = nodes.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
+    handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
     image = data_lib.to_comfy_image(
         data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
     )[None]
-    subject, _ = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
+    subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
     prompt = "a photo of a pet"
-    patched, positive = nodes.apply.NestedAttentionApply().apply(unet, tiny_clip, subject, prompt)
+    patched, positive = run_node(pack, "NestedAttentionApply", model=unet, clip=tiny_clip, subject=subject,
+                                 text=prompt, token="")
     negative = tiny_models.encode_text(tiny_clip, "")
     with_subject = tiny_models.sample(patched, positive, negative, seed=0, size=8)
     without = tiny_models.sample(unet, tiny_models.encode_text(tiny_clip, prompt), negative, seed=0, size=8)
