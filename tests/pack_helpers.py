@@ -227,8 +227,7 @@ def run_comfy_node(node_id: str, **inputs):
     inputs by name, as the executor calls it; what it returns (a tuple of its outputs)."""
     import nodes  # ComfyUI's own module (the pack is loaded under another name, tests/pack.py)
 
-    node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
-    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+    return execute_node(nodes.NODE_CLASS_MAPPINGS[node_id], node_id, **inputs)
 
 
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
