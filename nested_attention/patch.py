@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import NestedSubject, check_positions, nested_attention, sdpa_attention
+from .capture import RUN_KEY, layer_grid
 from .encoder import NestedEncoder
 from .layers import LayerSpec
 
@@ -48,6 +49,10 @@ class SubjectBinding:
     mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
     cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
+    auto_region: the region is found during sampling from the word's own attention (`region: auto`,
+        nested_attention.capture); needs the per-run state `host.observe_runs` installs. Never with a mask.
+    source: what the binding was made from (the nodes' Subject), opaque here; kept so that the attention
+        maps can be drawn on the subject's photos.
 
     One binding is shared by every model it was applied to (a chained model and its parent), possibly
     sampling on different GPUs at once. Its caches only ever hold values computed from the fields above
@@ -67,6 +72,8 @@ class SubjectBinding:
     rows: Optional[torch.Tensor] = None
     cache: bool = True
     name: str = "subject"
+    auto_region: bool = False
+    source: Any = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
@@ -80,6 +87,8 @@ class SubjectBinding:
             raise ValueError(
                 f"subject positions {outside} lie outside the prompt's {self.prompt_tokens} tokens; locate the "
                 "word in the same tokenized prompt whose length is given.")
+        if self.auto_region and self.mask is not None:
+            raise ValueError(f"'{self.name}' has both a mask and region auto; give one or the other.")
 
     @property
     def sort_key(self) -> tuple:
@@ -164,12 +173,8 @@ class SubjectBinding:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
         if self.mask is None:
             return None
-        if activations_shape is not None and activations_shape[-1] * activations_shape[-2] == n:
-            h, w = int(activations_shape[-2]), int(activations_shape[-1])
-        else:  # no shape from the host: assume the mask's aspect ratio
-            ratio = self.mask.shape[-2] / self.mask.shape[-1]
-            w = round(math.sqrt(n / ratio))
-            h = n // w
+        # Without a shape from the host: assume the mask's aspect ratio.
+        h, w = layer_grid(activations_shape, n, self.mask.shape[-2] / self.mask.shape[-1])
         key = (h, w, device)
         found = self._masks.get(key)
         if found is None:
@@ -211,6 +216,7 @@ class NestedAttentionPatch:
         self.subjects = tuple(sorted(subjects, key=lambda s: s.sort_key))  # never changed: see the module doc
         self.host_attention = host_attention
         self._models = tuple(models)  # ModelPatchers ComfyUI should load with the UNet
+        self._auto = any(s.auto_region for s in self.subjects)
 
     def with_subjects(self, subjects: Sequence[SubjectBinding], models: Sequence[Any] = ()) -> "NestedAttentionPatch":
         """A new patch with `subjects` added (chaining); this one is left as it is, for the upstream model."""
@@ -226,7 +232,16 @@ class NestedAttentionPatch:
             return host(q, k, v, heads, extra_options)
         rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"))
         nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
-        return nested_attention(q, k, v, nested, heads=heads, rows=rows,
+        run = extra_options.get(RUN_KEY)  # this sampling run's observers (nested_attention.capture), or None
+        probe = None
+        if run is not None:
+            nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
+        elif self._auto:
+            raise NestedAttentionError(
+                "nested attention: a subject has region auto, which is found while ComfyUI's sampler runs, "
+                "but this call comes without the sampler's per-run state. Sample with a KSampler or a "
+                "SamplerCustom node (or, in code, install the subject with host.install_subject).")
+        return nested_attention(q, k, v, nested, heads=heads, rows=rows, probe=probe,
                                 attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
 
     # ComfyUI protocol. Up to 0.13, clone() deep-copies model_options: share everything heavy. From 0.14
