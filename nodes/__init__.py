@@ -2,6 +2,7 @@
 
 from .apply import NestedAttentionApply
 from .loader import NestedAttentionLoadEncoder
+from .maps import NestedAttentionCapture, NestedAttentionMaps, NestedAttentionQueryMaps
 from .subject import NestedAttentionEncodeSubject, NestedAttentionLoadSubject, NestedAttentionSaveSubject
 
 # Node ids carry the pack prefix and never change once shipped; display names are what users read.
@@ -11,6 +12,9 @@ NODE_CLASS_MAPPINGS = {
     "NestedAttentionApply": NestedAttentionApply,
     "NestedAttentionSaveSubject": NestedAttentionSaveSubject,
     "NestedAttentionLoadSubject": NestedAttentionLoadSubject,
+    "NestedAttentionCapture": NestedAttentionCapture,
+    "NestedAttentionMaps": NestedAttentionMaps,
+    "NestedAttentionQueryMaps": NestedAttentionQueryMaps,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -19,6 +23,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "NestedAttentionApply": "Apply Nested Attention (token, λ)",
     "NestedAttentionSaveSubject": "Save Nested Subject",
     "NestedAttentionLoadSubject": "Load Nested Subject",
+    "NestedAttentionCapture": "Capture Nested Attention",
+    "NestedAttentionMaps": "Nested Attention Maps",
+    "NestedAttentionQueryMaps": "Subject Query Maps",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

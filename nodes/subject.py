@@ -106,7 +106,8 @@ def encode_subject(
     tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
     progress.update(1)
     name = f"{handle.config.domain} subject"
-    return Subject(tokens=tokens, encoder=handle, name=name, images=n)
+    return Subject(tokens=tokens, encoder=handle, name=name, images=n, photos=images.detach().to("cpu"),
+                   clip_tokens=torch.cat(hidden), crop=crop)
 
 
 class NestedAttentionEncodeSubject:

@@ -14,6 +14,7 @@ import folder_paths
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
+from comfy_api.latest import io
 from pack import load_pack
 
 from nested_attention import (
@@ -49,6 +50,7 @@ def pack():
         subject=nodes.subject,
         host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
+        maps=nodes.maps,
     )
 
 
@@ -154,6 +156,8 @@ def run_node(pack, node_id: str, **inputs):
     Tests run nodes only through this, so that how a node class is called (its schema) lives in one place.
     """
     node_class = pack.mappings[node_id]
+    if issubclass(node_class, io.ComfyNode):  # V3 schema: as ComfyUI's executor runs it; its outputs
+        return node_class.EXECUTE_NORMALIZED(**inputs).args
     return getattr(node_class(), node_class.FUNCTION)(**inputs)
 
 
@@ -179,9 +183,10 @@ def apply(
     start: float = 0.0,
     end: float = 1.0,
     mask=None,
+    region: str = "mask",
 ):
     return run_node(pack, "NestedAttentionApply", model=model, clip=clip, subject=subject, text=text, token=token,
-                    start_percent=start, end_percent=end, mask=mask, **{"λ": lambda_})
+                    start_percent=start, end_percent=end, mask=mask, region=region, **{"λ": lambda_})
 
 
 def validate_inputs(node_class, **values):
