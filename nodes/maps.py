@@ -260,6 +260,20 @@ def parse_points(text: str) -> list[tuple[float, float]]:
     return points
 
 
+def read_at(s: SubjectCapture, b: int, point: tuple[float, float], top: int, query: torch.Tensor | None
+            ) -> tuple[list[tuple[int, float]], torch.Tensor | None]:
+    """What subject `s` read at an (x, y) point of image b: the `top` tokens [(index, weight)], most read first,
+    and where all the tokens read there come from in each photo, sum_j w_j * query_map_j: (n, s, s), or None
+    without the photos' query maps. Token j is query j % M of photo j // M (several photos: tokens concatenated).
+    """
+    weights = weights_at(s.tokens[b], point)  # (M_total,)
+    found = torch.topk(weights, min(top, weights.numel()))
+    best = [(int(j), float(v)) for j, v in zip(found.indices, found.values)]
+    if query is None:
+        return best, None
+    return best, torch.einsum("nm,nmhw->nhw", weights.reshape(query.shape[0], -1), query)
+
+
 def _source_rows(s: SubjectCapture, b: int, image: torch.Tensor, points: list, top: int,
                  query: torch.Tensor | None, opacity: float) -> list[Image.Image]:
     """One subject's part of the source map for image b: a heading, then one row per point."""
@@ -275,18 +289,14 @@ def _source_rows(s: SubjectCapture, b: int, image: torch.Tensor, points: list, t
                               "where its tokens come from)", width, 14))
     for p, point in enumerate(points):
         colour = POINT_COLOURS[p % len(POINT_COLOURS)]
-        weights = weights_at(s.tokens[b], point)  # (M_total,)
-        found = torch.topk(weights, min(top, weights.numel()))
-        best = [(int(j), float(v)) for j, v in zip(found.indices, found.values)]
+        best, heats = read_at(s, b, point, top, query)
         row = Image.new("RGB", (width, PANEL), (24, 24, 24))
         thumb = to_pil(image.float().cpu()).resize((thumb_w, PANEL))
         draw = ImageDraw.Draw(thumb)
         _marker(draw, (point[0] * thumb_w, point[1] * PANEL), colour, 10, str(p + 1), thumb_w)
         row.paste(thumb, (0, 0))
         for i in range(photos):
-            share = weights[i * s.num_tokens:(i + 1) * s.num_tokens]  # this photo's tokens
-            heat = torch.einsum("m,mhw->hw", share, query[i])
-            heat = resize_map(stretch(heat), (PANEL, PANEL))
+            heat = resize_map(stretch(heats[i]), (PANEL, PANEL))
             panel = to_pil(overlay(clip_view(subject.photos[i], subject.crop, PANEL), heat, colour, opacity))
             draw = ImageDraw.Draw(panel)
             side = query.shape[-1]

@@ -140,11 +140,11 @@ def test_qformer_attention_comes_from_the_encoding_forward(tiny_unet):
 def test_regions_are_disjoint_and_each_holds_its_own_peak_whatever_the_scale():
     ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
 
-    def bump(y, x):
-        return torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / 6)[None]
+    def bump(y, x, width):
+        return torch.exp(-((ys - y) ** 2 + (xs - x) ** 2) / width)[None]
 
-    man = 0.5 * bump(3, 1)  # strong
-    woman = 0.02 * bump(4, 6) + 0.001  # weak everywhere: compared relative to its own peak
+    man = 0.5 * bump(3, 1, 40)  # strong and broad: 0.26 at the woman's peak
+    woman = 0.02 * bump(4, 6, 6) + 0.001  # weak everywhere (0.021 at its peak): compared to its own peak
     regions = decide_regions([man, woman])
     assert regions[0].dtype == torch.bool
     assert not (regions[0] & regions[1]).any() and (regions[0] | regions[1]).all()
