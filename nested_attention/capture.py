@@ -322,18 +322,6 @@ class SamplingRun:
         self.captures: list[Capture] = []
         self.auto: AutoRegions | None = None
         self._lock = threading.Lock()
-        self._sigma: tuple = (None, None, None)
-
-    def current_sigma(self, sigmas: torch.Tensor | None) -> float | None:
-        """max(sigmas) as a float, read once per model evaluation (ComfyUI hands all layers one tensor)."""
-        if sigmas is None:
-            return None
-        seen, version, value = self._sigma
-        now = None if sigmas.is_inference() else sigmas._version
-        if seen is not sigmas or version != now:
-            value = float(sigmas.max())
-            self._sigma = (sigmas, now, value)
-        return value
 
     def layer(self, bindings: Sequence[Any], nested: Sequence[Any], q: torch.Tensor, rows: torch.Tensor,
               heads: int, extra_options: dict) -> tuple[list, Callable[[int, torch.Tensor], None] | None]:
@@ -342,7 +330,9 @@ class SamplingRun:
 
         bindings[i] made nested[i]; rows: bool (B,) on the CPU, the rows that get the subjects.
         """
-        sigma = self.current_sigma(extra_options.get("sigmas"))
+        sigmas = extra_options.get("sigmas")
+        # Read once per model evaluation: the bindings keep the value for ComfyUI's one sigmas tensor per step.
+        sigma = None if sigmas is None else bindings[0].current_sigma(sigmas)
         grid = layer_grid(extra_options.get("activations_shape"), q.shape[1], self.latent[0] / self.latent[1])
         nested = list(nested)
         sinks = []

@@ -138,6 +138,17 @@ def _stack(rows: list[Image.Image], background=(24, 24, 24)) -> Image.Image:
     return canvas
 
 
+def _batch(pictures: list[Image.Image], background=(24, 24, 24)) -> torch.Tensor:
+    """Pictures as one IMAGE batch (n, H, W, 3), each padded to the largest at its bottom and right."""
+    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
+    padded = []
+    for p in pictures:
+        canvas = Image.new("RGB", (width, height), background)
+        canvas.paste(p, (0, 0))
+        padded.append(from_pil(canvas))
+    return torch.stack(padded)
+
+
 def _text_row(text: str, width: int, size: int = 16) -> Image.Image:
     """`text` on a dark band `width` wide, wrapped at spaces to fit."""
     font, lines = _font(size), [""]
@@ -184,7 +195,7 @@ def placement_images(result: CaptureResult, images: torch.Tensor, normalize: str
                                    + (" (auto region outlined)" if s.region is not None else "")))
         picture = to_pil(canvas)
         draw = ImageDraw.Draw(picture)
-        size = max(11, min(h, w) // 40)
+        size = max(8, min(h, w) // 40)
         for row, (colour, text) in enumerate(legend):
             y = 4 + row * int(size * 1.5)
             draw.rectangle((4, y + 2, 4 + size, y + 2 + size), fill=colour, outline=(0, 0, 0))
@@ -230,16 +241,16 @@ def query_grid(subject: Subject, count: int, opacity: float = 0.7) -> torch.Tens
     grids = []
     for i in range(n):
         photo = clip_view(subject.photos[i], subject.crop, CELL)
-        canvas = Image.new("RGB", (columns * CELL, rows * CELL + 28), (24, 24, 24))
-        _label(ImageDraw.Draw(canvas), (6, 5), f"{subject.name}, photo {i + 1}: {count} of {m} queries, "
-               "most focused first", 15)
+        title = _text_row(f"{subject.name}, photo {i + 1}: where {count} of its {m} queries look, the most "
+                          "focused first", columns * CELL, 15)
+        canvas = Image.new("RGB", (columns * CELL, rows * CELL), (24, 24, 24))
         for cell, j in enumerate(_focused(maps[i], count)):
             heat = resize_map(stretch(maps[i, j]), (CELL, CELL))
             tile = to_pil(overlay(photo, heat, SUBJECT_COLOURS[0], opacity))
             _label(ImageDraw.Draw(tile), (4, 2), f"q{j}", 14)
-            canvas.paste(tile, ((cell % columns) * CELL, 28 + (cell // columns) * CELL))
-        grids.append(from_pil(canvas))
-    return torch.stack(grids)
+            canvas.paste(tile, ((cell % columns) * CELL, (cell // columns) * CELL))
+        grids.append(_stack([title, canvas]))
+    return _batch(grids)
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -301,10 +312,10 @@ def _source_rows(s: SubjectCapture, b: int, image: torch.Tensor, points: list, t
             draw = ImageDraw.Draw(panel)
             side = query.shape[-1]
             for j, v in best:
-                if j // s.num_tokens != i:
+                if j // s.num_tokens != i or v < 0.1 * best[0][1]:  # another photo's token, or barely read
                     continue
                 y, x = divmod(int(query[i, j % s.num_tokens].flatten().argmax()), side)
-                _marker(draw, ((x + 0.5) * PANEL / side, (y + 0.5) * PANEL / side), colour, 6,
+                _marker(draw, ((x + 0.5) * PANEL / side, (y + 0.5) * PANEL / side), colour, 8,
                         f"#{j} {v:.2f}", PANEL)
             row.paste(panel, (thumb_w + i * PANEL, 0))
         text = ", ".join(f"#{j} {v:.2f}" for j, v in best)
@@ -332,10 +343,7 @@ def source_images(result: CaptureResult, images: torch.Tensor, points: list, top
             chosen = points or strongest_points(s.placement_map()[b], 3)
             rows += _source_rows(s, b, image, chosen, top, queries[id(s)], opacity)
         out.append(_stack(rows))
-    width = max(o.width for o in out)
-    height = max(o.height for o in out)
-    return torch.stack([from_pil(_stack([o, Image.new("RGB", (width, height - o.height), (24, 24, 24))])
-                                 if o.height < height else o) for o in out])
+    return _batch(out)
 
 
 def captured(sink: CaptureSink, images: torch.Tensor) -> CaptureResult:
@@ -346,7 +354,7 @@ def captured(sink: CaptureSink, images: torch.Tensor) -> CaptureResult:
             "Nested Attention Maps: nothing was captured. Connect the MODEL output of Capture Nested Attention to "
             "the sampler that makes this image (its capture output to this node), and run the graph."
         )
-    if not result.subjects or all(s.calls == 0 for s in result.subjects):
+    if not result.subjects:
         raise NestedMapsError(
             "Nested Attention Maps: the sampling run had no step in the capture's start/end percent range in "
             "which a subject was active; widen the range (0 to 1 captures every step)."
