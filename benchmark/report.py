@@ -58,6 +58,14 @@ def format_table(result: dict) -> str:
                 f"per step after the first: {r['kv_projections_per_later_step']:g}; "
                 f"cache {r['kv_cache_bytes'] / 1e6:.0f} MB"
             )
+    if "capture" in result:  # Capture Nested Attention (benchmark/capture.py)
+        c = result["capture"]
+        lines.append(
+            f"  Capture Nested Attention on {c['variant']}: step {c['step_off_s']:.2f} s off, {c['step_on_s']:.2f} s "
+            f"on ({c['extra_step_s']:+.3f} s, {_pct(c['extra_step'])}); peak {c['peak_off_bytes'] / 1e9:.2f} GB off, "
+            f"{c['peak_on_bytes'] / 1e9:.2f} GB on; running means kept {c['kept_bytes'] / 1e6:.1f} MB (token grid "
+            f"{c['token_grid'][0]}x{c['token_grid'][1]}). Off, the patch only looks up one transformer_options key."
+        )
     ac = result["attention_calls"]
     work = ac["gpu_work_per_call"]
     layer = "/".join(map(str, ac["widest_layer"]))

@@ -15,6 +15,7 @@ import torch
 
 from nested_attention import SDXL_CONTEXT_DIM, QFormerConfig, unet_layers
 
+from .capture import capture_cost
 from .counters import (
     PeakMemory,
     attention_calls,
@@ -207,6 +208,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for v in variants:
         if v.projections is not None:
             v.projections_later = v.projections["linear"]
+
+    # Capture Nested Attention on the largest nested variant: its extra time and memory per step.
+    largest = next(v for v in variants if v.name == f"nested M={NUM_TOKENS[-1]}")
+    log.info("%s capture on and off: %s", PREFIX, largest.name)
+    result["capture"] = capture_cost(largest.model, largest.name, inputs, device, args.steps)
 
     # The 70 cross-attention calls alone, and operators per call.
     log.info("%s timing the cross-attention calls alone", PREFIX)
