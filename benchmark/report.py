@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .capture import describe as describe_capture
+
 
 def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.2f} %"
@@ -59,13 +61,7 @@ def format_table(result: dict) -> str:
                 f"cache {r['kv_cache_bytes'] / 1e6:.0f} MB"
             )
     if "capture" in result:  # Capture Nested Attention (benchmark/capture.py)
-        c = result["capture"]
-        lines.append(
-            f"  Capture Nested Attention on {c['variant']}: step {c['step_off_s']:.2f} s off, {c['step_on_s']:.2f} s "
-            f"on ({c['extra_step_s']:+.3f} s, {_pct(c['extra_step'])}); peak {c['peak_off_bytes'] / 1e9:.2f} GB off, "
-            f"{c['peak_on_bytes'] / 1e9:.2f} GB on; running means kept {c['kept_bytes'] / 1e6:.1f} MB (token grid "
-            f"{c['token_grid'][0]}x{c['token_grid'][1]}). Off, the patch only looks up one transformer_options key."
-        )
+        lines.append(describe_capture(result["capture"], result["variants"][0]["step_best_s"]))
     ac = result["attention_calls"]
     work = ac["gpu_work_per_call"]
     layer = "/".join(map(str, ac["widest_layer"]))
