@@ -15,7 +15,6 @@ import argparse
 import gc
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -28,19 +27,24 @@ log = logging.getLogger(__name__)
 
 def capture_cost(calls: Sequence[AttentionCall], patches: dict, host: Callable, device: torch.device,
                  dtype: torch.dtype, reps: int, resolution: int, name: str) -> dict:
-    """Seconds per step in the attn2 calls of `patches` (a nested variant's, by layer key) off and on, the peak
-    memory of one pass of them each way, and the bytes the capture keeps after all those calls."""
+    """Seconds per step in the attn2 calls of `patches` (a nested variant's, by layer key) off, with a capture
+    of the placement only, and with the sources too; the peak memory of one pass of them each way; the bytes
+    the capture with sources keeps after all those calls."""
     from nested_attention.capture import RUN_KEY, Capture, SamplingRun, Window, token_grid
 
     latent = (resolution // 8, resolution // 8)
-    run = SamplingRun(batch=1, latent=latent)  # cond + uncond of one image
-    capture = Capture(Window(), token_grid(latent), run.batch)
-    run.captures.append(capture)
+    captures = {}
 
-    def recording(patch: Any) -> Callable:
+    def with_run(patch: Callable, run: SamplingRun) -> Callable:
         return lambda q, k, v, extra: patch(q, k, v, {**extra, RUN_KEY: run})
 
-    ways = {"off": patches, "on": {key: recording(p) for key, p in patches.items()}}
+    def recording(sources: bool) -> dict:
+        run = SamplingRun(batch=1, latent=latent)  # cond + uncond of one image
+        captures[sources] = Capture(Window(), token_grid(latent), run.batch, sources)
+        run.captures.append(captures[sources])
+        return {key: with_run(p, run) for key, p in patches.items()}
+
+    ways = {"off": patches, "placement": recording(False), "on": recording(True)}
     peaks = {}
     memory = PeakMemory(device)
     with torch.inference_mode():
@@ -53,13 +57,17 @@ def capture_cost(calls: Sequence[AttentionCall], patches: dict, host: Callable, 
             synchronize(device)
             peaks[way] = memory.peak_bytes()
     seconds = time_attention_calls(calls, ways, host, device, dtype, reps)
+    capture = captures[True]
     kept = sum(t.numel() * t.element_size() for maps in (capture.placement, capture.tokens) for t in maps.sums.values())
     return {
         "variant": name,
         "attention_off_s": seconds["off"],
+        "attention_placement_s": seconds["placement"],
         "attention_on_s": seconds["on"],
         "extra_step_s": seconds["on"] - seconds["off"],
+        "extra_placement_step_s": seconds["placement"] - seconds["off"],
         "peak_off_bytes": peaks["off"],
+        "peak_placement_bytes": peaks["placement"],
         "peak_on_bytes": peaks["on"],
         "kept_bytes": kept,
         "token_grid": list(capture.grid),
@@ -68,12 +76,18 @@ def capture_cost(calls: Sequence[AttentionCall], patches: dict, host: Callable, 
 
 
 def describe(c: dict, plain_step_s: float | None = None) -> str:
-    """The benchmark's line for `capture_cost`'s result."""
-    share = "" if plain_step_s is None else f" = {100 * c['extra_step_s'] / plain_step_s:.2f} % of a plain step"
+    """The benchmark's lines for `capture_cost`'s result."""
+
+    def share(extra: float) -> str:
+        return "" if plain_step_s is None else f", {100 * extra / plain_step_s:.2f} % of a plain step"
+
     return (
-        f"  Capture Nested Attention on {c['variant']}: its 70 attn2 calls per step {c['attention_off_s']:.3f} s off, "
-        f"{c['attention_on_s']:.3f} s on ({c['extra_step_s']:+.3f} s per step{share}); peak of one pass "
-        f"{c['peak_off_bytes'] / 1e9:.2f} GB off, {c['peak_on_bytes'] / 1e9:.2f} GB on; running means kept "
+        f"  Capture Nested Attention on {c['variant']}, its 70 attn2 calls per step: {c['attention_off_s']:.3f} s "
+        f"off; placement only {c['attention_placement_s']:.3f} s ({c['extra_placement_step_s']:+.3f} s"
+        f"{share(c['extra_placement_step_s'])}); with sources {c['attention_on_s']:.3f} s "
+        f"({c['extra_step_s']:+.3f} s{share(c['extra_step_s'])}).\n"
+        f"  Peak of one pass: {c['peak_off_bytes'] / 1e9:.2f} GB off, {c['peak_placement_bytes'] / 1e9:.2f} GB "
+        f"placement only, {c['peak_on_bytes'] / 1e9:.2f} GB with sources; running means kept "
         f"{c['kept_bytes'] / 1e6:.1f} MB (token grid {c['token_grid'][0]}x{c['token_grid'][1]}). Off, each call "
         "only looks up one transformer_options key."
     )

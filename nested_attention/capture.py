@@ -1,18 +1,19 @@
 """What nested attention did in one sampling run: where each subject went, what it read, and regions from that.
 
 Observed per sampling run, never on a patch: ComfyUI (0.14 on) shares patch objects between model clones,
-so the glue (`host.observe_runs`) makes a fresh `SamplingRun` for every run of the sampler (an OUTER_SAMPLE
-wrapper) and hands it to the patches in `transformer_options[RUN_KEY]`. A patch that finds none does what it
-did before: one dict lookup is the whole cost of the feature when it is off.
+so the glue (`host.add_capture`, `host.add_auto_regions`) makes a fresh `SamplingRun` for every run of the
+sampler (an OUTER_SAMPLE wrapper) and hands it to the patches in `transformer_options[RUN_KEY]`. A patch that
+finds none does what it did before: one dict lookup is the whole cost of the feature when it is off.
 
 What a run keeps (running means, never every step x layer x head):
 - placement: per subject and per layer grid (h, w), the subject word's attention probability P' (after λ
   and the region weight, summed over the word's positions) averaged over heads, over the layers of that grid
   and over the observed steps: (B, h*w) per image of the batch. That is the probe contract of
   `nested_attention(..., probe=)`; the probe itself does the math, so the maps are what sampling used.
-- tokens: per subject, which of its encoder tokens the nested attention reads at each position,
-  softmax(q K~^T / sqrt(d)) averaged over heads, layers and steps, pooled to one coarse grid (at most
-  TOKEN_GRID cells a side): (B, M_total, gh*gw). Each cell is a distribution over the tokens (sums to 1).
+- tokens (optional: they cost about what the nested attention itself costs): per subject, which of its encoder
+  tokens the nested attention reads at each position, softmax(q K~^T / sqrt(d)) averaged over heads, layers
+  and steps, pooled to one coarse grid (at most TOKEN_GRID cells a side): (B, gh*gw, M_total). Each cell is a
+  distribution over the tokens (sums to 1).
 - auto regions: the same placement means over the first steps of the run, then each position assigned to
   the auto subject whose word reads it most (relative to that word's own peak), used as region weights for
   the remaining steps.
@@ -53,24 +54,37 @@ def token_grid(latent: Sequence[int]) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def nested_token_weights(q: torch.Tensor, key: torch.Tensor, heads: int) -> torch.Tensor:
+def nested_token_weights(q: torch.Tensor, key: torch.Tensor, heads: int, chunk_bytes: int = 32 << 20
+                         ) -> torch.Tensor:
     """The weights the nested attention mixes V~ with, averaged over heads: (B, N, M) float32.
 
     softmax(q K~^T / sqrt(d)) per head, as `nested_values` computes inside its fused kernel (a test holds
-    the two together); q (B, N, D), key K~ (M, D) or (B, M, D). One head at a time, so that the
-    (B, heads, N, M) tensor is never built.
+    the two together); q (B, N, D), key K~ (M, D) or (B, M, D). Computed for a chunk of queries at a time, so
+    that no more than about `chunk_bytes` of (B, heads, chunk, M) logits exist at once.
     """
     b, n, width = q.shape
     dim_head = width // heads
     if key.dim() == 2:
         key = key.expand(b, -1, -1)
-    qh = q.reshape(b, n, heads, dim_head).float()
-    kh = key.to(q.device).reshape(b, -1, heads, dim_head).float() * dim_head**-0.5
-    total = None
-    for h in range(heads):
-        weights = torch.matmul(qh[:, :, h], kh[:, :, h].transpose(-1, -2)).softmax(dim=-1)  # (B, N, M)
-        total = weights if total is None else total.add_(weights)
-    return total.div_(heads)
+    m = key.shape[1]
+    qh = q.float().reshape(b, n, heads, dim_head).transpose(1, 2)  # (B, h, N, d)
+    kh = (key.to(q.device).float() * dim_head**-0.5).reshape(b, m, heads, dim_head).permute(0, 2, 3, 1)  # (B,h,d,M)
+    out = torch.empty(b, n, m, device=q.device)
+    chunk = max(1, chunk_bytes // (4 * b * heads * m))
+    for i in range(0, n, chunk):
+        torch.sum(torch.matmul(qh[:, :, i:i + chunk], kh).softmax(dim=-1), dim=1, out=out[:, i:i + chunk])
+    return out.div_(heads)
+
+
+def pool_cells(values: torch.Tensor, grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """Per-query values (R, h*w, C) on a layer's grid (h, w) -> their means over the cells of a coarser grid
+    (gh, gw): (R, gh*gw, C); a grid that does not divide evenly (or is coarser) is resized by area."""
+    (h, w), (gh, gw) = grid, cells
+    rows, _, c = values.shape
+    if h % gh == 0 and w % gw == 0:  # a reshape, no copy of the (N, C) values
+        return values.reshape(rows, gh, h // gh, gw, w // gw, c).mean(dim=(2, 4)).reshape(rows, gh * gw, c)
+    planes = values.transpose(1, 2).reshape(rows, c, h, w)
+    return F.adaptive_avg_pool2d(planes, cells).flatten(2).transpose(1, 2)
 
 
 def combined_map(maps: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
@@ -117,10 +131,10 @@ def strongest_points(heat: torch.Tensor, count: int = 3) -> list[tuple[float, fl
 
 
 def weights_at(tokens: torch.Tensor, point: tuple[float, float]) -> torch.Tensor:
-    """Token weights (M_total, gh, gw) at the cell holding an (x, y) fraction of the image: (M_total,)."""
-    _, gh, gw = tokens.shape
+    """Token weights (gh, gw, M_total) at the cell holding an (x, y) fraction of the image: (M_total,)."""
+    gh, gw, _ = tokens.shape
     x, y = point
-    return tokens[:, min(gh - 1, max(0, int(y * gh))), min(gw - 1, max(0, int(x * gw)))]
+    return tokens[min(gh - 1, max(0, int(y * gh))), min(gw - 1, max(0, int(x * gw)))]
 
 
 def query_maps(attention: Sequence[torch.Tensor], image_tokens: int) -> torch.Tensor:
@@ -188,7 +202,7 @@ class SubjectCapture:
 
     name: str
     placement: dict[tuple[int, int], torch.Tensor]  # (h, w) -> (B, h*w): P' averaged over heads, layers, steps
-    tokens: torch.Tensor | None  # (B, M_total, gh, gw): token weights averaged over heads, layers, steps
+    tokens: torch.Tensor | None  # (B, gh, gw, M_total): token weights averaged over heads, layers, steps
     calls: int  # layer calls averaged (summed over the grids)
     num_tokens: int  # M per photo (M_total = photos * M)
     source: Any = None  # what the subject was bound from (`SubjectBinding.source`), for drawing on its photos
@@ -233,6 +247,7 @@ class Capture:
     window: Window
     grid: tuple[int, int]  # token grid (gh, gw)
     batch: int
+    sources: bool = True  # also record the token weights (the source map); the placement alone costs ~nothing
     placement: RunningMaps = field(init=False)
     tokens: RunningMaps = field(init=False)
     sigmas: set = field(default_factory=set)
@@ -243,21 +258,18 @@ class Capture:
         self.tokens = RunningMaps(self.batch)
 
     def add_tokens(self, binding: Any, weights: torch.Tensor, grid: tuple[int, int]) -> None:
-        """weights (R, N, M) of a layer of grid (h, w), pooled to the token grid."""
-        rows, _, m = weights.shape
-        planes = weights.transpose(1, 2).reshape(rows, m, *grid)  # (R, M, h, w)
-        pooled = F.adaptive_avg_pool2d(planes, self.grid)  # (R, M, gh, gw): area means, or repeats
-        self.tokens.add(binding, pooled)
-        self.bindings.setdefault(binding, None)
+        """weights (R, N, M) of a layer of grid (h, w), pooled to the token grid: (R, gh*gw, M)."""
+        self.tokens.add(binding, pool_cells(weights, grid, self.grid))
 
     def result(self, latent: tuple[int, int], regions: dict | None = None) -> CaptureResult:
         subjects = []
         for binding in sorted(self.bindings, key=lambda b: b.sort_key):
+            tokens = self.tokens.mean(binding)  # (B, gh*gw, M) or None (tokens not recorded)
             grids = sorted({hw for (b, hw) in self.placement.sums if b is binding}, key=lambda hw: -hw[0] * hw[1])
             subjects.append(SubjectCapture(
                 name=binding.name,
                 placement={hw: self.placement.mean((binding, hw)) for hw in grids},
-                tokens=self.tokens.mean(binding),
+                tokens=None if tokens is None else tokens.reshape(tokens.shape[0], *self.grid, -1),
                 calls=sum(self.placement.counts[(binding, hw)] for hw in grids),
                 num_tokens=binding.encoder.config.num_tokens,
                 source=binding.source,
@@ -348,7 +360,12 @@ class SamplingRun:
                 nested = [replace(s, weight=auto.weight(b, grid, q.shape[0], q.device)) if b.auto_region else s
                           for b, s in zip(bindings, nested)]
         captures = [c for c in self.captures if c.window.contains(sigma)] if bool(rows.any()) else []
-        if captures:
+        with self._lock:
+            for c in captures:
+                c.sigmas.add(sigma)
+                for b in bindings:
+                    c.bindings.setdefault(b, None)
+        if any(c.sources for c in captures):
             picked = rows.nonzero().flatten().to(q.device)
             q_rows = q.index_select(0, picked)
             for b, s in zip(bindings, nested):
@@ -356,9 +373,9 @@ class SamplingRun:
                 weights = nested_token_weights(q_rows, key, heads)
                 with self._lock:
                     for c in captures:
-                        c.add_tokens(b, weights, grid)
-                        c.sigmas.add(sigma)
-            sinks += [(c.placement, lambda b: True) for c in captures]
+                        if c.sources:
+                            c.add_tokens(b, weights, grid)
+        sinks += [(c.placement, lambda b: True) for c in captures]
         if not sinks:
             return nested, None
 

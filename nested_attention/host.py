@@ -222,12 +222,12 @@ def sigma_window(model: Any, start_percent: float, end_percent: float) -> Window
 class SamplingRunWrapper:
     """ComfyUI OUTER_SAMPLE wrapper: a fresh SamplingRun for each run of the sampler, for the patches to find.
 
-    capture: (window, sink): observe that part of sampling and publish the result to the sink when the run
-    ends. auto: set up `region: auto` for the run. The wrapper holds nothing a run changes; clones of a model
+    capture: (window, sink, sources): observe that part of sampling (with the token weights when `sources`) and
+    publish the result to the sink when the run ends. auto: set up `region: auto` for the run. The wrapper holds nothing a run changes; clones of a model
     share it (ModelPatcher.clone copies the wrapper lists, not the wrappers).
     """
 
-    def __init__(self, *, capture: tuple[Window, CaptureSink] | None = None, auto: bool = False):
+    def __init__(self, *, capture: tuple[Window, CaptureSink, bool] | None = None, auto: bool = False):
         self.capture = capture
         self.auto = auto
 
@@ -246,7 +246,8 @@ class SamplingRunWrapper:
             run.auto = AutoRegions(float(sigmas[max(0, measured)]), run.batch)
         capture = None
         if self.capture is not None:
-            capture = Capture(self.capture[0], token_grid(run.latent), run.batch)
+            window, _, sources = self.capture
+            capture = Capture(window, token_grid(run.latent), run.batch, sources)
             run.captures.append(capture)
         try:
             samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -261,12 +262,12 @@ class SamplingRunWrapper:
         return self  # holds no per-run state; the sink must stay the capture node's
 
 
-def add_capture(model: Any, sink: CaptureSink, window: Window | None = None) -> None:
+def add_capture(model: Any, sink: CaptureSink, window: Window | None = None, sources: bool = True) -> None:
     """Observe `window` (default: all) of every sampling run of `model`, an already-cloned ModelPatcher, into
-    `sink`."""
+    `sink`; `sources`: also the token weights (the source map), which cost about what nested attention does."""
     window = Window() if window is None else window
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_CAPTURE,
-                               SamplingRunWrapper(capture=(window, sink)))
+                               SamplingRunWrapper(capture=(window, sink, sources)))
 
 
 def add_auto_regions(model: Any) -> None:

@@ -50,7 +50,8 @@ class SubjectBinding:
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
     cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
     auto_region: the region is found during sampling from the word's own attention (`region: auto`,
-        nested_attention.capture); needs the per-run state `host.observe_runs` installs. Never with a mask.
+        nested_attention.capture); needs the per-run state of `host.add_auto_regions` (which
+        `host.install_subject` adds). Never with a mask.
     source: what the binding was made from (the nodes' Subject), opaque here; kept so that the attention
         maps can be drawn on the subject's photos.
 
@@ -233,14 +234,14 @@ class NestedAttentionPatch:
         rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"))
         nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
         run = extra_options.get(RUN_KEY)  # this sampling run's observers (nested_attention.capture), or None
-        probe = None
-        if run is not None:
-            nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
-        elif self._auto:
+        if self._auto and (run is None or run.auto is None):
             raise NestedAttentionError(
                 "nested attention: a subject has region auto, which is found while ComfyUI's sampler runs, "
                 "but this call comes without the sampler's per-run state. Sample with a KSampler or a "
                 "SamplerCustom node (or, in code, install the subject with host.install_subject).")
+        probe = None
+        if run is not None:
+            nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
         return nested_attention(q, k, v, nested, heads=heads, rows=rows, probe=probe,
                                 attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
 

@@ -277,7 +277,7 @@ def read_at(s: SubjectCapture, b: int, point: tuple[float, float], top: int, que
     and where all the tokens read there come from in each photo, sum_j w_j * query_map_j: (n, s, s), or None
     without the photos' query maps. Token j is query j % M of photo j // M (several photos: tokens concatenated).
     """
-    weights = weights_at(s.tokens[b], point)  # (M_total,)
+    weights = weights_at(s.tokens[b], point)  # (M_total,) at the cell of the point
     found = torch.topk(weights, min(top, weights.numel()))
     best = [(int(j), float(v)) for j, v in zip(found.indices, found.values)]
     if query is None:
@@ -295,6 +295,8 @@ def _source_rows(s: SubjectCapture, b: int, image: torch.Tensor, points: list, t
     width = thumb_w + max(1, photos) * PANEL
     rows = [_text_row(f"{s.name}: the subject tokens read at each point, and where they come from in the "
                       "photo", width)]
+    if s.tokens is None:
+        return rows + [_text_row("(not recorded: switch sources on in Capture Nested Attention)", width, 14)]
     if query is None:
         rows.append(_text_row("(loaded from a file, no photo: connect Encode Subject Image(s) to Apply to see "
                               "where its tokens come from)", width, 14))
@@ -396,6 +398,9 @@ class NestedAttentionCapture(io.ComfyNode):
                                tooltip="Fraction of sampling from which steps are recorded."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Fraction of sampling after which steps are no longer recorded."),
+                io.Boolean.Input("sources", default=True, tooltip="Also record which subject tokens are read "
+                                 "where, for the source map. It costs about as much time as nested attention "
+                                 "itself while sampling; the placement map alone costs almost nothing."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The same model, recording; connect it to the "
@@ -406,7 +411,8 @@ class NestedAttentionCapture(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
+    def execute(cls, model, start_percent: float = 0.0, end_percent: float = 1.0, sources: bool = True
+                ) -> io.NodeOutput:
         check_nested(model)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise NestedApplyError(
@@ -415,7 +421,7 @@ class NestedAttentionCapture(io.ComfyNode):
             )
         m = model.clone()
         sink = CaptureSink()
-        add_capture(m, sink, sigma_window(m, start_percent, end_percent))
+        add_capture(m, sink, sigma_window(m, start_percent, end_percent), sources)
         return io.NodeOutput(m, sink)
 
 

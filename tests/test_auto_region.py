@@ -73,8 +73,9 @@ def test_constructed_case_left_reads_man_right_reads_woman(recorded_subjects):
     weights = dict(later[1])
     assert torch.equal(weights[(2,)], halves.float()) and torch.equal(weights[(4,)], (~halves).float())
     # Without the per-run state a subject with region auto cannot be found: a clear error, never a silent run.
-    with pytest.raises(NestedAttentionError, match="region auto.*per-run state"):
-        call_patch(patch, q, k, v, None)
+    for without in (None, SamplingRun(batch=1, latent=(GRID, GRID))):  # no run, or a run set up for capture only
+        with pytest.raises(NestedAttentionError, match="region auto.*per-run state"):
+            call_patch(patch, q, k, v, without)
 
 
 def two_people(pack, tiny_unet, tiny_clip, load_handle, region="auto"):

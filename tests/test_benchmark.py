@@ -256,5 +256,5 @@ def test_the_capture_line_alone_runs_on_the_tiny_models(capsys):
 
     result = capture.main(["--device", "cpu", "--tiny", "--resolution", "64", "--num-tokens", "16", "--reps", "1"])
     assert result["subjects"] == 1 and result["token_grid"] == [2, 2] and result["kept_bytes"] > 4 * 16 * 2 * 2
-    assert result["attention_on_s"] > 0 and result["attention_off_s"] > 0
+    assert min(result["attention_on_s"], result["attention_placement_s"], result["attention_off_s"]) > 0
     assert "Capture Nested Attention on nested M=16" in capsys.readouterr().out

@@ -240,9 +240,9 @@ def test_placement_maps_are_the_running_means_of_what_the_probe_saw(
             torch.testing.assert_close(mean, expected, atol=1e-6, rtol=1e-5)
             assert ((mean >= 0) & (mean <= 1)).all()
         assert s.calls == sum(len(v) for v in recorded.values())
-        # Token weights: one distribution over the subject's tokens per cell.
-        assert s.tokens.shape == (1, s.num_tokens, 8, 8)
-        torch.testing.assert_close(s.tokens.sum(dim=1), torch.ones(1, 8, 8), atol=1e-5, rtol=0)
+        # Token weights: one distribution over the subject's tokens per cell of the token grid.
+        assert s.tokens.shape == (1, 8, 8, s.num_tokens)
+        torch.testing.assert_close(s.tokens.sum(dim=-1), torch.ones(1, 8, 8), atol=1e-5, rtol=0)
         maps[s.source is person] = s.placement_map()
     assert not torch.allclose(maps[True], maps[False])
 
@@ -265,6 +265,22 @@ def test_capture_observes_only_its_range_and_starts_afresh_each_run(
         torch.testing.assert_close(a.placement_map(), b.placement_map())
     # Nothing was kept on the (shared) patch objects.
     assert {key: dict(vars(p)) for key, p in patches.items()} == before
+
+
+def test_placement_alone_keeps_no_token_weights_and_the_same_maps(
+        pack, tiny_unet, tiny_clip, pet, person, encode, sample):
+    model, cond = two_subjects(pack, tiny_unet, tiny_clip, pet, person)
+    negative = encode(tiny_clip, "")
+    full, with_sources = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
+    light, placement_only = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0,
+                                     end_percent=1.0, sources=False)
+    assert torch.equal(sample(full, cond, negative, 2, steps=2), sample(light, cond, negative, 2, steps=2))
+    for a, b in zip(with_sources.latest.subjects, placement_only.latest.subjects, strict=True):
+        assert a.tokens is not None and b.tokens is None and a.calls == b.calls
+        torch.testing.assert_close(a.placement_map(), b.placement_map())
+    _, sources = run_node(pack, "NestedAttentionMaps", capture=placement_only, image=torch.rand(1, 64, 64, 3),
+                          points="", top_tokens=3, normalize="peak")
+    assert sources.shape[0] == 1  # a note in place of the rows
 
 
 def test_capture_refuses_a_model_without_nested_attention(pack, tiny_unet):

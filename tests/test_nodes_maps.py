@@ -72,3 +72,11 @@ def test_a_capture_range_without_an_active_subject_is_explained(pack):
     with pytest.raises(pack.maps.NestedMapsError, match="no step in the capture's start/end percent range"):
         run_node(pack, "NestedAttentionMaps", capture=empty, image=torch.rand(1, 64, 64, 3), points="",
                  top_tokens=3, normalize="peak")
+
+
+def test_encoded_subject_keeps_what_its_maps_need_small(pack, pet):
+    assert pet.photos.shape == (1, 32, 32, 3) and pet.clip_tokens.shape == (1, 17, 64) and pet.crop
+    big = torch.rand(2, 1024, 800, 3)
+    kept = pack.subject.display_copy(big)
+    assert kept.shape == (2, 512, 400, 3) and kept.dtype == torch.float32
+    torch.testing.assert_close(kept.mean(), big.mean(), atol=2e-3, rtol=0)
