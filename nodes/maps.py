@@ -337,7 +337,8 @@ def source_images(result: CaptureResult, images: torch.Tensor, points: list, top
     queries = {}
     for s in result.subjects:
         subject = s.source if isinstance(s.source, Subject) else None
-        queries[id(s)] = None if subject is None or subject.photos is None else subject_query_maps(subject)
+        drawable = subject is not None and subject.photos is not None and s.tokens is not None
+        queries[id(s)] = subject_query_maps(subject) if drawable else None
     out = []
     for b, image in enumerate(images):
         rows = []

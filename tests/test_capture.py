@@ -17,6 +17,7 @@ from nested_attention.capture import (
     combined_map,
     decide_regions,
     nested_token_weights,
+    pool_cells,
     query_maps,
     strongest_points,
     token_grid,
@@ -94,6 +95,7 @@ def test_probe_is_not_called_without_rows_to_work_on():
 def test_token_weights_are_the_weights_the_nested_values_mix(heads):
     q, _, _, key, value = make(heads=heads, dh=8 // heads, m=7)
     weights = nested_token_weights(q, key, heads)  # (B, N, M), averaged over heads
+    torch.testing.assert_close(nested_token_weights(q, key, heads, chunk_bytes=1), weights)  # a query at a time
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(q.shape[:2]), atol=1e-6, rtol=0)
     # Per head, by hand: softmax(q K~^T / sqrt(d)); mixing V~ with it gives nested_values.
     dh = q.shape[-1] // heads
@@ -158,6 +160,16 @@ def test_strongest_points_are_three_separate_places_strongest_first():
     heat = torch.zeros(16, 16)
     heat[2, 3], heat[2, 4], heat[12, 12], heat[8, 1] = 1.0, 0.95, 0.7, 0.5  # (2, 4) is the same place as (2, 3)
     assert strongest_points(heat, 3) == [(3.5 / 16, 2.5 / 16), (12.5 / 16, 12.5 / 16), (1.5 / 16, 8.5 / 16)]
+
+
+def test_token_weights_are_pooled_to_cell_means():
+    values = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)  # (R, 4x4 grid, C)
+    pooled = pool_cells(values, (4, 4), (2, 2))
+    by_hand = values.reshape(2, 4, 4, 3)[:, :2, :2].mean(dim=(1, 2))  # the top-left cell
+    torch.testing.assert_close(pooled[:, 0], by_hand)
+    assert pooled.shape == (2, 4, 3)
+    coarse = pool_cells(values[:, :4], (2, 2), (4, 4))  # a coarser layer repeats its values on the finer grid
+    torch.testing.assert_close(coarse.reshape(2, 4, 4, 3)[:, 0, 1], values[:, 0])
 
 
 def test_combined_map_averages_the_grids_on_the_finest():

@@ -489,10 +489,11 @@ def see_where_the_subject_goes() -> Graph:
     apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
                    text="a photo of a person walking a dog through an autumn forest, morning light")
     negative = _negative(g, ckpt, (XC, 380))
-    capture = g.node("NestedAttentionCapture", (XD, 0), size=(280, 110), start_percent=0.0, end_percent=1.0)
+    capture = g.node("NestedAttentionCapture", (XD, 0), size=(280, 130), start_percent=0.0, end_percent=1.0,
+                     sources=True)
     g.link(apply, 0, capture, "model")
-    latent = _latent(g, (XD, 460))
-    sampler = _sampler(g, (capture, 0), (apply, 1), negative, latent, (XD, 150))
+    latent = _latent(g, (XD, 480))
+    sampler = _sampler(g, (capture, 0), (apply, 1), negative, latent, (XD, 170))
     decode = g.node("VAEDecode", (XE, 0), size=(200, 50))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
@@ -501,7 +502,7 @@ def see_where_the_subject_goes() -> Graph:
     maps = g.node("NestedAttentionMaps", (XC, 560), size=(400, 160), points="", top_tokens=5, normalize="peak")
     g.link(capture, 1, maps, "capture")
     g.link(decode, 0, maps, "image")
-    for output, pos, size, name in ((0, (XD, 610), (280, 270), "placement"), (1, (XE, 520), (340, 360), "sources")):
+    for output, pos, size, name in ((0, (XD, 630), (280, 250), "placement"), (1, (XE, 520), (340, 360), "sources")):
         saved = g.node("SaveImage", pos, size=size, title=f"Save {name} map",
                        filename_prefix=f"nested_attention/see_where_{name}")
         g.link(maps, output, saved, "images")
