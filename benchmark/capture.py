@@ -25,8 +25,16 @@ from .workload import DTYPES, PREFIX, configure_comfy, synchronize
 log = logging.getLogger(__name__)
 
 
-def capture_cost(calls: Sequence[AttentionCall], patches: dict, host: Callable, device: torch.device,
-                 dtype: torch.dtype, reps: int, resolution: int, name: str) -> dict:
+def capture_cost(
+    calls: Sequence[AttentionCall],
+    patches: dict,
+    host: Callable,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    resolution: int,
+    name: str,
+) -> dict:
     """Seconds per step in the attn2 calls of `patches` (a nested variant's, by layer key) off, with a capture
     of the placement only, and with the sources too; the peak memory of one pass of them each way; the bytes
     the capture with sources keeps after all those calls."""
@@ -58,7 +66,11 @@ def capture_cost(calls: Sequence[AttentionCall], patches: dict, host: Callable, 
             peaks[way] = memory.peak_bytes()
     seconds = time_attention_calls(calls, ways, host, device, dtype, reps)
     capture = captures[True]
-    kept = sum(t.numel() * t.element_size() for maps in (capture.placement, capture.tokens) for t in maps.sums.values())
+    kept = sum(
+        t.numel() * t.element_size()
+        for maps in (capture.placement, capture.tokens)
+        for t in maps.sums.values()
+    )
     return {
         "variant": name,
         "attention_off_s": seconds["off"],
@@ -82,25 +94,34 @@ def describe(c: dict, plain_step_s: float | None = None) -> str:
         return "" if plain_step_s is None else f", {100 * extra / plain_step_s:.2f} % of a plain step"
 
     return (
-        f"  Capture Nested Attention on {c['variant']}, its 70 attn2 calls per step: {c['attention_off_s']:.3f} s "
-        f"off; placement only {c['attention_placement_s']:.3f} s ({c['extra_placement_step_s']:+.3f} s"
-        f"{share(c['extra_placement_step_s'])}); with sources {c['attention_on_s']:.3f} s "
-        f"({c['extra_step_s']:+.3f} s{share(c['extra_step_s'])}).\n"
-        f"  Peak of one pass: {c['peak_off_bytes'] / 1e9:.2f} GB off, {c['peak_placement_bytes'] / 1e9:.2f} GB "
-        f"placement only, {c['peak_on_bytes'] / 1e9:.2f} GB with sources; running means kept "
-        f"{c['kept_bytes'] / 1e6:.1f} MB (token grid {c['token_grid'][0]}x{c['token_grid'][1]}). Off, each call "
-        "only looks up one transformer_options key."
+        f"  Capture Nested Attention on {c['variant']}, its 70 attn2 calls per step: "
+        f"{c['attention_off_s']:.3f} s off; placement only {c['attention_placement_s']:.3f} s "
+        f"({c['extra_placement_step_s']:+.3f} s{share(c['extra_placement_step_s'])}); with sources "
+        f"{c['attention_on_s']:.3f} s ({c['extra_step_s']:+.3f} s{share(c['extra_step_s'])}).\n"
+        f"  Peak of one pass: {c['peak_off_bytes'] / 1e9:.2f} GB off, "
+        f"{c['peak_placement_bytes'] / 1e9:.2f} GB placement only, {c['peak_on_bytes'] / 1e9:.2f} GB with "
+        f"sources; running means kept {c['kept_bytes'] / 1e6:.1f} MB (token grid "
+        f"{c['token_grid'][0]}x{c['token_grid'][1]}). Off, each call only looks up one transformer_options "
+        "key."
     )
 
 
 def main(args: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmark.capture", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="Where to run (default: the GPU when torch sees one).")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where to run (default: the GPU when torch sees one).",
+    )
     p.add_argument("--resolution", type=int, default=1024, help="Image side in pixels, a multiple of 64.")
     p.add_argument("--num-tokens", type=int, default=1024, help="M, the subject's tokens.")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on a GPU, fp32 on the CPU.")
-    p.add_argument("--reps", type=int, default=None, help="Calls per timed block (default: 20 on a GPU, 1 on the CPU).")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on a GPU, fp32 on the CPU."
+    )
+    p.add_argument(
+        "--reps", type=int, default=None, help="Calls per timed block (default: 20 on a GPU, 1 on the CPU)."
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tiny models (tests)
     a = p.parse_args(args)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
@@ -119,14 +140,25 @@ def main(args: list[str] | None = None) -> dict:
     meta = build_unet(sdxl_unet_config(tiny=a.tiny), torch.device("meta"), dtype)
     layers = unet_layers(meta.model.diffusion_model)
     calls = attention_calls(meta, a.resolution, host)
-    encoder = build_encoder(a.num_tokens, layers, device, dtype, seed=1, qformer=tiny_qformer() if a.tiny else None)
+    encoder = build_encoder(
+        a.num_tokens, layers, device, dtype, seed=1, qformer=tiny_qformer() if a.tiny else None
+    )
     tokens = torch.randn(1, a.num_tokens, SDXL_CONTEXT_DIM, generator=torch.Generator().manual_seed(0))
     binding = subject_binding(encoder, tokens.to(device, dtype), name=f"benchmark M={a.num_tokens}")
     patches = attn2_patches(layers, [binding])
     log.info("%s capture on and off: %d attn2 calls at %d px", PREFIX, len(calls), a.resolution)
-    result = capture_cost(calls, patches, host, device, dtype, a.reps or (20 if device.type == "cuda" else 1),
-                          a.resolution, f"nested M={a.num_tokens}")
-    print(f"{a.resolution}x{a.resolution}, {device.type} {str(dtype).removeprefix('torch.')}:\n{describe(result)}")
+    result = capture_cost(
+        calls,
+        patches,
+        host,
+        device,
+        dtype,
+        a.reps or (20 if device.type == "cuda" else 1),
+        a.resolution,
+        f"nested M={a.num_tokens}",
+    )
+    where = f"{a.resolution}x{a.resolution}, {device.type} {str(dtype).removeprefix('torch.')}"
+    print(f"{where}:\n{describe(result)}")
     return result
 
 

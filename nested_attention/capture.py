@@ -1,4 +1,4 @@
-"""What nested attention did in one sampling run: where each subject went, what it read, and regions from that.
+"""What nested attention did in one sampling run: where each subject went, what it read, regions from that.
 
 Observed per sampling run, never on a patch: ComfyUI (0.14 on) shares patch objects between model clones,
 so the glue (`host.add_capture`, `host.add_auto_regions`) makes a fresh `SamplingRun` for every run of the
@@ -10,7 +10,7 @@ What a run keeps (running means, never every step x layer x head):
   and the region weight, summed over the word's positions) averaged over heads, over the layers of that grid
   and over the observed steps: (B, h*w) per image of the batch. That is the probe contract of
   `nested_attention(..., probe=)`; the probe itself does the math, so the maps are what sampling used.
-- tokens (optional: they cost about what the nested attention itself costs): per subject, which of its encoder
+- tokens (optional: they cost more than the nested attention itself): per subject, which of its encoder
   tokens the nested attention reads at each position, softmax(q K~^T / sqrt(d)) averaged over heads, layers
   and steps, pooled to one coarse grid (at most TOKEN_GRID cells a side): (B, gh*gw, M_total). Each cell is a
   distribution over the tokens (sums to 1).
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 RUN_KEY = "nested_attention_run"  # transformer_options entry holding the run's SamplingRun
 TOKEN_GRID = 32  # most cells on the long side of the grid the token weights are kept on
-AUTO_MEASURE = 0.2  # region auto: fraction of the sampling steps (at least one) measured before regions are set
+AUTO_MEASURE = (
+    0.2  # region auto: fraction of the sampling steps (at least one) measured before regions are set
+)
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +56,9 @@ def token_grid(latent: Sequence[int]) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def nested_token_weights(q: torch.Tensor, key: torch.Tensor, heads: int, chunk_bytes: int = 32 << 20
-                         ) -> torch.Tensor:
+def nested_token_weights(
+    q: torch.Tensor, key: torch.Tensor, heads: int, chunk_bytes: int = 32 << 20
+) -> torch.Tensor:
     """The weights the nested attention mixes V~ with, averaged over heads: (B, N, M) float32.
 
     softmax(q K~^T / sqrt(d)) per head, as `nested_values` computes inside its fused kernel (a test holds
@@ -68,11 +71,13 @@ def nested_token_weights(q: torch.Tensor, key: torch.Tensor, heads: int, chunk_b
         key = key.expand(b, -1, -1)
     m = key.shape[1]
     qh = q.float().reshape(b, n, heads, dim_head).transpose(1, 2)  # (B, h, N, d)
-    kh = (key.to(q.device).float() * dim_head**-0.5).reshape(b, m, heads, dim_head).permute(0, 2, 3, 1)  # (B,h,d,M)
+    kh = (
+        (key.to(q.device).float() * dim_head**-0.5).reshape(b, m, heads, dim_head).permute(0, 2, 3, 1)
+    )  # (B,h,d,M)
     out = torch.empty(b, n, m, device=q.device)
     chunk = max(1, chunk_bytes // (4 * b * heads * m))
     for i in range(0, n, chunk):
-        torch.sum(torch.matmul(qh[:, :, i:i + chunk], kh).softmax(dim=-1), dim=1, out=out[:, i:i + chunk])
+        torch.sum(torch.matmul(qh[:, :, i : i + chunk], kh).softmax(dim=-1), dim=1, out=out[:, i : i + chunk])
     return out.div_(heads)
 
 
@@ -93,7 +98,8 @@ def combined_map(maps: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
     size = max(maps, key=lambda hw: hw[0] * hw[1])
     planes = [
         F.interpolate(m.reshape(m.shape[0], 1, *hw).float(), size=size, mode="bilinear", align_corners=False)
-        if hw != size else m.reshape(m.shape[0], 1, *hw).float()
+        if hw != size
+        else m.reshape(m.shape[0], 1, *hw).float()
         for hw, m in maps.items()
     ]
     return torch.stack(planes).mean(dim=0)[:, 0]
@@ -201,7 +207,9 @@ class SubjectCapture:
     """One subject's maps from one run (CPU, float32, means)."""
 
     name: str
-    placement: dict[tuple[int, int], torch.Tensor]  # (h, w) -> (B, h*w): P' averaged over heads, layers, steps
+    placement: dict[
+        tuple[int, int], torch.Tensor
+    ]  # (h, w) -> (B, h*w): P' averaged over heads, layers, steps
     tokens: torch.Tensor | None  # (B, gh, gw, M_total): token weights averaged over heads, layers, steps
     calls: int  # layer calls averaged (summed over the grids)
     num_tokens: int  # M per photo (M_total = photos * M)
@@ -265,16 +273,20 @@ class Capture:
         subjects = []
         for binding in sorted(self.bindings, key=lambda b: b.sort_key):
             tokens = self.tokens.mean(binding)  # (B, gh*gw, M) or None (tokens not recorded)
-            grids = sorted({hw for (b, hw) in self.placement.sums if b is binding}, key=lambda hw: -hw[0] * hw[1])
-            subjects.append(SubjectCapture(
-                name=binding.name,
-                placement={hw: self.placement.mean((binding, hw)) for hw in grids},
-                tokens=None if tokens is None else tokens.reshape(tokens.shape[0], *self.grid, -1),
-                calls=sum(self.placement.counts[(binding, hw)] for hw in grids),
-                num_tokens=binding.encoder.config.num_tokens,
-                source=binding.source,
-                region=None if regions is None else regions.get(binding),
-            ))
+            grids = sorted(
+                {hw for (b, hw) in self.placement.sums if b is binding}, key=lambda hw: -hw[0] * hw[1]
+            )
+            subjects.append(
+                SubjectCapture(
+                    name=binding.name,
+                    placement={hw: self.placement.mean((binding, hw)) for hw in grids},
+                    tokens=None if tokens is None else tokens.reshape(tokens.shape[0], *self.grid, -1),
+                    calls=sum(self.placement.counts[(binding, hw)] for hw in grids),
+                    num_tokens=binding.encoder.config.num_tokens,
+                    source=binding.source,
+                    region=None if regions is None else regions.get(binding),
+                )
+            )
         return CaptureResult(subjects, self.batch, latent, len(self.sigmas))
 
 
@@ -292,7 +304,7 @@ class AutoRegions:
         return self.regions is None and (sigma is None or sigma > self.until)
 
     def decide(self, bindings: Sequence[Any]) -> None:
-        """Regions for every auto subject measured, from its placement means (once; the caller holds the lock).
+        """Regions for every auto subject measured, from its placement means (once; the caller holds the lock)
 
         bindings: the auto subjects of the layer call that decides; one of them that was not measured (active
         only later, by its start_percent) gets no region, i.e. the whole image, and a warning.
@@ -300,13 +312,20 @@ class AutoRegions:
         measured = sorted({key[0] for key in self.placement.sums}, key=lambda b: b.sort_key)
         missing = [b.name for b in bindings if b not in measured]
         if missing:
-            log.warning("[nested-attention] region auto: %s was not active in the first steps; it gets no "
-                        "region (the whole image)", ", ".join(missing))
-        maps = [combined_map({key[1]: self.placement.mean(key) for key in self.placement.sums if key[0] is b})
-                for b in measured]
+            log.warning(
+                "[nested-attention] region auto: %s was not active in the first steps; it gets no "
+                "region (the whole image)",
+                ", ".join(missing),
+            )
+        maps = [
+            combined_map({key[1]: self.placement.mean(key) for key in self.placement.sums if key[0] is b})
+            for b in measured
+        ]
         self.regions = dict(zip(measured, decide_regions(maps))) if maps else {}
 
-    def weight(self, binding: Any, grid: tuple[int, int], rows: int, device: torch.device) -> torch.Tensor | None:
+    def weight(
+        self, binding: Any, grid: tuple[int, int], rows: int, device: torch.device
+    ) -> torch.Tensor | None:
         """The decided region on a layer's grid (nearest, so regions stay disjoint), as NestedSubject.weight:
         (N,) for a batch of one, else (rows, N) with row r of image r % B; None for a subject without one."""
         region = self.regions.get(binding)
@@ -335,15 +354,22 @@ class SamplingRun:
         self.auto: AutoRegions | None = None
         self._lock = threading.Lock()
 
-    def layer(self, bindings: Sequence[Any], nested: Sequence[Any], q: torch.Tensor, rows: torch.Tensor,
-              heads: int, extra_options: dict) -> tuple[list, Callable[[int, torch.Tensor], None] | None]:
+    def layer(
+        self,
+        bindings: Sequence[Any],
+        nested: Sequence[Any],
+        q: torch.Tensor,
+        rows: torch.Tensor,
+        heads: int,
+        extra_options: dict,
+    ) -> tuple[list, Callable[[int, torch.Tensor], None] | None]:
         """One layer call: the NestedSubjects to use (auto subjects get their regions once decided) and the
         probe to pass `nested_attention` (None when nothing is observed at this step).
 
         bindings[i] made nested[i]; rows: bool (B,) on the CPU, the rows that get the subjects.
         """
         sigmas = extra_options.get("sigmas")
-        # Read once per model evaluation: the bindings keep the value for ComfyUI's one sigmas tensor per step.
+        # Read once per model evaluation: the bindings keep it for ComfyUI's one sigmas tensor per step.
         sigma = None if sigmas is None else bindings[0].current_sigma(sigmas)
         grid = layer_grid(extra_options.get("activations_shape"), q.shape[1], self.latent[0] / self.latent[1])
         nested = list(nested)
@@ -357,8 +383,10 @@ class SamplingRun:
                     with self._lock:
                         if auto.regions is None:
                             auto.decide([b for b in bindings if b.auto_region])
-                nested = [replace(s, weight=auto.weight(b, grid, q.shape[0], q.device)) if b.auto_region else s
-                          for b, s in zip(bindings, nested)]
+                nested = [
+                    replace(s, weight=auto.weight(b, grid, q.shape[0], q.device)) if b.auto_region else s
+                    for b, s in zip(bindings, nested)
+                ]
         captures = [c for c in self.captures if c.window.contains(sigma)] if bool(rows.any()) else []
         with self._lock:
             for c in captures:

@@ -264,7 +264,7 @@ class SamplingRunWrapper:
 
 def add_capture(model: Any, sink: CaptureSink, window: Window | None = None, sources: bool = True) -> None:
     """Observe `window` (default: all) of every sampling run of `model`, an already-cloned ModelPatcher, into
-    `sink`; `sources`: also the token weights (the source map), which cost about what nested attention does."""
+    `sink`; `sources`: also the token weights (the source map), which cost more than nested attention does."""
     window = Window() if window is None else window
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_CAPTURE,
                                SamplingRunWrapper(capture=(window, sink, sources)))

@@ -30,7 +30,8 @@ TWO_PEOPLE = "a photo of a man and a woman walking in a park"
 
 @pytest.fixture
 def recorded_subjects(monkeypatch):
-    """What each patch call handed nested_attention: [(N, [(positions, weight or None)], probed {positions: probs})]."""
+    """What each patch call handed nested_attention:
+    [(N, [(positions, weight or None)], {positions: probs the probe got})]."""
     calls = []
     original = core_patch.nested_attention
 
@@ -73,7 +74,10 @@ def test_constructed_case_left_reads_man_right_reads_woman(recorded_subjects):
     weights = dict(later[1])
     assert torch.equal(weights[(2,)], halves.float()) and torch.equal(weights[(4,)], (~halves).float())
     # Without the per-run state a subject with region auto cannot be found: a clear error, never a silent run.
-    for without in (None, SamplingRun(batch=1, latent=(GRID, GRID))):  # no run, or a run set up for capture only
+    for without in (
+        None,
+        SamplingRun(batch=1, latent=(GRID, GRID)),
+    ):  # no run, or a run set up for capture only
         with pytest.raises(NestedAttentionError, match="region auto.*per-run state"):
             call_patch(patch, q, k, v, without)
 
@@ -86,7 +90,8 @@ def two_people(pack, tiny_unet, tiny_clip, load_handle, region="auto"):
 
 
 def test_two_people_get_disjoint_regions_each_on_its_own_words_peak(
-        pack, tiny_unet, tiny_clip, load_handle, encode, sample, recorded_subjects):
+    pack, tiny_unet, tiny_clip, load_handle, encode, sample, recorded_subjects
+):
     model, cond = two_people(pack, tiny_unet, tiny_clip, load_handle)
     captured, sink = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
     negative = encode(tiny_clip, "")
@@ -105,13 +110,15 @@ def test_two_people_get_disjoint_regions_each_on_its_own_words_peak(
         per_grid = {}
         for n, _, probs in measured:
             per_grid.setdefault(n, []).append(probs[pos].mean(dim=1))
-        side = {n: int(n ** 0.5) for n in per_grid}
-        heat = combined_map({(side[n], side[n]): torch.cat(v).mean(dim=0, keepdim=True) for n, v in per_grid.items()})
+        side = {n: int(n**0.5) for n in per_grid}
+        heat = combined_map(
+            {(side[n], side[n]): torch.cat(v).mean(dim=0, keepdim=True) for n, v in per_grid.items()}
+        )
         peak = divmod(int(heat[0].flatten().argmax()), heat.shape[-1])
         assert region[0][peak], f"{s.name}: its own word's attention peak {peak} lies outside its region"
     # The steps after: each subject's weight is its region on the layer's grid, 0 or 1.
     for n, subject_weights, _ in later:
-        side = int(n ** 0.5)
+        side = int(n**0.5)
         for (pos, weight), region in zip(sorted(subject_weights), regions):
             expected = F.interpolate(region[None].float(), size=(side, side), mode="nearest").flatten()
             assert torch.equal(weight, expected)

@@ -1,4 +1,4 @@
-"""What nested attention did in a run (nested_attention.capture): the probe, the maps, the Q-Former's query maps.
+"""What nested attention did in a run (nested_attention.capture): the probe, the maps, the query maps.
 
 The probe contract of `nested_attention(..., probe=)` against the float64 reference; the token weights and the
 Q-Former's attention against independent computations; and, with ComfyUI's real sampler on the tiny models,
@@ -67,14 +67,17 @@ def test_probe_gives_each_subjects_probability_after_lambda_and_region_weight(sc
         torch.testing.assert_close(seen[index].double(), expected[index], atol=2e-6, rtol=1e-5)
     # The probe only reads: the output is bit for bit the one without it.
     assert torch.equal(out, nested_attention(q, k, v, [a, b], heads=2, rows=rows))
-    torch.testing.assert_close(out.double(), reference_nested_attention(q, k, v, [a, b], heads=2, rows=[1, 3]),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out.double(), reference_nested_attention(q, k, v, [a, b], heads=2, rows=[1, 3]), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_probabilities_of_subjects_covering_every_text_position_sum_to_one():
     q, k, v, key, value = make(b=2, t=6)
-    subjects = [NestedSubject(key, value, torch.tensor(p), scale=s)
-                for p, s in (([0, 3], 2.0), ([1], 1.0), ([2, 4, 5], 4.0))]
+    subjects = [
+        NestedSubject(key, value, torch.tensor(p), scale=s)
+        for p, s in (([0, 3], 2.0), ([1], 1.0), ([2, 4, 5], 4.0))
+    ]
     _, seen = probed(q, k, v, subjects, 2)
     total = sum(seen.values())
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-6, rtol=0)
@@ -83,7 +86,9 @@ def test_probabilities_of_subjects_covering_every_text_position_sum_to_one():
 
 def test_probe_is_not_called_without_rows_to_work_on():
     q, k, v, key, value = make()
-    _, seen = probed(q, k, v, [NestedSubject(key, value, torch.tensor([2]))], 2, rows=torch.zeros(4, dtype=bool))
+    _, seen = probed(
+        q, k, v, [NestedSubject(key, value, torch.tensor([2]))], 2, rows=torch.zeros(4, dtype=bool)
+    )
     assert seen == {}
 
 
@@ -95,7 +100,9 @@ def test_probe_is_not_called_without_rows_to_work_on():
 def test_token_weights_are_the_weights_the_nested_values_mix(heads):
     q, _, _, key, value = make(heads=heads, dh=8 // heads, m=7)
     weights = nested_token_weights(q, key, heads)  # (B, N, M), averaged over heads
-    torch.testing.assert_close(nested_token_weights(q, key, heads, chunk_bytes=1), weights)  # a query at a time
+    torch.testing.assert_close(
+        nested_token_weights(q, key, heads, chunk_bytes=1), weights
+    )  # a query at a time
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(q.shape[:2]), atol=1e-6, rtol=0)
     # Per head, by hand: softmax(q K~^T / sqrt(d)); mixing V~ with it gives nested_values.
     dh = q.shape[-1] // heads
@@ -104,7 +111,7 @@ def test_token_weights_are_the_weights_the_nested_values_mix(heads):
         sl = slice(h * dh, (h + 1) * dh)
         per_head.append(torch.softmax(q[..., sl].double() @ key[:, sl].double().T / dh**0.5, dim=-1))
     torch.testing.assert_close(weights.double(), torch.stack(per_head).mean(dim=0), atol=1e-6, rtol=1e-5)
-    mixed = torch.cat([w @ value[:, h * dh:(h + 1) * dh].double() for h, w in enumerate(per_head)], dim=-1)
+    mixed = torch.cat([w @ value[:, h * dh : (h + 1) * dh].double() for h, w in enumerate(per_head)], dim=-1)
     torch.testing.assert_close(mixed.float(), nested_values(q, key, value, heads), atol=1e-5, rtol=1e-4)
 
 
@@ -121,9 +128,16 @@ def test_qformer_attention_comes_from_the_encoding_forward(tiny_unet):
         q = block.to_q(latents)
         k = block.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)[0]
         heads, dh = block.heads, q.shape[-1] // block.heads
-        by_hand = torch.stack([
-            torch.softmax(q[..., h * dh:(h + 1) * dh] @ k[..., h * dh:(h + 1) * dh].transpose(1, 2) / dh**0.5, -1)
-            for h in range(heads)], dim=1)  # (B, heads, M, L + M)
+        by_hand = torch.stack(
+            [
+                torch.softmax(
+                    q[..., h * dh : (h + 1) * dh] @ k[..., h * dh : (h + 1) * dh].transpose(1, 2) / dh**0.5,
+                    -1,
+                )
+                for h in range(heads)
+            ],
+            dim=1,
+        )  # (B, heads, M, L + M)
     torch.testing.assert_close(tokens, plain, atol=1e-5, rtol=1e-4)
     assert len(attention) == len(encoder.qformer.blocks)
     torch.testing.assert_close(attention[0], by_hand, atol=1e-6, rtol=1e-5)
@@ -158,7 +172,12 @@ def test_regions_are_disjoint_and_each_holds_its_own_peak_whatever_the_scale():
 
 def test_strongest_points_are_three_separate_places_strongest_first():
     heat = torch.zeros(16, 16)
-    heat[2, 3], heat[2, 4], heat[12, 12], heat[8, 1] = 1.0, 0.95, 0.7, 0.5  # (2, 4) is the same place as (2, 3)
+    heat[2, 3], heat[2, 4], heat[12, 12], heat[8, 1] = (
+        1.0,
+        0.95,
+        0.7,
+        0.5,
+    )  # (2, 4) is the same place as (2, 3)
     assert strongest_points(heat, 3) == [(3.5 / 16, 2.5 / 16), (12.5 / 16, 12.5 / 16), (1.5 / 16, 8.5 / 16)]
 
 
@@ -229,7 +248,8 @@ def test_capture_changes_nothing_that_is_sampled(pack, tiny_unet, tiny_clip, pet
 
 
 def test_placement_maps_are_the_running_means_of_what_the_probe_saw(
-        pack, tiny_unet, tiny_clip, pet, person, encode, sample, recorded_probes):
+    pack, tiny_unet, tiny_clip, pet, person, encode, sample, recorded_probes
+):
     model, cond = two_subjects(pack, tiny_unet, tiny_clip, pet, person)
     captured, sink = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
     sample(captured, cond, encode(tiny_clip, ""), 1, steps=2)
@@ -260,7 +280,8 @@ def test_placement_maps_are_the_running_means_of_what_the_probe_saw(
 
 
 def test_capture_observes_only_its_range_and_starts_afresh_each_run(
-        pack, tiny_unet, tiny_clip, pet, person, encode, sample):
+    pack, tiny_unet, tiny_clip, pet, person, encode, sample
+):
     model, cond = two_subjects(pack, tiny_unet, tiny_clip, pet, person)
     patches = dict(pack.host.attn2_replacements(model))
     before = {key: dict(vars(p)) for key, p in patches.items()}
@@ -272,7 +293,9 @@ def test_capture_observes_only_its_range_and_starts_afresh_each_run(
     sample(captured.clone(), cond, negative, 1, steps=4)  # a clone shares the patches and the capture
     second = sink.latest
     assert sink.runs == 2 and second is not first
-    assert [s.calls for s in second.subjects] == [s.calls for s in first.subjects]  # not accumulated across runs
+    assert [s.calls for s in second.subjects] == [
+        s.calls for s in first.subjects
+    ]  # not accumulated across runs
     for a, b in zip(first.subjects, second.subjects):
         torch.testing.assert_close(a.placement_map(), b.placement_map())
     # Nothing was kept on the (shared) patch objects.
@@ -280,18 +303,29 @@ def test_capture_observes_only_its_range_and_starts_afresh_each_run(
 
 
 def test_placement_alone_keeps_no_token_weights_and_the_same_maps(
-        pack, tiny_unet, tiny_clip, pet, person, encode, sample):
+    pack, tiny_unet, tiny_clip, pet, person, encode, sample
+):
     model, cond = two_subjects(pack, tiny_unet, tiny_clip, pet, person)
     negative = encode(tiny_clip, "")
-    full, with_sources = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
-    light, placement_only = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0,
-                                     end_percent=1.0, sources=False)
+    full, with_sources = run_node(
+        pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0
+    )
+    light, placement_only = run_node(
+        pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0, sources=False
+    )
     assert torch.equal(sample(full, cond, negative, 2, steps=2), sample(light, cond, negative, 2, steps=2))
     for a, b in zip(with_sources.latest.subjects, placement_only.latest.subjects, strict=True):
         assert a.tokens is not None and b.tokens is None and a.calls == b.calls
         torch.testing.assert_close(a.placement_map(), b.placement_map())
-    _, sources = run_node(pack, "NestedAttentionMaps", capture=placement_only, image=torch.rand(1, 64, 64, 3),
-                          points="", top_tokens=3, normalize="peak")
+    _, sources = run_node(
+        pack,
+        "NestedAttentionMaps",
+        capture=placement_only,
+        image=torch.rand(1, 64, 64, 3),
+        points="",
+        top_tokens=3,
+        normalize="peak",
+    )
     assert sources.shape[0] == 1  # a note in place of the rows
 
 
@@ -307,8 +341,19 @@ def test_capture_with_a_batch_keeps_one_map_per_image(pack, tiny_unet, tiny_clip
     captured, sink = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
     latent = torch.zeros(2, 4, 32, 32)
     noise = comfy.sample.prepare_noise(latent, 5)
-    comfy.sample.sample(captured, noise, 2, 5.0, "euler", "normal", cond, encode(tiny_clip, ""), latent, seed=5,
-                        disable_pbar=True)
+    comfy.sample.sample(
+        captured,
+        noise,
+        2,
+        5.0,
+        "euler",
+        "normal",
+        cond,
+        encode(tiny_clip, ""),
+        latent,
+        seed=5,
+        disable_pbar=True,
+    )
     (s,) = sink.latest.subjects
     assert sink.latest.batch == 2 and s.placement_map().shape[0] == 2 and s.tokens.shape[0] == 2
     assert not torch.allclose(s.placement_map()[0], s.placement_map()[1])  # two noises, two maps

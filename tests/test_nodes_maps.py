@@ -1,4 +1,4 @@
-"""Nested Attention Maps and the source map on constructed cases with known answers; the maps node's errors."""
+"""Nested Attention Maps and the source map on a constructed case with a known answer; the node's errors."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def test_source_map_names_the_token_each_region_reads_and_its_place_in_the_photo
     capture = Capture(Window(), token_grid(run.latent), run.batch)  # (4, 4): the layer's own grid
     run.captures.append(capture)
     out = call_patch(NestedAttentionPatch(LAYER, 0, [binding]), q, k, v, run)
-    assert torch.equal(out, call_patch(NestedAttentionPatch(LAYER, 0, [binding]), q, k, v, None))  # nothing changed
+    assert torch.equal(
+        out, call_patch(NestedAttentionPatch(LAYER, 0, [binding]), q, k, v, None)
+    )  # nothing changed
     result = capture.result(run.latent)
     (s,) = result.subjects
     assert s.source is person and s.num_tokens == person.encoder.config.num_tokens == 4
@@ -44,34 +46,65 @@ def test_source_map_names_the_token_each_region_reads_and_its_place_in_the_photo
 
 
 def test_maps_node_draws_each_subject_and_refuses_what_it_cannot_draw(
-        pack, tiny_unet, tiny_clip, pet, person, encode, sample):
+    pack, tiny_unet, tiny_clip, pet, person, encode, sample
+):
     text = "a photo of a person and a pet"
     model, _ = apply(pack, tiny_unet, tiny_clip, pet, text, token="pet")
     model, cond = apply(pack, model, tiny_clip, person, text, token="person")
     captured, sink = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.0, end_percent=1.0)
     image = torch.rand(1, 64, 64, 3)
     with pytest.raises(pack.maps.NestedMapsError, match="nothing was captured"):
-        run_node(pack, "NestedAttentionMaps", capture=sink, image=image, points="", top_tokens=3, normalize="peak")
+        run_node(
+            pack, "NestedAttentionMaps", capture=sink, image=image, points="", top_tokens=3, normalize="peak"
+        )
     sample(captured, cond, encode(tiny_clip, ""), 0, steps=2)
-    placement, sources = run_node(pack, "NestedAttentionMaps", capture=sink, image=image, points="0.5,0.5; 0.1,0.9",
-                                  top_tokens=3, normalize="probability")
+    placement, sources = run_node(
+        pack,
+        "NestedAttentionMaps",
+        capture=sink,
+        image=image,
+        points="0.5,0.5; 0.1,0.9",
+        top_tokens=3,
+        normalize="probability",
+    )
     assert placement.shape == (1, 64, 64, 3) and 0 <= float(placement.min()) and float(placement.max()) <= 1
     assert sources.shape[0] == 1 and sources.shape[1] > 4 * 256  # two subjects, two points each
     with pytest.raises(pack.maps.NestedMapsError, match="2 images.*sampled 1"):
-        run_node(pack, "NestedAttentionMaps", capture=sink, image=torch.rand(2, 64, 64, 3), points="",
-                 top_tokens=3, normalize="peak")
+        run_node(
+            pack,
+            "NestedAttentionMaps",
+            capture=sink,
+            image=torch.rand(2, 64, 64, 3),
+            points="",
+            top_tokens=3,
+            normalize="peak",
+        )
     for bad, message in (("0.5", "is not 'x,y'"), ("1.5,0.2", "outside the image")):
         with pytest.raises(pack.maps.NestedMapsError, match=message):
-            run_node(pack, "NestedAttentionMaps", capture=sink, image=image, points=bad, top_tokens=3,
-                     normalize="peak")
+            run_node(
+                pack,
+                "NestedAttentionMaps",
+                capture=sink,
+                image=image,
+                points=bad,
+                top_tokens=3,
+                normalize="peak",
+            )
 
 
 def test_a_capture_range_without_an_active_subject_is_explained(pack):
     empty = pack.maps.CaptureSink()
     empty.publish(CaptureResult(subjects=[], batch=1, latent=(8, 8), steps=0))
     with pytest.raises(pack.maps.NestedMapsError, match="no step in the capture's start/end percent range"):
-        run_node(pack, "NestedAttentionMaps", capture=empty, image=torch.rand(1, 64, 64, 3), points="",
-                 top_tokens=3, normalize="peak")
+        run_node(
+            pack,
+            "NestedAttentionMaps",
+            capture=empty,
+            image=torch.rand(1, 64, 64, 3),
+            points="",
+            top_tokens=3,
+            normalize="peak",
+        )
 
 
 def test_encoded_subject_keeps_what_its_maps_need_small(pack, pet):
@@ -80,3 +113,12 @@ def test_encoded_subject_keeps_what_its_maps_need_small(pack, pet):
     kept = pack.subject.display_copy(big)
     assert kept.shape == (2, 512, 400, 3) and kept.dtype == torch.float32
     torch.testing.assert_close(kept.mean(), big.mean(), atol=2e-3, rtol=0)
+
+
+def test_region_outline_is_drawn_inside_each_region(pack):
+    image = torch.zeros(40, 40, 3)
+    left = torch.zeros(4, 4, dtype=torch.bool)
+    left[:, :2] = True
+    drawn = pack.maps.outline(pack.maps.outline(image, left, (255, 0, 0)), ~left, (0, 0, 255))
+    assert drawn[20, 19, 0] == 1 and drawn[20, 20, 2] == 1  # the two sides of the border, in their colours
+    assert drawn[20, 10].sum() == 0 and drawn[20, 30].sum() == 0  # inside, away from the border: untouched
