@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import NestedSubject, check_positions, nested_attention, sdpa_attention
+from .capture import RUN_KEY, layer_grid
 from .encoder import NestedEncoder
 from .layers import LayerSpec
 
@@ -59,6 +60,11 @@ class SubjectBinding:
     mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
     cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
+    auto_region: the region is found during sampling from the word's own attention (`region: auto`,
+        nested_attention.capture); needs the per-run state of `host.add_auto_regions` (which
+        `host.install_subject` adds). Never with a mask.
+    source: what the binding was made from (the nodes' Subject), opaque here; kept so that the attention
+        maps can be drawn on the subject's photos.
 
     One binding is shared by every model it was applied to (a chained model and its parent), possibly
     sampling on different GPUs at once. Its caches only ever hold values computed from the fields above
@@ -78,6 +84,8 @@ class SubjectBinding:
     rows: Optional[torch.Tensor] = None
     cache: bool = True
     name: str = "subject"
+    auto_region: bool = False
+    source: Any = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
@@ -91,6 +99,8 @@ class SubjectBinding:
             raise ValueError(
                 f"subject positions {outside} lie outside the prompt's {self.prompt_tokens} tokens; locate the "
                 "word in the same tokenized prompt whose length is given.")
+        if self.auto_region and self.mask is not None:
+            raise ValueError(f"'{self.name}' has both a mask and region auto; give one or the other.")
 
     @property
     def sort_key(self) -> tuple:
@@ -175,12 +185,8 @@ class SubjectBinding:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
         if self.mask is None:
             return None
-        if activations_shape is not None and activations_shape[-1] * activations_shape[-2] == n:
-            h, w = int(activations_shape[-2]), int(activations_shape[-1])
-        else:  # no shape from the host: assume the mask's aspect ratio
-            ratio = self.mask.shape[-2] / self.mask.shape[-1]
-            w = round(math.sqrt(n / ratio))
-            h = n // w
+        # Without a shape from the host: assume the mask's aspect ratio.
+        h, w = layer_grid(activations_shape, n, self.mask.shape[-2] / self.mask.shape[-1])
         key = (h, w, device)
         found = self._masks.get(key)
         if found is None:
@@ -228,6 +234,7 @@ class NestedAttentionPatch:
         self.host_attention = host_attention
         self._models = tuple(models)  # ModelPatchers ComfyUI should load with the UNet
         self.wrapped = wrapped
+        self._auto = any(s.auto_region for s in self.subjects)
 
     def _remade(self, subjects: Sequence[SubjectBinding], models: Sequence[Any], wrapped: Any) -> NestedAttentionPatch:
         return NestedAttentionPatch(self.layer, self.index, subjects, self.host_attention, models, wrapped)
@@ -252,15 +259,26 @@ class NestedAttentionPatch:
         if theirs is not None and not rows.any():
             return theirs
         nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
+        run = extra_options.get(RUN_KEY)  # this sampling run's observers (nested_attention.capture), or None
+        if self._auto and (run is None or run.auto is None):
+            raise NestedAttentionError(
+                "nested attention: a subject has region auto, which is found while ComfyUI's sampler runs, "
+                "but this call comes without the sampler's per-run state. Sample with a KSampler or a "
+                "SamplerCustom node (or, in code, install the subject with host.install_subject).")
+        probe = None
+        if run is not None:
+            nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
         if theirs is None or all(s.scale == 1.0 for s in active):
             # With lambda = 1, r = Z / Z' = 1: the efficient form adds the nested terms to its base as they
             # are, so the other pack's output (PV + X) serves as the base and X passes through unchanged.
-            return nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=theirs)
+            return nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=theirs,
+                                    probe=probe)
         # lambda > 1 scales the base by r, which must not reach X (it has its own softmax): nested(PV) + X,
         # with X = theirs - PV from one more plain attention over the text tokens.
         plain = attention(q, k, v, heads)
         own = theirs - plain  # X, taken before the core updates `plain` in place
-        out = own.add_(nested_attention(q, k, v, nested, heads=heads, rows=rows, base=plain))
+        out = own.add_(nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=plain,
+                                        probe=probe))
         if rows.all():
             return out
         # Rows without the subject (CFG's unconditional half) keep the other pack's output bit for bit.

@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import NestedAttentionApply
 from .loader import NestedAttentionLoadEncoder
+from .maps import NestedAttentionCapture, NestedAttentionMaps, NestedAttentionQueryMaps
 from .subject import NestedAttentionEncodeSubject, NestedAttentionLoadSubject, NestedAttentionSaveSubject
 
 # Every node of the pack; adding a node is one line here. Each schema holds its node id (the pack prefix;
@@ -15,8 +16,10 @@ NODES: list[type[io.ComfyNode]] = [
     NestedAttentionApply,
     NestedAttentionSaveSubject,
     NestedAttentionLoadSubject,
+    NestedAttentionCapture,
+    NestedAttentionMaps,
+    NestedAttentionQueryMaps,
 ]
-
 
 class NestedAttentionExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:

@@ -8,7 +8,6 @@ the patch keeps subjects in a canonical order, so the order of the nodes does no
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,12 +21,14 @@ from nested_attention.host import (
     check_sdxl,
     install_subject,
     locate_word,
+    sigma_window,
 )
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
 from .wires import CATEGORY, NestedSubjectType, Subject
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
+REGIONS = ("mask", "auto")  # the Apply node's region choices
 
 __all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "check_conditioning", "check_sdxl"]
 
@@ -56,12 +57,22 @@ def apply_subject(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     mask: torch.Tensor | None = None,
+    region: str = "mask",
 ) -> Any:
     """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
 
     lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
     (it would only lift the subject's negative logits), so it is refused rather than misread.
+    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
+    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
     """
+    if region not in REGIONS:
+        raise NestedApplyError(f"region is {region!r}; expected one of {', '.join(REGIONS)}.")
+    if region == "auto" and mask is not None:
+        raise NestedApplyError(
+            "region is auto and a mask is connected: auto finds the subject's region itself. Disconnect the "
+            "mask, or set region to mask to use it."
+        )
     if not lambda_ >= 1.0:
         raise NestedApplyError(
             f"λ is {lambda_}; expected 1 or more. λ multiplies the subject word's positive attention "
@@ -109,7 +120,7 @@ def apply_subject(
             "and their pet')."
         )
 
-    sampling = m.get_model_object("model_sampling")
+    window = sigma_window(m, start_percent, end_percent)
     if mask is not None:
         mask = mask.detach().to("cpu", torch.float32)
         mask = mask[0] if mask.dim() == 3 else mask  # (H, W); one region for every image of the batch
@@ -123,11 +134,12 @@ def apply_subject(
         positions=location.positions,
         prompt_tokens=location.prompt_tokens,
         scale=float(lambda_),
-        # The whole schedule is open-ended, so the patch never reads sigma back from the device.
-        sigma_start=math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
-        sigma_end=float(sampling.percent_to_sigma(end_percent)),
+        sigma_start=window.sigma_start,
+        sigma_end=window.sigma_end,
         mask=mask,
         name=f"{subject.name} ('{location.word}')",
+        auto_region=region == "auto",
+        source=subject,
     )
     install_subject(m, binding, layers, models=[subject.encoder.patcher])
     m.model_options[PROMPT_KEY] = location.signature
@@ -203,6 +215,15 @@ class NestedAttentionApply(io.ComfyNode):
                     optional=True,
                     tooltip="Confines the subject to a region of the image (white = subject).",
                 ),
+                io.Combo.Input(
+                    "region",
+                    options=list(REGIONS),
+                    default="mask",
+                    optional=True,
+                    tooltip="mask: the subject acts inside the mask (everywhere without one). auto: the subject's "
+                    "region is found from its word's attention in the first steps, and each place goes to one "
+                    "subject only: for two people ('a man and a woman') on two Apply nodes set to auto.",
+                ),
             ],
             # Output ids must differ from input ids on ComfyUI 0.3.75; workflows know outputs by display_name.
             outputs=[
@@ -233,6 +254,7 @@ class NestedAttentionApply(io.ComfyNode):
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         mask: torch.Tensor | None = None,
+        region: str = "mask",
     ) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError(
@@ -245,5 +267,5 @@ class NestedAttentionApply(io.ComfyNode):
         location = locate_word(clip, tokens, word, text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         check_conditioning(conditioning, clip)
-        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask)
+        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
         return io.NodeOutput(patched, conditioning)

@@ -116,7 +116,19 @@ def encode_subject(
     tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
     progress.update(1)
     name = f"{handle.config.domain} subject"
-    return Subject(tokens=tokens, encoder=handle, name=name, images=n)
+    return Subject(tokens=tokens, encoder=handle, name=name, images=n, photos=display_copy(images),
+                   clip_tokens=torch.cat(hidden), crop=crop)
+
+
+def display_copy(images: torch.Tensor, side: int = 512) -> torch.Tensor:
+    """The photos kept for drawing the attention maps on: CPU float32, at most `side` pixels on the long side."""
+    images = images.detach().to("cpu", torch.float32)
+    scale = side / max(images.shape[1:3])
+    if scale >= 1:
+        return images
+    size = (max(1, round(images.shape[1] * scale)), max(1, round(images.shape[2] * scale)))
+    return torch.nn.functional.interpolate(images.movedim(-1, 1), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False).movedim(1, -1).clamp(0, 1)
 
 
 class NestedAttentionEncodeSubject(io.ComfyNode):

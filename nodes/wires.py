@@ -45,12 +45,21 @@ class EncoderHandle:
 
 @dataclass(eq=False)
 class Subject:
-    """One subject: its encoder tokens E (1, n*M, C), CPU float32, and the encoder that made them."""
+    """One subject: its encoder tokens E (1, n*M, C), CPU float32, and the encoder that made them.
+
+    photos, clip_tokens: what Encode Subject Image(s) read, kept for the attention maps (nodes/maps.py): the n
+    photos given to the CLIP vision model (n, H, W, 3), at most 512 pixels on the long side (the model sees
+    their centre square when `crop`), and the CLIP tokens the Q-Former read (n, L, width), CPU float32. None
+    for a subject loaded from a file.
+    """
 
     tokens: torch.Tensor
     encoder: EncoderHandle
     name: str
     images: int
+    photos: torch.Tensor | None = None
+    clip_tokens: torch.Tensor | None = None
+    crop: bool = True
 
     def describe(self) -> str:
         return (

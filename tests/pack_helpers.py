@@ -25,11 +25,14 @@ from pack import load_pack
 from nested_attention import (
     ClipVisionSpec,
     EncoderConfig,
+    LayerSpec,
     NestedEncoder,
     QFormerConfig,
     save_encoder,
     unet_layers,
 )
+from nested_attention.capture import RUN_KEY
+from nested_attention.patch import SubjectBinding
 
 # tiny_models.tiny_clip_vision(): 32 px, patch 8 -> 16 patches + CLS, width 64, two layers.
 TINY_CLIP_VISION_SPEC = {
@@ -58,6 +61,7 @@ def pack():
         subject=nodes.subject,
         host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
+        maps=nodes.maps,
     )
 
 
@@ -252,9 +256,10 @@ def apply(
     start: float = 0.0,
     end: float = 1.0,
     mask=None,
+    region: str = "mask",
 ):
     return run_node(pack, "NestedAttentionApply", model=model, clip=clip, subject=subject, text=text, token=token,
-                    start_percent=start, end_percent=end, mask=mask, λ=lambda_)
+                    start_percent=start, end_percent=end, mask=mask, region=region, λ=lambda_)
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -328,3 +333,37 @@ def fingerprint(node_class, **values):
     prompt = DynamicPrompt({"1": {"class_type": node_class.__name__, "inputs": dict(values)}})
     with registered(node_class):
         return run_async(execution.IsChangedCache("fingerprint", prompt, None).get("1"))
+
+
+# ------------------------------------------------------------------------------------------------
+# One constructed cross-attention layer, called as ComfyUI calls an attn2 patch (tests of capture and region auto)
+
+LAYER = LayerSpec("input", 1, 0, 8)  # one cross-attention layer, 8 wide, 2 heads of 4
+HEADS, TEXT, GRID = 2, 6, 4  # a 4 x 4 query grid, a 6-token prompt
+
+
+def direction(i: int, scale: float = 10.0) -> torch.Tensor:
+    """A vector along unit i in both heads' slices (dims i and 4 + i)."""
+    out = torch.zeros(8)
+    out[i] = out[4 + i] = scale
+    return out
+
+
+def constructed_binding(source, **kwargs) -> SubjectBinding:
+    """A subject of 4 tokens whose nested key i points along direction(i): K~ = E W_K~^T = 10 (e_i + e_4+i)."""
+    config = EncoderConfig(
+        domain="faces", token="person",
+        qformer=QFormerConfig(clip_dim=64, dim=8, depth=1, heads=1, dim_head=8, num_queries=4, output_dim=8,
+                              ff_mult=1),
+        clip_vision=ClipVisionSpec(**TINY_CLIP_VISION_SPEC), layers=(LAYER,))
+    encoder = NestedEncoder(config).requires_grad_(False)
+    encoder.projections[0].to_k.weight.copy_(torch.eye(8))
+    encoder.projections[0].to_v.weight.normal_(generator=torch.Generator().manual_seed(0))
+    tokens = torch.stack([direction(i) for i in range(4)])[None]  # (1, 4, 8)
+    return SubjectBinding(encoder=encoder, tokens=tokens, prompt_tokens=TEXT, source=source, **kwargs)
+
+
+def call_patch(patch, q, k, v, run, sigma=1.0):
+    """One call of an attn2 patch on LAYER's grid, conditional rows only, with this run's state (or None)."""
+    return patch(q, k, v, {"n_heads": HEADS, "cond_or_uncond": [0], "sigmas": torch.tensor([sigma]),
+                           "activations_shape": [1, 8, GRID, GRID], RUN_KEY: run})

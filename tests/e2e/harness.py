@@ -162,10 +162,13 @@ class ComfyServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def queue_prompt(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors."""
+    def queue_prompt(self, prompt: dict, client_id: str = "nested-attention-e2e") -> str:
+        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors.
+
+        client_id: who gets the progress and output messages (a page's app.api.clientId: that frontend shows
+        the outputs in its nodes)."""
         try:
-            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})
+            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
             return answer["prompt_id"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"the server refused the prompt: {e.read().decode(errors='replace')}") from e
@@ -185,9 +188,10 @@ class ComfyServer:
             time.sleep(0.2)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict[str, list[bytes]]:
+    def run_prompt(self, prompt: dict, timeout: float = 600.0, client_id: str = "nested-attention-e2e"
+                   ) -> dict[str, list[bytes]]:
         """Queue `prompt`, wait for it, fetch its output images over /view: {node id: [PNG bytes, ...]}."""
-        entry = self.wait_for(self.queue_prompt(prompt), timeout)
+        entry = self.wait_for(self.queue_prompt(prompt, client_id), timeout)
         images = {}
         for node_id, output in entry.get("outputs", {}).items():
             for image in output.get("images", []):

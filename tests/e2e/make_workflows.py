@@ -631,6 +631,46 @@ prompt once); identity leakage between the two is measured by `training.evaluate
     return g
 
 
+def see_where_the_subject_goes() -> Graph:
+    """One person from one photo, with the attention maps: Capture Nested Attention between the Apply node and
+    the KSampler, Nested Attention Maps after decoding, and Subject Query Maps from the Encode node."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=260, title="person")
+    apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
+                   text="a photo of a person walking a dog through an autumn forest, morning light")
+    negative = _negative(g, ckpt, (XC, 380))
+    capture = g.node("NestedAttentionCapture", (XD, 0), size=(280, 130), start_percent=0.0, end_percent=1.0,
+                     sources=True)
+    g.link(apply, 0, capture, "model")
+    latent = _latent(g, (XD, 480))
+    sampler = _sampler(g, (capture, 0), (apply, 1), negative, latent, (XD, 170))
+    decode = g.node("VAEDecode", (XE, 0), size=(200, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (XE, 100), size=(340, 380), filename_prefix="nested_attention/see_where")
+    g.link(decode, 0, save, "images")
+    maps = g.node("NestedAttentionMaps", (XC, 560), size=(400, 160), points="", top_tokens=5, normalize="peak")
+    g.link(capture, 1, maps, "capture")
+    g.link(decode, 0, maps, "image")
+    for output, pos, size, name in ((0, (XD, 630), (280, 250), "placement"), (1, (XE, 520), (340, 360), "sources")):
+        saved = g.node("SaveImage", pos, size=size, title=f"Save {name} map",
+                       filename_prefix=f"nested_attention/see_where_{name}")
+        g.link(maps, output, saved, "images")
+    queries = g.node("NestedAttentionQueryMaps", (XB, 440), size=(280, 90), count=16)
+    g.link(encode, 0, queries, "subject")
+    saved = g.node("SaveImage", (XB, 570), size=(280, 300), title="Save query maps",
+                   filename_prefix="nested_attention/see_where_queries")
+    g.link(queries, 0, saved, "images")
+    _notes(g, SINGLE_WIDTH, "See where the subject goes", [FACES_ENCODER], """
+**Capture Nested Attention** (between Apply and the KSampler) records the run; the image is exactly the same.
+**Nested Attention Maps**: *placement* tints where the word *person* took the attention (stronger = more);
+*sources* marks the 3 strongest places (or your *points*, x,y fractions) and shows which subject tokens were
+read there and where they come from in the photo. **Subject Query Maps**: where each query of the encoder
+looks in the photo, no sampling needed.""")
+    return g
+
+
 # File name -> graph. The template browser shows a custom node pack's workflows by file name only (as the
 # card's title, and with - and _ as spaces as its description; no index.json or extra field is read for
 # them), so the names say what each workflow does.
@@ -644,6 +684,7 @@ WORKFLOWS = {
     "Person into a photo, inpainting": person_into_photo,
     "Person into a photo, SDXL inpainting model": person_into_photo_inpainting_model,
     "Two people, left and right": two_people_left_and_right,
+    "See where the subject goes": see_where_the_subject_goes,
 }
 # Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names,
 # here the alternative to the authors' face encoder, for the workflows that name that one.

@@ -29,9 +29,22 @@ EXPECTED = {
     "NestedAttentionApply": (
         "Apply Nested Attention (token, λ)",
         {"model", "clip", "subject", "text", "token", "λ", "start_percent", "end_percent"},
-        {"mask"},
+        {"mask", "region"},
         ["MODEL", "CONDITIONING"],
     ),
+    "NestedAttentionCapture": (
+        "Capture Nested Attention",
+        {"model", "start_percent", "end_percent", "sources"},
+        set(),
+        ["MODEL", "NESTED_CAPTURE"],
+    ),
+    "NestedAttentionMaps": (
+        "Nested Attention Maps",
+        {"capture", "image", "points", "top_tokens", "normalize"},
+        set(),
+        ["IMAGE", "IMAGE"],
+    ),
+    "NestedAttentionQueryMaps": ("Subject Query Maps", {"subject", "count"}, set(), ["IMAGE"]),
 }
 NO_TOOLTIP_NEEDED = {"model"}
 
