@@ -3,7 +3,7 @@
 The leakage figures against images built by hand (each subject's own photo pasted on one side: its own
 identity is exactly 1, the other subject's is the cosine of the two photos' embeddings), the face matching,
 the prompts without their subject words, the models it samples (two subjects on one patch, the manual
-regions as the Apply node's masks), the region method `auto` refused until it exists, and the command line
+regions as the Apply node's masks, auto regions as the Apply node's `region: auto`), and the command line
 end to end: files, rows, a figure recomputed from an image on disk, the plot and the grids.
 """
 
@@ -146,20 +146,16 @@ def test_the_pair_model_carries_both_subjects_on_their_words_with_their_halves(t
             bound["toy"].tokens, base.tokens(1)
         )
     none = generator.model(PairJob(PairMethod("nested", "none", 1.0), 0, 0, 0))
-    assert all(s.mask is None for p in attn2_replacements(none).values() for s in p.subjects)
+    unbound = [s for p in attn2_replacements(none).values() for s in p.subjects]
+    assert all(s.mask is None and not s.auto_region for s in unbound)
+    auto = generator.model(PairJob(PairMethod("nested", "auto", 1.0), 0, 0, 0))
+    for patch in attn2_replacements(auto).values():  # both words, no mask: regions found while sampling
+        assert {s.name for s in patch.subjects} == {"pet", "toy"}
+        assert all(s.auto_region and s.mask is None for s in patch.subjects)
     assert generator.model(PairJob(PairMethod("prior"), 0, 0, 0)) is frozen.unet
 
 
-def test_region_auto_is_refused_with_a_clear_message_until_it_is_connected(tmp_path):
-    assert not two_subjects.AUTO_REGIONS_CONNECTED
-    with pytest.raises(SystemExit):
-        evaluate_cli.parse_args(
-            ["--domain", "tiny", "--output_dir", str(tmp_path), "--two_subjects", "--regions", "none", "auto"]
-        )
-    with pytest.raises(
-        two_subjects.AutoRegionsUnavailable, match="region: auto .* is not part of this build"
-    ):
-        two_subjects.auto_region_model(None, [], [])
+def test_two_subject_flags_that_do_not_fit_are_refused(tmp_path):
     for flags in (
         ["--domain", "pets", "--encoder", __file__, "--two_subjects"],  # no faces to score
         ["--domain", "tiny", "--regions", "manual"],  # without --two_subjects
@@ -169,12 +165,9 @@ def test_region_auto_is_refused_with_a_clear_message_until_it_is_connected(tmp_p
             evaluate_cli.parse_args([*flags, "--output_dir", str(tmp_path)])
 
 
-def test_region_auto_message_names_what_to_run_instead(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        evaluate_cli.parse_args(
-            ["--domain", "tiny", "--output_dir", str(tmp_path), "--two_subjects", "--regions", "auto"]
-        )
-    assert "--regions none manual" in capsys.readouterr().err
+def test_every_region_method_is_measured_by_default(tmp_path):
+    args = evaluate_cli.parse_args(["--domain", "tiny", "--output_dir", str(tmp_path), "--two_subjects"])
+    assert args.regions == ("none", "manual", "auto")
 
 
 def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
@@ -197,19 +190,20 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         )
     finally:
         reset_after_run()
-    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 2 region methods x 2.
+    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 3 region methods x 2.
     images = sorted(out.glob("images/**/*.png"))
-    assert result["generated"] == len(images) == 2 + 2 * 2
+    assert result["generated"] == len(images) == 2 + 3 * 2
     own, other = "identity_own[tiny-face]", "identity_other[tiny-face]"
     assert result["metrics"] == ["clip_t[tiny-clip-g+tiny-vision]", own, other]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     saved = json.loads((out / "metrics.json").read_text())
-    assert len(rows) == len(saved["rows"]) == 6 * 2  # each image: one row per subject of the pair
+    assert len(rows) == len(saved["rows"]) == 8 * 2  # each image: one row per subject of the pair
     assert {(r["method"], r["region"]) for r in rows} == {
         ("prior", ""),
         ("nested", "none"),
         ("nested", "manual"),
+        ("nested", "auto"),
     }
     assert all(r["word"] in ("pet", "toy") and r["subject"] != r["other_subject"] for r in rows)
     # A figure recomputed from an image on disk and the two subjects' photos, written out here.
@@ -236,7 +230,7 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         else:
             assert entry[own] is None and entry[other] is None
     summary = {(e["method"], e["region"]): e for e in saved["summary"]}
-    assert set(summary) == {("prior", ""), ("nested", "none"), ("nested", "manual")}
+    assert set(summary) == {("prior", ""), ("nested", "none"), ("nested", "manual"), ("nested", "auto")}
     for entry in saved["summary"]:
         assert entry["rows"] == 4 and entry["face_failures"] == sum(
             1
@@ -246,23 +240,24 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         if entry[own] is not None:
             assert entry["identity_gap"] == pytest.approx(entry[own] - entry[other])
     with open(out / "summary.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        assert len(list(csv.DictReader(f))) == 4
     with Image.open(out / "leakage.png") as plot:
         assert plot.size[0] > 400 and plot.size[1] > 300
     assert sorted(p.name for p in (out / "grids").glob("*.png")) == [
+        "pair-auto-lambda-1.png",
         "pair-manual-lambda-1.png",
         "pair-none-lambda-1.png",
         "prior.png",
     ]
-    # The regions change the image: manual differs from none for the same pair, prompt and seed.
-    none, manual = (
+    # The regions change the image: manual and auto differ from none for the same pair, prompt and seed.
+    none, manual, auto = (
         np.asarray(
             Image.open(
                 out / f"images/pair-{r}-lambda-1/{'+'.join(saved['settings']['pairs'][0])}/p00-seed0.png"
             ),
             dtype=np.float64,
         )
-        for r in ("none", "manual")
+        for r in ("none", "manual", "auto")
     )
-    assert np.abs(none - manual).mean() > 0.5
+    assert np.abs(none - manual).mean() > 0.5 and np.abs(none - auto).mean() > 0.5
     assert saved["settings"]["two_subjects"] is True and saved["settings"]["pair_words"] == ["pet", "toy"]

@@ -17,7 +17,7 @@ from ..presets import PRESETS, Preset
 from ..settings import build_parser as settings_parser
 from ..settings import parse, rule, setting, valid
 from .generation import DECOUPLED_SCALES, LAMBDAS
-from .two_subjects import AUTO_REGIONS_CONNECTED, AUTO_REGIONS_MISSING, PAIR_WORDS, REGIONS
+from .two_subjects import PAIR_WORDS, REGIONS
 
 METHODS = ("prior", "nested", "decoupled")
 # The groups of `--help`, in order.
@@ -183,21 +183,17 @@ class EvalConfig:
     )
     regions: tuple[str, ...] | None = setting(
         TWO_SUBJECTS,
-        "Region methods to compare (default: none manual): none = both subjects on the whole image; "
+        "Region methods to compare (default: all three): none = both subjects on the whole image; "
         "manual = the first subject on the left half, the second on the right (the Apply node's MASK); auto "
-        "= each subject's region from its word's cross-attention in the first steps (refused until that "
-        "option is part of the build).",
-        preset=lambda c: ("none", "manual") if c.two_subjects else None,
+        "= each subject's region from its word's cross-attention in the first steps (the Apply node's "
+        "region: auto).",
+        preset=lambda c: REGIONS if c.two_subjects else None,
         choices=REGIONS,
         convert=lambda given: tuple(dict.fromkeys(given)),  # each once, in the order given
         check=(
             rule(
                 lambda c: c.two_subjects or c.regions is None,
                 "--regions and --pair_words belong to --two_subjects.",
-            ),
-            valid(
-                lambda regions: "auto" not in regions or AUTO_REGIONS_CONNECTED,
-                AUTO_REGIONS_MISSING,
             ),
         ),
     )

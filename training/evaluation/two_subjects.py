@@ -6,9 +6,8 @@ image per method: the prior (no subject), and nested attention at each λ with e
 - none: both subjects on the whole image (each on its own word of the prompt);
 - manual: subject A confined to the left half, B to the right half (the Apply node's MASK; the shipped
   "Two people, left and right" workflow makes the same halves with core mask nodes);
-- auto: each subject's region from its own word's cross-attention during the first steps. It comes from
-  another branch (`region: auto`); until it is connected (`auto_region_model` below) it is refused with a
-  clear message, never replaced by something else.
+- auto: each subject's region from its own word's cross-attention during the first steps (the Apply node's
+  `region: auto`: `SubjectBinding(auto_region=True)`, whose per-run wrapper `host.install_subject` adds).
 Both subjects are bound by the same encoder, one word each (`--pair_words`, default "man" "woman" for faces),
 installed exactly as two chained Apply nodes install them (`host.install_subject`).
 
@@ -46,29 +45,6 @@ PREFIX = "[nested-attention]"
 
 REGIONS = ("none", "manual", "auto")
 PAIR_WORDS = {"faces": ("man", "woman"), "tiny": ("pet", "toy")}  # subject A's word, subject B's word
-
-
-# ------------------------------------------------------------------------------------------------
-# region: auto. THE INTEGRATOR CONNECTS THIS when `region: auto` (regions from each word's cross-attention
-# during the first steps, the visualization branch) lands: build the model with both bindings and auto
-# regions, and set AUTO_REGIONS_CONNECTED. Until then `--regions auto` stops the run before any sampling.
-
-AUTO_REGIONS_CONNECTED = False
-AUTO_REGIONS_MISSING = (
-    "--regions auto: region: auto (each subject's region from its own word's cross-attention during the "
-    "first steps) is not part of this build yet, so the two-subject mode cannot measure it. Run with "
-    "--regions none manual; auto is measured once that option is connected "
-    "(training/evaluation/two_subjects.py: auto_region_model)."
-)
-
-
-class AutoRegionsUnavailable(RuntimeError):
-    pass
-
-
-def auto_region_model(unet: Any, bindings: Sequence[SubjectBinding], layers: Sequence[Any]) -> Any:
-    """A clone of `unet` with both subjects, each confined to the region its own word attends to."""
-    raise AutoRegionsUnavailable(AUTO_REGIONS_MISSING)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +160,9 @@ class PairGenerator:
         self.base, self.pairs, self.prompts, self.words = base, list(pairs), list(prompts), tuple(words)
         self.texts = [TextEncoder(base.frozen.clip, word) for word in self.words]
 
-    def bindings(self, job: PairJob, masks: Sequence[Optional[torch.Tensor]]) -> list[SubjectBinding]:
+    def bindings(
+        self, job: PairJob, masks: Sequence[Optional[torch.Tensor]], auto: bool = False
+    ) -> list[SubjectBinding]:
         from ..samples import prompt_positions
 
         prompt = self.prompts[job.prompt].render(self.words)
@@ -204,6 +182,7 @@ class PairGenerator:
                     prompt_tokens=prompt_tokens,
                     scale=float(job.method.value),
                     mask=mask,
+                    auto_region=auto,
                     name=word,
                 )
             )
@@ -216,13 +195,12 @@ class PairGenerator:
         if job.method.kind == "prior":
             return frozen.unet
         region = job.method.region
-        if region == "auto":
-            return auto_region_model(frozen.unet, self.bindings(job, (None, None)), encoder.layers)
         side = self.base.settings.resolution // 8
         masks = manual_regions(side, side) if region == "manual" else (None, None)
         model = frozen.unet.clone()
         # As two chained Apply nodes install them: one patch per layer, holding both subjects.
-        for binding in self.bindings(job, masks):
+        # auto: install_subject adds the per-run wrapper that finds the regions during the first steps.
+        for binding in self.bindings(job, masks, auto=region == "auto"):
             install_subject(model, binding, encoder.layers)
         return model
 
