@@ -102,8 +102,8 @@ def check_not_blank(images: torch.Tensor, mask_marks: str | None = None, sides: 
         )
     if min(colour) >= 250:
         cause = (
-            "A 16-bit PNG loaded with ComfyUI's Load Image comes out like this (it reads 16-bit greyscale "
-            "as pure white): save the photo as an 8-bit PNG or a JPEG and load it again."
+            "The likely cause: a 16-bit PNG through ComfyUI's Load Image, which some releases (0.3.75 among "
+            "them) read as pure white. Save the photo as an 8-bit PNG or a JPEG and load it again."
         )
     else:
         cause = "Check the node that made it (a failed generation or conversion gives a plain image)."
