@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import comfy.utils
 import folder_paths
 import numpy as np
 import pytest
 import torch
-from pack_helpers import encode_subject, photos, run_node
+from pack_helpers import PET_PHOTO, cat_cutout_alpha, encode_subject, photos, run_node
 from PIL import Image
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def reference_tokens(handle, images):
@@ -187,16 +184,6 @@ def test_face_alignment_settings_round_trip_through_the_weight_file(tmp_path, ti
 
 # ------------------------------------------------------------------------------------------------
 # Which side of the mask is the subject (Load Image's MASK is 1 - alpha; segmentation masks are 1 on the object)
-
-PET_PHOTO = REPO / "workflows" / "input" / "nested_attention_pet.jpg"  # Chelsea the cat (CC0), see the README
-
-
-def cat_cutout_alpha(width: int, height: int) -> np.ndarray:
-    """A soft-edged ellipse around the cat's face, 0..255: the alpha channel of a cut-out (uint8, (H, W))."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    r = np.sqrt(((x - 240) / 150) ** 2 + ((y - 150) / 135) ** 2)
-    return np.clip((1.05 - r) * 10 * 255, 0, 255).round().astype(np.uint8)
-
 
 def load_image(folder, name, monkeypatch):
     """ComfyUI's own Load Image node (the host's nodes.LoadImage) on `folder/name`: (IMAGE, MASK)."""
