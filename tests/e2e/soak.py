@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import random
 import shutil
@@ -309,7 +310,9 @@ async def _soak(server: ComfyServer, cases: list[Case], tag: str, idle_timeout: 
 
 
 def run_soak(server: ComfyServer, cases: list[Case], tag: str = "soak", idle_timeout: float = 300.0) -> dict:
-    return asyncio.run(_soak(server, cases, tag, idle_timeout))
+    # In a thread of its own: the caller's thread may already run an event loop (playwright's, in the e2e suite).
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, _soak(server, cases, tag, idle_timeout)).result()
 
 
 # ------------------------------------------------------------------------------------------------
