@@ -113,7 +113,6 @@ if "ipadapter" not in folder_paths.folder_names_and_paths:
         [str(Path(folder_paths.models_dir) / "ipadapter")], folder_paths.supported_pt_extensions)
 
 
-
 def live_subjects() -> dict:
     """What of the pack's subjects is alive in this process, after a full garbage collection: the
     SubjectBindings (one per Apply node run whose model is still referenced) and their cached K~/V~ entries.
