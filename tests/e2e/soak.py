@@ -47,7 +47,9 @@ for _path in (_HERE, _HERE.parent):  # tests/e2e (harness) and tests/ (tiny_mode
         sys.path.insert(0, str(_path))
 
 import tiny_models  # isort: skip  (first: it sets ComfyUI up as a library, as the test suite's conftest does)
+import aiohttp
 import numpy as np
+import torch
 from harness import ComfyServer
 from make_workflows import (
     FACES_ENCODER,
@@ -59,6 +61,7 @@ from make_workflows import (
 )
 from pack_helpers import PET_PHOTO, cat_cutout_alpha
 from PIL import Image
+from safetensors.torch import load_file
 from tiny_base import prepare_tiny_base
 from weight_layouts import plain_ip_adapter_keys, write_safetensors
 
@@ -238,8 +241,6 @@ def prepare_soak_base(base: Path, unet) -> None:
     Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(base / "input" / CUTOUT)
     Image.fromarray(alpha, mode="L").convert("RGB").save(base / "input" / CUTOUT_MASK)
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255)).save(base / "input" / BLANK)
-    import torch
-
     write_safetensors(base / "models" / "ipadapter" / REFUSED_LAYOUT,
                       [(k, s, torch.float16) for k, s in plain_ip_adapter_keys()], lambda n, s, d: torch.zeros(s))
 
@@ -257,8 +258,6 @@ def rss_mb(pid: int) -> float:
 
 
 async def _soak(server: ComfyServer, cases: list[Case], tag: str, idle_timeout: float) -> dict:
-    import aiohttp
-
     rss: list[tuple[int, float]] = []  # (prompts finished, RSS MB)
     live: list[tuple[int, dict]] = []
     by_id: dict[str, Case] = {}
@@ -321,8 +320,6 @@ def run_soak(server: ComfyServer, cases: list[Case], tag: str = "soak", idle_tim
 
 def outputs(server: ComfyServer, entry: dict, prompt: dict) -> dict:
     """The latent tensor (SaveLatent) and the PNG's pixels (SaveImage) of a finished prompt, read from disk."""
-    from safetensors.torch import load_file
-
     found = {}
     for node_id, node in prompt.items():
         kind = node["class_type"]
@@ -338,8 +335,6 @@ def outputs(server: ComfyServer, entry: dict, prompt: dict) -> dict:
 
 
 def same_outputs(a: dict, b: dict) -> bool:
-    import torch
-
     return (a["latent"].dtype == b["latent"].dtype and torch.equal(a["latent"], b["latent"])
             and np.array_equal(a["pixels"], b["pixels"]))
 
