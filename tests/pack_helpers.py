@@ -234,6 +234,18 @@ def run_comfy_node(node_id: str, **inputs):
     return execute_node(nodes.NODE_CLASS_MAPPINGS[node_id], node_id, **inputs)
 
 
+PET_PHOTO = Path(__file__).resolve().parents[1] / "workflows" / "input" / "nested_attention_pet.jpg"  # Chelsea (CC0)
+
+
+def cat_cutout_alpha(width: int, height: int):
+    """The alpha channel of a cut-out of PET_PHOTO: a soft-edged ellipse around the cat's face, (H, W) uint8."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = np.sqrt(((x - 240) / 150) ** 2 + ((y - 150) / 135) ** 2)
+    return np.clip((1.05 - r) * 10 * 255, 0, 255).round().astype(np.uint8)
+
+
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
     """An IMAGE batch (n, size, size, 3) in [0, 1]."""
     return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))

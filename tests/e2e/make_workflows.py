@@ -216,6 +216,7 @@ XD, XE = XC + 440, XC + 760
 NOTE_TOP, NOTE_HEIGHT = -230, 190  # the notes' title bars start 30 units higher
 PHOTO_SIZE = (300, 320)
 APPLY_SIZE = (400, 330)  # with its own prompt box
+ENCODE_SIZE = (280, 162)  # Encode Subject Image(s): crop, align, face_index, mask_marks
 APPLY_LINKED_SIZE = (300, 250)  # prompt from a shared String node
 BRANCH = 320  # the λ sweep's branch columns
 # The zoom a workflow opens at (its saved extra.ds): the whole graph if it fits the reference window at
@@ -306,7 +307,7 @@ def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple) -> int:
 
 
 def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
-    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 138), title=f"Encode {title}")
+    encode = g.node("NestedAttentionEncodeSubject", pos, size=ENCODE_SIZE, title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
     return encode
@@ -409,7 +410,7 @@ def person_several_photos() -> Graph:
                      title=f"person photo {i + 1}") for i, name in enumerate(PERSON_IMAGES)]
     image = photos[0]
     for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
-        batch = g.node("ImageBatch", (XB, 150 + 100 * i), size=(280, 70))
+        batch = g.node("ImageBatch", (XB, 200 + 90 * i), size=(280, 70))  # titles clear of Encode
         g.link(image, 0, batch, "image1")
         g.link(other, 0, batch, "image2")
         image = batch
@@ -434,11 +435,11 @@ def _person_and_pet(person_file: str, pet_file: str, text: str, prefix: str, abo
     person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
                           title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
-    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 138), title="Encode pet")
-    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=pet_file,
+    pet = g.node("NestedAttentionEncodeSubject", (XB, 215), size=ENCODE_SIZE, title="Encode pet")
+    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 430), size=(280, 80), encoder_name=pet_file,
                          properties={"models": [model_entry(pet_file)]})
     g.link(vision, 0, pet_encoder, "clip_vision")
-    pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
+    pet_photo = g.node("LoadImage", (XB, 550), size=(280, 320), image=PET_IMAGE, title="pet photo")
     g.link(pet_encoder, 0, pet, "encoder")
     g.link(pet_photo, 0, pet, "image")
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
