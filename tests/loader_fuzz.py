@@ -312,7 +312,7 @@ class Worker:
         import tiny_models  # isort: skip  (first: it sets ComfyUI up, then folder_paths can be imported)
         import folder_paths
         import torch
-        from pack_helpers import TINY_CLIP_VISION_SPEC, encode_subject, run_node, tiny_encoder
+        from pack_helpers import TINY_CLIP_VISION_SPEC, encode_subject, pack_namespace, run_node, tiny_encoder
         from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values
         from weight_layouts import write_safetensors as write_layout
 
@@ -392,16 +392,6 @@ class Worker:
         finally:
             path.unlink(missing_ok=True)
         return results
-
-
-def pack_namespace():
-    from types import SimpleNamespace
-
-    from pack import load_pack
-
-    module = load_pack()
-    return SimpleNamespace(mappings=module.NODE_CLASS_MAPPINGS, subject=module.nodes.subject,
-                           loader=module.nodes.loader)
 
 
 def pack_errors(pack) -> tuple[type, ...]:

@@ -27,6 +27,7 @@ from weight_layouts import (
     TINY_IP_ADAPTER_NUMBERS,
     RandomPool,
     ip_adapter_plus_sdxl_keys,
+    plain_ip_adapter_keys,
     resampler_keys,
     sdxl_ip_adapter_table,
     write_safetensors,
@@ -433,9 +434,7 @@ def test_faceid_files_are_refused(tmp_path, kind):
 
 
 def test_plain_ip_adapter_is_refused(tmp_path):
-    keys = [("image_proj.proj.weight", (8192, 1280)), ("image_proj.proj.bias", (8192,)),
-            ("image_proj.norm.weight", (2048,)), ("image_proj.norm.bias", (2048,)),
-            ("ip_adapter.1.to_k_ip.weight", (640, 2048)), ("ip_adapter.1.to_v_ip.weight", (640, 2048))]
+    keys = plain_ip_adapter_keys()
     path = tmp_path / "ip-adapter_sdxl_vit-h.safetensors"
     write_safetensors(path, [(k, s, torch.float16) for k, s in keys], lambda n, s, d: torch.zeros(s))
     with pytest.raises(NestedWeightsError, match=r"plain IP-Adapter.*pooled embedding"):

@@ -32,7 +32,8 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # The loaders of the shipped workflows, with the models folders ComfyUI reads their file from: the files a
 # workflow needs are read from the workflow itself. Load Nested Encoder lists two folders.
 LOADERS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
-           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter")}
+           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter"),
+           "UNETLoader": ("diffusion_models",)}
 ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's download allow-list
 
 
