@@ -74,7 +74,7 @@ def check_sdxl(model: Any) -> None:
     base = getattr(model, "model", None)
     if not isinstance(base, comfy.model_base.SDXL):
         raise NestedApplyError(
-            f"Apply Nested Attention needs an SDXL model, but got {type(base).__name__}. Nested encoders are "
+            f"nested attention needs an SDXL model, but got {type(base).__name__}. Nested encoders are "
             "trained for SDXL's cross-attention layers; load an SDXL checkpoint (base or a fine-tune of "
             "it)."
         )
@@ -173,9 +173,11 @@ def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, enc
     """Refuse a CLIP vision model of another architecture; warn about another file name of the same one."""
     found = clip_vision_spec(clip_vision, name)
     if not expected.same_architecture(found):
+        # A connected model comes without its file name (ComfyUI does not keep it).
+        given = f"the one given, {name}, is" if name else "the one connected to the clip_vision input is"
         raise NestedEncoderLoadError(
-            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but the one given "
-            f"is {found.describe()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
+            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but {given} "
+            f"{found.architecture()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
             f"encoder was trained with (put {expected.name} in models/clip_vision and leave the clip_vision "
             "input unconnected, or load it with a Load CLIP Vision node)."
         )

@@ -11,9 +11,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nested_attention import concat_subject_tokens, faces
+from nested_attention.formats import FLOAT_DTYPES, file_problem
 from nested_attention.images import (
     BLANK_SHARE,
     MASK_MARKS,
@@ -22,6 +22,7 @@ from nested_attention.images import (
     composite_on_white,
     subject_mask,
 )
+from nested_attention.weights import write_safetensors
 
 from .wires import (
     CATEGORY,
@@ -31,6 +32,7 @@ from .wires import (
     NestedSubjectType,
     Subject,
     choice_error,
+    names_the_node,
 )
 
 SUBJECT_FORMAT = "nested-attention-subject"
@@ -87,7 +89,7 @@ def subject_images(
             )
         except faces.FaceAlignError as e:
             raise SubjectError(
-                f"Encode Subject Image(s): encoder {handle.name} reads aligned faces, and {e}"
+                f"encoder {handle.name} reads aligned faces, and {e}"
             ) from e
         progress.update(1)
     return torch.stack(crops).to(images.device)  # (n, face_size, face_size, 3)
@@ -131,7 +133,7 @@ def encode_subject(
     if image is None or image.dim() != 4 or image.shape[0] == 0:
         shape = None if image is None else tuple(image.shape)
         raise SubjectError(
-            f"Encode Subject Image(s) got no image (shape {shape}); connect one or more photos of the "
+            f"no image (shape {shape}); connect one or more photos of the "
             "subject (an IMAGE batch)."
         )
     images = composite_on_white(image, mask)
@@ -262,6 +264,7 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
                 or choice_error("mask_marks", mask_marks, MASK_MARKS) or True)
 
     @classmethod
+    @names_the_node("Encode Subject Image(s)")
     def execute(
         cls,
         encoder: EncoderHandle,
@@ -292,13 +295,14 @@ def save_subject(path: str, subject: Subject) -> None:
         "name": subject.name,
         "images": str(subject.images),
     }
-    save_file(
-        {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, path, metadata=metadata
-    )
+    write_safetensors(path, {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
 def load_subject(path: str, handle: EncoderHandle) -> Subject:
     name = os.path.basename(path)
+    problem = file_problem(path)
+    if problem:
+        raise SubjectError(f"{name} {problem}. Expected a subject saved by Save Nested Subject.")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -311,6 +315,17 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
                 raise SubjectError(
                     f"{name} has subject format version {metadata.get('format_version')!r}; this pack reads "
                     f"version {SUBJECT_FORMAT_VERSION}. Encode the photos again."
+                )
+            if set(f.keys()) != {"tokens"}:
+                raise SubjectError(
+                    f"{name} holds the tensors {sorted(f.keys())[:6]}; a saved subject holds one, 'tokens'. The "
+                    "file is damaged or was edited: save the subject again."
+                )
+            dtype = f.get_slice("tokens").get_dtype()
+            if dtype not in FLOAT_DTYPES:
+                raise SubjectError(
+                    f"{name}: its 'tokens' are {dtype}, expected float32 (as Save Nested Subject writes them); the "
+                    "file is damaged: save the subject again."
                 )
             tokens = f.get_tensor("tokens")
     except (SafetensorError, OSError) as e:
@@ -329,12 +344,19 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
         or tokens.shape[0] != 1
         or tokens.shape[2] != width
         or tokens.shape[1] % handle.config.num_tokens
+        or tokens.shape[1] == 0
     ):
         raise SubjectError(
             f"{name}: tokens of shape {tuple(tokens.shape)}, expected (1, n*{handle.config.num_tokens}, "
             f"{width}); the file is damaged, save the subject again."
         )
-    images = int(metadata.get("images", tokens.shape[1] // handle.config.num_tokens))
+    bad = tokens.numel() - int(torch.isfinite(tokens).sum())
+    if bad:  # NaN tokens would give NaN subject values: black images
+        raise SubjectError(
+            f"{name}: its 'tokens' hold {bad} NaN or infinite value(s); they would give black images. The file is "
+            "damaged: encode the photos again and save the subject."
+        )
+    images = tokens.shape[1] // handle.config.num_tokens  # what the file's "images" says, counted from the tokens
     return Subject(tokens=tokens.float(), encoder=handle, name=metadata.get("name", "subject"), images=images)
 
 
@@ -374,6 +396,7 @@ class NestedAttentionSaveSubject(io.ComfyNode):
         )
 
     @classmethod
+    @names_the_node("Save Nested Subject")
     def execute(cls, subject: Subject, filename_prefix: str = f"{SUBJECT_DIR}/subject") -> io.NodeOutput:
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory()
@@ -426,6 +449,7 @@ class NestedAttentionLoadSubject(io.ComfyNode):
         return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.isfile(path) else subject_file
 
     @classmethod
+    @names_the_node("Load Nested Subject")
     def execute(cls, encoder: EncoderHandle, subject_file: str) -> io.NodeOutput:
         path = folder_paths.get_annotated_filepath(subject_file)
         if not os.path.isfile(path):

@@ -48,6 +48,11 @@ TINY_CLIP_VISION_SPEC = {
 def pack():
     """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`, and
     its nodes by id as ComfyUI registers them (from the node list its comfy_entrypoint gives)."""
+    return pack_namespace()
+
+
+def pack_namespace() -> SimpleNamespace:
+    """What the `pack` fixture gives, for code outside pytest (tests/loader_fuzz.py's worker)."""
     module = load_pack()
     nodes = module.nodes
     extension = run_async(module.comfy_entrypoint())
@@ -109,19 +114,21 @@ def tiny_encoder(
 
 @pytest.fixture
 def models_folder(tmp_path, monkeypatch):
-    """A temporary folder registered as ComfyUI's `nested_attention` (and `clip_vision`) models folders."""
+    """Temporary folders registered as ComfyUI's `nested_attention`, `ipadapter` and `clip_vision` models folders."""
     folder = tmp_path / "nested_attention"
     clip_folder = tmp_path / "clip_vision"
-    folder.mkdir()
-    clip_folder.mkdir()
+    ipadapter = tmp_path / "ipadapter"
+    for made in (folder, clip_folder, ipadapter):
+        made.mkdir()
     monkeypatch.setitem(
         folder_paths.folder_names_and_paths, "nested_attention", ([str(folder)], {".safetensors"})
     )
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ipadapter", ([str(ipadapter)], {".safetensors"}))
     monkeypatch.setitem(
         folder_paths.folder_names_and_paths, "clip_vision", ([str(clip_folder)], {".safetensors"})
     )
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return SimpleNamespace(encoders=folder, clip_vision=clip_folder)
+    return SimpleNamespace(encoders=folder, clip_vision=clip_folder, ipadapter=ipadapter)
 
 
 @pytest.fixture
