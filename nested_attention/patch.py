@@ -27,6 +27,7 @@ from .encoder import NestedEncoder
 from .layers import LayerSpec
 
 HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
+_HOST = torch.device("cpu")
 
 
 class NestedAttentionError(RuntimeError):
@@ -185,7 +186,8 @@ class SubjectBinding:
         if self.rows is not None:  # a weight of 0 leaves a row exactly as without the subject
             per_row = self.rows.to(q.device, torch.float32)[:, None].expand(-1, q.shape[1])  # (B, N)
             weight = per_row if weight is None else weight[None, :] * per_row
-        return NestedSubject(k, v, self.context_positions(context_tokens, q.device), scale=self.scale, alpha=alpha,
+        # Positions in host memory: nested_attention reads them as ints, without waiting for a device.
+        return NestedSubject(k, v, self.context_positions(context_tokens, _HOST), scale=self.scale, alpha=alpha,
                              weight=weight)
 
 
