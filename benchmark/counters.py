@@ -286,9 +286,9 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
             blocking = not kwargs.get("non_blocking", func is aten.to.device and len(args) > 3 and args[3])
             if target is not None and torch.device(target).type != "cpu" and blocking:
                 self.syncs.append("blocking copy from host memory (.to)")
-        if func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
-            if not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
-                self.syncs.append("blocking copy from host memory (copy_)")
+        if (func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu"
+                and not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))):
+            self.syncs.append("blocking copy from host memory (copy_)")
         return func(*args, **kwargs)
 
 
@@ -301,9 +301,9 @@ class _TensorFromHostCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
-            if torch.device(kwargs["device"]).type != "cpu":
-                self.counter.syncs.append("blocking copy from host memory (torch.tensor)")
+        if (func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+                and torch.device(kwargs["device"]).type != "cpu"):
+            self.counter.syncs.append("blocking copy from host memory (torch.tensor)")
         if func is F.scaled_dot_product_attention and not self.counter.fused:
             self.counter.kernels.append("scaled_dot_product_attention")
             self.counter.fused += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -26,9 +27,26 @@ from .counters import (
     layer_inputs,
     nested_floor,
 )
-from .timing import benchmark_encoding, profile_attention, time_attention_calls
+from .timing import (
+    PHOTOS,
+    benchmark_encoding,
+    profile_attention,
+    sdpa_name,
+    time_attention_calls,
+    time_encode_subject,
+)
 from .trainer import synthetic_trainer_throughput, tiny_trainer_throughput
-from .variants import Variant, patches_by_key, subject_binding, with_ip_adapter, with_nested
+from .variants import (
+    IP_LAYOUT,
+    IP_NAME,
+    Variant,
+    ip_adapter_plus_layout,
+    nested_name,
+    patches_by_key,
+    subject_binding,
+    with_ip_adapter,
+    with_nested,
+)
 from .workload import (
     DTYPES,
     IP_TOKENS,
@@ -81,6 +99,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import comfy.ldm.modules.attention
 
     # The shared model builders, imported only after configure_comfy: they import comfy.model_management.
+    from nested_attention.host import clip_vision_spec
     from training.tiny import build_encoder, build_unet, clip_vision_h, sdxl_unet_config, tiny_qformer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -109,83 +128,78 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     qformer = tiny_qformer() if args.tiny else QFormerConfig()
     meta = build_unet(unet_config, torch.device("meta"), dtype)
     layers = unet_layers(meta.model.diffusion_model)
-    meta_encoders = {
-        m: build_encoder(m, layers, torch.device("meta"), dtype, qformer=qformer) for m in NUM_TOKENS
-    }
-    meta_tokens = {m: torch.empty(1, m, SDXL_CONTEXT_DIM, device="meta", dtype=dtype) for m in NUM_TOKENS}
-    meta_variants = {
-        f"nested M={m}": with_nested(meta, subject_binding(meta_encoders[m], meta_tokens[m]), layers)
-        for m in NUM_TOKENS
-    }
-    meta_variants[f"IP-Adapter {IP_TOKENS} tokens"] = with_ip_adapter(
-        meta, layers, host, torch.device("meta"), dtype
-    )
+    meta_variants = {}  # name -> (model, tokens M, UNet rows per CFG step that carry the injection)
+    for m in NUM_TOKENS:
+        encoder = build_encoder(m, layers, torch.device("meta"), dtype, qformer=qformer)
+        binding = subject_binding(encoder, torch.empty(1, m, SDXL_CONTEXT_DIM, device="meta", dtype=dtype))
+        for previous in (False, True):
+            meta_variants[nested_name(m, previous)] = (with_nested(meta, binding, layers, previous), m, 1)
+    meta_variants[IP_NAME] = (with_ip_adapter(meta, layers, host, torch.device("meta"), dtype), IP_TOKENS, 2)
     flops: dict = {}
     for res in sorted({args.resolution, 1024}):
         calls = attention_calls(meta, res, host)
         plain = count_flops(meta, res)["total"]
         entry = {"plain_cond_eval": plain, "attention_calls": len(calls), "variants": {}}
-        for name, variant in meta_variants.items():
-            m = int(name.split("=")[1]) if name.startswith("nested") else IP_TOKENS
-            floor = nested_floor(calls, m) if name.startswith("nested") else ip_adapter_floor(calls)
+        for name, (variant, m, rows) in meta_variants.items():
             entry["variants"][name] = {
-                "floor": floor,
+                "floor": nested_floor(calls, m) if rows == 1 else ip_adapter_floor(calls),
                 "counted": count_flops(variant, res)["total"] - plain,
-                "rows": 1 if name.startswith("nested") else 2,
+                "rows": rows,
             }
         flops[res] = entry
     result["flops"] = {str(k): v for k, v in flops.items()}
+
+    # What one attn2 call costs a GPU beyond FLOPs, at 1024x1024's widest layer (sigmas on the device, as in
+    # sampling): kernel launches, host waits, and the memory its own tensors hold at once.
+    widest_1024 = max(attention_calls(meta, 1024, host), key=lambda c: c.n * c.dim)
+    q, k, vv, extra = layer_inputs(widest_1024, 2, torch.device("meta"), dtype, seed=0)
+    with comfy_sdpa_attention():
+        gpu_work = {"host": device_work_per_call(lambda: host(q, k, vv, widest_1024.heads, extra))}
+        for name, (variant, _, _) in meta_variants.items():
+            patch = patches_by_key(variant)[widest_1024.key]
+            gpu_work[name] = device_work_per_call(functools.partial(patch, q, k, vv, extra))
     calls = attention_calls(meta, args.resolution, host)
     widest = max(calls, key=lambda c: c.n * c.dim)
-
-    # What would make the host wait for a GPU in one attn2 call (sigmas live on the GPU, as in sampling).
-    q, k, vv, extra = layer_inputs(widest, 2, torch.device("meta"), dtype, seed=0)
-    with comfy_sdpa_attention():
-        gpu_work = {"host": device_work_per_call(lambda: host(q, k, vv, widest.heads, extra))}
-        for name, variant in meta_variants.items():
-            patch = patches_by_key(variant)[widest.key]
-            gpu_work[name] = device_work_per_call(lambda: patch(q, k, vv, extra))
-    del meta, meta_encoders, meta_variants
+    del meta, meta_variants, encoder, binding
 
     # The real models.
     log.info("%s building SDXL (random weights) on %s in %s", PREFIX, device, args.dtype)
     model = build_unet(unet_config, device, dtype)
     result["unet_parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    first = build_encoder(NUM_TOKENS[0], layers, device, dtype, seed=1, qformer=qformer)
-    encoders = {NUM_TOKENS[0]: first}
-    for m in NUM_TOKENS[1:]:
-        encoders[m] = build_encoder(
-            m, layers, device, dtype, seed=1, qformer=qformer, projections=first.projections
-        )
-
-    log.info("%s encoding one subject", PREFIX)
     if args.tiny:
         from training.tiny import tiny_clip_vision
 
         clip_vision = tiny_clip_vision(seed=0, hidden=qformer.clip_dim)
     else:
         clip_vision = clip_vision_h(device)
-    result["encode"], tokens = benchmark_encoding(
-        clip_vision, encoders, device, dtype, reps=3 if device.type == "cuda" else 1
-    )
-    del clip_vision
+    clip = clip_vision_spec(clip_vision)  # the tower's shapes, read off the model
+    first = build_encoder(NUM_TOKENS[0], layers, device, dtype, seed=1, qformer=qformer, clip_vision=clip)
+    encoders = {NUM_TOKENS[0]: first}
+    for m in NUM_TOKENS[1:]:
+        encoders[m] = build_encoder(
+            m, layers, device, dtype, seed=1, qformer=qformer, projections=first.projections, clip_vision=clip
+        )
+
+    log.info("%s encoding subjects", PREFIX)
+    reps = 3 if device.type == "cuda" else 1
+    result["encode"], tokens = benchmark_encoding(clip_vision, encoders, device, dtype, reps=reps)
+    layouts = {IP_LAYOUT: ip_adapter_plus_layout(layers, device, dtype, clip, first.projections, args.tiny),
+               **{f"M={m}": encoders[m] for m in NUM_TOKENS}}
+    result["encode"]["photos"] = time_encode_subject(clip_vision, layouts, PHOTOS, device, reps=reps)
+    del clip_vision, layouts
     gc.collect()
 
     variants = [Variant("plain SDXL", model, rows=0)]
     for m in NUM_TOKENS:
         binding = subject_binding(encoders[m], tokens[m], name=f"benchmark M={m}")
-        variant = Variant(
-            f"nested M={m}", with_nested(model, binding, layers), rows=1, num_tokens=m, binding=binding
-        )
+        variant = Variant(nested_name(m), with_nested(model, binding, layers), rows=1, num_tokens=m, binding=binding)
         variant.projections = count_projections(binding)
         variants.append(variant)
+        # The previous implementation, on the same subject (its K~/V~ are cached by then).
+        variants.append(Variant(nested_name(m, True), with_nested(model, binding, layers, previous=True), rows=1,
+                                num_tokens=m))
     variants.append(
-        Variant(
-            f"IP-Adapter {IP_TOKENS} tokens",
-            with_ip_adapter(model, layers, host, device, dtype),
-            rows=2,
-            num_tokens=IP_TOKENS,
-        )
+        Variant(IP_NAME, with_ip_adapter(model, layers, host, device, dtype), rows=2, num_tokens=IP_TOKENS)
     )
 
     # Whole steps: one first (warm-up; nested projects K~/V~ here) per variant, then timed rounds.
@@ -195,7 +209,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         log.info("%s first step: %s", PREFIX, v.name)
         gc.collect()
         memory.reset()
-        v.first_s, out = timed(lambda: unet_step(v.model, inputs), device)
+        v.first_s, out = timed(functools.partial(unet_step, v.model, inputs), device)
         v.peak_bytes = memory.peak_bytes()
         v.finite = bool(torch.isfinite(out).all())
         if v.projections is not None:
@@ -203,20 +217,20 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for round_ in range(args.steps):
         for v in variants:
             log.info("%s step %d/%d: %s", PREFIX, round_ + 1, args.steps, v.name)
-            v.step_s.append(timed(lambda: unet_step(v.model, inputs), device)[0])
+            v.step_s.append(timed(functools.partial(unet_step, v.model, inputs), device)[0])
     for v in variants:
         if v.projections is not None:
             v.projections_later = v.projections["linear"]
 
-    # The 70 cross-attention calls alone, and operators per call.
+    # The 70 cross-attention calls alone, beside the nested SDPA alone (the subject rows' attention over the
+    # M tokens: what the floor counts), and operators per call.
     log.info("%s timing the cross-attention calls alone", PREFIX)
     patch_sets = {v.name: patches_by_key(v.model) for v in variants[1:]}
-    attention = time_attention_calls(calls, patch_sets, host, device, dtype, reps=args.attention_reps)
+    alone = {sdpa_name(m): patch_sets[nested_name(m)] for m in NUM_TOKENS}
+    attention = time_attention_calls(calls, patch_sets, host, device, dtype, reps=args.attention_reps, alone=alone)
     profile = None
     if args.profile:
-        profile = profile_attention(
-            widest, patch_sets[f"nested M={NUM_TOKENS[-1]}"][widest.key], device, dtype
-        )
+        profile = profile_attention(widest, patch_sets[nested_name(NUM_TOKENS[-1])][widest.key], device, dtype)
 
     # The fastest timed step: other load on the machine only ever slows a step down.
     plain = min(variants[0].step_s)
@@ -256,6 +270,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             )
             row["ratio_to_floor"] = row["overhead_eval"] / row["floor_eval"]
             row["attention_ratio_to_floor"] = row["attention_overhead_eval"] / row["floor_eval"]
+            if v.name == nested_name(v.num_tokens):  # where the limit is: the nested SDPA alone, against the floor
+                alone_eval = attention[sdpa_name(v.num_tokens)] / (plain / 2)
+                row["sdpa_alone_s"] = attention[sdpa_name(v.num_tokens)]
+                row["sdpa_alone_ratio_to_floor"] = alone_eval / row["floor_eval"]
+                row["beyond_sdpa_ratio_to_floor"] = (row["attention_overhead_eval"] - alone_eval) / row["floor_eval"]
         if v.binding is not None:
             row["kv_projections_first_step"] = v.projections_first
             row["kv_projections_per_later_step"] = v.projections_later / max(1, args.steps)
@@ -266,7 +285,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "host_s": attention["host"],
         "reps": args.attention_reps,
         "count": len(calls),
-        "widest_layer": list(widest.key),
+        "widest_layer": list(widest_1024.key),
+        "widest_layer_queries": widest_1024.n,
         "gpu_work_per_call": gpu_work,
     }
     if profile is not None:
@@ -276,22 +296,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         result["trainer"] = {}
         log.info("%s trainer throughput: tiny preset on the CPU", PREFIX)
         result["trainer"]["tiny_cpu"] = tiny_trainer_throughput(steps=args.trainer_steps)
+        # Free the inference variants (IP weights, K~/V~ caches, encoders) before training.
+        del variants, variant, binding, encoders, first, tokens, patch_sets, alone, out
+        gc.collect()
         if device.type == "cuda":
-            log.info("%s trainer throughput: SDXL UNet at %d on %s", PREFIX, args.resolution, device)
-            # Free the inference variants (IP weights, K~/V~ caches, encoders) before training.
-            del variants, variant, binding, encoders, first, tokens, patch_sets, out
-            gc.collect()
             torch.cuda.empty_cache()
-            encoder = build_encoder(NUM_TOKENS[0], layers, device, torch.float32, seed=1, qformer=qformer)
-            result["trainer"]["sdxl_gpu"] = synthetic_trainer_throughput(
-                model,
-                encoder,
-                args.resolution,
-                args.trainer_batch_size,
-                args.trainer_steps,
-                1,
-                device,
-                autocast=dtype,
-            )
+        # The trainer's step on the full-size UNet: on a CPU a few steps only (tens of seconds each).
+        steps = args.trainer_steps if device.type == "cuda" else args.trainer_full_steps
+        log.info("%s trainer step: SDXL UNet at %d on %s, %d steps", PREFIX, args.resolution, device, steps)
+        encoder = build_encoder(NUM_TOKENS[0], layers, device, torch.float32, seed=1, qformer=qformer)
+        result["trainer"][f"sdxl_{device.type}"] = synthetic_trainer_throughput(
+            model,
+            encoder,
+            args.resolution,
+            args.trainer_batch_size,
+            steps,
+            1,
+            device,
+            autocast=dtype if device.type == "cuda" else None,
+        )
     result["wall_s"] = time.perf_counter() - started
     return result

@@ -114,9 +114,12 @@ def regularize_norm(v_star: torch.Tensor, v_token: torch.Tensor, alpha: float) -
 def _select_rows(s: NestedSubject, take: Callable[[torch.Tensor], torch.Tensor]) -> NestedSubject:
     """The subject restricted to the picked batch rows (tensors without a batch dim are shared)."""
     key, value, weight = s.key, s.value, s.weight
+    per_row_weight = weight is not None and weight.dim() == 2 and weight.shape[0] > 1
+    if key.dim() == 2 and not per_row_weight:
+        return s  # nothing per row
     if key.dim() == 3:
         key, value = take(key), take(value)
-    if weight is not None and weight.dim() == 2 and weight.shape[0] > 1:
+    if per_row_weight:
         weight = take(weight)
     return replace(s, key=key, value=value, weight=weight)
 
@@ -138,15 +141,16 @@ def _pick_rows(rows: torch.Tensor | None, batch: int, device: torch.device):
     """
     if rows is None:
         return (0, batch)
-    index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
     if rows.device.type != "cpu":
+        index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
         return index if index.numel() else None
-    picked = index.tolist()
+    flags = rows.flatten().tolist()
+    picked = [i for i, f in enumerate(flags) if f] if rows.dtype == torch.bool else flags
     if not picked:
         return None
     if picked == list(range(picked[0], picked[0] + len(picked))):
         return (picked[0], picked[0] + len(picked))
-    return index.to(device, non_blocking=True)
+    return torch.tensor(picked).to(device, non_blocking=True)
 
 
 def _host_positions(s: NestedSubject) -> list[int]:

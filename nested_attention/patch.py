@@ -199,8 +199,7 @@ def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]]) -> tor
     if not cond_or_uncond:
         return torch.ones(batch, dtype=torch.bool)
     chunk = batch // len(cond_or_uncond)
-    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool)
-    return flags.repeat_interleave(chunk)
+    return torch.tensor([c == 0 for c in cond_or_uncond for _ in range(chunk)], dtype=torch.bool)
 
 
 class NestedAttentionPatch:
