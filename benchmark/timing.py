@@ -159,15 +159,18 @@ def time_encode_subject(
 
     loader, subject = pack_module("nodes.loader"), pack_module("nodes.subject")
     images = torch.rand(max(photos), 512, 512, 3, generator=torch.Generator().manual_seed(0))
+    # Every handle stays alive until all are timed: ComfyUI takes a dropped ModelPatcher whose model lives on (the
+    # encoders do) for a leak, and collects garbage at every later load, inside the timings.
+    handles = {name: loader.make_handle(encoder, clip_vision, name) for name, encoder in layouts.items()}
     figures: dict = {}
-    for i, (name, encoder) in enumerate(layouts.items()):
-        handle = loader.make_handle(encoder, clip_vision, name)
-        encode = subject.encode_subject
+    for i, (name, handle) in enumerate(handles.items()):
         if i == 0:
-            encode(handle, images[:1])  # ComfyUI loads CLIP on its first call
+            subject.encode_subject(handle, images[:1])  # ComfyUI loads CLIP on its first call
         comfy.model_management.load_model_gpu(handle.patcher)  # and each encoder on its first
         figures[name] = {}
         for n in photos:
-            seconds = min(timed(functools.partial(encode, handle, images[:n]), device)[0] for _ in range(reps))
+            call = functools.partial(subject.encode_subject, handle, images[:n])
+            seconds = min(timed(call, device)[0] for _ in range(reps))
             figures[name][n] = {"seconds": seconds, "per_photo": seconds / n}
+    comfy.model_management.unload_all_models()
     return figures

@@ -256,7 +256,7 @@ def nested_attention(
             and (a == 0 or z == batch)):
         # The subject rows' text attention comes from the widened call; the other rows (one range at
         # most, e.g. the unconditional half) from the host's call on those rows alone.
-        out = torch.empty_like(q) if buffers else None
+        out = q.new_empty(q.shape) if buffers else None  # contiguous
         sub = _nested_rows(take(q), take(k), take(v), None, chosen, positions, heads, attention, probe,
                            out=None if out is None else out[a:z])
         if z - a == batch:
