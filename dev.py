@@ -4,6 +4,7 @@
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
     python3 dev.py test  [pytest args...]    run the test suite on every ComfyUI host found
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
+    python3 dev.py soak  [--prompts N ...]   hundreds of prompts through a real server (tests/e2e/soak.py)
     --host VERSION (any command)             use only that host (the pinned one or an archived one)
 
 Each command first makes sure, for each ComfyUI host it uses, that (idempotently):
@@ -13,7 +14,7 @@ Each command first makes sure, for each ComfyUI host it uses, that (idempotently
     in (`<ComfyUI>/custom_nodes/<pack>`), else the pinned release bootstrapped into `.comfyui/ComfyUI`
     (venv `.venv`) plus every archived release `comfyui-<version>.tar.gz` in the hosts folder
     ($NESTED_ATTENTION_HOSTS, else `../shared/hosts`), unpacked into `.comfyui/ComfyUI-<version>`
-    (venv `.venv-<version>`). Only `test` uses them all; serve and bench use the first unless --host says;
+    (venv `.venv-<version>`). Only `test` uses them all; serve, bench and soak use the first unless --host says;
   - ComfyUI sees this pack (a symlink in its `custom_nodes/`).
 `test` also installs Debian's Chromium for the browser tests when it is missing and we are root; it runs
 pytest once per host and ends with one result line per host.
@@ -579,8 +580,18 @@ def bench(args: list[str]) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+def soak(args: list[str]) -> None:
+    wanted, rest = take_option(args, "--host")
+    host = pick_hosts(wanted)[0][0]
+    set_up(host)
+    cmd = [str(host.python), str(ROOT / "tests" / "e2e" / "soak.py"), *rest]
+    log(f"running the soak against ComfyUI {host.version} at {host.comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, {**os.environ, "COMFYUI_PATH": str(host.comfyui)})
+
+
 def main(argv: list[str]) -> None:
-    commands = {"serve": serve, "test": test, "bench": bench}
+    commands = {"serve": serve, "test": test, "bench": bench, "soak": soak}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)

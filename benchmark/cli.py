@@ -19,6 +19,14 @@ DEFAULT_JSON = REPO / "runs" / "benchmark" / "benchmark.json"
 
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    parsed = p.parse_args(args)
+    if not parsed.trainer_child:
+        _fill_defaults(p, parsed)
+    return parsed
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Measure nested attention's cost per SDXL sampling step next to plain SDXL and an IP-Adapter-style "
@@ -89,14 +97,13 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         help="Also print torch.profiler's operator table for one nested attn2 call (M=1024, widest layer).",
     )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke run on tiny models (tests)
-    p.add_argument(
-        "--trainer-child", default=None, help=argparse.SUPPRESS
-    )  # internal: the tiny trainer's process
+    p.add_argument("--trainer-child", default=None, help=argparse.SUPPRESS)  # internal: the tiny trainer's process
     p.add_argument("--trainer-warmup", type=int, default=2, help=argparse.SUPPRESS)
-    args = p.parse_args(args)
+    return p
 
-    if args.trainer_child:
-        return args
+
+def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The device's defaults for the flags left out, and the checks that need several flags."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -118,7 +125,6 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         p.error(
             "--dtype fp16 on the CPU: ComfyUI computes float16 weights in float32 there; use fp32 or bf16."
         )
-    return args
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -3,8 +3,9 @@
 `_nested_rows` recomputed the subject rows' (B, h, N, T) float32 text logits and their softmax next
 to the host's attention to read P[s*] (and, for lambda != 1, the normalizer ratio) out of them, and
 called torch's SDPA directly for the nested values (past any attention override). The code below is
-that version unchanged but for its names; the benchmark installs it as the variant "... (previous)",
-and tests/test_benchmark.py checks it against the same float64 reference as the current code.
+that version unchanged but for its names and its probabilities split into a function of their own;
+the benchmark installs it as the variant "... (previous)", and tests/test_benchmark.py checks it
+against the same float64 reference as the current code.
 Nothing outside the benchmark uses it.
 """
 
@@ -100,24 +101,7 @@ def _previous_nested_rows(
 
     positions = [s.positions.to(q.device) for s in subjects]
     weights = [_row_weight(s.weight, b, n, q) for s in subjects]  # (B, N) or None
-    ratio = None
-    if all(s.scale == 1.0 for s in subjects):
-        probs = logits.softmax(dim=-1)
-        p_plain = p_adj = [probs[..., pos] for pos in positions]  # (B, h, N, P)
-    else:
-        # lambda raises the subject logits: P' is the softmax of the adjusted logits, r = Z / Z'.
-        lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
-        adjusted = logits.clone()
-        for s, pos, w in zip(subjects, positions, weights):
-            if s.scale == 1.0:
-                continue
-            scale = s.scale if w is None else (1.0 + w * (s.scale - 1.0))[:, None, :, None]  # (B, 1, N, 1)
-            lp = logits[..., pos]  # (B, h, N, P)
-            adjusted[..., pos] = torch.maximum(lp, scale * lp)
-        lse_adj = adjusted.logsumexp(dim=-1, keepdim=True)
-        ratio = (lse - lse_adj).exp()  # (B, h, N, 1)
-        p_plain = [(logits[..., pos] - lse).exp() for pos in positions]
-        p_adj = [(adjusted[..., pos] - lse_adj).exp() for pos in positions]
+    p_plain, p_adj, ratio = _previous_probabilities(logits, subjects, positions, weights)
 
     # out (B, N, h, d) in base's layout; the coefficients (B, h, N, .) are viewed as (B, N, h, .).
     out = base.reshape(b, n, heads, dim_head)
@@ -162,6 +146,29 @@ def _previous_nested_rows(
         else:
             out = out.sub_(torch.matmul(neg_c, v_heads.transpose(1, 2).float()).transpose(1, 2))  # (B, N, h, d)
     return out.reshape(b, n, width).to(out_dtype)
+
+
+def _previous_probabilities(logits: torch.Tensor, subjects, positions, weights) -> tuple:
+    """P[s] and P'[s] per subject (B, h, N, P) from the (B, h, N, T) logits, and r = Z / Z' (None at lambda 1)."""
+    ratio = None
+    if all(s.scale == 1.0 for s in subjects):
+        probs = logits.softmax(dim=-1)
+        p_plain = p_adj = [probs[..., pos] for pos in positions]  # (B, h, N, P)
+    else:
+        # lambda raises the subject logits: P' is the softmax of the adjusted logits, r = Z / Z'.
+        lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
+        adjusted = logits.clone()
+        for s, pos, w in zip(subjects, positions, weights):
+            if s.scale == 1.0:
+                continue
+            scale = s.scale if w is None else (1.0 + w * (s.scale - 1.0))[:, None, :, None]  # (B, 1, N, 1)
+            lp = logits[..., pos]  # (B, h, N, P)
+            adjusted[..., pos] = torch.maximum(lp, scale * lp)
+        lse_adj = adjusted.logsumexp(dim=-1, keepdim=True)
+        ratio = (lse - lse_adj).exp()  # (B, h, N, 1)
+        p_plain = [(logits[..., pos] - lse).exp() for pos in positions]
+        p_adj = [(adjusted[..., pos] - lse_adj).exp() for pos in positions]
+    return p_plain, p_adj, ratio
 
 
 class PreviousNestedPatch(NestedAttentionPatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .capture import describe as describe_capture
+
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f} %"
@@ -9,6 +11,14 @@ def _pct(x: float | None) -> str:
 
 def format_table(result: dict) -> str:
     """The report: machine, per-variant step costs next to their floors, FLOPs, encoding, trainer."""
+    lines = _steps(result) + _per_call(result) + _flops(result) + _encoding(result) + _trainer(result)
+    lines += ["", f"Wall time {result['wall_s']:.0f} s."]
+    if "profile" in result:
+        lines += ["", "Profile of one nested attn2 call (widest layer, batch 2, 3 calls):", result["profile"]]
+    return "\n".join(lines)
+
+
+def _steps(result: dict) -> list[str]:
     cfg, machine = result["config"], result["machine"]
     res = cfg["resolution"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
@@ -64,11 +74,17 @@ def format_table(result: dict) -> str:
                 f"per step after the first: {r['kv_projections_per_later_step']:g}; "
                 f"cache {r['kv_cache_bytes'] / 1e6:.0f} MB"
             )
-    ac = result["attention_calls"]
+    if "capture" in result:  # Capture Nested Attention (benchmark/capture.py)
+        lines.append(describe_capture(result["capture"], result["variants"][0]["step_best_s"]))
+    return lines
+
+
+def _per_call(result: dict) -> list[str]:
+    cfg, ac = result["config"], result["attention_calls"]
     work = ac["gpu_work_per_call"]
     layer = "/".join(map(str, ac["widest_layer"]))
     head = f"{'':<26}{'launches':>10}{'syncs':>7}{'peak MB':>9}{'+MB':>8}"
-    lines += [
+    lines = [
         "",
         (f"Per attn2 call, counted on the meta device (layer {layer} at 1024x1024: N={ac['widest_layer_queries']}, "
          f"batch 2 = cond + uncond, {cfg['dtype']}):"),
@@ -85,8 +101,11 @@ def format_table(result: dict) -> str:
         "  launches: ops that start a GPU kernel (the fused SDPA counts one); syncs: host waits for the GPU; peak:"
         " the most memory the call's own tensors hold at once (+MB: beyond the host's attention)."
     )
+    return lines
 
-    lines += ["", "FLOPs per conditional UNet evaluation (torch FlopCounterMode, meta device):"]
+
+def _flops(result: dict) -> list[str]:
+    lines = ["", "FLOPs per conditional UNet evaluation (torch FlopCounterMode, meta device):"]
     names = list(next(iter(result["flops"].values()))["variants"])
     head = f"{'resolution':<12}{'plain TFLOP':>12}" + "".join(f"{name + ' floor / counted':>46}" for name in names)
     lines += [head, "-" * len(head)]
@@ -105,9 +124,12 @@ def format_table(result: dict) -> str:
         "docs/ARCHITECTURE.md, Performance model: 6.76 TFLOP plain at 1024; floors 1.6 % (M=256) and "
         "6.4 % (M=1024) per conditional evaluation, half that per CFG step."
     )
+    return lines
 
-    enc = result["encode"]
-    lines += [
+
+def _encoding(result: dict) -> list[str]:
+    enc, dtype = result["encode"], result["config"]["dtype"]
+    lines = [
         "",
         (f"Encoding a subject (best of {enc['reps']}): CLIP ViT-H/14 alone {enc['clip_vision_s']:.3f} s per 512x512 "
          f"photo (weights {enc['clip_vision_dtype']})"),
@@ -122,10 +144,14 @@ def format_table(result: dict) -> str:
         lines.append(
             f"  M={m}: Q-Former {e['qformer_s']:.3f} s, K~/V~ of all layers {e['kv_projection_s']:.3f} s "
             f"({e['kv_projection_flops'] / 1e9:.0f} GFLOP, at Apply), CLIP + Q-Former + K~/V~ {e['total_s']:.3f} s; "
-            f"K~/V~ cache {e['kv_cache_bytes'] / 1e6:.0f} MB ({cfg['dtype']})"
+            f"K~/V~ cache {e['kv_cache_bytes'] / 1e6:.0f} MB ({dtype})"
         )
+    return lines
 
+
+def _trainer(result: dict) -> list[str]:
     trainer = result.get("trainer") or {}
+    lines = []
     if trainer:
         lines += ["", "Trainer (median step after warm-up):"]
         for name, t in trainer.items():
@@ -142,7 +168,4 @@ def format_table(result: dict) -> str:
                     f"Q-Former's {adam['parameters'] / 1e6:.0f} M: per-tensor loop {adam['per_tensor']:.3f} s, "
                     f"fused {adam['fused']:.3f} s"
                 )
-    lines += ["", f"Wall time {result['wall_s']:.0f} s."]
-    if "profile" in result:
-        lines += ["", "Profile of one nested attn2 call (widest layer, batch 2, 3 calls):", result["profile"]]
-    return "\n".join(lines)
+    return lines

@@ -26,8 +26,9 @@ subject columns' logits l_s = q.k_s / sqrt(d): with delta_s = max((lambda - 1) l
 A region weight w in [0, 1] per query confines a subject: lambda becomes 1 + w (lambda - 1) and
 the nested value becomes w v* + (1 - w) V[s]. Its weight-0 queries must stay exactly the host's
 output, so with a weight the terms are added to the host's own PV instead:
-out = PV + (r - 1) PV + sum_s (P'[s] v~_s - r P[s] V[s]); the same form adds the terms to a `base`
-another pack's patch computed. Rows without a subject are the host's own attention of those rows.
+out = r PV + sum_s (P'[s] v~_s - r P[s] V[s]); a given `base` (PV) takes the same form. Another
+pack's output PV + X (`over`) gets over + (r - 1) PV + sum_s (...), PV from the widened call, so X
+passes through at every lambda. Rows without a subject are the host's own attention of those rows.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def nested_attention(
     rows: torch.Tensor | None = None,
     attention: Attention = sdpa_attention,
     base: torch.Tensor | None = None,
+    over: torch.Tensor | None = None,
     probe: Probe | None = None,
 ) -> torch.Tensor:
     """Cross-attention with the subjects' nested values, (B, N, D) x (B, T, D) -> (B, N, D).
@@ -221,43 +223,45 @@ def nested_attention(
         `check_positions`). Positions in host memory are read for free; on a device they cost a sync.
     rows: indices (or a bool mask) of the batch rows that receive nested values (the conditional
         rows under classifier-free guidance); None means every row. Other rows get the host's
-        attention of those rows (or `base`'s) unchanged. Rows on the CPU avoid a device sync.
+        attention of those rows (or `base`'s, `over`'s) unchanged. Rows on the CPU avoid a device sync.
     attention: the host's plain attention, attention(q, k, v, heads) -> (B, N, D), q, k, v of one
         width. Every attention computed here goes through it (the subject rows' text attention, with
         widened heads, and each nested attention), so whatever the host wraps around its attention
-        applies to all of them. It must return a new tensor.
-    base: a ready output of the layer to build on instead of attention(q, k, v, heads), e.g. another
-        pack's patch that returns the plain attention PV plus a term X of its own: the subject rows
-        get base + (nested(PV) - PV), so X passes through unchanged at every lambda. Never written to.
-    probe: called once per subject as probe(index, probs), index into `subjects`, probs (B_rows, h, N)
-        float32: the subject word's attention probability after lambda (which the region weight
-        scales per query), summed over the subject's positions, for the rows worked on.
+        (ComfyUI's attention override) applies to all of them. It must return a new tensor.
+    base: the output of the plain attention PV when the caller has it already; used instead of
+        calling `attention` for it, as PV (lambda's normalizer ratio r scales it). Never written to.
+    over: another pack's output of the layer, PV plus a term X of its own that has its own softmax
+        (`NestedAttentionPatch` wrapping IPAdapter_plus, InstantID, PuLID): the subject rows get
+        over + (nested(PV) - PV), so X passes through unchanged at every lambda, at no extra
+        attention (PV comes from the widened call). Never written to. Not with `base`.
+    probe: optional probe(index, probs), called once per subject (index into `subjects`) with probs
+        (B_rows, h, N) float32: the subject word's attention probability after lambda and the region
+        weight (P'), summed over the subject's positions, for the rows worked on. Only reads; None
+        costs nothing.
     """
+    if base is not None and over is not None:
+        raise ValueError("nested_attention takes base= (the plain attention PV) or over= (another pack's "
+                         "PV + X), not both; pass the other pack's output as over= alone.")
+    given = base if base is not None else over
     if not subjects:
-        return base if base is not None else attention(q, k, v, heads)
+        return given if given is not None else attention(q, k, v, heads)
     positions = [_host_positions(s) for s in subjects]
     check_positions([p for pos in positions for p in pos])  # within a subject, and two subjects on one position
     batch = q.shape[0]
     picked = _pick_rows(rows, batch, q.device)
     if picked is None:
-        return base if base is not None else attention(q, k, v, heads)
-    if isinstance(picked, tuple):
-        a, z = picked
-
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t[a:z]  # a view
-    else:
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, picked.to(t.device))
-
+        return given if given is not None else attention(q, k, v, heads)
+    a, z = picked if isinstance(picked, tuple) else (None, None)
+    take = _taker(picked)
+    layout = _Layout(positions, heads, over is not None)
     chosen = [_select_rows(s, take) for s in subjects]
     buffers = not torch.is_grad_enabled()  # without autograd, results are written into their place (out=)
-    if (base is None and all(s.weight is None for s in subjects) and isinstance(picked, tuple)
+    if (given is None and all(s.weight is None for s in subjects) and isinstance(picked, tuple)
             and (a == 0 or z == batch)):
         # The subject rows' text attention comes from the widened call; the other rows (one range at
         # most, e.g. the unconditional half) from the host's call on those rows alone.
         out = q.new_empty(q.shape) if buffers else None  # contiguous
-        sub = _nested_rows(take(q), take(k), take(v), None, chosen, positions, heads, attention, probe,
+        sub = _nested_rows(take(q), take(k), take(v), None, chosen, layout, attention, probe,
                            out=None if out is None else out[a:z])
         if z - a == batch:
             return sub
@@ -269,23 +273,43 @@ def nested_attention(
         return out
     # A region weight (whose weight-0 queries stay the host's own output), a given base, or scattered
     # rows: the terms are added to the plain output of every row.
-    full = base if base is not None else attention(q, k, v, heads)
-    if base is None and buffers and isinstance(picked, tuple) and full.is_contiguous():
-        _nested_rows(take(q), take(k), take(v), take(full), chosen, positions, heads, attention, probe,
-                     out=take(full))
+    full = given if given is not None else attention(q, k, v, heads)
+    if given is None and buffers and isinstance(picked, tuple) and full.is_contiguous():
+        _nested_rows(take(q), take(k), take(v), take(full), chosen, layout, attention, probe, out=take(full))
         return full
-    sub = _nested_rows(take(q), take(k), take(v), take(full), chosen, positions, heads, attention, probe)
+    sub = _nested_rows(take(q), take(k), take(v), take(full), chosen, layout, attention, probe)
     if isinstance(picked, tuple):
         return sub if (a, z) == (0, batch) else torch.cat([full[:a], sub, full[z:]])
     return full.index_copy(0, picked, sub)
 
 
+def _taker(picked: tuple[int, int] | torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The picked rows of a (B, ...) tensor: a view for a range, a copy for an index tensor."""
+    if isinstance(picked, tuple):
+        a, z = picked
+        return lambda t: t[a:z]
+    return lambda t: t.index_select(0, picked.to(t.device))
+
+
+class _Layout:
+    """The subject positions of one call: all of them in order (`flat`), each subject's `span` in it."""
+
+    def __init__(self, positions: Sequence[Sequence[int]], heads: int, keeps_term: bool) -> None:
+        self.heads, self.keeps_term = heads, keeps_term  # keeps_term: the base holds a term of its own
+        self.flat = [p for pos in positions for p in pos]
+        self.spans, start = [], 0
+        for pos in positions:
+            self.spans.append(slice(start, start + len(pos)))
+            start += len(pos)
+
+
 def _nested_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: torch.Tensor | None,
-    subjects: Sequence[NestedSubject], positions: Sequence[Sequence[int]], heads: int, attention: Attention,
+    subjects: Sequence[NestedSubject], layout: _Layout, attention: Attention,
     probe: Probe | None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The picked rows (B, N, D): nested(PV) when base is None, else base + (nested(PV) - PV).
+    """The picked rows (B, N, D): nested(PV) when base is None, else r base + terms (base = PV), or
+    base + (nested(PV) - PV) when the base keeps a term of its own.
 
     `out` (no autograd), when given, receives the result; it may be `base` itself. Coefficients per
     query and head (B, N, h, .) are float32. The (N, D)-sized work: q widened, the widened text
@@ -293,42 +317,19 @@ def _nested_rows(
     region weight, one more per position). Nothing is read back to the host.
     """
     b, n, width = q.shape
-    t = k.shape[1]
+    heads, flat = layout.heads, layout.flat
     d = width // heads
-    flat = [p for pos in positions for p in pos]
-    spans, start = [], 0
-    for pos in positions:
-        spans.append(slice(start, start + len(pos)))
-        start += len(pos)
     weights = [_row_weight(s.weight, b, n, q) for s in subjects]  # (B, N) or None
     boosted = any(s.scale != 1.0 for s in subjects)
     own = base is None  # the text part is the widened call's PV', the subject tokens' values zeroed
     by_norm = own and not boosted and probe is None  # the extra columns then carry P[s] |V[s]|, else P[s]
-    pad = _PAD * -(-len(flat) // _PAD)
-    e = d + pad
-
-    # The widened heads (B, ., h, d + pad).
-    scales, zeros = _widening(t, tuple(flat), own, not by_norm, math.sqrt(e / d), d, pad, q.dtype, q.device)
-    q_wide = torch.cat([q.reshape(b, n, heads, d), zeros.expand(b, n, heads, pad)], dim=-1)
-    kv_wide = _widen_kv(k, v, heads, pad, fill=0.0 if by_norm else 1.0).mul_(scales)
-    if by_norm:
-        for j, p in enumerate(flat):
-            row = v[:, p, None, :].expand(b, heads, width)  # V[s_j] once per head: its norm goes to every head
-            if torch.is_grad_enabled() and v.requires_grad:
-                kv_wide[:, t + p, :, d + j] = torch.linalg.vector_norm(row, dim=-1)
-            else:
-                torch.linalg.vector_norm(row, dim=-1, out=kv_wide[:, t + p, :, d + j])
-    wide = attention(q_wide.reshape(b, n, heads * e), kv_wide[:, :t].reshape(b, t, heads * e),
-                     kv_wide[:, t:].reshape(b, t, heads * e), heads).reshape(b, n, heads, e)
-    del q_wide, kv_wide  # (memory: the widened q is as large as q)
-    pv = wide[..., :d]  # (B, N, h, d): PV' when own, else PV
-    extra = wide[..., d : d + len(flat)]  # (B, N, h, P): P[s] |V[s]| (by_norm) or P[s]
+    pv, extra = _widened_text(q, k, v, layout, own, by_norm, attention)
 
     ratio = p_plain = p_adj = tok = None
     if not by_norm:
         p_plain = p_adj = extra.float()
         if boosted:
-            delta = _boosts(q, k, flat, subjects, spans, weights, heads)
+            delta = _boosts(q, k, flat, subjects, layout.spans, weights, heads)
             grow = p_plain * torch.expm1(delta)  # P[s] (e^delta - 1)
             ratio = (grow.sum(dim=-1, keepdim=True) if len(flat) > 1 else grow).add(1.0).reciprocal_()  # (B, N, h, 1)
             p_adj = (p_plain + grow).mul_(ratio)  # P'[s]
@@ -340,16 +341,16 @@ def _nested_rows(
         result, fresh = (pv if own else base.reshape(b, n, heads, d)), False
     elif own:  # r PV'
         result, fresh = (pv * ratio if target is None else torch.mul(pv, ratio, out=target)), True
-    else:  # base + (r - 1) PV
+    elif layout.keeps_term:  # base + (r - 1) PV
         plus = (base.reshape(b, n, heads, d), ratio - 1.0, pv)
         result, fresh = (torch.addcmul(*plus) if target is None else torch.addcmul(*plus, out=target)), True
-    for i, (s, span, w) in enumerate(zip(subjects, spans, weights)):
+    else:  # r base
+        scaled = (base.reshape(b, n, heads, d), ratio)
+        result, fresh = (torch.mul(*scaled) if target is None else torch.mul(*scaled, out=target)), True
+    for i, (s, span, w) in enumerate(zip(subjects, layout.spans, weights)):
         if probe is not None:
             probe(i, p_adj[..., span].sum(dim=-1).permute(0, 2, 1))
-        key, value = s.key.to(q.device, q.dtype), s.value.to(q.device, q.dtype)
-        if key.dim() == 2:  # shared by every row: expand is a view, not a copy
-            key, value = key.expand(b, -1, -1), value.expand(b, -1, -1)
-        v_star = attention(q, key, value, heads).reshape(b, n, heads, d)  # the nested values
+        v_star = _nested_values(q, s, heads, attention)  # (B, N, h, d)
         star = torch.linalg.vector_norm(v_star, dim=(-2, -1), dtype=torch.float32).clamp_min(1e-6)  # (B, N)
         several = span.stop - span.start > 1
         if by_norm:
@@ -362,10 +363,8 @@ def _nested_rows(
         gain = mass / star[:, :, None, None]  # (B, N, h, 1): P'[s] w |V[s]| / |v*|, summed over s's positions
         if fresh:
             result.addcmul_(gain, v_star, value=s.alpha)
-        elif target is not None:
-            result = torch.addcmul(result, gain, v_star, value=s.alpha, out=target)
         else:
-            result = torch.addcmul(result, gain, v_star, value=s.alpha)
+            result = torch.addcmul(result, gain, v_star, value=s.alpha, out=target)
         fresh = True
         if not own:
             # The subject tokens' own values, c_j V[s_j] with c_j = P'[s_j] (1 - w) - r P[s_j].
@@ -374,6 +373,44 @@ def _nested_rows(
                 c = -c if w is None else p_adj[..., j : j + 1] * (1.0 - w[:, :, None, None]) - c
                 result.addcmul_(c, v[:, flat[j], None].reshape(b, 1, heads, d))
     return out if out is not None else result.reshape(b, n, width).to(q.dtype)
+
+
+def _widened_text(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: _Layout, own: bool, by_norm: bool,
+    attention: Attention,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The subject rows' text attention through the host, heads widened: (pv, extra), views (B, N, h, .).
+
+    pv: PV' (the subject tokens' values zeroed) when `own`, else PV; extra (B, N, h, P): P[s] |V[s]| when
+    `by_norm`, else P[s], one column per subject position.
+    """
+    b, n, width = q.shape
+    t, heads, flat = k.shape[1], layout.heads, layout.flat
+    d = width // heads
+    pad = _PAD * -(-len(flat) // _PAD)
+    e = d + pad
+    scales, zeros = _widening(t, tuple(flat), own, not by_norm, math.sqrt(e / d), d, pad, q.dtype, q.device)
+    q_wide = torch.cat([q.reshape(b, n, heads, d), zeros.expand(b, n, heads, pad)], dim=-1)
+    kv_wide = _widen_kv(k, v, heads, pad, fill=0.0 if by_norm else 1.0).mul_(scales)
+    if by_norm:
+        for j, p in enumerate(flat):
+            row = v[:, p, None, :].expand(b, heads, width)  # V[s_j] once per head: its norm goes to every head
+            if torch.is_grad_enabled() and v.requires_grad:
+                kv_wide[:, t + p, :, d + j] = torch.linalg.vector_norm(row, dim=-1)
+            else:
+                torch.linalg.vector_norm(row, dim=-1, out=kv_wide[:, t + p, :, d + j])
+    wide = attention(q_wide.reshape(b, n, heads * e), kv_wide[:, :t].reshape(b, t, heads * e),
+                     kv_wide[:, t:].reshape(b, t, heads * e), heads).reshape(b, n, heads, e)
+    return wide[..., :d], wide[..., d : d + len(flat)]
+
+
+def _nested_values(q: torch.Tensor, s: NestedSubject, heads: int, attention: Attention) -> torch.Tensor:
+    """The subject's raw nested values through the host's attention, (B, N, h, d)."""
+    b, n, width = q.shape
+    key, value = s.key.to(q.device, q.dtype), s.value.to(q.device, q.dtype)
+    if key.dim() == 2:  # shared by every row: expand is a view, not a copy
+        key, value = key.expand(b, -1, -1), value.expand(b, -1, -1)
+    return attention(q, key, value, heads).reshape(b, n, heads, width // heads)
 
 
 def _boosts(

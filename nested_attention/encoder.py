@@ -43,13 +43,20 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, return_attention: bool = False):
+        """(B, L, dim), (B, M, dim) -> (B, M, dim); with return_attention also the attention weights
+        (B, heads, M, L + M) over [image tokens, latents], computed in the open (not by the fused kernel)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, dim_head)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        if return_attention:
+            weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, heads, M, L + M)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, dim_head)
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return (out, weights) if return_attention else out
 
 
 @dataclass
@@ -83,13 +90,22 @@ class QFormer(nn.Module):
         self.proj_out = nn.Linear(c.dim, c.output_dim)
         self.norm_out = nn.LayerNorm(c.output_dim)
 
-    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, clip_tokens: torch.Tensor, return_attention: bool = False):
+        """CLIP tokens (B, L, clip_dim) -> E (B, M, output_dim); with return_attention also each block's
+        attention weights: `depth` tensors (B, heads, M, L + M), query j over [image tokens, latents]."""
         media = self.proj_in(clip_tokens)  # (B, L, dim)
         latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)  # (B, M, dim)
+        maps = []
         for attn, ff in self.blocks:
-            latents = latents + attn(media, latents)
+            if return_attention:
+                out, weights = attn(media, latents, return_attention=True)
+                maps.append(weights)
+            else:
+                out = attn(media, latents)
+            latents = latents + out
             latents = latents + ff(latents)
-        return self.norm_out(self.proj_out(latents))
+        tokens = self.norm_out(self.proj_out(latents))
+        return (tokens, maps) if return_attention else tokens
 
 
 # ClipVisionSpec.hidden_layer -> the key of ComfyUI's encode_image output holding those tokens.
@@ -125,11 +141,13 @@ class ClipVisionSpec:
         return HIDDEN_LAYERS[self.hidden_layer]
 
     def describe(self) -> str:
+        return f"{self.name} {self.architecture()}"
+
+    def architecture(self) -> str:
         # The hidden layer is named only when it is not the last, so descriptions of the pack's own encoders
         # (and the trainer's latent-cache identities built from them) stay as they were.
         layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
-        return (f"{self.name} (width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, "
-                f"{self.image_size}px{layer})")
+        return f"(width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, {self.image_size}px{layer})"
 
     def same_architecture(self, other: "ClipVisionSpec") -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
@@ -163,21 +181,55 @@ class EncoderConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EncoderConfig":
+        """The config `to_json` wrote; a value of the wrong type or out of range raises (`check`: a damaged
+        or hand-edited file must not build a module of a billion blocks, or one that fails later)."""
         data = json.loads(text)
-        return cls(
+        if not isinstance(data, dict):
+            raise TypeError(f"the config is {type(data).__name__}, expected a JSON object")
+        config = cls(
             domain=data["domain"],
             token=data["token"],
-            alpha=float(data["alpha"]),
+            alpha=data["alpha"],
             qformer=QFormerConfig(**data["qformer"]),
             clip_vision=ClipVisionSpec(**data["clip_vision"]),
             layers=tuple(LayerSpec.from_json(item) for item in data["layers"]),
             # Files written before these fields existed (format version 1 all the same) lack them.
-            source=str(data.get("source", "")),
-            licence=str(data.get("licence", "")),
+            source=data.get("source", ""),
+            licence=data.get("licence", ""),
             # Files written before these fields: face encoders read aligned faces (the paper's recipe).
             face_align=data.get("face_align", "ffhq" if data["domain"] == "faces" else "none"),
-            face_size=int(data.get("face_size", 512)),
+            face_size=data.get("face_size", 512),
         )
+        config.check()
+        config.alpha = float(config.alpha)
+        return config
+
+    def check(self) -> None:
+        """Raise TypeError or ValueError naming the first field of the wrong type or out of range."""
+        def positive(name: str, value) -> None:
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} is {value!r}, expected a whole number >= 1")
+
+        for name in ("domain", "token", "source", "licence"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is {getattr(self, name)!r}, expected a string")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1e6:
+            raise ValueError(f"alpha is {self.alpha!r}, expected a positive number")
+        q = self.qformer
+        for name in ("clip_dim", "dim", "depth", "heads", "dim_head", "num_queries", "output_dim", "ff_mult"):
+            positive(f"qformer.{name}", getattr(q, name))
+        if type(q.ff_bias) is not bool:
+            raise ValueError(f"qformer.ff_bias is {q.ff_bias!r}, expected true or false")
+        c = self.clip_vision
+        if not isinstance(c.name, str):
+            raise TypeError(f"clip_vision.name is {c.name!r}, expected a file name")
+        for name in ("hidden_size", "num_tokens", "num_layers", "image_size"):
+            positive(f"clip_vision.{name}", getattr(c, name))
+        if not self.layers or len({layer.key for layer in self.layers}) != len(self.layers):
+            raise ValueError(f"layers: {len(self.layers)} entries, expected at least one and no key twice")
+        if self.face_align not in ("none", "ffhq"):  # nested_attention.faces.ALIGN_MODES
+            raise ValueError(f"face_align is {self.face_align!r}, expected 'none' or 'ffhq'")
+        positive("face_size", self.face_size)
 
 
 class NestedProjection(nn.Module):
@@ -206,9 +258,13 @@ class NestedEncoder(nn.Module):
     def layers(self) -> tuple[LayerSpec, ...]:
         return self.config.layers
 
-    def encode(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP tokens (B, L, clip_dim) of `config.clip_vision.hidden_layer` -> subject tokens E (B, M, output_dim)."""
-        return self.qformer(clip_tokens)
+    def encode(self, clip_tokens: torch.Tensor, return_attention: bool = False):
+        """CLIP tokens (B, L, clip_dim) of `config.clip_vision.hidden_layer` -> subject tokens E (B, M, D).
+
+        return_attention: also the Q-Former's attention weights per block (see `QFormer.forward`), for
+        showing which part of the photo each query reads (nested_attention.capture.query_maps).
+        """
+        return self.qformer(clip_tokens, return_attention=return_attention)
 
     def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K~ and V~ of layer number `layer` (an index into `layers`) for subject tokens E."""

@@ -7,7 +7,7 @@ from nested_attention import NestedSubject, nested_attention, nested_values, reg
 from nested_attention.reference import reference_nested_attention
 
 # float32 efficient form vs. float64 reference on unit-scale inputs.
-TOL = dict(atol=2e-5, rtol=1e-4)
+TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 
 def make(b=2, n=6, t=9, heads=2, dh=4, m=5, seed=0):
@@ -151,7 +151,7 @@ def test_gradients_flow_to_nested_keys_and_values_not_to_text():
 
 
 def test_a_subject_whose_positions_repeat_an_index_is_refused_naming_them():
-    q, k, v, key, value = make(t=9)
+    *_, key, value = make(t=9)
     with pytest.raises(ValueError, match=r"subject positions \[3, 5, 3\] repeat \[3\]"):
         NestedSubject(key, value, torch.tensor([3, 5, 3]))
 
@@ -286,19 +286,47 @@ def test_every_attention_goes_through_the_host_callable(monkeypatch):
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_a_given_base_passes_its_own_term_through_at_every_lambda(scale, weighted):
-    """base = PV + X (another pack's patch): the subject rows get nested(PV) + X, the others base itself."""
+def test_another_packs_output_over_passes_its_own_term_through_at_every_lambda(scale, weighted):
+    """over = PV + X (another pack's patch): the subject rows get nested(PV) + X, the others `over` itself."""
     q, k, v, key, value = make(b=2, t=12)
     weight = torch.linspace(0, 1, q.shape[1]) if weighted else None
     subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, weight=weight)
     extra = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
-    base = sdpa_attention(q, k, v, 2) + extra
-    kept = base.clone()
-    out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False]), base=base)
-    assert torch.equal(base, kept)  # never written to
-    assert torch.equal(out[1], base[1])
+    over = sdpa_attention(q, k, v, 2) + extra
+    kept = over.clone()
+    out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False]), over=over)
+    assert torch.equal(over, kept)  # never written to
+    assert torch.equal(out[1], over[1])
     ref = reference_nested_attention(q, k, v, [subject], heads=2, rows=[0])
     torch.testing.assert_close(out[0].double(), ref[0] + extra[0].double(), **TOL)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_given_base_is_the_plain_attention_the_host_would_give(scale, weighted):
+    """base = PV, computed by the caller: the same output as without it, and the host attention is not asked
+    for PV; a base PV + X has X scaled by r above lambda 1 (which is why another pack's output is `over`)."""
+    q, k, v, key, value = make(b=2, t=12)
+    weight = torch.linspace(0, 1, q.shape[1]) if weighted else None
+    subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, weight=weight)
+    base = sdpa_attention(q, k, v, 2)
+    kept = base.clone()
+    widths = []
+
+    def host(q_, k_, v_, heads):
+        widths.append(k_.shape[1])
+        return sdpa_attention(q_, k_, v_, heads)
+
+    out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False]), base=base, attention=host)
+    assert torch.equal(base, kept) and torch.equal(out[1], base[1])
+    assert widths == [12, key.shape[0]]  # the subject row's widened text attention, its nested attention
+    ref = reference_nested_attention(q, k, v, [subject], heads=2, rows=[0])
+    torch.testing.assert_close(out[0].double(), ref[0], **TOL)
+    extra = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    shifted = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False]), base=base + extra)
+    assert torch.allclose(shifted - out, extra, atol=1e-5) == (scale == 1.0)
+    with pytest.raises(ValueError, match="base= .* or over="):
+        nested_attention(q, k, v, [subject], heads=2, base=base, over=base)
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])

@@ -5,14 +5,15 @@ No assertion here depends on a timing: the figures themselves are read from the 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
+from benchmark import cli, counters, trainer, variants, workload
 from nested_attention import SDXL_LAYERS, unet_layers
 from nested_attention.patch import NestedAttentionPatch
-from benchmark import cli, counters, trainer, variants, workload
 from training import tiny as builders
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -160,7 +161,7 @@ def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
     with workload.comfy_sdpa_attention():
         for binding in (plain, boosted):
             patch = NestedAttentionPatch(layers[index], index, [binding], host)
-            work = counters.device_work_per_call(lambda: patch(q, k, v, extra))
+            work = counters.device_work_per_call(functools.partial(patch, q, k, v, extra))
             assert work["syncs"] == [], (binding.scale, work)
             assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
         # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
@@ -182,7 +183,7 @@ def test_the_new_form_launches_fewer_kernels_and_holds_less_memory_than_the_prev
     binding = variants.subject_binding(_tiny_encoder(256, layers, META), torch.empty(1, 256, 2048, device="meta"))
     with workload.comfy_sdpa_attention():
         plain = counters.device_work_per_call(lambda: host(q, k, v, call.heads, extra))
-        work = {cls: counters.device_work_per_call(lambda: cls(layer, index, [binding], host)(q, k, v, extra))
+        work = {cls: counters.device_work_per_call(functools.partial(cls(layer, index, [binding], host), q, k, v, extra))
                 for cls in (NestedAttentionPatch, PreviousNestedPatch)}
     new, old = work[NestedAttentionPatch], work[PreviousNestedPatch]
     assert plain["kernels"] == ["scaled_dot_product_attention"] and plain["peak_bytes"] == q.numel() * 4
@@ -267,6 +268,13 @@ def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(
     assert nested["kv_projections_first_step"] == 2 * result["attention_calls"]["count"]
     assert "K~/V~ projections" in out and "FLOPs per conditional UNet evaluation" in out
     assert set(result["flops"]) == {"64", "1024"}
+    # Capture Nested Attention's line: what it keeps is its running means, a few maps of the 8x8 latent's
+    # grids and the M=1024 token weights on the token grid (2x2), float32, from the patches' calls.
+    capture = result["capture"]
+    assert capture["variant"] == "nested M=1024" and capture["subjects"] == 1 and capture["token_grid"] == [2, 2]
+    tokens = 4 * 1024 * 2 * 2
+    assert tokens < capture["kept_bytes"] <= tokens + 4 * 2 * 8 * 8
+    assert "Capture Nested Attention on nested M=1024" in out
 
 
 @pytest.mark.slow
@@ -281,7 +289,7 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     args = ["--device", "cpu", "--tiny", "--resolution", "64", "--steps", "1", "--attention-reps", "1",
             "--trainer-steps", "2", "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-m", "benchmark", *args], check=False, capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -297,3 +305,12 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     assert "Per sampling step" in run.stdout and "Trainer (median step" in run.stdout
     assert {"tiny_cpu", "sdxl_cpu"} <= set(result["trainer"])
     assert 0.0 <= result["trainer"]["sdxl_cpu"]["outside_unet_share"] < 1.0
+
+
+def test_the_capture_line_alone_runs_on_the_tiny_models(capsys):
+    from benchmark import capture
+
+    result = capture.main(["--device", "cpu", "--tiny", "--resolution", "64", "--num-tokens", "16", "--reps", "1"])
+    assert result["subjects"] == 1 and result["token_grid"] == [2, 2] and result["kept_bytes"] > 4 * 16 * 2 * 2
+    assert min(result["attention_on_s"], result["attention_placement_s"], result["attention_off_s"]) > 0
+    assert "Capture Nested Attention on nested M=16" in capsys.readouterr().out

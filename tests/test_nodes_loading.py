@@ -11,8 +11,16 @@ import comfy.model_patcher
 import folder_paths
 import pytest
 import torch
+from comfy_api.latest import io
 from pack import REPO, load_pack, unload_pack
-from pack_helpers import TINY_CLIP_VISION_SPEC, run_node
+from pack_helpers import (
+    TINY_CLIP_VISION_SPEC,
+    combo_choices,
+    input_specs,
+    run_async,
+    run_node,
+    validate_inputs,
+)
 
 from nested_attention import NestedWeightsError
 
@@ -28,12 +36,34 @@ def test_pack_exports_the_three_nodes_with_their_display_names(pack):
     for node_id, cls in pack.mappings.items():
         assert node_id.startswith("NestedAttention")
         assert cls.CATEGORY == "nested_attention" and cls.DESCRIPTION
-        for section in cls.INPUT_TYPES().values():
-            for name, (kind, *options) in section.items():
-                assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES == ("NESTED_ENCODER",)
-    assert pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES == ("NESTED_SUBJECT", "IMAGE")
-    assert pack.mappings["NestedAttentionApply"].RETURN_TYPES == ("MODEL", "CONDITIONING")
+        for name, (_, options) in input_specs(cls).items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert tuple(pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES) == ("NESTED_ENCODER",)
+    assert tuple(pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES) == ("NESTED_SUBJECT", "IMAGE")
+    assert tuple(pack.mappings["NestedAttentionApply"].RETURN_TYPES) == ("MODEL", "CONDITIONING")
+
+
+def test_comfyui_registers_the_nodes_through_comfy_entrypoint(pack, monkeypatch):
+    """ComfyUI's own load_custom_node, as the server runs it at start-up for custom_nodes/<pack>."""
+    import nodes  # ComfyUI's
+
+    registries = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "EXTENSION_WEB_DIRS", "LOADED_MODULE_DIRS")
+    for registry in registries:
+        monkeypatch.setattr(nodes, registry, dict(getattr(nodes, registry)))
+    # A pack with NODE_CLASS_MAPPINGS is registered from them, and its comfy_entrypoint is never called.
+    assert not hasattr(pack.module, "NODE_CLASS_MAPPINGS")
+    module_name = str(REPO).replace(".", "_x_")  # load_custom_node's name for a pack folder
+    try:
+        assert run_async(nodes.load_custom_node(str(REPO))) is True
+    finally:
+        unload_pack(module_name)
+    for node_id, ours in pack.mappings.items():
+        registered = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(registered, io.ComfyNode) and registered.__name__ == ours.__name__
+        assert registered.__module__.startswith(f"{module_name}.nodes.")
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == pack.display[node_id]
+    assert len(pack.mappings) == len(pack.module.nodes.NODES) >= 5
+    assert nodes.EXTENSION_WEB_DIRS[REPO.name] == str(REPO / "web")  # web/save_subject.js
 
 
 def test_pack_leaves_comfy_nodes_module_first_and_makes_the_core_importable(pack):
@@ -60,7 +90,7 @@ def test_init_registers_the_models_folder_without_clobbering_extra_model_paths(m
 
 def test_encoder_list_comes_from_the_registered_folder(pack, save_tiny_encoder, models_folder):
     name = save_tiny_encoder("listed.safetensors")
-    ((choices, _),) = pack.mappings["NestedAttentionLoadEncoder"].INPUT_TYPES()["required"].values()
+    choices = combo_choices(input_specs(pack.mappings["NestedAttentionLoadEncoder"])["encoder_name"])
     assert name in choices
 
 
@@ -81,38 +111,58 @@ def test_missing_encoder_file_error_lists_the_folders_searched(pack, models_fold
 def test_missing_encoder_file_is_answered_at_validation_with_the_folder_and_sources(
     pack, save_tiny_encoder, models_folder
 ):
-    # ComfyUI runs VALIDATE_INPUTS instead of its own list check for encoder_name, before any node runs.
+    # ComfyUI runs the node's validation instead of its own list check for encoder_name, before any node runs.
     loader = pack.mappings["NestedAttentionLoadEncoder"]
     name = save_tiny_encoder("present.safetensors")
-    assert loader.VALIDATE_INPUTS(encoder_name=name) is True  # exactly True: ComfyUI tests `is not True`
-    message = loader.VALIDATE_INPUTS(encoder_name="faces-encoder.safetensors")
-    assert isinstance(message, str)
-    assert "'faces-encoder.safetensors' not found" in message
-    assert f"searched: {models_folder.encoders}" in message and "found there: present.safetensors" in message
-    assert f"Put the encoder file into {models_folder.encoders}" in message
-    assert "python -m training.run" in message
-    assert "https://huggingface.co/orpatashnik/NestedAttentionEncoder" in message
-    assert "ip-adapter-plus-face_sdxl_vit-h.safetensors" in message and "models/ipadapter" in message
+    assert validate_inputs(loader, encoder_name=name) is True
+    message = validate_inputs(loader, encoder_name="faces-encoder.safetensors")
+    assert "Value not in list" not in message
+    lines = message.split("encoder_name - ", 1)[1].splitlines()  # the node's own message
+    # A short first line (what is missing), then the folders searched, where each kind goes, where to get each.
+    assert lines[0] == "Load Nested Encoder: encoder file 'faces-encoder.safetensors' not found."
+    assert lines[1:4] == [
+        "Folders searched:",
+        f"  models/nested_attention: {models_folder.encoders} (found there: present.safetensors)",
+        f"  models/ipadapter: {models_folder.ipadapter} (found there: no .safetensors file)",
+    ]
+    assert lines[4:7] == [
+        "Which file goes where:",
+        ("  the pack's encoders (from its trainer or nested_attention.convert) and the authors' encoder -> "
+         "models/nested_attention"),
+        "  IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter",
+    ]
+    assert lines[7] == "Where to get one:"
+    sources = lines[8:11]
+    assert sources[0].startswith("  - IP-Adapter Plus SDXL (Apache-2.0), into models/ipadapter: https://")
+    assert "ip-adapter-plus-face_sdxl_vit-h.safetensors" in sources[0]
+    assert "into models/nested_attention: https://huggingface.co/orpatashnik/NestedAttentionEncoder" in sources[1]
+    assert "into models/nested_attention: python -m training.run" in sources[2]
+    assert lines[11].startswith("Then press R")
+    # An IP-Adapter file is never sent to models/nested_attention (the old message did).
+    assert not [line for line in lines if "ip-adapter" in line.lower() and "models/nested_attention" in line]
 
 
 def test_init_creates_the_models_folder_and_only_warns_when_it_cannot(monkeypatch, tmp_path, caplog):
     models = tmp_path / "models"
     monkeypatch.setattr(folder_paths, "models_dir", str(models))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "ipadapter", raising=False)
     try:
         load_pack("nested_attention_pack_fresh")
         assert (models / "nested_attention").is_dir()
+        assert (models / "ipadapter").is_dir()  # where the errors and the workflows send IP-Adapter Plus files
     finally:
         unload_pack("nested_attention_pack_fresh")
     blocked = tmp_path / "read-only"
     blocked.write_text("a file where the models folder would be, so nothing can be created under it")
     monkeypatch.setattr(folder_paths, "models_dir", str(blocked))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "ipadapter", raising=False)
     try:
         with caplog.at_level(logging.WARNING):
             load_pack("nested_attention_pack_fresh")
         assert "[nested-attention] cannot create" in caplog.text
-        assert str(blocked / "nested_attention") in caplog.text
+        assert str(blocked / "nested_attention") in caplog.text and str(blocked / "ipadapter") in caplog.text
     finally:
         unload_pack("nested_attention_pack_fresh")
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 from PIL import Image
-from test_training import make_shards, train
+from test_training import make_shards
+from trainer_runs import run_trainer, tiny_argv, train
 
 from training import checkpoints as checkpoints_lib
 from training import data as data_lib
@@ -145,7 +146,7 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     assert summary["dry_run"] and len(summary["preview"]) == 4
     assert not list(out.glob("checkpoint-*")) and not (out / "tiny-encoder.safetensors").exists()
     # args.json: the frozen config, every setting resolved (the epochs made 6 steps: 2 x 6 records / batch 2).
-    parsed = trainer.parse_args([*trainer_flags(out), *flags])
+    parsed = trainer.parse_args(tiny_argv(out, *flags))
     expected = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(parsed, max_train_steps=6))))
     assert json.loads((out / "args.json").read_text()) == expected
     # sample-0: the CLIP crop (32 px, shown x8) and the target crop (64 px, shown x4), as training makes them.
@@ -160,12 +161,6 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     np.testing.assert_array_equal(crop(target_box), enlarge(sample["pixels"], 4))
     # the target is 96 x 64: resized to 96 x 64 and cropped in the middle, not squashed
     assert sample["time_ids"].tolist() == [64, 96, 0, 16, 64, 64]
-
-
-def trainer_flags(out: Path) -> list[str]:
-    from test_training import FAST
-
-    return [*FAST, "--output_dir", str(out)]
 
 
 def test_dry_run_on_tar_shards_previews_the_start_of_the_stream(tmp_path, monkeypatch, caplog):
@@ -197,6 +192,27 @@ def test_labelled_grid_keeps_every_cell_exact_and_writes_labels_around_them():
     top = boxes[0][0][1]
     assert (pixels[:top, boxes[0][0][0] :] < 100).any()  # column labels in the header
     assert (pixels[top : boxes[0][0][3], : boxes[0][0][0]] < 100).any()  # a row label left of row 0
+
+
+def test_preview_labels_draw_accents_and_wrap_long_file_names_whole():
+    from PIL import Image, ImageDraw
+
+    face = preview_lib.font(20)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def drawn(text):
+        image = Image.new("L", (60, 40), 0)
+        ImageDraw.Draw(image).text((5, 5), text, fill=255, font=face)
+        return np.asarray(image)
+
+    unassigned = drawn("\u0378")  # no font has it: the 'missing glyph' box
+    for letter in "éëüçñ":
+        assert not np.array_equal(drawn(letter), unassigned), letter  # drawn, not as a box
+    name = "café-au-lait-cat-photographed-on-the-sofa-2024-05-01_IMG_4821.png"
+    lines = preview_lib.wrap(draw, f"{name} x", 120, face)
+    assert "".join(lines)[: len(name)] == name  # every character kept, in order
+    assert all(draw.textlength(line, font=face) <= 120 for line in lines)
+    assert lines[0].endswith("-")  # cut after a separator where one fits
 
 
 def torch_of(array):
@@ -273,12 +289,24 @@ def test_checkpoints_keep_three_by_default_and_zero_keeps_all(tmp_path):
     assert {trainer.parse_args(["--domain", d]).checkpoints_total_limit for d in PRESETS} == {3}
     keep_all = trainer.parse_args(["--domain", "tiny", "--checkpoints_total_limit", "0"])
     assert keep_all.checkpoints_total_limit == 0
-    for step in (1, 2, 3, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    checkpoints_lib.prune(tmp_path, 0, 5)
-    assert len(list(tmp_path.glob("checkpoint-*"))) == 4
-    checkpoints_lib.prune(tmp_path, 3, 5)  # checkpoint-5 about to be written: 3 and 4 stay
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    for step in (1, 2, 3, 4, 5):
+        complete_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-6").mkdir()  # no completion marker: not counted, not pruned
+    checkpoints_lib.prune(tmp_path, 0)
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 6
+    checkpoints_lib.prune(tmp_path, 3)  # pruned once checkpoint-5 is complete: 3, 4 and 5 stay
+    names = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6"]
+
+
+def complete_checkpoint(folder, files=None):
+    """A checkpoint folder as `Checkpoints.save` leaves it: its files written into checkpoint-N.partial, the
+    completion marker, the rename. `files`: {name: text} (default: one stand-in model file)."""
+    partial = folder.with_name(folder.name + checkpoints_lib.PARTIAL)
+    partial.mkdir()
+    for name, text in (files or {"model.safetensors": "x" * 10}).items():
+        (partial / name).write_text(text)
+    checkpoints_lib.finalize(partial, folder, int(folder.name.split("-")[1]))
 
 
 class FakeAccelerator:
@@ -294,13 +322,11 @@ class FakeAccelerator:
 
 def test_resuming_with_another_batch_layout_warns(tmp_path, caplog):
     folder = tmp_path / "checkpoint-4"
-    folder.mkdir()
     state = checkpoints_lib.ProcessState(
         global_step=4, batches=8, world=2, weights_sha256="a", initial_weights_sha256="b",
         train_batch_size=4, gradient_accumulation_steps=2,
     )
-    for rank in (0, 1):
-        (folder / f"trainer_state-{rank}.json").write_text(json.dumps(dataclasses.asdict(state)))
+    complete_checkpoint(folder, {f"trainer_state-{rank}.json": json.dumps(dataclasses.asdict(state)) for rank in (0, 1)})
 
     def resume(world, batch, accumulation):
         caplog.clear()
@@ -341,16 +367,10 @@ def test_faces_dry_run_reads_the_clip_size_from_the_file_and_never_opens_sdxl(tm
     no_models(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "1")
     out = tmp_path / "out"
-    summary = trainer.main(
-        trainer.parse_args(
-            ["--domain", "faces", "--pretrained_model", str(sdxl), "--clip_vision", str(clip)]
-            + ["--train_data", str(data), "--output_dir", str(out), "--report_to", "none", "--dry_run"]
-        )
+    summary = run_trainer(
+        ["--domain", "faces", "--pretrained_model", str(sdxl), "--clip_vision", str(clip)]
+        + ["--train_data", str(data), "--output_dir", str(out), "--report_to", "none", "--dry_run"]
     )
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     args = json.loads((out / "args.json").read_text())
     batch = (args["global_batch_size"], args["train_batch_size"], args["gradient_accumulation_steps"])
     assert batch == (32, 4, 8)  # the paper's global batch at 512 on one GPU

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -34,6 +35,12 @@ ARTIFACTS_DIR = REPO / "tests" / "artifacts" / "e2e"
 
 PACK_NAME = "comfyui-nested-attention"  # the folder name dev.py links the pack under
 TINY_PACK_NAME = "nested_attention_test_tiny"
+
+# Other packs' source archives, installed into the test server for compatibility tests (never into the repo):
+# $NESTED_ATTENTION_PACKS, else ../shared/packs beside the checkout.
+PACKS_ENV = "NESTED_ATTENTION_PACKS"
+IPADAPTER_PLUS_ARCHIVE = "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"  # cubiq's pack (GPL-3.0), one folder inside
+IPADAPTER_PLUS_NAME = "ComfyUI_IPAdapter_plus"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -78,11 +85,27 @@ def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS))
 
 
+def pack_archive(name: str) -> Path | None:
+    """Another pack's source archive from the packs folder ($NESTED_ATTENTION_PACKS, else ../shared/packs)."""
+    folder = Path(os.environ.get(PACKS_ENV) or REPO.parent / "shared" / "packs")
+    path = folder / name
+    return path if path.is_file() else None
+
+
+def install_pack_archive(archive: Path, custom_nodes: Path) -> None:
+    """Unpack a pack's archive (one top-level folder) into a test server's custom_nodes."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(custom_nodes, filter="data")
+
+
 class ComfyServer:
     """`python main.py --cpu` of a ComfyUI folder; all it writes goes under `base` (--base-directory)."""
 
-    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: int | None = None):
+    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: int | None = None,
+                 extra_args: tuple = (), env: dict | None = None):
+        """extra_args: more of main.py's arguments (e.g. --cache-none); env: variables added to the server's."""
         self.comfyui, self.base, self.log_path = Path(comfyui), Path(base), Path(log_path)
+        self.extra_args, self.extra_env = tuple(extra_args), dict(env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -91,8 +114,9 @@ class ComfyServer:
     def start(self, timeout: float = 600.0) -> ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
-        env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1"}
+               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
+               *self.extra_args]
+        env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
@@ -136,16 +160,23 @@ class ComfyServer:
     def get_json(self, path: str, **query: Any) -> Any:
         return json.loads(self.get(path, **query))
 
-    def post_json(self, path: str, data: Any) -> Any:
+    def post(self, path: str, data: Any) -> bytes:
+        """POST `data` as JSON; the answer's body."""
         request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
 
-    def queue_prompt(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors."""
+    def post_json(self, path: str, data: Any) -> Any:
+        return json.loads(self.post(path, data))
+
+    def queue_prompt(self, prompt: dict, client_id: str = "nested-attention-e2e") -> str:
+        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors.
+
+        client_id: who gets the progress and output messages (a page's app.api.clientId: that frontend shows
+        the outputs in its nodes)."""
         try:
-            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})
+            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
             return answer["prompt_id"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"the server refused the prompt: {e.read().decode(errors='replace')}") from e
@@ -165,9 +196,10 @@ class ComfyServer:
             time.sleep(0.2)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict[str, list[bytes]]:
+    def run_prompt(self, prompt: dict, timeout: float = 600.0, client_id: str = "nested-attention-e2e"
+                   ) -> dict[str, list[bytes]]:
         """Queue `prompt`, wait for it, fetch its output images over /view: {node id: [PNG bytes, ...]}."""
-        entry = self.wait_for(self.queue_prompt(prompt), timeout)
+        entry = self.wait_for(self.queue_prompt(prompt, client_id), timeout)
         images = {}
         for node_id, output in entry.get("outputs", {}).items():
             for image in output.get("images", []):

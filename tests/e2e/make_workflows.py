@@ -45,6 +45,7 @@ FACES_ENCODER = "faces-encoder.safetensors"
 PETS_ENCODER = "pets-encoder.safetensors"
 IPADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
 IPADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
+SDXL_INPAINTING = "sdxl-inpainting-0.1-unet.fp16.safetensors"
 
 HF = "https://huggingface.co"
 MODELS = {
@@ -67,11 +68,15 @@ MODELS = {
     # PETS_ENCODER's: a workflow names one or the other, never both).
     IPADAPTER_PLUS: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_PLUS}",
                      "directory": "ipadapter"},
+    # The SDXL inpainting UNet (9 input channels) of the diffusers team, for Load Diffusion Model; CLIP and
+    # VAE come from SDXL base. CreativeML Open RAIL++-M.
+    SDXL_INPAINTING: {"url": f"{HF}/diffusers/stable-diffusion-xl-1.0-inpainting-0.1/resolve/main/unet/"
+                             "diffusion_pytorch_model.fp16.safetensors", "directory": "diffusion_models"},
 }
 # The files the loaders name, by models folder (the e2e server gets stand-ins for all of them).
 MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
                "nested_attention": [FACES_ENCODER, PETS_ENCODER],
-               "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS]}
+               "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS], "diffusion_models": [SDXL_INPAINTING]}
 
 
 def model_entry(name: str) -> dict:
@@ -84,6 +89,9 @@ def model_entry(name: str) -> dict:
 
 PERSON_IMAGES = [f"nested_attention_person_{i}.jpg" for i in (1, 2, 3)]
 PET_IMAGE = "nested_attention_pet.jpg"
+MAN_IMAGE = "nested_attention_man.jpg"
+SCENE_IMAGE = "nested_attention_launch_pad.png"
+SCENE_REGION = (60, 120, 260, 427)  # left, top, right, bottom: where the person goes (transparent in the PNG)
 NEGATIVE = "blurry, lowres, deformed, disfigured, watermark, text, signature"
 SEED = 20250101
 THUMBNAIL_WIDTH = 640
@@ -108,6 +116,28 @@ def make_example_images(folder: Path) -> None:
     for name, image in zip(PERSON_IMAGES, views):
         image.save(folder / name, quality=90, optimize=True)
     Image.fromarray(data.chelsea()).save(folder / PET_IMAGE, quality=90, optimize=True)  # 451 x 300, as shot
+
+
+def make_inpainting_and_two_people_images(folder: Path) -> None:
+    """The man of the two-people workflow (scikit-image's "camera": Lav Varshney's photo, CC0) and the scene
+    of the inpainting workflows (scikit-image's "rocket": SpaceX's Falcon 9 on Launch Complex 40, public domain),
+    as shot. The scene is a PNG whose region for the person is transparent: Load Image's MASK is 1 there
+    (1 - alpha), exactly what painting it in ComfyUI's mask editor gives; the pixels under it are kept.
+    """
+    if all((folder / name).is_file() for name in (MAN_IMAGE, SCENE_IMAGE)):
+        return
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise SystemExit("the example photos come from scikit-image's sample data: "
+                         "pip install scikit-image") from error
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(data.camera()).save(folder / MAN_IMAGE, quality=90, optimize=True)  # 512 x 512, grey
+    scene = Image.fromarray(data.rocket()).convert("RGBA")  # 640 x 427
+    alpha = Image.new("L", scene.size, 255)
+    alpha.paste(0, SCENE_REGION)
+    scene.putalpha(alpha)
+    scene.save(folder / SCENE_IMAGE, optimize=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +216,7 @@ XD, XE = XC + 440, XC + 760
 NOTE_TOP, NOTE_HEIGHT = -230, 190  # the notes' title bars start 30 units higher
 PHOTO_SIZE = (300, 320)
 APPLY_SIZE = (400, 330)  # with its own prompt box
+ENCODE_SIZE = (280, 162)  # Encode Subject Image(s): crop, align, face_index, mask_marks
 APPLY_LINKED_SIZE = (300, 250)  # prompt from a shared String node
 BRANCH = 320  # the λ sweep's branch columns
 # The zoom a workflow opens at (its saved extra.ds): the whole graph if it fits the reference window at
@@ -238,6 +269,11 @@ def _models_note(encoders: list[str]) -> str:
     if IPADAPTER_PLUS in encoders:
         lines.append(f"- `ipadapter/{IPADAPTER_PLUS}`: [IP-Adapter Plus]({MODELS[IPADAPTER_PLUS]['url']}) "
                      "(Apache-2.0), for the pet")
+    if SDXL_INPAINTING in encoders:
+        lines.append(f"- `diffusion_models/{SDXL_INPAINTING}`: the [SDXL inpainting UNet]"
+                     f"({MODELS[SDXL_INPAINTING]['url']}) (CreativeML Open RAIL++-M; downloads as "
+                     "`diffusion_pytorch_model.fp16.safetensors`: rename it); CLIP and VAE come from SDXL "
+                     "base")
     if {IPADAPTER_FACE, IPADAPTER_PLUS} & set(encoders):
         lines.append("`models/ipadapter` is the folder ComfyUI_IPAdapter_plus reads too: files already there "
                      "need no second copy.")
@@ -271,7 +307,7 @@ def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple) -> int:
 
 
 def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
-    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 138), title=f"Encode {title}")
+    encode = g.node("NestedAttentionEncodeSubject", pos, size=ENCODE_SIZE, title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
     return encode
@@ -374,7 +410,7 @@ def person_several_photos() -> Graph:
                      title=f"person photo {i + 1}") for i, name in enumerate(PERSON_IMAGES)]
     image = photos[0]
     for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
-        batch = g.node("ImageBatch", (XB, 150 + 100 * i), size=(280, 70))
+        batch = g.node("ImageBatch", (XB, 200 + 90 * i), size=(280, 70))  # titles clear of Encode
         g.link(image, 0, batch, "image1")
         g.link(other, 0, batch, "image2")
         image = batch
@@ -399,11 +435,11 @@ def _person_and_pet(person_file: str, pet_file: str, text: str, prefix: str, abo
     person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
                           title="person photo")
     person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
-    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 138), title="Encode pet")
-    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=pet_file,
+    pet = g.node("NestedAttentionEncodeSubject", (XB, 215), size=ENCODE_SIZE, title="Encode pet")
+    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 430), size=(280, 80), encoder_name=pet_file,
                          properties={"models": [model_entry(pet_file)]})
     g.link(vision, 0, pet_encoder, "clip_vision")
-    pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
+    pet_photo = g.node("LoadImage", (XB, 550), size=(280, 320), image=PET_IMAGE, title="pet photo")
     g.link(pet_encoder, 0, pet, "encoder")
     g.link(pet_photo, 0, pet, "image")
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
@@ -480,6 +516,162 @@ prompt without nested attention, for reference. Change the seed on all KSamplers
     return g
 
 
+# ------------------------------------------------------------------------------------------------
+# The subject in the user's own photo (inpainting), and two people in one image
+
+
+INPAINT_SCALE = 1.9  # the example scene (640 x 427) to about one megapixel, SDXL's native size
+
+
+def _person_into_photo(inpainting_model: bool) -> Graph:
+    """The person painted into the transparent (masked) region of a photo with ComfyUI's core inpainting path.
+
+    InpaintModelConditioning serves both kinds of checkpoint: it adds the noise mask to the photo's latent
+    (the sampler keeps everything outside the mask) and the masked photo as the conditioning's concat image,
+    which an inpainting UNet (9 input channels) reads and SDXL base ignores. VAE Encode (for Inpainting) greys
+    the region out before encoding (SDXL base then starts from grey and needs denoise 1), and Set Latent Noise
+    Mask gives an inpainting UNet no masked image.
+    """
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(300, 100), ckpt_name=CHECKPOINT,
+                  properties={"models": [model_entry(CHECKPOINT)]})
+    vision = g.node("CLIPVisionLoader", (XA, 140), size=(300, 60), clip_name=CLIP_VISION,
+                    properties={"models": [model_entry(CLIP_VISION)]})
+    encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    person = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0], title="person photo")
+    model = (ckpt, 0)
+    if inpainting_model:  # the UNet from its own file; CLIP and VAE from SDXL base
+        unet = g.node("UNETLoader", (XB, 0), size=(280, 82), title="Load Diffusion Model (SDXL inpainting)",
+                      unet_name=SDXL_INPAINTING, weight_dtype="default",
+                      properties={"models": [model_entry(SDXL_INPAINTING)]})
+        model = (unet, 0)
+    encode = _encode(g, encoder, person, (XB, 140 if inpainting_model else 0), "person")
+    scene = g.node("LoadImage", (XB, 340), size=(280, 320), image=SCENE_IMAGE, title="photo to paint into")
+    scale = g.node("ImageScaleBy", (XB, 710), size=(280, 82), title="Upscale Image By (~1 MP)",
+                   upscale_method="lanczos", scale_by=INPAINT_SCALE)
+    g.link(scene, 0, scale, "image")
+    apply = _apply(g, model, ckpt, encode, (XC, 0), token="person",
+                   text="a photo of a person in a white spacesuit standing in front of a rocket on the "
+                        "launch pad at dusk, detailed")
+    g.link(scene, 1, apply, "mask")
+    negative = _negative(g, ckpt, (XC, 380))
+    inpaint = g.node("InpaintModelConditioning", (XD, 0), size=(280, 138), noise_mask=True)
+    g.link(apply, 1, inpaint, "positive")
+    g.link(negative, 0, inpaint, "negative")
+    g.link(ckpt, 2, inpaint, "vae")
+    g.link(scale, 0, inpaint, "pixels")
+    g.link(scene, 1, inpaint, "mask")
+    sampler = g.node("KSampler", (XD, 190), size=(280, 270), seed=SEED, control_after_generate="randomize",
+                     steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
+    g.link(apply, 0, sampler, "model")
+    g.link(inpaint, 0, sampler, "positive")
+    g.link(inpaint, 1, sampler, "negative")
+    g.link(inpaint, 2, sampler, "latent_image")
+    name = "person_into_photo_inpainting_model" if inpainting_model else "person_into_photo"
+    _decode_save(g, sampler, ckpt, (XE, 0), prefix=f"nested_attention/{name}")
+    checkpoint = ("an SDXL **inpainting** UNet (9 input channels: it also reads the mask and the masked "
+                  "photo) in **Load Diffusion Model**, with CLIP and VAE from SDXL base" if inpainting_model else
+                  "SDXL base (any SDXL checkpoint)")
+    _notes(g, SINGLE_WIDTH, "One person painted into your own photo (inpainting)",
+           [FACES_ENCODER, SDXL_INPAINTING] if inpainting_model else [FACES_ENCODER], f"""
+The **photo** is painted only where it is transparent (Load Image's MASK; paint your own with right-click ->
+*Open in MaskEditor*); everything else is kept. The checkpoint: {checkpoint}. The node
+**InpaintModelConditioning** keeps the photo's latent outside the mask and gives the model the masked photo.
+The same MASK on **Apply Nested Attention** confines the person to the region. **Upscale Image By** brings the
+photo to about one megapixel (set it for your photo; the mask follows).""")
+    return g
+
+
+def person_into_photo() -> Graph:
+    return _person_into_photo(inpainting_model=False)
+
+
+def person_into_photo_inpainting_model() -> Graph:
+    return _person_into_photo(inpainting_model=True)
+
+
+def two_people_left_and_right() -> Graph:
+    """A man and a woman from one face encoder and two photos, each on its own word and its own half."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    faces = _encoder(g, vision, FACES_ENCODER, (XA, 260))
+    man_photo = g.node("LoadImage", (XA, 370), size=(300, 320), image=MAN_IMAGE, title="man photo")
+    woman_photo = g.node("LoadImage", (XB, 370), size=(280, 320), image=PERSON_IMAGES[0], title="woman photo")
+    man = _encode(g, faces, man_photo, (XB, 0), "man")
+    woman = _encode(g, faces, woman_photo, (XB, 190), "woman")
+    # The regions: a black canvas of the image's size with its left half set white, and its inverse.
+    canvas = g.node("SolidMask", (XA, 730), size=(200, 106), title="canvas (image size)", value=0.0,
+                    width=1024, height=1024)
+    half = g.node("SolidMask", (XA + 220, 730), size=(200, 106), title="half (width / 2)", value=1.0,
+                  width=512, height=1024)
+    left = g.node("MaskComposite", (XA + 440, 730), size=(200, 130), title="left half", x=0, y=0,
+                  operation="add")
+    g.link(canvas, 0, left, "destination")
+    g.link(half, 0, left, "source")
+    right = g.node("InvertMask", (XC + 320, 730), size=(200, 30), title="right half")
+    g.link(left, 0, right, "mask")
+    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(400, 120),
+                    value="a photo of a man and a woman sitting side by side on a park bench, autumn, "
+                          "soft light")
+    apply_man = _apply(g, (ckpt, 0), ckpt, man, (XC, 170), text=None, token="man",
+                       title="Apply Nested Attention: man, left")
+    apply_woman = _apply(g, (apply_man, 0), ckpt, woman, (XC, 460), text=None, token="woman",
+                         title="Apply Nested Attention: woman, right")
+    for apply, region in ((apply_man, left), (apply_woman, right)):
+        g.link(prompt, 0, apply, "text")
+        g.link(region, 0, apply, "mask")
+    negative = _negative(g, ckpt, (XD, 480), size=(280, 110))
+    _sample_and_save(g, ckpt, (apply_woman, 0), (apply_woman, 1), negative, "nested_attention/two_people")
+    _notes(g, SINGLE_WIDTH, "Two people, left and right", [FACES_ENCODER], """
+One face encoder, two photos: each **Apply** node binds one photo to its own word of the shared prompt
+(*man*, *woman*) and, through its **mask**, to its own half of the image, so the two identities do not blend.
+The halves are core mask nodes (**Solid Mask**, **Mask Composite**, **Invert Mask**): keep the canvas the
+size of the latent (or its shape) when you change the image size. Other words work too (each must be in the
+prompt once); identity leakage between the two is measured by `training.evaluate --two_subjects`.""")
+    return g
+
+
+def see_where_the_subject_goes() -> Graph:
+    """One person from one photo, with the attention maps: Capture Nested Attention between the Apply node and
+    the KSampler, Nested Attention Maps after decoding, and Subject Query Maps from the Encode node."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=260, title="person")
+    apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
+                   text="a photo of a person walking a dog through an autumn forest, morning light")
+    negative = _negative(g, ckpt, (XC, 380))
+    capture = g.node("NestedAttentionCapture", (XD, 0), size=(280, 130), start_percent=0.0, end_percent=1.0,
+                     sources=True)
+    g.link(apply, 0, capture, "model")
+    latent = _latent(g, (XD, 480))
+    sampler = _sampler(g, (capture, 0), (apply, 1), negative, latent, (XD, 170))
+    decode = g.node("VAEDecode", (XE, 0), size=(200, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (XE, 100), size=(340, 380), filename_prefix="nested_attention/see_where")
+    g.link(decode, 0, save, "images")
+    maps = g.node("NestedAttentionMaps", (XC, 560), size=(400, 160), points="", top_tokens=5, normalize="peak")
+    g.link(capture, 1, maps, "capture")
+    g.link(decode, 0, maps, "image")
+    for output, pos, size, name in ((0, (XD, 630), (280, 250), "placement"), (1, (XE, 520), (340, 360), "sources")):
+        saved = g.node("SaveImage", pos, size=size, title=f"Save {name} map",
+                       filename_prefix=f"nested_attention/see_where_{name}")
+        g.link(maps, output, saved, "images")
+    queries = g.node("NestedAttentionQueryMaps", (XB, 440), size=(280, 90), count=16)
+    g.link(encode, 0, queries, "subject")
+    saved = g.node("SaveImage", (XB, 570), size=(280, 300), title="Save query maps",
+                   filename_prefix="nested_attention/see_where_queries")
+    g.link(queries, 0, saved, "images")
+    _notes(g, SINGLE_WIDTH, "See where the subject goes", [FACES_ENCODER], """
+**Capture Nested Attention** (between Apply and the KSampler) records the run; the image is exactly the same.
+**Nested Attention Maps**: *placement* tints where the word *person* took the attention (stronger = more);
+*sources* marks the 3 strongest places (or your *points*, x,y fractions) and shows which subject tokens were
+read there and where they come from in the photo. **Subject Query Maps**: where each query of the encoder
+looks in the photo, no sampling needed.""")
+    return g
+
+
 # File name -> graph. The template browser shows a custom node pack's workflows by file name only (as the
 # card's title, and with - and _ as spaces as its description; no index.json or extra field is read for
 # them), so the names say what each workflow does.
@@ -490,6 +682,10 @@ WORKFLOWS = {
     "Person and pet in one picture": person_and_pet,
     "Likeness vs prompt, lambda sweep": lambda_sweep,
     "Person and pet with IP-Adapter Plus": ip_adapter_person_and_pet,
+    "Person into a photo, inpainting": person_into_photo,
+    "Person into a photo, SDXL inpainting model": person_into_photo_inpainting_model,
+    "Two people, left and right": two_people_left_and_right,
+    "See where the subject goes": see_where_the_subject_goes,
 }
 # Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names,
 # here the alternative to the authors' face encoder, for the workflows that name that one.
@@ -545,6 +741,7 @@ def main(args: argparse.Namespace) -> None:
     from tiny_models import find_comfyui  # the same ComfyUI the tests use
 
     make_example_images(args.out / "input")
+    make_inpainting_and_two_people_images(args.out / "input")
     names = args.names or list(WORKFLOWS)
     with tempfile.TemporaryDirectory(prefix="nested-attention-workflows-") as tmp:
         base = Path(tmp) / "base"

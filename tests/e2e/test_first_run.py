@@ -32,7 +32,8 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # The loaders of the shipped workflows, with the models folders ComfyUI reads their file from: the files a
 # workflow needs are read from the workflow itself. Load Nested Encoder lists two folders.
 LOADERS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
-           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter")}
+           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter"),
+           "UNETLoader": ("diffusion_models",)}
 ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's download allow-list
 
 
@@ -220,7 +221,8 @@ def test_run_with_no_model_files_shows_the_packs_message_naming_the_folder(fresh
     frontend.press_run()
     text = run_error_text(frontend, shown)
     folder = comfy.base / "models" / "nested_attention"
-    assert f"'{FACES_ENCODER}' not found (searched: {folder}" in text, text
-    assert f"Put the encoder file into {folder}" in text, text
+    assert f"Load Nested Encoder: encoder file '{FACES_ENCODER}' not found." in text, text
+    assert f"models/nested_attention: {folder} (found there: no .safetensors file)" in text, text
+    assert "IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter" in text, text
     assert "https://huggingface.co/orpatashnik/NestedAttentionEncoder" in text, text
     close_dialogs(frontend)
