@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -19,7 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "runs" / "benchmark" / "benchmark.json"
 
 
-def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    parsed = p.parse_args(args)
+    if not parsed.trainer_child:
+        _fill_defaults(p, parsed)
+    return parsed
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Measure nested attention's cost per SDXL sampling step next to plain SDXL and an IP-Adapter-style "
@@ -65,7 +72,8 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-trainer",
         action="store_true",
-        help="Do not measure the trainer's throughput (tiny preset on the CPU; SDXL on a GPU).",
+        help="Do not measure the trainer (the tiny preset's command line, and the trainer's step on the full-size "
+        "UNet).",
     )
     p.add_argument(
         "--trainer-steps",
@@ -74,7 +82,14 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="Timed training steps for each trainer figure, after warm-up.",
     )
     p.add_argument(
-        "--trainer-batch-size", type=int, default=1, help="Batch size of the SDXL trainer figure on a GPU."
+        "--trainer-batch-size", type=int, default=1, help="Batch size of the full-size (SDXL) trainer figure."
+    )
+    p.add_argument(
+        "--trainer-full-steps",
+        type=int,
+        default=2,
+        help="Timed steps of the full-size trainer figure on the CPU, after one warm-up step (each takes tens of "
+        "seconds there; on a GPU --trainer-steps counts).",
     )
     p.add_argument(
         "--profile",
@@ -82,14 +97,13 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
         help="Also print torch.profiler's operator table for one nested attn2 call (M=1024, widest layer).",
     )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke run on tiny models (tests)
-    p.add_argument(
-        "--trainer-child", default=None, help=argparse.SUPPRESS
-    )  # internal: the tiny trainer's process
+    p.add_argument("--trainer-child", default=None, help=argparse.SUPPRESS)  # internal: the tiny trainer's process
     p.add_argument("--trainer-warmup", type=int, default=2, help=argparse.SUPPRESS)
-    args = p.parse_args(args)
+    return p
 
-    if args.trainer_child:
-        return args
+
+def _fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The device's defaults for the flags left out, and the checks that need several flags."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -104,13 +118,13 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
             f"--resolution {args.resolution}: expected a positive multiple of 64 (SDXL's latent is 1/8 of it "
             "and the UNet halves that twice)."
         )
-    if args.steps < 1 or args.attention_reps < 1 or args.trainer_steps < 1 or args.trainer_batch_size < 1:
-        p.error("--steps, --attention-reps, --trainer-steps and --trainer-batch-size must be at least 1.")
+    if min(args.steps, args.attention_reps, args.trainer_steps, args.trainer_batch_size, args.trainer_full_steps) < 1:
+        p.error("--steps, --attention-reps, --trainer-steps, --trainer-full-steps and --trainer-batch-size must be at "
+                "least 1.")
     if args.dtype == "fp16" and not gpu:
         p.error(
             "--dtype fp16 on the CPU: ComfyUI computes float16 weights in float32 there; use fp32 or bf16."
         )
-    return args
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -5,9 +5,11 @@ and kernel launches per attn2 call, the K~/V~ cache's size, peak memory.
 from __future__ import annotations
 
 import resource
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,7 @@ class AttentionCall:
     n: int
     dim: int
     heads: int
-    activations_shape: Optional[list] = None
+    activations_shape: list | None = None
 
 
 class _ShapeRecorder:
@@ -183,8 +185,13 @@ class PeakMemory:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-# Ops that only relabel a tensor's metadata (outside autograd these reach the dispatcher decomposed).
+# Ops that only relabel a tensor's metadata (outside autograd these reach the dispatcher decomposed), and
+# allocations, which launch nothing.
 _NO_KERNEL = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
     "_unsafe_view",
     "alias",
     "lift_fresh",
@@ -211,12 +218,40 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
         self.fused = (
             0  # > 0 inside an op counted as one fused kernel (SDPA), whose decomposition on meta is not
         )
+        # Device memory: bytes of the storages made since the last reset that are still alive, and their peak.
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._known: weakref.WeakSet = weakref.WeakSet()  # storages seen (made here or before)
+
+    def reset_memory(self) -> None:
+        self.live_bytes = self.peak_bytes = 0
+
+    def account(self, args, outputs) -> None:
+        """Count the device storages among `outputs` that are new (not among `args` or seen before)."""
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+                self._known.add(a.untyped_storage())
+        for o in outputs:
+            if not isinstance(o, torch.Tensor) or o.device.type == "cpu":
+                continue
+            storage = o.untyped_storage()
+            if storage in self._known:
+                continue
+            self._known.add(storage)
+            size = storage.nbytes()
+            self.live_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live_bytes -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self._dispatch(func, args, kwargs or {})
         if self.fused:
             return out
         outputs = out if isinstance(out, (tuple, list)) else (out,)
+        self.account([*args, *(kwargs or {}).values()], outputs)
         inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
         name = func.overloadpacket.__name__
         if func.is_view or name in _NO_KERNEL:
@@ -251,9 +286,9 @@ class _HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
             blocking = not kwargs.get("non_blocking", func is aten.to.device and len(args) > 3 and args[3])
             if target is not None and torch.device(target).type != "cpu" and blocking:
                 self.syncs.append("blocking copy from host memory (.to)")
-        if func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
-            if not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
-                self.syncs.append("blocking copy from host memory (copy_)")
+        if (func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu"
+                and not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))):
+            self.syncs.append("blocking copy from host memory (copy_)")
         return func(*args, **kwargs)
 
 
@@ -266,24 +301,33 @@ class _TensorFromHostCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
-            if torch.device(kwargs["device"]).type != "cpu":
-                self.counter.syncs.append("blocking copy from host memory (torch.tensor)")
+        if (func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+                and torch.device(kwargs["device"]).type != "cpu"):
+            self.counter.syncs.append("blocking copy from host memory (torch.tensor)")
         if func is F.scaled_dot_product_attention and not self.counter.fused:
             self.counter.kernels.append("scaled_dot_product_attention")
             self.counter.fused += 1
             try:
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+                # The fused kernels (CPU flash, CUDA flash and memory-efficient) write (B, N, h, d) and return
+                # it as (B, h, N, d); meta's decomposition writes (B, h, N, d), whose reshape back to
+                # (B, N, h d) would count a copy that never runs.
+                out = out.transpose(1, 2).contiguous().transpose(1, 2) if out.dim() == 4 else out
             finally:
                 self.counter.fused -= 1
+            self.counter.account(args, [out])  # its output only: a fused kernel keeps no (N x T) matrix
+            return out
         return func(*args, **kwargs)
 
 
-def device_work_per_call(fn: Callable) -> dict[str, list[str]]:
+def device_work_per_call(fn: Callable) -> dict:
     """What one warm call of `fn` (on meta tensors) would cost a GPU beyond FLOPs.
 
-    {"syncs": host-device synchronizations, "kernels": ops that launch at least one kernel}. Views,
-    and conversions that return their input, launch nothing and are not counted.
+    {"syncs": host-device synchronizations, "kernels": ops that launch at least one kernel,
+    "peak_bytes": the most device memory the call's own tensors hold at once}. Views, and conversions
+    that return their input, launch nothing and are not counted; allocations are not launches. The
+    memory counts every tensor an op returns (the call's output included) while it is alive, and for
+    an SDPA only its output (the fused kernels' small workspaces are not seen).
     """
     counter = _HostSyncCounter()
     # no_grad, not inference_mode: there, reshape and to() reach the dispatcher whole and may or may not copy.
@@ -291,8 +335,9 @@ def device_work_per_call(fn: Callable) -> dict[str, list[str]]:
         fn()
         counter.syncs.clear()
         counter.kernels.clear()
-        fn()
-    return {"syncs": list(counter.syncs), "kernels": list(counter.kernels)}
+        counter.reset_memory()
+        out = fn()  # noqa: F841 (held until counted: the output is part of the call's memory)
+    return {"syncs": list(counter.syncs), "kernels": list(counter.kernels), "peak_bytes": counter.peak_bytes}
 
 
 def host_syncs_per_call(fn: Callable) -> list[str]:

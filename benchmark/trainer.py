@@ -7,6 +7,7 @@ program) under timing hooks; the benchmark never calls the trainer's entry point
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import runpy
@@ -15,14 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from nested_attention import SDXL_CONTEXT_DIM, NestedEncoder
 
-from .workload import CHUNK, SUBJECT_POSITION, synchronize
+from .workload import CHUNK, SUBJECT_POSITION, synchronize, timed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +74,7 @@ def measure_trainer_steps(
     ):
         run_steps()
     ends = marks["bwd_end"]
-    steps = [b - a for a, b in zip(ends, ends[1:])]
+    steps = [b - a for a, b in itertools.pairwise(ends)]
     unet = [f + (e - s) for f, s, e in zip(marks["fwd"][1:], marks["bwd_start"][1:], ends[1:])]
     return {"step_s": steps, "unet_s": unet}
 
@@ -178,7 +180,7 @@ def tiny_trainer_throughput(steps: int = 8, warmup: int = 2) -> dict:
             "--trainer-warmup",
             str(warmup),
         ]
-        proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(
                 f"the tiny trainer run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -194,7 +196,7 @@ def synthetic_trainer_throughput(
     steps: int,
     warmup: int,
     device: torch.device,
-    autocast: Optional[torch.dtype],
+    autocast: torch.dtype | None,
     checkpointing: bool = True,
 ) -> dict:
     """The trainer's step on a given UNet with a synthetic batch (cached latents and CLIP tokens, no data pipeline).
@@ -204,13 +206,14 @@ def synthetic_trainer_throughput(
     trainer does. `encoder` is trained in float32 (a copy is not made: it is changed).
     """
     from training.models import NestedTrainingModule, enable_gradient_checkpointing
+    from training.optim import adamw
 
     base = model.model
     if checkpointing:
         enable_gradient_checkpointing(base.diffusion_model)
     encoder.float().train().requires_grad_(True)
     module = NestedTrainingModule(encoder, base)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    optimizer = adamw(encoder.parameters(), lr=1e-4)  # the trainer's
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
     clip_dim = encoder.config.qformer.clip_dim
@@ -238,9 +241,10 @@ def synthetic_trainer_throughput(
                 )
                 loss = (eps.float() - batch["noise"]).pow(2).mean()
             loss.backward()
-            optimizer.step()
+            optimizer_s.append(timed(optimizer.step, device)[0])
             optimizer.zero_grad(set_to_none=True)
 
+    optimizer_s: list[float] = []
     raw = measure_trainer_steps(run_steps, type(base), NestedEncoder, device)
     return summarize_trainer(
         raw,
@@ -251,5 +255,22 @@ def synthetic_trainer_throughput(
         num_tokens=encoder.config.num_tokens,
         autocast=str(autocast) if autocast else "no",
         gradient_checkpointing=checkpointing,
+        encoder_parameters=sum(p.numel() for p in encoder.parameters()),
+        optimizer_s=statistics.median(optimizer_s[warmup + 1 :]),
+        adamw_per_tensor_vs_fused_s=adamw_seconds(encoder.qformer, device),
         what="NestedTrainingModule step, synthetic cached batch: Q-Former, UNet, AdamW",
     )
+
+
+def adamw_seconds(module: torch.nn.Module, device: torch.device, steps: int = 3) -> dict:
+    """Seconds of one AdamW step over `module`'s parameters (copies), with the per-tensor loop torch uses on a CPU by
+    default (the trainer's optimizer before it was fused) and fused (the trainer's now): best of `steps`."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in module.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    figures = {"parameters": sum(p.numel() for p in params)}
+    for name, options in (("per_tensor", {"foreach": False}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **options)
+        optimizer.step()
+        figures[name] = min(timed(optimizer.step, device)[0] for _ in range(steps))
+    return figures

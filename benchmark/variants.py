@@ -6,16 +6,21 @@ Plain SDXL is the model itself. Models with random weights come from the shared 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from nested_attention import SDXL_CONTEXT_DIM, LayerSpec, NestedEncoder
+from nested_attention import SDXL_CONTEXT_DIM, ClipVisionSpec, LayerSpec, NestedEncoder, QFormerConfig
 from nested_attention.patch import SubjectBinding
 
 from .workload import CHUNK, IP_TOKENS, SUBJECT_POSITION
+
+IP_NAME = f"IP-Adapter {IP_TOKENS} tokens"
+IP_LAYOUT = f"IP-Adapter Plus layout (M={IP_TOKENS})"
 
 
 def subject_binding(
@@ -27,12 +32,29 @@ def subject_binding(
     )
 
 
-def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec]) -> Any:
-    """A clone of `model` with the subject on every cross-attention layer, installed as the Apply node does."""
+PREVIOUS = " (previous)"  # name suffix of the variants that run the previous implementation
+
+
+def nested_name(num_tokens: int, previous: bool = False) -> str:
+    return f"nested M={num_tokens}" + (PREVIOUS if previous else "")
+
+
+def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec], previous: bool = False) -> Any:
+    """A clone of `model` with the subject on every cross-attention layer, installed as the Apply node does.
+
+    previous: each patch computes with the previous implementation (benchmark/previous.py) instead.
+    """
     from nested_attention.host import install_subject  # imports comfy: only once the benchmark has set it up
+
+    from .previous import PreviousNestedPatch
 
     m = model.clone()
     install_subject(m, binding, layers)
+    if previous:
+        for key, patch in patches_by_key(m).items():
+            m.set_model_attn2_replace(
+                PreviousNestedPatch(patch.layer, patch.index, patch.subjects, patch.host_attention, patch.models()), *key
+            )
     return m
 
 
@@ -69,7 +91,7 @@ class IPAdapterStylePatch:
         v_ip = F.linear(tokens, self.to_v_ip.to(q.device, q.dtype)).expand(q.shape[0], -1, -1)
         return out + self.scale * self.host(q, k_ip, v_ip, heads, extra_options)
 
-    def __deepcopy__(self, memo: dict) -> "IPAdapterStylePatch":
+    def __deepcopy__(self, memo: dict) -> IPAdapterStylePatch:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
@@ -108,11 +130,25 @@ class Variant:
     model: Any
     rows: int  # UNet rows per CFG step that carry the injection: 0 plain, 1 nested (cond only), 2 IP-Adapter
     num_tokens: int = 0
-    binding: Optional[SubjectBinding] = None
-    projections: Optional[dict] = None
+    binding: SubjectBinding | None = None
+    projections: dict | None = None
     first_s: float = 0.0
     step_s: list = field(default_factory=list)
     peak_bytes: int = 0
     projections_first: int = 0
     projections_later: int = 0
     finite: bool = True
+
+
+def ip_adapter_plus_layout(
+    layers: Sequence[LayerSpec], device: torch.device, dtype: torch.dtype, clip: ClipVisionSpec, projections: Any,
+    tiny: bool = False,
+) -> NestedEncoder:
+    """An encoder in IP-Adapter Plus SDXL's layout (random weights): its Resampler (width 1280, 4 blocks of 20
+    heads, 16 queries, no feed-forward biases) over the tower's penultimate tokens; `projections` shared."""
+    from training.tiny import build_encoder, tiny_qformer
+
+    qformer = (dataclasses.replace(tiny_qformer(), ff_bias=False) if tiny
+               else QFormerConfig(dim=1280, depth=4, heads=20, dim_head=64, ff_bias=False))
+    return build_encoder(IP_TOKENS, layers, device, dtype, seed=7, qformer=qformer, projections=projections,
+                         clip_vision=dataclasses.replace(clip, hidden_layer="penultimate"))

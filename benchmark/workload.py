@@ -7,10 +7,14 @@ position 5, cond + uncond in one batch of 2, a fixed noise level.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +22,7 @@ from nested_attention import SDXL_CONTEXT_DIM
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
+PACK = "nested_attention_pack"  # the module name the pack gets here (as in tests/pack.py): never ComfyUI's `nodes`
 
 NUM_TOKENS = (256, 1024)  # M of the nested variants (paper: 256 pets, 1024 faces)
 IP_TOKENS = 16  # image tokens of the IP-Adapter-style variant (IP-Adapter Plus: 16)
@@ -50,6 +55,22 @@ def configure_comfy(device: str) -> None:
         comfy.cli_args.args.cpu = True
 
 
+def pack_module(name: str) -> Any:
+    """A module of the node pack, e.g. "nodes.subject", with the pack loaded as ComfyUI loads a custom node:
+    a package made from the repository's __init__.py (the name `nodes` alone is ComfyUI's own module)."""
+    if PACK not in sys.modules:
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(PACK, root / "__init__.py", submodule_search_locations=[str(root)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = pack
+        try:
+            spec.loader.exec_module(pack)
+        except BaseException:
+            del sys.modules[PACK]
+            raise
+    return importlib.import_module(f"{PACK}.{name}")
+
+
 def host_attention() -> Callable:
     """The nodes' and trainer's host attention: ComfyUI's optimized_attention, called as CrossAttention calls it."""
     from nested_attention.host import comfy_attention
@@ -64,7 +85,7 @@ def comfy_sdpa_attention():
     On meta, SDPA decomposes into the matmuls torch's FLOP counter knows; the other paths may not
     run on meta at all. Every CrossAttention looks the global up at call time.
     """
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
 
     saved = attention.optimized_attention
     attention.optimized_attention = attention.attention_pytorch

@@ -35,6 +35,7 @@ from .encoder import NestedEncoder
 from .layers import LayerSpec
 
 HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], torch.Tensor]
+_HOST = torch.device("cpu")
 
 
 class NestedAttentionError(RuntimeError):
@@ -202,7 +203,8 @@ class SubjectBinding:
         if self.rows is not None:  # a weight of 0 leaves a row exactly as without the subject
             per_row = self.rows.to(q.device, torch.float32)[:, None].expand(-1, q.shape[1])  # (B, N)
             weight = per_row if weight is None else weight[None, :] * per_row
-        return NestedSubject(k, v, self.context_positions(context_tokens, q.device), scale=self.scale, alpha=alpha,
+        # Positions in host memory: nested_attention reads them as ints, without waiting for a device.
+        return NestedSubject(k, v, self.context_positions(context_tokens, _HOST), scale=self.scale, alpha=alpha,
                              weight=weight)
 
 
@@ -214,8 +216,7 @@ def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]]) -> tor
     if not cond_or_uncond:
         return torch.ones(batch, dtype=torch.bool)
     chunk = batch // len(cond_or_uncond)
-    flags = torch.tensor([c == 0 for c in cond_or_uncond], dtype=torch.bool)
-    return flags.repeat_interleave(chunk)
+    return torch.tensor([c == 0 for c in cond_or_uncond for _ in range(chunk)], dtype=torch.bool)
 
 
 class NestedAttentionPatch:
@@ -268,21 +269,10 @@ class NestedAttentionPatch:
         probe = None
         if run is not None:
             nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
-        if theirs is None or all(s.scale == 1.0 for s in active):
-            # With lambda = 1, r = Z / Z' = 1: the efficient form adds the nested terms to its base as they
-            # are, so the other pack's output (PV + X) serves as the base and X passes through unchanged.
-            return nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=theirs,
-                                    probe=probe)
-        # lambda > 1 scales the base by r, which must not reach X (it has its own softmax): nested(PV) + X,
-        # with X = theirs - PV from one more plain attention over the text tokens.
-        plain = attention(q, k, v, heads)
-        own = theirs - plain  # X, taken before the core updates `plain` in place
-        out = own.add_(nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=plain,
-                                        probe=probe))
-        if rows.all():
-            return out
-        # Rows without the subject (CFG's unconditional half) keep the other pack's output bit for bit.
-        return torch.where(rows.to(q.device, non_blocking=True)[:, None, None], out, theirs)
+        # Another pack's output PV + X is built on, never rescaled: X has its own softmax and passes through
+        # at every lambda, and rows without the subject keep it bit for bit.
+        return nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, over=theirs,
+                                probe=probe)
 
     def add(self, callback: Any, **kwargs: Any) -> None:
         """What IPAdapter_plus, InstantID and PuLID call on a layer's patch when their node comes after ours."""

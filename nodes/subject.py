@@ -38,6 +38,7 @@ from .wires import (
 SUBJECT_FORMAT = "nested-attention-subject"
 SUBJECT_FORMAT_VERSION = 1
 SUBJECT_DIR = "nested_attention_subjects"  # under ComfyUI's output (saving) and input/output (loading)
+CLIP_PIXELS = 16 * 1024 * 1024  # photo pixels per CLIP vision call when encoding (16 photos of 1024 x 1024)
 CROPS = ("center", "none")  # Encode Subject Image(s)' crop: center crop, or squash the whole photo
 ALIGNS = ("auto", "off")  # its align: as the encoder was trained, or the photos as they are
 log = logging.getLogger(__name__)
@@ -146,19 +147,23 @@ def encode_subject(
         )
     progress = comfy.utils.ProgressBar(n + 1)
 
+    # The photos go through CLIP together, CLIP_PIXELS at a time: each call reads the tower's weights (and on
+    # a CPU casts them from float16) once for all its photos, while the full-size photos a call moves to the
+    # device stay bounded.
+    per_call = max(1, CLIP_PIXELS // (images.shape[1] * images.shape[2]))
     hidden = []
-    for i in range(n):  # one photo at a time: a batch of large photos need not fit at once
-        encoded = handle.clip_vision.encode_image(images[i : i + 1], crop=crop)
+    for start in range(0, n, per_call):
+        encoded = handle.clip_vision.encode_image(images[start : start + per_call], crop=crop)
         # The hidden layer the encoder was trained on: last for the pack's encoders, penultimate for IP-Adapter.
-        out = encoded[spec.output_key]  # (1, L, width)
+        out = encoded[spec.output_key]  # (photos, L, width)
         if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
             raise SubjectError(
                 f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {handle.name} "
                 f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
                 "that CLIP vision model."
             )
-        hidden.append(out.to("cpu", torch.float32))
-        progress.update(1)
+        hidden.append(out)
+        progress.update(out.shape[0])
 
     comfy.model_management.load_model_gpu(handle.patcher)
     weight = next(handle.encoder.parameters())

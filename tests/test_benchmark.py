@@ -5,14 +5,15 @@ No assertion here depends on a timing: the figures themselves are read from the 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
+from benchmark import cli, counters, trainer, variants, workload
 from nested_attention import SDXL_LAYERS, unet_layers
 from nested_attention.patch import NestedAttentionPatch
-from benchmark import cli, counters, trainer, variants, workload
 from training import tiny as builders
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -32,22 +33,25 @@ def _tiny_encoder(m: int, layers, device=CPU):
     return builders.build_encoder(m, layers, device, torch.float32, seed=1, qformer=builders.tiny_qformer())
 
 
-def test_nested_flops_are_the_floor_plus_the_recomputed_text_logits(tiny_meta, host):
+def test_nested_flops_are_the_floor_plus_the_widened_heads_and_the_previous_recomputed_logits(tiny_meta, host):
     layers = unet_layers(tiny_meta.model.diffusion_model)
     m = 64
     encoder = _tiny_encoder(m, layers, META)
-    tokens = torch.empty(1, m, 2048, device="meta")
-    nested = variants.with_nested(tiny_meta, variants.subject_binding(encoder, tokens), layers)
+    binding = variants.subject_binding(encoder, torch.empty(1, m, 2048, device="meta"))
+    nested = variants.with_nested(tiny_meta, binding, layers)
+    previous = variants.with_nested(tiny_meta, binding, layers, previous=True)
     for resolution in (64, 128):
         calls = counters.attention_calls(tiny_meta, resolution, host)
         plain = counters.count_flops(tiny_meta, resolution)["total"]
-        extra = counters.count_flops(nested, resolution)["total"] - plain
         floor = counters.nested_floor(calls, m)
-        # The efficient form pays q K~^T and P V~ (the floor) plus the plain logits q K^T it recomputes
-        # to weigh the subject token (2 N T D); the K~/V~ projection is cached before counting.
-        logits = sum(2 * c.n * workload.CHUNK * c.dim for c in calls)
         assert plain > 0 and floor > 0
-        assert extra == floor + logits
+        # q K~^T and P V~ (the floor); the subject row's text attention is the host's, its heads 8 columns wider
+        # (q K^T and P V over d + 8 instead of d: 4 N T h 8 more). The K~/V~ projection is cached before counting.
+        widening = sum(4 * c.n * workload.CHUNK * c.heads * 8 for c in calls)
+        assert counters.count_flops(nested, resolution)["total"] - plain == floor + widening
+        # The previous form recomputed the plain logits q K^T (2 N T D) beside the host's attention.
+        logits = sum(2 * c.n * workload.CHUNK * c.dim for c in calls)
+        assert counters.count_flops(previous, resolution)["total"] - plain == floor + logits
 
 
 def test_ip_adapter_flops_are_its_floor(tiny_meta, host):
@@ -157,13 +161,54 @@ def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
     with workload.comfy_sdpa_attention():
         for binding in (plain, boosted):
             patch = NestedAttentionPatch(layers[index], index, [binding], host)
-            work = counters.device_work_per_call(lambda: patch(q, k, v, extra))
+            work = counters.device_work_per_call(functools.partial(patch, q, k, v, extra))
             assert work["syncs"] == [], (binding.scale, work)
             assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
         # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
         extra["sigmas"] = torch.full((2,), 2.0, device="meta")
         assert counters.host_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
     assert plain.sigma_start == math.inf
+
+
+def test_the_new_form_launches_fewer_kernels_and_holds_less_memory_than_the_previous(tiny_meta, host):
+    """Counted on meta at a layer with as many queries as SDXL's widest at 1024 x 1024 (N = 4096)."""
+    from benchmark.previous import PreviousNestedPatch
+
+    layers = unet_layers(tiny_meta.model.diffusion_model)
+    widest = max(counters.attention_calls(tiny_meta, 64, host), key=lambda c: c.dim)
+    index = [spec.key for spec in layers].index(widest.key)
+    layer = layers[index]
+    call = counters.AttentionCall(widest.key, 4096, widest.dim, widest.heads)
+    q, k, v, extra = counters.layer_inputs(call, 2, META, torch.float32, seed=0)
+    binding = variants.subject_binding(_tiny_encoder(256, layers, META), torch.empty(1, 256, 2048, device="meta"))
+    with workload.comfy_sdpa_attention():
+        plain = counters.device_work_per_call(lambda: host(q, k, v, call.heads, extra))
+        work = {cls: counters.device_work_per_call(functools.partial(cls(layer, index, [binding], host), q, k, v, extra))
+                for cls in (NestedAttentionPatch, PreviousNestedPatch)}
+    new, old = work[NestedAttentionPatch], work[PreviousNestedPatch]
+    assert plain["kernels"] == ["scaled_dot_product_attention"] and plain["peak_bytes"] == q.numel() * 4
+    assert new["syncs"] == old["syncs"] == []
+    assert len(new["kernels"]) < len(old["kernels"]) == 14
+    # The previous form held the subject row's (h, N, T) float32 logits and their softmax; the new one none.
+    logits = call.heads * call.n * workload.CHUNK * 4
+    assert new["peak_bytes"] + logits < old["peak_bytes"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_the_previous_implementation_equals_the_reference(scale):
+    """The benchmark's "(previous)" variants compute what the current code does: checked as the current one is."""
+    from benchmark.previous import previous_nested_attention
+    from nested_attention import NestedSubject
+    from nested_attention.reference import reference_nested_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 8, generator=g), torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
+    subjects = [NestedSubject(torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor([3, 9]),
+                              scale=scale, weight=torch.rand(6, generator=g)),
+                NestedSubject(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.tensor([5]))]
+    out = previous_nested_attention(q, k, v, subjects, heads=2, rows=torch.tensor([True, False]))
+    ref = reference_nested_attention(q, k, v, subjects, heads=2, rows=[0])
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_trainer_timer_splits_steps_into_unet_and_the_rest(tiny_unet):
@@ -207,9 +252,17 @@ def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     names = [v["name"] for v in result["variants"]]
-    assert names == ["plain SDXL", "nested M=256", "nested M=1024", "IP-Adapter 16 tokens"]
+    assert names == ["plain SDXL", "nested M=256", "nested M=256 (previous)", "nested M=1024",
+                     "nested M=1024 (previous)", "IP-Adapter 16 tokens"]
     for name in names:
         assert name in out
+    work = result["attention_calls"]["gpu_work_per_call"]
+    assert all(not w["syncs"] for w in work.values())
+    assert len(work["nested M=256"]["kernels"]) < len(work["nested M=256 (previous)"]["kernels"])
+    assert "the nested SDPA alone" in out and "peak MB" in out
+    photos = result["encode"]["photos"]
+    assert set(photos) == {"IP-Adapter Plus layout (M=16)", "M=256", "M=1024"}
+    assert all(set(by_n) == {"1", "4"} or set(by_n) == {1, 4} for by_n in photos.values())
     nested = {v["name"]: v for v in result["variants"]}["nested M=256"]
     assert nested["kv_projections_per_later_step"] == 0
     assert nested["kv_projections_first_step"] == 2 * result["attention_calls"]["count"]
@@ -236,19 +289,22 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     args = ["--device", "cpu", "--tiny", "--resolution", "64", "--steps", "1", "--attention-reps", "1",
             "--trainer-steps", "2", "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-m", "benchmark", *args], check=False, capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     names = [v["name"] for v in result["variants"]]
-    assert names == ["plain SDXL", "nested M=256", "nested M=1024", "IP-Adapter 16 tokens"]
+    assert names == ["plain SDXL", "nested M=256", "nested M=256 (previous)", "nested M=1024",
+                     "nested M=1024 (previous)", "IP-Adapter 16 tokens"]
     assert all(v["output_finite"] for v in result["variants"])
-    nested = [v for v in result["variants"] if v["name"].startswith("nested")]
+    nested = [v for v in result["variants"] if v["name"] in ("nested M=256", "nested M=1024")]
     # K~/V~ are projected in the first step only: two per cross-attention layer, none after.
     layers = result["attention_calls"]["count"]
     assert all(v["kv_projections_first_step"] == 2 * layers and v["kv_projections_per_later_step"] == 0
                for v in nested)
-    assert "Per sampling step" in run.stdout and "Trainer throughput" in run.stdout
+    assert "Per sampling step" in run.stdout and "Trainer (median step" in run.stdout
+    assert {"tiny_cpu", "sdxl_cpu"} <= set(result["trainer"])
+    assert 0.0 <= result["trainer"]["sdxl_cpu"]["outside_unet_share"] < 1.0
 
 
 def test_the_capture_line_alone_runs_on_the_tiny_models(capsys):

@@ -153,14 +153,18 @@ def counting_host(calls: list):
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_lambda_1_adds_no_attention_and_lambda_above_1_one_plain_attention_over_the_text(scale):
+def test_on_their_patch_every_lambda_adds_only_our_own_attentions_all_through_the_host(scale):
     theirs = their_patch()
     q, k, v, extra = layer_call()
     calls: list = []
     wrapped = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host(calls), wrapped=theirs)
     alone = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host([]))
     wrapped(q, k, v, extra)
-    assert calls == ([] if scale == 1.0 else [77])  # the host attention: over the 77 text tokens, once at most
+    # The host attention (ComfyUI's, with its override): the subject row's text attention with widened heads
+    # (P V and P[s] together), then the nested attention over the 3 tokens; no plain attention beside them.
+    alone_calls: list = []
+    NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host(alone_calls))(q, k, v, extra)
+    assert calls == [77, 3] and alone_calls == [77, 3, 77]  # alone, the unconditional row's own attention too
 
     def attentions(fn) -> Counter:
         """The attention kernels `fn` runs, by the number of keys each attends over."""
@@ -177,11 +181,10 @@ def test_lambda_1_adds_no_attention_and_lambda_above_1_one_plain_attention_over_
         return seen
 
     ours, theirs_alone = attentions(lambda: alone(q, k, v, extra)), attentions(lambda: theirs(q, k, v, extra))
-    assert ours == Counter({77: 1, 3: 1}) and theirs_alone == Counter({77: 1, 5: 1, 6: 1})  # PV, then v* / X
-    # At λ = 1 their plain attention is the one ours would ask the host for; above, the host's is computed too.
-    expected = theirs_alone + ours
-    expected[77] -= 1 if scale == 1.0 else 0
-    assert attentions(lambda: wrapped(q, k, v, extra)) == expected
+    # Alone: the subject row's widened text attention, v*, the unconditional row's text attention. Theirs: PV, X.
+    assert ours == Counter({77: 2, 3: 1}) and theirs_alone == Counter({77: 1, 5: 1, 6: 1})
+    # On their patch, at every λ: theirs, then ours for the subject row only (their output is the other row's).
+    assert attentions(lambda: wrapped(q, k, v, extra)) == theirs_alone + Counter({77: 1, 3: 1})
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])

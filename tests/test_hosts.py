@@ -5,7 +5,10 @@
 - `.to(device)` may be called on a shared patch from worker threads, one per GPU, since 0.23;
 - ComfyUI calls `cleanup()` on the patches of a model after sampling with it since 0.17;
 - `clip_preprocess` lives in `comfy.clip_model` since 0.8 (`comfy.clip_vision` keeps an alias);
-- a node's `VALIDATE_INPUTS` / `validate_inputs` must return exactly True when the inputs are valid.
+- a node's `VALIDATE_INPUTS` / `validate_inputs` must return exactly True when the inputs are valid;
+- `transformer_options["optimized_attention_override"]` (set by attention-backend nodes; 0.33 has
+  `ModelPatcher.set_model_optimized_attention` for it) wraps ComfyUI's optimized attention wherever it is called
+  with the transformer_options: both hosts' `wrap_attn` honour it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 
 import comfy.clip_model
 import comfy.clip_vision
+import comfy.ldm.modules.attention
 import comfy.model_patcher
 import pytest
 import tiny_models
@@ -348,3 +352,40 @@ def test_every_node_passes_comfy_validation_with_its_default_widget_values(
             elif spec[0] == "STRING":  # a text box without a default sends ""
                 values[input_name] = ""
         assert_inputs_valid(node, **values)
+
+
+# ------------------------------------------------------------------------------------------------
+# The global attention override reaches every attention the patch computes
+
+
+def test_the_attention_override_wraps_every_attention_of_the_patch(pack, tiny_unet, tiny_clip, pet):
+    """An attention-backend node's override must see the subject rows' text attention (widened heads), each nested
+    attention over K~, V~ and the other rows' attention, at every patched layer; where no override is set (every
+    other test), the patch runs as it does."""
+    patched, positive = apply(pack, tiny_unet, tiny_clip, pet, "a photo of a pet")
+    negative = tiny_models.encode_text(tiny_clip, "")
+    reference = sample(patched, positive, negative)
+    seen = []
+
+    def backend(q, k, v, heads, *args, **kwargs):  # an attention backend: records, then computes as ComfyUI would
+        options = kwargs.get("transformer_options") or {}
+        seen.append((options.get("block"), options.get("block_index"), q.shape[0], k.shape[1], k.shape[2] // heads))
+        return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, *args, **kwargs)
+
+    overridden = patched.clone()
+    if hasattr(overridden, "set_model_optimized_attention"):  # 0.33: how attention-backend nodes set it
+        overridden.set_model_optimized_attention(backend)
+    else:  # 0.3.75 has no setter, but its wrap_attn honours the key the same way
+        overridden.model_options["transformer_options"]["optimized_attention_override"] = (
+            lambda attention, *args, **kwargs: backend(*args, **kwargs)
+        )
+    assert torch.equal(sample(overridden, positive, negative), reference)  # the same attention, through the override
+
+    layers = {(key[0], key[1], key[2]) for key in attn2_replacements(patched)}
+    m = pet.tokens.shape[1]
+    dim_head = 16  # the tiny UNet's num_head_channels
+    for block, number, index in layers:
+        calls = [c[2:] for c in seen if c[0] == (block, number) and c[1] == index]
+        assert (1, m, dim_head) in calls  # the subject row's nested attention over its M tokens
+        assert (1, 77, dim_head + 8) in calls  # its text attention, heads widened by 8 columns
+        assert (1, 77, dim_head) in calls  # the unconditional row's plain attention

@@ -235,6 +235,25 @@ def test_face_alignment_settings_round_trip_through_the_weight_file(tmp_path, ti
     assert EncoderConfig.from_json(json.dumps({**data, "domain": "pets"})).face_align == "none"
 
 
+def test_photos_go_through_clip_vision_in_one_call(pack, load_handle, monkeypatch):
+    """Each CLIP call reads (on a CPU: casts) the tower's weights once, so the photos share one call."""
+    handle = load_handle()
+    sizes = []
+    original = handle.clip_vision.encode_image
+
+    def counting(image, crop=True):
+        sizes.append(image.shape[0])
+        return original(image, crop=crop)
+
+    monkeypatch.setattr(handle.clip_vision, "encode_image", counting)
+    subject = encode_subject(pack, handle, seed=3, n=3)
+    assert sizes == [3]
+    torch.testing.assert_close(subject.tokens, reference_tokens(handle, photos(3, 3)))
+    sizes.clear()
+    monkeypatch.setattr(pack.subject, "CLIP_PIXELS", 2 * 32 * 32)  # a bound of two 32 x 32 photos per call
+    assert encode_subject(pack, handle, seed=3, n=3).tokens.shape == subject.tokens.shape and sizes == [2, 1]
+
+
 # ------------------------------------------------------------------------------------------------
 # Which side of the mask is the subject (Load Image's MASK is 1 - alpha; segmentation masks are 1 on the object)
 

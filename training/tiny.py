@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
+from nested_attention import ClipVisionSpec, EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
 
 from .comfy_env import setup_comfy
 
@@ -336,15 +336,17 @@ def build_encoder(
     seed: int = 0,
     qformer: Optional[QFormerConfig] = None,
     projections: Optional[torch.nn.Module] = None,
+    clip_vision: ClipVisionSpec | None = None,
 ) -> NestedEncoder:
     """A NestedEncoder with random weights (QFormerConfig defaults: the real Q-Former), in eval mode.
 
     `projections`: share another encoder's per-layer W_K~/W_V~ (they do not depend on M), which saves
-    1.4 GB of float32 when both M are benchmarked.
+    1.4 GB of float32 when both M are benchmarked. `clip_vision`: the tower it reads (default ViT-H/14).
     """
     qformer = replace(qformer or QFormerConfig(), num_queries=num_tokens)
+    config = EncoderConfig(qformer=qformer, layers=tuple(layers), clip_vision=clip_vision or ClipVisionSpec())
     with torch.device("meta"):
-        encoder = NestedEncoder(EncoderConfig(qformer=qformer, layers=tuple(layers)))
+        encoder = NestedEncoder(config)
     if projections is not None:
         encoder.projections = projections
     encoder.qformer.to_empty(device=device).to(dtype)
