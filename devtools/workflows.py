@@ -1,13 +1,18 @@
-"""Regenerate the shipped workflows (workflows/*.json) by building them in the real ComfyUI frontend.
+"""Build the shipped workflows (workflows/*.json and their thumbnails) in the real ComfyUI frontend.
 
-    PYTHONPATH=/tmp/skimage .venv/bin/python tests/e2e/make_workflows.py
+    python3 dev.py workflows [NAME ...]        all of them, or the ones named
+    python3 dev.py workflows --check           build them and compare with the files, writing nothing
 
-Starts ComfyUI with this pack (a throw-away --base-directory), opens its frontend in headless Chromium,
-builds each graph with the frontend's own LiteGraph API (createNode, connect, widget values), and saves
-`app.graph.serialize()`: exactly the format the frontend saves. Each file is then loaded back through the
-frontend and must come back with no missing node and no refused widget value. Also writes a thumbnail per
-workflow (`workflows/<name>.jpg`, which the template browser shows).
+Starts ComfyUI with this pack (a throw-away --base-directory), opens its frontend in headless Chromium
+(tests/e2e/harness.py, the browser driver the e2e tests use), builds each graph with the frontend's own
+LiteGraph API (createNode, connect, widget values) and saves `app.graph.serialize()`: exactly the format the
+frontend saves. Each file is then loaded back through the frontend and must come back with no missing node and
+no refused widget value. Also writes a thumbnail per workflow (`workflows/<name>.jpg`, which the template
+browser shows). tests/e2e/test_workflow_files.py builds them again in the frontend the tests run and checks
+the shipped files are what this file makes.
 
+Each workflow is one function below (WORKFLOWS); the layout helpers stack nodes with room for what both of the
+frontend's renderers draw around them (tests/e2e/test_workflow_layout.py checks it on every frontend tested).
 This file is the one place that names the model files the workflows use (MODELS) and their example photos.
 The photos (`workflows/input/`) are copied from scikit-image's sample data, public domain and CC0 (see
 workflows/README.md); scikit-image is needed only to remake them (`pip install --target /tmp/skimage
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import uuid
@@ -28,21 +34,22 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS_DIR = REPO / "workflows"
+# The browser driver the e2e tests use (a real server, headless Chromium): one implementation for both.
+HARNESS_DIR = REPO / "tests" / "e2e"
 
 # ------------------------------------------------------------------------------------------------
-# The model files the workflows name, with where each comes from. Each loader node carries its entry in
-# `properties.models` ([{name, url, directory}]), which the frontend's Missing Models dialog reads: it lists
-# the entries whose name is the node's current widget value and whose file is not in that models folder, with
-# a Download button (the ComfyUI desktop app saves the file under `name` in that folder; a browser saves it
-# under the URL's last segment). The frontend accepts only https://huggingface.co/, https://civitai.com/
-# and localhost URLs of .safetensors/.sft names, and drops an entry whose URL another entry already uses.
+# The model files the loaders name, with where each comes from. Each loader node carries its entry in
+# `properties.models` ([{name, url, directory}]), which the frontend's Missing Models list reads: it lists the
+# entries whose name is the node's current widget value and whose file is not in that models folder, with a
+# Download button (the ComfyUI desktop app saves the file under `name` in that folder; a browser saves it under
+# the URL's last segment). The frontend accepts only https://huggingface.co/, https://civitai.com/ and
+# localhost URLs of .safetensors/.sft names. Only files a loader names are listed: an optional file would
+# show up there as if it were needed (frontend 1.32 lists a workflow's top-level `models` too).
 
 CHECKPOINT = "sd_xl_base_1.0.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
-FACES_ENCODER = "faces-encoder.safetensors"
-PETS_ENCODER = "pets-encoder.safetensors"
 IPADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
 IPADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
 
@@ -53,25 +60,20 @@ MODELS = {
     # The ViT-H/14 image encoder IP-Adapter publishes; ComfyUI users keep it under the OpenCLIP name.
     CLIP_VISION: {"url": f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
                   "directory": "clip_vision"},
-    # No encoder in this pack's own format is published. Faces: the authors' release (CC BY-NC-SA 4.0);
-    # pets: IP-Adapter Plus (Apache-2.0), the general-purpose file. Load Nested Encoder reads them by content.
-    FACES_ENCODER: {"url": f"{HF}/orpatashnik/NestedAttentionEncoder/resolve/main/personalization_encoder/"
-                           "model.safetensors", "directory": "nested_attention"},
-    PETS_ENCODER: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/"
-                          "ip-adapter-plus_sdxl_vit-h.safetensors", "directory": "nested_attention"},
-    # An alternative face encoder (Apache-2.0) that IPAdapter_plus users already keep; declared at the
-    # workflow level (no widget names it), so the dialog offers it next to the authors' file.
+    # The default encoders (Apache-2.0): IP-Adapter Plus SDXL files, the layout Load Nested Encoder is proven to
+    # read (README, Models), in the folder ComfyUI_IPAdapter_plus reads too.
     IPADAPTER_FACE: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_FACE}",
                      "directory": "ipadapter"},
-    # The general IP-Adapter Plus file under its own name, where IPAdapter_plus users keep it (the same URL as
-    # PETS_ENCODER's: a workflow names one or the other, never both).
     IPADAPTER_PLUS: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_PLUS}",
                      "directory": "ipadapter"},
 }
 # The files the loaders name, by models folder (the e2e server gets stand-ins for all of them).
-MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
-               "nested_attention": [FACES_ENCODER, PETS_ENCODER],
-               "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS]}
+MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION], "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS]}
+# The alternative face encoder, offered in the Models notes only: the authors' release (CC BY-NC-SA 4.0,
+# non-commercial), whose real file this pack has not read yet. No loader names it.
+AUTHORS_FACE_ENCODER = {"directory": "nested_attention",
+                        "url": f"{HF}/orpatashnik/NestedAttentionEncoder/resolve/main/personalization_encoder/"
+                               "model.safetensors"}
 
 
 def model_entry(name: str) -> dict:
@@ -120,18 +122,20 @@ class Graph:
     links: list = field(default_factory=list)
     groups: list = field(default_factory=list)
 
-    def node(self, type_: str, pos: tuple, *, title: str | None = None, size: tuple | None = None,
+    def node(self, type_: str, pos: tuple, *, size: tuple, title: str | None = None,
              properties: dict | None = None, **widgets: Any) -> int:
-        self.nodes.append({"type": type_, "pos": list(pos), "title": title,
-                           "size": list(size) if size else None, "properties": properties or {},
-                           "widgets": widgets})
+        self.nodes.append({"type": type_, "pos": list(pos), "title": title, "size": list(size),
+                           "properties": properties or {}, "widgets": widgets})
         return len(self.nodes) - 1
 
     def link(self, src: int, output: int | str, dst: int, input_name: str) -> None:
         self.links.append([src, output, dst, input_name])
 
-    def group(self, title: str, bounding: tuple, color: str = "#3f789e") -> None:
-        self.groups.append({"title": title, "bounding": list(bounding), "color": color})
+    def bottom(self, node: int) -> int:
+        """Where the next node of this node's column goes (its pos[1]), leaving room for that node's title bar
+        and badges: GAP_Y below this node's body."""
+        spec = self.nodes[node]
+        return spec["pos"][1] + spec["size"][1] + GAP_Y
 
     def spec(self) -> dict:
         return {"nodes": self.nodes, "links": self.links, "groups": self.groups}
@@ -154,7 +158,7 @@ async (spec) => {
       if (!w) throw new Error(`${s.type} has no widget ${name} (it has ${n.widgets?.map((w) => w.name)})`);
       w.value = value;
     }
-    if (s.size) n.setSize(s.size);
+    n.setSize(s.size);
     Object.assign(n.properties, s.properties);
     made.push(n);
   }
@@ -167,7 +171,11 @@ async (spec) => {
   }
   // The frontend may still grow nodes while image previews load; then the sizes of the spec win.
   await new Promise((r) => setTimeout(r, 1500));
-  made.forEach((n, i) => { if (spec.nodes[i].size) n.setSize(spec.nodes[i].size); });
+  made.forEach((n, i) => n.setSize(spec.nodes[i].size));
+  // Nothing may be drawn outside a node: each size holds what the node draws (its computeSize).
+  const small = made.map((n) => [n, n.computeSize()]).filter(([n, min]) => n.size[0] < min[0] || n.size[1] < min[1]);
+  if (small.length)
+    throw new Error(small.map(([n, min]) => `${n.type} "${n.title}" is ${n.size}, needs at least ${min}`).join('; '));
   for (const g of spec.groups) {
     const group = new LG.LGraphGroup(g.title, g.color);
     group.pos = [g.bounding[0], g.bounding[1]];
@@ -179,138 +187,156 @@ async (spec) => {
 """
 
 # Layout: columns of nodes, left to right as the data flows: loaders and photos in column A, the subject
-# encoding in B, prompts and Apply nodes in C, sampling in D, decoding and saving in E; the notes above.
-# Compact enough that a whole single-subject graph fits a 1600 x 1000 browser window at VIEW_SCALE.
-XA, XB, XC = 0, 340, 660
-XD, XE = XC + 440, XC + 760
-NOTE_TOP, NOTE_HEIGHT = -230, 190  # the notes' title bars start 30 units higher
-PHOTO_SIZE = (300, 320)
-APPLY_SIZE = (400, 330)  # with its own prompt box
-APPLY_LINKED_SIZE = (300, 250)  # prompt from a shared String node
-BRANCH = 320  # the λ sweep's branch columns
-# The zoom a workflow opens at (its saved extra.ds): the whole graph if it fits the reference window at
-# VIEW_SCALE or more, else VIEW_SCALE on its top-left corner (notes and loaders). The frontend draws nodes
-# without text below 8 px / (14 px * sqrt(devicePixelRatio)), i.e. a zoom of 0.571 at most (its default
-# "Zoom Node Level of Detail - font size threshold", LiteGraph.Canvas.MinFontSizeForLOD = 8).
-VIEW_SCALE, MAX_SCALE = 0.75, 1.0
+# encoding in B, prompts and Apply nodes in C, sampling in D, decoding and saving in E; the two notes above.
+#
+# Room around each node, for what the frontend draws outside its saved size: the title bar (30 units above
+# pos) and, in the classic renderer, node badges above the title bar (the pack's name on its nodes, "DEPR" on
+# a deprecated one: 20 units plus a gap of 2). The Nodes 2.0 renderer (1.48 and 1.58) draws nodes at their
+# saved position, each at least its saved size, and grows a node whose content needs more (so the sizes
+# below are at least what it draws); 1.32's scales a classic layout by 1.2 first. GAP_Y is the distance from
+# one node's body to the pos of the node below it; GAP_X the distance between columns.
+GAP_X, GAP_Y = 50, 80
+WIDTH_A, WIDTH_B, WIDTH_C, WIDTH_D, WIDTH_E = 320, 300, 420, 300, 360
+XA = 0
+XB = XA + WIDTH_A + GAP_X
+XC = XB + WIDTH_B + GAP_X
+XD = XC + WIDTH_C + GAP_X
+XE = XD + WIDTH_D + GAP_X
+SINGLE_WIDTH = XE + WIDTH_E
+# The nodes' heights (their widths are the column's).
+CHECKPOINT_H, CLIP_VISION_H, ENCODER_H, PHOTO_H = 100, 60, 90, 340
+PHOTO_ROW_WIDTH = 240  # photos side by side
+ENCODE_H = 190
+APPLY_H, APPLY_LINKED_H = 350, 270
+PROMPT_H, NEGATIVE_H, LATENT_H = 130, 140, 120
+SAMPLER_H, DECODE_H, SAVE_H = 280, 60, 380
+BATCH_H = 80
+# The notes: "Read me" and "Models" side by side above the graph, both in view as the workflow opens.
+NOTE_GAP = 40
+READ_ME_WIDTH, MODELS_WIDTH = 680, 620
+NOTES_WIDTH = READ_ME_WIDTH + NOTE_GAP + MODELS_WIDTH
+# The zoom a workflow opens at (its saved extra.ds), on its top-left corner (the notes and the loaders). The
+# notes' body text is 10 px at zoom 1 in both renderers, so 1 is the least at which it reads as the
+# frontend means it to; it is also far above the low-detail threshold (the frontend draws nodes without text
+# below 8 px / (14 px * sqrt(devicePixelRatio)): a zoom of 0.571 at most).
+OPEN_SCALE = 1.1
+OPEN_MARGINS = (80, 110)  # where the graph's top-left corner opens (left, top): clear of the sidebar and the tabs
 
 
 def _read_me(about: str, extra: str = "") -> str:
+    # Short: frontend 1.32's Nodes 2.0 draws note text at 14 px (10 px elsewhere), and a note grows to fit it.
+    # Markdown without inline code, which 1.32's Nodes 2.0 draws dark blue on blue.
     return f"""
 ## {about}
 
-Put the model files where the **Models** note says (or pick your own in the loaders), then press **Run**.
-The example photos are in the pack's `workflows/input/` (`python3 dev.py serve` copies them into ComfyUI's
-input folder): a NASA portrait (public domain) and a cat photo (CC0). Load your own photos instead: a clear,
-well-lit photo of the subject; pets ideally on a white background.
+Get the files the **Models** note lists and press **Run**; then load your own photo (clear, well lit; pets
+ideally on white). The example photos are in the pack's workflows/input folder.
 
-**Apply Nested Attention**: the prompt must contain the subject word (the *token* field). Its
-CONDITIONING output is the KSampler's positive prompt: do not encode the prompt again. λ = 1 is the trained
-behaviour; a higher λ gives a stronger likeness and follows the rest of the prompt less.
+**Apply Nested Attention** binds the photo to one word of the prompt (*token*), so the rest of the prompt keeps
+its meaning; its CONDITIONING is the KSampler's positive prompt. λ = 1 is as trained; higher gives a stronger
+likeness and less of the rest of the prompt. With IP-Adapter Plus files as encoders (quality not yet measured),
+try λ 1 to 3.
 {extra}"""
 
 
 def _models_note(encoders: list[str]) -> str:
+    """What to download: the files the loaders name (the Missing Models list offers them too), then the
+    optional alternatives."""
+    def needed(name: str, what: str) -> str:
+        return f"- {MODELS[name]['directory']}/**{name}**: [{what}]({MODELS[name]['url']})"
+
     lines = [
-        "Missing files are listed under *Missing Models* when the workflow opens (a dialog; in newer "
-        "ComfyUI, the Errors panel that *View details* opens), each with a Download button. In a "
-        "browser, save each download under the name shown, in the folder shown "
-        "(under `ComfyUI/models/`):",
-        f"- `checkpoints/{CHECKPOINT}`: [SDXL base 1.0]({MODELS[CHECKPOINT]['url']}) "
-        "(or any SDXL checkpoint)",
-        f"- `clip_vision/{CLIP_VISION}`: the [ViT-H/14 image encoder]({MODELS[CLIP_VISION]['url']}); "
-        "it downloads as `model.safetensors`: **rename it**",
+        "In ComfyUI/models (Missing Models offers each; a browser saves it as the link's last part):",
+        needed(CHECKPOINT, "SDXL base 1.0") + ", or any SDXL checkpoint",
+        needed(CLIP_VISION, "ViT-H/14 image encoder") + ": rename model.safetensors to this",
     ]
-    if FACES_ENCODER in encoders:
-        lines.append(
-            f"- `nested_attention/{FACES_ENCODER}`: the authors' "
-            f"[face encoder]({MODELS[FACES_ENCODER]['url']}) (CC BY-NC-SA 4.0, non-commercial; downloads as "
-            f"`model.safetensors`: rename it), or [IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) "
-            "(Apache-2.0) in `ipadapter/`, picked in Load Nested Encoder")
-    if PETS_ENCODER in encoders:
-        lines.append(
-            f"- `nested_attention/{PETS_ENCODER}`: no pet encoder is published; train one "
-            "(`python -m training.run --domain pets`) or use [IP-Adapter Plus]"
-            f"({MODELS[PETS_ENCODER]['url']}) (Apache-2.0) under this name")
     if IPADAPTER_FACE in encoders:
-        lines.append(f"- `ipadapter/{IPADAPTER_FACE}`: "
-                     f"[IP-Adapter Plus face]({MODELS[IPADAPTER_FACE]['url']}) (Apache-2.0), for the person")
+        lines.append(needed(IPADAPTER_FACE, "IP-Adapter Plus Face") + " (Apache-2.0), the person's encoder")
     if IPADAPTER_PLUS in encoders:
-        lines.append(f"- `ipadapter/{IPADAPTER_PLUS}`: [IP-Adapter Plus]({MODELS[IPADAPTER_PLUS]['url']}) "
-                     "(Apache-2.0), for the pet")
-    if {IPADAPTER_FACE, IPADAPTER_PLUS} & set(encoders):
-        lines.append("`models/ipadapter` is the folder ComfyUI_IPAdapter_plus reads too: files already there "
-                     "need no second copy.")
+        lines.append(needed(IPADAPTER_PLUS, "IP-Adapter Plus") + " (Apache-2.0), the pet's encoder")
+    optional = []
+    if IPADAPTER_FACE in encoders:
+        optional.append(f"the authors' [face encoder]({AUTHORS_FACE_ENCODER['url']}) (CC BY-NC-SA 4.0, "
+                        "non-commercial; not yet tried with this pack) in "
+                        f"{AUTHORS_FACE_ENCODER['directory']}/")
+    if IPADAPTER_PLUS in encoders:
+        optional.append("a pet encoder you train (python -m training.run --domain pets) in nested_attention/")
+    lines += ["", f"**Optional**, picked in Load Nested Encoder: {'; '.join(optional)}."]
     return "\n".join(lines)
 
 
-def _notes(g: Graph, width: int, about: str, encoders: list[str], extra: str = "") -> None:
-    """The "Read me" note (what the workflow does, how to use it) and the "Models" note beside it."""
-    read_me_width = max(560, width - 700)
-    g.node("MarkdownNote", (XA, NOTE_TOP), title="Read me", size=(read_me_width, NOTE_HEIGHT),
+def _notes(g: Graph, height: int, about: str, encoders: list[str], extra: str = "") -> None:
+    """The "Read me" note (what the workflow does, how to use it) and the "Models" note beside it, above the
+    graph (which starts at y = 0)."""
+    y = -(height + GAP_Y)
+    g.node("MarkdownNote", (XA, y), title="Read me", size=(READ_ME_WIDTH, height),
            text=_read_me(about, extra).strip())
-    g.node("MarkdownNote", (XA + read_me_width + 40, NOTE_TOP),
-           title="Models: what to download, where to put it",
-           size=(width - read_me_width - 40, NOTE_HEIGHT), text=_models_note(encoders))
+    g.node("MarkdownNote", (XA + READ_ME_WIDTH + NOTE_GAP, y), title="Models: what to download, where to put it",
+           size=(MODELS_WIDTH, height), text=_models_note(encoders))
 
 
 def _loaders(g: Graph) -> tuple[int, int]:
     """Checkpoint and CLIP vision loaders at the top of column A; returns their node indices."""
-    ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(300, 100), ckpt_name=CHECKPOINT,
+    ckpt = g.node("CheckpointLoaderSimple", (XA, 0), size=(WIDTH_A, CHECKPOINT_H), ckpt_name=CHECKPOINT,
                   properties={"models": [model_entry(CHECKPOINT)]})
-    vision = g.node("CLIPVisionLoader", (XA, 140), size=(300, 60), clip_name=CLIP_VISION,
+    vision = g.node("CLIPVisionLoader", (XA, g.bottom(ckpt)), size=(WIDTH_A, CLIP_VISION_H), clip_name=CLIP_VISION,
                     properties={"models": [model_entry(CLIP_VISION)]})
     return ckpt, vision
 
 
-def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple) -> int:
-    encoder = g.node("NestedAttentionLoadEncoder", pos, size=(300, 80), encoder_name=encoder_file,
+def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple, width: int = WIDTH_A) -> int:
+    encoder = g.node("NestedAttentionLoadEncoder", pos, size=(width, ENCODER_H), encoder_name=encoder_file,
                      properties={"models": [model_entry(encoder_file)]})
     g.link(vision, 0, encoder, "clip_vision")
     return encoder
 
 
+def _photo(g: Graph, image: str, pos: tuple, title: str, width: int = WIDTH_A) -> int:
+    return g.node("LoadImage", pos, size=(width, PHOTO_H), image=image, title=title)
+
+
 def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
-    encode = g.node("NestedAttentionEncodeSubject", pos, size=(280, 138), title=f"Encode {title}")
+    encode = g.node("NestedAttentionEncodeSubject", pos, size=(WIDTH_B, ENCODE_H), title=f"Encode {title}")
     g.link(encoder, 0, encode, "encoder")
     g.link(image, 0, encode, "image")
     return encode
 
 
-def _subject(g: Graph, vision: int, encoder_file: str, image: str, *, y: int, title: str,
-             photo_size: tuple = PHOTO_SIZE) -> int:
-    """Load Nested Encoder, Load Image and Encode Subject Image(s); returns the Encode node."""
+def _subject(g: Graph, vision: int, encoder_file: str, image: str, *, y: int, title: str) -> int:
+    """Load Nested Encoder and Load Image in column A, Encode Subject Image(s) beside them in B; returns the
+    Encode node."""
     encoder = _encoder(g, vision, encoder_file, (XA, y))
-    photo = g.node("LoadImage", (XA, y + 120), size=photo_size, image=image, title=f"{title} photo")
+    photo = _photo(g, image, (XA, g.bottom(encoder)), f"{title} photo")
     return _encode(g, encoder, photo, (XB, y), title)
 
 
 def _apply(g: Graph, model: tuple[int, int], ckpt: int, subject: int, pos: tuple, *, text: str | None,
-           token: str, lambda_: float = 1.0, title: str | None = None) -> int:
+           token: str, lambda_: float = 1.0, title: str | None = None, width: int = WIDTH_C) -> int:
     widgets = {"token": token, "λ": lambda_, "start_percent": 0.0, "end_percent": 1.0}
     if text is not None:
         widgets["text"] = text
     apply = g.node("NestedAttentionApply", pos, title=title,
-                   size=APPLY_SIZE if text is not None else APPLY_LINKED_SIZE, **widgets)
+                   size=(width, APPLY_H if text is not None else APPLY_LINKED_H), **widgets)
     g.link(model[0], model[1], apply, "model")
     g.link(ckpt, 1, apply, "clip")
     g.link(subject, 0, apply, "subject")
     return apply
 
 
-def _negative(g: Graph, ckpt: int, pos: tuple, size: tuple = (400, 130)) -> int:
-    negative = g.node("CLIPTextEncode", pos, title="Negative prompt", size=size, text=NEGATIVE)
+def _negative(g: Graph, ckpt: int, pos: tuple, width: int = WIDTH_C) -> int:
+    negative = g.node("CLIPTextEncode", pos, title="Negative prompt", size=(width, NEGATIVE_H), text=NEGATIVE)
     g.link(ckpt, 1, negative, "clip")
     return negative
 
 
-def _latent(g: Graph, pos: tuple) -> int:
-    return g.node("EmptyLatentImage", pos, size=(280, 110), width=1024, height=1024, batch_size=1)
+def _latent(g: Graph, pos: tuple, width: int = WIDTH_D) -> int:
+    return g.node("EmptyLatentImage", pos, size=(width, LATENT_H), width=1024, height=1024, batch_size=1)
 
 
 def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: int, latent: int,
-             pos: tuple, *, seed: int = SEED, control: str = "randomize", title: str | None = None) -> int:
-    sampler = g.node("KSampler", pos, title=title, size=(280, 270), seed=seed, control_after_generate=control,
+             pos: tuple, *, seed: int = SEED, control: str = "randomize", title: str | None = None,
+             width: int = WIDTH_D) -> int:
+    sampler = g.node("KSampler", pos, title=title, size=(width, SAMPLER_H), seed=seed, control_after_generate=control,
                      steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
     g.link(model[0], model[1], sampler, "model")
     g.link(positive[0], positive[1], sampler, "positive")
@@ -320,38 +346,39 @@ def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negati
 
 
 def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str, title: str | None = None,
-                 size: tuple = (340, 380)) -> None:
-    decode = g.node("VAEDecode", pos, size=(200, 50))
+                 width: int = WIDTH_E, save_height: int = SAVE_H) -> int:
+    """VAE Decode with Save Image below it; returns the Save Image node."""
+    decode = g.node("VAEDecode", pos, size=(width, DECODE_H))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (pos[0], pos[1] + 100), title=title, size=size, filename_prefix=prefix)
+    save = g.node("SaveImage", (pos[0], g.bottom(decode)), title=title, size=(width, save_height),
+                  filename_prefix=prefix)
     g.link(decode, 0, save, "images")
+    return save
 
 
 def _sample_and_save(g: Graph, ckpt: int, model: tuple, positive: tuple, negative: int, prefix: str) -> None:
-    """Columns D and E: latent, KSampler, VAE Decode, Save Image."""
-    latent = _latent(g, (XD, 320))
-    sampler = _sampler(g, model, positive, negative, latent, (XD, 0))
+    """Columns D and E: KSampler with Empty Latent Image below it, VAE Decode and Save Image."""
+    sampler_y = 0
+    latent = _latent(g, (XD, sampler_y + SAMPLER_H + GAP_Y))
+    sampler = _sampler(g, model, positive, negative, latent, (XD, sampler_y))
     _decode_save(g, sampler, ckpt, (XE, 0), prefix=prefix)
-
-
-SINGLE_WIDTH = XE + 340
 
 
 def _single(name: str, title: str, encoder_file: str, image: str, token: str, text: str, about: str) -> Graph:
     """One subject from one photo: the person and pet workflows."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode = _subject(g, vision, encoder_file, image, y=260, title=title)
+    encode = _subject(g, vision, encoder_file, image, y=g.bottom(vision), title=title)
     apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), text=text, token=token)
-    negative = _negative(g, ckpt, (XC, 380))
+    negative = _negative(g, ckpt, (XC, g.bottom(apply)))
     _sample_and_save(g, ckpt, (apply, 0), (apply, 1), negative, f"nested_attention/{name}")
-    _notes(g, SINGLE_WIDTH, about, [encoder_file])
+    _notes(g, 260, about, [encoder_file])
     return g
 
 
 def person_one_photo() -> Graph:
-    return _single("person_one_photo", "person", FACES_ENCODER, PERSON_IMAGES[0], "person",
+    return _single("person_one_photo", "person", IPADAPTER_FACE, PERSON_IMAGES[0], "person",
                    "a photo of a person as an astronaut floating inside a space station, soft window light, "
                    "detailed",
                    "One person from one photo: the word *person* in the prompt becomes the person in the "
@@ -359,166 +386,178 @@ def person_one_photo() -> Graph:
 
 
 def pet_one_photo() -> Graph:
-    return _single("pet_one_photo", "pet", PETS_ENCODER, PET_IMAGE, "pet",
+    return _single("pet_one_photo", "pet", IPADAPTER_PLUS, PET_IMAGE, "pet",
                    "a photo of a pet wearing a tiny wizard hat, sitting on a stack of books in a cozy "
                    "library",
                    "One pet from one photo: the word *pet* in the prompt becomes the animal in the photo")
 
 
 def person_several_photos() -> Graph:
+    """Three photos joined into one IMAGE batch (core's Batch Images, the one batch node both 0.3.75 and 0.33
+    have), encoded together."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    encoder = _encoder(g, vision, FACES_ENCODER, (XA, 260))
-    size = (200, 320)  # the frontend's smallest Load Image with a preview
-    photos = [g.node("LoadImage", (XA + i * (size[0] + 20), 400), size=size, image=name,
-                     title=f"person photo {i + 1}") for i, name in enumerate(PERSON_IMAGES)]
-    image = photos[0]
-    for i, other in enumerate(photos[1:]):  # several photos of one subject: one IMAGE batch
-        batch = g.node("ImageBatch", (XB, 150 + 100 * i), size=(280, 70))
-        g.link(image, 0, batch, "image1")
-        g.link(other, 0, batch, "image2")
-        image = batch
-    encode = _encode(g, encoder, image, (XB, 0), "person")
+    encoder = _encoder(g, vision, IPADAPTER_FACE, (XA, g.bottom(vision)))
+    batches = []
+    for i in range(len(PERSON_IMAGES) - 1):  # several photos of one subject: one IMAGE batch
+        y = g.bottom(batches[-1]) if batches else 0
+        batches.append(g.node("ImageBatch", (XB, y), size=(WIDTH_B, BATCH_H),
+                              title="Batch Images (photos 1 + 2)" if i == 0 else f"Batch Images (+ photo {i + 2})"))
+    encode = g.node("NestedAttentionEncodeSubject", (XB, g.bottom(batches[-1])), size=(WIDTH_B, ENCODE_H),
+                    title="Encode person")
+    g.link(encoder, 0, encode, "encoder")
+    g.link(batches[-1], 0, encode, "image")
     apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
                    text="a watercolor painting of a person reading a book in a sunlit cafe")
-    negative = _negative(g, ckpt, (XC, 380))
+    negative = _negative(g, ckpt, (XC, g.bottom(apply)))
+    # The photos side by side under columns A to C, each at the width a Load Image shows its file name at.
+    photos_y = max(g.bottom(n) for n in (encoder, encode, negative))
+    photos = [_photo(g, name, (XA + i * (PHOTO_ROW_WIDTH + 20), photos_y), f"person photo {i + 1}", PHOTO_ROW_WIDTH)
+              for i, name in enumerate(PERSON_IMAGES)]
+    for i, batch in enumerate(batches):
+        g.link(photos[0] if i == 0 else batches[i - 1], 0, batch, "image1")
+        g.link(photos[i + 1], 0, batch, "image2")
     _sample_and_save(g, ckpt, (apply, 0), (apply, 1), negative, "nested_attention/person_several_photos")
-    _notes(g, SINGLE_WIDTH, "One person from several photos", [FACES_ENCODER], """
-**Image Batch** joins the photos into one IMAGE batch; **Encode Subject Image(s)** encodes each photo and
-concatenates their tokens (the paper's multi-image form), which usually gives a steadier likeness than one
-photo. Add photos with more Load Image + Image Batch nodes. (The examples are three views of one
-portrait.)""")
-    return g
-
-
-def _person_and_pet(person_file: str, pet_file: str, text: str, prefix: str, about: str, extra: str) -> Graph:
-    """A person and a pet on one model: two encoders, two Apply nodes chained, one prompt for both."""
-    g = Graph()
-    ckpt, vision = _loaders(g)
-    person_encoder = _encoder(g, vision, person_file, (XA, 260))
-    person_photo = g.node("LoadImage", (XA, 380), size=PHOTO_SIZE, image=PERSON_IMAGES[0],
-                          title="person photo")
-    person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
-    pet = g.node("NestedAttentionEncodeSubject", (XB, 170), size=(280, 138), title="Encode pet")
-    pet_encoder = g.node("NestedAttentionLoadEncoder", (XB, 340), size=(280, 80), encoder_name=pet_file,
-                         properties={"models": [model_entry(pet_file)]})
-    g.link(vision, 0, pet_encoder, "clip_vision")
-    pet_photo = g.node("LoadImage", (XB, 460), size=(280, 320), image=PET_IMAGE, title="pet photo")
-    g.link(pet_encoder, 0, pet, "encoder")
-    g.link(pet_photo, 0, pet, "image")
-    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
-                    size=(400, 120), value=text)
-    apply_person = _apply(g, (ckpt, 0), ckpt, person, (XC, 170), text=None, token="person",
-                          title="Apply Nested Attention: person")
-    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (XC, 460), text=None, token="pet",
-                       title="Apply Nested Attention: pet")
-    g.link(prompt, 0, apply_person, "text")
-    g.link(prompt, 0, apply_pet, "text")
-    negative = _negative(g, ckpt, (XD, 480), size=(280, 110))
-    _sample_and_save(g, ckpt, (apply_pet, 0), (apply_pet, 1), negative, prefix)
-    _notes(g, SINGLE_WIDTH, about, [person_file, pet_file], extra)
+    _notes(g, 285, "One person from several photos", [IPADAPTER_FACE], """
+**Batch Images** joins the photos into one batch; Encode Subject Image(s) encodes each and concatenates their
+tokens, for a steadier likeness than one photo gives. Add photos with more Load Image and Batch Images nodes (the
+examples are three views of one portrait).""")
     return g
 
 
 def person_and_pet() -> Graph:
-    return _person_and_pet(
-        FACES_ENCODER, PETS_ENCODER,
-        "a photo of a person hugging their pet on a beach at sunset, golden hour",
-        "nested_attention/person_and_pet", "A person and a pet in one picture", """
-Two subjects of different domains on one model: the first Apply node binds *person* to the person's encoder,
-the second takes its MODEL and binds *pet*. Both get the same prompt (one String node feeds both), the last
-Apply node's CONDITIONING goes to the KSampler, and their order does not matter.""")
-
-
-def ip_adapter_person_and_pet() -> Graph:
-    """A person and a pet with IP-Adapter Plus files as the encoders (no trained pack encoder needed)."""
-    return _person_and_pet(
-        IPADAPTER_FACE, IPADAPTER_PLUS,
-        "a photo of a person walking their pet through a snowy park, winter coat, soft light, bokeh",
-        "nested_attention/ip_adapter_person_and_pet", "A person and a pet with IP-Adapter Plus files", """
-Load Nested Encoder also lists `models/ipadapter` and reads an IP-Adapter Plus SDXL file as a nested encoder.
-Unlike IP-Adapter, which adds the image to every word, each image is bound to one word (*person* to the face
-file, *pet* to the general one), so the rest of the prompt keeps its meaning. The two Apply nodes are chained
-and share one prompt. Quality with these weights has not been measured yet: try λ between 1 and 3.""")
+    """A person and a pet on one model: two encoders, two Apply nodes chained, one prompt for both."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    person_encoder = _encoder(g, vision, IPADAPTER_FACE, (XA, g.bottom(vision)))
+    person_photo = _photo(g, PERSON_IMAGES[0], (XA, g.bottom(person_encoder)), "person photo")
+    person = _encode(g, person_encoder, person_photo, (XB, 0), "person")
+    pet_encoder = _encoder(g, vision, IPADAPTER_PLUS, (XB, g.bottom(person)), width=WIDTH_B)
+    pet_photo = _photo(g, PET_IMAGE, (XB, g.bottom(pet_encoder)), "pet photo", width=WIDTH_B)
+    pet = _encode(g, pet_encoder, pet_photo, (XB, g.bottom(pet_photo)), "pet")
+    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(WIDTH_C, PROMPT_H),
+                    value="a photo of a person walking their pet through a snowy park, winter coat, soft light")
+    apply_person = _apply(g, (ckpt, 0), ckpt, person, (XC, g.bottom(prompt)), text=None, token="person",
+                          title="Apply Nested Attention: person")
+    apply_pet = _apply(g, (apply_person, 0), ckpt, pet, (XC, g.bottom(apply_person)), text=None, token="pet",
+                       title="Apply Nested Attention: pet")
+    g.link(prompt, 0, apply_person, "text")
+    g.link(prompt, 0, apply_pet, "text")
+    negative = _negative(g, ckpt, (XD, SAMPLER_H + GAP_Y + LATENT_H + GAP_Y), width=WIDTH_D)
+    _sample_and_save(g, ckpt, (apply_pet, 0), (apply_pet, 1), negative, "nested_attention/person_and_pet")
+    _notes(g, 330, "A person and a pet in one picture", [IPADAPTER_FACE, IPADAPTER_PLUS], """
+The first Apply node binds *person* to the face encoder; the second takes its MODEL and binds *pet* to the
+general one. One String node gives both the same prompt, the last one's CONDITIONING goes to the KSampler, and
+their order does not matter.""")
+    return g
 
 
 def lambda_sweep() -> Graph:
+    """One seed, λ = 1, 2, 3, 4 and a reference without nested attention, in branches side by side."""
     g = Graph()
     ckpt, vision = _loaders(g)
-    encode = _subject(g, vision, FACES_ENCODER, PERSON_IMAGES[0], y=260, title="person")
+    encode = _subject(g, vision, IPADAPTER_FACE, PERSON_IMAGES[0], y=g.bottom(vision), title="person")
     seed = SEED
     prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by all branches)",
-                    size=(400, 140),
-                    value="a pencil sketch of a person as a medieval knight in armour, castle in the "
-                          "background")
-    plain = g.node("CLIPTextEncode", (XC, 200), title="The prompt without nested attention", size=(400, 80))
+                    size=(WIDTH_C, PROMPT_H),
+                    value="a pencil sketch of a person as a medieval knight in armour, castle in the background")
+    plain = g.node("CLIPTextEncode", (XC, g.bottom(prompt)), title="The prompt without nested attention",
+                   size=(WIDTH_C, 90))
     g.link(ckpt, 1, plain, "clip")
     g.link(prompt, 0, plain, "text")
-    negative = _negative(g, ckpt, (XC, 340))
-    latent = _latent(g, (XC, 530))
+    negative = _negative(g, ckpt, (XC, g.bottom(plain)))
+    latent = _latent(g, (XC, g.bottom(negative)), width=WIDTH_C)
     branches = [(None, "reference: no nested attention")]
     branches += [(lam, f"λ = {lam:.1f}") for lam in (1.0, 2.0, 3.0, 4.0)]
-    x0 = XC + 440
+    branch_width = 350  # KSampler draws its long titles in full
     for i, (lam, label) in enumerate(branches):
-        x = x0 + i * BRANCH
+        x = XD + i * (branch_width + GAP_X)
         if lam is None:
             model, positive = (ckpt, 0), (plain, 0)
         else:
             apply = _apply(g, (ckpt, 0), ckpt, encode, (x, 0), text=None, token="person", lambda_=lam,
-                           title=f"Apply Nested Attention ({label})")
+                           title=f"Apply Nested Attention ({label})", width=branch_width)
             g.link(prompt, 0, apply, "text")
             model, positive = (apply, 0), (apply, 1)
-        sampler = _sampler(g, model, positive, negative, latent, (x, 300), seed=seed, control="fixed",
-                           title=f"KSampler ({label})")
+        sampler_y = APPLY_LINKED_H + GAP_Y
+        sampler = _sampler(g, model, positive, negative, latent, (x, sampler_y), seed=seed, control="fixed",
+                           title=f"KSampler ({label})", width=branch_width)
         tag = "reference" if lam is None else f"lambda_{lam:.1f}"
-        _decode_save(g, sampler, ckpt, (x, 620), prefix=f"nested_attention/lambda_sweep_{tag}",
-                     title=f"Save ({label})", size=(300, 300))
-    _notes(g, SINGLE_WIDTH, "A λ sweep: likeness against prompt", [FACES_ENCODER], f"""
-One subject, one prompt, one fixed seed ({seed}); each branch to the right applies nested attention with
-another λ (1 = as trained; higher = more attention on the subject word). The first branch samples the same
-prompt without nested attention, for reference. Change the seed on all KSamplers together.""")
+        _decode_save(g, sampler, ckpt, (x, g.bottom(sampler)), prefix=f"nested_attention/lambda_sweep_{tag}",
+                     title=f"Save ({label})", width=branch_width, save_height=320)
+    _notes(g, 260, "A λ sweep: likeness against prompt", [IPADAPTER_FACE], f"""
+One prompt, one fixed seed ({seed}); each branch to the right uses another λ, and the first samples the prompt
+without nested attention, for reference. Change the seed on all KSamplers together.""")
     return g
 
 
-# File name -> graph. The template browser shows a custom node pack's workflows by file name only (as the
-# card's title, and with - and _ as spaces as its description; no index.json or extra field is read for
-# them), so the names say what each workflow does.
+# File name -> graph. The template browser shows a custom node pack's workflows by file name only: the card's
+# title, and its description with - and _ as spaces; its search reads only that name (frontends 1.32, 1.48 and
+# 1.58: no description, tags or index file is read for a custom node pack's templates). So each name says what
+# the workflow does, after the pack's name, which a search for "nested" finds.
+TEMPLATE_PREFIX = "Nested Attention - "
 WORKFLOWS = {
-    "Person from one photo": person_one_photo,
-    "Pet from one photo": pet_one_photo,
-    "Person from several photos": person_several_photos,
-    "Person and pet in one picture": person_and_pet,
-    "Likeness vs prompt, lambda sweep": lambda_sweep,
-    "Person and pet with IP-Adapter Plus": ip_adapter_person_and_pet,
+    f"{TEMPLATE_PREFIX}person from one photo": person_one_photo,
+    f"{TEMPLATE_PREFIX}pet from one photo": pet_one_photo,
+    f"{TEMPLATE_PREFIX}person from several photos": person_several_photos,
+    f"{TEMPLATE_PREFIX}person and pet in one picture": person_and_pet,
+    f"{TEMPLATE_PREFIX}likeness vs prompt, lambda sweep": lambda_sweep,
 }
-# Declared for the whole workflow (the frontend reads a top-level `models` list too): files no widget names,
-# here the alternative to the authors' face encoder, for the workflows that name that one.
-WORKFLOW_MODELS = {name: [model_entry(IPADAPTER_FACE)] for name, make in WORKFLOWS.items()
-                   if make not in (pet_one_photo, ip_adapter_person_and_pet)}
 
-# Runs in the page: the saved view. The whole graph in the reference window (its margins: left, top, right,
-# bottom) at up to MAX_SCALE; if that needs less than VIEW_SCALE, VIEW_SCALE on the top-left corner instead.
+# Runs in the page: the saved view, OPEN_SCALE on the graph's top-left corner (the notes) at the reference
+# window's margins (left, top).
 _VIEW_JS = """
-([[left, top, right, bottom], minScale, maxScale]) => {
-  const app = window.app, canvas = app.canvas, nodes = app.graph.nodes;
-  const title = window.LiteGraph.NODE_TITLE_HEIGHT;
-  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-  for (const n of nodes) {
-    x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
-    x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
-  }
-  const w = canvas.canvas.width / window.devicePixelRatio - left - right;
-  const h = canvas.canvas.height / window.devicePixelRatio - top - bottom;
-  const fit = Math.min(w / (x1 - x0), h / (y1 - y0), maxScale);
-  const scale = fit >= minScale ? fit : minScale;
+([[left, top], scale]) => {
+  const app = window.app, canvas = app.canvas, title = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...app.graph.nodes.map((n) => n.pos[0]));
+  const y0 = Math.min(...app.graph.nodes.map((n) => n.pos[1] - title));
   canvas.ds.scale = scale;
-  canvas.ds.offset = fit >= minScale
-    ? [left / scale + (w / scale - (x1 - x0)) / 2 - x0, top / scale + (h / scale - (y1 - y0)) / 2 - y0]
-    : [left / scale - x0, top / scale - y0];
+  canvas.ds.offset = [left / scale - x0, top / scale - y0];
   canvas.setDirty(true, true);
-  return {scale, fits: fit >= minScale};
 }
 """
+
+
+# The frontend the shipped files are built with: ComfyUI 0.3.75's pin (`python3 dev.py workflows` uses the pinned
+# host), the oldest frontend the pack supports. Newer ones save the same graph with more fields (1.48: a Save
+# Image output slot without links, no workflowRendererVersion; 1.58: widgets_values_named), see canonical().
+FRONTEND_VERSION = "1.32.9"
+
+
+def canonical(workflow: dict) -> dict:
+    """What a saved workflow says about its graph, the same whichever frontend saved it: the nodes (type,
+    title, place, size, mode, widget values, model files, links of each slot), the links, the groups, the
+    view and the workflow's id."""
+    nodes = [{
+        "id": n["id"], "type": n["type"], "title": n.get("title"), "pos": n["pos"], "size": n["size"],
+        "mode": n.get("mode", 0), "widgets_values": n.get("widgets_values"),
+        "models": n.get("properties", {}).get("models"),
+        "inputs": [[i["name"], i.get("link")] for i in n.get("inputs", [])],
+        "outputs": [[o["name"], o["links"]] for o in n.get("outputs", []) if o.get("links")],
+    } for n in workflow["nodes"]]
+    return {"id": workflow["id"], "nodes": nodes, "links": workflow["links"], "groups": workflow.get("groups", []),
+            "ds": workflow.get("extra", {}).get("ds"), "models": workflow.get("models")}
+
+
+def workflow_id(name: str) -> str:
+    """A stable id per workflow, so that regenerating does not change files needlessly."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-nested-attention/{name}"))
+
+
+def build(frontend, name: str) -> dict:
+    """Build one workflow in the page of `frontend` (a harness.Frontend) and return it as the frontend saves it."""
+    graph = WORKFLOWS[name]()
+    frontend.evaluate(_BUILD_JS, graph.spec())
+    frontend.evaluate(_VIEW_JS, [list(OPEN_MARGINS), OPEN_SCALE])
+    workflow = frontend.serialize()
+    workflow["id"] = workflow_id(name)
+    # The layout leaves room for both renderers, so no frontend may rescale it: with the tag 1.32 writes ("LG",
+    # also its default when there is none), 1.32 scales the whole layout by 1.2 when it opens it with Nodes 2.0
+    # and then restores the saved view, leaving the notes above the window. "Vue-corrected" (a layout already
+    # fit for Nodes 2.0) is left as it is by 1.32 (it scales only "LG" and "Vue") and by 1.48 and 1.58.
+    workflow["extra"]["workflowRendererVersion"] = "Vue-corrected"
+    return workflow
 
 
 def _thumbnail(png: bytes, path: Path) -> None:
@@ -527,12 +566,21 @@ def _thumbnail(png: bytes, path: Path) -> None:
     image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, quality=82, optimize=True)
 
 
+def to_text(workflow: dict) -> str:
+    """A workflow file's text."""
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 dev.py workflows", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"Workflows to regenerate, of: {', '.join(WORKFLOWS)} (default: all of them).")
-    parser.add_argument("--out", type=Path, default=harness.WORKFLOWS_DIR,
+                        help=f"Workflows to build, of: {', '.join(WORKFLOWS)} (default: all of them).")
+    parser.add_argument("--out", type=Path, default=WORKFLOWS_DIR,
                         help="Folder to write the workflows, thumbnails and input/ images to.")
+    parser.add_argument("--check", action="store_true",
+                        help="Build them and say which differ from the files in --out; write nothing.")
+    parser.add_argument("--screenshots", type=Path, default=REPO / "tests" / "artifacts" / "workflows",
+                        help="Folder for a screenshot of each workflow as it opens.")
     parsed = parser.parse_args(args)
     unknown = [n for n in parsed.names if n not in WORKFLOWS]
     if unknown:
@@ -540,43 +588,49 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     return parsed
 
 
-def main(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(harness.REPO / "tests"))
-    from tiny_models import find_comfyui  # the same ComfyUI the tests use
+def main(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(HARNESS_DIR))
+    import harness
 
+    comfyui = os.environ.get("COMFYUI_PATH")
+    if not comfyui:
+        raise SystemExit("COMFYUI_PATH is not set: run this through `python3 dev.py workflows`, which sets it "
+                         "to the ComfyUI it installed")
     make_example_images(args.out / "input")
     names = args.names or list(WORKFLOWS)
+    differ = []
     with tempfile.TemporaryDirectory(prefix="nested-attention-workflows-") as tmp:
         base = Path(tmp) / "base"
-        # The test pack registers the ipadapter folder as IPAdapter_plus does (a workflow names a file there).
-        harness.prepare_base_dir(base, {harness.PACK_NAME: harness.REPO,
-                                        harness.TINY_PACK_NAME: harness.TINY_PACK_DIR})
+        harness.prepare_base_dir(base, {harness.PACK_NAME: REPO}, MODEL_FILES)
         for image in (args.out / "input").iterdir():
             (base / "input" / image.name).write_bytes(image.read_bytes())
-        server = harness.ComfyServer(find_comfyui(), base, Path(tmp) / "server.log").start()
+        server = harness.ComfyServer(Path(comfyui), base, Path(tmp) / "server.log").start()
         try:
             with harness.Frontend(server) as frontend:
+                version = frontend.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+                exact = version == FRONTEND_VERSION
+                if not exact:
+                    print(f"[nested-attention] frontend {version}, not {FRONTEND_VERSION}: it saves the same graphs "
+                          "with other fields; --check compares what they say (canonical()), not their text")
                 for name in names:
-                    graph = WORKFLOWS[name]()
-                    frontend.evaluate(_BUILD_JS, graph.spec())
-                    view = frontend.evaluate(_VIEW_JS, [list(harness.FIT_MARGINS), VIEW_SCALE, MAX_SCALE])
-                    workflow = frontend.serialize()
-                    for wanted, node in zip(graph.nodes, workflow["nodes"]):
-                        if wanted["size"] and [round(v) for v in node["size"]] != wanted["size"]:
-                            raise SystemExit(f"{name}: node #{node['id']} {node['type']} has size {node['size']}, "
-                                             f"expected {wanted['size']}")
-                    # A stable id per workflow, so that regenerating does not change files needlessly.
-                    workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{harness.PACK_NAME}/{name}"))
-                    if WORKFLOW_MODELS.get(name):
-                        workflow["models"] = WORKFLOW_MODELS[name]
+                    workflow = build(frontend, name)
                     report = frontend.load_workflow(workflow, name)
                     problems = frontend.problems(report)
                     if problems:
-                        raise SystemExit(f"{name}: the frontend does not load the generated workflow "
-                                         f"cleanly: {problems}")
-                    frontend.screenshot(harness.ARTIFACTS_DIR.parent / "workflows" / f"{name}.png")
-                    text = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
-                    (args.out / f"{name}.json").write_text(text)
+                        raise SystemExit(f"{name}: the frontend does not load the built workflow cleanly: "
+                                         f"{problems}")
+                    frontend.page.wait_for_timeout(300)
+                    frontend.screenshot(args.screenshots / f"{name}.png")
+                    target = args.out / f"{name}.json"
+                    if args.check:
+                        if exact:
+                            same = target.is_file() and target.read_text() == to_text(workflow)
+                        else:
+                            same = target.is_file() and canonical(json.loads(target.read_text())) == canonical(workflow)
+                        print(f"[nested-attention] {name}: {'the same' if same else 'DIFFERS from ' + str(target)}")
+                        differ += [] if same else [name]
+                        continue
+                    target.write_text(to_text(workflow))
                     # The thumbnail: the whole graph, drawn in full detail however small (a card, not a view).
                     frontend.evaluate("() => { window.app.extensionManager.focusMode = true;"
                                       " window.app.canvas.min_font_size_for_lod = 0; }")
@@ -584,12 +638,11 @@ def main(args: argparse.Namespace) -> None:
                     _thumbnail(frontend.page.screenshot(), args.out / f"{name}.jpg")
                     frontend.evaluate("() => { window.app.extensionManager.focusMode = false;"
                                       " window.app.canvas.min_font_size_for_lod = 8; }")
-                    print(f"[nested-attention] wrote {args.out / name}.json ({report['nodes']} nodes, "
-                          f"{report['links']} links; opens at {view['scale']:.2f}"
-                          f"{', whole graph in view' if view['fits'] else ', top-left corner'})")
+                    print(f"[nested-attention] wrote {target} ({report['nodes']} nodes, {report['links']} links)")
         finally:
             server.stop()
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(main(parse_args()))

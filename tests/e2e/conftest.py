@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ import torch
 from harness import (
     ARTIFACTS_DIR,
     CHROMIUM,
+    FACES_ENCODER,
     PACK_NAME,
+    PETS_ENCODER,
     REPO,
     TINY_PACK_DIR,
     TINY_PACK_NAME,
@@ -26,11 +29,16 @@ from harness import (
     Frontend,
     prepare_base_dir,
 )
-from make_workflows import CLIP_VISION, FACES_ENCODER, IPADAPTER_FACE, IPADAPTER_PLUS, PETS_ENCODER
 from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
 from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values, write_safetensors
 
 from nested_attention import save_encoder, unet_layers
+
+# The workflow tool beside dev.py (devtools/workflows.py) names the files the shipped workflows use. Appended,
+# so that ComfyUI's own top-level modules (its `nodes`) keep priority over the repo's folders.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+from devtools.workflows import CLIP_VISION, IPADAPTER_FACE, IPADAPTER_PLUS, MODEL_FILES
 
 ENCODERS = [(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]
 IP_ADAPTER_FILES = [IPADAPTER_FACE, IPADAPTER_PLUS]
@@ -73,7 +81,7 @@ def comfy(tmp_path_factory, _tiny_unet_shared):
         shutil.rmtree(ARTIFACTS_DIR)
     ARTIFACTS_DIR.mkdir(parents=True)
     base = tmp_path_factory.mktemp("comfyui") / "base"
-    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
+    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR}, MODEL_FILES)
     write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
     write_tiny_ip_adapter_files(base / "models" / "ipadapter", _tiny_unet_shared)
     server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
