@@ -566,6 +566,25 @@ def _thumbnail(png: bytes, path: Path) -> None:
     image.resize((THUMBNAIL_WIDTH, height), Image.LANCZOS).save(path, quality=82, optimize=True)
 
 
+README_PICTURE = REPO / "docs" / "workflow.png"
+# Pictures (thumbnails, the README's): the menus hidden (focus mode), and no frame-rate corner (it differs
+# from one run to the next).
+_PICTURE_MODE_JS = "window.app.extensionManager.focusMode = %s; window.app.canvas.show_info = !window.app.extensionManager.focusMode;"
+
+
+def _readme_picture(frontend, margins: tuple, path: Path) -> None:
+    """The README's picture: one workflow as the frontend draws it at its default settings, the whole graph
+    in view and the menus hidden (focus mode)."""
+    name = next(name for name, make in WORKFLOWS.items() if make is person_one_photo)
+    frontend.load_workflow(build(frontend, name), name)
+    frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'true'} }}")
+    frontend.fit_view(margins)
+    frontend.page.wait_for_timeout(500)
+    frontend.screenshot(path)
+    frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'false'} }}")
+    print(f"[nested-attention] wrote {path}")
+
+
 def to_text(workflow: dict) -> str:
     """A workflow file's text."""
     return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
@@ -581,6 +600,9 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
                         help="Build them and say which differ from the files in --out; write nothing.")
     parser.add_argument("--screenshots", type=Path, default=REPO / "tests" / "artifacts" / "workflows",
                         help="Folder for a screenshot of each workflow as it opens.")
+    parser.add_argument("--readme-picture", type=Path, nargs="?", const=README_PICTURE, default=None,
+                        metavar="PNG", help=f"Also take the README's picture (default {README_PICTURE.relative_to(REPO)}): "
+                                            "the person-from-one-photo workflow, whole, at the default settings.")
     parsed = parser.parse_args(args)
     unknown = [n for n in parsed.names if n not in WORKFLOWS]
     if unknown:
@@ -632,13 +654,13 @@ def main(args: argparse.Namespace) -> int:
                         continue
                     target.write_text(to_text(workflow))
                     # The thumbnail: the whole graph, drawn in full detail however small (a card, not a view).
-                    frontend.evaluate("() => { window.app.extensionManager.focusMode = true;"
-                                      " window.app.canvas.min_font_size_for_lod = 0; }")
+                    frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'true'} window.app.canvas.min_font_size_for_lod = 0; }}")
                     frontend.fit_view(harness.FOCUS_MODE_MARGINS)
                     _thumbnail(frontend.page.screenshot(), args.out / f"{name}.jpg")
-                    frontend.evaluate("() => { window.app.extensionManager.focusMode = false;"
-                                      " window.app.canvas.min_font_size_for_lod = 8; }")
+                    frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'false'} window.app.canvas.min_font_size_for_lod = 8; }}")
                     print(f"[nested-attention] wrote {target} ({report['nodes']} nodes, {report['links']} links)")
+                if args.readme_picture:
+                    _readme_picture(frontend, harness.FOCUS_MODE_MARGINS, args.readme_picture)
         finally:
             server.stop()
     return 1 if differ else 0
