@@ -191,10 +191,10 @@ async (spec) => {
 #
 # Room around each node, for what the frontend draws outside its saved size: the title bar (30 units above
 # pos) and, in the classic renderer, node badges above the title bar (the pack's name on its nodes, "DEPR" on
-# a deprecated one: 20 units plus a gap of 2). The Nodes 2.0 renderer (1.48 and 1.58) draws nodes at their
-# saved position, each at least its saved size, and grows a node whose content needs more (so the sizes
-# below are at least what it draws); 1.32's scales a classic layout by 1.2 first. GAP_Y is the distance from
-# one node's body to the pos of the node below it; GAP_X the distance between columns.
+# a deprecated one: 20 units plus a gap of 2). The Nodes 2.0 renderer draws each node at its saved position,
+# at least its saved size, and grows a node whose content needs more; the sizes below hold what it draws in
+# 1.32, 1.48 and 1.58 (build() tags the layout so that none rescales it). GAP_Y is the distance from one node's
+# body to the pos of the node below it; GAP_X the distance between columns.
 GAP_X, GAP_Y = 50, 80
 WIDTH_A, WIDTH_B, WIDTH_C, WIDTH_D, WIDTH_E = 320, 300, 420, 300, 360
 XA = 0
@@ -202,7 +202,6 @@ XB = XA + WIDTH_A + GAP_X
 XC = XB + WIDTH_B + GAP_X
 XD = XC + WIDTH_C + GAP_X
 XE = XD + WIDTH_D + GAP_X
-SINGLE_WIDTH = XE + WIDTH_E
 # The nodes' heights (their widths are the column's).
 CHECKPOINT_H, CLIP_VISION_H, ENCODER_H, PHOTO_H = 100, 60, 90, 340
 PHOTO_ROW_WIDTH = 240  # photos side by side
@@ -211,14 +210,14 @@ APPLY_H, APPLY_LINKED_H = 350, 270
 PROMPT_H, NEGATIVE_H, LATENT_H = 130, 140, 120
 SAMPLER_H, DECODE_H, SAVE_H = 280, 60, 380
 BATCH_H = 80
-# The notes: "Read me" and "Models" side by side above the graph, both in view as the workflow opens.
+# The notes: "Read me" and "Models" side by side above the graph, both in view as the workflow opens. Their
+# heights (given per workflow) hold their text in 1.32's Nodes 2.0, which draws it at 14 px (10 px elsewhere).
 NOTE_GAP = 40
 READ_ME_WIDTH, MODELS_WIDTH = 680, 620
-NOTES_WIDTH = READ_ME_WIDTH + NOTE_GAP + MODELS_WIDTH
-# The zoom a workflow opens at (its saved extra.ds), on its top-left corner (the notes and the loaders). The
-# notes' body text is 10 px at zoom 1 in both renderers, so 1 is the least at which it reads as the
-# frontend means it to; it is also far above the low-detail threshold (the frontend draws nodes without text
-# below 8 px / (14 px * sqrt(devicePixelRatio)): a zoom of 0.571 at most).
+# The zoom a workflow opens at (its saved extra.ds), on its top-left corner (the notes and the first loaders).
+# The notes' body text is 10 px at zoom 1 (classic, and Nodes 2.0 from 1.48), so at 1.1 it is 11 px on screen;
+# far above the low-detail threshold too (the frontend draws nodes without text below 8 px / (14 px *
+# sqrt(devicePixelRatio)): a zoom of 0.571 at most).
 OPEN_SCALE = 1.1
 OPEN_MARGINS = (80, 110)  # where the graph's top-left corner opens (left, top): clear of the sidebar and the tabs
 
