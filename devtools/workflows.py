@@ -402,10 +402,7 @@ def person_several_photos() -> Graph:
         y = g.bottom(batches[-1]) if batches else 0
         batches.append(g.node("ImageBatch", (XB, y), size=(WIDTH_B, BATCH_H),
                               title="Batch Images (photos 1 + 2)" if i == 0 else f"Batch Images (+ photo {i + 2})"))
-    encode = g.node("NestedAttentionEncodeSubject", (XB, g.bottom(batches[-1])), size=(WIDTH_B, ENCODE_H),
-                    title="Encode person")
-    g.link(encoder, 0, encode, "encoder")
-    g.link(batches[-1], 0, encode, "image")
+    encode = _encode(g, encoder, batches[-1], (XB, g.bottom(batches[-1])), "person")
     apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
                    text="a watercolor painting of a person reading a book in a sunlit cafe")
     negative = _negative(g, ckpt, (XC, g.bottom(apply)))

@@ -2,7 +2,7 @@
 
 Each workflow is opened as the template browser opens it, at the frontend's default settings, once with the
 classic canvas renderer and once with "Nodes 2.0" (setting Comfy.VueNodes.Enabled: nodes drawn as HTML, taller
-than the classic ones; frontend 1.32 scales a classic layout by 1.2 first, 1.48 and 1.58 do not). Then
+than the classic ones, and in frontend 1.32 notes at 14 px instead of 10). Then
   - at the zoom it opens at: nodes drawn in full (not the low-detail boxes), the notes' body text at least
     MIN_NOTE_FONT_PX on screen, and the notes and the loaders in view;
   - no two nodes overlap, counting what the renderer draws around a node: the classic title bar and the badge
@@ -119,10 +119,9 @@ def test_shipped_workflow_opens_legible_with_nothing_overlapping(name, renderer,
     look = frontend.evaluate(_LOOK_JS, [list(FREE_AREA), vue, BADGE_ROW])
 
     # Legible as it opens: full-detail nodes, notes big enough to read, the notes and the loaders in view.
-    assert look["dpr"] == 1, look
-    if not vue:  # (Nodes 2.0 draws no low-detail boxes, and 1.32's rescales the view with the layout)
+    assert look["dpr"] == 1 and look["scale"] == pytest.approx(workflow["extra"]["ds"]["scale"]), look
+    if not vue:  # (Nodes 2.0 has no low-detail boxes: 1.32 sets the threshold to 0 with it)
         assert look["lod"] == 8, look  # the frontend's default threshold setting
-        assert look["scale"] == pytest.approx(workflow["extra"]["ds"]["scale"]), look
         assert not look["lowQuality"] and look["scale"] >= max(MIN_SCALE, look["threshold"]), look
     for note in look["notes"]:
         assert note["fontPx"] is not None and note["fontPx"] >= MIN_NOTE_FONT_PX, (name, renderer, look["notes"])
