@@ -1,8 +1,10 @@
 """Nested Attention for ComfyUI: personalize SDXL with a subject encoder (arXiv 2501.01407).
 
 ComfyUI loads this folder as a package from custom_nodes/. It registers the `nested_attention` models
-folder (and `ipadapter`, if no other pack has) and exports the node mappings and its small frontend
-extension (web/), nothing else.
+folder (and `ipadapter`, if no other pack has) and exports `comfy_entrypoint` (ComfyUI's V3 registration:
+the list of nodes, nodes/__init__.py) and its small frontend extension (web/), nothing else. No
+NODE_CLASS_MAPPINGS: ComfyUI registers a pack from those when it has them and then never calls
+comfy_entrypoint.
 """
 
 import logging
@@ -54,9 +56,9 @@ except OSError as error:
 if __package__:  # always when ComfyUI loads the pack. pytest also imports this file (the repo root is a
     # package to it), as the plain module `__init__` when the checkout's folder name is no identifier
     # (`git clone ... comfyui-nested-attention`); a relative import would fail there.
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes import comfy_entrypoint
 
 # The frontend extension that shows what Save Nested Subject saved (web/save_subject.js).
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .capture import describe as describe_capture
+
 
 def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.2f} %"
@@ -58,6 +60,8 @@ def format_table(result: dict) -> str:
                 f"per step after the first: {r['kv_projections_per_later_step']:g}; "
                 f"cache {r['kv_cache_bytes'] / 1e6:.0f} MB"
             )
+    if "capture" in result:  # Capture Nested Attention (benchmark/capture.py)
+        lines.append(describe_capture(result["capture"], result["variants"][0]["step_best_s"]))
     ac = result["attention_calls"]
     work = ac["gpu_work_per_call"]
     layer = "/".join(map(str, ac["widest_layer"]))

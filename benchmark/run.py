@@ -15,6 +15,7 @@ import torch
 
 from nested_attention import SDXL_CONTEXT_DIM, QFormerConfig, unet_layers
 
+from .capture import capture_cost
 from .counters import (
     PeakMemory,
     attention_calls,
@@ -212,6 +213,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     log.info("%s timing the cross-attention calls alone", PREFIX)
     patch_sets = {v.name: patches_by_key(v.model) for v in variants[1:]}
     attention = time_attention_calls(calls, patch_sets, host, device, dtype, reps=args.attention_reps)
+    # Capture Nested Attention on the largest nested variant: what it adds to those calls (benchmark/capture.py).
+    largest = f"nested M={NUM_TOKENS[-1]}"
+    log.info("%s capture on and off: %s", PREFIX, largest)
+    result["capture"] = capture_cost(calls, patch_sets[largest], host, device, dtype, args.attention_reps,
+                                     args.resolution, largest)
     profile = None
     if args.profile:
         profile = profile_attention(

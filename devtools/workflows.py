@@ -52,6 +52,7 @@ CHECKPOINT = "sd_xl_base_1.0.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 IPADAPTER_FACE = "ip-adapter-plus-face_sdxl_vit-h.safetensors"
 IPADAPTER_PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
+SDXL_INPAINTING = "sdxl-inpainting-0.1-unet.fp16.safetensors"
 
 HF = "https://huggingface.co"
 MODELS = {
@@ -66,9 +67,14 @@ MODELS = {
                      "directory": "ipadapter"},
     IPADAPTER_PLUS: {"url": f"{HF}/h94/IP-Adapter/resolve/main/sdxl_models/{IPADAPTER_PLUS}",
                      "directory": "ipadapter"},
+    # The SDXL inpainting UNet (9 input channels) of the diffusers team, for Load Diffusion Model; CLIP and
+    # VAE come from SDXL base. CreativeML Open RAIL++-M.
+    SDXL_INPAINTING: {"url": f"{HF}/diffusers/stable-diffusion-xl-1.0-inpainting-0.1/resolve/main/unet/"
+                             "diffusion_pytorch_model.fp16.safetensors", "directory": "diffusion_models"},
 }
 # The files the loaders name, by models folder (the e2e server gets stand-ins for all of them).
-MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION], "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS]}
+MODEL_FILES = {"checkpoints": [CHECKPOINT], "clip_vision": [CLIP_VISION],
+               "ipadapter": [IPADAPTER_FACE, IPADAPTER_PLUS], "diffusion_models": [SDXL_INPAINTING]}
 # The alternative face encoder, offered in the Models notes only: the authors' release (CC BY-NC-SA 4.0,
 # non-commercial), whose real file this pack has not read yet. No loader names it.
 AUTHORS_FACE_ENCODER = {"directory": "nested_attention",
@@ -86,18 +92,27 @@ def model_entry(name: str) -> dict:
 
 PERSON_IMAGES = [f"nested_attention_person_{i}.jpg" for i in (1, 2, 3)]
 PET_IMAGE = "nested_attention_pet.jpg"
+MAN_IMAGE = "nested_attention_man.jpg"
+SCENE_IMAGE = "nested_attention_launch_pad.png"
+SCENE_REGION = (60, 120, 260, 427)  # left, top, right, bottom: where the person goes (transparent in the PNG)
 NEGATIVE = "blurry, lowres, deformed, disfigured, watermark, text, signature"
 SEED = 20250101
 THUMBNAIL_WIDTH = 640
 
 
 def make_example_images(folder: Path) -> None:
-    """The person (astronaut Eileen Collins, NASA, public domain) and the pet (Chelsea the cat, CC0).
+    """The person (astronaut Eileen Collins, NASA, public domain), the pet (Chelsea the cat, CC0), the man of
+    the two-people workflow (scikit-image's "camera": Lav Varshney's photo, CC0) and the scene of the
+    inpainting workflows (scikit-image's "rocket": SpaceX's Falcon 9 on Launch Complex 40, public domain).
 
     The several-photos workflow gets three views of the one public-domain portrait (the whole photo, a
-    closer crop of the face, the mirror image): a stand-in for several photos of one person.
+    closer crop of the face, the mirror image): a stand-in for several photos of one person. The scene is a
+    PNG whose region for the person is transparent: Load Image's MASK is 1 there (1 - alpha), exactly what
+    painting it in ComfyUI's mask editor gives; the pixels under it are kept.
     """
-    if all((folder / name).is_file() for name in [*PERSON_IMAGES, PET_IMAGE]):
+    names = [*PERSON_IMAGES, PET_IMAGE, MAN_IMAGE, SCENE_IMAGE]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if not missing:
         return
     try:
         from skimage import data
@@ -107,9 +122,16 @@ def make_example_images(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     person = Image.fromarray(data.astronaut())  # 512 x 512
     views = [person, person.crop((112, 0, 368, 256)), ImageOps.mirror(person)]  # (256 x 256: not enlarged)
-    for name, image in zip(PERSON_IMAGES, views):
-        image.save(folder / name, quality=90, optimize=True)
-    Image.fromarray(data.chelsea()).save(folder / PET_IMAGE, quality=90, optimize=True)  # 451 x 300, as shot
+    scene = Image.fromarray(data.rocket()).convert("RGBA")  # 640 x 427, as shot
+    alpha = Image.new("L", scene.size, 255)
+    alpha.paste(0, SCENE_REGION)
+    scene.putalpha(alpha)
+    images = {**dict(zip(PERSON_IMAGES, views)),
+              PET_IMAGE: Image.fromarray(data.chelsea()),  # 451 x 300, as shot
+              MAN_IMAGE: Image.fromarray(data.camera()),  # 512 x 512, grey
+              SCENE_IMAGE: scene}
+    for name in missing:  # the others are kept as they are
+        images[name].save(folder / name, optimize=True, **({"quality": 90} if name.endswith(".jpg") else {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,12 +226,16 @@ XD = XC + WIDTH_C + GAP_X
 XE = XD + WIDTH_D + GAP_X
 # The nodes' heights (their widths are the column's).
 CHECKPOINT_H, CLIP_VISION_H, ENCODER_H, PHOTO_H = 100, 60, 90, 340
+SQUARE_PHOTO_H = 400  # a square photo with a node below it: Nodes 2.0 draws it taller than PHOTO_H
 PHOTO_ROW_WIDTH = 240  # photos side by side
 ENCODE_H = 190
-APPLY_H, APPLY_LINKED_H = 350, 270
+APPLY_H, APPLY_LINKED_H = 390, 310
 PROMPT_H, NEGATIVE_H, LATENT_H = 130, 140, 120
 SAMPLER_H, DECODE_H, SAVE_H = 280, 60, 380
 BATCH_H = 80
+UNET_H, SCALE_H, INPAINT_H = 100, 100, 160  # Load Diffusion Model, Upscale Image By, InpaintModelConditioning
+SOLID_MASK_H, COMPOSITE_H, INVERT_H = 130, 150, 60  # the two-people regions
+CAPTURE_H, MAPS_H, QUERY_MAPS_H, MAP_SAVE_H = 150, 170, 90, 320  # seeing inside
 # The notes: "Read me" and "Models" side by side above the graph, both in view as the workflow opens. Their
 # heights (given per workflow) hold their text in 1.32's Nodes 2.0, which draws it at 14 px (10 px elsewhere).
 NOTE_GAP = 40
@@ -232,15 +258,15 @@ Get the files the **Models** note lists and press **Run**; then load your own ph
 ideally on white). The example photos are in the pack's workflows/input folder.
 
 **Apply Nested Attention** binds the photo to one word of the prompt (*token*), so the rest of the prompt keeps
-its meaning; its CONDITIONING is the KSampler's positive prompt. λ = 1 is as trained; higher gives a stronger
+its meaning; its CONDITIONING is the positive prompt. λ = 1 is as trained; higher gives a stronger
 likeness and less of the rest of the prompt. With IP-Adapter Plus files as encoders (quality not yet measured),
 try λ 1 to 3.
 {extra}"""
 
 
-def _models_note(encoders: list[str]) -> str:
-    """What to download: the files the loaders name (the Missing Models list offers them too), then the
-    optional alternatives."""
+def _models_note(files: list[str]) -> str:
+    """What to download: the files the loaders name (the Missing Models list offers them too; `files` are the
+    ones beside the checkpoint and the CLIP vision file), then the optional alternatives."""
     def needed(name: str, what: str) -> str:
         return f"- {MODELS[name]['directory']}/**{name}**: [{what}]({MODELS[name]['url']})"
 
@@ -249,29 +275,33 @@ def _models_note(encoders: list[str]) -> str:
         needed(CHECKPOINT, "SDXL base 1.0") + ", or any SDXL checkpoint",
         needed(CLIP_VISION, "ViT-H/14 image encoder") + ": rename model.safetensors to this",
     ]
-    if IPADAPTER_FACE in encoders:
+    if IPADAPTER_FACE in files:
         lines.append(needed(IPADAPTER_FACE, "IP-Adapter Plus Face") + " (Apache-2.0), the person's encoder")
-    if IPADAPTER_PLUS in encoders:
+    if IPADAPTER_PLUS in files:
         lines.append(needed(IPADAPTER_PLUS, "IP-Adapter Plus") + " (Apache-2.0), the pet's encoder")
+    if SDXL_INPAINTING in files:
+        lines.append(needed(SDXL_INPAINTING, "SDXL inpainting UNet") + " (CreativeML Open RAIL++-M): rename "
+                     "diffusion_pytorch_model.fp16.safetensors to this; CLIP and VAE come from the "
+                     "checkpoint")
     optional = []
-    if IPADAPTER_FACE in encoders:
+    if IPADAPTER_FACE in files:
         optional.append(f"the authors' [face encoder]({AUTHORS_FACE_ENCODER['url']}) (CC BY-NC-SA 4.0, "
                         "non-commercial; not yet tried with this pack) in "
                         f"{AUTHORS_FACE_ENCODER['directory']}/")
-    if IPADAPTER_PLUS in encoders:
+    if IPADAPTER_PLUS in files:
         optional.append("a pet encoder you train (python -m training.run --domain pets) in nested_attention/")
     lines += ["", f"**Optional**, picked in Load Nested Encoder: {'; '.join(optional)}."]
     return "\n".join(lines)
 
 
-def _notes(g: Graph, height: int, about: str, encoders: list[str], extra: str = "") -> None:
+def _notes(g: Graph, height: int, about: str, files: list[str], extra: str = "") -> None:
     """The "Read me" note (what the workflow does, how to use it) and the "Models" note beside it, above the
     graph (which starts at y = 0)."""
     y = -(height + GAP_Y)
     g.node("MarkdownNote", (XA, y), title="Read me", size=(READ_ME_WIDTH, height),
            text=_read_me(about, extra).strip())
     g.node("MarkdownNote", (XA + READ_ME_WIDTH + NOTE_GAP, y), title="Models: what to download, where to put it",
-           size=(MODELS_WIDTH, height), text=_models_note(encoders))
+           size=(MODELS_WIDTH, height), text=_models_note(files))
 
 
 def _loaders(g: Graph) -> tuple[int, int]:
@@ -290,8 +320,8 @@ def _encoder(g: Graph, vision: int, encoder_file: str, pos: tuple, width: int = 
     return encoder
 
 
-def _photo(g: Graph, image: str, pos: tuple, title: str, width: int = WIDTH_A) -> int:
-    return g.node("LoadImage", pos, size=(width, PHOTO_H), image=image, title=title)
+def _photo(g: Graph, image: str, pos: tuple, title: str, width: int = WIDTH_A, height: int = PHOTO_H) -> int:
+    return g.node("LoadImage", pos, size=(width, height), image=image, title=title)
 
 
 def _encode(g: Graph, encoder: int, image: int, pos: tuple, title: str) -> int:
@@ -332,35 +362,36 @@ def _latent(g: Graph, pos: tuple, width: int = WIDTH_D) -> int:
     return g.node("EmptyLatentImage", pos, size=(width, LATENT_H), width=1024, height=1024, batch_size=1)
 
 
-def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: int, latent: int,
-             pos: tuple, *, seed: int = SEED, control: str = "randomize", title: str | None = None,
-             width: int = WIDTH_D) -> int:
+def _sampler(g: Graph, model: tuple[int, int], positive: tuple[int, int], negative: tuple[int, int],
+             latent: tuple[int, int], pos: tuple, *, seed: int = SEED, control: str = "randomize",
+             title: str | None = None, width: int = WIDTH_D) -> int:
+    """KSampler; its inputs are (node, output slot)."""
     sampler = g.node("KSampler", pos, title=title, size=(width, SAMPLER_H), seed=seed, control_after_generate=control,
                      steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
     g.link(model[0], model[1], sampler, "model")
     g.link(positive[0], positive[1], sampler, "positive")
-    g.link(negative, 0, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
+    g.link(negative[0], negative[1], sampler, "negative")
+    g.link(latent[0], latent[1], sampler, "latent_image")
     return sampler
 
 
 def _decode_save(g: Graph, sampler: int, ckpt: int, pos: tuple, *, prefix: str, title: str | None = None,
-                 width: int = WIDTH_E, save_height: int = SAVE_H) -> int:
-    """VAE Decode with Save Image below it; returns the Save Image node."""
+                 width: int = WIDTH_E, save_height: int = SAVE_H) -> tuple[int, int]:
+    """VAE Decode with Save Image below it; returns both nodes."""
     decode = g.node("VAEDecode", pos, size=(width, DECODE_H))
     g.link(sampler, 0, decode, "samples")
     g.link(ckpt, 2, decode, "vae")
     save = g.node("SaveImage", (pos[0], g.bottom(decode)), title=title, size=(width, save_height),
                   filename_prefix=prefix)
     g.link(decode, 0, save, "images")
-    return save
+    return decode, save
 
 
 def _sample_and_save(g: Graph, ckpt: int, model: tuple, positive: tuple, negative: int, prefix: str) -> None:
     """Columns D and E: KSampler with Empty Latent Image below it, VAE Decode and Save Image."""
     sampler_y = 0
     latent = _latent(g, (XD, sampler_y + SAMPLER_H + GAP_Y))
-    sampler = _sampler(g, model, positive, negative, latent, (XD, sampler_y))
+    sampler = _sampler(g, model, positive, (negative, 0), (latent, 0), (XD, sampler_y))
     _decode_save(g, sampler, ckpt, (XE, 0), prefix=prefix)
 
 
@@ -477,14 +508,168 @@ def lambda_sweep() -> Graph:
             g.link(prompt, 0, apply, "text")
             model, positive = (apply, 0), (apply, 1)
         sampler_y = APPLY_LINKED_H + GAP_Y
-        sampler = _sampler(g, model, positive, negative, latent, (x, sampler_y), seed=seed, control="fixed",
-                           title=f"KSampler ({label})", width=branch_width)
+        sampler = _sampler(g, model, positive, (negative, 0), (latent, 0), (x, sampler_y), seed=seed,
+                           control="fixed", title=f"KSampler ({label})", width=branch_width)
         tag = "reference" if lam is None else f"lambda_{lam:.1f}"
         _decode_save(g, sampler, ckpt, (x, g.bottom(sampler)), prefix=f"nested_attention/lambda_sweep_{tag}",
                      title=f"Save ({label})", width=branch_width, save_height=320)
     _notes(g, 260, "A λ sweep: likeness against prompt", [IPADAPTER_FACE], f"""
 One prompt, one fixed seed ({seed}); each branch to the right uses another λ, and the first samples the prompt
 without nested attention, for reference. Change the seed on all KSamplers together.""")
+    return g
+
+
+# ------------------------------------------------------------------------------------------------
+# The subject in the user's own photo (inpainting), two people in one image, the attention maps
+
+
+INPAINT_SCALE = 1.9  # the example scene (640 x 427) to about one megapixel, SDXL's native size
+
+
+def _person_into_photo(inpainting_model: bool) -> Graph:
+    """The person painted into the transparent (masked) region of a photo with ComfyUI's core inpainting path.
+
+    InpaintModelConditioning serves both kinds of checkpoint: it adds the noise mask to the photo's latent
+    (the sampler keeps everything outside the mask) and the masked photo as the conditioning's concat image,
+    which an inpainting UNet (9 input channels) reads and SDXL base ignores. VAE Encode (for Inpainting) greys
+    the region out before encoding (SDXL base then starts from grey and needs denoise 1), and Set Latent Noise
+    Mask gives an inpainting UNet no masked image.
+    """
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    model, above_encoder = (ckpt, 0), vision
+    if inpainting_model:  # the UNet from its own file; CLIP and VAE from the checkpoint
+        unet = g.node("UNETLoader", (XA, g.bottom(vision)), size=(WIDTH_A, UNET_H),
+                      title="Load Diffusion Model (SDXL inpainting)", unet_name=SDXL_INPAINTING,
+                      weight_dtype="default", properties={"models": [model_entry(SDXL_INPAINTING)]})
+        model, above_encoder = (unet, 0), unet
+    encoder = _encoder(g, vision, IPADAPTER_FACE, (XA, g.bottom(above_encoder)))
+    person = _photo(g, PERSON_IMAGES[0], (XA, g.bottom(encoder)), "person photo")
+    encode = _encode(g, encoder, person, (XB, 0), "person")
+    scene = _photo(g, SCENE_IMAGE, (XB, g.bottom(encode)), "photo to paint into", width=WIDTH_B)
+    scale = g.node("ImageScaleBy", (XB, g.bottom(scene)), size=(WIDTH_B, SCALE_H),
+                   title="Upscale Image By (~1 MP)", upscale_method="lanczos", scale_by=INPAINT_SCALE)
+    g.link(scene, 0, scale, "image")
+    apply = _apply(g, model, ckpt, encode, (XC, 0), token="person",
+                   text="a photo of a person in a white spacesuit standing in front of a rocket on the "
+                        "launch pad at dusk, detailed")
+    g.link(scene, 1, apply, "mask")
+    negative = _negative(g, ckpt, (XC, g.bottom(apply)))
+    inpaint = g.node("InpaintModelConditioning", (XD, 0), size=(WIDTH_D, INPAINT_H), noise_mask=True)
+    g.link(apply, 1, inpaint, "positive")
+    g.link(negative, 0, inpaint, "negative")
+    g.link(ckpt, 2, inpaint, "vae")
+    g.link(scale, 0, inpaint, "pixels")
+    g.link(scene, 1, inpaint, "mask")
+    sampler = _sampler(g, (apply, 0), (inpaint, 0), (inpaint, 1), (inpaint, 2), (XD, g.bottom(inpaint)))
+    name = "person_into_photo_inpainting_model" if inpainting_model else "person_into_photo"
+    _decode_save(g, sampler, ckpt, (XE, 0), prefix=f"nested_attention/{name}")
+    checkpoint = ("an SDXL **inpainting** UNet in **Load Diffusion Model** (9 input channels: it also reads "
+                  "the mask and the masked photo), CLIP and VAE from SDXL base" if inpainting_model else
+                  "SDXL base (any SDXL checkpoint)")
+    _notes(g, 400 if inpainting_model else 380, "One person painted into your own photo (inpainting)",
+           [IPADAPTER_FACE, SDXL_INPAINTING] if inpainting_model else [IPADAPTER_FACE], f"""
+The **photo** is painted only where it is transparent (Load Image's MASK; paint your own with right-click ->
+*Open in MaskEditor*); the rest is kept. The model: {checkpoint}. **InpaintModelConditioning** keeps the
+photo's latent outside the mask and gives the model the masked photo. The same MASK on **Apply Nested
+Attention** confines the person to the region. **Upscale Image By** brings the photo to about one megapixel
+(set it for your photo; the mask follows).""")
+    return g
+
+
+def person_into_photo() -> Graph:
+    return _person_into_photo(inpainting_model=False)
+
+
+def person_into_photo_inpainting_model() -> Graph:
+    return _person_into_photo(inpainting_model=True)
+
+
+def two_people_left_and_right() -> Graph:
+    """A man and a woman from one face encoder and two photos, each on its own word and its own half."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    faces = _encoder(g, vision, IPADAPTER_FACE, (XA, g.bottom(vision)))
+    man_photo = _photo(g, MAN_IMAGE, (XA, g.bottom(faces)), "man photo", height=SQUARE_PHOTO_H)
+    man = _encode(g, faces, man_photo, (XB, 0), "man")
+    woman_photo = _photo(g, PERSON_IMAGES[0], (XB, g.bottom(man)), "woman photo", width=WIDTH_B,
+                         height=SQUARE_PHOTO_H)
+    woman = _encode(g, faces, woman_photo, (XB, g.bottom(woman_photo)), "woman")
+    # The regions, under the photos: a black canvas of the image's size with its left half set white, and
+    # its inverse.
+    regions_y = max(g.bottom(man_photo), g.bottom(woman))
+    canvas = g.node("SolidMask", (XA, regions_y), size=(WIDTH_A, SOLID_MASK_H), title="canvas (image size)",
+                    value=0.0, width=1024, height=1024)
+    half = g.node("SolidMask", (XA, g.bottom(canvas)), size=(WIDTH_A, SOLID_MASK_H), title="half (width / 2)",
+                  value=1.0, width=512, height=1024)
+    left = g.node("MaskComposite", (XB, regions_y), size=(WIDTH_B, COMPOSITE_H), title="left half", x=0, y=0,
+                  operation="add")
+    g.link(canvas, 0, left, "destination")
+    g.link(half, 0, left, "source")
+    right = g.node("InvertMask", (XB, g.bottom(left)), size=(WIDTH_B, INVERT_H), title="right half")
+    g.link(left, 0, right, "mask")
+    prompt = g.node("PrimitiveStringMultiline", (XC, 0), title="Prompt (shared by both Apply nodes)",
+                    size=(WIDTH_C, PROMPT_H),
+                    value="a photo of a man and a woman sitting side by side on a park bench, autumn, "
+                          "soft light")
+    apply_man = _apply(g, (ckpt, 0), ckpt, man, (XC, g.bottom(prompt)), text=None, token="man",
+                       title="Apply Nested Attention: man, left")
+    apply_woman = _apply(g, (apply_man, 0), ckpt, woman, (XC, g.bottom(apply_man)), text=None, token="woman",
+                         title="Apply Nested Attention: woman, right")
+    for apply, region in ((apply_man, left), (apply_woman, right)):
+        g.link(prompt, 0, apply, "text")
+        g.link(region, 0, apply, "mask")
+    negative = _negative(g, ckpt, (XD, SAMPLER_H + GAP_Y + LATENT_H + GAP_Y), width=WIDTH_D)
+    _sample_and_save(g, ckpt, (apply_woman, 0), (apply_woman, 1), negative, "nested_attention/two_people")
+    _notes(g, 330, "Two people, left and right", [IPADAPTER_FACE], """
+One face encoder, two photos: each **Apply** node binds one photo to its own word of the shared prompt
+(*man*, *woman*) and, through its **mask**, to its own half of the image, so the two identities do not blend.
+The halves are core mask nodes (**Solid Mask**, **Mask Composite**, **Invert Mask**): keep the canvas the size
+of the latent when you change the image size. Other words work too (each once in the prompt); or set *region*
+to auto on both Apply nodes instead of masks.""")
+    return g
+
+
+def see_where_the_subject_goes() -> Graph:
+    """One person from one photo, with the attention maps: Capture Nested Attention between the Apply node and
+    the KSampler, Nested Attention Maps after decoding, and Subject Query Maps from the Encode node."""
+    g = Graph()
+    ckpt, vision = _loaders(g)
+    encode = _subject(g, vision, IPADAPTER_FACE, PERSON_IMAGES[0], y=g.bottom(vision), title="person")
+    queries = g.node("NestedAttentionQueryMaps", (XB, g.bottom(encode)), size=(WIDTH_B, QUERY_MAPS_H),
+                     count=16)
+    g.link(encode, 0, queries, "subject")
+    saved = g.node("SaveImage", (XB, g.bottom(queries)), size=(WIDTH_B, MAP_SAVE_H), title="Save query maps",
+                   filename_prefix="nested_attention/see_where_queries")
+    g.link(queries, 0, saved, "images")
+    apply = _apply(g, (ckpt, 0), ckpt, encode, (XC, 0), token="person",
+                   text="a photo of a person walking a dog through an autumn forest, morning light")
+    negative = _negative(g, ckpt, (XC, g.bottom(apply)))
+    capture = g.node("NestedAttentionCapture", (XD, 0), size=(WIDTH_D, CAPTURE_H), start_percent=0.0,
+                     end_percent=1.0, sources=True)
+    g.link(apply, 0, capture, "model")
+    sampler_y = g.bottom(capture)
+    latent = _latent(g, (XD, sampler_y + SAMPLER_H + GAP_Y))
+    sampler = _sampler(g, (capture, 0), (apply, 1), (negative, 0), (latent, 0), (XD, sampler_y))
+    decode, save = _decode_save(g, sampler, ckpt, (XE, 0), prefix="nested_attention/see_where")
+    # The maps below the sampler and the image: they read the capture and the decoded image.
+    maps_y = max(g.bottom(latent), g.bottom(save))
+    maps = g.node("NestedAttentionMaps", (XD, maps_y), size=(WIDTH_D, MAPS_H), points="", top_tokens=5,
+                  normalize="peak")
+    g.link(capture, 1, maps, "capture")
+    g.link(decode, 0, maps, "image")
+    y = maps_y
+    for output, name in enumerate(("placement", "sources")):
+        map_save = g.node("SaveImage", (XE, y), size=(WIDTH_E, MAP_SAVE_H), title=f"Save {name} map",
+                          filename_prefix=f"nested_attention/see_where_{name}")
+        g.link(maps, output, map_save, "images")
+        y = g.bottom(map_save)
+    _notes(g, 360, "See where the subject goes", [IPADAPTER_FACE], """
+**Capture Nested Attention** (between Apply and the KSampler) records the run; the image is exactly the same.
+**Nested Attention Maps**: *placement* tints where the word *person* took the attention (stronger = more);
+*sources* marks the 3 strongest places (or your *points*, x,y fractions) and shows which subject tokens were
+read there and where they come from in the photo. **Subject Query Maps**: where each query of the encoder
+looks in the photo, no sampling needed.""")
     return g
 
 
@@ -499,7 +684,16 @@ WORKFLOWS = {
     f"{TEMPLATE_PREFIX}person from several photos": person_several_photos,
     f"{TEMPLATE_PREFIX}person and pet in one picture": person_and_pet,
     f"{TEMPLATE_PREFIX}likeness vs prompt, lambda sweep": lambda_sweep,
+    f"{TEMPLATE_PREFIX}person into a photo, inpainting": person_into_photo,
+    f"{TEMPLATE_PREFIX}person into a photo, SDXL inpainting model": person_into_photo_inpainting_model,
+    f"{TEMPLATE_PREFIX}two people, left and right": two_people_left_and_right,
+    f"{TEMPLATE_PREFIX}see where the subject goes": see_where_the_subject_goes,
 }
+
+
+def workflow_name(make) -> str:
+    """The file name (without .json) of the workflow `make` builds."""
+    return next(name for name, maker in WORKFLOWS.items() if maker is make)
 
 # Runs in the page: the saved view, OPEN_SCALE on the graph's top-left corner (the notes) at the reference
 # window's margins (left, top).
@@ -571,7 +765,7 @@ _PICTURE_MODE_JS = "window.app.extensionManager.focusMode = %s; window.app.canva
 def _readme_picture(frontend, margins: tuple, path: Path) -> None:
     """The README's picture: one workflow as the frontend draws it at its default settings, the whole graph
     in view and the menus hidden (focus mode)."""
-    name = next(name for name, make in WORKFLOWS.items() if make is person_one_photo)
+    name = workflow_name(person_one_photo)
     frontend.load_workflow(build(frontend, name), name)
     frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'true'} }}")
     frontend.fit_view(margins)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# probe(index, probs): see `nested_attention`.
+Probe = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ def nested_attention(
     heads: int,
     rows: Optional[torch.Tensor] = None,
     attention: Attention = sdpa_attention,
+    base: torch.Tensor | None = None,
+    probe: Probe | None = None,
 ) -> torch.Tensor:
     """Cross-attention with the subjects' nested values, (B, N, D) x (B, T, D) -> (B, N, D).
 
@@ -153,8 +157,14 @@ def nested_attention(
     unchanged. Rows on the CPU avoid a device sync. attention(q, k, v, heads) is the host's plain
     attention; base rows come from it. It must return a new tensor: without autograd recording
     (sampling), the subject rows are updated in it in place.
+    base: the output of the plain attention when the caller has it already (another pack's attn2 patch
+    computed it: `NestedAttentionPatch`); used instead of calling `attention`, and written like it.
+    probe: optional probe(index, probs), called once per subject (index into `subjects`) with probs
+    (B_rows, h, N) float32: the subject word's attention probability after lambda and the region weight
+    (P'), summed over the subject's positions, for the rows worked on. Only reads; None costs nothing.
     """
-    base = attention(q, k, v, heads)
+    if base is None:
+        base = attention(q, k, v, heads)
     if not subjects:
         return base
     if len(subjects) > 1 and all(s.positions.device.type == "cpu" for s in subjects):
@@ -175,9 +185,9 @@ def nested_attention(
     chosen = [_select_rows(s, take) for s in subjects]
     if isinstance(picked, tuple) and (inplace or (a, z) == (0, q.shape[0])):
         # The rows' slice of base is updated in place (or is all of it, out of place).
-        out = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, inplace)
+        out = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, inplace, probe)
         return base if inplace and (a, z) != (0, q.shape[0]) else out
-    sub = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, inplace=False)
+    sub = _nested_rows(take(q), take(k), take(v), take(base), chosen, heads, False, probe)
     if isinstance(picked, tuple):
         return torch.cat([base[:a], sub, base[z:]])
     return base.index_copy(0, picked, sub)
@@ -185,7 +195,7 @@ def nested_attention(
 
 def _nested_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: torch.Tensor,
-    subjects: Sequence[NestedSubject], heads: int, inplace: bool,
+    subjects: Sequence[NestedSubject], heads: int, inplace: bool, probe: Probe | None = None,
 ) -> torch.Tensor:
     """base (B, N, D) plus every subject's terms; written into `base` when `inplace`.
 
@@ -234,6 +244,9 @@ def _nested_rows(
         out = out.mul_(r) if owned else out * r
         owned = True
 
+    if probe is not None:
+        for index, pa in enumerate(p_adj):
+            probe(index, pa.sum(dim=-1))  # (B, h, N)
     for s, pos, w, pp, pa in zip(subjects, positions, weights, p_plain, p_adj):
         key, value = s.key.to(q.device, q.dtype), s.value.to(q.device, q.dtype)
         if key.dim() == 2:  # shared by every row: expand is a view, not a copy

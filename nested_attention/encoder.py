@@ -43,13 +43,20 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, return_attention: bool = False):
+        """(B, L, dim), (B, M, dim) -> (B, M, dim); with return_attention also the attention weights
+        (B, heads, M, L + M) over [image tokens, latents], computed in the open (not by the fused kernel)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, dim_head)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        if return_attention:
+            weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, heads, M, L + M)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, dim_head)
+        out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return (out, weights) if return_attention else out
 
 
 @dataclass
@@ -83,13 +90,22 @@ class QFormer(nn.Module):
         self.proj_out = nn.Linear(c.dim, c.output_dim)
         self.norm_out = nn.LayerNorm(c.output_dim)
 
-    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, clip_tokens: torch.Tensor, return_attention: bool = False):
+        """CLIP tokens (B, L, clip_dim) -> E (B, M, output_dim); with return_attention also each block's
+        attention weights: `depth` tensors (B, heads, M, L + M), query j over [image tokens, latents]."""
         media = self.proj_in(clip_tokens)  # (B, L, dim)
         latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)  # (B, M, dim)
+        maps = []
         for attn, ff in self.blocks:
-            latents = latents + attn(media, latents)
+            if return_attention:
+                out, weights = attn(media, latents, return_attention=True)
+                maps.append(weights)
+            else:
+                out = attn(media, latents)
+            latents = latents + out
             latents = latents + ff(latents)
-        return self.norm_out(self.proj_out(latents))
+        tokens = self.norm_out(self.proj_out(latents))
+        return (tokens, maps) if return_attention else tokens
 
 
 # ClipVisionSpec.hidden_layer -> the key of ComfyUI's encode_image output holding those tokens.
@@ -206,9 +222,13 @@ class NestedEncoder(nn.Module):
     def layers(self) -> tuple[LayerSpec, ...]:
         return self.config.layers
 
-    def encode(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        """CLIP tokens (B, L, clip_dim) of `config.clip_vision.hidden_layer` -> subject tokens E (B, M, output_dim)."""
-        return self.qformer(clip_tokens)
+    def encode(self, clip_tokens: torch.Tensor, return_attention: bool = False):
+        """CLIP tokens (B, L, clip_dim) of `config.clip_vision.hidden_layer` -> subject tokens E (B, M, D).
+
+        return_attention: also the Q-Former's attention weights per block (see `QFormer.forward`), for
+        showing which part of the photo each query reads (nested_attention.capture.query_maps).
+        """
+        return self.qformer(clip_tokens, return_attention=return_attention)
 
     def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K~ and V~ of layer number `layer` (an index into `layers`) for subject tokens E."""

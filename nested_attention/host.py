@@ -11,6 +11,8 @@ tokenizer stream, and install the same patch: what is trained is what runs.
 - CLIP vision: `clip_vision_spec`, `check_clip_vision`, `load_clip_vision`.
 - The subject word in ComfyUI's tokenizer: `subject_stream`, `word_token_ids`, `word_positions`,
   `locate_word` -> `TokenLocation`. The matching rule itself is the core's `nested_attention.tokens`.
+- Per sampling run: `sigma_window`, `add_capture`, `add_auto_regions` (ComfyUI's OUTER_SAMPLE wrapper
+  `SamplingRunWrapper` makes each run's `nested_attention.capture.SamplingRun`).
 
 Errors are ValueError subclasses whose messages are written for the person at the graph.
 """
@@ -18,6 +20,7 @@ Errors are ValueError subclasses whose messages are written for the person at th
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -25,8 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 import comfy.clip_vision
 import comfy.ldm.modules.attention
 import comfy.model_base
+import comfy.model_patcher
+import comfy.patcher_extension
 import torch
 
+from .capture import AUTO_MEASURE, RUN_KEY, AutoRegions, Capture, CaptureSink, SamplingRun, Window, token_grid
 from .encoder import ClipVisionSpec
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
 from .patch import NestedAttentionPatch, SubjectBinding
@@ -95,24 +101,24 @@ def attn2_patches(
     """Per layer key, the `NestedAttentionPatch` that carries `bindings` with ComfyUI's attention as host.
 
     layers: the UNet's cross-attention layers in the encoder's order (the index into its projections).
-    existing: the model's current attn2 replace patches; a NestedAttentionPatch there gets the bindings
-        added (chained subjects), anything else is another pack's patch and is refused.
+    existing: the model's current attn2 replace patches. A NestedAttentionPatch there gets the bindings
+        added (chained subjects, around the same wrapped patch, if any); another pack's patch (IPAdapter_plus,
+        InstantID, PuLID) is wrapped as it is: it computes the base and the nested terms are added.
     models: ModelPatchers ComfyUI should load with the UNet (the encoder's), listed by each patch.
     """
     existing = existing or {}
     patches = {}
     for index, layer in enumerate(layers):
         patch = existing.get(layer.key)
-        if patch is None:
-            patch = NestedAttentionPatch(layer, index, list(bindings), comfy_attention, list(models))
-        elif isinstance(patch, NestedAttentionPatch):  # a chained subject: a new patch, the old one untouched
+        if isinstance(patch, NestedAttentionPatch):  # a chained subject: a new patch, the old one untouched
             patch = patch.with_subjects(bindings, models)
+        elif patch is None or callable(patch):
+            patch = NestedAttentionPatch(layer, index, list(bindings), comfy_attention, list(models), wrapped=patch)
         else:
             raise NestedApplyError(
-                f"cross-attention layer {layer.key} of this model is already replaced by another node "
-                f"({type(patch).__module__}.{type(patch).__qualname__}). Nested attention cannot share "
-                "a layer with it: remove that node from this model's chain, or apply nested attention to a "
-                "model without it."
+                f"cross-attention layer {layer.key} of this model holds a {type(patch).__module__}."
+                f"{type(patch).__qualname__} where ComfyUI expects an attn2 patch, something called with "
+                "(q, k, v, extra_options). The node that set it is broken; remove it from this model's chain."
             )
         patches[layer.key] = patch
     return patches
@@ -128,11 +134,12 @@ def install_subject(
 ) -> None:
     """Add `binding` to every cross-attention layer of `model`, an already-cloned ModelPatcher.
 
-    Raises NestedApplyError, before changing anything, when another pack's attn2 patch holds one of the
-    layers.
+    Another pack's attn2 patch on a layer is wrapped (see `attn2_patches`), never changed.
     """
     for key, patch in attn2_patches(layers, [binding], existing=attn2_replacements(model), models=models).items():
         model.set_model_attn2_replace(patch, *key)
+    if binding.auto_region:
+        add_auto_regions(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,6 +196,85 @@ def load_clip_vision(path: str) -> Any:
     if clip_vision is None:
         raise NestedEncoderLoadError(f"{path} is not a CLIP vision model ComfyUI can load; replace the file.")
     return clip_vision
+
+
+# ------------------------------------------------------------------------------------------------
+# Per sampling run: capture and auto regions
+#
+# What a run observes lives in a `SamplingRun` made for that run only, never on a patch (patches are shared
+# between model clones from ComfyUI 0.14 on). ComfyUI calls a ModelPatcher's OUTER_SAMPLE wrappers once per
+# run of the sampler (CFGGuider.sample, which has already copied model_options for the run); ours puts the
+# run in transformer_options[RUN_KEY], which reaches every attn2 patch as extra_options[RUN_KEY].
+
+RUN_WRAPPER_CAPTURE = "nested_attention_capture"  # wrapper keys on a ModelPatcher
+RUN_WRAPPER_AUTO = "nested_attention_auto_region"
+
+
+def sigma_window(model: Any, start_percent: float, end_percent: float) -> Window:
+    """start/end percent of sampling as a sigma range, with the model's own schedule. From 0, the range is
+    open-ended, so that the whole schedule never needs sigma read back from the device."""
+    sampling = model.get_model_object("model_sampling")
+    return Window(math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
+                  float(sampling.percent_to_sigma(end_percent)))
+
+
+class SamplingRunWrapper:
+    """ComfyUI OUTER_SAMPLE wrapper: a fresh SamplingRun for each run of the sampler, for the patches to find.
+
+    capture: (window, sink, sources): observe that part of sampling (with the token weights when `sources`) and
+    publish the result to the sink when the run ends. auto: set up `region: auto` for the run. The wrapper holds nothing a run changes; clones of a model
+    share it (ModelPatcher.clone copies the wrapper lists, not the wrappers).
+    """
+
+    def __init__(self, *, capture: tuple[Window, CaptureSink, bool] | None = None, auto: bool = False):
+        self.capture = capture
+        self.auto = auto
+
+    def __call__(self, executor: Any, noise: torch.Tensor, latent_image: torch.Tensor, sampler: Any,
+                 sigmas: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        guider = executor.class_obj
+        saved = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(saved)  # this run's alone
+        options = guider.model_options.setdefault("transformer_options", {})
+        run = options.get(RUN_KEY)  # made by the first of our wrappers in this run
+        if run is None:
+            run = options[RUN_KEY] = SamplingRun(batch=int(noise.shape[0]), latent=tuple(noise.shape[-2:]))
+        if self.auto and run.auto is None:
+            steps = int(sigmas.shape[-1]) - 1
+            measured = min(steps, max(1, round(AUTO_MEASURE * steps)))  # the first steps, at least one
+            run.auto = AutoRegions(float(sigmas[max(0, measured)]), run.batch)
+        capture = None
+        if self.capture is not None:
+            window, _, sources = self.capture
+            capture = Capture(window, token_grid(run.latent), run.batch, sources)
+            run.captures.append(capture)
+        try:
+            samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            guider.model_options = saved
+        if capture is not None:
+            regions = None if run.auto is None else run.auto.regions
+            self.capture[1].publish(capture.result(run.latent, regions))
+        return samples
+
+    def __deepcopy__(self, memo: dict) -> SamplingRunWrapper:
+        return self  # holds no per-run state; the sink must stay the capture node's
+
+
+def add_capture(model: Any, sink: CaptureSink, window: Window | None = None, sources: bool = True) -> None:
+    """Observe `window` (default: all) of every sampling run of `model`, an already-cloned ModelPatcher, into
+    `sink`; `sources`: also the token weights (the source map), which cost more than nested attention does."""
+    window = Window() if window is None else window
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_CAPTURE,
+                               SamplingRunWrapper(capture=(window, sink, sources)))
+
+
+def add_auto_regions(model: Any) -> None:
+    """Let the subjects bound with `auto_region` find their regions in every sampling run of `model` (an
+    already-cloned ModelPatcher); once per model, however many subjects are auto. install_subject calls it."""
+    if not model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_AUTO):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_AUTO,
+                                   SamplingRunWrapper(auto=True))
 
 
 # ------------------------------------------------------------------------------------------------

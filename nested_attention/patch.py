@@ -10,6 +10,13 @@ call `.to(device)` on a patch shared by several models from worker threads, one 
 The nodes and the trainer install this same class, so what is trained is what runs. No ComfyUI import:
 the host's plain attention is passed in (ComfyUI's `optimized_attention`), which keeps rows without a
 subject bit-identical.
+
+Another pack's attn2 patch on the same layer (IPAdapter_plus, InstantID, PuLID: called `(q, k, v,
+extra_options)`, they return the plain attention PV plus their own term X, which has its own softmax) is
+wrapped, never changed: it computes the base and the nested terms are added to it, keeping X as it is at
+every lambda (docs/ARCHITECTURE.md §3, "On top of another pack's patch"). Those packs add themselves to
+whatever object holds a layer with `.add(...)`; ours refuses with `NestedOrderError`, since it never
+changes once set.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import NestedSubject, check_positions, nested_attention, sdpa_attention
+from .capture import RUN_KEY, layer_grid
 from .encoder import NestedEncoder
 from .layers import LayerSpec
 
@@ -31,6 +39,10 @@ HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], 
 
 class NestedAttentionError(RuntimeError):
     """Raised inside sampling when the conditioning does not match what a subject was bound to."""
+
+
+class NestedOrderError(ValueError):
+    """Another pack's node tried to add itself to a nested attention patch (it must come before Apply)."""
 
 
 def plain_host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict) -> torch.Tensor:
@@ -48,6 +60,11 @@ class SubjectBinding:
     mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
     cache: whether K~/V~ are kept per (layer, device, dtype); off when tokens carry gradients.
+    auto_region: the region is found during sampling from the word's own attention (`region: auto`,
+        nested_attention.capture); needs the per-run state of `host.add_auto_regions` (which
+        `host.install_subject` adds). Never with a mask.
+    source: what the binding was made from (the nodes' Subject), opaque here; kept so that the attention
+        maps can be drawn on the subject's photos.
 
     One binding is shared by every model it was applied to (a chained model and its parent), possibly
     sampling on different GPUs at once. Its caches only ever hold values computed from the fields above
@@ -67,6 +84,8 @@ class SubjectBinding:
     rows: Optional[torch.Tensor] = None
     cache: bool = True
     name: str = "subject"
+    auto_region: bool = False
+    source: Any = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _positions: dict = field(default_factory=dict, repr=False)
@@ -80,6 +99,8 @@ class SubjectBinding:
             raise ValueError(
                 f"subject positions {outside} lie outside the prompt's {self.prompt_tokens} tokens; locate the "
                 "word in the same tokenized prompt whose length is given.")
+        if self.auto_region and self.mask is not None:
+            raise ValueError(f"'{self.name}' has both a mask and region auto; give one or the other.")
 
     @property
     def sort_key(self) -> tuple:
@@ -164,12 +185,8 @@ class SubjectBinding:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
         if self.mask is None:
             return None
-        if activations_shape is not None and activations_shape[-1] * activations_shape[-2] == n:
-            h, w = int(activations_shape[-2]), int(activations_shape[-1])
-        else:  # no shape from the host: assume the mask's aspect ratio
-            ratio = self.mask.shape[-2] / self.mask.shape[-1]
-            w = round(math.sqrt(n / ratio))
-            h = n // w
+        # Without a shape from the host: assume the mask's aspect ratio.
+        h, w = layer_grid(activations_shape, n, self.mask.shape[-2] / self.mask.shape[-1])
         key = (h, w, device)
         found = self._masks.get(key)
         if found is None:
@@ -202,49 +219,109 @@ def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]]) -> tor
 
 
 class NestedAttentionPatch:
-    """ComfyUI attn2 replace patch for one layer; holds the subjects bound to this model."""
+    """ComfyUI attn2 replace patch for one layer; holds the subjects bound to this model.
+
+    wrapped: another pack's attn2 patch that held the layer before (None when there was none). It is
+    called for the base attention and kept as it is: this patch never changes or copies it.
+    """
 
     def __init__(self, layer: LayerSpec, index: int, subjects: Sequence[SubjectBinding] = (),
-                 host_attention: HostAttention = plain_host_attention, models: Sequence[Any] = ()):
+                 host_attention: HostAttention = plain_host_attention, models: Sequence[Any] = (),
+                 wrapped: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None):
         self.layer = layer
         self.index = index  # position of this layer in the encoders' layer tables
         self.subjects = tuple(sorted(subjects, key=lambda s: s.sort_key))  # never changed: see the module doc
         self.host_attention = host_attention
         self._models = tuple(models)  # ModelPatchers ComfyUI should load with the UNet
+        self.wrapped = wrapped
+        self._auto = any(s.auto_region for s in self.subjects)
 
-    def with_subjects(self, subjects: Sequence[SubjectBinding], models: Sequence[Any] = ()) -> "NestedAttentionPatch":
+    def _remade(self, subjects: Sequence[SubjectBinding], models: Sequence[Any], wrapped: Any) -> NestedAttentionPatch:
+        return NestedAttentionPatch(self.layer, self.index, subjects, self.host_attention, models, wrapped)
+
+    def with_subjects(self, subjects: Sequence[SubjectBinding], models: Sequence[Any] = ()) -> NestedAttentionPatch:
         """A new patch with `subjects` added (chaining); this one is left as it is, for the upstream model."""
         models = (*self._models, *(m for m in models if m not in self._models))
-        return NestedAttentionPatch(self.layer, self.index, [*self.subjects, *subjects], self.host_attention, models)
+        return self._remade([*self.subjects, *subjects], models, self.wrapped)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        host = self.host_attention
         sigmas = extra_options.get("sigmas")
         active = [s for s in self.subjects if s.active(sigmas)]
+        theirs = None if self.wrapped is None else self.wrapped(q, k, v, extra_options)
+
+        def attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, heads_: int) -> torch.Tensor:
+            return self.host_attention(q_, k_, v_, heads_, extra_options)
+
         if not active:
-            return host(q, k, v, heads, extra_options)
-        rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"))
+            return attention(q, k, v, heads) if theirs is None else theirs
+        rows = conditional_rows(q.shape[0], extra_options.get("cond_or_uncond"))  # on the CPU: no device sync
+        if theirs is not None and not rows.any():
+            return theirs
         nested = [s.nested_subject(self.index, q, k.shape[1], extra_options) for s in active]
-        return nested_attention(q, k, v, nested, heads=heads, rows=rows,
-                                attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
+        run = extra_options.get(RUN_KEY)  # this sampling run's observers (nested_attention.capture), or None
+        if self._auto and (run is None or run.auto is None):
+            raise NestedAttentionError(
+                "nested attention: a subject has region auto, which is found while ComfyUI's sampler runs, "
+                "but this call comes without the sampler's per-run state. Sample with a KSampler or a "
+                "SamplerCustom node (or, in code, install the subject with host.install_subject).")
+        probe = None
+        if run is not None:
+            nested, probe = run.layer(active, nested, q, rows, heads, extra_options)
+        if theirs is None or all(s.scale == 1.0 for s in active):
+            # With lambda = 1, r = Z / Z' = 1: the efficient form adds the nested terms to its base as they
+            # are, so the other pack's output (PV + X) serves as the base and X passes through unchanged.
+            return nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=theirs,
+                                    probe=probe)
+        # lambda > 1 scales the base by r, which must not reach X (it has its own softmax): nested(PV) + X,
+        # with X = theirs - PV from one more plain attention over the text tokens.
+        plain = attention(q, k, v, heads)
+        own = theirs - plain  # X, taken before the core updates `plain` in place
+        out = own.add_(nested_attention(q, k, v, nested, heads=heads, rows=rows, attention=attention, base=plain,
+                                        probe=probe))
+        if rows.all():
+            return out
+        # Rows without the subject (CFG's unconditional half) keep the other pack's output bit for bit.
+        return torch.where(rows.to(q.device, non_blocking=True)[:, None, None], out, theirs)
+
+    def add(self, callback: Any, **kwargs: Any) -> None:
+        """What IPAdapter_plus, InstantID and PuLID call on a layer's patch when their node comes after ours."""
+        # ComfyUI names a custom node pack's modules by their path: keep only the pack's folder on.
+        module = str(getattr(callback, "__module__", "?")).replace("\\", "/").rsplit("/", 1)[-1]
+        name = f"{module}.{getattr(callback, '__qualname__', type(callback).__name__)}"
+        raise NestedOrderError(
+            f"a node applied after Apply Nested Attention tried to add its attention ({name}) to the nested "
+            f"attention patch on cross-attention layer {self.layer.key}. Nested attention patches never change "
+            "once set, so they cannot take it. Put IPAdapter, InstantID and PuLID nodes before Apply Nested "
+            "Attention (Load Checkpoint -> IPAdapter -> Apply Nested Attention -> KSampler): nested attention "
+            "then builds on their patch and keeps their effect."
+        )
 
     # ComfyUI protocol. Up to 0.13, clone() deep-copies model_options: share everything heavy. From 0.14
     # on, clone() shares this object instead, which is why nothing here changes after __init__.
-    def __deepcopy__(self, memo: dict) -> "NestedAttentionPatch":
-        return NestedAttentionPatch(self.layer, self.index, list(self.subjects), self.host_attention, self._models)
+    def __deepcopy__(self, memo: dict) -> NestedAttentionPatch:
+        """A new patch with the same subjects and the same wrapped patch.
 
-    def to(self, device: torch.device | torch.dtype) -> "NestedAttentionPatch":
+        The wrapped patch is shared, not deep-copied: that is what ComfyUI from 0.14 on does with every patch,
+        so both hosts run the same objects; nothing reaches it through this patch to change it (`add` is
+        refused); and a deep copy would copy the other pack's model and embeddings on every clone
+        (IPAdapter_plus keeps them in its patch).
+        """
+        return self._remade(list(self.subjects), self._models, self.wrapped)
+
+    def to(self, device: torch.device | torch.dtype) -> NestedAttentionPatch:
         """Called by ComfyUI when the UNet moves; caches for other devices are dropped to free memory.
 
         ComfyUI's model_load also calls it with the model's dtype (model_patches_to(model_dtype())):
-        caches are kept per dtype already, so a dtype needs nothing.
+        caches are kept per dtype already, so a dtype needs nothing here. The wrapped patch gets both calls;
+        ComfyUI puts what `to` returns in place of the patch, so where the wrapped one returns another object,
+        so does this one (a new patch around it).
         """
-        if isinstance(device, torch.dtype):
-            return self
-        for s in self.subjects:
-            s.drop_cache(keep_device=device)
-        return self
+        wrapped = self.wrapped.to(device) if hasattr(self.wrapped, "to") else self.wrapped
+        if not isinstance(device, torch.dtype):
+            for s in self.subjects:
+                s.drop_cache(keep_device=device)
+        return self if wrapped is self.wrapped else self._remade(self.subjects, self._models, wrapped)
 
     def cleanup(self) -> None:
         """Called by ComfyUI (0.17 on) on each patch after sampling with a model that carries it.
@@ -252,9 +329,13 @@ class NestedAttentionPatch:
         The patch may be shared with other models, which may be sampling now, so only what belongs to
         the run that ended is let go: the memo of its sigmas tensor. The K~/V~ caches stay: they are
         valid for as long as the subject is, serve the next run, and follow the model's device via `to`.
+        The wrapped patch's own cleanup runs too, where it has one.
         """
         for s in self.subjects:
             s.forget_sigma()
+        if hasattr(self.wrapped, "cleanup"):
+            self.wrapped.cleanup()
 
     def models(self) -> list:
-        return list(self._models)
+        """The ModelPatchers ComfyUI loads with the UNet: the encoders', then the wrapped patch's."""
+        return [*self._models, *(self.wrapped.models() if hasattr(self.wrapped, "models") else ())]

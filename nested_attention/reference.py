@@ -52,3 +52,34 @@ def reference_nested_attention(
                 logits = torch.maximum(logits, scales * logits)
                 out[bi, qi, sl] = torch.softmax(logits, dim=0) @ values[:, sl]
     return out
+
+
+def reference_subject_probability(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    subjects: Sequence[NestedSubject],
+    *,
+    heads: int,
+    rows: Sequence[int],
+) -> list[torch.Tensor]:
+    """Per subject, its word's attention probability after lambda (and the region weight that scales lambda),
+    summed over its positions: (len(rows), heads, N) float64, by a loop over rows, queries and heads."""
+    q, k = q.double(), k.double()
+    _, n, width = q.shape
+    dh = width // heads
+    found = [torch.zeros(len(rows), heads, n, dtype=torch.float64) for _ in subjects]
+    for i, bi in enumerate(rows):
+        for qi in range(n):
+            scales = torch.ones(k.shape[1], dtype=torch.float64)  # lambda per text position
+            for s in subjects:
+                weight = None if s.weight is None else s.weight.reshape(-1, n)
+                w = 1.0 if weight is None else float(weight[bi if weight.shape[0] > 1 else 0, qi])
+                for p in s.positions.tolist():
+                    scales[p] = 1.0 + w * (s.scale - 1.0)
+            for h in range(heads):
+                sl = slice(h * dh, (h + 1) * dh)
+                logits = k[bi, :, sl] @ q[bi, qi, sl] / dh**0.5  # (T,)
+                probs = torch.softmax(torch.maximum(logits, scales * logits), dim=0)
+                for found_s, s in zip(found, subjects):
+                    found_s[i, h, qi] = probs[s.positions].sum()
+    return found

@@ -1,24 +1,34 @@
-"""The ComfyUI nodes of the pack. Loaded as a subpackage of the pack (never as a top-level `nodes`)."""
+"""The ComfyUI nodes of the pack, on ComfyUI's V3 node schema (`comfy_api.latest`), registered through
+`comfy_entrypoint`. Loaded as a subpackage of the pack (never as a top-level `nodes`)."""
+
+from comfy_api.latest import ComfyExtension, io
 
 from .apply import NestedAttentionApply
 from .loader import NestedAttentionLoadEncoder
+from .maps import NestedAttentionCapture, NestedAttentionMaps, NestedAttentionQueryMaps
 from .subject import NestedAttentionEncodeSubject, NestedAttentionLoadSubject, NestedAttentionSaveSubject
 
-# Node ids carry the pack prefix and never change once shipped; display names are what users read.
-NODE_CLASS_MAPPINGS = {
-    "NestedAttentionLoadEncoder": NestedAttentionLoadEncoder,
-    "NestedAttentionEncodeSubject": NestedAttentionEncodeSubject,
-    "NestedAttentionApply": NestedAttentionApply,
-    "NestedAttentionSaveSubject": NestedAttentionSaveSubject,
-    "NestedAttentionLoadSubject": NestedAttentionLoadSubject,
-}
+# Every node of the pack; adding a node is one line here. Each schema holds its node id (the pack prefix;
+# never changed once shipped: saved workflows name it) and its display name.
+NODES: list[type[io.ComfyNode]] = [
+    NestedAttentionLoadEncoder,
+    NestedAttentionEncodeSubject,
+    NestedAttentionApply,
+    NestedAttentionSaveSubject,
+    NestedAttentionLoadSubject,
+    NestedAttentionCapture,
+    NestedAttentionMaps,
+    NestedAttentionQueryMaps,
+]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "NestedAttentionLoadEncoder": "Load Nested Encoder",
-    "NestedAttentionEncodeSubject": "Encode Subject Image(s)",
-    "NestedAttentionApply": "Apply Nested Attention (token, λ)",
-    "NestedAttentionSaveSubject": "Save Nested Subject",
-    "NestedAttentionLoadSubject": "Load Nested Subject",
-}
+class NestedAttentionExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+async def comfy_entrypoint() -> NestedAttentionExtension:
+    """What ComfyUI's load_custom_node calls when a pack exports no NODE_CLASS_MAPPINGS."""
+    return NestedAttentionExtension()
+
+
+__all__ = ["NODES", "comfy_entrypoint"]

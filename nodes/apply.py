@@ -8,10 +8,10 @@ the patch keeps subjects in a canonical order, so the order of the nodes does no
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from nested_attention import SDXL_CONTEXT_DIM, unet_layers
 from nested_attention.host import (
@@ -21,12 +21,14 @@ from nested_attention.host import (
     check_sdxl,
     install_subject,
     locate_word,
+    sigma_window,
 )
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
-from .wires import CATEGORY, NESTED_SUBJECT, Subject
+from .wires import CATEGORY, NestedSubjectType, Subject
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
+REGIONS = ("mask", "auto")  # the Apply node's region choices
 
 __all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "check_conditioning", "check_sdxl"]
 
@@ -55,12 +57,22 @@ def apply_subject(
     start_percent: float = 0.0,
     end_percent: float = 1.0,
     mask: torch.Tensor | None = None,
+    region: str = "mask",
 ) -> Any:
     """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
 
     lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
     (it would only lift the subject's negative logits), so it is refused rather than misread.
+    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
+    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
     """
+    if region not in REGIONS:
+        raise NestedApplyError(f"region is {region!r}; expected one of {', '.join(REGIONS)}.")
+    if region == "auto" and mask is not None:
+        raise NestedApplyError(
+            "region is auto and a mask is connected: auto finds the subject's region itself. Disconnect the "
+            "mask, or set region to mask to use it."
+        )
     if not lambda_ >= 1.0:
         raise NestedApplyError(
             f"λ is {lambda_}; expected 1 or more. λ multiplies the subject word's positive attention "
@@ -108,7 +120,7 @@ def apply_subject(
             "and their pet')."
         )
 
-    sampling = m.get_model_object("model_sampling")
+    window = sigma_window(m, start_percent, end_percent)
     if mask is not None:
         mask = mask.detach().to("cpu", torch.float32)
         mask = mask[0] if mask.dim() == 3 else mask  # (H, W); one region for every image of the batch
@@ -122,119 +134,117 @@ def apply_subject(
         positions=location.positions,
         prompt_tokens=location.prompt_tokens,
         scale=float(lambda_),
-        # The whole schedule is open-ended, so the patch never reads sigma back from the device.
-        sigma_start=math.inf if start_percent <= 0.0 else float(sampling.percent_to_sigma(start_percent)),
-        sigma_end=float(sampling.percent_to_sigma(end_percent)),
+        sigma_start=window.sigma_start,
+        sigma_end=window.sigma_end,
         mask=mask,
         name=f"{subject.name} ('{location.word}')",
+        auto_region=region == "auto",
+        source=subject,
     )
     install_subject(m, binding, layers, models=[subject.encoder.patcher])
     m.model_options[PROMPT_KEY] = location.signature
     return m
 
 
-class NestedAttentionApply:
-    DESCRIPTION = (
-        "Renders one word of the prompt as the subject, with nested attention in all SDXL cross-attention "
-        "layers. Returns a patched copy of the model and the prompt's conditioning; chain several for "
-        "several subjects."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CONDITIONING")
-    RETURN_NAMES = ("model", "conditioning")
-    OUTPUT_TOOLTIPS = (
-        "A patched copy of the model (the input model is not changed).",
-        (
-            "The prompt encoded exactly as CLIP Text Encode does; use it (or that of the last chained node) "
-            "as the positive conditioning, so that the subject word sits where the patch expects it."
-        ),
-    )
-    FUNCTION = "apply"
-
+class NestedAttentionApply(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "An SDXL model. It is not changed; a patched copy is returned."},
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionApply",
+            display_name="Apply Nested Attention (token, λ)",
+            category=CATEGORY,
+            description="Renders one word of the prompt as the subject, with nested attention in all SDXL "
+            "cross-attention layers. Returns a patched copy of the model and the prompt's conditioning; "
+            "chain several for several subjects.",
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="An SDXL model. It is not changed; a patched copy is returned."
                 ),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The SDXL checkpoint's CLIP: tokenizes the prompt to find the subject "
-                        "word, and encodes the prompt."
-                    },
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The SDXL checkpoint's CLIP: tokenizes the prompt to find the subject word, and "
+                    "encodes the prompt.",
                 ),
-                "subject": (
-                    NESTED_SUBJECT,
-                    {"tooltip": "From Encode Subject Image(s) (or Load Nested Subject)."},
+                NestedSubjectType.Input(
+                    "subject", tooltip="From Encode Subject Image(s) (or Load Nested Subject)."
                 ),
-                "text": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "dynamicPrompts": True,
-                        "tooltip": "The prompt. It must contain the subject word, e.g. 'a photo of a pet on "
-                        "the beach'. ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
-                    },
+                io.String.Input(
+                    "text",
+                    multiline=True,
+                    dynamic_prompts=True,
+                    tooltip="The prompt. It must contain the subject word, e.g. 'a photo of a pet on the "
+                    "beach'. ComfyUI's syntax works: (pet:1.2), embedding:name, long prompts.",
                 ),
-                "token": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "The subject word in the prompt; empty = the encoder's word (e.g. "
-                        "'person', 'pet'). Every occurrence counts. A word of several tokens uses its last "
-                        "token.",
-                    },
+                io.String.Input(
+                    "token",
+                    default="",
+                    tooltip="The subject word in the prompt; empty = the encoder's word (e.g. 'person', "
+                    "'pet'). Every occurrence counts. A word of several tokens uses its last token.",
                 ),
                 # Named "λ": ComfyUI 0.3.75's frontend labels a widget with its input name (an input's
-                # "display_name" is not read), and Python accepts λ as a keyword argument.
-                "λ": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 1.0,
-                        "max": 10.0,
-                        "step": 0.05,
-                        "tooltip": "Multiplies the subject word's attention logit where it is positive: "
-                        "logit -> max(logit, λ·logit), per query and head. 1 = as trained; higher = the "
-                        "subject takes more of the attention (stronger identity, less of the prompt). Values "
-                        "below 1 would not weaken the subject (they only lift its negative logits), so 1 is "
-                        "the minimum.",
-                    },
+                # display_name is not read), and Python accepts λ as a keyword argument.
+                io.Float.Input(
+                    "λ",
+                    default=1.0,
+                    min=1.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Multiplies the subject word's attention logit where it is positive: logit -> "
+                    "max(logit, λ·logit), per query and head. 1 = as trained; higher = the subject takes "
+                    "more of the attention (stronger identity, less of the prompt). Values below 1 would not "
+                    "weaken the subject (they only lift its negative logits), so 1 is the minimum.",
                 ),
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.001,
-                        "tooltip": "Fraction of sampling after which the subject becomes active.",
-                    },
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of sampling after which the subject becomes active.",
                 ),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.001,
-                        "tooltip": "Fraction of sampling after which the subject stops.",
-                    },
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of sampling after which the subject stops.",
                 ),
-            },
-            "optional": {
-                "mask": (
-                    "MASK",
-                    {"tooltip": "Confines the subject to a region of the image (white = subject)."},
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Confines the subject to a region of the image (white = subject).",
                 ),
-            },
-        }
+                io.Combo.Input(
+                    "region",
+                    options=list(REGIONS),
+                    default="mask",
+                    optional=True,
+                    tooltip="mask: the subject acts inside the mask (everywhere without one). auto: the subject's "
+                    "region is found from its word's attention in the first steps, and each place goes to one "
+                    "subject only: for two people ('a man and a woman') on two Apply nodes set to auto.",
+                ),
+            ],
+            # Output ids must differ from input ids on ComfyUI 0.3.75; workflows know outputs by display_name.
+            outputs=[
+                io.Model.Output(
+                    "patched_model",
+                    display_name="model",
+                    tooltip="A patched copy of the model (the input model is not changed).",
+                ),
+                io.Conditioning.Output(
+                    "conditioning",
+                    display_name="conditioning",
+                    tooltip="The prompt encoded exactly as CLIP Text Encode does; use it (or that of the "
+                    "last chained node) as the positive conditioning, so that the subject word sits where "
+                    "the patch expects it.",
+                ),
+            ],
+        )
 
-    def apply(
-        self,
+    @classmethod
+    def execute(
+        cls,
         model: Any,
         clip: Any,
         subject: Subject,
@@ -244,7 +254,8 @@ class NestedAttentionApply:
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         mask: torch.Tensor | None = None,
-    ):
+        region: str = "mask",
+    ) -> io.NodeOutput:
         if clip is None:
             raise RuntimeError(
                 "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your "
@@ -256,5 +267,5 @@ class NestedAttentionApply:
         location = locate_word(clip, tokens, word, text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         check_conditioning(conditioning, clip)
-        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask)
-        return (patched, conditioning)
+        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
+        return io.NodeOutput(patched, conditioning)

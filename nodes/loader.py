@@ -11,11 +11,12 @@ import comfy.model_management
 import comfy.model_patcher
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 
-from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, EncoderHandle
+from .wires import CATEGORY, LOG_PREFIX, EncoderHandle, NestedEncoderType
 
 FOLDER = "nested_attention"
 # IP-Adapter Plus SDXL files load as nested encoders (nested_attention.formats); users keep them here.
@@ -158,50 +159,47 @@ def load_handle(encoder_name: str, clip_vision: Any | None = None) -> EncoderHan
     return make_handle(encoder, clip_vision, encoder_name)
 
 
-class NestedAttentionLoadEncoder:
-    DESCRIPTION = (
-        "Loads a nested attention subject encoder (.safetensors from models/nested_attention, or an IP-Adapter "
-        "Plus SDXL file from models/ipadapter) and the CLIP vision model it reads images with."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (NESTED_ENCODER,)
-    RETURN_NAMES = ("encoder",)
-    OUTPUT_TOOLTIPS = ("The encoder, for Encode Subject Image(s).",)
-    FUNCTION = "load"
+class NestedAttentionLoadEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionLoadEncoder",
+            display_name="Load Nested Encoder",
+            category=CATEGORY,
+            description="Loads a nested attention subject encoder (.safetensors from "
+            "models/nested_attention, or an IP-Adapter Plus SDXL file from models/ipadapter) and the CLIP "
+            "vision model it reads images with.",
+            inputs=[
+                io.Combo.Input(
+                    "encoder_name",
+                    options=encoder_files(),
+                    tooltip="An encoder file exported by this pack's trainer, from models/nested_attention "
+                    "(or a folder registered as 'nested_attention' in extra_model_paths.yaml), or an "
+                    "IP-Adapter Plus SDXL file (ViT-H) from models/ipadapter.",
+                ),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    optional=True,
+                    tooltip="The CLIP vision model the encoder was trained with. Leave unconnected to load "
+                    "the file the encoder names from models/clip_vision.",
+                ),
+            ],
+            outputs=[
+                NestedEncoderType.Output(
+                    "encoder", display_name="encoder", tooltip="The encoder, for Encode Subject Image(s)."
+                ),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "encoder_name": (
-                    encoder_files(),
-                    {
-                        "tooltip": "An encoder file exported by this pack's trainer, from "
-                        "models/nested_attention (or a folder registered as 'nested_attention' in "
-                        "extra_model_paths.yaml), or an IP-Adapter Plus SDXL file (ViT-H) from "
-                        "models/ipadapter."
-                    },
-                ),
-            },
-            "optional": {
-                "clip_vision": (
-                    "CLIP_VISION",
-                    {
-                        "tooltip": "The CLIP vision model the encoder was trained with. Leave unconnected "
-                        "to load the file the encoder names from models/clip_vision."
-                    },
-                ),
-            },
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, encoder_name: str):
-        # Declaring encoder_name here makes ComfyUI skip its own "Value not in list" check for it, so a
-        # missing file gets this message (which folders, where to get one) before anything runs. ComfyUI
-        # wants exactly True for a valid input.
+    def validate_inputs(cls, encoder_name: str) -> bool | str:
+        # Naming encoder_name here makes ComfyUI skip its own "Value not in list" check for it (0.33; 0.3.75
+        # checks no V3 combo), so a missing file gets this message (which folders, where to get one) before
+        # anything runs. ComfyUI wants exactly True for a valid input.
         if find_encoder(encoder_name) is None:
             return missing_encoder_message(encoder_name)
         return True
 
-    def load(self, encoder_name: str, clip_vision: Any | None = None):
-        return (load_handle(encoder_name, clip_vision),)
+    @classmethod
+    def execute(cls, encoder_name: str, clip_vision: Any | None = None) -> io.NodeOutput:
+        return io.NodeOutput(load_handle(encoder_name, clip_vision))

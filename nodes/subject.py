@@ -9,18 +9,28 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
+from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nested_attention import concat_subject_tokens
-from nested_attention import faces
+from nested_attention import concat_subject_tokens, faces
 from nested_attention.images import composite_on_white
 
-from .wires import CATEGORY, LOG_PREFIX, NESTED_ENCODER, NESTED_SUBJECT, EncoderHandle, Subject
+from .wires import (
+    CATEGORY,
+    LOG_PREFIX,
+    EncoderHandle,
+    NestedEncoderType,
+    NestedSubjectType,
+    Subject,
+    choice_error,
+)
 
 SUBJECT_FORMAT = "nested-attention-subject"
 SUBJECT_FORMAT_VERSION = 1
 SUBJECT_DIR = "nested_attention_subjects"  # under ComfyUI's output (saving) and input/output (loading)
+CROPS = ("center", "none")  # Encode Subject Image(s)' crop: center crop, or squash the whole photo
+ALIGNS = ("auto", "off")  # its align: as the encoder was trained, or the photos as they are
 log = logging.getLogger(__name__)
 
 
@@ -106,86 +116,100 @@ def encode_subject(
     tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
     progress.update(1)
     name = f"{handle.config.domain} subject"
-    return Subject(tokens=tokens, encoder=handle, name=name, images=n)
+    return Subject(tokens=tokens, encoder=handle, name=name, images=n, photos=display_copy(images),
+                   clip_tokens=torch.cat(hidden), crop=crop)
 
 
-class NestedAttentionEncodeSubject:
-    DESCRIPTION = (
-        "Encodes one or more photos of ONE subject into subject tokens. Several photos of the same subject "
-        "are combined; photos of different subjects mix their identities."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (NESTED_SUBJECT, "IMAGE")
-    RETURN_NAMES = ("subject", "encoded_images")
-    OUTPUT_TOOLTIPS = (
-        "The subject, for Apply Nested Attention.",
-        "The images the encoder read (aligned face crops, white outside the mask), to check them.",
-    )
-    FUNCTION = "encode"
+def display_copy(images: torch.Tensor, side: int = 512) -> torch.Tensor:
+    """The photos kept for drawing the attention maps on: CPU float32, at most `side` pixels on the long side."""
+    images = images.detach().to("cpu", torch.float32)
+    scale = side / max(images.shape[1:3])
+    if scale >= 1:
+        return images
+    size = (max(1, round(images.shape[1] * scale)), max(1, round(images.shape[2] * scale)))
+    return torch.nn.functional.interpolate(images.movedim(-1, 1), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False).movedim(1, -1).clamp(0, 1)
+
+
+class NestedAttentionEncodeSubject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionEncodeSubject",
+            display_name="Encode Subject Image(s)",
+            category=CATEGORY,
+            description="Encodes one or more photos of ONE subject into subject tokens. Several photos of "
+            "the same subject are combined; photos of different subjects mix their identities.",
+            inputs=[
+                NestedEncoderType.Input("encoder", tooltip="From Load Nested Encoder."),
+                io.Image.Input(
+                    "image",
+                    tooltip="Photos of one subject (a batch). Each is encoded and the tokens are "
+                    "concatenated; two different people in one batch mix their identities.",
+                ),
+                io.Combo.Input(
+                    "crop",
+                    options=list(CROPS),
+                    default="center",
+                    tooltip="How photos are fitted to the CLIP vision input: center crop, or squash the "
+                    "whole photo.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Isolates the subject: outside the mask the photo is replaced by white, as the "
+                    "encoder was trained (pets on a white background). One mask, or one per photo.",
+                ),
+                io.Combo.Input(
+                    "align",
+                    options=list(ALIGNS),
+                    default="auto",
+                    optional=True,
+                    tooltip="auto: when the encoder was trained on aligned faces (face encoders), find the "
+                    "face and crop it with the eyes and mouth where training put them. off: encode the "
+                    "photos as they are.",
+                ),
+                io.Int.Input(
+                    "face_index",
+                    default=0,
+                    min=0,
+                    max=63,
+                    optional=True,
+                    tooltip="Which face to use when a photo shows several: 0 is the largest, 1 the next. See "
+                    "the encoded_images output.",
+                ),
+            ],
+            outputs=[
+                NestedSubjectType.Output(
+                    "subject", display_name="subject", tooltip="The subject, for Apply Nested Attention."
+                ),
+                io.Image.Output(
+                    "encoded_images",
+                    display_name="encoded_images",
+                    tooltip="The images the encoder read (aligned face crops, white outside the mask), to "
+                    "check them.",
+                ),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "encoder": (NESTED_ENCODER, {"tooltip": "From Load Nested Encoder."}),
-                "image": (
-                    "IMAGE",
-                    {
-                        "tooltip": "Photos of one subject (a batch). Each is encoded and the tokens are "
-                        "concatenated; two different people in one batch mix their identities."
-                    },
-                ),
-                "crop": (
-                    ["center", "none"],
-                    {
-                        "default": "center",
-                        "tooltip": "How photos are fitted to the CLIP vision input: center crop, or squash "
-                        "the whole photo.",
-                    },
-                ),
-            },
-            "optional": {
-                "mask": (
-                    "MASK",
-                    {
-                        "tooltip": "Isolates the subject: outside the mask the photo is replaced by white, "
-                        "as the encoder was trained (pets on a white background). One mask, or one per "
-                        "photo."
-                    },
-                ),
-                "align": (
-                    ["auto", "off"],
-                    {
-                        "default": "auto",
-                        "tooltip": "auto: when the encoder was trained on aligned faces (face encoders), "
-                        "find the face and crop it with the eyes and mouth where training put them. off: "
-                        "encode the photos as they are.",
-                    },
-                ),
-                "face_index": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 63,
-                        "tooltip": "Which face to use when a photo shows several: 0 is the largest, 1 the "
-                        "next. See the encoded_images output.",
-                    },
-                ),
-            },
-        }
+    def validate_inputs(cls, crop: str | None = None, align: str | None = None) -> bool | str:
+        # ComfyUI 0.3.75 checks no V3 combo against its options (0.33 does, unless named here): this node
+        # does, on both. None: the value comes through a link, known only when the node runs.
+        return choice_error("crop", crop, CROPS) or choice_error("align", align, ALIGNS) or True
 
-    def encode(
-        self,
+    @classmethod
+    def execute(
+        cls,
         encoder: EncoderHandle,
         image: torch.Tensor,
         crop: str = "center",
         mask: torch.Tensor | None = None,
         align: str = "auto",
         face_index: int = 0,
-    ):
+    ) -> io.NodeOutput:
         images = subject_images(encoder, image, mask, align=align, face_index=face_index)
-        return (encode_subject(encoder, images, None, crop=crop != "none"), images)
+        return io.NodeOutput(encode_subject(encoder, images, None, crop=crop != "none"), images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,72 +289,83 @@ def subject_files() -> list[str]:
     return files
 
 
-class NestedAttentionSaveSubject:
-    DESCRIPTION = (
-        "Saves an encoded subject (.safetensors in output/nested_attention_subjects), to reuse it without "
-        "the photos."
-    )
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+class NestedAttentionSaveSubject(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionSaveSubject",
+            display_name="Save Nested Subject",
+            category=CATEGORY,
+            description="Saves an encoded subject (.safetensors in output/nested_attention_subjects), to "
+            "reuse it without the photos.",
+            inputs=[
+                NestedSubjectType.Input("subject", tooltip="From Encode Subject Image(s)."),
+                io.String.Input(
+                    "filename_prefix",
+                    default=f"{SUBJECT_DIR}/subject",
+                    tooltip="File name prefix, relative to ComfyUI's output folder.",
+                ),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "subject": (NESTED_SUBJECT, {"tooltip": "From Encode Subject Image(s)."}),
-                "filename_prefix": (
-                    "STRING",
-                    {
-                        "default": f"{SUBJECT_DIR}/subject",
-                        "tooltip": "File name prefix, relative to ComfyUI's output folder.",
-                    },
-                ),
-            },
-        }
-
-    def save(self, subject: Subject, filename_prefix: str = f"{SUBJECT_DIR}/subject"):
+    def execute(cls, subject: Subject, filename_prefix: str = f"{SUBJECT_DIR}/subject") -> io.NodeOutput:
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory()
         )
         file = f"{filename}_{counter:05}_.safetensors"
         save_subject(os.path.join(folder, file), subject)
         log.info("%s saved %s to %s", LOG_PREFIX, subject.describe(), os.path.join(folder, file))
-        return {"ui": {"subjects": [{"filename": file, "subfolder": subfolder, "type": "output"}]}}
+        # web/save_subject.js shows these names on the node.
+        return io.NodeOutput(ui={"subjects": [{"filename": file, "subfolder": subfolder, "type": "output"}]})
 
 
-class NestedAttentionLoadSubject:
-    DESCRIPTION = "Loads a subject saved by Save Nested Subject; it must come from the connected encoder."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (NESTED_SUBJECT,)
-    RETURN_NAMES = ("subject",)
-    FUNCTION = "load"
-
+class NestedAttentionLoadSubject(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "encoder": (NESTED_ENCODER, {"tooltip": "The encoder the subject was encoded with."}),
-                "subject_file": (
-                    subject_files(),
-                    {
-                        "tooltip": "A saved subject from input/nested_attention_subjects, or from output/ "
-                        "(marked [output])."
-                    },
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionLoadSubject",
+            display_name="Load Nested Subject",
+            category=CATEGORY,
+            description="Loads a subject saved by Save Nested Subject; it must come from the connected "
+            "encoder.",
+            inputs=[
+                NestedEncoderType.Input("encoder", tooltip="The encoder the subject was encoded with."),
+                io.Combo.Input(
+                    "subject_file",
+                    options=subject_files(),
+                    tooltip="A saved subject from input/nested_attention_subjects, or from output/ (marked "
+                    "[output]).",
                 ),
-            },
-        }
+            ],
+            outputs=[NestedSubjectType.Output("subject", display_name="subject")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, subject_file: str = "", **_):
+    def validate_inputs(cls, subject_file: str | None = None) -> bool | str:
+        # ComfyUI 0.3.75 checks no V3 combo against its options (0.33 does, unless named here): this node
+        # does, on both, and says where it looked.
+        listed = subject_files()
+        if subject_file is None or subject_file in listed:
+            return True
+        return (
+            f"saved subject {subject_file!r} is not in input/{SUBJECT_DIR} or output/{SUBJECT_DIR} (found: "
+            f"{', '.join(listed) or 'no saved subject'}). Save it with Save Nested Subject, or copy the file "
+            f"into ComfyUI's input/{SUBJECT_DIR}; then press R in the graph to refresh the lists and pick it."
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, encoder: EncoderHandle | None = None, subject_file: str = "") -> str:
+        # Run again when the file changed (saved over with the same name), not only when the name did.
         path = folder_paths.get_annotated_filepath(subject_file)
         return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.isfile(path) else subject_file
 
-    def load(self, encoder: EncoderHandle, subject_file: str):
+    @classmethod
+    def execute(cls, encoder: EncoderHandle, subject_file: str) -> io.NodeOutput:
         path = folder_paths.get_annotated_filepath(subject_file)
         if not os.path.isfile(path):
             raise SubjectError(
                 f"saved subject {subject_file!r} not found at {path}; save it again or pick another file."
             )
-        return (load_subject(path, encoder),)
+        return io.NodeOutput(load_subject(path, encoder))

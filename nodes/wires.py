@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from nested_attention import NestedEncoder
 
 NESTED_ENCODER = "NESTED_ENCODER"
 NESTED_SUBJECT = "NESTED_SUBJECT"
+# The same types for the V3 node schema: `NestedEncoderType.Input(...)`, `NestedSubjectType.Output(...)`.
+NestedEncoderType = io.Custom(NESTED_ENCODER)
+NestedSubjectType = io.Custom(NESTED_SUBJECT)
 CATEGORY = "nested_attention"
 LOG_PREFIX = "[nested-attention]"
 
@@ -40,14 +45,31 @@ class EncoderHandle:
 
 @dataclass(eq=False)
 class Subject:
-    """One subject: its encoder tokens E (1, n*M, C), CPU float32, and the encoder that made them."""
+    """One subject: its encoder tokens E (1, n*M, C), CPU float32, and the encoder that made them.
+
+    photos, clip_tokens: what Encode Subject Image(s) read, kept for the attention maps (nodes/maps.py): the n
+    photos given to the CLIP vision model (n, H, W, 3), at most 512 pixels on the long side (the model sees
+    their centre square when `crop`), and the CLIP tokens the Q-Former read (n, L, width), CPU float32. None
+    for a subject loaded from a file.
+    """
 
     tokens: torch.Tensor
     encoder: EncoderHandle
     name: str
     images: int
+    photos: torch.Tensor | None = None
+    clip_tokens: torch.Tensor | None = None
+    crop: bool = True
 
     def describe(self) -> str:
         return (
             f"{self.name} ({self.images} image{'s' if self.images != 1 else ''}, encoder {self.encoder.name})"
         )
+
+
+def choice_error(name: str, value: Any, choices: Sequence[str]) -> str | None:
+    """What is wrong with a combo input's value, for a node's validate_inputs; None when it is one of the
+    choices, or None (a linked value, known only when the node runs)."""
+    if value is None or value in choices:
+        return None
+    return f"{name} is {value!r}; expected one of {', '.join(repr(c) for c in choices)}."

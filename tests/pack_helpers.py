@@ -5,25 +5,34 @@ Test modules import the fixtures they use from here (`from pack_helpers import .
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
+import execution
 import folder_paths
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
+from comfy_execution.graph import DynamicPrompt
 from pack import load_pack
 
 from nested_attention import (
     ClipVisionSpec,
     EncoderConfig,
+    LayerSpec,
     NestedEncoder,
     QFormerConfig,
     save_encoder,
     unet_layers,
 )
+from nested_attention.capture import RUN_KEY
+from nested_attention.patch import SubjectBinding
 
 # tiny_models.tiny_clip_vision(): 32 px, patch 8 -> 16 patches + CLS, width 64, two layers.
 TINY_CLIP_VISION_SPEC = {
@@ -37,18 +46,22 @@ TINY_CLIP_VISION_SPEC = {
 
 @pytest.fixture(scope="session")
 def pack():
-    """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`."""
+    """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`, and
+    its nodes by id as ComfyUI registers them (from the node list its comfy_entrypoint gives)."""
     module = load_pack()
     nodes = module.nodes
+    extension = run_async(module.comfy_entrypoint())
+    schemas = {cls: cls.GET_SCHEMA() for cls in run_async(extension.get_node_list())}
     return SimpleNamespace(
         module=module,
-        mappings=module.NODE_CLASS_MAPPINGS,
-        display=module.NODE_DISPLAY_NAME_MAPPINGS,
+        mappings={schema.node_id: cls for cls, schema in schemas.items()},
+        display={schema.node_id: schema.display_name for schema in schemas.values()},
         apply=nodes.apply,
         loader=nodes.loader,
         subject=nodes.subject,
         host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
+        maps=nodes.maps,
     )
 
 
@@ -148,13 +161,77 @@ def person(pack, load_handle):
     return encode_subject(pack, load_handle(seed=2, domain="faces", token="person", num_queries=4), seed=20)
 
 
-def run_node(pack, node_id: str, **inputs):
-    """Run the pack's node `node_id` with its inputs by name, as ComfyUI's executor calls it; what it returns.
+def run_async(coroutine):
+    """Run a coroutine (ComfyUI's loader and executor functions are coroutines) to its end; its result.
 
-    Tests run nodes only through this, so that how a node class is called (its schema) lives in one place.
+    On a thread of its own with a loop of its own, as ComfyUI's prompt worker runs nodes off the main
+    thread: the e2e tests' browser driver (playwright's sync API) keeps an event loop running on the main
+    thread for the rest of the session, where asyncio.run refuses to start another.
     """
-    node_class = pack.mappings[node_id]
-    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
+def run_node(pack, node_id: str, **inputs):
+    """Run the pack's node `node_id` with its inputs by name, as ComfyUI's executor runs it; what it returns
+    (see execute_node). Tests run the pack's nodes only through this."""
+    return execute_node(pack.mappings[node_id], node_id, **inputs)
+
+
+def execute_node(node_class, node_id: str, **inputs):
+    """Run a node class (V1 or V3, the pack's or ComfyUI's) as ComfyUI's executor runs it; what it returns.
+
+    Through ComfyUI's own execution.get_input_data and get_output_data (what execution.execute calls for
+    a node), so a V3 node is called as the server calls it (a class clone, its hidden inputs). Inputs are the
+    values the node receives (what a link carries, or a widget value). Returns the node's outputs as a tuple
+    in slot order; a node with a UI output returns {"ui": ...} (and "result": the tuple, if it has outputs).
+    How a node class is called (its schema) lives here alone.
+    """
+    unknown = set(inputs) - set(input_specs(node_class))
+    if unknown:  # ComfyUI drops an input a node does not declare: a misspelled name would pass unseen
+        raise TypeError(f"{node_id} has no input {sorted(unknown)}; it has {list(input_specs(node_class))}")
+    obj = node_class()
+    # The third value is the V3 hidden inputs (0.3.75) or V3 data (0.33); get_output_data takes it 7th.
+    values, _, v3 = execution.get_input_data(inputs, node_class, node_id)
+
+    async def execute():
+        outputs, ui, _, pending = await execution.get_output_data(
+            node_id, node_id, obj, values, None, None, v3
+        )
+        if pending:  # an async node: what execution.execute does once its tasks are done
+            returned = await execution.resolve_map_node_over_list_results(outputs)
+            outputs, ui, _ = execution.get_output_from_returns(returned, obj)
+        return outputs, ui
+
+    outputs, ui = run_async(execute())
+    result = tuple(slot[0] for slot in outputs)  # one value per output: the node ran once
+    if ui:
+        return {"ui": ui, "result": result} if result else {"ui": ui}
+    return result
+
+
+def input_specs(node_class) -> dict[str, tuple]:
+    """A node's required and optional inputs, {name: (type, options)}, in their order, as INPUT_TYPES gives
+    them (a V3 combo: ("COMBO", {"options": [...], ...}); a V1 combo: ([...], {...}))."""
+    types = node_class.INPUT_TYPES()
+    return {name: (spec[0], spec[1] if len(spec) > 1 else {})
+            for section in ("required", "optional") for name, spec in types.get(section, {}).items()}
+
+
+def combo_choices(spec: tuple) -> list | None:
+    """The choices of a combo input's (type, options), either spelling; None for any other input."""
+    kind, options = spec
+    if isinstance(kind, (list, tuple)):
+        return list(kind)
+    return list(options["options"]) if kind == "COMBO" else None
+
+
+def run_comfy_node(node_id: str, **inputs):
+    """Run one of ComfyUI's own nodes (nodes.py: KSampler, InpaintModelConditioning, ...) by its id, with its
+    inputs by name, as the executor calls it; what it returns (a tuple of its outputs)."""
+    import nodes  # ComfyUI's own module (the pack is loaded under another name, tests/pack.py)
+
+    return execute_node(nodes.NODE_CLASS_MAPPINGS[node_id], node_id, **inputs)
 
 
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
@@ -179,36 +256,114 @@ def apply(
     start: float = 0.0,
     end: float = 1.0,
     mask=None,
+    region: str = "mask",
 ):
     return run_node(pack, "NestedAttentionApply", model=model, clip=clip, subject=subject, text=text, token=token,
-                    start_percent=start, end_percent=end, mask=mask, **{"λ": lambda_})
+                    start_percent=start, end_percent=end, mask=mask, region=region, λ=lambda_)
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@contextlib.contextmanager
+def registered(*node_classes):
+    """`node_classes` known to ComfyUI for the duration, each under its class name (in its `nodes` module's
+    NODE_CLASS_MAPPINGS, where execution looks node types up)."""
+    with mock.patch.dict(execution.nodes.NODE_CLASS_MAPPINGS, {c.__name__: c for c in node_classes}):
+        yield
+
+
+def _source_of(kind: str):
+    """A stand-in node with one output of type `kind`, to link a node's required input to."""
+    return type(f"TestSourceOf{kind}", (), {
+        "RETURN_TYPES": (kind,), "FUNCTION": "run", "INPUT_TYPES": classmethod(lambda cls: {"required": {}}),
+    })
+
+
+def layer_inputs(patch, *, sigma=1.0, h=4, w=4, dtype=torch.float32, seed=0):
+    """q, k, v and extra_options as BasicTransformerBlock passes them to attn2 patches (cond, uncond)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = patch.layer.dim
+    q = torch.randn(2, h * w, dim, generator=g).to(dtype)
+    k = torch.randn(2, 77, dim, generator=g).to(dtype)
+    v = torch.randn(2, 77, dim, generator=g).to(dtype)
+    extra = {
+        "n_heads": dim // 16,
+        "dim_head": 16,
+        "cond_or_uncond": [0, 1],
+        "sigmas": torch.tensor([sigma]),
+        "activations_shape": [2, dim, h, w],
+        "attn_precision": None,
+    }
+    return q, k, v, extra
 
 
 def validate_inputs(node_class, **values):
-    """Call `node_class.VALIDATE_INPUTS` as ComfyUI's execution.validate_inputs does; return what it returns.
+    """ComfyUI's own check of a node in a prompt (execution.validate_inputs, as the server runs it before
+    anything runs): True when it finds nothing wrong, else its errors as one text (the node's own message
+    in them, after "Custom validation failed for node: <input> - ").
 
-    ComfyUI passes only the inputs the method's signature names (all of them to a `**kwargs`), and
-    `input_types` (the types of linked inputs; none here) when the signature asks for it.
+    values: widget values by name. Every required input that is not a widget (a NESTED_ENCODER, an IMAGE)
+    and not given is linked to a stand-in node of that type: validation never sees a linked input's value.
     """
-    import inspect
-
-    method = node_class.VALIDATE_INPUTS
-    spec = inspect.getfullargspec(method)
-    if spec.varkw:
-        arguments = dict(values)
-    else:
-        arguments = {k: v for k, v in values.items() if k in spec.args}
-    if "input_types" in spec.args:
-        arguments["input_types"] = {}
-    return method(**arguments)
+    prompt, sources, inputs = {}, [], dict(values)
+    for name, (kind, _) in input_specs(node_class).items():
+        is_widget = isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+        if name not in inputs and name in node_class.INPUT_TYPES().get("required", {}) and not is_widget:
+            sources.append(_source_of(kind))
+            source_id = str(len(sources) + 1)
+            prompt[source_id] = {"class_type": sources[-1].__name__, "inputs": {}}
+            inputs[name] = [source_id, 0]
+    prompt["1"] = {"class_type": node_class.__name__, "inputs": inputs}
+    with registered(node_class, *sources):
+        valid, errors, _ = run_async(execution.validate_inputs("validate", prompt, "1", {}))
+    assert valid == (not errors), f"a stand-in source failed validation: {prompt}"
+    return True if valid else "; ".join(f"{e['message']}: {e['details']}" for e in errors)
 
 
 def assert_inputs_valid(node_class, **values) -> None:
-    """VALIDATE_INPUTS must return exactly True for valid inputs: ComfyUI (`r is not True`, 0.3.75 and 0.33)
-    shows anything else, 1 or "ok" or None included, as the reason the prompt was refused."""
+    """ComfyUI accepts these inputs of `node_class` (validate_inputs above returns exactly True)."""
     result = validate_inputs(node_class, **values)
-    assert result is True, (
-        f"{node_class.__name__}.VALIDATE_INPUTS returned {result!r} for valid inputs {values}; it must "
-        "return "
-        "exactly True (ComfyUI refuses the prompt with anything else as the error message)."
-    )
+    assert result is True, f"ComfyUI refuses {node_class.__name__} with {values}: {result}"
+
+
+def fingerprint(node_class, **values):
+    """What ComfyUI compares with the last run to decide whether to run the node again (its IS_CHANGED /
+    fingerprint_inputs, called by execution.IsChangedCache as the executor calls it): one value per call."""
+    prompt = DynamicPrompt({"1": {"class_type": node_class.__name__, "inputs": dict(values)}})
+    with registered(node_class):
+        return run_async(execution.IsChangedCache("fingerprint", prompt, None).get("1"))
+
+
+# ------------------------------------------------------------------------------------------------
+# One constructed cross-attention layer, called as ComfyUI calls an attn2 patch (tests of capture and region auto)
+
+LAYER = LayerSpec("input", 1, 0, 8)  # one cross-attention layer, 8 wide, 2 heads of 4
+HEADS, TEXT, GRID = 2, 6, 4  # a 4 x 4 query grid, a 6-token prompt
+
+
+def direction(i: int, scale: float = 10.0) -> torch.Tensor:
+    """A vector along unit i in both heads' slices (dims i and 4 + i)."""
+    out = torch.zeros(8)
+    out[i] = out[4 + i] = scale
+    return out
+
+
+def constructed_binding(source, **kwargs) -> SubjectBinding:
+    """A subject of 4 tokens whose nested key i points along direction(i): K~ = E W_K~^T = 10 (e_i + e_4+i)."""
+    config = EncoderConfig(
+        domain="faces", token="person",
+        qformer=QFormerConfig(clip_dim=64, dim=8, depth=1, heads=1, dim_head=8, num_queries=4, output_dim=8,
+                              ff_mult=1),
+        clip_vision=ClipVisionSpec(**TINY_CLIP_VISION_SPEC), layers=(LAYER,))
+    encoder = NestedEncoder(config).requires_grad_(False)
+    encoder.projections[0].to_k.weight.copy_(torch.eye(8))
+    encoder.projections[0].to_v.weight.normal_(generator=torch.Generator().manual_seed(0))
+    tokens = torch.stack([direction(i) for i in range(4)])[None]  # (1, 4, 8)
+    return SubjectBinding(encoder=encoder, tokens=tokens, prompt_tokens=TEXT, source=source, **kwargs)
+
+
+def call_patch(patch, q, k, v, run, sigma=1.0):
+    """One call of an attn2 patch on LAYER's grid, conditional rows only, with this run's state (or None)."""
+    return patch(q, k, v, {"n_heads": HEADS, "cond_or_uncond": [0], "sigmas": torch.tensor([sigma]),
+                           "activations_shape": [1, 8, GRID, GRID], RUN_KEY: run})

@@ -215,6 +215,13 @@ def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(
     assert nested["kv_projections_first_step"] == 2 * result["attention_calls"]["count"]
     assert "K~/V~ projections" in out and "FLOPs per conditional UNet evaluation" in out
     assert set(result["flops"]) == {"64", "1024"}
+    # Capture Nested Attention's line: what it keeps is its running means, a few maps of the 8x8 latent's
+    # grids and the M=1024 token weights on the token grid (2x2), float32, from the patches' calls.
+    capture = result["capture"]
+    assert capture["variant"] == "nested M=1024" and capture["subjects"] == 1 and capture["token_grid"] == [2, 2]
+    tokens = 4 * 1024 * 2 * 2
+    assert tokens < capture["kept_bytes"] <= tokens + 4 * 2 * 8 * 8
+    assert "Capture Nested Attention on nested M=1024" in out
 
 
 @pytest.mark.slow
@@ -242,3 +249,12 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     assert all(v["kv_projections_first_step"] == 2 * layers and v["kv_projections_per_later_step"] == 0
                for v in nested)
     assert "Per sampling step" in run.stdout and "Trainer throughput" in run.stdout
+
+
+def test_the_capture_line_alone_runs_on_the_tiny_models(capsys):
+    from benchmark import capture
+
+    result = capture.main(["--device", "cpu", "--tiny", "--resolution", "64", "--num-tokens", "16", "--reps", "1"])
+    assert result["subjects"] == 1 and result["token_grid"] == [2, 2] and result["kept_bytes"] > 4 * 16 * 2 * 2
+    assert min(result["attention_on_s"], result["attention_placement_s"], result["attention_off_s"]) > 0
+    assert "Capture Nested Attention on nested M=16" in capsys.readouterr().out

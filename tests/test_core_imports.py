@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, NoComfy())
     import nested_attention
-    for name in ("attention", "encoder", "layers", "patch", "reference", "tokens", "weights"):
+    for name in ("attention", "capture", "encoder", "layers", "patch", "reference", "tokens", "weights"):
         importlib.import_module(f"nested_attention.{name}")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m == "nested_attention.host")
     assert not loaded, loaded

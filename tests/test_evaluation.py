@@ -14,12 +14,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import comfy.model_management
 import numpy as np
 import pytest
 import tiny_models  # ComfyUI set-up first; also the accelerate launcher
 import torch
 from PIL import Image
+from trainer_runs import reset_after_run, train
 
 from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
@@ -49,14 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    comfy.model_management.unload_all_models()
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +356,7 @@ def run_cli(*flags: str) -> dict:
     try:
         return evaluate_cli.main(evaluate_cli.parse_args(["--domain", "tiny", "--steps", "2", *flags]))
     finally:
-        reset_accelerate()
+        reset_after_run()
 
 
 def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_finished_images(tmp_path):
@@ -467,7 +459,7 @@ def test_real_domains_say_what_is_missing(tmp_path):
         with pytest.raises(SystemExit, match="SDXL base checkpoint was not found.*--pretrained_model"):
             evaluate_cli.main(args)
     finally:
-        reset_accelerate()
+        reset_after_run()
 
 
 @pytest.mark.slow
@@ -498,36 +490,9 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
     held_out = make_tiny_dataset(tmp_path / "held-out", count=1, size=64, seed=5) / "pet-000.png"
-    args = trainer.parse_args(
-        [
-            "--domain",
-            "tiny",
-            "--train_batch_size",
-            "2",
-            "--validation_steps",
-            "0",
-            "--train_data",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "100",
-            "--eval_steps",
-            "2",
-            "--validation_images",
-            str(held_out),
-            "--sample_steps",
-            "2",
-            "--report_to",
-            "tensorboard",
-        ]
-    )
-    try:
-        trainer.main(args)
-    finally:
-        reset_accelerate()
+    run = ["--train_data", str(data), "--max_train_steps", "2", "--checkpointing_steps", "100"]
+    evaluation = ["--eval_steps", "2", "--validation_images", str(held_out), "--sample_steps", "2"]
+    train(tmp_path / "run", *run, *evaluation, "--report_to", "tensorboard")
     saved = json.loads((tmp_path / "run" / "eval" / "step-2" / "metrics.json").read_text())
     assert {(e["method"], e["value"]) for e in saved["summary"]} == {("prior", None), ("nested", 1.0)}
     events = next((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")).parent

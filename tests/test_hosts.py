@@ -5,7 +5,7 @@
 - `.to(device)` may be called on a shared patch from worker threads, one per GPU, since 0.23;
 - ComfyUI calls `cleanup()` on the patches of a model after sampling with it since 0.17;
 - `clip_preprocess` lives in `comfy.clip_model` since 0.8 (`comfy.clip_vision` keeps an alias);
-- `VALIDATE_INPUTS` must return exactly True when the inputs are valid.
+- a node's `VALIDATE_INPUTS` / `validate_inputs` must return exactly True when the inputs are valid.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ import comfy.model_patcher
 import pytest
 import tiny_models
 import torch
-from pack_helpers import apply, assert_inputs_valid, encode_subject, run_node, validate_inputs
+from comfy_api.latest import io
+from pack_helpers import (
+    apply,
+    assert_inputs_valid,
+    combo_choices,
+    encode_subject,
+    input_specs,
+    run_node,
+    validate_inputs,
+)
 
 from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
 from nested_attention.host import attn2_replacements
@@ -38,7 +47,7 @@ def snapshot(model) -> dict:
     out = {"prompt": model.model_options.get("nested_attention_prompt")}
     for key, patch in attn2_replacements(model).items():
         out[key] = (
-            id(patch), patch.layer, patch.index, patch.host_attention, tuple(patch.models()),
+            id(patch), patch.layer, patch.index, patch.host_attention, id(patch.wrapped), tuple(patch.models()),
             tuple(
                 (id(s), s.encoder, s.tokens.data_ptr(), s.tokens._version, s.positions, s.prompt_tokens,
                  s.scale, s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
@@ -265,54 +274,59 @@ def comfy_clip_preprocess_reference(image: torch.Tensor, size: int) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------
-# VALIDATE_INPUTS returns exactly True when valid
+# A node's validate_inputs must return exactly True when valid (pack_helpers.validate_inputs runs ComfyUI's
+# own execution.validate_inputs)
 
 
-class _Returns:
-    def __init__(self, value):
-        self.value = value
+def _validating(returns, seen: list | None = None, signature: str = "encoder_name"):
+    """A V3 node with a combo and an INT input whose validate_inputs names `signature` (records its
+    arguments in `seen`) and returns `returns`."""
+    seen = [] if seen is None else seen
 
-    def node(self):
-        value = self.value
+    class Validating(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="Validating", inputs=[
+                io.Combo.Input("encoder_name", options=["x"]), io.Int.Input("steps", default=1, min=1, max=4),
+            ])
 
-        class Node:
-            @classmethod
-            def VALIDATE_INPUTS(cls, encoder_name):
-                return value
+        @classmethod
+        def execute(cls, encoder_name, steps):
+            return io.NodeOutput()
 
-        return Node
+    def named(cls, encoder_name):
+        seen.append({"encoder_name": encoder_name})
+        return returns
+
+    def anything(cls, **values):
+        seen.append(values)
+        return returns
+
+    Validating.validate_inputs = classmethod(named if signature == "encoder_name" else anything)
+    return Validating
 
 
 @pytest.mark.parametrize("value", [1, "ok", "", None, [], (True,), False])
-def test_the_validate_inputs_assertion_accepts_only_exactly_true(value):
-    node = _Returns(value).node()
-    assert validate_inputs(node, encoder_name="x", unused=3) is value
-    with pytest.raises(AssertionError, match="exactly True"):
-        assert_inputs_valid(node, encoder_name="x")
-    assert_inputs_valid(_Returns(True).node(), encoder_name="x")
+def test_comfy_refuses_a_validate_inputs_result_that_is_not_exactly_true(value):
+    assert validate_inputs(_validating(True), encoder_name="x", steps=2) is True
+    result = validate_inputs(_validating(value), encoder_name="x", steps=2)
+    assert isinstance(result, str) and "Custom validation failed for node: encoder_name" in result, result
+    with pytest.raises(AssertionError, match="ComfyUI refuses"):
+        assert_inputs_valid(_validating(value), encoder_name="x", steps=2)
 
 
-def test_validate_inputs_is_called_with_what_its_signature_names_as_comfy_does():
+def test_comfy_gives_validate_inputs_what_its_signature_names_and_checks_the_rest_itself():
     seen = []
-
-    class Named:
-        @classmethod
-        def VALIDATE_INPUTS(cls, a, input_types):
-            seen.append((a, input_types))
-            return True
-
-    class Anything:
-        @classmethod
-        def VALIDATE_INPUTS(cls, **kwargs):
-            seen.append(kwargs)
-            return True
-
-    assert_inputs_valid(Named, a=1, b=2)
-    assert_inputs_valid(Anything, a=1, b=2)
-    assert seen == [(1, {}), {"a": 1, "b": 2}]
+    assert validate_inputs(_validating(True, seen), encoder_name="not a choice", steps=2) is True
+    too_many = validate_inputs(_validating(True, seen), encoder_name="x", steps=9)
+    assert "Value 9 bigger than max of 4" in too_many, too_many
+    # **values takes every input, and ComfyUI then checks none of them itself.
+    assert validate_inputs(_validating(True, seen, "**values"), encoder_name="x", steps=9) is True
+    assert seen == [{"encoder_name": "not a choice"}, {"encoder_name": "x"},
+                    {"encoder_name": "x", "steps": 9}]
 
 
-def test_every_node_with_validate_inputs_returns_exactly_true_for_valid_widget_values(
+def test_every_node_passes_comfy_validation_with_its_default_widget_values(
     pack, save_tiny_encoder, load_handle, tmp_path, monkeypatch
 ):
     import folder_paths
@@ -322,19 +336,15 @@ def test_every_node_with_validate_inputs_returns_exactly_true_for_valid_widget_v
     handle = load_handle(seed=5)
     run_node(pack, "NestedAttentionSaveSubject", subject=encode_subject(pack, handle),
              filename_prefix="nested_attention_subjects/s")
-    checked = []
     for name, node in pack.mappings.items():
-        if getattr(node, "VALIDATE_INPUTS", None) is None:
-            continue
         values = {}
-        for section in ("required", "optional"):
-            for input_name, spec in node.INPUT_TYPES().get(section, {}).items():
-                kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-                if isinstance(kind, (list, tuple)):  # a combo: its first choice
-                    assert kind, f"{name}.{input_name} lists no choices; give this test a valid value for it"
-                    values[input_name] = kind[0]
-                elif "default" in options:
-                    values[input_name] = options["default"]
+        for input_name, spec in input_specs(node).items():
+            choices = combo_choices(spec)
+            if choices is not None:  # a combo: its first choice
+                assert choices, f"{name}.{input_name} lists no choices; give this test a valid value for it"
+                values[input_name] = choices[0]
+            elif "default" in spec[1]:
+                values[input_name] = spec[1]["default"]
+            elif spec[0] == "STRING":  # a text box without a default sends ""
+                values[input_name] = ""
         assert_inputs_valid(node, **values)
-        checked.append(name)
-    assert checked == [n for n, c in pack.mappings.items() if getattr(c, "VALIDATE_INPUTS", None) is not None]

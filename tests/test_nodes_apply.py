@@ -14,7 +14,8 @@ import pytest
 import tiny_models
 import torch
 import torch.nn.functional as F
-from pack_helpers import TINY_CLIP_VISION_SPEC, apply, encode_subject, tiny_encoder
+from other_packs import with_other_pack
+from pack_helpers import TINY_CLIP_VISION_SPEC, apply, encode_subject, layer_inputs, tiny_encoder
 
 import nested_attention.patch as core_patch
 from nested_attention import (
@@ -168,8 +169,9 @@ def unet_attn2_weights(unet_patcher):
     ]
 
 
-def test_nested_values_equal_to_v_sstar_with_lambda_1_sample_the_unpatched_image(
-    pack, tiny_unet, tiny_clip, load_handle
+@pytest.mark.parametrize("under", ["nothing", "another pack"])
+def test_nested_values_equal_to_v_sstar_with_lambda_1_sample_the_image_without_the_subject(
+    pack, tiny_unet, tiny_clip, load_handle, under
 ):
     positive = tiny_models.encode_text(tiny_clip, PROMPT)
     negative = tiny_models.encode_text(tiny_clip, "")
@@ -183,17 +185,19 @@ def test_nested_values_equal_to_v_sstar_with_lambda_1_sample_the_unpatched_image
         encoder.qformer.norm_out.bias.copy_(positive[0][0][0, position])
     encoder.init_from_unet(*unet_attn2_weights(tiny_unet))
     subject = encode_subject(pack, load_handle(encoder=encoder), seed=0)
-    patched, conditioning = apply(pack, tiny_unet, tiny_clip, subject, PROMPT, lambda_=1.0)
+    # On another pack's patch (their own term unchanged), the image is the one their model alone samples.
+    base = tiny_unet if under == "nothing" else with_other_pack(tiny_unet)
+    patched, conditioning = apply(pack, base, tiny_clip, subject, PROMPT, lambda_=1.0)
     assert patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 4, 0)].subjects[
         0
     ].positions == (position,)
 
-    expected = tiny_models.sample(tiny_unet, positive, negative, 0, steps=2, size=16)
+    expected = tiny_models.sample(base, positive, negative, 0, steps=2, size=16)
     latent = tiny_models.sample(patched, conditioning, negative, 0, steps=2, size=16)
     scale = expected.abs().max()
     torch.testing.assert_close(latent, expected, rtol=0, atol=1e-4 * scale)
     # Control: the same encoder with its norm regularization at alpha = 2 visibly changes the image.
-    boosted, _ = apply(pack, tiny_unet, tiny_clip, subject, PROMPT)
+    boosted, _ = apply(pack, base, tiny_clip, subject, PROMPT)
     for patch in attn2_replacements(boosted).values():
         patch.subjects[0].alpha = 2.0
     assert (
@@ -201,13 +205,15 @@ def test_nested_values_equal_to_v_sstar_with_lambda_1_sample_the_unpatched_image
     ).abs().max() > 1e-2 * scale
 
 
+@pytest.mark.parametrize("under", ["nothing", "another pack"])
 def test_chained_subjects_act_together_and_order_does_not_change_the_result(
-    pack, tiny_unet, tiny_clip, pet, person
+    pack, tiny_unet, tiny_clip, pet, person, under
 ):
     text = "a person and their pet"
     negative = tiny_models.encode_text(tiny_clip, "")
-    pet_model, conditioning = apply(pack, tiny_unet, tiny_clip, pet, text)
-    person_model, _ = apply(pack, tiny_unet, tiny_clip, person, text)
+    base = tiny_unet if under == "nothing" else with_other_pack(tiny_unet)
+    pet_model, conditioning = apply(pack, base, tiny_clip, pet, text)
+    person_model, _ = apply(pack, base, tiny_clip, person, text)
     pet_then_person, _ = apply(pack, pet_model, tiny_clip, person, text)
     person_then_pet, _ = apply(pack, person_model, tiny_clip, pet, text)
 
@@ -218,10 +224,13 @@ def test_chained_subjects_act_together_and_order_does_not_change_the_result(
     scale = both.abs().max()
     assert (both - only_pet).abs().max() > 1e-3 * scale and (both - only_person).abs().max() > 1e-3 * scale
 
-    # The upstream models are never modified.
+    # The upstream models are never modified; a chained subject keeps the patch it builds on.
     assert attn2_replacements(tiny_unet) == {}
     assert all(len(p.subjects) == 1 for p in attn2_replacements(pet_model).values())
     assert all(len(p.subjects) == 2 for p in attn2_replacements(pet_then_person).values())
+    for key, patch in attn2_replacements(pet_then_person).items():
+        assert patch.wrapped is attn2_replacements(pet_model)[key].wrapped
+        assert (patch.wrapped is None) == (under == "nothing")
 
 
 def test_chaining_shares_weights_tokens_and_caches_instead_of_copying(
@@ -308,24 +317,6 @@ def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tin
     assert not torch.equal(
         patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
     )
-
-
-def layer_inputs(patch, *, sigma=1.0, h=4, w=4, dtype=torch.float32, seed=0):
-    """q, k, v and extra_options as BasicTransformerBlock passes them to attn2 patches (cond, uncond)."""
-    g = torch.Generator().manual_seed(seed)
-    dim = patch.layer.dim
-    q = torch.randn(2, h * w, dim, generator=g).to(dtype)
-    k = torch.randn(2, 77, dim, generator=g).to(dtype)
-    v = torch.randn(2, 77, dim, generator=g).to(dtype)
-    extra = {
-        "n_heads": dim // 16,
-        "dim_head": 16,
-        "cond_or_uncond": [0, 1],
-        "sigmas": torch.tensor([sigma]),
-        "activations_shape": [2, dim, h, w],
-        "attn_precision": None,
-    }
-    return q, k, v, extra
 
 
 def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_clip, pet):
@@ -476,15 +467,6 @@ def test_chained_nodes_with_different_prompts_is_an_error(pack, tiny_unet, tiny_
     first, _ = apply(pack, tiny_unet, tiny_clip, pet, "a person and their pet")
     with pytest.raises(pack.apply.NestedApplyError, match="different prompt"):
         apply(pack, first, tiny_clip, person, "a person with a pet")
-
-
-def test_another_packs_attn2_patch_is_not_overwritten(pack, tiny_unet, tiny_clip, pet):
-    other = tiny_unet.clone()
-    other.set_model_attn2_replace(lambda q, k, v, extra: q, "middle", 0, 1)
-    with pytest.raises(
-        pack.apply.NestedApplyError, match=r"\('middle', 0, 1\) of this model is already replaced"
-    ):
-        apply(pack, other, tiny_clip, pet, PROMPT)
 
 
 def test_bad_window_and_missing_clip_are_errors(pack, tiny_unet, tiny_clip, pet):

@@ -11,8 +11,16 @@ import comfy.model_patcher
 import folder_paths
 import pytest
 import torch
+from comfy_api.latest import io
 from pack import REPO, load_pack, unload_pack
-from pack_helpers import TINY_CLIP_VISION_SPEC, run_node
+from pack_helpers import (
+    TINY_CLIP_VISION_SPEC,
+    combo_choices,
+    input_specs,
+    run_async,
+    run_node,
+    validate_inputs,
+)
 
 from nested_attention import NestedWeightsError
 
@@ -28,12 +36,34 @@ def test_pack_exports_the_three_nodes_with_their_display_names(pack):
     for node_id, cls in pack.mappings.items():
         assert node_id.startswith("NestedAttention")
         assert cls.CATEGORY == "nested_attention" and cls.DESCRIPTION
-        for section in cls.INPUT_TYPES().values():
-            for name, (kind, *options) in section.items():
-                assert options and options[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES == ("NESTED_ENCODER",)
-    assert pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES == ("NESTED_SUBJECT", "IMAGE")
-    assert pack.mappings["NestedAttentionApply"].RETURN_TYPES == ("MODEL", "CONDITIONING")
+        for name, (_, options) in input_specs(cls).items():
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert tuple(pack.mappings["NestedAttentionLoadEncoder"].RETURN_TYPES) == ("NESTED_ENCODER",)
+    assert tuple(pack.mappings["NestedAttentionEncodeSubject"].RETURN_TYPES) == ("NESTED_SUBJECT", "IMAGE")
+    assert tuple(pack.mappings["NestedAttentionApply"].RETURN_TYPES) == ("MODEL", "CONDITIONING")
+
+
+def test_comfyui_registers_the_nodes_through_comfy_entrypoint(pack, monkeypatch):
+    """ComfyUI's own load_custom_node, as the server runs it at start-up for custom_nodes/<pack>."""
+    import nodes  # ComfyUI's
+
+    registries = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "EXTENSION_WEB_DIRS", "LOADED_MODULE_DIRS")
+    for registry in registries:
+        monkeypatch.setattr(nodes, registry, dict(getattr(nodes, registry)))
+    # A pack with NODE_CLASS_MAPPINGS is registered from them, and its comfy_entrypoint is never called.
+    assert not hasattr(pack.module, "NODE_CLASS_MAPPINGS")
+    module_name = str(REPO).replace(".", "_x_")  # load_custom_node's name for a pack folder
+    try:
+        assert run_async(nodes.load_custom_node(str(REPO))) is True
+    finally:
+        unload_pack(module_name)
+    for node_id, ours in pack.mappings.items():
+        registered = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(registered, io.ComfyNode) and registered.__name__ == ours.__name__
+        assert registered.__module__.startswith(f"{module_name}.nodes.")
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == pack.display[node_id]
+    assert len(pack.mappings) == len(pack.module.nodes.NODES) >= 5
+    assert nodes.EXTENSION_WEB_DIRS[REPO.name] == str(REPO / "web")  # web/save_subject.js
 
 
 def test_pack_leaves_comfy_nodes_module_first_and_makes_the_core_importable(pack):
@@ -60,7 +90,7 @@ def test_init_registers_the_models_folder_without_clobbering_extra_model_paths(m
 
 def test_encoder_list_comes_from_the_registered_folder(pack, save_tiny_encoder, models_folder):
     name = save_tiny_encoder("listed.safetensors")
-    ((choices, _),) = pack.mappings["NestedAttentionLoadEncoder"].INPUT_TYPES()["required"].values()
+    choices = combo_choices(input_specs(pack.mappings["NestedAttentionLoadEncoder"])["encoder_name"])
     assert name in choices
 
 
@@ -81,13 +111,13 @@ def test_missing_encoder_file_error_lists_the_folders_searched(pack, models_fold
 def test_missing_encoder_file_is_answered_at_validation_with_the_folder_and_sources(
     pack, save_tiny_encoder, models_folder
 ):
-    # ComfyUI runs VALIDATE_INPUTS instead of its own list check for encoder_name, before any node runs.
+    # ComfyUI runs the node's validation instead of its own list check for encoder_name, before any node runs.
     loader = pack.mappings["NestedAttentionLoadEncoder"]
     name = save_tiny_encoder("present.safetensors")
-    assert loader.VALIDATE_INPUTS(encoder_name=name) is True  # exactly True: ComfyUI tests `is not True`
-    message = loader.VALIDATE_INPUTS(encoder_name="faces-encoder.safetensors")
-    assert isinstance(message, str)
-    assert "'faces-encoder.safetensors' not found" in message
+    assert validate_inputs(loader, encoder_name=name) is True
+    message = validate_inputs(loader, encoder_name="faces-encoder.safetensors")
+    assert "Value not in list" not in message
+    assert "encoder_name - nested encoder file 'faces-encoder.safetensors' not found" in message
     assert f"searched: {models_folder.encoders}" in message and "found there: present.safetensors" in message
     assert f"Put the encoder file into {models_folder.encoders}" in message
     assert "python -m training.run" in message

@@ -8,7 +8,7 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from pack_helpers import encode_subject, photos, run_node
+from pack_helpers import encode_subject, fingerprint, photos, run_node, validate_inputs
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
@@ -101,12 +101,56 @@ def test_saved_subject_loads_back_identically(pack, load_handle, tmp_path, monke
     assert os.path.isfile(tmp_path / "output" / saved["subfolder"] / saved["filename"])
     listed = pack.subject.subject_files()
     assert listed == [f"nested_attention_subjects/{saved['filename']} [output]"]
-    load_node = pack.mappings["NestedAttentionLoadSubject"]
-    assert (
-        load_node.IS_CHANGED(encoder=handle, subject_file=listed[0]) != listed[0]
-    )  # mtime and size of the file
     (loaded,) = run_node(pack, "NestedAttentionLoadSubject", encoder=handle, subject_file=listed[0])
     assert torch.equal(loaded.tokens, subject.tokens) and loaded.images == 2 and loaded.encoder is handle
+
+
+def test_load_nested_subject_runs_again_when_its_file_changes(pack, load_handle, tmp_path, monkeypatch):
+    # ComfyUI reuses a node's last output while what its IS_CHANGED / fingerprint_inputs gives is unchanged.
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    handle = load_handle(seed=5)
+    result = run_node(pack, "NestedAttentionSaveSubject", subject=encode_subject(pack, handle, n=1),
+                      filename_prefix="nested_attention_subjects/cat")
+    saved = result["ui"]["subjects"][0]
+    path = tmp_path / "output" / saved["subfolder"] / saved["filename"]
+    (listed,) = pack.subject.subject_files()
+    node = pack.mappings["NestedAttentionLoadSubject"]
+    first = fingerprint(node, encoder=["0", 0], subject_file=listed)
+    assert fingerprint(node, encoder=["0", 0], subject_file=listed) == first  # a value, not NaN: reused
+    pack.subject.save_subject(str(path), encode_subject(pack, handle, seed=1, n=2))  # saved over, larger
+    assert fingerprint(node, encoder=["0", 0], subject_file=listed) != first
+    second = fingerprint(node, encoder=["0", 0], subject_file=listed)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, touched
+    assert fingerprint(node, encoder=["0", 0], subject_file=listed) != second
+
+
+def test_a_subject_file_that_is_not_saved_is_refused_before_anything_runs(
+    pack, load_handle, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    node = pack.mappings["NestedAttentionLoadSubject"]
+    gone = "nested_attention_subjects/cat_00001_.safetensors [output]"
+    message = validate_inputs(node, subject_file=gone)
+    assert f"subject_file - saved subject {gone!r} is not in input/nested_attention_subjects" in message
+    assert "found: no saved subject" in message and "Save it with Save Nested Subject" in message
+    run_node(pack, "NestedAttentionSaveSubject", subject=encode_subject(pack, load_handle(seed=5)),
+             filename_prefix="nested_attention_subjects/cat")
+    assert validate_inputs(node, subject_file=gone) is True
+    assert f"(found: {gone})" in validate_inputs(node, subject_file="elsewhere.safetensors")
+
+
+@pytest.mark.parametrize("inputs", [{"crop": "middle"}, {"align": "yes"}])
+def test_a_crop_or_align_that_is_not_a_choice_is_refused_before_anything_runs(pack, inputs):
+    # ComfyUI 0.3.75 checks no V3 combo against its choices; the node does, on every host.
+    node = pack.mappings["NestedAttentionEncodeSubject"]
+    assert validate_inputs(node, crop="none", align="off", face_index=0) is True
+    (name, value), = inputs.items()
+    choices = {"crop": "'center', 'none'", "align": "'auto', 'off'"}[name]
+    message = validate_inputs(node, **{"crop": "center", **inputs})
+    assert f"{name} is {value!r}; expected one of {choices}." in message, message
 
 
 def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path):

@@ -112,4 +112,4 @@ def test_the_root_init_imports_as_a_plain_module_as_pytest_does_in_a_hyphenated_
     finally:
         if saved is not None:
             sys.modules["__init__"] = saved
-    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # the mappings are for ComfyUI, which loads a package
+    assert not hasattr(module, "comfy_entrypoint")  # the nodes are for ComfyUI, which loads a package

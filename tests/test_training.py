@@ -14,12 +14,13 @@ import os
 import tarfile
 from pathlib import Path
 
-import comfy.model_management
 import numpy as np
 import pytest
 import tiny_models  # ComfyUI set-up first; also the accelerate launcher
 import torch
+from pack_helpers import run_node
 from safetensors.torch import load_file
+from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
 from training import data as data_lib
@@ -28,8 +29,6 @@ from training import run as trainer
 from training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-# Small and quick: two images per batch, no dropout draws that would hide what a test looks at.
-FAST = ["--domain", "tiny", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0"]
 # The reference run's options, shared by the runs compared with it: accumulation, EMA, min-SNR, noise offset.
 OPTIONS = [
     "--gradient_accumulation_steps",
@@ -52,18 +51,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def train(tmp: Path, *extra: str) -> dict:
-    """Run the real CLI in this process, then reset accelerate's singletons and ComfyUI's loaded models."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return trainer.main(trainer.parse_args([*FAST, "--output_dir", str(tmp), *extra]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        comfy.model_management.unload_all_models()
 
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
@@ -151,9 +138,8 @@ def test_presets_fill_unset_flags_and_flags_win():
 def test_run_with_only_the_domain_says_what_is_missing_and_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models = tmp_path / "models"
-    args = trainer.parse_args(["--domain", "pets", "--models_dir", str(models)])
     with pytest.raises(SystemExit) as e:
-        trainer.main(args)
+        run_trainer(["--domain", "pets", "--models_dir", str(models)])
     message = str(e.value)
     assert "sd_xl_base_1.0.safetensors" in message and str(models / "checkpoints") in message
     assert "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors" in message and str(models / "clip_vision") in message
@@ -501,20 +487,18 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
 
 
 def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
-    reference, tiny_clip, tiny_clip_vision
+    pack, reference, tiny_clip, tiny_clip_vision
 ):
-    from pack import load_pack
-
-    nodes = load_pack().nodes
     encoder = load_encoder(reference["encoder_path"])
-    handle = nodes.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
+    handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
     image = data_lib.to_comfy_image(
         data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
     )[None]
-    subject, _ = nodes.subject.NestedAttentionEncodeSubject().encode(handle, image)
+    subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
     prompt = "a photo of a pet"
-    patched, positive = nodes.apply.NestedAttentionApply().apply(unet, tiny_clip, subject, prompt)
+    patched, positive = run_node(pack, "NestedAttentionApply", model=unet, clip=tiny_clip, subject=subject,
+                                 text=prompt, token="")
     negative = tiny_models.encode_text(tiny_clip, "")
     with_subject = tiny_models.sample(patched, positive, negative, seed=0, size=8)
     without = tiny_models.sample(unet, tiny_models.encode_text(tiny_clip, prompt), negative, seed=0, size=8)
@@ -571,8 +555,7 @@ def test_tar_shards_train_end_to_end(tmp_path):
 def test_two_processes_under_accelerate_launch_end_a_step_with_identical_weights(tmp_path, data_dir):
     result = tiny_models.accelerate_launch(
         "training.run",
-        [*FAST, "--train_data", data_dir, "--output_dir", tmp_path, "--max_train_steps", "1",
-         "--checkpointing_steps", "1"],
+        tiny_argv(tmp_path, "--train_data", str(data_dir), "--max_train_steps", "1", "--checkpointing_steps", "1"),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     states = [json.loads((tmp_path / "checkpoint-1" / f"trainer_state-{r}.json").read_text()) for r in (0, 1)]

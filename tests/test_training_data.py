@@ -17,6 +17,7 @@ import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
 from PIL import Image
+from trainer_runs import train
 
 from nested_attention.images import composite_on_white
 from training import data as data_lib
@@ -152,7 +153,6 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
 
 def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog):
     from training import models as models_lib
-    from training import run as trainer
 
     folder = make_messy_folder(tmp_path / "data")
     order = []
@@ -165,58 +165,18 @@ def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog)
         raise RuntimeError("stop here: the models would load now")
 
     monkeypatch.setattr(models_lib, "load_frozen", no_models)
-    args = trainer.parse_args(
-        [
-            "--domain",
-            "tiny",
-            "--train_data",
-            str(folder),
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--report_to",
-            "none",
-            "--min_image_size",
-            "32",
-        ]
-    )
-    try:
-        with caplog.at_level(logging.INFO, logger="training"), pytest.raises(RuntimeError, match="stop here"):
-            trainer.main(args)
-    finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with caplog.at_level(logging.INFO, logger="training"), pytest.raises(RuntimeError, match="stop here"):
+        train(tmp_path / "o", "--train_data", str(folder), "--min_image_size", "32")
     assert order == ["scan", "models"]
     assert "broken.jpg" in caplog.text and "tiny.png (20x20)" in caplog.text
 
 
 def test_unreadable_only_data_is_refused_before_the_models(tmp_path):
-    from training import run as trainer
-
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "x.png").write_bytes(b"nope")
-    args = trainer.parse_args(
-        [
-            "--domain",
-            "tiny",
-            "--train_data",
-            str(folder),
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--report_to",
-            "none",
-        ]
-    )
-    try:
-        with pytest.raises(SystemExit, match="no readable training images"):
-            trainer.main(args)
-    finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    with pytest.raises(SystemExit, match="no readable training images"):
+        train(tmp_path / "o", "--train_data", str(folder))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,8 +249,6 @@ def test_trainer_and_node_share_one_compositing(tmp_path):
 
 def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
     """The issue's check: upright, white-backed, correctly converted images for each case, no model loaded."""
-    from training import run as trainer
-
     data = tmp_path / "data"
     data.mkdir()
     exif = Image.Exif()
@@ -302,28 +260,7 @@ def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
     Image.fromarray(np.full((128, 128), 30000, np.uint16)).save(data / "c_deep.png")
     halves(128, 128).save(data / "d_photo.tif")
     (data / "d_photo.txt").write_bytes("a dog at the caf\xe9".encode("latin-1"))
-    args = trainer.parse_args(
-        [
-            "--domain",
-            "tiny",
-            "--train_data",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--report_to",
-            "none",
-            "--dry_run",
-            "--subject_words",
-            "cat,dog",
-        ]
-    )
-    try:
-        summary = trainer.main(args)
-    finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    summary = train(tmp_path / "o", "--train_data", str(data), "--dry_run", "--subject_words", "cat,dog")
     assert summary["dry_run"] and len(summary["preview"]) == 4
     saved = json.loads((tmp_path / "o" / "args.json").read_text())
     assert saved["resolution"] == 64 and saved["dry_run"] is True
@@ -411,32 +348,8 @@ def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
     for i in range(10):
         halves(64, 64).save(data / f"{i}.png")
     (data / "bad.png").write_bytes(b"no")
-    args = trainer.parse_args(
-        [
-            "--domain",
-            "tiny",
-            "--train_data",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--report_to",
-            "none",
-            "--dry_run",
-            "--num_train_epochs",
-            "3",
-            "--train_batch_size",
-            "2",
-            "--gradient_accumulation_steps",
-            "2",
-        ]
-    )
-    try:
-        trainer.main(args)
-    finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    batch = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    train(tmp_path / "o", "--train_data", str(data), "--dry_run", "--num_train_epochs", "3", *batch)
     assert json.loads((tmp_path / "o" / "args.json").read_text())["max_train_steps"] == 8  # ceil(3 * 10 / 4)
     with pytest.raises(SystemExit):
         trainer.parse_args(["--domain", "tiny", "--num_train_epochs", "2", "--max_train_steps", "5"])
@@ -458,39 +371,14 @@ def test_resuming_with_another_batch_shape_is_named(tmp_path):
 
 
 def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
-    import comfy.model_management
-    from accelerate.state import AcceleratorState, GradientState
-
-    from training import run as trainer
     from training.tiny import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
-    common = [
-        "--domain",
-        "tiny",
-        "--train_data",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "o"),
-        "--report_to",
-        "none",
-        "--validation_steps",
-        "0",
-        "--checkpointing_steps",
-        "1",
-    ]
-
-    def train(*extra):
-        try:
-            return trainer.main(trainer.parse_args([*common, *extra]))
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-            comfy.model_management.unload_all_models()
-
-    train("--max_train_steps", "1", "--train_batch_size", "2")
+    common = ("--train_data", str(data), "--checkpointing_steps", "1")
+    train(tmp_path / "o", *common, "--max_train_steps", "1", "--train_batch_size", "2")
     state = json.loads((tmp_path / "o" / "checkpoint-1" / "trainer_state-0.json").read_text())
     assert (state["train_batch_size"], state["gradient_accumulation_steps"]) == (2, 1)
+    resume = ["--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest"]
     with caplog.at_level(logging.WARNING, logger="training"):
-        train("--max_train_steps", "2", "--train_batch_size", "1", "--resume_from_checkpoint", "latest")
+        train(tmp_path / "o", *common, *resume)
     assert "batch size per device 2 -> 1" in caplog.text

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tiny_models  # noqa: F401  (ComfyUI set-up first)
 from PIL import Image
-from test_training import make_shards, train
+from test_training import make_shards
+from trainer_runs import run_trainer, tiny_argv, train
 
 from training import checkpoints as checkpoints_lib
 from training import data as data_lib
@@ -145,7 +146,7 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     assert summary["dry_run"] and len(summary["preview"]) == 4
     assert not list(out.glob("checkpoint-*")) and not (out / "tiny-encoder.safetensors").exists()
     # args.json: the frozen config, every setting resolved (the epochs made 6 steps: 2 x 6 records / batch 2).
-    parsed = trainer.parse_args([*trainer_flags(out), *flags])
+    parsed = trainer.parse_args(tiny_argv(out, *flags))
     expected = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(parsed, max_train_steps=6))))
     assert json.loads((out / "args.json").read_text()) == expected
     # sample-0: the CLIP crop (32 px, shown x8) and the target crop (64 px, shown x4), as training makes them.
@@ -160,12 +161,6 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     np.testing.assert_array_equal(crop(target_box), enlarge(sample["pixels"], 4))
     # the target is 96 x 64: resized to 96 x 64 and cropped in the middle, not squashed
     assert sample["time_ids"].tolist() == [64, 96, 0, 16, 64, 64]
-
-
-def trainer_flags(out: Path) -> list[str]:
-    from test_training import FAST
-
-    return [*FAST, "--output_dir", str(out)]
 
 
 def test_dry_run_on_tar_shards_previews_the_start_of_the_stream(tmp_path, monkeypatch, caplog):
@@ -341,16 +336,10 @@ def test_faces_dry_run_reads_the_clip_size_from_the_file_and_never_opens_sdxl(tm
     no_models(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "1")
     out = tmp_path / "out"
-    summary = trainer.main(
-        trainer.parse_args(
-            ["--domain", "faces", "--pretrained_model", str(sdxl), "--clip_vision", str(clip)]
-            + ["--train_data", str(data), "--output_dir", str(out), "--report_to", "none", "--dry_run"]
-        )
+    summary = run_trainer(
+        ["--domain", "faces", "--pretrained_model", str(sdxl), "--clip_vision", str(clip)]
+        + ["--train_data", str(data), "--output_dir", str(out), "--report_to", "none", "--dry_run"]
     )
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     args = json.loads((out / "args.json").read_text())
     batch = (args["global_batch_size"], args["train_batch_size"], args["gradient_accumulation_steps"])
     assert batch == (32, 4, 8)  # the paper's global batch at 512 on one GPU

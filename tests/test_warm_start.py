@@ -6,17 +6,15 @@ import json
 from types import SimpleNamespace
 
 import comfy.clip_vision
-import comfy.model_management
 import pytest
 import torch
 from test_formats import TINY, build_tiny
+from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
 from training import models as models_lib
 from training import run as trainer
 from training.warm_start import WarmStartError, warm_start_encoder
-
-FAST = ["--domain", "tiny", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,6 @@ def test_warm_start_refuses_a_file_for_another_clip_or_unet(tmp_path, layers, fr
 
 def test_init_from_trains_from_the_file_reads_its_clip_layer_and_exports_the_packs_format(tmp_path, layers,
                                                                                           monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
     from training.tiny import make_tiny_dataset
 
     source = tmp_path / "ip-adapter-plus-tiny.safetensors"
@@ -71,14 +68,8 @@ def test_init_from_trains_from_the_file_reads_its_clip_layer_and_exports_the_pac
     original = comfy.clip_vision.Output.__getitem__
     monkeypatch.setattr(comfy.clip_vision.Output, "__getitem__", lambda self, key: read.append(key) or original(self, key))
     out = tmp_path / "run"
-    try:
-        summary = trainer.main(trainer.parse_args([*FAST, "--output_dir", str(out), "--train_data", str(data),
-                                                   "--max_train_steps", "1", "--checkpointing_steps", "1",
-                                                   "--init_from", str(source)]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        comfy.model_management.unload_all_models()
+    summary = train(out, "--train_data", str(data), "--max_train_steps", "1", "--checkpointing_steps", "1",
+                    "--init_from", str(source))
     assert read and set(read) == {"penultimate_hidden_states"}
 
     state = json.loads((out / "checkpoint-1" / "trainer_state-0.json").read_text())
@@ -97,8 +88,8 @@ def test_init_from_and_init_encoder_are_exclusive(tmp_path, capsys):
     path = tmp_path / "a.safetensors"
     path.write_bytes(b"x")
     with pytest.raises(SystemExit):
-        trainer.parse_args([*FAST, "--init_from", str(path), "--init_encoder", str(path)])
+        trainer.parse_args([*TINY_FLAGS, "--init_from", str(path), "--init_encoder", str(path)])
     assert "give one" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        trainer.parse_args([*FAST, "--init_from", str(tmp_path / "missing.safetensors")])
+        trainer.parse_args([*TINY_FLAGS, "--init_from", str(tmp_path / "missing.safetensors")])
     assert "no such file" in capsys.readouterr().err

@@ -14,17 +14,16 @@ grids/<method>.png into --output_dir. Images already there are not generated aga
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from .evaluation.flags import parse_args  # noqa: F401  (the CLI's flags; tests parse with it)
+from .evaluation.config import EvalConfig, parse_args
 from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
 
 log = logging.getLogger("training.evaluate")
@@ -51,10 +50,12 @@ IMAGE_SETTINGS = (
     "subjects",
     "decoupled_uncond",
     "precision",
+    "two_subjects",
+    "pair_words",
 )
 
 
-def find_model(value: Optional[str], folder: str, names: tuple, what: str, flag: str, models_dir) -> str:
+def find_model(value: str | None, folder: str, names: tuple, what: str, flag: str, models_dir) -> str:
     if value is not None:
         if not os.path.isfile(value):
             raise SystemExit(f"{PREFIX} --{flag} {value}: no such file ({what}).")
@@ -70,7 +71,7 @@ def find_model(value: Optional[str], folder: str, names: tuple, what: str, flag:
     return str(found)
 
 
-def load_subjects(args: argparse.Namespace, output_dir: Path):
+def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
     from .data import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
     from .evaluation.generation import Subject
@@ -136,7 +137,8 @@ def check_resume(output_dir: Path, settings: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    changed = [k for k in IMAGE_SETTINGS if old.get(k) != settings.get(k)]
+    new = json.loads(json.dumps(settings))  # as saved: tuples are lists there
+    changed = [k for k in IMAGE_SETTINGS if old.get(k) != new.get(k)]
     if changed:
         raise SystemExit(
             f"{PREFIX} {output_dir} holds images made with other settings ({', '.join(changed)} differ), "
@@ -205,7 +207,7 @@ def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
     return metrics.Scorers(clip_t=clip_t, clip_i=clip_i, identity=identity)
 
 
-def main(args: argparse.Namespace) -> Optional[dict]:
+def main(args: EvalConfig) -> dict | None:
     """Run the evaluation; returns the report (metrics.json's content) on the main process."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("training").setLevel(logging.INFO)
@@ -233,21 +235,24 @@ def main(args: argparse.Namespace) -> Optional[dict]:
             models_dir = Path(args.models_dir) if args.models_dir else find_comfyui() / "models"
         except ComfyNotFoundError:
             models_dir = None
-        args.pretrained_model = find_model(
-            args.pretrained_model,
-            "checkpoints",
-            SDXL_CHECKPOINT_NAMES,
-            "the SDXL base checkpoint",
-            "pretrained_model",
-            models_dir,
-        )
-        args.clip_vision = find_model(
-            args.clip_vision,
-            "clip_vision",
-            CLIP_VISION_H_NAMES,
-            "the CLIP vision model of the encoder",
-            "clip_vision",
-            models_dir,
+        args = dataclasses.replace(
+            args,
+            pretrained_model=find_model(
+                args.pretrained_model,
+                "checkpoints",
+                SDXL_CHECKPOINT_NAMES,
+                "the SDXL base checkpoint",
+                "pretrained_model",
+                models_dir,
+            ),
+            clip_vision=find_model(
+                args.clip_vision,
+                "clip_vision",
+                CLIP_VISION_H_NAMES,
+                "the CLIP vision model of the encoder",
+                "clip_vision",
+                models_dir,
+            ),
         )
     precision = args.precision
     if precision == "auto":
@@ -325,7 +330,27 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         "lambdas": args.lambdas,
         "decoupled_scales": args.decoupled_scales,
         "processes": accelerator.num_processes,
+        "two_subjects": args.two_subjects,
     }
+    if args.two_subjects:  # two-subject mode (issue 23): its own prompts, pairs and region methods
+        from .evaluation import two_subjects
+
+        pair_prompts = list(two_subjects.TINY_PAIR_PROMPTS if tiny else two_subjects.PAIR_PROMPTS)
+        try:
+            pairs = two_subjects.pair_up(len(subjects))
+        except ValueError as e:
+            raise SystemExit(f"{PREFIX} --two_subjects: {e} Give --subjects with two photos or more.") from e
+        settings.update(
+            prompts=[{"template": q.template, "category": q.category, "clip_t_text": q.without_subjects()}
+                     for q in pair_prompts],
+            pair_words=args.pair_words,
+            regions=args.regions,
+            pairs=[[subjects[i].name for i in pair] for pair in pairs],
+        )
+        settings.pop("decoupled_scales")
+        if "decoupled" in args.methods:
+            log.warning("%s --two_subjects: the decoupled baseline is not measured (it binds no word)",
+                        PREFIX)
     if accelerator.is_main_process:
         check_resume(output_dir, settings)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -347,13 +372,21 @@ def main(args: argparse.Namespace) -> Optional[dict]:
         host=comfy_attention,
         decoupled_uncond=args.decoupled_uncond == "black_image",
     )
-    chosen = methods(
-        prior="prior" in args.methods,
-        lambdas=args.lambdas if "nested" in args.methods else (),
-        scales=args.decoupled_scales if "decoupled" in args.methods else (),
-    )
+    nested = args.lambdas if "nested" in args.methods else ()
+    if args.two_subjects:  # the same run with the two-subject jobs, scores and report
+        run = two_subjects.run_pair_evaluation
+        generator = two_subjects.PairGenerator(generator, pairs, pair_prompts, args.pair_words)
+        prior = "prior" in args.methods
+        chosen = two_subjects.pair_methods(prior=prior, lambdas=nested, regions=args.regions)
+    else:
+        run = run_evaluation
+        chosen = methods(
+            prior="prior" in args.methods,
+            lambdas=nested,
+            scales=args.decoupled_scales if "decoupled" in args.methods else (),
+        )
     try:
-        result = run_evaluation(
+        result = run(
             generator=generator,
             scorers=scorers,
             methods=chosen,
@@ -377,10 +410,14 @@ def print_summary(result: dict) -> None:
     metrics = result["metrics"]
     short = [m.split("[", 1)[0] for m in metrics]
     print(f"{result['generated']} images generated, {result['skipped']} already there (resumed)")
-    print(f"{'method':<22}" + "".join(f"{s:>12}" for s in short) + f"{'no face':>10}")
+    widths = [max(12, len(s) + 2) for s in short]
+    print(f"{'method':<22}" + "".join(f"{s:>{w}}" for s, w in zip(short, widths)) + f"{'no face':>10}")
     for e in result["summary"]:
         label = e["method"] if e["value"] is None else f"{e['method']} {e['parameter']}={e['value']:g}"
-        cells = "".join(f"{'-' if e[m] is None else format(e[m], '.4f'):>12}" for m in metrics)
+        if e.get("region"):  # the two-subject mode
+            label = f"regions {e['region']} λ={e['value']:g}"
+        values = ["-" if e[m] is None else format(e[m], ".4f") for m in metrics]
+        cells = "".join(f"{v:>{w}}" for v, w in zip(values, widths))
         faces = f"{e['face_failures']}/{e['rows']}" if "face_failures" in e else ""
         print(f"{label:<22}{cells}{faces:>10}")
     for s, m in zip(short, metrics):

@@ -4,8 +4,9 @@ The paper trains faces with a global batch of 32 at 512 px then 16 at 1024 px, p
 (docs/ARCHITECTURE.md §6). A global batch is per-device batch x processes x gradient accumulation:
 `--global_batch_size` (default: the preset's for the resolution's phase) is split over the processes
 `accelerate launch` / torchrun start ($WORLD_SIZE), the per-device batch lowered to fit when it was not
-given, the accumulation derived; what does not divide evenly is refused (config.check_config), never
-rounded. What changes when a run is resumed with another layout: training.checkpoints.batch_mismatch.
+given, the accumulation derived; what does not divide evenly is refused (the rule declared on
+TrainConfig.global_batch_size), never rounded. What changes when a run is resumed with another layout:
+training.checkpoints.batch_mismatch.
 """
 
 from __future__ import annotations

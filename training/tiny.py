@@ -172,17 +172,21 @@ def _sdxl_model_config(unet_config: dict, dtype: torch.dtype | None, manual_cast
     return model_config
 
 
-def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype | None = None, *,
+                   inpaint: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a tiny SDXL-shaped UNet, built as comfy.sd.load_state_dict_guess_config does.
 
-    `dtype=None` lets ComfyUI choose as for a checkpoint (float32 on the CPU).
+    `dtype=None` lets ComfyUI choose as for a checkpoint (float32 on the CPU). `inpaint`: the layout of an
+    SDXL inpainting checkpoint, 9 input channels (the noisy latent, the mask, the masked image's latent);
+    ComfyUI's SDXL class then concatenates the mask and masked image itself (`BaseModel.set_inpaint`).
     """
     load_device = comfy.model_management.get_torch_device()
     supported = comfy.supported_models.SDXL.supported_inference_dtypes
     if dtype is None:
         dtype = comfy.model_management.unet_dtype(model_params=15_700_000, supported_dtypes=supported)
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
-    model_config = _sdxl_model_config(TINY_SDXL_UNET_CONFIG, dtype, manual_cast_dtype)
+    config = {**TINY_SDXL_UNET_CONFIG, "in_channels": 9} if inpaint else TINY_SDXL_UNET_CONFIG
+    model_config = _sdxl_model_config(config, dtype, manual_cast_dtype)
     model = model_config.get_model({}, "", device=torch.device("cpu"))
     init_parameters(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(

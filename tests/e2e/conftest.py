@@ -1,6 +1,7 @@
 """One real ComfyUI server (and one headless Chromium on its frontend) for every test under tests/e2e.
 
-The server runs with this pack and the test-only pack tests/e2e/tiny_pack, a throw-away
+The server runs with this pack, the test-only pack tests/e2e/tiny_pack and cubiq's ComfyUI_IPAdapter_plus
+(unpacked from ../shared/packs for the compatibility test, never part of the repo), a throw-away
 `--base-directory`, and real encoder files sized for the tiny UNet, in the pack's own format and in
 IP-Adapter Plus's layout (so the real Load Nested Encoder node loads and validates them). Starting it once
 saves each test module its own start-up.
@@ -20,6 +21,7 @@ from harness import (
     ARTIFACTS_DIR,
     CHROMIUM,
     FACES_ENCODER,
+    IPADAPTER_PLUS_ARCHIVE,
     PACK_NAME,
     PETS_ENCODER,
     REPO,
@@ -27,6 +29,8 @@ from harness import (
     TINY_PACK_NAME,
     ComfyServer,
     Frontend,
+    install_pack_archive,
+    pack_archive,
     prepare_base_dir,
 )
 from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
@@ -82,6 +86,9 @@ def comfy(tmp_path_factory, _tiny_unet_shared):
     ARTIFACTS_DIR.mkdir(parents=True)
     base = tmp_path_factory.mktemp("comfyui") / "base"
     prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR}, MODEL_FILES)
+    ipadapter_plus = pack_archive(IPADAPTER_PLUS_ARCHIVE)
+    if ipadapter_plus is not None:  # test_other_packs_e2e.py says what is missing when it is not
+        install_pack_archive(ipadapter_plus, base / "custom_nodes")
     write_tiny_encoders(base / "models" / "nested_attention", _tiny_unet_shared)
     write_tiny_ip_adapter_files(base / "models" / "ipadapter", _tiny_unet_shared)
     server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()

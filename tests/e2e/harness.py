@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -37,6 +38,12 @@ TINY_PACK_NAME = "nested_attention_test_tiny"
 # Encoder files in the pack's own format in the e2e server's models folder (conftest.py writes them, sized for
 # the tiny UNet); no shipped workflow names them.
 FACES_ENCODER, PETS_ENCODER = "faces-encoder.safetensors", "pets-encoder.safetensors"
+
+# Other packs' source archives, installed into the test server for compatibility tests (never into the repo):
+# $NESTED_ATTENTION_PACKS, else ../shared/packs beside the checkout.
+PACKS_ENV = "NESTED_ATTENTION_PACKS"
+IPADAPTER_PLUS_ARCHIVE = "ComfyUI_IPAdapter_plus-9d076a3.tar.gz"  # cubiq's pack (GPL-3.0), one folder inside
+IPADAPTER_PLUS_NAME = "ComfyUI_IPAdapter_plus"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -81,6 +88,19 @@ def prepare_base_dir(base: Path, custom_nodes: dict[str, Path], model_files: dic
             if image.is_file():
                 shutil.copy2(image, base / "input" / image.name)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(FRONTEND_SETTINGS))
+
+
+def pack_archive(name: str) -> Path | None:
+    """Another pack's source archive from the packs folder ($NESTED_ATTENTION_PACKS, else ../shared/packs)."""
+    folder = Path(os.environ.get(PACKS_ENV) or REPO.parent / "shared" / "packs")
+    path = folder / name
+    return path if path.is_file() else None
+
+
+def install_pack_archive(archive: Path, custom_nodes: Path) -> None:
+    """Unpack a pack's archive (one top-level folder) into a test server's custom_nodes."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(custom_nodes, filter="data")
 
 
 class ComfyServer:
@@ -149,10 +169,13 @@ class ComfyServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def queue_prompt(self, prompt: dict) -> str:
-        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors."""
+    def queue_prompt(self, prompt: dict, client_id: str = "nested-attention-e2e") -> str:
+        """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors.
+
+        client_id: who gets the progress and output messages (a page's app.api.clientId: that frontend shows
+        the outputs in its nodes)."""
         try:
-            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": "nested-attention-e2e"})
+            answer = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
             return answer["prompt_id"]
         except urllib.error.HTTPError as e:
             raise AssertionError(f"the server refused the prompt: {e.read().decode(errors='replace')}") from e
@@ -172,9 +195,10 @@ class ComfyServer:
             time.sleep(0.2)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
-    def run_prompt(self, prompt: dict, timeout: float = 600.0) -> dict[str, list[bytes]]:
+    def run_prompt(self, prompt: dict, timeout: float = 600.0, client_id: str = "nested-attention-e2e"
+                   ) -> dict[str, list[bytes]]:
         """Queue `prompt`, wait for it, fetch its output images over /view: {node id: [PNG bytes, ...]}."""
-        entry = self.wait_for(self.queue_prompt(prompt), timeout)
+        entry = self.wait_for(self.queue_prompt(prompt, client_id), timeout)
         images = {}
         for node_id, output in entry.get("outputs", {}).items():
             for image in output.get("images", []):

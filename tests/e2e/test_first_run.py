@@ -27,16 +27,17 @@ import shutil
 import pytest
 from harness import ARTIFACTS_DIR, PACK_NAME, WORKFLOWS_DIR, Frontend
 
-from devtools.workflows import IPADAPTER_FACE, MODELS, WORKFLOWS, person_one_photo
+from devtools.workflows import IPADAPTER_FACE, MODELS, person_one_photo, workflow_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-PERSON_FROM_ONE_PHOTO = next(name for name, make in WORKFLOWS.items() if make is person_one_photo)
+PERSON_FROM_ONE_PHOTO = workflow_name(person_one_photo)
 # The loaders of the shipped workflows, with the models folders ComfyUI reads their file from: the files a
 # workflow needs are read from the workflow itself. Load Nested Encoder lists two folders.
 LOADERS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
-           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter")}
+           "NestedAttentionLoadEncoder": ("nested_attention", "ipadapter"),
+           "UNETLoader": ("diffusion_models",)}
 ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's download allow-list
 
 

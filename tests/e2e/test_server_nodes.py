@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from harness import FACES_ENCODER, PACK_NAME, PETS_ENCODER
+from pack_helpers import combo_choices
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,9 +28,22 @@ EXPECTED = {
     "NestedAttentionApply": (
         "Apply Nested Attention (token, λ)",
         {"model", "clip", "subject", "text", "token", "λ", "start_percent", "end_percent"},
-        {"mask"},
+        {"mask", "region"},
         ["MODEL", "CONDITIONING"],
     ),
+    "NestedAttentionCapture": (
+        "Capture Nested Attention",
+        {"model", "start_percent", "end_percent", "sources"},
+        set(),
+        ["MODEL", "NESTED_CAPTURE"],
+    ),
+    "NestedAttentionMaps": (
+        "Nested Attention Maps",
+        {"capture", "image", "points", "top_tokens", "normalize"},
+        set(),
+        ["IMAGE", "IMAGE"],
+    ),
+    "NestedAttentionQueryMaps": ("Subject Query Maps", {"subject", "count"}, set(), ["IMAGE"]),
 }
 NO_TOOLTIP_NEEDED = {"model"}
 
@@ -52,7 +66,7 @@ def test_object_info_lists_the_three_nodes_with_inputs_and_tooltips(comfy):
                 if name not in NO_TOOLTIP_NEEDED:
                     assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     # The registered models folder is what the loader lists (so extra_model_paths.yaml entries work too).
-    listed = info["NestedAttentionLoadEncoder"]["input"]["required"]["encoder_name"][0]
+    listed = combo_choices(info["NestedAttentionLoadEncoder"]["input"]["required"]["encoder_name"])
     assert {FACES_ENCODER, PETS_ENCODER} <= set(listed), listed
     # λ starts at 1: under max(logit, λ·logit) a smaller λ cannot weaken the subject.
     lam = info["NestedAttentionApply"]["input"]["required"]["λ"]

@@ -38,17 +38,23 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 TINY_LOADERS = {
     "CheckpointLoaderSimple": "NestedAttentionTestTinyCheckpoint",
     "CLIPVisionLoader": "NestedAttentionTestTinyCLIPVision",
+    "UNETLoader": "NestedAttentionTestTinyInpaintUNet",  # the SDXL inpainting UNet's workflow
 }
 # Nodes that run as shipped, cheap on a CPU once the loaders are tiny. Anything else in a workflow fails the
 # test until it is put in one of these two tables.
 RUNS_AS_SHIPPED = {
     "NestedAttentionLoadEncoder", "NestedAttentionEncodeSubject", "NestedAttentionApply", "LoadImage",
     "ImageBatch", "PrimitiveStringMultiline", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-    "SaveImage",
+    "SaveImage", "NestedAttentionCapture", "NestedAttentionMaps", "NestedAttentionQueryMaps",
+    # inpainting and two people
+    "InpaintModelConditioning", "ImageScaleBy", "SolidMask", "MaskComposite", "InvertMask",
 }
 APPLY = "NestedAttentionApply"
+CAPTURE = "NestedAttentionCapture"
 TINY_IMAGE_SIZE = 128  # pixels: a 16 x 16 latent for the tiny UNet
 TINY_STEPS = 2
+TINY_PHOTO_SCALE = 0.2  # the inpainting photo (640 x 427) to 128 x 85 pixels
+TINY_INPAINT_SHAPE = (80, 128, 3)  # ... which InpaintModelConditioning crops to whole latent cells (8 px)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,6 +75,8 @@ def tiny_prompt(prompt: dict) -> dict:
             node["inputs"].update(width=TINY_IMAGE_SIZE, height=TINY_IMAGE_SIZE)
         elif kind == "KSampler":
             node["inputs"]["steps"] = TINY_STEPS
+        elif kind == "ImageScaleBy":
+            node["inputs"]["scale_by"] = TINY_PHOTO_SCALE
     return prompt
 
 
@@ -78,13 +86,36 @@ def is_link(value) -> bool:
             and isinstance(value[1], int))
 
 
+def bypass_capture(prompt: dict) -> dict:
+    """The same prompt with every Capture Nested Attention node bypassed (its MODEL passed through) and what
+    reads its capture removed (Nested Attention Maps and the nodes after it)."""
+    prompt = copy.deepcopy(prompt)
+    replaced = {}
+    for node_id in [i for i, n in prompt.items() if n["class_type"] == CAPTURE]:
+        replaced[(node_id, 0)] = prompt.pop(node_id)["inputs"]["model"]
+    removed = {node_id for node_id, _ in replaced}
+    while True:  # drop every node that reads a removed node's output other than the passed-through model
+        gone = {i for i, n in prompt.items() for v in n["inputs"].values()
+                if is_link(v) and v[0] in removed and tuple(v) not in replaced}
+        if not gone:
+            break
+        removed |= gone
+        for i in gone:
+            prompt.pop(i)
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if is_link(value) and tuple(value) in replaced:
+                node["inputs"][name] = replaced[tuple(value)]
+    return prompt
+
+
 def bypass_apply(prompt: dict) -> dict:
-    """The same prompt with every Apply node bypassed.
+    """The same prompt with every Apply node bypassed (and the capture nodes, which need one: bypass_capture).
 
     Its MODEL output becomes its model input (passed through, as the frontend's bypass does), and its
     CONDITIONING output becomes a CLIP Text Encode of the same text with the same CLIP.
     """
-    prompt = copy.deepcopy(prompt)
+    prompt = bypass_capture(prompt)
     replaced = {}
     next_id = max(int(i) for i in prompt) + 1
     for node_id in [i for i, n in prompt.items() if n["class_type"] == APPLY]:
@@ -185,9 +216,14 @@ def test_shipped_workflow_loads_cleanly_and_runs(name, comfy, frontend):
 
     for save in saves:
         assert len(with_subject.get(save, [])) == 1, f"{name}: Save Image #{save} returned no image"
+        if save not in bypass_capture(tiny):  # saves a capture's maps: there is nothing to bypass it to
+            continue
         assert len(without.get(save, [])) == 1, f"{name}: Save Image #{save} returned no image (bypassed)"
         a, b = pixels(with_subject[save][0]), pixels(without[save][0])
-        assert a.shape == b.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        inpainting = any(n["class_type"] == "InpaintModelConditioning" for n in tiny.values())
+        sampled = any(tiny[u]["class_type"] == "KSampler" for u in upstream(tiny, save))
+        expected = TINY_INPAINT_SHAPE if inpainting else (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        assert a.shape == b.shape and (not sampled or a.shape == expected)
         (ARTIFACTS_DIR / f"{name}.output-{save}.png").write_bytes(with_subject[save][0])
         (ARTIFACTS_DIR / f"{name}.output-{save}.bypassed.png").write_bytes(without[save][0])
         difference = np.abs(a - b).mean()

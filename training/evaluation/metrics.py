@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -204,6 +205,10 @@ class IdentityModel(Protocol):
     def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
         """(H, W, 3) in [0, 1] -> (D,) or None (no face)."""
 
+    def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
+        """Every detected face of (H, W, 3) in [0, 1] with its (D,) embedding, largest first (the two-subject
+        mode)."""
+
 
 class DlibFaceDetector:
     """The faces the Encode node and training.prepare align (nested_attention.faces.detect_faces: dlib's HOG
@@ -263,21 +268,29 @@ class DlibIdentity:
         self._predictor = dlib.shape_predictor(str(predictor))
         self._embedder = dlib.face_recognition_model_v1(str(embedder))
 
+    def _embed_box(self, pixels: np.ndarray, box: FaceBox) -> torch.Tensor:
+        rect = self._dlib.rectangle(box.left, box.top, box.right, box.bottom)
+        shape = self._predictor(pixels, rect)
+        return torch.tensor(list(self._embedder.compute_face_descriptor(pixels, shape)), dtype=torch.float64)
+
     def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
         pixels = np.ascontiguousarray(to_uint8(image))
         faces = self.detector.detect(pixels)
         if not faces:
             return None
-        box = max(faces, key=lambda b: b.area)
-        rect = self._dlib.rectangle(box.left, box.top, box.right, box.bottom)
-        shape = self._predictor(pixels, rect)
-        return torch.tensor(list(self._embedder.compute_face_descriptor(pixels, shape)), dtype=torch.float64)
+        return self._embed_box(pixels, max(faces, key=lambda b: b.area))
+
+    def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
+        pixels = np.ascontiguousarray(to_uint8(image))
+        faces = sorted(self.detector.detect(pixels), key=lambda b: -b.area)
+        return [(box, self._embed_box(pixels, box)) for box in faces]
 
 
 class TinyFaceDetector:
-    """The tiny test bed's stand-in: the "face" is the box around pixels unlike the image's border colour.
+    """The tiny test bed's stand-in: each "face" is the box around one connected blob of pixels unlike the
+    image's border colour (so two subjects side by side are two faces), largest first.
 
-    None when under `min_fraction` of the pixels differ (an empty image has no face).
+    Blobs under `min_fraction` of the image are not faces (an empty image has none).
     """
 
     name = "tiny-box"
@@ -290,10 +303,12 @@ class TinyFaceDetector:
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         background = np.median(border, axis=0)
         differs = np.abs(pixels - background).max(axis=-1) > self.threshold  # (H, W)
-        if differs.mean() < self.min_fraction:
-            return []
-        rows, cols = np.nonzero(differs)
-        return [FaceBox(int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)]
+        labels, _ = scipy.ndimage.label(differs, structure=np.ones((3, 3)))  # 8-connected blobs
+        boxes = []
+        for label, (rows, cols) in enumerate(scipy.ndimage.find_objects(labels), start=1):
+            if (labels[rows, cols] == label).sum() >= self.min_fraction * differs.size:
+                boxes.append(FaceBox(cols.start, rows.start, cols.stop, rows.stop))
+        return sorted(boxes, key=lambda b: -b.area)
 
 
 class TinyIdentity:
@@ -309,14 +324,20 @@ class TinyIdentity:
         self.weight = torch.randn(8 * 8 * 3, dim, generator=generator, dtype=torch.float64)
         self.detector = detector or TinyFaceDetector()
 
+    def _embed_box(self, image: torch.Tensor, box: FaceBox) -> torch.Tensor:
+        crop = image[box.top : box.bottom, box.left : box.right].double().movedim(-1, 0)[None]  # (1, 3, h, w)
+        small = F.interpolate(crop, size=(8, 8), mode="area")  # (1, 3, 8, 8)
+        return small.flatten() @ self.weight
+
     def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
         faces = self.detector.detect(to_uint8(image))
         if not faces:
             return None
-        box = max(faces, key=lambda b: b.area)
-        crop = image[box.top : box.bottom, box.left : box.right].double().movedim(-1, 0)[None]  # (1, 3, h, w)
-        small = F.interpolate(crop, size=(8, 8), mode="area")  # (1, 3, 8, 8)
-        return small.flatten() @ self.weight
+        return self._embed_box(image, max(faces, key=lambda b: b.area))
+
+    def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
+        faces = sorted(self.detector.detect(to_uint8(image)), key=lambda b: -b.area)
+        return [(box, self._embed_box(image, box)) for box in faces]
 
 
 # ------------------------------------------------------------------------------------------------

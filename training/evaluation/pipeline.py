@@ -23,10 +23,24 @@ log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
 
 
-def _dist(accelerator: Any) -> tuple[int, int, bool]:
+def process_info(accelerator: Any) -> tuple[int, int, bool]:
     if accelerator is None:
         return 0, 1, True
     return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+
+def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple[list, list]]:
+    """Every process's rows and counts, on the main process; None on the others (after waiting for it)."""
+    _, world, is_main = process_info(accelerator)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows, counts = gather_object(rows), gather_object(counts)
+    if not is_main:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return None
+    return rows, counts
 
 
 def axes_for(metrics: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
@@ -112,7 +126,7 @@ def run_evaluation(
     """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
     from tqdm.auto import tqdm
 
-    rank, world, is_main = _dist(accelerator)
+    rank, world, is_main = process_info(accelerator)
     subjects, prompts, token = generator.subjects, generator.prompts, generator.token
     jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
     mine = shard(jobs, rank, world)
@@ -152,14 +166,10 @@ def run_evaluation(
             )
         )
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        rows, counts = gather_object(rows), gather_object(counts)
-    if not is_main:
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+    gathered = gather_on_main(rows, counts, accelerator)
+    if gathered is None:
         return None
+    rows, counts = gathered
 
     order = {job: i for i, job in enumerate(jobs)}
     key = {relpath(job): order[job] for job in jobs}

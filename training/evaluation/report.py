@@ -30,7 +30,7 @@ BASE_COLUMNS = [
 ]
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def mean(values: Sequence[Optional[float]]) -> Optional[float]:
     present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(present)) if present else None
 
@@ -55,7 +55,7 @@ def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
             "images": len({r["image"] for r in items}),
         }
         for name in metrics:
-            entry[name] = _mean([r.get(name) for r in items])
+            entry[name] = mean([r.get(name) for r in items])
         if any("face_found" in r for r in items):
             found = [bool(r.get("face_found")) for r in items]
             entry["face_failures"] = found.count(False)
@@ -96,7 +96,7 @@ def write_json(payload: dict, path: Path) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -107,7 +107,7 @@ def _pyplot():
 
 def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: str = "") -> Path:
     """Identity (y) against CLIP-T (x): a curve per method, a point per λ / scale, labelled with its value."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     styles = {
         "nested": ("tab:blue", "o", "nested attention, λ"),
@@ -136,6 +136,11 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             )
     ax.set_xlabel(f"prompt alignment: {x}, cosine")
     ax.set_ylabel(f"identity: {y}, cosine")
+    return save_figure(fig, ax, path, title)
+
+
+def save_figure(fig: Any, ax: Any, path: Path, title: str = "") -> Path:
+    """A plot's grid, legend and title on `ax`, then `fig` written to `path` and closed."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     if title:
@@ -143,7 +148,7 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -156,7 +161,7 @@ def image_grid(
     cell_inches: float = 1.6,
 ) -> Path:
     """A labelled PNG grid: cells[r][c] (H, W, 3) float in [0, 1] or None (blank), labels on both axes."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = len(cells), max(len(r) for r in cells)
     fig, axes = plt.subplots(
         rows, cols, figsize=(cols * cell_inches + 0.6, rows * cell_inches + 0.9), dpi=100, squeeze=False

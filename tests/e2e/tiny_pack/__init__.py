@@ -1,8 +1,8 @@
 """Test-only ComfyUI node pack: tiny stand-ins for the heavy SDXL and CLIP vision loaders.
 
 The end-to-end test links this folder into the test server's custom_nodes (never into a user's ComfyUI)
-and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader for these nodes in the API
-prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
+and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader / UNETLoader for these nodes in
+the API prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
 pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
 
 The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
@@ -74,6 +74,21 @@ class NestedAttentionTestTinyCheckpoint:
         return (unet.clone(), clip.clone(), vae)
 
 
+class NestedAttentionTestTinyInpaintUNet:
+    DESCRIPTION = ("Test only: the tiny SDXL-shaped UNet with an inpainting checkpoint's 9 input channels, "
+                   "in place of Load Diffusion Model.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (_cached("inpaint_unet", lambda: tiny_models.tiny_sdxl_unet(seed=SEED, inpaint=True)).clone(),)
+
+
 class NestedAttentionTestTinyCLIPVision:
     DESCRIPTION = "Test only: a tiny CLIP vision transformer in place of Load CLIP Vision (same output)."
     CATEGORY = CATEGORY
@@ -86,6 +101,15 @@ class NestedAttentionTestTinyCLIPVision:
 
     def load(self):
         return (_cached("clip_vision", lambda: tiny_models.tiny_clip_vision(seed=SEED)),)
+
+
+class NestedAttentionTestTinyCLIPVision224(NestedAttentionTestTinyCLIPVision):
+    DESCRIPTION = ("Test only: a tiny CLIP vision transformer for 224-pixel inputs (patch 56, so 16 patches as the "
+                   "32-pixel one has), for packs that resize images to 224 themselves (IPAdapter_plus).")
+
+    def load(self):
+        return (_cached("clip_vision_224", lambda: tiny_models.tiny_clip_vision(seed=SEED, image_size=224,
+                                                                                patch_size=56)),)
 
 
 # IP-Adapter-style files carry no layer table and no CLIP vision name: the loader recognises the UNet by the
@@ -109,8 +133,12 @@ if "ipadapter" not in folder_paths.folder_names_and_paths:
 NODE_CLASS_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
     "NestedAttentionTestTinyCLIPVision": NestedAttentionTestTinyCLIPVision,
+    "NestedAttentionTestTinyCLIPVision224": NestedAttentionTestTinyCLIPVision224,
+    "NestedAttentionTestTinyInpaintUNet": NestedAttentionTestTinyInpaintUNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": "Tiny SDXL Checkpoint (test only)",
     "NestedAttentionTestTinyCLIPVision": "Tiny CLIP Vision (test only)",
+    "NestedAttentionTestTinyCLIPVision224": "Tiny CLIP Vision 224 px (test only)",
+    "NestedAttentionTestTinyInpaintUNet": "Tiny SDXL Inpainting UNet (test only)",
 }

@@ -1,0 +1,82 @@
+"""Workflows saved with the nodes as they were before the V3 schema (commit 7d6341d) load and run unchanged.
+
+tests/e2e/before_v3/ holds what users have on disk:
+  - workflows/: the six shipped workflows exactly as they were at 7d6341d (byte for byte; the shipped ones
+    in workflows/ may change, these never do);
+  - object_info.json: what the server's /object_info said about the pack's five nodes at 7d6341d (ComfyUI
+    0.3.75; 0.33.0 said the same), less `python_module` (the pack's folder name).
+A saved workflow refers to a node by its id, to inputs and outputs by name and slot, and stores its widget
+values by position: all of that must stay as it was, on every host.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from harness import ARTIFACTS_DIR, E2E_DIR, Frontend
+from test_workflows_e2e import APPLY, TINY_IMAGE_SIZE, pixels, tiny_prompt
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+BEFORE_V3 = E2E_DIR / "before_v3"
+SAVED_WORKFLOWS = sorted(p.stem for p in (BEFORE_V3 / "workflows").glob("*.json"))
+# What a node definition says that saved workflows and the frontend rely on (names, order, types, widget
+# defaults and ranges), and what users read (display names, categories, descriptions, tooltips).
+CONTRACT = ("name", "display_name", "category", "description", "output_node", "input", "input_order",
+            "output", "output_is_list", "output_name", "output_tooltips")
+# Choices read from a folder when /object_info is asked: the saved subjects depend on what ran before.
+FOLDER_LISTS = {"subject_file"}
+
+
+def as_saved(node: dict) -> dict:
+    """A node definition from /object_info in the form of before_v3/object_info.json.
+
+    The V3 schema serves the same definition in another spelling, mapped back here and nothing else:
+    a combo is ("COMBO", {"options": [...]}) rather than ([...], {}), with "multiselect": false; a string
+    input says "multiline": false; an output node declares the hidden PROMPT and EXTRA_PNGINFO inputs it
+    is given (ComfyUI passes them to every output node); outputs without a tooltip are listed as null.
+    """
+    node = json.loads(json.dumps({key: node[key] for key in CONTRACT if key in node}))
+    for section in ("input", "input_order"):
+        node[section].pop("hidden", None)
+    for inputs in node["input"].values():
+        for name, spec in inputs.items():
+            kind, options = spec[0], dict(spec[1]) if len(spec) > 1 else {}
+            if kind == "COMBO":
+                kind = options.pop("options")
+                assert options.pop("multiselect", False) is False, f"{name}: a multiselect combo"
+            if options.get("multiline") is False:
+                del options["multiline"]
+            if name in FOLDER_LISTS:
+                kind = "<files>"
+            inputs[name] = [kind, options]
+    if not any(node.get("output_tooltips", [])):
+        node.pop("output_tooltips", None)
+    return node
+
+
+def test_object_info_says_what_it_said_before_v3(comfy):
+    saved = json.loads((BEFORE_V3 / "object_info.json").read_text())
+    info = comfy.get_json("/object_info")
+    for node_id, before in saved.items():
+        assert node_id in info, f"{node_id} is gone: workflows saved with it no longer load"
+        assert as_saved(info[node_id]) == as_saved(before), node_id
+
+
+@pytest.mark.parametrize("name", SAVED_WORKFLOWS)
+def test_workflow_saved_before_v3_loads_and_runs(name, comfy, frontend):
+    workflow = json.loads((BEFORE_V3 / "workflows" / f"{name}.json").read_text())
+    report = frontend.load_workflow(workflow, name)
+    frontend.screenshot(ARTIFACTS_DIR / f"before-v3.{name}.png")
+    problems = Frontend.problems(report)
+    assert not problems, f"{name} (saved before V3) does not load cleanly: {problems}"
+
+    prompt = frontend.graph_to_prompt()
+    saves = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert saves and any(n["class_type"] == APPLY for n in prompt.values()), prompt
+    with frontend.frozen():
+        images = comfy.run_prompt(tiny_prompt(prompt))
+    for save in saves:
+        assert len(images.get(save, [])) == 1, f"{name}: Save Image #{save} returned no image"
+        assert pixels(images[save][0]).shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
