@@ -41,17 +41,23 @@ if "ipadapter" not in folder_paths.folder_names_and_paths:
         set(folder_paths.supported_pt_extensions),
     )
 
-# The folder must exist for users to find it (the error messages and the workflows' Missing Models dialog
-# send them there). ComfyUI's models folder can be read-only (system installs, containers): then only warn.
-try:
-    os.makedirs(_MODELS, exist_ok=True)
-except OSError as error:
-    logging.getLogger(__name__).warning(
-        "[nested-attention] cannot create the encoder folder %s (%s); put encoder files in a folder "
-        "registered as 'nested_attention' in extra_model_paths.yaml instead",
-        _MODELS,
-        error,
-    )
+# The folders must exist for users to find them (the error messages and the workflows' Missing Models dialog
+# send them there): models/nested_attention, and models/ipadapter where it is a registered folder. ComfyUI's
+# models folder can be read-only (system installs, containers): then only warn.
+for _name in ("nested_attention", "ipadapter"):
+    _folder = os.path.join(folder_paths.models_dir, _name)
+    if _folder not in folder_paths.folder_names_and_paths[_name][0]:
+        continue
+    try:
+        os.makedirs(_folder, exist_ok=True)
+    except OSError as error:
+        logging.getLogger(__name__).warning(
+            "[nested-attention] cannot create the models folder %s (%s); put the files in a folder registered "
+            "as '%s' in extra_model_paths.yaml instead",
+            _folder,
+            error,
+            _name,
+        )
 
 if __package__:  # always when ComfyUI loads the pack. pytest also imports this file (the repo root is a
     # package to it), as the plain module `__init__` when the checkout's folder name is no identifier

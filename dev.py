@@ -5,6 +5,7 @@
     python3 dev.py test  [pytest args...]    run the test suite on every ComfyUI host found
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
     python3 dev.py workflows [NAME...] [--check]  build the shipped workflows (python -m devtools.workflows)
+    python3 dev.py soak  [--prompts N ...]   hundreds of prompts through a real server (tests/e2e/soak.py)
     --host VERSION (any command)             use only that host (the pinned one or an archived one)
     --frontend VERSION (test, workflows)     serve that comfyui-frontend-package instead of the host's own
 
@@ -15,7 +16,7 @@ Each command first makes sure, for each ComfyUI host it uses, that (idempotently
     in (`<ComfyUI>/custom_nodes/<pack>`), else the pinned release bootstrapped into `.comfyui/ComfyUI`
     (venv `.venv`) plus every archived release `comfyui-<version>.tar.gz` in the hosts folder
     ($NESTED_ATTENTION_HOSTS, else `../shared/hosts`), unpacked into `.comfyui/ComfyUI-<version>`
-    (venv `.venv-<version>`). Only `test` uses them all; serve and bench use the first unless --host says;
+    (venv `.venv-<version>`). Only `test` uses them all; serve, bench and soak use the first unless --host says;
   - ComfyUI sees this pack (a symlink in its `custom_nodes/`).
 `test` also installs Debian's Chromium for the browser tests when it is missing and we are root; it runs
 pytest once per host, then the browser tests (tests/e2e) once more on the newest archived host with the newest
@@ -675,8 +676,18 @@ def workflows(args: list[str]) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+def soak(args: list[str]) -> None:
+    wanted, rest = take_option(args, "--host")
+    host = pick_hosts(wanted)[0][0]
+    set_up(host)
+    cmd = [str(host.python), str(ROOT / "tests" / "e2e" / "soak.py"), *rest]
+    log(f"running the soak against ComfyUI {host.version} at {host.comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, {**os.environ, "COMFYUI_PATH": str(host.comfyui)})
+
+
 def main(argv: list[str]) -> None:
-    commands = {"serve": serve, "test": test, "bench": bench, "workflows": workflows}
+    commands = {"serve": serve, "test": test, "bench": bench, "workflows": workflows, "soak": soak}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)

@@ -2,7 +2,8 @@
 
 Reads the pack's files, IP-Adapter Plus SDXL files and IP-Adapter-derived layouts (the authors' release),
 and writes a nested attention encoder (.safetensors with the config in its metadata) that loads without any
-guessing. Core module: no ComfyUI import.
+guessing. `--config-from` restores the metadata of a pack file that a merge or convert tool dropped, from
+another file of the same training run. Core module: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .encoder import HIDDEN_LAYERS
 from .formats import plan_encoder, read_header, load_planned
-from .weights import NestedWeightsError, save_encoder
+from .weights import FORMAT, NestedWeightsError, save_encoder
 
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -35,6 +36,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--domain", default=None, help="Domain name written into the config (e.g. 'faces').")
     parser.add_argument("--alpha", type=float, default=None, help="Norm regularization alpha (default 2.0).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="Tensor dtype of the output file.")
+    parser.add_argument("--config-from", default=None, metavar="FILE",
+                        help="For a file in this pack's layout whose metadata was dropped: take the config from FILE "
+                        "(an export or checkpoint encoder of the same training run); every tensor's shape is "
+                        "checked against it.")
     parser.add_argument("--force", action="store_true", help="Overwrite OUTPUT if it exists.")
     return parser.parse_args(argv)
 
@@ -46,7 +51,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         header = read_header(args.input)
-        plan = plan_encoder(header, dim_head=args.dim_head, hidden_layer=args.hidden_layer)
+        config = None
+        if args.config_from:
+            if header.metadata.get("format") == FORMAT:
+                raise NestedWeightsError(f"{header.name} has its own config; --config-from is for a file of this "
+                                         "pack whose metadata was dropped.")
+            donor = read_header(args.config_from)
+            if donor.metadata.get("format") != FORMAT:
+                raise NestedWeightsError(f"--config-from {donor.name} has no config of this pack in its metadata; "
+                                         "give a file exported by the trainer.")
+            config = plan_encoder(donor).config
+        plan = plan_encoder(header, dim_head=args.dim_head, hidden_layer=args.hidden_layer, config=config)
         for field, value in (("token", args.token), ("domain", args.domain), ("alpha", args.alpha)):
             if value is not None:
                 setattr(plan.config, field, value)
@@ -54,7 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NestedWeightsError as e:
         print(f"cannot convert: {e}", file=sys.stderr)
         return 1
-    save_encoder(args.output, encoder, extra={"converted_from": header.name, "source_format": plan.format})
+    extra = {"converted_from": header.name, "source_format": plan.format}
+    if args.config_from:
+        extra["config_from"] = os.path.basename(args.config_from)
+    save_encoder(args.output, encoder, extra=extra)
     c = encoder.config
     print(f"{header.name} ({plan.format}) -> {args.output}: domain {c.domain!r}, token {c.token!r}, "
           f"M={c.num_tokens}, {len(c.layers)} layers, CLIP {c.clip_vision.name} ({c.clip_vision.hidden_layer} "

@@ -141,11 +141,13 @@ class ClipVisionSpec:
         return HIDDEN_LAYERS[self.hidden_layer]
 
     def describe(self) -> str:
+        return f"{self.name} {self.architecture()}"
+
+    def architecture(self) -> str:
         # The hidden layer is named only when it is not the last, so descriptions of the pack's own encoders
         # (and the trainer's latent-cache identities built from them) stay as they were.
         layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
-        return (f"{self.name} (width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, "
-                f"{self.image_size}px{layer})")
+        return f"(width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, {self.image_size}px{layer})"
 
     def same_architecture(self, other: "ClipVisionSpec") -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
@@ -179,21 +181,55 @@ class EncoderConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EncoderConfig":
+        """The config `to_json` wrote; a value of the wrong type or out of range raises (`check`: a damaged
+        or hand-edited file must not build a module of a billion blocks, or one that fails later)."""
         data = json.loads(text)
-        return cls(
+        if not isinstance(data, dict):
+            raise TypeError(f"the config is {type(data).__name__}, expected a JSON object")
+        config = cls(
             domain=data["domain"],
             token=data["token"],
-            alpha=float(data["alpha"]),
+            alpha=data["alpha"],
             qformer=QFormerConfig(**data["qformer"]),
             clip_vision=ClipVisionSpec(**data["clip_vision"]),
             layers=tuple(LayerSpec.from_json(item) for item in data["layers"]),
             # Files written before these fields existed (format version 1 all the same) lack them.
-            source=str(data.get("source", "")),
-            licence=str(data.get("licence", "")),
+            source=data.get("source", ""),
+            licence=data.get("licence", ""),
             # Files written before these fields: face encoders read aligned faces (the paper's recipe).
             face_align=data.get("face_align", "ffhq" if data["domain"] == "faces" else "none"),
-            face_size=int(data.get("face_size", 512)),
+            face_size=data.get("face_size", 512),
         )
+        config.check()
+        config.alpha = float(config.alpha)
+        return config
+
+    def check(self) -> None:
+        """Raise TypeError or ValueError naming the first field of the wrong type or out of range."""
+        def positive(name: str, value) -> None:
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} is {value!r}, expected a whole number >= 1")
+
+        for name in ("domain", "token", "source", "licence"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} is {getattr(self, name)!r}, expected a string")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1e6:
+            raise ValueError(f"alpha is {self.alpha!r}, expected a positive number")
+        q = self.qformer
+        for name in ("clip_dim", "dim", "depth", "heads", "dim_head", "num_queries", "output_dim", "ff_mult"):
+            positive(f"qformer.{name}", getattr(q, name))
+        if type(q.ff_bias) is not bool:
+            raise ValueError(f"qformer.ff_bias is {q.ff_bias!r}, expected true or false")
+        c = self.clip_vision
+        if not isinstance(c.name, str):
+            raise TypeError(f"clip_vision.name is {c.name!r}, expected a file name")
+        for name in ("hidden_size", "num_tokens", "num_layers", "image_size"):
+            positive(f"clip_vision.{name}", getattr(c, name))
+        if not self.layers or len({layer.key for layer in self.layers}) != len(self.layers):
+            raise ValueError(f"layers: {len(self.layers)} entries, expected at least one and no key twice")
+        if self.face_align not in ("none", "ffhq"):  # nested_attention.faces.ALIGN_MODES
+            raise ValueError(f"face_align is {self.face_align!r}, expected 'none' or 'ffhq'")
+        positive("face_size", self.face_size)
 
 
 class NestedProjection(nn.Module):

@@ -23,9 +23,11 @@ IP-Adapter Resampler uses dim_head 64, so heads = rows / 64 unless the caller pa
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections import OrderedDict
+import struct
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -36,6 +38,8 @@ from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormerConfig
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec
 from .weights import FORMAT, FORMAT_VERSION, NestedWeightsError, parse_config
 
+# The dtypes encoder weights may have (safetensors' names), and the torch dtype of each.
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 DEFAULT_DIM_HEAD = 64  # every IP-Adapter Resampler (SD1.5, SDXL, Plus, Plus Face) uses 64-wide heads
 
 IP_ADAPTER_SOURCE = "IP-Adapter Plus SDXL (tencent-ailab/IP-Adapter; files from huggingface.co/h94/IP-Adapter)"
@@ -83,9 +87,90 @@ class Header:
         return None if info is None else info.shape
 
 
+_EXPECTED_FILES = ("Expected an encoder exported by `python -m training.run`, an IP-Adapter Plus SDXL .safetensors "
+                   "file, or the Nested Attention authors' release.")
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header (bytes)
+# What a file that is not safetensors is, by its first bytes: (prefix, what it is, what to do).
+_FOREIGN = (
+    (b"\xff\xd8\xff", "a JPEG image", "images go into Load Image; pick a .safetensors weight file here"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image", "images go into Load Image; pick a .safetensors weight file here"),
+    (b"GIF8", "a GIF image", "pick a .safetensors weight file here"),
+    (b"PK\x03\x04", "a zip archive (what torch.save writes: a .pt/.ckpt/.bin checkpoint under another name)",
+     "this pack reads .safetensors only (never pickle): get the file's .safetensors version"),
+    (b"\x80", "a Python pickle (an old-style PyTorch .bin/.pt checkpoint)",
+     "this pack reads .safetensors only (never pickle): get the file's .safetensors version"),
+    (b"GGUF", "a GGUF file (a quantized model for llama.cpp-style loaders)", "pick a .safetensors encoder file"),
+    (b"version https://git-lfs", "a Git LFS pointer (a small text file that names the real file)",
+     "the repository was cloned without git-lfs: download the file itself (its 'download' link)"),
+)
+
+
+def _what_it_is(head: bytes, size: int) -> str | None:
+    """What a file that is not safetensors is, told from its first bytes, and what to do; None if unknown."""
+    if size == 0:
+        return "is empty (0 bytes): an interrupted download or copy. Download it again"
+    for prefix, kind, todo in _FOREIGN:
+        if head.startswith(prefix):
+            return f"is {kind}, not a .safetensors file: {todo}"
+    text = head.lstrip()[:200].lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return ("is a web page (HTML), not a .safetensors file: an error or log-in page was saved in place of the "
+                "download. Download it again (on Hugging Face, accept the model's licence or log in first)")
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head[:512]):
+        return "is a text file, not a .safetensors file: download the weight file itself"
+    return None
+
+
+def file_problem(path: str) -> str | None:
+    """Why the file at `path` cannot be a whole .safetensors file, from its first bytes and its header alone
+    (what it is instead, a header that is cut or longer than the file, a tensor named twice, tensor data
+    that ends past the file's end), worded to follow the file's name; None when nothing is wrong there."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = f.read(512)
+        length = struct.unpack("<Q", start[:8])[0] if size >= 8 else 0
+        f.seek(8)
+        body = f.read(length) if 2 <= length <= MAX_HEADER else b""
+    if not body.startswith(b"{"):  # not a safetensors header: say what the file is, when it can be told
+        foreign = _what_it_is(start, size)
+        if foreign:
+            return foreign
+        if size < 8:
+            return f"is {size} bytes long, less than a .safetensors header: a truncated file. Download it again"
+        return (f"is not a .safetensors file (its first 8 bytes give a header length of {length} for a file of "
+                f"{size} bytes). If it is meant to be one, it is damaged: download it again")
+    if len(body) < length:
+        return (f"is truncated: its header alone needs {length + 8} bytes and the file has {size} (an interrupted "
+                "download). Download it again")
+
+    def no_duplicates(pairs):
+        counts = Counter(k for k, _ in pairs)
+        twice = sorted(k for k, n in counts.items() if n > 1)
+        if twice:  # safetensors would silently take one of them
+            raise ValueError(f"'{twice[0]}' appears {counts[twice[0]]} times in the header")
+        return dict(pairs)
+
+    try:
+        header = json.loads(body, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError included
+        return f"has a damaged header ({e}): download or export it again"
+    if not isinstance(header, dict):
+        return "has a damaged header (not a JSON object): download or export it again"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    if ends and 8 + length + max(ends) > size:
+        return (f"is truncated: its tensors need {8 + length + max(ends)} bytes and the file has {size} (an "
+                "interrupted download). Download it again")
+    return None
+
+
 def read_header(path: str) -> Header:
     """Read a file's header (safe_open keys + get_slice shapes). Truncated or foreign files raise clearly."""
     name = os.path.basename(path)
+    problem = file_problem(path)
+    if problem:
+        raise NestedWeightsError(f"{name} {problem}. {_EXPECTED_FILES}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -95,9 +180,8 @@ def read_header(path: str) -> Header:
                 tensors[key] = TensorInfo(tuple(int(s) for s in piece.get_shape()), str(piece.get_dtype()))
     except (SafetensorError, OSError, ValueError) as e:
         raise NestedWeightsError(
-            f"{name} is not a readable .safetensors file ({e}). A truncated file (an interrupted download) "
-            "reads this way: download it again. Expected an encoder exported by `python -m training.run`, an "
-            "IP-Adapter Plus SDXL .safetensors file, or the Nested Attention authors' release.") from e
+            f"{name} is not a readable .safetensors file ({e}); it is damaged: download or export it again. "
+            f"{_EXPECTED_FILES}") from e
     return Header(path=path, tensors=tensors, metadata=metadata)
 
 
@@ -183,15 +267,24 @@ def plan_encoder(
     dim_head: Optional[int] = None,
     hidden_layer: Optional[str] = None,
     clip_vision: Optional[ClipVisionSpec] = None,
+    config: EncoderConfig | None = None,
 ) -> Plan:
     """Decide from the header alone what the file is and how each encoder tensor is filled.
 
     layers: the UNet's cross-attention table (default: SDXL's 70 layers). dim_head: the Resampler's head
     width (default 64, see the module docstring). hidden_layer / clip_vision: override what the file implies
-    about the CLIP vision tokens it reads. Raises NestedWeightsError naming what was found and expected.
+    about the CLIP vision tokens it reads. config: the config of a file in the pack's own layout whose
+    metadata was dropped (`convert --config-from`). Raises NestedWeightsError naming what was found and
+    expected.
     """
     if header.metadata.get("format") == FORMAT:
         return _plan_native(header)
+    if _has_own_layout(header):
+        if config is None:
+            raise NestedWeightsError(_metadata_dropped(header))
+        plan = _plan_own(header, config, "its config (taken from another file)")
+        plan.notes.append("config not in the file's metadata: given with it (convert --config-from)")
+        return plan
     _diagnose_other_models(header)
     resampler = _find_resampler(header)
     layer_keys = {k: m for k in header.tensors if (m := _LAYER_DIFFUSERS.match(k) or _LAYER_NUMBERED.match(k))}
@@ -283,20 +376,63 @@ def _plan_native(header: Header) -> Plan:
         raise NestedWeightsError(
             f"{header.name} has format version {version!r}; this version of the pack reads version {FORMAT_VERSION}. "
             "Update the pack, or re-export the encoder with the matching trainer.")
-    config = parse_config(header.name, header.metadata)
+    return _plan_own(header, parse_config(header.name, header.metadata), "its own config")
+
+
+def _has_own_layout(header: Header) -> bool:
+    """Tensors named as the pack's NestedEncoder names them (qformer.*, projections.#.to_k/to_v)."""
+    return "qformer.latents" in header.tensors and any(k.startswith("projections.") for k in header.tensors)
+
+
+def _metadata_dropped(header: Header) -> str:
+    """The message for a file in the pack's own layout without the metadata that says how to use it."""
+    t = header.tensors
+    latents, to_q = header.shape("qformer.latents"), header.shape("qformer.blocks.0.0.to_q.weight")
+    proj_in = header.shape("qformer.proj_in.weight")
+    blocks = {m.group(1) for k in t if (m := re.match(r"qformer\.blocks\.(\d+)\.", k))}
+    layers = {m.group(1) for k in t if (m := re.match(r"projections\.(\d+)\.", k))}
+    shapes = []
+    if latents and len(latents) == 2:
+        shapes.append(f"M={latents[0]} subject tokens, a Q-Former {latents[1]} wide and {len(blocks)} blocks deep")
+    if proj_in and len(proj_in) == 2:
+        shapes.append(f"reading CLIP tokens {proj_in[1]} wide")
+    shapes.append(f"{len(layers)} cross-attention layers")
+    heads = f" (to_q has {to_q[0]} rows: heads x head width)" if to_q else ""
+    missing = sorted({"format", "format_version", "config"} - set(header.metadata))
+    return (
+        f"{header.name} holds this pack's own encoder tensors (qformer.*, projections.*) but its metadata lacks "
+        f"{', '.join(repr(m) for m in missing)}: a tool that merges or converts .safetensors files dropped it. Its "
+        f"shapes give {', '.join(shapes)}; they cannot give the head count{heads}, which CLIP hidden layer and crop "
+        "it reads, alpha, the subject word or the face alignment, and a guess at any of them would encode "
+        "differently without a word. Restore the metadata from a file of the same training run (its export, or "
+        f"checkpoint-N/<domain>-encoder.safetensors): python -m nested_attention.convert {header.name} "
+        f"FIXED.safetensors --config-from ORIGINAL.safetensors")
+
+
+def _plan_own(header: Header, config: EncoderConfig, whose: str) -> Plan:
+    """The plan of a file in the pack's own layout, checked tensor by tensor against `config`."""
+    # Counts first, from the header's names: a config claiming a billion blocks or layers is refused before a
+    # module of that size is built (even on the meta device that would take hours).
+    blocks = {m.group(1) for k in header.tensors if (m := re.match(r"qformer\.blocks\.(\d+)\.", k))}
+    projections = {m.group(1) for k in header.tensors if (m := re.match(r"projections\.(\d+)\.", k))}
+    if (config.qformer.depth, len(config.layers)) != (len(blocks), len(projections)):
+        raise NestedWeightsError(
+            f"{header.name} does not match {whose}: the config has {config.qformer.depth} Q-Former blocks "
+            f"and {len(config.layers)} layers, the file's tensors {len(blocks)} blocks and {len(projections)} "
+            "layers. The file is damaged or was edited, or the config is another encoder's.")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in NestedEncoder(config).state_dict().items()}
     found = set(header.tensors)
     missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
     if missing or unexpected:
         raise NestedWeightsError(
-            f"{header.name} does not match its own config (M={config.num_tokens}, {len(config.layers)} layers): "
+            f"{header.name} does not match {whose} (M={config.num_tokens}, {len(config.layers)} layers): "
             f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected tensors "
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. The file is damaged or was edited; re-export it.")
     for key, shape in expected.items():
         if header.shape(key) != shape:
             raise NestedWeightsError(
-                f"{header.name}: tensor '{key}' has shape {header.shape(key)}, expected {shape} from the file's config. "
+                f"{header.name}: tensor '{key}' has shape {header.shape(key)}, expected {shape} from {whose}. "
                 "The file is damaged or was edited; re-export it.")
     return Plan(format=FORMAT, config=config, sources={k: k for k in expected})
 
@@ -565,19 +701,26 @@ def load_planned(path: str, plan: Plan, device: torch.device | str = "cpu",
         raise NestedWeightsError(f"{name}: internal plan mismatch ({sorted(set(expected) ^ set(plan.sources))[:4]}).")
     state = {}
     with safe_open(path, framework="pt") as f:
-        file_dtypes = {f.get_slice(src).get_dtype() for src in plan.sources.values()}
-        target = dtype
-        if target is None and plan.format != FORMAT:
-            # One dtype for the whole module: the file's, or float32 where the file mixes dtypes.
-            target = f.get_tensor(next(iter(plan.sources.values()))).dtype if len(file_dtypes) == 1 else torch.float32
+        file_dtypes = {src: f.get_slice(src).get_dtype() for src in plan.sources.values()}
+        for src, found in file_dtypes.items():
+            if found not in FLOAT_DTYPES:
+                raise NestedWeightsError(
+                    f"{name}: tensor '{src}' is {found}; encoder weights are {'/'.join(FLOAT_DTYPES)}. The file is "
+                    "damaged or not an encoder: download or export it again.")
+        # One dtype for the whole module: the file's, or float32 where the file mixes dtypes.
+        kinds = set(file_dtypes.values())
+        target = dtype or (FLOAT_DTYPES[kinds.pop()] if len(kinds) == 1 else torch.float32)
         for key, shape in expected.items():
             src = plan.sources[key]
             tensor = f.get_tensor(src)
             if tensor.numel() != torch.Size(shape).numel():
                 raise NestedWeightsError(f"{name}: '{src}' has shape {list(tensor.shape)}, expected {list(shape)}.")
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise NestedWeightsError(f"{name}: tensor '{src}' holds non-finite or non-float values; the file is "
-                                         "damaged, download or export it again.")
-            state[key] = tensor.reshape(shape).to(device=device, dtype=target or tensor.dtype)
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:  # NaN weights would give NaN subject values: black images, with no error anywhere
+                raise NestedWeightsError(
+                    f"{name}: tensor '{src}' holds {bad} NaN or infinite value(s) of {tensor.numel()}; an encoder "
+                    "with them gives black images. The file is damaged (or the training run diverged): download "
+                    "it again, or export it from an earlier checkpoint.")
+            state[key] = tensor.reshape(shape).to(device=device, dtype=target)
     encoder.load_state_dict(state, strict=True, assign=True)  # the meta-device module takes the tensors
     return encoder.eval().requires_grad_(False)

@@ -37,7 +37,7 @@ from .encoder import ClipVisionSpec
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
 from .patch import NestedAttentionPatch, SubjectBinding
 from .tokens import locate_word as locate_ids
-from .tokens import token_id
+from .tokens import token_id, word_hints
 
 LOG_PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def check_sdxl(model: Any) -> None:
     base = getattr(model, "model", None)
     if not isinstance(base, comfy.model_base.SDXL):
         raise NestedApplyError(
-            f"Apply Nested Attention needs an SDXL model, but got {type(base).__name__}. Nested encoders are "
+            f"nested attention needs an SDXL model, but got {type(base).__name__}. Nested encoders are "
             "trained for SDXL's cross-attention layers; load an SDXL checkpoint (base or a fine-tune of "
             "it)."
         )
@@ -173,9 +173,11 @@ def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, enc
     """Refuse a CLIP vision model of another architecture; warn about another file name of the same one."""
     found = clip_vision_spec(clip_vision, name)
     if not expected.same_architecture(found):
+        # A connected model comes without its file name (ComfyUI does not keep it).
+        given = f"the one given, {name}, is" if name else "the one connected to the clip_vision input is"
         raise NestedEncoderLoadError(
-            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but the one given "
-            f"is {found.describe()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
+            f"{encoder_name} was trained with the CLIP vision model {expected.describe()}, but {given} "
+            f"{found.architecture()}. The encoder cannot read its tokens. Connect the CLIP vision model the "
             f"encoder was trained with (put {expected.name} in models/clip_vision and leave the clip_vision "
             "input unconnected, or load it with a Load CLIP Vision node)."
         )
@@ -298,6 +300,29 @@ def add_auto_regions(model: Any) -> None:
 # - The stream searched is chosen by `subject_stream`, in the nodes and in the trainer alike.
 
 
+# A prompt longer than this many 77-token chunks gets a warning (once per prompt): past it the subject word's
+# share of the attention, and so the likeness, has fallen the most (README, "Rules worth knowing").
+LONG_PROMPT_CHUNKS = 2
+_warned_long_prompts: set[str] = set()
+
+
+def warn_long_prompt(prompt: str, chunks: int, word: str) -> None:
+    """Log once per prompt (per process) that a prompt of `chunks` 77-token chunks weakens the subject."""
+    if prompt in _warned_long_prompts:
+        return
+    if len(_warned_long_prompts) >= 1024:  # a bound on what a long-running server remembers
+        _warned_long_prompts.clear()
+    _warned_long_prompts.add(prompt)
+    log.warning(
+        "%s the prompt is %d chunks of 77 tokens (over %d): the subject word %r shares the attention with every "
+        "token of every chunk (each chunk brings its own start, end and padding tokens), so the likeness "
+        "weakens as the prompt grows, and CLIP reads each chunk on its own. Shorten the prompt to %d chunks "
+        "(about %d words or fewer) or raise λ. Prompt: %.120r%s",
+        LOG_PREFIX, chunks, LONG_PROMPT_CHUNKS, word, LONG_PROMPT_CHUNKS, LONG_PROMPT_CHUNKS * 75 * 3 // 4,
+        prompt, "..." if len(prompt) > 120 else "",
+    )
+
+
 @dataclass(frozen=True)
 class TokenLocation:
     word: str  # the subject word as given
@@ -383,11 +408,20 @@ def locate_word(clip: Any, tokens: dict, word: str, prompt: str) -> TokenLocatio
         raise SubjectWordError("the prompt was tokenized without word ids; use return_word_ids=True")
     positions = word_positions(clip, chunks, ids, stream)
     if not positions:
+        if not prompt.strip():
+            raise SubjectWordError(
+                f"the prompt is empty. Nested attention draws the subject where its word is, so the prompt must "
+                f"contain the subject word {word!r} (e.g. 'a photo of a {word}')."
+            )
+        hints = word_hints(word, prompt)
         raise SubjectWordError(
             f"the subject word {word!r} is not in the prompt {prompt!r}. Nested attention replaces that word "
             f"with the subject, so the prompt must contain it as a whole word (e.g. 'a photo of a {word}'); "
             "add it to the prompt or set the node's token to a word the prompt contains."
+            + "".join(f"\n{hint}" for hint in hints)
         )
+    if len(chunks) > LONG_PROMPT_CHUNKS:
+        warn_long_prompt(prompt, len(chunks), word)
     # The prompt's own tokens (word id 0 marks ComfyUI's start/end/padding): what chained nodes compare.
     content = [token_id(item) for chunk in chunks for item in chunk if item[2] != 0]
     signature = tuple(t if isinstance(t, int) else ("embedding", tuple(t.shape)) for t in content)

@@ -13,6 +13,9 @@ from typing import Iterable
 import torch
 
 
+BLOCKS = ("input", "middle", "output")  # ComfyUI's names of the UNet's stages
+
+
 @dataclass(frozen=True, order=True)
 class LayerSpec:
     block: str  # "input", "middle" or "output"
@@ -30,8 +33,14 @@ class LayerSpec:
 
     @classmethod
     def from_json(cls, item: list) -> "LayerSpec":
+        """[block, number, index, dim] as `to_json` writes it; anything else raises ValueError."""
+        if not isinstance(item, list) or len(item) != 4:
+            raise ValueError(f"a layer is [block, number, index, dim], got {item!r}")
         block, number, index, dim = item
-        return cls(str(block), int(number), int(index), int(dim))
+        if block not in BLOCKS or not all(type(v) is int for v in (number, index, dim)) or min(number, index) < 0 \
+                or dim < 1:
+            raise ValueError(f"layer {item!r}: expected a block of {BLOCKS}, two counts >= 0 and a width >= 1")
+        return cls(block, number, index, dim)
 
 
 def _stage(block: str, numbers: Iterable[int], depth: int, dim: int) -> list[LayerSpec]:

@@ -14,7 +14,9 @@ still found; with `ends_word`, only whole words match ("pet" is not found in "xp
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 CHUNK = 77
 
@@ -25,7 +27,7 @@ def token_id(item: Any) -> Any:
 
 
 def locate_word(
-    chunks: Sequence[Sequence[Any]], word: Sequence[int], *, ends_word: Optional[Callable[[int], bool]] = None
+    chunks: Sequence[Sequence[Any]], word: Sequence[int], *, ends_word: Callable[[int], bool] | None = None
 ) -> tuple[int, ...]:
     """Positions of every occurrence of the token sequence `word` in the chunks, at its last token.
 
@@ -53,3 +55,73 @@ def locate_word(
         if ends_word is None or before is None or not isinstance(before, int) or ends_word(before):
             positions.append(content[start + len(word) - 1][0])
     return tuple(positions)
+
+
+# ------------------------------------------------------------------------------------------------
+# Why a word was not found: hints for the missing-word error, from the prompt's text
+
+# Plurals that adding s / es / ies does not make (both directions are looked up).
+IRREGULAR_FORMS = {
+    "person": ("people", "persons"), "man": ("men",), "woman": ("women",), "child": ("children",),
+    "mouse": ("mice",), "goose": ("geese",), "foot": ("feet",), "tooth": ("teeth",), "wolf": ("wolves",),
+    "calf": ("calves",),
+}
+_LETTERS = re.compile(r"[^\W\d_]+")  # a run of letters, as CLIP's tokenizer splits words (apostrophes apart)
+_EMBEDDING = re.compile(r"embedding:([^\s,()\[\]]+)", re.IGNORECASE)
+
+
+def _forms(word: str) -> set[str]:
+    """Other forms of a lower-case word: its plural and singular by the regular English rules, and IRREGULAR_FORMS."""
+    forms = {word + "s", word + "es"}
+    if word.endswith("y"):
+        forms.add(word[:-1] + "ies")
+    if word.endswith("ies"):
+        forms.add(word[:-3] + "y")
+    for suffix in ("es", "s"):
+        if word.endswith(suffix) and len(word) > len(suffix) + 1:
+            forms.add(word[: -len(suffix)])
+    for singular, plurals in IRREGULAR_FORMS.items():
+        if word == singular:
+            forms.update(plurals)
+        elif word in plurals:
+            forms.add(singular)
+    forms.discard(word)
+    return forms
+
+
+def _unspaced(word: str) -> bool:
+    """Whether a word is written in a script that puts no spaces between words (CJK, kana, Thai, ...)."""
+    return any(ord(c) >= 0x0E00 and c.isalpha() for c in word)
+
+
+def word_hints(word: str, prompt: str) -> list[str]:
+    """Sentences that say why `word` is not found in `prompt` when the text shows a likely reason.
+
+    - another form of the word is there ("persons" for "person", "Pets'" for "pet"): only the exact word binds;
+    - the word is written inside a longer run of letters, in a script without spaces (CJK): CLIP reads the run
+      as one word;
+    - the word appears only as an embedding name (`embedding:pet`): embeddings are vectors, not words.
+    """
+    w = word.strip().lower()
+    text = prompt.lower()
+    runs = _LETTERS.findall(text)
+    hints = []
+    others = sorted({r for r in runs if r in _forms(w)}, key=runs.index)
+    if others:
+        shown = " and ".join(repr(o) for o in others)
+        hints.append(
+            f"The prompt has {shown}, another form of {word!r}: only the exact word is bound. Write {word!r} in "
+            f"the prompt, or set the node's token to {others[0]!r}."
+        )
+    inside = [r for r in runs if w in r and r != w]
+    if inside and _unspaced(w):
+        hints.append(
+            f"{word!r} is written inside {inside[0]!r}: CLIP's tokenizer reads letters with no space between "
+            f"them as one word. Put a space before and after {word!r} in the prompt."
+        )
+    if any(name.lower() == w for name in _EMBEDDING.findall(prompt)):
+        hints.append(
+            f"{word!r} is only the name of an embedding (embedding:{word}): an embedding stands for vectors, not "
+            "for the word. Add the word itself to the prompt."
+        )
+    return hints

@@ -32,14 +32,58 @@ class NestedWeightsError(ValueError):
     """A weight file that cannot be used; the message says what was expected, found, and what to do."""
 
 
-def save_encoder(path: str, encoder: NestedEncoder, extra: Optional[dict[str, str]] = None) -> None:
-    """Write the encoder's tensors and config to `path` (.safetensors), atomically."""
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a .safetensors file atomically: into a temporary file beside `path`, flushed to disk, then
+    renamed over it, so `path` is always either the old file or the whole new one (never a truncated one,
+    whatever kills the process). The file gets the mode any new file gets (0666 less the umask; safetensors
+    alone writes 0600). A failed write removes the temporary file and raises."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # the rename itself, on disk (not possible on every platform / file system)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_encoder(path: str, encoder: NestedEncoder, extra: dict[str, str] | None = None) -> None:
+    """Write the encoder's tensors and config to `path` (.safetensors), atomically (`write_safetensors`)."""
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": encoder.config.to_json()}
     metadata.update(extra or {})
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in encoder.state_dict().items()}
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, metadata)
 
 
 def parse_config(name: str, metadata: dict[str, str]) -> EncoderConfig:

@@ -25,7 +25,7 @@ from nested_attention.host import (
 )
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
 
-from .wires import CATEGORY, NestedSubjectType, Subject
+from .wires import CATEGORY, NestedSubjectType, Subject, names_the_node
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 REGIONS = ("mask", "auto")  # the Apply node's region choices
@@ -243,6 +243,7 @@ class NestedAttentionApply(io.ComfyNode):
         )
 
     @classmethod
+    @names_the_node("Apply Nested Attention (token, λ)")
     def execute(
         cls,
         model: Any,

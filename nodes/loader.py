@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 
-from .wires import CATEGORY, LOG_PREFIX, EncoderHandle, NestedEncoderType
+from .wires import CATEGORY, LOG_PREFIX, EncoderHandle, NestedEncoderType, names_the_node
 
 FOLDER = "nested_attention"
 # IP-Adapter Plus SDXL files load as nested encoders (nested_attention.formats); users keep them here.
@@ -98,32 +98,47 @@ def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderH
     )
 
 
-# Where encoders come from, for the message a missing file gets. No file in this pack's own format is
-# published; these are the trained weights that exist (their loading: Load Nested Encoder's formats).
+# Where each kind of encoder file comes from and goes, for the message a missing file gets. No file in this
+# pack's own format is published; these are the trained weights that exist (their loading: formats.py).
+IP_ADAPTER_URL = "https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/"
 ENCODER_SOURCES = (
-    "train one with this pack's trainer (python -m training.run --domain faces|pets, see training/README.md)",
-    "faces: the authors' release https://huggingface.co/orpatashnik/NestedAttentionEncoder "
-    "(personalization_encoder/model.safetensors, CC BY-NC-SA 4.0, non-commercial)",
-    "IP-Adapter Plus SDXL files (Apache-2.0): https://huggingface.co/h94/IP-Adapter/resolve/main/sdxl_models/"
-    "ip-adapter-plus-face_sdxl_vit-h.safetensors (faces) or ip-adapter-plus_sdxl_vit-h.safetensors, into "
-    "models/ipadapter",
+    (f"IP-Adapter Plus SDXL (Apache-2.0), into models/{IPADAPTER_FOLDER}: {IP_ADAPTER_URL}"
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors (faces) or ip-adapter-plus_sdxl_vit-h.safetensors"),
+    (f"the Nested Attention authors' face encoder (CC BY-NC-SA 4.0, non-commercial), into models/{FOLDER}: "
+    "https://huggingface.co/orpatashnik/NestedAttentionEncoder (personalization_encoder/model.safetensors; "
+    "rename it, e.g. nested-attention-faces.safetensors)"),
+    f"your own, into models/{FOLDER}: python -m training.run --domain faces|pets (training/README.md)",
 )
+
+
+def _listed(folder: str) -> str:
+    try:
+        names = [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(".safetensors")]
+    except KeyError:
+        return "not registered"
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return f"found there: {shown or 'no .safetensors file'}"
 
 
 def missing_encoder_message(encoder_name: str) -> str:
     """What a user reads when the encoder file a graph names is in neither models/nested_attention nor
-    models/ipadapter."""
-    folders = [f for folder in FOLDERS for f in searched_folders(folder)]
-    listed = encoder_files()
-    found = ", ".join(listed[:8]) + (f" and {len(listed) - 8} more" if len(listed) > 8 else "")
-    return (
-        f"nested encoder file {encoder_name!r} not found (searched: "
-        f"{', '.join(folders) or 'no nested_attention folder registered'}; found there: "
-        f"{found or 'no .safetensors file'}). Put the encoder file into "
-        f"{folders[0] if folders else 'ComfyUI/models/nested_attention'} (or add a 'nested_attention' entry "
-        "to extra_model_paths.yaml), press R in the graph to refresh the file lists, and pick it in Load "
-        "Nested Encoder. To get one: " + "; ".join(ENCODER_SOURCES) + "."
-    )
+    models/ipadapter: a first line saying what is missing, then the folders searched, which kind of file goes
+    in which folder, and where to get each."""
+    def where(folder: str) -> str:
+        return ", ".join(searched_folders(folder)) or "not registered"
+
+    return "\n".join([
+        f"Load Nested Encoder: encoder file {encoder_name!r} not found.",
+        "Folders searched:",
+        *(f"  models/{folder}: {where(folder)} ({_listed(folder)})" for folder in FOLDERS),
+        "Which file goes where:",
+        (f"  the pack's encoders (from its trainer or nested_attention.convert) and the authors' encoder -> "
+        f"models/{FOLDER}"),
+        f"  IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/{IPADAPTER_FOLDER}",
+        "Where to get one:",
+        *(f"  - {source}" for source in ENCODER_SOURCES),
+        "Then press R in the graph to refresh the file lists and pick the file in Load Nested Encoder.",
+    ])
 
 
 def load_handle(encoder_name: str, clip_vision: Any | None = None) -> EncoderHandle:
@@ -201,5 +216,6 @@ class NestedAttentionLoadEncoder(io.ComfyNode):
         return True
 
     @classmethod
+    @names_the_node("Load Nested Encoder")
     def execute(cls, encoder_name: str, clip_vision: Any | None = None) -> io.NodeOutput:
         return io.NodeOutput(load_handle(encoder_name, clip_vision))

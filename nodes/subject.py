@@ -11,10 +11,18 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nested_attention import concat_subject_tokens, faces
-from nested_attention.images import composite_on_white
+from nested_attention.formats import FLOAT_DTYPES, file_problem
+from nested_attention.images import (
+    BLANK_SHARE,
+    MASK_MARKS,
+    MASK_RULE,
+    blank_images,
+    composite_on_white,
+    subject_mask,
+)
+from nested_attention.weights import write_safetensors
 
 from .wires import (
     CATEGORY,
@@ -24,6 +32,7 @@ from .wires import (
     NestedSubjectType,
     Subject,
     choice_error,
+    names_the_node,
 )
 
 SUBJECT_FORMAT = "nested-attention-subject"
@@ -44,12 +53,23 @@ def subject_images(
     mask: torch.Tensor | None = None,
     align: str = "auto",
     face_index: int = 0,
+    mask_marks: str = "auto",
 ) -> torch.Tensor:
-    """The photos as the encoder should see them: on white outside the mask, then aligned FFHQ-style when the
-    encoder's config asks for aligned faces (align "auto") -> (n, H, W, 3); "off" skips the alignment."""
+    """The photos as the encoder should see them: on white outside the subject (the mask read by `mask_marks`,
+    nested_attention.images.MASK_RULE), then aligned FFHQ-style when the encoder's config asks for aligned faces
+    (align "auto") -> (n, H, W, 3); "off" skips the alignment. Blank photos are refused (`check_not_blank`)."""
     if image is None or image.dim() != 4 or image.shape[0] == 0:
         return image  # encode_subject says what is wrong
-    images = composite_on_white(image, mask)
+    check_not_blank(image)
+    keep, sides = subject_mask(mask, mask_marks)
+    if mask is not None:
+        log.info(
+            "%s Encode Subject Image(s): mask_marks %s; the mask's 1 read as %s", LOG_PREFIX, mask_marks,
+            ", ".join(f"image {i}: {side or 'nothing (mask ignored)'}" for i, side in enumerate(sides)),
+        )
+    images = composite_on_white(image, keep)
+    if keep is not None:
+        check_not_blank(images, mask_marks=mask_marks, sides=sides)
     config = handle.config
     if align == "off" or config.face_align == faces.ALIGN_NONE:
         return images
@@ -69,10 +89,40 @@ def subject_images(
             )
         except faces.FaceAlignError as e:
             raise SubjectError(
-                f"Encode Subject Image(s): encoder {handle.name} reads aligned faces, and {e}"
+                f"encoder {handle.name} reads aligned faces, and {e}"
             ) from e
         progress.update(1)
     return torch.stack(crops).to(images.device)  # (n, face_size, face_size, 3)
+
+
+def check_not_blank(images: torch.Tensor, mask_marks: str | None = None, sides: list | None = None) -> None:
+    """Refuse photos with (almost) nothing in them, naming the likely cause; with `sides`, the photos after the
+    mask was applied (so the mask is the cause)."""
+    blank = blank_images(images)
+    if not blank:
+        return
+    which = ", ".join(str(i) for i in blank)
+    where = f"image{'s' if len(blank) > 1 else ''} {which} of the batch (counting from 0)"
+    colour = [round(float(c) * 255) for c in images[blank[0]].reshape(-1, images.shape[-1]).median(dim=0).values]
+    share = f"at least {BLANK_SHARE:.0%} of the pixels are one colour, RGB {tuple(colour[:3])}"
+    if sides is not None:
+        read = sides[blank[0]] if len(sides) > blank[0] else sides[0]
+        raise SubjectError(
+            f"Encode Subject Image(s): the mask leaves almost nothing of {where} ({share} after the part outside "
+            f"the subject was made white; mask_marks {mask_marks!r} read the mask's 1 as the {read}). Check that "
+            "the mask covers the subject, or set mask_marks to the other side: 'subject' for a segmentation mask "
+            "(1 on the object), 'background' for Load Image's MASK of a cut-out (1 on the transparent part)."
+        )
+    if min(colour) >= 250:
+        cause = (
+            "The likely cause: a 16-bit PNG through ComfyUI's Load Image, which some releases (0.3.75 among "
+            "them) read as pure white. Save the photo as an 8-bit PNG or a JPEG and load it again."
+        )
+    else:
+        cause = "Check the node that made it (a failed generation or conversion gives a plain image)."
+    raise SubjectError(
+        f"Encode Subject Image(s): {where} is blank ({share}): there is no subject in it to encode. {cause}"
+    )
 
 
 @torch.no_grad()
@@ -83,7 +133,7 @@ def encode_subject(
     if image is None or image.dim() != 4 or image.shape[0] == 0:
         shape = None if image is None else tuple(image.shape)
         raise SubjectError(
-            f"Encode Subject Image(s) got no image (shape {shape}); connect one or more photos of the "
+            f"no image (shape {shape}); connect one or more photos of the "
             "subject (an IMAGE batch)."
         )
     images = composite_on_white(image, mask)
@@ -157,8 +207,10 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
                 io.Mask.Input(
                     "mask",
                     optional=True,
-                    tooltip="Isolates the subject: outside the mask the photo is replaced by white, as the "
-                    "encoder was trained (pets on a white background). One mask, or one per photo.",
+                    tooltip="Isolates the subject: outside it the photo is replaced by white, as the encoder "
+                    "was trained (pets on a white background). One mask, or one per photo. Load Image's MASK "
+                    "of a cut-out and a segmentation mask both work as they are: mask_marks says how the side "
+                    "that is the subject is chosen. The encoded_images output shows the result.",
                 ),
                 io.Combo.Input(
                     "align",
@@ -178,6 +230,16 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
                     tooltip="Which face to use when a photo shows several: 0 is the largest, 1 the next. See "
                     "the encoded_images output.",
                 ),
+                # Last, so that the widget values of workflows saved before it existed keep their places.
+                io.Combo.Input(
+                    "mask_marks",
+                    options=list(MASK_MARKS),
+                    default="auto",
+                    optional=True,
+                    tooltip="What the mask's white (1) marks. Load Image gives 1 on the transparent background "
+                    "of a cut-out (1 - alpha); segmentation nodes give 1 on the object. " + MASK_RULE
+                    + " Check the encoded_images output: the subject on white.",
+                ),
             ],
             outputs=[
                 NestedSubjectType.Output(
@@ -186,19 +248,23 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
                 io.Image.Output(
                     "encoded_images",
                     display_name="encoded_images",
-                    tooltip="The images the encoder read (aligned face crops, white outside the mask), to "
-                    "check them.",
+                    tooltip="The images the encoder read (aligned face crops, white outside the subject), to "
+                    "check them: with a mask, the subject must be on white.",
                 ),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, crop: str | None = None, align: str | None = None) -> bool | str:
+    def validate_inputs(
+        cls, crop: str | None = None, align: str | None = None, mask_marks: str | None = None
+    ) -> bool | str:
         # ComfyUI 0.3.75 checks no V3 combo against its options (0.33 does, unless named here): this node
         # does, on both. None: the value comes through a link, known only when the node runs.
-        return choice_error("crop", crop, CROPS) or choice_error("align", align, ALIGNS) or True
+        return (choice_error("crop", crop, CROPS) or choice_error("align", align, ALIGNS)
+                or choice_error("mask_marks", mask_marks, MASK_MARKS) or True)
 
     @classmethod
+    @names_the_node("Encode Subject Image(s)")
     def execute(
         cls,
         encoder: EncoderHandle,
@@ -207,8 +273,9 @@ class NestedAttentionEncodeSubject(io.ComfyNode):
         mask: torch.Tensor | None = None,
         align: str = "auto",
         face_index: int = 0,
+        mask_marks: str = "auto",
     ) -> io.NodeOutput:
-        images = subject_images(encoder, image, mask, align=align, face_index=face_index)
+        images = subject_images(encoder, image, mask, align=align, face_index=face_index, mask_marks=mask_marks)
         return io.NodeOutput(encode_subject(encoder, images, None, crop=crop != "none"), images)
 
 
@@ -228,13 +295,14 @@ def save_subject(path: str, subject: Subject) -> None:
         "name": subject.name,
         "images": str(subject.images),
     }
-    save_file(
-        {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, path, metadata=metadata
-    )
+    write_safetensors(path, {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
 def load_subject(path: str, handle: EncoderHandle) -> Subject:
     name = os.path.basename(path)
+    problem = file_problem(path)
+    if problem:
+        raise SubjectError(f"{name} {problem}. Expected a subject saved by Save Nested Subject.")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -247,6 +315,17 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
                 raise SubjectError(
                     f"{name} has subject format version {metadata.get('format_version')!r}; this pack reads "
                     f"version {SUBJECT_FORMAT_VERSION}. Encode the photos again."
+                )
+            if set(f.keys()) != {"tokens"}:
+                raise SubjectError(
+                    f"{name} holds the tensors {sorted(f.keys())[:6]}; a saved subject holds one, 'tokens'. The "
+                    "file is damaged or was edited: save the subject again."
+                )
+            dtype = f.get_slice("tokens").get_dtype()
+            if dtype not in FLOAT_DTYPES:
+                raise SubjectError(
+                    f"{name}: its 'tokens' are {dtype}, expected float32 (as Save Nested Subject writes them); the "
+                    "file is damaged: save the subject again."
                 )
             tokens = f.get_tensor("tokens")
     except (SafetensorError, OSError) as e:
@@ -265,12 +344,19 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
         or tokens.shape[0] != 1
         or tokens.shape[2] != width
         or tokens.shape[1] % handle.config.num_tokens
+        or tokens.shape[1] == 0
     ):
         raise SubjectError(
             f"{name}: tokens of shape {tuple(tokens.shape)}, expected (1, n*{handle.config.num_tokens}, "
             f"{width}); the file is damaged, save the subject again."
         )
-    images = int(metadata.get("images", tokens.shape[1] // handle.config.num_tokens))
+    bad = tokens.numel() - int(torch.isfinite(tokens).sum())
+    if bad:  # NaN tokens would give NaN subject values: black images
+        raise SubjectError(
+            f"{name}: its 'tokens' hold {bad} NaN or infinite value(s); they would give black images. The file is "
+            "damaged: encode the photos again and save the subject."
+        )
+    images = tokens.shape[1] // handle.config.num_tokens  # what the file's "images" says, counted from the tokens
     return Subject(tokens=tokens.float(), encoder=handle, name=metadata.get("name", "subject"), images=images)
 
 
@@ -310,6 +396,7 @@ class NestedAttentionSaveSubject(io.ComfyNode):
         )
 
     @classmethod
+    @names_the_node("Save Nested Subject")
     def execute(cls, subject: Subject, filename_prefix: str = f"{SUBJECT_DIR}/subject") -> io.NodeOutput:
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory()
@@ -362,6 +449,7 @@ class NestedAttentionLoadSubject(io.ComfyNode):
         return f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if os.path.isfile(path) else subject_file
 
     @classmethod
+    @names_the_node("Load Nested Subject")
     def execute(cls, encoder: EncoderHandle, subject_file: str) -> io.NodeOutput:
         path = folder_paths.get_annotated_filepath(subject_file)
         if not os.path.isfile(path):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,3 +74,29 @@ def choice_error(name: str, value: Any, choices: Sequence[str]) -> str | None:
     if value is None or value in choices:
         return None
     return f"{name} is {value!r}; expected one of {', '.join(repr(c) for c in choices)}."
+
+
+# The pack's own errors: ValueErrors defined in the core or in this pack's modules, each written for the user.
+_PACK_MODULES = ("nested_attention", __name__.split(".")[0])
+
+
+def names_the_node(display_name: str) -> Callable:
+    """Decorate a node's entry method so that the pack's errors raised while it runs start with the node's
+    display name ("Apply Nested Attention (token, λ): the word ..."). ComfyUI titles its error dialog with
+    the node's class id (NestedAttentionApply); the message is the part the pack writes, so it names the node
+    as the user sees it. Other errors (ComfyUI's, torch's) pass unchanged."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except ValueError as error:
+                ours = type(error).__module__.split(".")[0] in _PACK_MODULES
+                if ours and error.args and not str(error.args[0]).startswith(display_name):
+                    error.args = (f"{display_name}: {error.args[0]}", *error.args[1:])
+                raise
+
+        return run
+
+    return decorate

@@ -48,6 +48,11 @@ TINY_CLIP_VISION_SPEC = {
 def pack():
     """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`, and
     its nodes by id as ComfyUI registers them (from the node list its comfy_entrypoint gives)."""
+    return pack_namespace()
+
+
+def pack_namespace() -> SimpleNamespace:
+    """What the `pack` fixture gives, for code outside pytest (tests/loader_fuzz.py's worker)."""
     module = load_pack()
     nodes = module.nodes
     extension = run_async(module.comfy_entrypoint())
@@ -109,19 +114,21 @@ def tiny_encoder(
 
 @pytest.fixture
 def models_folder(tmp_path, monkeypatch):
-    """A temporary folder registered as ComfyUI's `nested_attention` (and `clip_vision`) models folders."""
+    """Temporary folders registered as ComfyUI's `nested_attention`, `ipadapter` and `clip_vision` models folders."""
     folder = tmp_path / "nested_attention"
     clip_folder = tmp_path / "clip_vision"
-    folder.mkdir()
-    clip_folder.mkdir()
+    ipadapter = tmp_path / "ipadapter"
+    for made in (folder, clip_folder, ipadapter):
+        made.mkdir()
     monkeypatch.setitem(
         folder_paths.folder_names_and_paths, "nested_attention", ([str(folder)], {".safetensors"})
     )
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ipadapter", ([str(ipadapter)], {".safetensors"}))
     monkeypatch.setitem(
         folder_paths.folder_names_and_paths, "clip_vision", ([str(clip_folder)], {".safetensors"})
     )
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return SimpleNamespace(encoders=folder, clip_vision=clip_folder)
+    return SimpleNamespace(encoders=folder, clip_vision=clip_folder, ipadapter=ipadapter)
 
 
 @pytest.fixture
@@ -232,6 +239,18 @@ def run_comfy_node(node_id: str, **inputs):
     import nodes  # ComfyUI's own module (the pack is loaded under another name, tests/pack.py)
 
     return execute_node(nodes.NODE_CLASS_MAPPINGS[node_id], node_id, **inputs)
+
+
+PET_PHOTO = Path(__file__).resolve().parents[1] / "workflows" / "input" / "nested_attention_pet.jpg"  # Chelsea (CC0)
+
+
+def cat_cutout_alpha(width: int, height: int):
+    """The alpha channel of a cut-out of PET_PHOTO: a soft-edged ellipse around the cat's face, (H, W) uint8."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = np.sqrt(((x - 240) / 150) ** 2 + ((y - 150) / 135) ** 2)
+    return np.clip((1.05 - r) * 10 * 255, 0, 255).round().astype(np.uint8)
 
 
 def photos(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,11 +128,94 @@ def test_wrong_shape_names_tensor_expected_and_found(saved, tmp_path):
         load_encoder(bad)
 
 
-def test_not_safetensors_is_refused(tmp_path):
-    path = tmp_path / "encoder.ckpt"
-    path.write_bytes(b"\x80\x02}q\x00.not a safetensors file")
-    with pytest.raises(NestedWeightsError, match="not a readable .safetensors file"):
+@pytest.mark.parametrize("content, says", [
+    (b"\x80\x02}q\x00.a pickle", r"is a Python pickle \(an old-style PyTorch .bin/.pt checkpoint\).*never pickle"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64), r"is a JPEG image, not a .safetensors file: images go into Load Image"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), r"is a PNG image"),
+    (b"PK\x03\x04" + bytes(64), r"is a zip archive \(what torch.save writes"),
+    (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", r"is a web page \(HTML\).*log-in page"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", r"is a Git LFS pointer.*without git-lfs"),
+    (b"model weights go here\n", r"is a text file, not a .safetensors file"),
+    (b"", r"is empty \(0 bytes\): an interrupted download or copy"),
+    (b"\x07\x00\x00\x00\x00\x00\x00\x00{\"a\":", r"is truncated: its header alone needs 15 bytes and the file has 13"),
+])
+def test_a_file_that_is_not_safetensors_is_named_for_what_it_is(tmp_path, content, says):
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(NestedWeightsError, match=r"^encoder.safetensors " + says):
         load_encoder(str(path))
+
+
+def test_a_truncated_file_says_so_and_a_damaged_one_is_not_called_truncated(saved, tmp_path):
+    data = Path(saved).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(NestedWeightsError, match=rf"is truncated: its tensors need {len(data)} bytes and the file has "
+                       rf"{len(data) - 100} \(an interrupted download\). Download it again"):
+        load_encoder(str(cut))
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(NestedWeightsError, match=r"is not a .safetensors file \(its first 8 bytes give a header length"):
+        load_encoder(str(noise))
+
+
+def test_a_tensor_named_twice_in_the_header_is_refused(saved, tmp_path):
+    data = Path(saved).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    entry = json.dumps(header["qformer.latents"])
+    text = json.dumps(header)[:-1] + f', "qformer.latents": {entry}}}'  # safetensors itself keeps one of them
+    text += " " * (-len(text) % 8)
+    twice = tmp_path / "twice.safetensors"
+    twice.write_bytes(len(text).to_bytes(8, "little") + text.encode() + data[8 + length :])
+    with pytest.raises(NestedWeightsError, match=r"damaged header \('qformer.latents' appears 2 times"):
+        load_encoder(str(twice))
+
+
+def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
+    for value in (float("nan"), float("inf")):
+        with safe_open(saved, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            meta = f.metadata()
+        tensors["projections.1.to_v.weight"][3, 5] = value
+        bad = str(tmp_path / "nan.safetensors")
+        save_file(tensors, bad, metadata=meta)
+        with pytest.raises(NestedWeightsError, match=r"'projections.1.to_v.weight' holds 1 NaN or infinite value.*black"):
+            load_encoder(bad)
+
+
+def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused_by_name(saved, tmp_path):
+    with safe_open(saved, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        meta = f.metadata()
+    mixed = dict(tensors, **{"qformer.latents": tensors["qformer.latents"].half()})
+    save_file(mixed, str(tmp_path / "mixed.safetensors"), metadata=meta)
+    loaded = load_encoder(str(tmp_path / "mixed.safetensors"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    ints = dict(tensors, **{"qformer.proj_in.bias": tensors["qformer.proj_in.bias"].long()})
+    save_file(ints, str(tmp_path / "ints.safetensors"), metadata=meta)
+    with pytest.raises(NestedWeightsError, match=r"tensor 'qformer.proj_in.bias' is I64; encoder weights are F16/BF16"):
+        load_encoder(str(tmp_path / "ints.safetensors"))
+
+
+@pytest.mark.parametrize("field, value, says", [
+    (("qformer", "depth"), 10**9, r"the config has 1000000000 Q-Former blocks and 2 layers, the file's tensors 2 blocks"),
+    (("alpha",), "x", r"malformed 'config'.*alpha is 'x', expected a positive number"),
+    (("qformer", "heads"), 2.5, r"qformer.heads is 2.5, expected a whole number >= 1"),
+    (("layers",), [["input", 4, 0, 16], ["sideways", 1, 0, 24]], r"layer \['sideways', 1, 0, 24\]: expected a block"),
+    (("face_align",), "tilted", r"face_align is 'tilted', expected 'none' or 'ffhq'"),
+])
+def test_a_config_value_of_the_wrong_type_or_size_is_refused_before_any_module_is_built(saved, tmp_path, field,
+                                                                                        value, says):
+    with safe_open(saved, framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    node = config
+    for key in field[:-1]:
+        node = node[key]
+    node[field[-1]] = value
+    bad = _rewrite(saved, str(tmp_path / "cfg.safetensors"), metadata={"config": json.dumps(config)})
+    with pytest.raises(NestedWeightsError, match=says):
+        load_encoder(bad)
 
 
 def test_malformed_config_is_refused(saved, tmp_path):
@@ -141,4 +225,45 @@ def test_malformed_config_is_refused(saved, tmp_path):
 
 
 def test_save_is_atomic_and_leaves_no_temp_file(saved):
-    assert not os.path.exists(saved + ".tmp")
+    assert os.listdir(os.path.dirname(saved)) == ["enc.safetensors"]
+
+
+def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it_bitwise(saved, tmp_path, capsys):
+    from nested_attention import convert as convert_cli
+    from nested_attention import inspect as inspect_cli
+
+    with safe_open(saved, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    stripped = tmp_path / "merged.safetensors"
+    save_file(tensors, str(stripped))  # what merge and convert tools write: the tensors, no metadata
+    with pytest.raises(NestedWeightsError) as error:
+        load_encoder(str(stripped))
+    message = str(error.value)
+    assert message.startswith("merged.safetensors holds this pack's own encoder tensors (qformer.*, projections.*) "
+                              "but its metadata lacks 'config', 'format', 'format_version'")
+    assert "M=4 subject tokens, a Q-Former 32 wide and 2 blocks deep, reading CLIP tokens 16 wide, 2 cross-" in message
+    assert "cannot give the head count (to_q has 16 rows: heads x head width)" in message
+    assert message.endswith("python -m nested_attention.convert merged.safetensors FIXED.safetensors --config-from "
+                            "ORIGINAL.safetensors")
+    assert inspect_cli.main([str(stripped)]) == 1
+    assert "format: not supported" in capsys.readouterr().out
+
+    fixed = tmp_path / "fixed.safetensors"
+    assert convert_cli.main([str(stripped), str(fixed), "--config-from", saved]) == 0
+    original, restored = load_encoder(saved), load_encoder(str(fixed))
+    assert restored.config == original.config
+    clip_tokens = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+    tokens = original.encode(clip_tokens)
+    assert torch.equal(restored.encode(clip_tokens), tokens)  # the same tokens, bitwise
+    for layer in range(len(original.layers)):
+        for a, b in zip(original.project(tokens, layer), restored.project(tokens, layer)):
+            assert torch.equal(a, b)
+
+    other = tmp_path / "other.safetensors"  # a config whose shapes differ: refused, naming the first difference
+    save_encoder(str(other), NestedEncoder(tiny_config(m=8)))
+    assert convert_cli.main([str(stripped), str(tmp_path / "x.safetensors"), "--config-from", str(other)]) == 1
+    assert ("tensor 'qformer.latents' has shape (4, 32), expected (8, 32) from its config (taken from another file)"
+            in capsys.readouterr().err)
+    assert convert_cli.main([saved, str(tmp_path / "y.safetensors"), "--config-from", str(other)]) == 1
+    assert "has its own config; --config-from is for a file of this pack whose metadata was dropped" in (
+        capsys.readouterr().err)

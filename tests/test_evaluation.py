@@ -515,3 +515,28 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
     assert {"eval/prior", "eval/nested-lambda-1"} <= set(accumulator.Tags()["images"])
     with pytest.raises(SystemExit):
         trainer.parse_args(["--domain", "tiny", "--eval_steps", "-1"])
+
+
+def test_tradeoff_point_labels_cover_no_other_label_and_no_point():
+    """λ and scale points of a run sit close together; their labels must each stay readable."""
+    from training.evaluation.report import _pyplot, place_labels
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    nested = [(0.300 - 0.0004 * i, 0.52 + 0.004 * i) for i in range(6)]  # λ = 1 ... 4
+    decoupled = [(0.2992 - 0.0002 * i, 0.528 + 0.0018 * i) for i in range(6)]  # scale 0.5 ... 1.0
+    for points in (nested, decoupled):
+        ax.plot(*zip(*points), marker="o")
+    ax.legend(["nested", "decoupled"], loc="lower left")
+    fig.tight_layout()
+    notes = [(x, y, f"{v:g}", "k") for (x, y), v in zip(nested, (1, 1.5, 2, 2.5, 3, 4))]
+    notes += [(x, y, f"{v:g} (1/8 no face)" if v == 1 else f"{v:g}", "k")
+              for (x, y), v in zip(decoupled, (0.5, 0.6, 0.7, 0.8, 0.9, 1.0))]
+    boxes = place_labels(fig, ax, notes)
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :]), notes[i][2]
+        for x, y, *_ in notes:
+            px, py = ax.transData.transform((x, y))
+            assert not a.contains(px, py), (notes[i][2], x, y)
+        assert a.x0 >= ax.get_window_extent().x0 and a.x1 <= ax.get_window_extent().x1
+    plt.close(fig)

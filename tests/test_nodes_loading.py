@@ -117,32 +117,52 @@ def test_missing_encoder_file_is_answered_at_validation_with_the_folder_and_sour
     assert validate_inputs(loader, encoder_name=name) is True
     message = validate_inputs(loader, encoder_name="faces-encoder.safetensors")
     assert "Value not in list" not in message
-    assert "encoder_name - nested encoder file 'faces-encoder.safetensors' not found" in message
-    assert f"searched: {models_folder.encoders}" in message and "found there: present.safetensors" in message
-    assert f"Put the encoder file into {models_folder.encoders}" in message
-    assert "python -m training.run" in message
-    assert "https://huggingface.co/orpatashnik/NestedAttentionEncoder" in message
-    assert "ip-adapter-plus-face_sdxl_vit-h.safetensors" in message and "models/ipadapter" in message
+    lines = message.split("encoder_name - ", 1)[1].splitlines()  # the node's own message
+    # A short first line (what is missing), then the folders searched, where each kind goes, where to get each.
+    assert lines[0] == "Load Nested Encoder: encoder file 'faces-encoder.safetensors' not found."
+    assert lines[1:4] == [
+        "Folders searched:",
+        f"  models/nested_attention: {models_folder.encoders} (found there: present.safetensors)",
+        f"  models/ipadapter: {models_folder.ipadapter} (found there: no .safetensors file)",
+    ]
+    assert lines[4:7] == [
+        "Which file goes where:",
+        ("  the pack's encoders (from its trainer or nested_attention.convert) and the authors' encoder -> "
+         "models/nested_attention"),
+        "  IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter",
+    ]
+    assert lines[7] == "Where to get one:"
+    sources = lines[8:11]
+    assert sources[0].startswith("  - IP-Adapter Plus SDXL (Apache-2.0), into models/ipadapter: https://")
+    assert "ip-adapter-plus-face_sdxl_vit-h.safetensors" in sources[0]
+    assert "into models/nested_attention: https://huggingface.co/orpatashnik/NestedAttentionEncoder" in sources[1]
+    assert "into models/nested_attention: python -m training.run" in sources[2]
+    assert lines[11].startswith("Then press R")
+    # An IP-Adapter file is never sent to models/nested_attention (the old message did).
+    assert not [line for line in lines if "ip-adapter" in line.lower() and "models/nested_attention" in line]
 
 
 def test_init_creates_the_models_folder_and_only_warns_when_it_cannot(monkeypatch, tmp_path, caplog):
     models = tmp_path / "models"
     monkeypatch.setattr(folder_paths, "models_dir", str(models))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "ipadapter", raising=False)
     try:
         load_pack("nested_attention_pack_fresh")
         assert (models / "nested_attention").is_dir()
+        assert (models / "ipadapter").is_dir()  # where the errors and the workflows send IP-Adapter Plus files
     finally:
         unload_pack("nested_attention_pack_fresh")
     blocked = tmp_path / "read-only"
     blocked.write_text("a file where the models folder would be, so nothing can be created under it")
     monkeypatch.setattr(folder_paths, "models_dir", str(blocked))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, "nested_attention", raising=False)
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, "ipadapter", raising=False)
     try:
         with caplog.at_level(logging.WARNING):
             load_pack("nested_attention_pack_fresh")
         assert "[nested-attention] cannot create" in caplog.text
-        assert str(blocked / "nested_attention") in caplog.text
+        assert str(blocked / "nested_attention") in caplog.text and str(blocked / "ipadapter") in caplog.text
     finally:
         unload_pack("nested_attention_pack_fresh")
 

@@ -6,9 +6,20 @@ import os
 
 import comfy.utils
 import folder_paths
+import numpy as np
 import pytest
 import torch
-from pack_helpers import encode_subject, fingerprint, photos, run_node, validate_inputs
+from pack_helpers import (
+    PET_PHOTO,
+    cat_cutout_alpha,
+    encode_subject,
+    fingerprint,
+    photos,
+    run_comfy_node,
+    run_node,
+    validate_inputs,
+)
+from PIL import Image
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
@@ -197,7 +208,7 @@ def test_encoders_without_face_alignment_leave_photos_alone(pack, load_handle):
 
 def test_no_face_names_the_image_and_the_way_out(pack, load_handle):
     handle = load_handle(domain="faces", token="person", face_align="ffhq", face_size=64)
-    batch = torch.cat([astronaut_batch(), torch.full((1, 512, 512, 3), 0.5)])
+    batch = torch.cat([astronaut_batch(), photos(7, size=512)])  # noise: no face
     message = r"no face found in image 1 of the batch.*alignment off"
     with pytest.raises(pack.subject.SubjectError, match=message):
         run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=batch, crop="center")
@@ -222,3 +233,149 @@ def test_face_alignment_settings_round_trip_through_the_weight_file(tmp_path, ti
     del data["face_align"], data["face_size"]
     assert EncoderConfig.from_json(json.dumps({**data, "domain": "faces"})).face_align == "ffhq"
     assert EncoderConfig.from_json(json.dumps({**data, "domain": "pets"})).face_align == "none"
+
+
+# ------------------------------------------------------------------------------------------------
+# Which side of the mask is the subject (Load Image's MASK is 1 - alpha; segmentation masks are 1 on the object)
+
+def load_image(folder, name, monkeypatch):
+    """ComfyUI's own Load Image node (the host's nodes.LoadImage) on `folder/name`: (IMAGE, MASK)."""
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(folder))
+    image, mask = run_comfy_node("LoadImage", image=name)
+    return image.float(), mask.float()
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray) -> torch.Tensor:
+    """The reference: RGB (H, W, 3) uint8 composited over white by alpha (H, W) uint8, as (1, H, W, 3) float."""
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    return torch.from_numpy(rgb.astype(np.float64) / 255.0 * a + (1.0 - a)).float()[None]
+
+
+def test_a_cutout_through_load_image_and_a_segmentation_mask_both_give_the_subject_on_white(
+    pack, load_handle, tmp_path, monkeypatch
+):
+    rgb = np.asarray(Image.open(PET_PHOTO).convert("RGB"))
+    alpha = cat_cutout_alpha(rgb.shape[1], rgb.shape[0])
+    Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(tmp_path / "cat_cutout.png")
+    image, mask = load_image(tmp_path, "cat_cutout.png", monkeypatch)
+    # What Load Image gives (ComfyUI's convention): MASK = 1 - alpha, 1 on the transparent background.
+    torch.testing.assert_close(mask[0], torch.from_numpy(1.0 - alpha / 255.0).float(), atol=1e-6, rtol=0)
+    segmentation = torch.from_numpy(alpha / 255.0).float()[None]  # 1 on the object, as segmentation nodes give
+    expected = on_white(rgb, alpha)
+    handle = load_handle()
+
+    def encoded(mask, **options):
+        subject, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center",
+                                 mask=mask, **options)
+        return subject, seen
+
+    # The node's defaults (mask_marks auto): both give the cat on white, and that is what the encoder read.
+    for given in (mask, segmentation):
+        subject, seen = encoded(given)
+        torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(subject.tokens, reference_tokens(handle, seen))
+    # The explicit choices say the same, and are taken literally: the wrong one keeps the background instead.
+    torch.testing.assert_close(encoded(mask, mask_marks="background")[1], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(encoded(segmentation, mask_marks="subject")[1], expected, atol=1e-5, rtol=0)
+    inverted = on_white(rgb, 255 - alpha)
+    torch.testing.assert_close(encoded(mask, mask_marks="subject")[1], inverted, atol=1e-5, rtol=0)
+    # The rule is stated where users read it.
+    tooltip = pack.mappings["NestedAttentionEncodeSubject"].INPUT_TYPES()["optional"]["mask_marks"][1]["tooltip"]
+    assert "border" in tooltip and "1 - alpha" in tooltip and "encoded_images" in tooltip
+
+
+def test_load_images_mask_of_a_photo_without_transparency_leaves_the_photo_alone(pack, load_handle, tmp_path,
+                                                                                 monkeypatch):
+    (tmp_path / "cat.jpg").write_bytes(PET_PHOTO.read_bytes())
+    image, mask = load_image(tmp_path, "cat.jpg", monkeypatch)
+    assert mask.shape == (1, 64, 64) and float(mask.abs().max()) == 0.0  # Load Image's "no alpha" mask
+    _, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=load_handle(), image=image, crop="center",
+                       mask=mask)
+    assert torch.equal(seen, image)
+
+
+def test_auto_reads_each_mask_by_its_border_and_a_subject_may_touch_one_edge():
+    from nested_attention.images import border_mean, mask_side, subject_mask
+
+    h, w = 30, 40
+    bottom = torch.zeros(h, w)
+    bottom[18:, 10:30] = 1.0  # a person's shoulders: the subject touches the bottom edge
+    # Border ring: 2*40 + 2*28 = 136 pixels, of which the bottom row's 20 are 1.
+    assert border_mean(bottom) == pytest.approx(20 / 136)
+    assert mask_side(bottom) == "subject" and mask_side(1 - bottom) == "background"
+    assert mask_side(torch.full((h, w), 0.3)) is None
+    half = torch.zeros(h, w)
+    half[:, : w // 2] = 1.0  # a tie on the border (0.5): read as 1 = subject
+    assert border_mean(half) == pytest.approx(0.5) and mask_side(half) == "subject"
+    # A batch is read mask by mask; a mask that marks nothing keeps its photo whole.
+    batch = torch.stack([bottom, 1 - bottom, torch.zeros(h, w)])
+    keep, sides = subject_mask(batch)
+    assert sides == ["subject", "background", None]
+    assert torch.equal(keep, torch.stack([bottom, bottom, torch.ones(h, w)]))
+    assert subject_mask(torch.zeros(1, h, w)) == (None, [None])
+    assert torch.equal(subject_mask(bottom, "background")[0], 1 - bottom)
+    with pytest.raises(MaskError, match="mask_marks is 'inverse'"):
+        subject_mask(bottom, "inverse")
+
+
+def test_the_trainers_masks_keep_their_meaning_whatever_the_border(tmp_path):
+    """The trainer's alpha channels and mask files mean 1 = subject always: no side is guessed there."""
+    from training.images import load_rgb
+
+    photo = Image.new("RGB", (16, 16), (200, 40, 40))
+    photo.save(tmp_path / "p.png")
+    frame = np.zeros((16, 16), np.uint8)
+    frame[:, :2] = frame[:, -2:] = frame[:2] = frame[-2:] = 255  # white on the whole border
+    Image.fromarray(frame, mode="L").save(tmp_path / "p.mask.png")
+    out = np.asarray(load_rgb(str(tmp_path / "p.png"), str(tmp_path / "p.mask.png")))
+    assert (out[0, 0] == (200, 40, 40)).all() and (out[8, 8] == (255, 255, 255)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Blank photos
+
+
+def test_a_16_bit_png_through_load_image_is_refused_naming_the_cause_or_read_right(pack, load_handle, tmp_path,
+                                                                                  monkeypatch):
+    from skimage import data
+
+    grey = data.camera().astype(np.uint16) * 257  # the full 16-bit range
+    Image.fromarray(grey).save(tmp_path / "camera16.png")
+    assert Image.open(tmp_path / "camera16.png").mode.startswith("I;16")
+    image, _ = load_image(tmp_path, "camera16.png", monkeypatch)
+    handle = load_handle()
+    right = torch.from_numpy(np.round(grey / 257.0) / 255.0).float()
+    if float(image.mean()) > 0.99:
+        # ComfyUI 0.3.75's Load Image reads it as white (mean 254.999 of 255): refused, with the likely cause.
+        with pytest.raises(pack.subject.SubjectError,
+                           match=r"image 0 of the batch .* is blank .*16-bit PNG.*8-bit PNG or a JPEG"):
+            run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
+    else:
+        # ComfyUI 0.33's Load Image (through PyAV) reads it right: encoded as it is.
+        torch.testing.assert_close(image[0, ..., 0], right, atol=1 / 255 + 1e-6, rtol=0)
+        _, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
+        assert torch.equal(seen, image)
+
+
+def test_blank_and_near_blank_photos_are_refused_and_a_subject_on_white_is_not(pack, load_handle):
+    handle = load_handle()
+    specks = torch.ones(1, 64, 64, 3)
+    specks[0, :4, :8] = 0.0  # 32 of 4096 pixels (0.8 %) differ: still blank
+    grey = torch.full((1, 32, 32, 3), 0.5)
+    for blank, cause in ((specks, "16-bit PNG"), (grey, "node that made it")):
+        batch = torch.cat([photos(0, size=blank.shape[1]), blank])
+        with pytest.raises(pack.subject.SubjectError, match=rf"image 1 of the batch .* is blank.*{cause}"):
+            run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=batch, crop="center")
+    # A subject on white that covers 2 % of the photo is a subject.
+    small = torch.ones(1, 64, 64, 3)
+    small[0, :8, :10] = photos(1, size=64)[0, :8, :10]
+    _, seen = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=small, crop="center")
+    assert torch.equal(seen, small)
+
+
+def test_a_mask_that_leaves_nothing_is_refused_naming_the_mask(pack, load_handle):
+    handle = load_handle()
+    everything = torch.ones(1, 32, 32)  # with mask_marks "background": all background
+    with pytest.raises(pack.subject.SubjectError, match=r"the mask leaves almost nothing of image 0.*'background'"):
+        run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=photos(0), crop="center",
+                 mask=everything, mask_marks="background")

@@ -194,6 +194,27 @@ def test_labelled_grid_keeps_every_cell_exact_and_writes_labels_around_them():
     assert (pixels[top : boxes[0][0][3], : boxes[0][0][0]] < 100).any()  # a row label left of row 0
 
 
+def test_preview_labels_draw_accents_and_wrap_long_file_names_whole():
+    from PIL import Image, ImageDraw
+
+    face = preview_lib.font(20)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def drawn(text):
+        image = Image.new("L", (60, 40), 0)
+        ImageDraw.Draw(image).text((5, 5), text, fill=255, font=face)
+        return np.asarray(image)
+
+    unassigned = drawn("\u0378")  # no font has it: the 'missing glyph' box
+    for letter in "éëüçñ":
+        assert not np.array_equal(drawn(letter), unassigned), letter  # drawn, not as a box
+    name = "café-au-lait-cat-photographed-on-the-sofa-2024-05-01_IMG_4821.png"
+    lines = preview_lib.wrap(draw, f"{name} x", 120, face)
+    assert "".join(lines)[: len(name)] == name  # every character kept, in order
+    assert all(draw.textlength(line, font=face) <= 120 for line in lines)
+    assert lines[0].endswith("-")  # cut after a separator where one fits
+
+
 def torch_of(array):
     import torch
 
@@ -268,12 +289,24 @@ def test_checkpoints_keep_three_by_default_and_zero_keeps_all(tmp_path):
     assert {trainer.parse_args(["--domain", d]).checkpoints_total_limit for d in PRESETS} == {3}
     keep_all = trainer.parse_args(["--domain", "tiny", "--checkpoints_total_limit", "0"])
     assert keep_all.checkpoints_total_limit == 0
-    for step in (1, 2, 3, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-    checkpoints_lib.prune(tmp_path, 0, 5)
-    assert len(list(tmp_path.glob("checkpoint-*"))) == 4
-    checkpoints_lib.prune(tmp_path, 3, 5)  # checkpoint-5 about to be written: 3 and 4 stay
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    for step in (1, 2, 3, 4, 5):
+        complete_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-6").mkdir()  # no completion marker: not counted, not pruned
+    checkpoints_lib.prune(tmp_path, 0)
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 6
+    checkpoints_lib.prune(tmp_path, 3)  # pruned once checkpoint-5 is complete: 3, 4 and 5 stay
+    names = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert names == ["checkpoint-3", "checkpoint-4", "checkpoint-5", "checkpoint-6"]
+
+
+def complete_checkpoint(folder, files=None):
+    """A checkpoint folder as `Checkpoints.save` leaves it: its files written into checkpoint-N.partial, the
+    completion marker, the rename. `files`: {name: text} (default: one stand-in model file)."""
+    partial = folder.with_name(folder.name + checkpoints_lib.PARTIAL)
+    partial.mkdir()
+    for name, text in (files or {"model.safetensors": "x" * 10}).items():
+        (partial / name).write_text(text)
+    checkpoints_lib.finalize(partial, folder, int(folder.name.split("-")[1]))
 
 
 class FakeAccelerator:
@@ -289,13 +322,11 @@ class FakeAccelerator:
 
 def test_resuming_with_another_batch_layout_warns(tmp_path, caplog):
     folder = tmp_path / "checkpoint-4"
-    folder.mkdir()
     state = checkpoints_lib.ProcessState(
         global_step=4, batches=8, world=2, weights_sha256="a", initial_weights_sha256="b",
         train_batch_size=4, gradient_accumulation_steps=2,
     )
-    for rank in (0, 1):
-        (folder / f"trainer_state-{rank}.json").write_text(json.dumps(dataclasses.asdict(state)))
+    complete_checkpoint(folder, {f"trainer_state-{rank}.json": json.dumps(dataclasses.asdict(state)) for rank in (0, 1)})
 
     def resume(world, batch, accumulation):
         caplog.clear()

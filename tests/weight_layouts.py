@@ -181,3 +181,11 @@ TINY_IP_ADAPTER_NUMBERS = {
     ("output", 2, 0): 21, ("output", 2, 1): 23, ("output", 3, 0): 25, ("output", 4, 0): 27, ("output", 5, 0): 29,
     ("middle", 0, 0): 31, ("middle", 0, 1): 33,
 }
+
+
+def plain_ip_adapter_keys() -> list[tuple[str, tuple[int, ...]]]:
+    """The keys that mark a plain (non-Plus) IP-Adapter SDXL file: a linear projection of CLIP's pooled embedding to
+    4 tokens (`image_proj.proj`, `image_proj.norm`), no Resampler; plus its first layer's K/V weights."""
+    return [("image_proj.proj.weight", (8192, 1280)), ("image_proj.proj.bias", (8192,)),
+            ("image_proj.norm.weight", (2048,)), ("image_proj.norm.bias", (2048,)),
+            ("ip_adapter.1.to_k_ip.weight", (640, 2048)), ("ip_adapter.1.to_v_ip.weight", (640, 2048))]

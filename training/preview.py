@@ -37,27 +37,53 @@ CLIP_H_SIZE = 224  # ViT-H/14's input, the presets' vision model: the dry run's 
 
 
 def font(size: int):
-    """PIL's default font at `size` px (a bitmap font at its own size on Pillow without FreeType)."""
+    """DejaVu Sans at `size` px, the font matplotlib ships (the trainer's extras install it): it draws
+    accented letters, Greek and Cyrillic, which Pillow's own default font shows as boxes ("café"). Pillow's
+    default font when matplotlib is missing."""
     from PIL import ImageFont
 
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.__file__).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        pass
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):
         return ImageFont.load_default()
 
 
+def split_word(draw, word: str, width: int, face) -> list[str]:
+    """A word wider than `width` pixels (a file name) in pieces that fit: after '-', '_', '.' or '/' where it
+    can, anywhere else where it must."""
+    pieces, piece, last_break = [], "", 0
+    for char in word:
+        if piece and draw.textlength(piece + char, font=face) > width:
+            cut = last_break if last_break else len(piece)
+            pieces.append(piece[:cut])
+            piece = piece[cut:]
+            last_break = max(piece.rfind(mark) for mark in "-_./") + 1
+        piece += char
+        if char in "-_./":
+            last_break = len(piece)
+    return [*pieces, piece]
+
+
 def wrap(draw, text: str, width: int, face) -> list[str]:
-    """`text` broken into lines no wider than `width` pixels (a word longer than that gets its own line)."""
+    """`text` broken into lines no wider than `width` pixels (a word longer than a line is split)."""
     lines = []
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split(" "):
             trial = f"{line} {word}" if line else word
-            if line and draw.textlength(trial, font=face) > width:
-                lines.append(line)
-                line = word
-            else:
+            if draw.textlength(trial, font=face) <= width:
                 line = trial
+                continue
+            if line:
+                lines.append(line)
+            *full, line = split_word(draw, word, width, face)
+            lines += full
         lines.append(line)
     return lines
 
@@ -100,12 +126,15 @@ def labelled_grid(
     cols = max(len(row) for row in shown)
     col_lines = [wrap(measure, text, size - 2 * pad, face) for text in col_labels]
     row_lines = [wrap(measure, text, label_w - 2 * pad, face) for text in row_labels]
-    step_x, step_y = size + pad, height + pad  # a gap between cells, for their outlines
+    step_x = size + pad  # a gap between cells, for their outlines
+    # Each row as tall as its cells, or its label where that is longer (a long file name, wrapped).
+    steps_y = [max(height, len(row_lines[r]) * line_h + 2 * pad if r < len(row_lines) else 0) + pad
+               for r in range(len(shown))]
     width = label_w + cols * step_x
     foot_lines = [line for text in footer for line in wrap(measure, text, width - 2 * pad, face)]
     header = max((len(lines) for lines in col_lines), default=0) * line_h + 2 * pad
     footer_h = len(foot_lines) * line_h + 2 * pad if foot_lines else 0
-    body = len(shown) * step_y
+    body = sum(steps_y)
     grid = Image.new("RGB", (width, header + body + footer_h), "white")
     draw = ImageDraw.Draw(grid)
     for c, lines in enumerate(col_lines):
@@ -113,7 +142,7 @@ def labelled_grid(
             draw.text((label_w + c * step_x, pad + i * line_h), line, fill="black", font=face)
     boxes = []
     for r, row in enumerate(shown):
-        top = header + r * step_y
+        top = header + sum(steps_y[:r])
         for i, line in enumerate(row_lines[r] if r < len(row_lines) else []):
             draw.text((pad, top + pad + i * line_h), line, fill="black", font=face)
         boxes.append([])

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from .checkpoints import Checkpoints, Position, ProcessState, weights_fingerprint
+from .checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
 from .comfy_env import has_accelerator
 from .config import TrainConfig, parse_args, resolve_inputs
 from .loss import LossConfig, training_loss
 from .optim import Trainee, make_optimizer
+from .preemption import StopRequest
 from .scan import TrainingData, read_training_data
 
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
@@ -215,6 +216,7 @@ class LoopState:
     initial_fingerprint: str  # the encoder's weights when the run (or resume) started
     last_keys: list = field(default_factory=list)  # keys of the last batch
     losses: dict = field(default_factory=dict)  # step -> loss, gathered over processes
+    stopped: bool = False  # SIGTERM: the loop saved a checkpoint at global_step and stopped early
 
 
 def train_loop(
@@ -228,8 +230,10 @@ def train_loop(
     state: LoopState,
     validation_images: list,
     data_path: str,
+    stop: StopRequest,
 ) -> None:
-    """Optimizer steps until --max_train_steps: loss, backward, clip, step; log, checkpoint, sample."""
+    """Optimizer steps until --max_train_steps: loss, backward, clip, step; log, checkpoint, sample.
+    After a SIGTERM (`stop`), the step under way is the last: it is checkpointed and the loop returns."""
     from tqdm.auto import tqdm
 
     is_main, rank = accelerator.is_main_process, accelerator.process_index
@@ -243,67 +247,73 @@ def train_loop(
     step_loss = 0.0
     batches = iter(loader)
     empty_in_a_row = 0
-    while state.global_step < config.max_train_steps:
-        batch = next(batches)
-        state.batches += 1
-        if batch is None:  # every image of the batch was unreadable (logged by the data set)
-            empty_in_a_row += 1
-            if empty_in_a_row >= 100:
-                raise SystemExit(
-                    f"{PREFIX} 100 batches in a row had no readable image; check the training data "
-                    f"{data_path} (the warnings above name the files)."
+    try:
+        while state.global_step < config.max_train_steps:
+            batch = next(batches)
+            state.batches += 1
+            if batch is None:  # every image of the batch was unreadable (logged by the data set)
+                empty_in_a_row += 1
+                if empty_in_a_row >= 100:
+                    raise SystemExit(
+                        f"{PREFIX} 100 batches in a row had no readable image; check the training data "
+                        f"{data_path} (the warnings above name the files)."
+                    )
+                continue
+            empty_in_a_row = 0
+            state.last_keys = list(batch["key"])
+            # Keep ComfyUI's memory management from leaving the UNet offloaded after VAE / CLIP / sampling use.
+            comfy_load(frozen.unet)
+            with accelerator.accumulate(trainee.module):
+                loss = training_loss(
+                    trainee.module, frozen, text, batch, loss_config, rank, state.batches - 1, accelerator.device
                 )
-            continue
-        empty_in_a_row = 0
-        state.last_keys = list(batch["key"])
-        # Keep ComfyUI's memory management from leaving the UNet offloaded after VAE / CLIP / sampling use.
-        comfy_load(frozen.unet)
-        with accelerator.accumulate(trainee.module):
-            loss = training_loss(
-                trainee.module, frozen, text, batch, loss_config, rank, state.batches - 1, accelerator.device
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainee.module.parameters(), config.max_grad_norm)
+                trainee.optimizer.step()
+                trainee.scheduler.step()
+                trainee.optimizer.zero_grad(set_to_none=True)
+            step_loss += (
+                accelerator.gather(loss.detach()[None]).mean().item() / config.gradient_accumulation_steps
             )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainee.module.parameters(), config.max_grad_norm)
-            trainee.optimizer.step()
-            trainee.scheduler.step()
-            trainee.optimizer.zero_grad(set_to_none=True)
-        step_loss += (
-            accelerator.gather(loss.detach()[None]).mean().item() / config.gradient_accumulation_steps
-        )
-        if not accelerator.sync_gradients:
-            continue
-        if trainee.ema is not None:
-            trainee.ema.update(trainee.encoder)
-        state.global_step += 1
-        step = state.global_step
-        progress.update(1)
-        lr = trainee.scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        state.losses[step] = step_loss
-        if config.report_to != "none":
-            accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-        if is_main:
-            with open(loss_log, "a") as f:
-                f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
-        step_loss = 0.0
-        last = step == config.max_train_steps
-        if step % config.checkpointing_steps == 0 or last:
-            checkpoints.save(step, process_state(state, config, trainee.encoder))
-        if config.validation_steps and (step % config.validation_steps == 0 or last):
-            if is_main and validation_images:
+            if not accelerator.sync_gradients:
+                continue
+            if trainee.ema is not None:
+                trainee.ema.update(trainee.encoder)
+            state.global_step += 1
+            step = state.global_step
+            progress.update(1)
+            lr = trainee.scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            state.losses[step] = step_loss
+            if config.report_to != "none":
+                accelerator.log({"loss": step_loss, "lr": lr}, step=step)
+            if is_main:
+                with open(loss_log, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+            step_loss = 0.0
+            last = step == config.max_train_steps
+            stopping = stop.agreed(accelerator)
+            if step % config.checkpointing_steps == 0 or last or stopping:
+                checkpoints.save(step, process_state(state, config, trainee.encoder))
+            if stopping:
+                state.stopped = True
+                break
+            due = config.validation_steps and (step % config.validation_steps == 0 or last)
+            if due and is_main and validation_images:
                 from .samples import write_samples
 
                 write_samples(config, step, frozen, trainee, text, validation_images)
-        if config.eval_steps and (step % config.eval_steps == 0 or last):
-            from .evaluation.during_training import evaluate_during_training
+            if config.eval_steps and (step % config.eval_steps == 0 or last):
+                from .evaluation.during_training import evaluate_during_training
 
-            evaluate_during_training(
-                accelerator, frozen, trainee.encoder, text, validation_images,
-                [prompt.format(token=config.token) for prompt in config.validation_prompts],
-                step=step, config=config, ema=trainee.ema,
-            )
-    progress.close()
+                evaluate_during_training(
+                    accelerator, frozen, trainee.encoder, text, validation_images,
+                    [prompt.format(token=config.token) for prompt in config.validation_prompts],
+                    step=step, config=config, ema=trainee.ema,
+                )
+    finally:  # on an error too: the bar's line ends before the error's message
+        progress.close()
 
 
 def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessState:
@@ -326,10 +336,17 @@ def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessStat
 
 
 def main(config: TrainConfig) -> dict:
-    """Train; returns a summary {"global_step", "losses", "encoder_path", "output_dir"}."""
+    """Train; returns a summary {"global_step", "losses", "encoder_path", "output_dir"} (and "stopped":
+    "SIGTERM" when a SIGTERM ended it early, after a checkpoint; see training.preemption)."""
     # Our messages at INFO; ComfyUI's (root logger) and accelerate's only from WARNING on.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("training").setLevel(logging.INFO)
+    with StopRequest() as stop:
+        return run(config, stop)
+
+
+def run(config: TrainConfig, stop: StopRequest) -> dict:
+    """The steps of `main`, with SIGTERM caught by `stop`."""
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
     # The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
@@ -405,15 +422,41 @@ def main(config: TrainConfig) -> dict:
         batches=position.batches,
         initial_fingerprint=weights_fingerprint(trainee.encoder),
     )
+    checkpoints.check_resumed(position, state.initial_fingerprint, config.resume_from_checkpoint)
     started = time.perf_counter()
-    train_loop(
-        config, accelerator, trainee, frozen, text, loader, checkpoints, state, validation_images, data.path
-    )
+    stop.in_loop = True
+    try:
+        train_loop(
+            config, accelerator, trainee, frozen, text, loader, checkpoints, state, validation_images, data.path,
+            stop,
+        )
+    except OSError as e:  # the loss log, a sample grid, an evaluation: a full disk stops the run clearly
+        if e.errno not in DISK_FULL:
+            raise
+        raise write_failure(Path(e.filename or output_dir), e, output_dir, removed=False) from e
 
     accelerator.wait_for_everyone()
     final = output_dir / encoder_file
+    if state.stopped:
+        if accelerator.is_main_process:
+            log.info(
+                "%s stopped by SIGTERM after step %d, %.1f s after the signal: checkpoint-%d is saved; continue "
+                "with --resume_from_checkpoint latest",
+                PREFIX, state.global_step, time.monotonic() - stop.requested_at, state.global_step,
+            )
+        accelerator.end_training()
+        return {
+            "global_step": state.global_step,
+            "losses": state.losses,
+            "encoder_path": None,
+            "output_dir": str(output_dir),
+            "stopped": "SIGTERM",
+        }
     if accelerator.is_main_process:
-        trainee.export(final, state.global_step, config)
+        try:
+            trainee.export(final, state.global_step, config)
+        except Exception as e:  # a full disk, a read-only folder: the checkpoints hold the weights
+            raise write_failure(final, e, output_dir, removed=False) from e
         where = (
             "a test-bed encoder for the tiny models (tests, smoke runs), not for ComfyUI: SDXL cannot use it"
             if config.preset.tiny

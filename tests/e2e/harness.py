@@ -106,8 +106,11 @@ def install_pack_archive(archive: Path, custom_nodes: Path) -> None:
 class ComfyServer:
     """`python main.py --cpu` of a ComfyUI folder; all it writes goes under `base` (--base-directory)."""
 
-    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: int | None = None):
+    def __init__(self, comfyui: Path, base: Path, log_path: Path, port: int | None = None,
+                 extra_args: tuple = (), env: dict | None = None):
+        """extra_args: more of main.py's arguments (e.g. --cache-none); env: variables added to the server's."""
         self.comfyui, self.base, self.log_path = Path(comfyui), Path(base), Path(log_path)
+        self.extra_args, self.extra_env = tuple(extra_args), dict(env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -116,10 +119,11 @@ class ComfyServer:
     def start(self, timeout: float = 600.0) -> ComfyServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none"]
+               "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
+               *self.extra_args]
         if os.environ.get(FRONT_END_ROOT_ENV):
             cmd += ["--front-end-root", os.environ[FRONT_END_ROOT_ENV]]
-        env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
@@ -163,11 +167,15 @@ class ComfyServer:
     def get_json(self, path: str, **query: Any) -> Any:
         return json.loads(self.get(path, **query))
 
-    def post_json(self, path: str, data: Any) -> Any:
+    def post(self, path: str, data: Any) -> bytes:
+        """POST `data` as JSON; the answer's body."""
         request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
+
+    def post_json(self, path: str, data: Any) -> Any:
+        return json.loads(self.post(path, data))
 
     def queue_prompt(self, prompt: dict, client_id: str = "nested-attention-e2e") -> str:
         """POST /prompt; returns the prompt id. A prompt the server refuses raises with its node errors.

@@ -214,8 +214,11 @@ def test_run_with_no_model_files_shows_the_packs_message_naming_the_folder(fresh
 
     frontend.press_run()
     text = run_error_text(frontend, shown)
-    # The workflow's default encoder, the folders searched (its own among them) and where to download it.
-    assert f"'{IPADAPTER_FACE}' not found" in text, text
-    assert str(comfy.base / "models" / "ipadapter") in text, text
+    # The workflow's default encoder, the folders searched (its own among them), which file goes where and
+    # where to download it.
+    folder = comfy.base / "models" / "ipadapter"
+    assert f"Load Nested Encoder: encoder file '{IPADAPTER_FACE}' not found." in text, text
+    assert f"models/ipadapter: {folder} (found there: no .safetensors file)" in text, text
+    assert "IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter" in text, text
     assert "https://huggingface.co/h94/IP-Adapter" in text, text
     close_dialogs(frontend)

@@ -22,7 +22,7 @@ EXPECTED = {
     "NestedAttentionEncodeSubject": (
         "Encode Subject Image(s)",
         {"encoder", "image", "crop"},
-        {"mask", "align", "face_index"},
+        {"mask", "align", "face_index", "mask_marks"},
         ["NESTED_SUBJECT", "IMAGE"],
     ),
     "NestedAttentionApply": (

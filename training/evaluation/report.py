@@ -113,6 +113,7 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
         "nested": ("tab:blue", "o", "nested attention, λ"),
         "decoupled": ("tab:orange", "s", "decoupled (IP-Adapter), scale"),
     }
+    notes = []
     for method, (colour, marker, label) in styles.items():
         points = [
             e for e in summary if e["method"] == method and e.get(x) is not None and e.get(y) is not None
@@ -121,14 +122,11 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             continue
         xs, ys = [e[x] for e in points], [e[y] for e in points]
         ax.plot(xs, ys, color=colour, marker=marker, label=label)
-        for n, e in enumerate(points):  # labels alternate above and below, so close points stay readable
+        for e in points:
             note = f"{e['value']:g}"
             if e.get("face_failures"):
                 note += f" ({e['face_failures']}/{e['rows']} no face)"
-            offset = (5, 4 if n % 2 == 0 else -11)
-            ax.annotate(
-                note, (e[x], e[y]), textcoords="offset points", xytext=offset, fontsize=8, color=colour
-            )
+            notes.append((e[x], e[y], note, colour))
     for e in summary:
         if e["method"] == "prior" and e.get(x) is not None and e.get(y) is not None:
             ax.scatter(
@@ -146,10 +144,64 @@ def save_figure(fig: Any, ax: Any, path: Path, title: str = "") -> Path:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    place_labels(fig, ax, notes)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     pyplot().close(fig)
     return path
+
+
+def place_labels(fig, ax, notes: Sequence[tuple]) -> list:
+    """Label each point (x, y, text, colour) where the label covers no other label, no point and no legend:
+    the nearest free spot of a ring of places around the point, farther out when all are taken, with a thin
+    line back to the point once it is not right beside it. Returns the labels' display boxes."""
+    renderer = fig.canvas.get_renderer()
+    to_display = ax.transData.transform
+    taken = []  # display boxes no label may cover: the points, the legend, the labels placed
+    for px, py, *_ in notes:
+        cx, cy = to_display((px, py))
+        taken.append(_box(cx - 5, cy - 5, cx + 5, cy + 5))
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    area = ax.get_window_extent(renderer)
+    ring = [(1.0, 0.4), (1.0, -1.2), (-1.0, 0.4), (-1.0, -1.2), (0.0, 1.0), (0.0, -1.6), (1.4, -0.4), (-1.4, -0.4)]
+    places = [(r * dx, r * dy) for r in (7, 14, 24, 36, 50) for dx, dy in ring]
+    boxes = []
+    for px, py, text, colour in notes:
+        note = ax.annotate(text, (px, py), textcoords="offset points", xytext=places[0], fontsize=8, color=colour,
+                           arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5, "shrinkA": 0, "shrinkB": 4})
+        chosen = None
+        for dx, dy in places:
+            note.set_position((dx, dy))
+            note.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+            box = _text_box(note, renderer)
+            inside = area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                chosen = box
+                break
+        if chosen is None:  # nowhere free: the first place, overlapping (never seen with the shipped settings)
+            note.set_position(places[0])
+            note.set_horizontalalignment("left")
+            chosen = _text_box(note, renderer)
+        note.arrow_patch.set_visible(max(abs(v) for v in note.get_position()) > 10)
+        taken.append(chosen)
+        boxes.append(chosen)
+    return boxes
+
+
+def _text_box(note, renderer):
+    """The display box of an annotation's text alone (its line to the point left out)."""
+    from matplotlib.text import Text
+
+    note.update_positions(renderer)
+    return Text.get_window_extent(note, renderer)
+
+
+def _box(x0, y0, x1, y1):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
 
 
 def image_grid(

@@ -5,6 +5,9 @@ and swaps the shipped workflows' CheckpointLoaderSimple / CLIPVisionLoader / UNE
 the API prompt, so that the real graph runs on a CPU in seconds. Everything else in the graph stays real: the
 pack's nodes, LoadImage, CLIPTextEncode, EmptyLatentImage, KSampler, VAEDecode and SaveImage.
 
+It also serves GET /nested_attention_test/live_subjects (`live_subjects`), for the soak's count of the
+subjects still alive in the server.
+
 The models are the deterministic tiny builders of tests/tiny_models.py (ComfyUI's own classes), plus a
 tiny comfy.sd.VAE built here. It also registers the tiny UNet and CLIP vision tower with the pack's weight
 formats, so that tiny IP-Adapter Plus layout files load as they would for SDXL.
@@ -12,6 +15,7 @@ formats, so that tiny IP-Adapter Plus layout files load as they would for SDXL.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,12 +25,14 @@ _TESTS_DIR = str(Path(__file__).resolve().parents[2])
 if _TESTS_DIR not in sys.path:
     sys.path.append(_TESTS_DIR)
 
-import comfy.ldm.models.autoencoder  # noqa: E402
-import folder_paths  # noqa: E402
-import comfy.sd  # noqa: E402
-import tiny_models  # noqa: E402
-from nested_attention import formats, unet_layers  # noqa: E402
-from nested_attention.host import clip_vision_spec  # noqa: E402
+import comfy.ldm.models.autoencoder
+import comfy.sd
+import folder_paths
+import tiny_models
+
+from nested_attention import formats, unet_layers
+from nested_attention.host import clip_vision_spec
+from nested_attention.patch import SubjectBinding
 
 CATEGORY = "nested_attention/testing"
 SEED = 0
@@ -129,6 +135,32 @@ formats.KNOWN_CLIP_VISION.setdefault(
 if "ipadapter" not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths["ipadapter"] = (
         [str(Path(folder_paths.models_dir) / "ipadapter")], folder_paths.supported_pt_extensions)
+
+
+def live_subjects() -> dict:
+    """What of the pack's subjects is alive in this process, after a full garbage collection: the
+    SubjectBindings (one per Apply node run whose model is still referenced) and their cached K~/V~ entries.
+    The soak (tests/e2e/soak.py) reads it at GET /nested_attention_test/live_subjects."""
+    gc.collect()
+    bindings = [o for o in gc.get_objects() if isinstance(o, SubjectBinding)]
+    return {"bindings": len(bindings), "kv_entries": sum(len(b._kv) for b in bindings)}
+
+
+def _add_routes() -> None:
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:  # imported outside a server (a library use): nothing to serve
+        return
+    if getattr(PromptServer, "instance", None) is None:
+        return
+
+    @PromptServer.instance.routes.get("/nested_attention_test/live_subjects")
+    async def _live_subjects(request):
+        return web.json_response(live_subjects())
+
+
+_add_routes()
 
 NODE_CLASS_MAPPINGS = {
     "NestedAttentionTestTinyCheckpoint": NestedAttentionTestTinyCheckpoint,
