@@ -6,7 +6,9 @@ tests/e2e/before_v3/ holds what users have on disk:
   - object_info.json: what the server's /object_info said about the pack's five nodes at 7d6341d (ComfyUI
     0.3.75; 0.33.0 said the same), less `python_module` (the pack's folder name).
 A saved workflow refers to a node by its id, to inputs and outputs by name and slot, and stores its widget
-values by position: all of that must stay as it was, on every host.
+values by position: all of that must stay as it was, on every host. Inputs may be added after the last
+optional one (a widget with a default that keeps the old behaviour, or an optional link): a saved workflow
+has no value for them, and the frontend fills in the default (contract_breaks says what is allowed).
 """
 
 from __future__ import annotations
@@ -56,12 +58,52 @@ def as_saved(node: dict) -> dict:
     return node
 
 
+# Input kinds drawn as widgets: a saved workflow stores their values by position.
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def contract_breaks(before: dict, now: dict) -> list[str]:
+    """What in node definition `now` (as_saved form) breaks workflows saved with `before`; [] if nothing.
+
+    Allowed: optional inputs appended after the last optional one, each widget among them with a default
+    (the value the frontend gives a workflow saved without it). Everything else must be as it was: the
+    required inputs, the optional inputs before the appended ones (names, order, kinds, options), the outputs
+    and the texts users read.
+    """
+    breaks = [f"{key} changed: {before.get(key)!r} -> {now.get(key)!r}"
+              for key in CONTRACT if key not in ("input", "input_order") and before.get(key) != now.get(key)]
+    for section in ("required", "optional"):
+        old, new = before["input_order"].get(section, []), now["input_order"].get(section, [])
+        if new[:len(old)] != old:
+            breaks.append(f"{section} inputs removed, renamed or reordered: {old} -> {new}")
+        elif section == "required" and new != old:
+            breaks.append(f"required inputs added: {new[len(old):]} (only optional ones may be appended)")
+        for name in old:
+            if name in new and now["input"][section][name] != before["input"][section][name]:
+                breaks.append(f"{section} input {name!r} changed: {before['input'][section][name]} -> "
+                              f"{now['input'][section][name]}")
+        for name in new[len(old):] if new[:len(old)] == old else []:
+            kind, options = now["input"][section][name]
+            if (isinstance(kind, list) or kind in WIDGET_KINDS) and "default" not in options:
+                breaks.append(f"appended widget {name!r} has no default for workflows saved without it")
+    return breaks
+
+
+def appended_widget_defaults(before: dict, now: dict) -> dict[str, object]:
+    """The widgets appended to `now`'s optional inputs after `before`'s, with their defaults."""
+    old = before["input_order"].get("optional", [])
+    new = now["input_order"].get("optional", [])[len(old):]
+    specs = {name: now["input"]["optional"][name] for name in new}
+    return {name: options["default"] for name, (kind, options) in specs.items() if "default" in options}
+
+
 def test_object_info_says_what_it_said_before_v3(comfy):
     saved = json.loads((BEFORE_V3 / "object_info.json").read_text())
     info = comfy.get_json("/object_info")
     for node_id, before in saved.items():
         assert node_id in info, f"{node_id} is gone: workflows saved with it no longer load"
-        assert as_saved(info[node_id]) == as_saved(before), node_id
+        assert not contract_breaks(as_saved(before), as_saved(info[node_id])), (
+            node_id, contract_breaks(as_saved(before), as_saved(info[node_id])))
 
 
 @pytest.mark.parametrize("name", SAVED_WORKFLOWS)
@@ -73,6 +115,17 @@ def test_workflow_saved_before_v3_loads_and_runs(name, comfy, frontend):
     assert not problems, f"{name} (saved before V3) does not load cleanly: {problems}"
 
     prompt = frontend.graph_to_prompt()
+    # The widgets added since are filled in with their defaults (the values that keep the old behaviour).
+    saved_info = json.loads((BEFORE_V3 / "object_info.json").read_text())
+    info = comfy.get_json("/object_info")
+    filled = 0
+    for node in prompt.values():
+        if node["class_type"] in saved_info:
+            before, now = as_saved(saved_info[node["class_type"]]), as_saved(info[node["class_type"]])
+            for widget, default in appended_widget_defaults(before, now).items():
+                assert node["inputs"].get(widget) == default, (name, node["class_type"], widget, node["inputs"])
+                filled += 1
+    assert filled, f"{name}: no widget added since V3 was checked (Encode's mask_marks, Apply's region)"
     saves = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert saves and any(n["class_type"] == APPLY for n in prompt.values()), prompt
     with frontend.frozen():
