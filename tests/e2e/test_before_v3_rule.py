@@ -41,6 +41,14 @@ def test_unchanged_and_appended_optional_inputs_are_allowed(encode):
     assert appended_widget_defaults(encode, link) == {"mask_marks": "auto"}
 
 
+def test_new_wording_of_the_help_texts_is_allowed(encode):
+    def reword(node):
+        node["description"] = "Encodes photos of one subject."
+        node["input"]["optional"]["mask"][1]["tooltip"] = "White marks the subject."
+        node["output_tooltips"] = ["The subject.", "What the encoder read."]
+    assert contract_breaks(encode, changed(encode, reword)) == []
+
+
 def _remove(node):
     del node["input"]["optional"]["align"]
     node["input_order"]["optional"].remove("align")
@@ -78,8 +86,12 @@ def _rename_output(node):
     node["output_name"] = ["subject", "images"]
 
 
+def _rename_node(node):
+    node["display_name"] = "Encode Subject"
+
+
 @pytest.mark.parametrize("edit", [_remove, _rename, _reorder, _retype, _new_default, _append_required,
-                                  _insert_optional_first, _rename_output,
+                                  _insert_optional_first, _rename_output, _rename_node,
                                   append_optional("mask_marks", [["auto", "object"], {}])])
 def test_a_change_that_breaks_saved_workflows_is_named(encode, edit):
     breaks = contract_breaks(encode, changed(encode, edit))
