@@ -228,6 +228,10 @@ XE = XD + WIDTH_D + GAP_X
 CHECKPOINT_H, CLIP_VISION_H, ENCODER_H, PHOTO_H = 100, 60, 90, 340
 SQUARE_PHOTO_H = 400  # a square photo with a node below it: Nodes 2.0 draws it taller than PHOTO_H
 PHOTO_ROW_WIDTH = 240  # photos side by side
+# Encode Subject Image(s) with its four widgets (crop, align, face_index, mask_marks) and Apply Nested Attention
+# with region: measured in 1.32.9 and 1.58.1, the classic renderer needs 170 and 268 (computeSize), Nodes 2.0
+# draws Encode 232 (1.32) / 210 (1.58) tall below its title, Apply as given or up to 30 taller (the layout leaves
+# room below each for that; tests/e2e/test_workflow_layout.py checks both renderers).
 ENCODE_H = 190
 APPLY_H, APPLY_LINKED_H = 390, 310
 PROMPT_H, NEGATIVE_H, LATENT_H = 130, 140, 120
