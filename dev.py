@@ -325,7 +325,7 @@ def unpack_comfyui(host: Host) -> None:
         if hasattr(tarfile, "data_filter"):
             archive.extractall(staging, members=members, filter="data")
         else:  # Python < 3.11.4; the members were checked above
-            archive.extractall(staging, members=members)  # noqa: S202
+            archive.extractall(staging, members=members)
     tops = [p for p in staging.iterdir() if is_comfyui(p)]
     if len(tops) != 1 or comfyui_version(tops[0]) != host.version:
         die(f"{host.archive} should hold one ComfyUI {host.version} folder (with main.py, comfy/ and "

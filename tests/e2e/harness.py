@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
@@ -351,7 +351,7 @@ class Frontend:
         self.console_errors: list[str] = []  # console errors and page errors, network failures left out
         self.http_errors: list[str] = []  # this server's answers >= 400 (fresh-profile user files left out)
 
-    def __enter__(self) -> Frontend:
+    def __enter__(self) -> Self:
         return self.open()
 
     def __exit__(self, *exc) -> None:
