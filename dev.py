@@ -4,8 +4,10 @@
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
     python3 dev.py test  [pytest args...]    run the test suite on every ComfyUI host found
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
+    python3 dev.py workflows [NAME...] [--check]  build the shipped workflows (python -m devtools.workflows)
     python3 dev.py soak  [--prompts N ...]   hundreds of prompts through a real server (tests/e2e/soak.py)
     --host VERSION (any command)             use only that host (the pinned one or an archived one)
+    --frontend VERSION (test, workflows)     serve that comfyui-frontend-package instead of the host's own
 
 Each command first makes sure, for each ComfyUI host it uses, that (idempotently):
   - the host's virtual environment holds the pinned torch (with torchaudio), that ComfyUI's requirements
@@ -17,7 +19,9 @@ Each command first makes sure, for each ComfyUI host it uses, that (idempotently
     (venv `.venv-<version>`). Only `test` uses them all; serve, bench and soak use the first unless --host says;
   - ComfyUI sees this pack (a symlink in its `custom_nodes/`).
 `test` also installs Debian's Chromium for the browser tests when it is missing and we are root; it runs
-pytest once per host and ends with one result line per host.
+pytest once per host, then the browser tests (tests/e2e) once more on the newest archived host with the newest
+frontend (NEWEST_FRONTEND, installed into `.comfyui/frontend-<version>` and served with --front-end-root),
+and ends with one result line per run.
 
 Standard library only; runs with the system python3 (3.10 or newer).
 """
@@ -54,6 +58,13 @@ PACK_LINK_NAME = "comfyui-nested-attention"
 HOST, PORT = "127.0.0.1", "8188"
 CHROMIUM = Path("/usr/bin/chromium")
 STAMP_FORMAT = 2  # bump to force a reinstall when this file's install logic changes
+# The newest frontend, tested beside each host's own pin (0.3.75: 1.32.9, 0.33.0: 1.48.7) with the browser tests
+# on the newest archived host: installed with pip --no-deps into a folder of its own, served with
+# --front-end-root (the variable tells tests/e2e/harness.py).
+NEWEST_FRONTEND = "1.58.1"
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+FRONT_END_ROOT_ENV = "NESTED_ATTENTION_FRONT_END_ROOT"
+NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection holds no test
 # Archived ComfyUI releases tested beside the pinned one: `comfyui-<version>.tar.gz`, each a `ComfyUI/` tree.
 HOSTS_ENV = "NESTED_ATTENTION_HOSTS"
 HOST_ARCHIVE = re.compile(r"^comfyui-(\d+(?:\.\d+)*)\.tar\.gz$")
@@ -314,7 +325,7 @@ def unpack_comfyui(host: Host) -> None:
         if hasattr(tarfile, "data_filter"):
             archive.extractall(staging, members=members, filter="data")
         else:  # Python < 3.11.4; the members were checked above
-            archive.extractall(staging, members=members)  # noqa: S202
+            archive.extractall(staging, members=members)
     tops = [p for p in staging.iterdir() if is_comfyui(p)]
     if len(tops) != 1 or comfyui_version(tops[0]) != host.version:
         die(f"{host.archive} should hold one ComfyUI {host.version} folder (with main.py, comfy/ and "
@@ -453,7 +464,7 @@ def take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
     while i < len(args):
         if args[i] == name:
             if i + 1 >= len(args):
-                die(f"{name} needs a value (a ComfyUI version, e.g. {name} {COMFYUI_VERSION})")
+                die(f"{name} needs a value")
             value, i = args[i + 1], i + 2
             continue
         if args[i].startswith(name + "="):
@@ -513,9 +524,10 @@ def serve(args: list[str]) -> None:
     os.execv(cmd[0], cmd)
 
 
-def module_command(module: str, args: list[str], host: Host) -> tuple[list[str], dict]:
-    """`python -m module args` in the host's venv, with COMFYUI_PATH set to the host's ComfyUI."""
-    return [str(host.python), "-m", module, *args], {**os.environ, "COMFYUI_PATH": str(host.comfyui)}
+def module_command(module: str, args: list[str], host: Host,
+                   env: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """`python -m module args` in the host's venv, with COMFYUI_PATH set to the host's ComfyUI (and `env`)."""
+    return [str(host.python), "-m", module, *args], {**os.environ, "COMFYUI_PATH": str(host.comfyui), **(env or {})}
 
 
 RESULT_LINE = re.compile(
@@ -531,12 +543,11 @@ def result_line(line: str) -> str | None:
     return text.strip("= ").strip()
 
 
-def run_pytest(host: Host, args: list[str]) -> tuple[int, str]:
+def run_pytest(host: Host, args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run pytest against one host, streaming its output; return (exit code, its result line)."""
-    cmd, env = module_command("pytest", args, host)
+    cmd, env = module_command("pytest", args, host, env)
     if sys.stdout.isatty() and not any(a.startswith("--color") for a in args):
         cmd.append("--color=yes")  # pytest's output goes through a pipe here
-    log(f"running pytest against ComfyUI {host.version} at {host.comfyui} ({host.venv.name})")
     summary = ""
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for raw in proc.stdout:
@@ -548,26 +559,96 @@ def run_pytest(host: Host, args: list[str]) -> tuple[int, str]:
     return proc.returncode, summary or f"no pytest summary line (exit code {proc.returncode})"
 
 
-def test(args: list[str]) -> None:
-    wanted, pytest_args = take_option(args, "--host")
+def ensure_frontend(host: Host, version: str) -> Path:
+    """The `static` folder of comfyui-frontend-package==version, installed once into .comfyui/frontend-<version>
+    with the host's pip (--no-deps: the package is the built frontend, nothing else)."""
+    target = ROOT / ".comfyui" / f"frontend-{version}"
+    static = target / "comfyui_frontend_package" / "static"
+    if (static / "index.html").is_file():
+        return static
+    log(f"installing {FRONTEND_PACKAGE}=={version} into {target}")
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    run([host.python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--target",
+         staging, f"{FRONTEND_PACKAGE}=={version}"])
+    if not (staging / "comfyui_frontend_package" / "static" / "index.html").is_file():
+        die(f"{FRONTEND_PACKAGE}=={version} installed into {staging} has no comfyui_frontend_package/static/"
+            "index.html; is it the ComfyUI frontend package?")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return static
+
+
+def e2e_args(args: list[str]) -> list[str]:
+    """The pytest args that keep, of what `args` select, only the browser tests (pytest's `e2e` marker, which
+    every test in tests/e2e carries)."""
+    expr, rest = take_option(args, "-m")
+    return [*rest, "-m", f"e2e and ({expr})" if expr else "e2e"]
+
+
+class Leg(NamedTuple):
+    """One pytest run: a host, the frontend it serves (None: the one its venv pins), the pytest args."""
+
+    host: Host
+    frontend: str | None
+    args: list[str]
+
+    @property
+    def name(self) -> str:
+        if self.frontend is None:
+            return f"ComfyUI {self.host.version}"
+        return f"ComfyUI {self.host.version} + frontend {self.frontend} (browser tests)"
+
+
+def plan_legs(args: list[str]) -> tuple[list[Leg], list[str]]:
+    """The pytest runs `dev.py test args` makes, and lines saying what was left out and why.
+
+    Every host runs the whole selection with its own frontend; then the newest archived host runs the browser
+    tests again with NEWEST_FRONTEND. `--host` runs that host alone; `--frontend VERSION` runs only the
+    browser tests with that frontend (on --host, else the newest host).
+    """
+    wanted, rest = take_option(args, "--host")
+    frontend, rest = take_option(rest, "--frontend")
     hosts, why_one = pick_hosts(wanted)
+    notes = [f"ran ONE ComfyUI host ({hosts[0].version}): {why_one}"] if len(hosts) == 1 and not wanted else []
+    newest = hosts[-1]
+    if frontend is not None:
+        return [Leg(newest, frontend, e2e_args(rest))], []
+    legs = [Leg(host, None, rest) for host in hosts]
+    if wanted is None:
+        if newest.archive is None:
+            notes.append(f"frontend {NEWEST_FRONTEND} not tested: it runs on the newest archived host, and there "
+                         "is none")
+        else:
+            legs.append(Leg(newest, NEWEST_FRONTEND, e2e_args(rest)))
+    return legs, notes
+
+
+def test(args: list[str]) -> None:
+    legs, notes = plan_legs(args)
     ensure_chromium()
-    legs = []
-    for host in hosts:
+    results = []
+    for leg in legs:
         start = time.monotonic()
-        set_up(host)
+        set_up(leg.host)
+        env = {}
+        if leg.frontend is not None:
+            env[FRONT_END_ROOT_ENV] = str(ensure_frontend(leg.host, leg.frontend))
         setup_s = time.monotonic() - start
-        rc, summary = run_pytest(host, pytest_args)
-        legs.append((host, rc, summary, setup_s, time.monotonic() - start))
+        log(f"running pytest: {leg.name} at {leg.host.comfyui} ({leg.host.venv.name})")
+        rc, summary = run_pytest(leg.host, leg.args, env)
+        if leg.frontend is not None and rc == NO_TESTS_COLLECTED:
+            rc, summary = 0, "no browser test among the tests asked for"
+        results.append((leg, rc, summary, setup_s, time.monotonic() - start))
     print(flush=True)
-    for host, rc, summary, setup_s, total_s in legs:
+    for leg, rc, summary, setup_s, total_s in results:
         verdict = "ok" if rc == 0 else f"FAILED (exit code {rc})"
-        log(f"ComfyUI {host.version}: {summary} -- {verdict}; {total_s:.0f} s with set-up ({setup_s:.0f} s)")
-    if len(legs) == 1:
-        log(f"ran ONE ComfyUI host ({hosts[0].version}): {why_one}")
-    else:
-        log(f"ran {len(legs)} ComfyUI hosts: {', '.join(h.version for h, *_ in legs)}")
-    sys.exit(max((rc for _, rc, *_ in legs), default=0))
+        log(f"{leg.name}: {summary} -- {verdict}; {total_s:.0f} s with set-up ({setup_s:.0f} s)")
+    for note in notes:
+        log(note)
+    sys.exit(max((rc for _, rc, *_ in results), default=0))
 
 
 def bench(args: list[str]) -> None:
@@ -576,6 +657,21 @@ def bench(args: list[str]) -> None:
     set_up(host)
     cmd, env = module_command("benchmark", rest, host)
     log(f"running the benchmark against ComfyUI {host.version} at {host.comfyui}")
+    os.chdir(ROOT)
+    os.execve(cmd[0], cmd, env)
+
+
+def workflows(args: list[str]) -> None:
+    """Build the shipped workflows in the host's frontend (the pinned host's makes the files that ship)."""
+    wanted, rest = take_option(args, "--host")
+    frontend, rest = take_option(rest, "--frontend")
+    host = pick_hosts(wanted)[0][0]
+    ensure_chromium()
+    set_up(host)
+    env = {FRONT_END_ROOT_ENV: str(ensure_frontend(host, frontend))} if frontend else {}
+    cmd, env = module_command("devtools.workflows", rest, host, env)
+    log(f"building the workflows in the frontend of ComfyUI {host.version}"
+        f"{f' (frontend {frontend})' if frontend else ''} at {host.comfyui}")
     os.chdir(ROOT)
     os.execve(cmd[0], cmd, env)
 
@@ -591,7 +687,7 @@ def soak(args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    commands = {"serve": serve, "test": test, "bench": bench, "soak": soak}
+    commands = {"serve": serve, "test": test, "bench": bench, "workflows": workflows, "soak": soak}
     if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)

@@ -181,3 +181,45 @@ def test_result_lines_and_options():
     assert dev.take_option(["-k", "x", "--host", "0.33.0", "-q"], "--host") == ("0.33.0", ["-k", "x", "-q"])
     assert dev.take_option(["--host=0.3.75"], "--host") == ("0.3.75", [])
     assert dev.take_option(["-q"], "--host") == (None, ["-q"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Test runs: one per host, and the browser tests once more with the newest frontend
+
+
+def test_every_host_runs_the_suite_and_the_newest_host_runs_the_browser_tests_with_the_newest_frontend(
+        tmp_path, monkeypatch):
+    dev = load_dev()
+    fake_comfyui_tarball(tmp_path / "comfyui-0.33.0.tar.gz", "0.33.0")
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv(dev.HOSTS_ENV, str(tmp_path))
+    legs, notes = dev.plan_legs(["-q", "tests/e2e"])
+    assert [(leg.host.version, leg.frontend, leg.args) for leg in legs] == [
+        (dev.COMFYUI_VERSION, None, ["-q", "tests/e2e"]), ("0.33.0", None, ["-q", "tests/e2e"]),
+        ("0.33.0", dev.NEWEST_FRONTEND, ["-q", "tests/e2e", "-m", "e2e"])]
+    assert notes == [] and legs[2].name == f"ComfyUI 0.33.0 + frontend {dev.NEWEST_FRONTEND} (browser tests)"
+    # The newest-frontend run keeps the browser tests of the selection: a marker expression given is combined.
+    legs, _ = dev.plan_legs(["-m", "not slow", "-k", "tests"])
+    assert legs[2].args == ["-k", "tests", "-m", "e2e and (not slow)"]
+    # --host: that host alone, with its own frontend; --frontend: the browser tests alone, with that frontend.
+    legs, _ = dev.plan_legs(["--host", "0.33.0"])
+    assert [(leg.host.version, leg.frontend) for leg in legs] == [("0.33.0", None)]
+    legs, _ = dev.plan_legs(["--frontend", "1.60.0", "-x"])
+    assert [(leg.host.version, leg.frontend, leg.args) for leg in legs] == [("0.33.0", "1.60.0", ["-x", "-m", "e2e"])]
+    legs, _ = dev.plan_legs(["--frontend=1.60.0", "--host", dev.COMFYUI_VERSION])
+    assert [(leg.host.version, leg.frontend) for leg in legs] == [(dev.COMFYUI_VERSION, "1.60.0")]
+
+
+def test_every_browser_test_carries_the_e2e_marker_the_newest_frontend_run_selects():
+    for module in sorted((ROOT / "tests" / "e2e").glob("test_*.py")):
+        assert "pytest.mark.e2e" in module.read_text(), f"{module.name} lacks pytestmark = [pytest.mark.e2e, ...]"
+
+
+def test_without_an_archived_host_the_newest_frontend_is_not_tested_and_the_reason_is_given(tmp_path, monkeypatch):
+    dev = load_dev()
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv(dev.HOSTS_ENV, str(tmp_path))
+    legs, notes = dev.plan_legs([])
+    assert [(leg.host.version, leg.frontend) for leg in legs] == [(dev.COMFYUI_VERSION, None)]
+    assert "ran ONE ComfyUI host" in notes[0]
+    assert f"frontend {dev.NEWEST_FRONTEND} not tested" in notes[1] and "there is none" in notes[1]

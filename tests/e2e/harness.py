@@ -1,6 +1,6 @@
 """A real ComfyUI server with this pack, and its real frontend in headless Chromium.
 
-Shared by the end-to-end test and by make_workflows.py (which builds the shipped workflows in the same
+Shared by the end-to-end tests and by devtools/workflows.py (which builds the shipped workflows in the same
 frontend). The server runs as a subprocess with `--base-directory` pointing at a throw-away folder, so
 that custom_nodes, models, input, output and user settings are all private to the run and the ComfyUI
 tree is never touched. Chromium is Debian's /usr/bin/chromium, driven by the Python playwright package
@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
@@ -35,6 +35,9 @@ ARTIFACTS_DIR = REPO / "tests" / "artifacts" / "e2e"
 
 PACK_NAME = "comfyui-nested-attention"  # the folder name dev.py links the pack under
 TINY_PACK_NAME = "nested_attention_test_tiny"
+# Encoder files in the pack's own format in the e2e server's models folder (conftest.py writes them, sized for
+# the tiny UNet); no shipped workflow names them.
+FACES_ENCODER, PETS_ENCODER = "faces-encoder.safetensors", "pets-encoder.safetensors"
 
 # Other packs' source archives, installed into the test server for compatibility tests (never into the repo):
 # $NESTED_ATTENTION_PACKS, else ../shared/packs beside the checkout.
@@ -52,6 +55,9 @@ VIEWPORT = {"width": 1600, "height": 1000}
 # start and no minimap covers a corner. Everything else (the low-detail zoom threshold included) is the
 # frontend's default, so the screenshots show what a user sees.
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# A frontend other than the one the host's venv pins: the `static` folder of a comfyui-frontend-package, which
+# the server gets as --front-end-root (dev.py sets it for its newest-frontend leg).
+FRONT_END_ROOT_ENV = "NESTED_ATTENTION_FRONT_END_ROOT"
 
 
 def free_port() -> int:
@@ -60,11 +66,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
+def prepare_base_dir(base: Path, custom_nodes: dict[str, Path], model_files: dict[str, list[str]]) -> None:
     """Lay out a ComfyUI base directory: linked custom node packs, model files, example inputs, settings.
 
-    Model files that are not already there are created empty: enough for the frontend's file lists (the
-    loaders' combo widgets), never loaded (the test swaps the heavy loaders for tiny ones).
+    Model files ({models folder: [file names]}) that are not already there are created empty: enough for the
+    frontend's file lists (the loaders' combo widgets), never loaded (the tests swap the heavy loaders for tiny
+    ones).
     """
     for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -72,9 +79,7 @@ def prepare_base_dir(base: Path, custom_nodes: dict[str, Path]) -> None:
         link = base / "custom_nodes" / name
         if not link.exists():
             os.symlink(target, link, target_is_directory=True)
-    from make_workflows import MODEL_FILES  # the one table of the files the shipped workflows name
-
-    for folder, names in MODEL_FILES.items():
+    for folder, names in model_files.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).touch(exist_ok=True)
@@ -116,6 +121,8 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
                *self.extra_args]
+        if os.environ.get(FRONT_END_ROOT_ENV):
+            cmd += ["--front-end-root", os.environ[FRONT_END_ROOT_ENV]]
         env = {**os.environ, "COMFYUI_PATH": str(self.comfyui), "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=log,
@@ -344,7 +351,7 @@ class Frontend:
         self.console_errors: list[str] = []  # console errors and page errors, network failures left out
         self.http_errors: list[str] = []  # this server's answers >= 400 (fresh-profile user files left out)
 
-    def __enter__(self) -> Frontend:
+    def __enter__(self) -> Self:
         return self.open()
 
     def __exit__(self, *exc) -> None:

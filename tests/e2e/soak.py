@@ -50,20 +50,19 @@ import tiny_models  # isort: skip  (first: it sets ComfyUI up as a library, as t
 import aiohttp
 import numpy as np
 import torch
-from harness import ComfyServer
-from make_workflows import (
-    FACES_ENCODER,
-    IPADAPTER_FACE,
-    IPADAPTER_PLUS,
-    PERSON_IMAGES,
-    PET_IMAGE,
-    PETS_ENCODER,
-)
+from harness import FACES_ENCODER, PETS_ENCODER, ComfyServer
 from pack_helpers import PET_PHOTO, cat_cutout_alpha
 from PIL import Image
 from safetensors.torch import load_file
 from tiny_base import prepare_tiny_base
 from weight_layouts import plain_ip_adapter_keys, write_safetensors
+
+from devtools.workflows import (  # tiny_base puts it on the path
+    IPADAPTER_FACE,
+    IPADAPTER_PLUS,
+    PERSON_IMAGES,
+    PET_IMAGE,
+)
 
 CLIENT_ID = "nested-attention-soak"
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
@@ -387,80 +386,71 @@ def run_alone(server: ComfyServer, cases: list[Case], tag: str) -> dict[int, dic
 # The whole soak
 
 
-def soak(prompts: int, alone: int, workdir: Path, unet, comfyui: Path, bad_every: int = 20, log=print) -> dict:
-    """Run the soak (module docstring) in `workdir`; returns the report (report["failures"] empty when it passed)."""
-    cases = make_cases(prompts, bad_every)
-    failures: list[str] = []
-    times: dict[str, float] = {}
+def _check_soak(server: ComfyServer, cases: list, failures: list[str]) -> dict:
+    """The soak's outcomes: each good prompt's outputs (returned, by index), each interrupted prompt stopped
+    mid-sampling, each bad one answered with the pack's message."""
+    soak_out = {}
+    for case in cases:
+        if case.prompt_id is None:
+            continue
+        entry = history(server, case)
+        if case.kind == "good":
+            if case.outcome["status"] != "success":
+                failures.append(f"{case.describe()} failed: {case.outcome.get('error')}")
+            else:
+                soak_out[case.index] = outputs(server, entry, api_prompt(case, "soak"))
+    for case in cases:
+        if case.kind == "interrupt":
+            at = case.outcome.get("interrupted_at")
+            if not case.outcome.get("interrupted") or not at or not 0 < at[0] < at[1]:
+                failures.append(f"{case.describe()} was not interrupted mid-sampling: {case.outcome}")
+        elif case.kind == "bad":
+            problem = check_bad(case, server)
+            if problem:
+                failures.append(f"{case.describe()}: {problem}")
+    return soak_out
 
-    def start(name: str, *extra: str) -> ComfyServer:
-        base = workdir / name / "base"
-        prepare_soak_base(base, unet)
-        t = time.monotonic()
-        server = ComfyServer(comfyui, base, workdir / name / "server.log", extra_args=extra, env=SERVER_ENV).start()
-        times[f"{name}_start_s"] = round(time.monotonic() - t, 1)
-        return server
 
-    # The soak.
-    server = start("soak")
-    try:
-        t = time.monotonic()
-        log(f"soak: {prompts} prompts queued on {server.url}")
-        followed = run_soak(server, cases, "soak")
-        times["soak_s"] = round(time.monotonic() - t, 1)
-        soak_out = {}
-        for case in cases:
-            if case.prompt_id is None:
-                continue
-            entry = history(server, case)
-            if case.kind == "good":
-                if case.outcome["status"] != "success":
-                    failures.append(f"{case.describe()} failed: {case.outcome.get('error')}")
-                else:
-                    soak_out[case.index] = outputs(server, entry, api_prompt(case, "soak"))
-        for case in cases:
-            if case.kind == "interrupt":
-                at = case.outcome.get("interrupted_at")
-                if not case.outcome.get("interrupted") or not at or not 0 < at[0] < at[1]:
-                    failures.append(f"{case.describe()} was not interrupted mid-sampling: {case.outcome}")
-            elif case.kind == "bad":
-                problem = check_bad(case, server)
-                if problem:
-                    failures.append(f"{case.describe()}: {problem}")
-        # Memory: RSS from the end of the warm-up, and the subjects left once ComfyUI lets go of its caches.
-        warm = max(10, prompts // 10)
-        rss = followed["rss"]
-        at_warm = next(mb for done, mb in rss if done >= warm)
-        after = [mb for done, mb in rss if done >= warm]
-        memory = {"warmup_prompts": warm, "rss_at_warmup_mb": round(at_warm, 1), "rss_end_mb": round(rss[-1][1], 1),
-                  "rss_peak_after_warmup_mb": round(max(after), 1), "growth_mb": round(rss[-1][1] - at_warm, 1),
-                  "rss_series": [(done, round(mb, 1)) for done, mb in rss]}
-        if memory["growth_mb"] >= RSS_GROWTH_LIMIT_MB:
-            failures.append(f"RSS grew {memory['growth_mb']} MB after the warm-up (limit {RSS_GROWTH_LIMIT_MB})")
-        applies = sum(len(c.subjects) for c in cases if c.prompt_id)
-        live = {"series": followed["live"], "end_of_soak": followed["live"][-1][1], "apply_nodes_queued": applies}
-        server.post("/free", {"unload_models": True, "free_memory": True})
-        deadline = time.monotonic() + 60
-        while True:
-            live["after_free"] = server.get_json("/nested_attention_test/live_subjects")
-            if live["after_free"]["bindings"] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        if live["after_free"]["bindings"] or live["after_free"]["kv_entries"]:
-            failures.append(f"subjects still alive after ComfyUI freed its caches: {live['after_free']}")
-        if server.process.poll() is not None:
-            failures.append(f"the soak server exited with code {server.process.returncode}")
-        else:
-            server.get_json("/system_stats")
-        log_text = server.log_path.read_text(errors="replace")
-        tracebacks = log_text.count("Traceback (most recent call last)")
-        errors_expected = sum(1 for c in cases if c.kind == "bad" and c.outcome.get("error"))
-        if tracebacks > errors_expected:
-            failures.append(f"the server log has {tracebacks} tracebacks for {errors_expected} expected errors")
-    finally:
-        server.stop()
+def _check_memory(server: ComfyServer, cases: list, followed: dict, prompts: int,
+                  failures: list[str]) -> tuple[dict, dict]:
+    """RSS from the end of the warm-up, the subjects left once ComfyUI lets go of its caches, and the server
+    still up with no traceback beyond the bad prompts' ones; returns (memory, live subjects)."""
+    warm = max(10, prompts // 10)
+    rss = followed["rss"]
+    at_warm = next(mb for done, mb in rss if done >= warm)
+    after = [mb for done, mb in rss if done >= warm]
+    memory = {"warmup_prompts": warm, "rss_at_warmup_mb": round(at_warm, 1), "rss_end_mb": round(rss[-1][1], 1),
+              "rss_peak_after_warmup_mb": round(max(after), 1), "growth_mb": round(rss[-1][1] - at_warm, 1),
+              "rss_series": [(done, round(mb, 1)) for done, mb in rss]}
+    if memory["growth_mb"] >= RSS_GROWTH_LIMIT_MB:
+        failures.append(f"RSS grew {memory['growth_mb']} MB after the warm-up (limit {RSS_GROWTH_LIMIT_MB})")
+    applies = sum(len(c.subjects) for c in cases if c.prompt_id)
+    live = {"series": followed["live"], "end_of_soak": followed["live"][-1][1], "apply_nodes_queued": applies}
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    deadline = time.monotonic() + 60
+    while True:
+        live["after_free"] = server.get_json("/nested_attention_test/live_subjects")
+        if live["after_free"]["bindings"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if live["after_free"]["bindings"] or live["after_free"]["kv_entries"]:
+        failures.append(f"subjects still alive after ComfyUI freed its caches: {live['after_free']}")
+    if server.process.poll() is not None:
+        failures.append(f"the soak server exited with code {server.process.returncode}")
+    else:
+        server.get_json("/system_stats")
+    log_text = server.log_path.read_text(errors="replace")
+    tracebacks = log_text.count("Traceback (most recent call last)")
+    errors_expected = sum(1 for c in cases if c.kind == "bad" and c.outcome.get("error"))
+    if tracebacks > errors_expected:
+        failures.append(f"the server log has {tracebacks} tracebacks for {errors_expected} expected errors")
+    return memory, live
 
-    # The same prompts on fresh servers.
+
+def _compare_with_fresh_servers(start, cases: list, soak_out: dict, alone: int, times: dict, log,
+                                failures: list[str]) -> dict:
+    """The good prompts again on a fresh --cache-none server (shuffled) and `alone` of them each on a server
+    of its own: their outputs must be the soak's."""
     good = [c for c in cases if c.kind == "good"]
     compared = {}
     reference = start("reference", "--cache-none")
@@ -489,6 +479,34 @@ def soak(prompts: int, alone: int, workdir: Path, unet, comfyui: Path, bad_every
     for name, result in compared.items():
         if result["differ"]:
             failures.append(f"{name}: outputs differ from the soak's for prompts {result['differ']}")
+    return compared
+
+
+def soak(prompts: int, alone: int, workdir: Path, unet, comfyui: Path, bad_every: int = 20, log=print) -> dict:
+    """Run the soak (module docstring) in `workdir`; returns the report (report["failures"] empty when it passed)."""
+    cases = make_cases(prompts, bad_every)
+    failures: list[str] = []
+    times: dict[str, float] = {}
+
+    def start(name: str, *extra: str) -> ComfyServer:
+        base = workdir / name / "base"
+        prepare_soak_base(base, unet)
+        t = time.monotonic()
+        server = ComfyServer(comfyui, base, workdir / name / "server.log", extra_args=extra, env=SERVER_ENV).start()
+        times[f"{name}_start_s"] = round(time.monotonic() - t, 1)
+        return server
+
+    server = start("soak")
+    try:
+        t = time.monotonic()
+        log(f"soak: {prompts} prompts queued on {server.url}")
+        followed = run_soak(server, cases, "soak")
+        times["soak_s"] = round(time.monotonic() - t, 1)
+        soak_out = _check_soak(server, cases, failures)
+        memory, live = _check_memory(server, cases, followed, prompts, failures)
+    finally:
+        server.stop()
+    compared = _compare_with_fresh_servers(start, cases, soak_out, alone, times, log, failures)
 
     counts = {kind: sum(1 for c in cases if c.kind == kind) for kind in ("good", "interrupt", "bad")}
     return {

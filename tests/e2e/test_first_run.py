@@ -3,18 +3,20 @@
 The shared e2e server (tests/e2e/conftest.py) runs with its model folders emptied for this module (the
 files are moved aside and put back afterwards) and a fresh Chromium page opens its frontend, as on a fresh
 install. Then
-  - the frontend's list of missing models (from the loaders' `properties.models` and the workflow's
-    `models`) names every file the workflow's loaders name, with a download address the frontend accepts
-    and the models folder it goes in;
+  - the frontend's list of missing models (from the loaders' `properties.models`) names every file the
+    workflow's loaders name, and nothing else (no optional file shown as if it were needed), with a download
+    address the frontend accepts and the models folder it goes in;
   - pressing Run shows the pack's message for the missing encoder (which file, the folder searched, where
     to get one) instead of ComfyUI's "Value not in list".
-The two frontends the suite runs on show these facts in different places:
+The frontends the suite runs on show these facts in different places:
   - frontend 1.32 (ComfyUI 0.3.75): a Missing Models dialog on load, one row per file ("folder / file",
     a Download button whose title is the address); the Run error in a dialog;
   - frontend 1.48 (ComfyUI 0.33): a toast "N errors found ... View details" on load, which opens the
     Errors tab of the right-side panel: a Missing Models group, one row per file (file, folder, a Download
     button that opens the address in a new tab); the Run error under "Invalid input", its text behind the
-    row's Info button.
+    row's Info button;
+  - frontend 1.58 (on ComfyUI 0.33): the same toast, whose View details opens the same rows in the panel it
+    calls Workflow Overview, under Issues.
 Screenshots: tests/artifacts/e2e/first-run-*.png.
 """
 
@@ -24,11 +26,13 @@ import shutil
 
 import pytest
 from harness import ARTIFACTS_DIR, PACK_NAME, WORKFLOWS_DIR, Frontend
-from make_workflows import FACES_ENCODER, IPADAPTER_FACE, MODELS
+
+from devtools.workflows import IPADAPTER_FACE, MODELS, person_one_photo, workflow_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+PERSON_FROM_ONE_PHOTO = workflow_name(person_one_photo)
 # The loaders of the shipped workflows, with the models folders ComfyUI reads their file from: the files a
 # workflow needs are read from the workflow itself. Load Nested Encoder lists two folders.
 LOADERS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
@@ -46,14 +50,6 @@ def needed_files(workflow: dict) -> dict[str, str]:
             folder = MODELS[file]["directory"]
             assert folder in LOADERS[node["type"]], f"{node['type']} does not read {folder}/{file}"
             files[file] = folder
-    return files
-
-
-def offered_files(workflow: dict) -> dict[str, str]:
-    """needed_files and the alternative face encoder that the workflow's `models` list offers."""
-    files = needed_files(workflow)
-    if FACES_ENCODER in files:
-        files[IPADAPTER_FACE] = "ipadapter"
     return files
 
 
@@ -157,11 +153,8 @@ def check_address(file: str, url: str, where: str) -> None:
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_missing_models_list_every_file_with_its_address_and_folder(name, fresh_install):
-    """Frontend 1.32's dialog lists the loaders' files and the alternative face encoder of the workflow's
-    `models` list. Frontend 1.48's panel has a row only for a file that a node's widget names (the
-    workflow's `models` and the nodes' `properties.models` only give those rows their address and folder:
-    enrichWithEmbeddedMetadata in its bundle), so there the alternative has no row; it stays in the Models
-    note and in the workflow's `models`."""
+    """Exactly the files the loaders name. (Frontend 1.32's dialog would also list a workflow's top-level
+    `models`; the shipped workflows have none: the optional encoders are offered in their Models note only.)"""
     frontend = fresh_install
     workflow, shown = open_first_run(frontend, name)
     frontend.page.wait_for_timeout(300)
@@ -169,7 +162,8 @@ def test_missing_models_list_every_file_with_its_address_and_folder(name, fresh_
     if shown == "dialog":
         rows = frontend.evaluate(_DIALOG_ROWS_JS)
         close_dialogs(frontend)
-        expected = offered_files(workflow)
+        expected = needed_files(workflow)
+        assert "models" not in workflow, workflow["models"]
         assert len(rows) == len(expected), f"{name}: the dialog lists {rows}, the workflow needs {expected}"
         for file, folder in expected.items():
             matching = [row for row in rows if row["text"].startswith(f"{folder} / {file}")]
@@ -215,14 +209,16 @@ def run_error_text(frontend: Frontend, shown: str) -> str:
 
 def test_run_with_no_model_files_shows_the_packs_message_naming_the_folder(fresh_install, comfy):
     frontend = fresh_install
-    _, shown = open_first_run(frontend, "Person from one photo")
+    _, shown = open_first_run(frontend, PERSON_FROM_ONE_PHOTO)
     close_dialogs(frontend)
 
     frontend.press_run()
     text = run_error_text(frontend, shown)
-    folder = comfy.base / "models" / "nested_attention"
-    assert f"Load Nested Encoder: encoder file '{FACES_ENCODER}' not found." in text, text
-    assert f"models/nested_attention: {folder} (found there: no .safetensors file)" in text, text
+    # The workflow's default encoder, the folders searched (its own among them), which file goes where and
+    # where to download it.
+    folder = comfy.base / "models" / "ipadapter"
+    assert f"Load Nested Encoder: encoder file '{IPADAPTER_FACE}' not found." in text, text
+    assert f"models/ipadapter: {folder} (found there: no .safetensors file)" in text, text
     assert "IP-Adapter Plus SDXL files (ip-adapter-plus*_sdxl_vit-h.safetensors) -> models/ipadapter" in text, text
-    assert "https://huggingface.co/orpatashnik/NestedAttentionEncoder" in text, text
+    assert "https://huggingface.co/h94/IP-Adapter" in text, text
     close_dialogs(frontend)

@@ -24,11 +24,11 @@ from io import BytesIO
 import numpy as np
 import pytest
 import torch
-from harness import IPADAPTER_PLUS_ARCHIVE, IPADAPTER_PLUS_NAME, pack_archive
-from make_workflows import PET_IMAGE, PETS_ENCODER
+from harness import IPADAPTER_PLUS_ARCHIVE, IPADAPTER_PLUS_NAME, PETS_ENCODER, pack_archive
 from PIL import Image
 from weight_layouts import ip_adapter_plus_keys, plausible_values, sdxl_ip_adapter_table, write_safetensors
 
+from devtools.workflows import PET_IMAGE
 from nested_attention import unet_layers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]

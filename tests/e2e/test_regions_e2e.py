@@ -12,9 +12,11 @@ import pytest
 from harness import ARTIFACTS_DIR, PACK_NAME
 from test_workflows_e2e import APPLY, is_link, pixels, upstream
 
+from devtools.workflows import two_people_left_and_right, workflow_name
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
-NAME = "Two people, left and right"
+NAME = workflow_name(two_people_left_and_right)
 
 
 def test_each_person_gets_one_half_of_the_image_from_core_mask_nodes(comfy, frontend):

@@ -11,8 +11,9 @@ Screenshot: tests/artifacts/e2e/save-subject.png.
 from __future__ import annotations
 
 import pytest
-from harness import ARTIFACTS_DIR
-from make_workflows import FACES_ENCODER, PERSON_IMAGES
+from harness import ARTIFACTS_DIR, FACES_ENCODER
+
+from devtools.workflows import PERSON_IMAGES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -7,9 +7,11 @@ import pytest
 from harness import ARTIFACTS_DIR, PACK_NAME
 from test_workflows_e2e import TINY_IMAGE_SIZE, bypass_capture, pixels, tiny_prompt
 
+from devtools.workflows import see_where_the_subject_goes, workflow_name
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-NAME = "See where the subject goes"
+NAME = workflow_name(see_where_the_subject_goes)
 
 
 def test_capture_samples_the_same_image_and_the_maps_come_back(comfy, frontend):

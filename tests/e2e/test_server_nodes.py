@@ -7,8 +7,7 @@ The server is the one the e2e tests share (tests/e2e/conftest.py): `main.py --cp
 from __future__ import annotations
 
 import pytest
-from harness import PACK_NAME
-from make_workflows import FACES_ENCODER, PETS_ENCODER
+from harness import FACES_ENCODER, PACK_NAME, PETS_ENCODER
 from pack_helpers import combo_choices
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -7,15 +7,29 @@ the real Load Nested Encoder node loads and validates them. Shared by the e2e su
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
-from harness import PACK_NAME, REPO, TINY_PACK_DIR, TINY_PACK_NAME, prepare_base_dir
-from make_workflows import CLIP_VISION, FACES_ENCODER, IPADAPTER_FACE, IPADAPTER_PLUS, PETS_ENCODER
+from harness import (
+    FACES_ENCODER,
+    PACK_NAME,
+    PETS_ENCODER,
+    REPO,
+    TINY_PACK_DIR,
+    TINY_PACK_NAME,
+    prepare_base_dir,
+)
 from pack_helpers import TINY_CLIP_VISION_SPEC, tiny_encoder
 from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values, write_safetensors
 
 from nested_attention import save_encoder, unet_layers
+
+# The workflow tool beside dev.py (devtools/workflows.py) names the files the shipped workflows use. Appended,
+# so that ComfyUI's own top-level modules (its `nodes`) keep priority over the repo's folders.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+from devtools.workflows import CLIP_VISION, IPADAPTER_FACE, IPADAPTER_PLUS, MODEL_FILES
 
 ENCODERS = [(FACES_ENCODER, "faces", "person"), (PETS_ENCODER, "pets", "pet")]
 IP_ADAPTER_FILES = [IPADAPTER_FACE, IPADAPTER_PLUS]
@@ -52,7 +66,8 @@ def write_tiny_ip_adapter_files(folder: Path, unet) -> None:
 
 
 def prepare_tiny_base(base: Path, unet) -> None:
-    """`prepare_base_dir` with this pack and the test-only pack, plus the tiny encoder files."""
-    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR})
+    """`prepare_base_dir` with this pack, the test-only pack and stand-ins for the files the workflows' loaders
+    name, plus the tiny encoder files."""
+    prepare_base_dir(base, {PACK_NAME: REPO, TINY_PACK_NAME: TINY_PACK_DIR}, MODEL_FILES)
     write_tiny_encoders(base / "models" / "nested_attention", unet)
     write_tiny_ip_adapter_files(base / "models" / "ipadapter", unet)

@@ -5,7 +5,7 @@ Subjects are taken in pairs (the 1st and 2nd, the 3rd and 4th, ...). For each pa
 image per method: the prior (no subject), and nested attention at each λ with each region method:
 - none: both subjects on the whole image (each on its own word of the prompt);
 - manual: subject A confined to the left half, B to the right half (the Apply node's MASK; the shipped
-  "Two people, left and right" workflow makes the same halves with core mask nodes);
+  "Nested Attention - two people, left and right" workflow makes the same halves with core mask nodes);
 - auto: each subject's region from its own word's cross-attention during the first steps (the Apply node's
   `region: auto`: `SubjectBinding(auto_region=True)`, whose per-run wrapper `host.install_subject` adds).
 Both subjects are bound by the same encoder, one word each (`--pair_words`, default "man" "woman" for faces),
