@@ -82,7 +82,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import comfy.ldm.modules.attention
 
     # The shared model builders, imported only after configure_comfy: they import comfy.model_management.
-    from training.tiny import build_encoder, build_unet, clip_vision_h, sdxl_unet_config, tiny_qformer
+    from training.tiny.models import build_encoder, build_unet, clip_vision_h, sdxl_unet_config, tiny_qformer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
@@ -161,7 +161,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     log.info("%s encoding one subject", PREFIX)
     if args.tiny:
-        from training.tiny import tiny_clip_vision
+        from training.tiny.models import tiny_clip_vision
 
         clip_vision = tiny_clip_vision(seed=0, hidden=qformer.clip_dim)
     else:

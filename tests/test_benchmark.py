@@ -13,7 +13,7 @@ import torch
 from nested_attention import SDXL_LAYERS, unet_layers
 from nested_attention.patch import NestedAttentionPatch
 from benchmark import cli, counters, trainer, variants, workload
-from training import tiny as builders
+from training.tiny import models as builders
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 
