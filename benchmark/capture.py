@@ -128,7 +128,7 @@ def main(args: list[str] | None = None) -> dict:
     configure_comfy(a.device)
     from nested_attention import SDXL_CONTEXT_DIM, unet_layers
     from nested_attention.host import attn2_patches
-    from training.tiny import build_encoder, build_unet, sdxl_unet_config, tiny_qformer
+    from training.tiny.models import build_encoder, build_unet, sdxl_unet_config, tiny_qformer
 
     from .counters import attention_calls
     from .variants import subject_binding

@@ -98,7 +98,7 @@ def machine_info(device: torch.device) -> dict:
 def run_benchmark(args: argparse.Namespace) -> dict:
     """The whole measurement (see the package's docstring); returns the result the table and the JSON show."""
     # The shared model builders, imported only after configure_comfy: they import comfy.model_management.
-    from training.tiny import build_unet, sdxl_unet_config, tiny_qformer
+    from training.tiny.models import build_unet, sdxl_unet_config, tiny_qformer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
@@ -177,7 +177,7 @@ def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, 
     call costs a GPU beyond FLOPs at 1024x1024's widest layer (sigmas on the device, as in sampling): kernel
     launches, host waits, and the memory its own tensors hold at once. Returns (flops, gpu_work, widest call).
     """
-    from training.tiny import build_encoder
+    from training.tiny.models import build_encoder
 
     log.info("%s counting FLOPs on the meta device", PREFIX)
     variants = {}  # name -> (model, tokens M, UNet rows per CFG step that carry the injection)
@@ -213,7 +213,7 @@ def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, 
 def _encode(tiny: bool, layers, qformer: QFormerConfig, device: torch.device, dtype: torch.dtype) -> tuple:
     """The encoders (one per M, projections shared), the encoding figures and each M's subject tokens."""
     from nested_attention.host import clip_vision_spec
-    from training.tiny import build_encoder, clip_vision_h, tiny_clip_vision
+    from training.tiny.models import build_encoder, clip_vision_h, tiny_clip_vision
 
     clip_vision = tiny_clip_vision(seed=0, hidden=qformer.clip_dim) if tiny else clip_vision_h(device)
     clip = clip_vision_spec(clip_vision)  # the tower's shapes, read off the model
@@ -326,7 +326,7 @@ def _trainer(args: argparse.Namespace, model, layers, qformer: QFormerConfig, de
              dtype: torch.dtype) -> dict:
     """The tiny preset's throughput on the CPU, and the trainer's step on the full-size UNet (on a CPU a few
     steps only, tens of seconds each)."""
-    from training.tiny import build_encoder
+    from training.tiny.models import build_encoder
 
     log.info("%s trainer throughput: tiny preset on the CPU", PREFIX)
     figures = {"tiny_cpu": tiny_trainer_throughput(steps=args.trainer_steps)}

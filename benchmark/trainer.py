@@ -115,11 +115,11 @@ def tiny_trainer_child(out_json: str, steps: int, warmup: int) -> None:
     """Run `python -m training.run --domain tiny` for warmup + steps + 1 steps; write its timing to `out_json`.
 
     The trainer runs as a program (runpy, as `python -m` runs it) in this process, under the timing
-    hooks; its settings for the figure come from its config (`training.config`), not from its entry point.
+    hooks; its settings for the figure come from its config (`training.loop.config`), not from its entry point.
     """
     import comfy.model_base
 
-    from training.config import parse_args
+    from training.loop.config import parse_args
 
     with tempfile.TemporaryDirectory(prefix="nested-bench-") as tmp:
         total = warmup + steps + 1
@@ -205,8 +205,8 @@ def synthetic_trainer_throughput(
     apply_model), epsilon MSE, backward, AdamW on the encoder; the UNet's blocks checkpointed as the
     trainer does. `encoder` is trained in float32 (a copy is not made: it is changed).
     """
-    from training.models import NestedTrainingModule, enable_gradient_checkpointing
-    from training.optim import adamw
+    from training.models.sdxl import NestedTrainingModule, enable_gradient_checkpointing
+    from training.loop.optim import adamw
 
     base = model.model
     if checkpointing:

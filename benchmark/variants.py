@@ -1,7 +1,7 @@
 """The variants compared: nested attention as the Apply node installs it, and an IP-Adapter-style patch.
 
 Plain SDXL is the model itself. Models with random weights come from the shared builders
-(training/tiny.py: the test bed's too).
+(training/tiny/models.py: the test bed's too).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def ip_adapter_plus_layout(
 ) -> NestedEncoder:
     """An encoder in IP-Adapter Plus SDXL's layout (random weights): its Resampler (width 1280, 4 blocks of 20
     heads, 16 queries, no feed-forward biases) over the tower's penultimate tokens; `projections` shared."""
-    from training.tiny import build_encoder, tiny_qformer
+    from training.tiny.models import build_encoder, tiny_qformer
 
     qformer = (dataclasses.replace(tiny_qformer(), ff_bias=False) if tiny
                else QFormerConfig(dim=1280, depth=4, heads=20, dim_head=64, ff_bias=False))

@@ -14,7 +14,7 @@ import torch
 from benchmark import cli, counters, trainer, variants, workload
 from nested_attention import SDXL_LAYERS, unet_layers
 from nested_attention.patch import NestedAttentionPatch
-from training import tiny as builders
+from training.tiny import models as builders
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 

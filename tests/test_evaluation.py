@@ -23,11 +23,11 @@ from trainer_runs import reset_after_run, train
 
 from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
-from training import evaluate as evaluate_cli
-from training import models as models_lib
+from training.evaluation import cli as evaluate_cli
+from training.models import sdxl as models_lib
 from training.evaluation import metrics, report
 from training.evaluation import prompts as prompts_lib
-from training.evaluation.generation import (
+from training.evaluation.method_images import (
     DecoupledAttentionPatch,
     Generator,
     Job,
@@ -80,8 +80,8 @@ def encoder(frozen):
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory):
-    from training.data import open_image, to_comfy_image
-    from training.tiny import make_tiny_dataset
+    from training.data.dataset import open_image, to_comfy_image
+    from training.tiny.models import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("subjects"), count=2, size=64, seed=1)
     return [
@@ -188,7 +188,7 @@ def test_an_image_without_a_face_is_a_reported_failure_not_dropped(frozen, subje
 
 
 def test_clip_t_is_the_cosine_of_the_image_and_the_prompt_without_the_subject_word(frozen, subjects):
-    from training.tiny import tiny_clip_vision
+    from training.tiny.models import tiny_clip_vision
 
     vision = tiny_clip_vision(seed=1, projection_dim=1280)
     space = metrics.ComfyClipSpace(clip=frozen.clip, clip_vision=vision, name="joint")
@@ -485,8 +485,8 @@ def test_two_processes_split_the_generations_and_gather_the_metrics_once(tmp_pat
 def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training import run as trainer
-    from training.tiny import make_tiny_dataset
+    from training.loop import trainer
+    from training.tiny.models import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
     held_out = make_tiny_dataset(tmp_path / "held-out", count=1, size=64, seed=5) / "pet-000.png"

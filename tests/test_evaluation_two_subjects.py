@@ -19,7 +19,7 @@ from PIL import Image
 from trainer_runs import reset_after_run
 
 from nested_attention.host import attn2_replacements
-from training import evaluate as evaluate_cli
+from training.evaluation import cli as evaluate_cli
 from training.evaluation import metrics, two_subjects
 from training.evaluation.two_subjects import PairJob, PairMethod, PairPrompt, match_faces, score_pair_image
 
@@ -27,8 +27,8 @@ from training.evaluation.two_subjects import PairJob, PairMethod, PairPrompt, ma
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Two tiny-domain subject photos (a coloured shape on white, 64 x 64), as the CLI generates them."""
-    from training.data import open_image, to_comfy_image
-    from training.tiny import make_tiny_dataset
+    from training.data.dataset import open_image, to_comfy_image
+    from training.tiny.models import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("photos"), count=2, size=64, seed=1)
     return [to_comfy_image(open_image(str(p))) for p in sorted(folder.glob("*.png"))]
@@ -101,8 +101,8 @@ def test_the_pair_model_carries_both_subjects_on_their_words_with_their_halves(t
     from tiny_models import tiny_sdxl_clip
 
     from nested_attention.host import comfy_attention
-    from training import models as models_lib
-    from training.evaluation.generation import Generator, Subject
+    from training.models import sdxl as models_lib
+    from training.evaluation.method_images import Generator, Subject
     from training.presets import PRESETS
 
     frozen = models_lib.load_frozen(

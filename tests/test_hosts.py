@@ -236,7 +236,7 @@ def test_comfy_calls_cleanup_after_sampling_where_it_does_and_a_shared_subject_s
 
 
 def test_clip_preprocess_comes_from_where_this_comfyui_defines_it(monkeypatch):
-    from training.data import comfy_clip_preprocess
+    from training.data.dataset import comfy_clip_preprocess
 
     if hasattr(comfy.clip_model, "clip_preprocess"):
         assert comfy_clip_preprocess() is comfy.clip_model.clip_preprocess
@@ -251,7 +251,7 @@ def test_clip_preprocess_comes_from_where_this_comfyui_defines_it(monkeypatch):
 
 
 def test_prepare_clip_input_is_what_encode_image_feeds_the_tower():
-    from training.data import prepare_clip_input
+    from training.data.dataset import prepare_clip_input
 
     from PIL import Image
 

@@ -339,7 +339,7 @@ def test_auto_reads_each_mask_by_its_border_and_a_subject_may_touch_one_edge():
 
 def test_the_trainers_masks_keep_their_meaning_whatever_the_border(tmp_path):
     """The trainer's alpha channels and mask files mean 1 = subject always: no side is guessed there."""
-    from training.images import load_rgb
+    from training.data.images import load_rgb
 
     photo = Image.new("RGB", (16, 16), (200, 40, 40))
     photo.save(tmp_path / "p.png")

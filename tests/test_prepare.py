@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from nested_attention import faces
-from training import data as data_lib
-from training import prepare
+from training.data import dataset as data_lib
+from training.data import prepare
 
 EYES_AND_MOUTH = [(202.5, 101.3), (246.3, 103.3), (223.8, 141.9)]  # hand-placed on the astronaut (test_faces)
 
@@ -126,7 +126,7 @@ def test_pets_are_put_on_white_from_alpha_or_masks(tmp_path):
 def test_generate_synthetic_pets_with_comfys_sampler_resumes_and_is_seeded(tmp_path):
     import tiny_models  # noqa: F401  (ComfyUI set-up first)
 
-    from training.generate import plan
+    from training.data.synthetic_pets import plan
 
     out = tmp_path / "gen"
     flags = ["--domain", "pets", "--tiny", "--resolution", "64", "--steps", "2", "--seed", "7"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pytest
 
 from training import settings
-from training.config import TrainConfig
-from training.config import build_parser as train_parser
+from training.loop.config import TrainConfig
+from training.loop.config import build_parser as train_parser
 from training.evaluation.config import EvalConfig
 from training.evaluation.config import build_parser as eval_parser
 from training.evaluation.config import parse_args as parse_eval

@@ -12,7 +12,7 @@ import torch
 import trainer_faults as faults
 
 from nested_attention.weights import write_safetensors
-from training import checkpoints as checkpoints_lib
+from training.loop import checkpoints as checkpoints_lib
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def current_umask() -> int:
 def test_sigterm_before_training_starts_exits_0_at_once():
     import signal
 
-    from training.preemption import Preempted, StopRequest
+    from training.loop.preemption import Preempted, StopRequest
 
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop, pytest.raises(Preempted) as stopped:

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
-from training import data as data_lib
-from training import models as models_lib
-from training import run as trainer
+from training.data import dataset as data_lib
+from training.models import sdxl as models_lib
+from training.loop import trainer
 from training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from training.tiny import make_tiny_dataset
+    from training.tiny.models import make_tiny_dataset
 
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny-data") / "pets", count=8, size=64)
 
@@ -398,7 +398,7 @@ def test_a_few_steps_write_checkpoints_the_node_file_logs_and_a_sample_grid(refe
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     from PIL import Image
 
-    from training.preview import labelled_grid
+    from training.loop.preview import labelled_grid
 
     grid = Image.open(out / "samples-4.png")
     # rows: no subject + two subjects; columns: input + two prompts x one seed; 64 px cells, labelled
@@ -543,7 +543,7 @@ def test_tar_shards_train_end_to_end(tmp_path):
     # the sample grid's subjects are the first two samples of the stream: two subject rows, as from a folder
     from PIL import Image
 
-    from training.preview import labelled_grid
+    from training.loop.preview import labelled_grid
 
     labels = ["subject image", "a photo of a pet | seed 0", "a pet in the snow | seed 0"]
     rows = ["no subject", "subject 1", "subject 2"]

@@ -20,9 +20,9 @@ from PIL import Image
 from trainer_runs import train
 
 from nested_attention.images import composite_on_white
-from training import data as data_lib
-from training import images as images_lib
-from training import scan as scan_lib
+from training.data import dataset as data_lib
+from training.data import images as images_lib
+from training.data import scan as scan_lib
 
 RULE = data_lib.CaptionRule("pet", ("dog", "cat", "pet"), "a photo of a {token}")
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -152,7 +152,7 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
 
 
 def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog):
-    from training import models as models_lib
+    from training.models import sdxl as models_lib
 
     folder = make_messy_folder(tmp_path / "data")
     order = []
@@ -266,8 +266,8 @@ def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
     assert saved["resolution"] == 64 and saved["dry_run"] is True
     assert not list((tmp_path / "o").glob("checkpoint-*"))
     panels = [np.asarray(Image.open(p).convert("RGB")) for p in summary["preview"]]
-    from training.preview import preview_boxes
-    from training.tiny import TINY_CLIP_VISION_CONFIG
+    from training.loop.preview import preview_boxes
+    from training.tiny.models import TINY_CLIP_VISION_CONFIG
 
     clip_box, target_box = preview_boxes(TINY_CLIP_VISION_CONFIG["image_size"], 64)
     size = target_box[2] - target_box[0]  # the 64 px target shown 4x: 256
@@ -294,7 +294,7 @@ def test_subject_words_plurals_and_breeds_become_the_token():
     from training.presets import PRESETS
 
     rule = data_lib.CaptionRule("pet", ("puppy", "dog", "corgi"), "a photo of a {token}")
-    # Plurals are recognised but not rewritten (training.captions: the encoder binds one subject; "two pet"
+    # Plurals are recognised but not rewritten (training.data.captions: the encoder binds one subject; "two pet"
     # would teach the token a wrong meaning): the template goes in front and the scan counts them.
     assert rule.apply("two Puppies in the grass") == "a photo of a pet, two Puppies in the grass"
     assert rule.apply("my corgis at home") == "a photo of a pet, my corgis at home"
@@ -316,7 +316,7 @@ def test_subject_words_plurals_and_breeds_become_the_token():
 
 
 def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatch):
-    from training import run as trainer
+    from training.loop import trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     faces = trainer.parse_args(["--domain", "faces"])
@@ -341,7 +341,7 @@ def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatc
 
 
 def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
-    from training import run as trainer
+    from training.loop import trainer
 
     data = tmp_path / "data"
     data.mkdir()
@@ -357,7 +357,7 @@ def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
 
 
 def test_resuming_with_another_batch_shape_is_named(tmp_path):
-    from training.checkpoints import batch_mismatch
+    from training.loop.checkpoints import batch_mismatch
 
     def mismatch(state: dict):
         (tmp_path / "trainer_state-0.json").write_text(json.dumps(state))
@@ -371,7 +371,7 @@ def test_resuming_with_another_batch_shape_is_named(tmp_path):
 
 
 def test_a_real_resume_with_another_batch_size_warns(tmp_path, caplog):
-    from training.tiny import make_tiny_dataset
+    from training.tiny.models import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
     common = ("--train_data", str(data), "--checkpointing_steps", "1")

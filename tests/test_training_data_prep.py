@@ -17,11 +17,11 @@ from PIL import Image
 from test_training import make_shards
 from trainer_runs import run_trainer, tiny_argv, train
 
-from training import checkpoints as checkpoints_lib
-from training import data as data_lib
-from training import preview as preview_lib
-from training import run as trainer
-from training.captions import CaptionRule, caption_counts, plural_forms
+from training.loop import checkpoints as checkpoints_lib
+from training.data import dataset as data_lib
+from training.loop import preview as preview_lib
+from training.loop import trainer
+from training.data.captions import CaptionRule, caption_counts, plural_forms
 from training.presets import PRESETS
 
 TEMPLATE = "a photo of a {token}"
@@ -107,7 +107,7 @@ def test_caption_report_counts_each_kind_once_before_the_models_load(tmp_path, m
     no_models(monkeypatch)
     with caplog.at_level(logging.INFO, logger="training"):
         train(tmp_path / "out", "--train_data", str(folder), "--subject_words", "dog", "--dry_run")
-    # one caption line, in the data scan's one summary (training.scan)
+    # one caption line, in the data scan's one summary (training.data.scan)
     reports = [line for r in caplog.records for line in r.getMessage().splitlines() if "captions of" in line]
     assert reports == [
         "[nested-attention] captions of 6 records: 2 name the subject (rewritten to 'pet'); 1 already use "

@@ -12,9 +12,9 @@ from test_formats import TINY, build_tiny
 from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
-from training import models as models_lib
-from training import run as trainer
-from training.warm_start import WarmStartError, warm_start_encoder
+from training.models import sdxl as models_lib
+from training.loop import trainer
+from training.loop.warm_start import WarmStartError, warm_start_encoder
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def layers(_tiny_unet_shared):
 
 @pytest.fixture
 def frozen(layers, tiny_clip_vision):
-    """What warm_start_encoder reads of training.models.FrozenModels: the layer table and the CLIP spec."""
+    """What warm_start_encoder reads of training.models.sdxl.FrozenModels: the layer table and the CLIP spec."""
     return SimpleNamespace(layers=layers, clip_vision_spec=models_lib.clip_vision_spec(tiny_clip_vision, "tiny.safetensors"))
 
 
@@ -59,7 +59,7 @@ def test_warm_start_refuses_a_file_for_another_clip_or_unet(tmp_path, layers, fr
 
 def test_init_from_trains_from_the_file_reads_its_clip_layer_and_exports_the_packs_format(tmp_path, layers,
                                                                                           monkeypatch):
-    from training.tiny import make_tiny_dataset
+    from training.tiny.models import make_tiny_dataset
 
     source = tmp_path / "ip-adapter-plus-tiny.safetensors"
     build_tiny(source, "ip-adapter", layers)

@@ -39,7 +39,7 @@ import comfy.supported_models_base
 # Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny.py
 # (same names, same seeds, so a test can rebuild exactly the models a tiny training run used).
 
-from training.tiny import (  # noqa: E402,F401
+from training.tiny.models import (  # noqa: E402,F401
     SDXL_UNET_CONFIG,
     TINY_CLIP_G_OVERRIDES,
     TINY_CLIP_L_OVERRIDES,

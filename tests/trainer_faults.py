@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PARTIAL = ".partial"  # training.checkpoints.PARTIAL (kept literal: this tool judges the folders on its own)
+PARTIAL = ".partial"  # training.loop.checkpoints.PARTIAL (kept literal: this tool judges the folders on its own)
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
 POLL_S = 0.002
 
@@ -161,8 +161,8 @@ def fork_server() -> None:
     import accelerate  # noqa: F401
     import comfy.sd  # noqa: F401
 
-    import training.models
-    import training.tiny  # noqa: F401
+    import training.models.sdxl
+    import training.tiny.models  # noqa: F401
 
     print("ready", flush=True)
     for line in sys.stdin:

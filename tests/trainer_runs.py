@@ -12,7 +12,7 @@ from pathlib import Path
 import comfy.model_management
 from accelerate.state import AcceleratorState, GradientState
 
-from training import run as trainer
+from training.loop import trainer
 
 # The tiny domain, quick: two images per batch, no loss curves to a tracker, no sample grids.
 TINY_FLAGS = ("--domain", "tiny", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0")

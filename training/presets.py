@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
         domain="faces",
         token="person",
         subject_words=(
-            # singular nouns only: "people", "women" are plurals (training.captions), "model" is ambiguous
+            # singular nouns only: "people", "women" are plurals (training.data.captions), "model" is ambiguous
             "person", "man", "woman", "boy", "girl", "child", "kid", "lady", "guy", "gentleman", "teenager",
             "teen", "adult", "baby", "toddler", "actor", "actress",
         ),

@@ -22,10 +22,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from . import metrics
-from .generation import Generator, Method, SampleSettings, Subject, load_png, methods
-from .pipeline import run_evaluation
-from .prompts import PLACEHOLDER, EvalPrompt
+from training.evaluation import metrics
+from training.evaluation.method_images import Generator, Method, SampleSettings, Subject, load_png, methods
+from training.evaluation.pipeline import run_evaluation
+from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"

@@ -89,7 +89,7 @@ class ComfyClipSpace:
 def tiny_clip_space(clip: Any) -> ComfyClipSpace:
     """The tiny test bed's joint space: the tiny SDXL CLIP's CLIP-G pooled output with a tiny vision tower
     projecting to the same width; the code path of SDXL CLIP-G + ViT-bigG."""
-    from ..tiny import tiny_clip_vision
+    from training.tiny.models import tiny_clip_vision
 
     return ComfyClipSpace(
         clip=clip, clip_vision=tiny_clip_vision(seed=1, projection_dim=1280), name="tiny-clip-g+tiny-vision"

@@ -14,10 +14,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from . import report
-from .generation import Generator, Job, Method, Subject, load_png, make_jobs, save_png, shard
-from .metrics import Scorers
-from .prompts import EvalPrompt
+from training.evaluation import report
+from training.evaluation.method_images import Generator, Job, Method, Subject, load_png, make_jobs, save_png, shard
+from training.evaluation.metrics import Scorers
+from training.evaluation.prompts import EvalPrompt
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"

@@ -35,10 +35,10 @@ import torch
 
 from nested_attention.patch import SubjectBinding
 
-from . import report
-from .generation import Generator, load_png, sample_image, save_png, shard
-from .metrics import Scorers, cosine
-from .prompts import PLACEHOLDER, EvalPrompt
+from training.evaluation import report
+from training.evaluation.method_images import Generator, load_png, sample_image, save_png, shard
+from training.evaluation.metrics import Scorers, cosine
+from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -155,7 +155,7 @@ class PairGenerator:
         prompts: Sequence[PairPrompt],
         words: Sequence[str],
     ):
-        from ..models import TextEncoder
+        from training.models.sdxl import TextEncoder
 
         self.base, self.pairs, self.prompts, self.words = base, list(pairs), list(prompts), tuple(words)
         self.texts = [TextEncoder(base.frozen.clip, word) for word in self.words]
@@ -163,7 +163,7 @@ class PairGenerator:
     def bindings(
         self, job: PairJob, masks: Sequence[Optional[torch.Tensor]], auto: bool = False
     ) -> list[SubjectBinding]:
-        from ..samples import prompt_positions
+        from training.models.sampling import prompt_positions
 
         prompt = self.prompts[job.prompt].render(self.words)
         out = []
@@ -414,7 +414,7 @@ def run_pair_evaluation(
     """Generate (resuming), score, gather and report, as `pipeline.run_evaluation` does for one subject."""
     from tqdm.auto import tqdm
 
-    from .pipeline import gather_on_main, process_info
+    from training.evaluation.pipeline import gather_on_main, process_info
 
     if scorers.identity is None:
         raise ValueError("the two-subject mode measures face identity: it needs an identity model.")

@@ -31,7 +31,7 @@ import torch
 
 from nested_attention import ClipVisionSpec, EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
 
-from .comfy_env import setup_comfy
+from training.comfy_env import setup_comfy
 
 setup_comfy()
 
@@ -306,7 +306,7 @@ def fill_parameters_(module: torch.nn.Module, seed: int) -> None:
 
 def tiny_qformer() -> QFormerConfig:
     """The tiny preset's Q-Former (M = 16), for smoke runs of the benchmark on the tiny models."""
-    from .presets import PRESETS
+    from training.presets import PRESETS
 
     return PRESETS["tiny"].qformer
 

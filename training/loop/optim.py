@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import TrainConfig
+from training.loop.config import TrainConfig
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
@@ -68,7 +68,7 @@ def make_optimizer(config: TrainConfig, accelerator, encoder, frozen) -> Trainee
     """AdamW on the encoder, its learning-rate schedule and the EMA, prepared by accelerate."""
     import torch
 
-    from .models import EMA, NestedTrainingModule
+    from training.models.sdxl import EMA, NestedTrainingModule
 
     world = accelerator.num_processes
     module = NestedTrainingModule(encoder, frozen.base)

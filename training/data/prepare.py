@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
+from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -331,8 +331,8 @@ def describe(summary: dict) -> str:
 def generate_pets(args: argparse.Namespace) -> dict:
     checkpoint = args.pretrained_model
     if not args.tiny and checkpoint is None:
-        from .comfy_env import find_comfyui
-        from .presets import SDXL_CHECKPOINT_NAMES
+        from training.comfy_env import find_comfyui
+        from training.presets import SDXL_CHECKPOINT_NAMES
 
         folder = find_comfyui() / "models" / "checkpoints"
         checkpoint = next((str(folder / n) for n in SDXL_CHECKPOINT_NAMES if (folder / n).is_file()), None)
@@ -341,7 +341,7 @@ def generate_pets(args: argparse.Namespace) -> dict:
                 f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
                 f"{folder}. Download it there or pass --pretrained_model PATH."
             )
-    from .generate import generate
+    from training.data.synthetic_pets import generate
 
     return generate(
         Path(args.out),

@@ -1,7 +1,7 @@
 """The frozen models (ComfyUI's own SDXL code) and the trainable module around the nested encoder.
 
 Frozen: SDXL from a single-file checkpoint (`comfy.sd.load_checkpoint_guess_config`), CLIP vision
-with `comfy.clip_vision.load` (what the nodes use), or the tiny models of `training.tiny`.
+with `comfy.clip_vision.load` (what the nodes use), or the tiny models of `training.tiny.models`.
 Trainable: `NestedEncoder` (Q-Former and per-layer projections).
 
 The forward is the nodes' forward: the core's `NestedAttentionPatch` on every cross-attention layer,
@@ -33,7 +33,7 @@ from nested_attention.layers import SDXL_LAYERS
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
-from .comfy_env import setup_comfy
+from training.comfy_env import setup_comfy
 
 setup_comfy()
 
@@ -106,7 +106,7 @@ def load_frozen(
 ) -> FrozenModels:
     """The frozen models: SDXL + CLIP ViT-H/14 from files, or the tiny ones built in code."""
     if tiny:
-        from . import tiny as tiny_models
+        from training.tiny import models as tiny_models
 
         unet = tiny_models.tiny_sdxl_unet(seed=seed, dtype=weight_dtype)
         clip = tiny_models.tiny_sdxl_clip(seed=seed, dtype=torch.float32)  # float32: no per-call weight casts

@@ -69,7 +69,7 @@ NEGATIVE = "background scenery, floor, shadow clutter, text, watermark, blurry, 
 
 def plan(index: int, seed: int) -> dict:
     """Sample `index`'s prompt, caption, subject word and sampling seed: a pure function of (seed, index)."""
-    from .data import mix_seed
+    from training.data.dataset import mix_seed
 
     rng = random.Random(mix_seed(seed, "generate", index))
     words, subject = rng.choice(SUBJECTS)
@@ -102,8 +102,8 @@ def generate(
     from tqdm.auto import tqdm
 
     state = PartialState()  # first: ComfyUI, imported next, picks the device accelerate gave this process
-    from . import models as models_lib  # sets ComfyUI up
-    from .samples import sample_image
+    from training.models import sdxl as models_lib  # sets ComfyUI up
+    from training.models.sampling import sample_image
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def generate(
     made = 0
     if todo:
         if tiny:
-            from . import tiny as tiny_models
+            from training.tiny import models as tiny_models
 
             unet, clip, vae = (
                 tiny_models.tiny_sdxl_unet(seed=0),

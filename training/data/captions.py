@@ -103,7 +103,7 @@ def caption_counts(rule: CaptionRule, records: Sequence) -> dict[str, list[str]]
 def caption_report(rule: CaptionRule, found: dict[str, list[str]], what: str, examples: int = 3) -> str:
     """One line counting captions by kind (`found`: caption_counts' answer), with example keys of those
     that need attention; `what` says which records ("12 records", "11 samples of the shards"). The data
-    scan (training.scan) puts it in its summary: the one place the counts are reported."""
+    scan (training.data.scan) puts it in its summary: the one place the counts are reported."""
     base = rule.template.format(token=rule.token)
     said = {
         "subject": f"name the subject (rewritten to {rule.token!r})",

@@ -9,11 +9,11 @@ the standard noise-prediction loss through the UNet with the very attention patc
 install. Checkpoints (`save_state`) go to <output_dir>/checkpoint-N with the node weight file
 <domain>-encoder.safetensors inside; the final weight file is <output_dir>/<domain>-encoder.safetensors.
 
-`main` is the run as named steps: config (training.config) -> inputs -> accelerator -> data scan
-(training.scan: one summary, caption counts included; --num_train_epochs; args.json; --dry_run stops
-here: training.preview) -> frozen models
--> encoder -> optimizer (training.optim) -> resume (training.checkpoints) -> data loader (with
-training.latent_cache) -> loop (loss: training.loss) -> export.
+`main` is the run as named steps: config (training.loop.config) -> inputs -> accelerator -> data scan
+(training.data.scan: one summary, caption counts included; --num_train_epochs; args.json; --dry_run stops
+here: training.loop.preview) -> frozen models
+-> encoder -> optimizer (training.loop.optim) -> resume (training.loop.checkpoints) -> data loader (with
+training.data.latent_cache) -> loop (loss: training.loop.loss) -> export.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from .checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
-from .comfy_env import has_accelerator
-from .config import TrainConfig, parse_args, resolve_inputs
-from .loss import LossConfig, training_loss
-from .optim import Trainee, make_optimizer
-from .preemption import StopRequest
-from .scan import TrainingData, read_training_data
+from training.loop.checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
+from training.comfy_env import has_accelerator
+from training.loop.config import TrainConfig, parse_args, resolve_inputs
+from training.loop.loss import LossConfig, training_loss
+from training.loop.optim import Trainee, make_optimizer
+from training.loop.preemption import StopRequest
+from training.data.scan import TrainingData, read_training_data
 
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
@@ -80,7 +80,7 @@ def load_frozen_models(config: TrainConfig):
     """SDXL (UNet, text encoders, VAE) and CLIP vision, frozen; a wrong file stops with its reason."""
     import torch
 
-    from .models import load_frozen
+    from training.models.sdxl import load_frozen
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     try:
@@ -94,7 +94,7 @@ def load_frozen_models(config: TrainConfig):
     except ValueError as e:  # a file that is not SDXL base / not a CLIP vision model: say which, no traceback
         raise SystemExit(f"{PREFIX} cannot start training: {e}") from e
     if config.gradient_checkpointing:
-        from .models import enable_gradient_checkpointing
+        from training.models.sdxl import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(frozen.base.diffusion_model)
     return frozen
@@ -107,10 +107,10 @@ def build_encoder(config: TrainConfig, frozen):
 
     from nested_attention import load_encoder
 
-    from .models import make_encoder
+    from training.models.sdxl import make_encoder
 
     if config.init_from:
-        from .warm_start import WarmStartError, warm_start_encoder
+        from training.loop.warm_start import WarmStartError, warm_start_encoder
 
         try:
             encoder = warm_start_encoder(
@@ -153,7 +153,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
     import torch
 
-    from . import data as data_lib
+    from training.data import dataset as data_lib
 
     rank, world = accelerator.process_index, accelerator.num_processes
     sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
@@ -164,7 +164,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
         pin_memory=torch.cuda.is_available(),
     )
     if data.kind == "shards":
-        from .shards import TarShardStream
+        from training.data.shards import TarShardStream
 
         stream = TarShardStream(
             data.source,
@@ -176,7 +176,7 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
         )
         return torch.utils.data.DataLoader(stream, batch_size=config.train_batch_size, **kwargs)
     if config.cache_latents:
-        from .latent_cache import CachedDataset, build_cache
+        from training.data.latent_cache import CachedDataset, build_cache
 
         folder = build_cache(
             accelerator,
@@ -301,11 +301,11 @@ def train_loop(
                 break
             due = config.validation_steps and (step % config.validation_steps == 0 or last)
             if due and is_main and validation_images:
-                from .samples import write_samples
+                from training.models.sampling import write_samples
 
                 write_samples(config, step, frozen, trainee, text, validation_images)
             if config.eval_steps and (step % config.eval_steps == 0 or last):
-                from .evaluation.during_training import evaluate_during_training
+                from training.evaluation.during_training import evaluate_during_training
 
                 evaluate_during_training(
                     accelerator, frozen, trainee.encoder, text, validation_images,
@@ -337,7 +337,7 @@ def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessStat
 
 def main(config: TrainConfig) -> dict:
     """Train; returns a summary {"global_step", "losses", "encoder_path", "output_dir"} (and "stopped":
-    "SIGTERM" when a SIGTERM ended it early, after a checkpoint; see training.preemption)."""
+    "SIGTERM" when a SIGTERM ended it early, after a checkpoint; see training.loop.preemption)."""
     # Our messages at INFO; ComfyUI's (root logger) and accelerate's only from WARNING on.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("training").setLevel(logging.INFO)
@@ -362,7 +362,7 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
             config.global_batch_size,
             config.max_train_steps,
         )
-    from .preview import dry_run, load_validation_images, write_args
+    from training.loop.preview import dry_run, load_validation_images, write_args
 
     if accelerator.is_main_process:
         write_args(config)
@@ -393,7 +393,7 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
     )
     loader = make_loader(config, accelerator, data, frozen, position.batches)
 
-    from .models import TextEncoder
+    from training.models.sdxl import TextEncoder
 
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (

@@ -2,7 +2,7 @@
 
 Unreadable images are dropped from manifests and folders here, named once, instead of warning on
 every draw and shrinking batches; small images, files that are not read, caption files that are not
-UTF-8 are counted and named, and the readable records' captions are counted by kind (training.captions:
+UTF-8 are counted and named, and the readable records' captions are counted by kind (training.data.captions:
 rewritten, already the token, template, no subject word, plural only): the summary is the one place
 these counts are reported. Tar shards are streamed through once the same way (records that fail stay
 in the stream as skipped samples, so resume positions never depend on which images fail).
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .captions import CAPTION_KINDS, CaptionRule, caption_report
-from .data import (
+from training.data.captions import CAPTION_KINDS, CaptionRule, caption_report
+from training.data.dataset import (
     PREFIX,
     IMAGE_EXTENSIONS,
     DataReport,
@@ -28,8 +28,8 @@ from .data import (
     read_folder,
     read_manifest,
 )
-from .images import BadImage, probe_image
-from .shards import iter_tar_records
+from training.data.images import BadImage, probe_image
+from training.data.shards import iter_tar_records
 
 log = logging.getLogger(__name__)
 SHOW = 10  # names listed per kind of problem; the rest are counted
@@ -43,7 +43,7 @@ class ScanResult:
     total: int = 0  # records seen
     unreadable: list[str] = field(default_factory=list)  # "key: reason"
     small: list[str] = field(default_factory=list)  # "key (W x H)"
-    # keys of the readable records per caption kind (training.captions.CAPTION_KINDS)
+    # keys of the readable records per caption kind (training.data.captions.CAPTION_KINDS)
     captions: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in CAPTION_KINDS})
     report: DataReport = field(default_factory=DataReport)
 
@@ -171,7 +171,7 @@ class TrainingData:
 
     def sample_config(self, config: Any, clip_size: int):
         """data.SampleConfig: how samples are made (resolution, crops, captions, seed) for this CLIP size."""
-        from .data import SampleConfig
+        from training.data.dataset import SampleConfig
 
         return SampleConfig(
             resolution=config.resolution,
@@ -188,7 +188,7 @@ def read_training_data(config: Any, accelerator) -> TrainingData:
     unreadable images dropped). --domain tiny without --train_data generates its data first."""
     path = config.train_data
     if path is None:  # only --domain tiny gets here (resolve_inputs defaulted the others)
-        from .tiny import make_tiny_dataset
+        from training.tiny.models import make_tiny_dataset
 
         path = str(Path(config.output_dir) / "tiny-data")
         if accelerator.is_main_process:

@@ -4,7 +4,7 @@ Shards are read with the standard library's `tarfile` as a stream, never unpacke
 be larger than the disk. Members are grouped by key (the member name up to the first dot of its base
 name), as webdataset writes them: `<key>.jpg|png|webp` (or `<key>.input.<ext>`) the input,
 `<key>.target.<ext>` the target, `<key>.txt` the caption, `<key>.json` {"caption", "subject",
-"face_box"}, `<key>.mask.png` the mask. Samples are made by training.data.load_sample, as for manifests
+"face_box"}, `<key>.mask.png` the mask. Samples are made by training.data.dataset.load_sample, as for manifests
 and folders.
 """
 
@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .data import PREFIX, IMAGE_EXTENSIONS, Record, SampleConfig, load_sample, mix_seed
+from training.data.dataset import PREFIX, IMAGE_EXTENSIONS, Record, SampleConfig, load_sample, mix_seed
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Methods, all on the same prompts, seeds and subjects:
 - prior: the model with no subject (what the prompt alone gives), unpatched;
 - nested at λ: the pack's `NestedAttentionPatch`, installed as the trainer's sample grid installs it
-  (training.samples.patched_model; the nodes install the same patch);
+  (training.models.sampling.patched_model; the nodes install the same patch);
 - decoupled at a scale: IP-Adapter's decoupled cross-attention, `out = attn(q, K, V) + scale *
   attn(q, K_ip, V_ip)`, with K_ip, V_ip from the SAME per-layer projections of the same encoder
   (`SubjectBinding.layer_kv`, i.e. `NestedEncoder.project`), so the two ways of injecting one
@@ -27,7 +27,7 @@ import torch
 from nested_attention import NestedEncoder
 from nested_attention.patch import SubjectBinding, conditional_rows
 
-from .prompts import EvalPrompt
+from training.evaluation.prompts import EvalPrompt
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -198,7 +198,7 @@ def sample_image(
     frozen: Any, model: Any, positive: list, negative: list, seed: int, settings: SampleSettings
 ) -> torch.Tensor:
     """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1]."""
-    from ..samples import sample_image as sample
+    from training.models.sampling import sample_image as sample
 
     return sample(
         model,
@@ -284,7 +284,7 @@ class Generator:
 
     def model(self, job: Job) -> Any:
         """The ModelPatcher that makes `job`'s image."""
-        from ..samples import patched_model, prompt_positions  # imports ComfyUI: set up by training.models
+        from training.models.sampling import patched_model, prompt_positions  # imports ComfyUI: set up by training.models
 
         method = job.method
         if method.kind == "prior":

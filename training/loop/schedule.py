@@ -6,7 +6,7 @@ The paper trains faces with a global batch of 32 at 512 px then 16 at 1024 px, p
 `accelerate launch` / torchrun start ($WORLD_SIZE), the per-device batch lowered to fit when it was not
 given, the accumulation derived; what does not divide evenly is refused (the rule declared on
 TrainConfig.global_batch_size), never rounded. What changes when a run is resumed with another layout:
-training.checkpoints.batch_mismatch.
+training.loop.checkpoints.batch_mismatch.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ import os
 import re
 from pathlib import Path
 
-from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from .evaluation.config import EvalConfig, parse_args
-from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
+from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
+from training.evaluation.config import EvalConfig, parse_args
+from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
 
 log = logging.getLogger("training.evaluate")
 PREFIX = "[nested-attention]"
@@ -73,8 +73,8 @@ def find_model(value: str | None, folder: str, names: tuple, what: str, flag: st
 
 def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
-    from .data import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
-    from .evaluation.generation import Subject
+    from training.data.dataset import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
+    from training.evaluation.method_images import Subject
 
     source = args.subjects
     if source is None:
@@ -83,7 +83,7 @@ def load_subjects(args: EvalConfig, output_dir: Path):
                 f"{PREFIX} --subjects is required: a folder of held-out {args.domain} images or a "
                 "manifest.jsonl. Use images the encoder was not trained on."
             )
-        from .tiny import make_tiny_dataset
+        from training.tiny.models import make_tiny_dataset
 
         source = str(make_tiny_dataset(output_dir / "tiny-subjects", count=2, size=64, seed=1))
     path = Path(source)
@@ -147,7 +147,7 @@ def check_resume(output_dir: Path, settings: dict) -> None:
 
 
 def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
-    from .evaluation import metrics
+    from training.evaluation import metrics
 
     clip_t = []
     if args.domain == "tiny":
@@ -218,11 +218,11 @@ def main(args: EvalConfig) -> dict | None:
     # ComfyUI is imported only now, so its device choice sees the device accelerate gave this process.
     from nested_attention import load_encoder
 
-    from . import models as models_lib
-    from .evaluation import prompts as prompts_lib
-    from .evaluation.generation import Generator, SampleSettings, methods
-    from .evaluation.metrics import MetricSetupError
-    from .evaluation.pipeline import run_evaluation
+    from training.models import sdxl as models_lib
+    from training.evaluation import prompts as prompts_lib
+    from training.evaluation.method_images import Generator, SampleSettings, methods
+    from training.evaluation.metrics import MetricSetupError
+    from training.evaluation.pipeline import run_evaluation
 
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
@@ -333,7 +333,7 @@ def main(args: EvalConfig) -> dict | None:
         "two_subjects": args.two_subjects,
     }
     if args.two_subjects:  # two-subject mode (issue 23): its own prompts, pairs and region methods
-        from .evaluation import two_subjects
+        from training.evaluation import two_subjects
 
         pair_prompts = list(two_subjects.TINY_PAIR_PROMPTS if tiny else two_subjects.PAIR_PROMPTS)
         try:

@@ -4,7 +4,7 @@
 into <cache_dir>/<hash of records, crop, seed and models>/cache-<rank>.safetensors and marks the
 folder complete; a later run with the same identity reuses it. `CachedDataset` (the reader) serves
 the samples the data loader asks for from those files, in place of decoding and encoding images.
-One crop per image: the cache cannot be combined with --random_flip (rejected in training.config).
+One crop per image: the cache cannot be combined with --random_flip (rejected in training.loop.config).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import CaptionRule, Record, SampleConfig, load_sample
+from training.data.dataset import CaptionRule, Record, SampleConfig, load_sample
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"

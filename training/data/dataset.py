@@ -13,15 +13,15 @@ Sources (`--train_data`):
   (the member name up to the first dot of its base name), as webdataset writes them:
   `<key>.jpg|png|webp` (or `<key>.input.<ext>`) the input, `<key>.target.<ext>` the target,
   `<key>.txt` the caption, `<key>.json` {"caption", "subject"}, `<key>.mask.png` the mask
-  (training.shards reads them).
+  (training.data.shards reads them).
 
-Images are read by training.images: upright (EXIF), 8-bit (16-bit greyscale scaled, not clipped),
+Images are read by training.data.images: upright (EXIF), 8-bit (16-bit greyscale scaled, not clipped),
 on WHITE outside an alpha channel or a mask (the one compositing of nested_attention.images, which
-the Encode node uses too); .tif and .gif are read. training.scan reads everything once before the
+the Encode node uses too); .tif and .gif are read. training.data.scan reads everything once before the
 models load and prints one summary.
 
 The caption's subject word (the record's "subject", else the first run of the domain's subject
-words) becomes the domain token; a caption without one gets the template in front (training.captions,
+words) becomes the domain token; a caption without one gets the template in front (training.data.captions,
 which also counts them). Targets are resized
 (shorter side to the resolution) and cropped to a square, and SDXL's time ids record the original
 size, the crop's top-left corner and the target size. The input is fitted to the CLIP vision
@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
+from training.data.captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
 
-from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
+from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 
 MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
 CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
@@ -82,7 +82,7 @@ class Record:
 
 @dataclass
 class DataReport:
-    """What reading the data found besides records, for the one summary before training (training.scan)."""
+    """What reading the data found besides records, for the one summary before training (training.data.scan)."""
 
     ignored: list[str] = field(default_factory=list)  # files that are neither images, masks nor captions
     text_problems: list[str] = field(default_factory=list)  # caption / manifest files that are not UTF-8
@@ -211,7 +211,7 @@ def describe_source(spec: str) -> tuple[str, Any]:
 
 def open_image(source: ImageSource, mask: Optional[ImageSource] = None):
     """A PIL RGB image, fully decoded (so a truncated file fails here, not later), upright (EXIF), 8-bit,
-    on white outside its alpha channel and its mask; see training.images."""
+    on white outside its alpha channel and its mask; see training.data.images."""
     return load_rgb(source, mask)
 
 
@@ -390,9 +390,9 @@ class StepBatchSampler:
 
 
 def __getattr__(name: str):
-    """The tar shard reader (training.shards) stays reachable under its old names here."""
+    """The tar shard reader (training.data.shards) stays reachable under its old names here."""
     if name in ("TarShardStream", "iter_tar_records"):
-        from . import shards
+        from training.data import shards
 
         return getattr(shards, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 Everything random in a step (classifier-free dropout, noise, timesteps) is drawn from a generator
 seeded by (seed, rank, batch index), so a resumed run draws what the uninterrupted one drew.
-ComfyUI is imported only when the loss is first computed (training.models sets it up).
+ComfyUI is imported only when the loss is first computed (training.models.sdxl sets it up).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: i
     """The epsilon-prediction loss of one batch; dropout, noise and timesteps from (seed, rank, batch)."""
     import torch
 
-    from .data import mix_seed
-    from .models import align_subjects, sdxl_adm
+    from training.data.dataset import mix_seed
+    from training.models.sdxl import align_subjects, sdxl_adm
 
     base = frozen.base
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "batch", rank, batch_index))

@@ -40,7 +40,7 @@ def warm_start_encoder(
 ) -> NestedEncoder:
     """The run's trainable encoder (float32, train mode) from `path`, for `frozen`'s layers and CLIP vision.
 
-    `frozen` is training.models.FrozenModels. Its `clip_vision_spec.hidden_layer` is set to the file's, so the
+    `frozen` is training.models.sdxl.FrozenModels. Its `clip_vision_spec.hidden_layer` is set to the file's, so the
     run feeds the Q-Former the CLIP tokens the weights were trained on (IP-Adapter Plus: the penultimate
     layer). Raises WarmStartError when the file does not fit the run's UNet or CLIP vision model.
     """

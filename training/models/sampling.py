@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import comfy.sample  # noqa: E402  (training.models has set ComfyUI up)
+import comfy.sample  # noqa: E402  (training.models.sdxl has set ComfyUI up)
 import numpy as np
 import torch
 
@@ -23,8 +23,8 @@ from nested_attention.host import install_subject
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
-from .models import FrozenModels, TextEncoder
-from .preview import labelled_grid
+from training.models.sdxl import FrozenModels, TextEncoder
+from training.loop.preview import labelled_grid
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -98,7 +98,7 @@ def sample_grid(
     cfg: float,
     path: Path,
 ) -> Path:
-    """Write a labelled PNG grid (training.preview.labelled_grid): rows = [no subject] + images, columns =
+    """Write a labelled PNG grid (training.loop.preview.labelled_grid): rows = [no subject] + images, columns =
     input + prompts x seeds, each column labelled with its prompt and seed."""
     encoder.eval()
     device = next(encoder.parameters()).device

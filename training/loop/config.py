@@ -20,13 +20,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from .data import describe_source, find_shards
-from .loss import LossConfig
-from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
-from .schedule import batch_sizes, epochs_to_steps, launcher_world_size
-from .settings import at_least, derived, parse, positive, rule, setting, valid
-from .settings import build_parser as settings_parser
+from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
+from training.data.dataset import describe_source, find_shards
+from training.loop.loss import LossConfig
+from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
+from training.loop.schedule import batch_sizes, epochs_to_steps, launcher_world_size
+from training.settings import at_least, derived, parse, positive, rule, setting, valid
+from training.settings import build_parser as settings_parser
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ BATCH = ("train_batch_size", "global_batch_size", "gradient_accumulation_steps")
 
 def batch_split(name: str):
     """The preset of one of the BATCH settings: those given, and the preset's global batch for the
-    resolution's phase, split over the processes (training.schedule.batch_sizes)."""
+    resolution's phase, split over the processes (training.loop.schedule.batch_sizes)."""
 
     def fill(c) -> int:
         values = {n: c.given(n) for n in BATCH}

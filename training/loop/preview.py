@@ -1,7 +1,7 @@
 """Seeing the data: labelled image grids, `--dry_run`'s args.json and data preview, the first samples.
 
 `labelled_grid` lays out equal-sized cells under a header of column labels, beside a column of row
-labels, with optional lines of text below; the sample grids (training.samples) and the data preview
+labels, with optional lines of text below; the sample grids (training.models.sampling) and the data preview
 use it. Cells smaller than `MIN_CELL` pixels are enlarged by a whole factor with nearest-neighbour
 sampling, so a 64 px tiny run stays legible and every pixel of a cell is still the image's own.
 
@@ -167,7 +167,7 @@ def first_records(kind: str, source, records: Sequence, count: int) -> list:
     of the tar shards in the order they are named (for sample grids and previews of streamed data)."""
     if kind != "shards":
         return list(records[:count])
-    from .shards import iter_tar_records
+    from training.data.shards import iter_tar_records
 
     found = []
     for shard in source:
@@ -182,7 +182,7 @@ def first_records(kind: str, source, records: Sequence, count: int) -> list:
 def load_validation_images(config, data) -> list:
     """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs as
     the encoder sees them, masks applied (of the manifest or folder, or of the tar shards' stream)."""
-    from . import data as data_lib
+    from training.data import dataset as data_lib
 
     sources = [(path, None) for path in config.validation_images] or [
         (r.input, r.mask) for r in first_records(data.kind, data.source, data.records, 2)
@@ -204,7 +204,7 @@ def load_validation_images(config, data) -> list:
 def clip_input_size(config) -> int:
     """The CLIP vision model's input size, from its file's header (no weights read); tiny: its config."""
     if config.preset.tiny:
-        from .tiny import TINY_CLIP_VISION_CONFIG
+        from training.tiny.models import TINY_CLIP_VISION_CONFIG
 
         return int(TINY_CLIP_VISION_CONFIG["image_size"])
     if not config.clip_vision or not Path(config.clip_vision).is_file():  # resolve_inputs has warned
@@ -235,7 +235,7 @@ def write_args(config) -> Path:
 
 def write_preview(config, data, clip_size: int, count: int = PREVIEW_SAMPLES) -> list[Path]:
     """One labelled PNG per sample in <output_dir>/data-preview/, processed exactly as training does."""
-    from . import data as data_lib
+    from training.data import dataset as data_lib
 
     sample_config = data_lib.SampleConfig(
         resolution=config.resolution,
@@ -289,7 +289,7 @@ def preview_image(record, sample: dict, clip_size: int, resolution: int):
 
 def dry_run(config, data) -> dict:
     """Write the data preview and say where it and args.json are; nothing is trained or loaded."""
-    from .comfy_env import setup_comfy
+    from training.comfy_env import setup_comfy
 
     setup_comfy()  # the CLIP crop is ComfyUI's own clip_preprocess
     paths = write_preview(config, data, clip_input_size(config))
