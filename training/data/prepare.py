@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -369,6 +368,3 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(describe(summary))
     return summary
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -425,6 +425,3 @@ def print_summary(result: dict) -> None:
     for name, path in result["files"].items():
         print(f"{name}: {path if isinstance(path, str) else f'{len(path)} files in {Path(path[0]).parent}'}")
 
-
-if __name__ == "__main__":
-    main(parse_args())

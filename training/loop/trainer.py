@@ -478,6 +478,3 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
         "output_dir": str(output_dir),
     }
 
-
-if __name__ == "__main__":
-    main(parse_args())
