@@ -24,7 +24,7 @@ from trainer_runs import reset_after_run, train
 from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
 from training.evaluation import cli as evaluate_cli
-from training.models import sdxl as models_lib
+from training.evaluation import config as evaluate_config
 from training.evaluation import metrics, report
 from training.evaluation import prompts as prompts_lib
 from training.evaluation.method_images import (
@@ -38,6 +38,8 @@ from training.evaluation.method_images import (
     methods,
     shard,
 )
+from training.models import sdxl as models_lib
+from training.tiny import scorers as tiny_scorers
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = SampleSettings(steps=2, cfg=5.0, resolution=64)
@@ -135,7 +137,7 @@ def test_identical_images_score_one_and_known_embeddings_score_their_cosine(froz
     image = subjects[0].image
     scorers = metrics.Scorers(
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name="tiny"),
-        identity=metrics.TinyIdentity(),
+        identity=tiny_scorers.TinyIdentity(),
     )
     ref = scorers.reference(image, "subject 0")
     same = scorers.subject_scores(image, ref)
@@ -156,13 +158,13 @@ def test_tiny_identity_embeds_the_detected_box_so_a_moved_subject_keeps_its_iden
     a, b = canvas.clone(), canvas.clone()
     a[10:30, 12:36] = torch.tensor([0.9, 0.1, 0.1])
     b[30:50, 30:54] = torch.tensor([0.9, 0.1, 0.1])  # the same "face", elsewhere
-    model = metrics.TinyIdentity()
+    model = tiny_scorers.TinyIdentity()
     assert model.detector.detect(metrics.to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
     assert float(metrics.cosine(model.embed(a), model.embed(b))) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_an_image_without_a_face_is_a_reported_failure_not_dropped(frozen, subjects):
-    scorers = metrics.Scorers(identity=metrics.TinyIdentity())
+    scorers = metrics.Scorers(identity=tiny_scorers.TinyIdentity())
     ref = scorers.reference(subjects[0].image, "subject 0")
     blank = torch.ones(64, 64, 3)
     scores = scorers.subject_scores(blank, ref)
@@ -354,7 +356,7 @@ def test_jobs_split_over_processes_cover_every_image_once():
 
 def run_cli(*flags: str) -> dict:
     try:
-        return evaluate_cli.main(evaluate_cli.parse_args(["--domain", "tiny", "--steps", "2", *flags]))
+        return evaluate_cli.main(evaluate_config.parse_args(["--domain", "tiny", "--steps", "2", *flags]))
     finally:
         reset_after_run()
 
@@ -386,7 +388,7 @@ def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_fini
     subject = torch.from_numpy(
         np.asarray(Image.open(row["subject_source"]).convert("RGB"), dtype=np.float32) / 255
     )
-    identity = metrics.TinyIdentity()
+    identity = tiny_scorers.TinyIdentity()
     ref, got = identity.embed(subject), identity.embed(image)
     if got is None:
         assert row["face_found"] is False and row["identity[tiny-face]"] is None
@@ -440,10 +442,10 @@ def test_a_subject_photo_without_a_face_stops_the_run_before_any_image_is_genera
 
 def test_real_domains_say_what_is_missing(tmp_path):
     with pytest.raises(SystemExit):
-        evaluate_cli.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder
+        evaluate_config.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder
     encoder = tmp_path / "e.safetensors"
     encoder.write_bytes(b"")
-    args = evaluate_cli.parse_args(
+    args = evaluate_config.parse_args(
         [
             "--domain",
             "pets",

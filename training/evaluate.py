@@ -5,7 +5,8 @@
     accelerate launch --num_processes 8 -m training.evaluate ...                   # jobs over 8 GPUs
 """
 
-from training.evaluation.cli import main, parse_args
+from training.evaluation.cli import main
+from training.evaluation.config import parse_args
 
 if __name__ == "__main__":
     main(parse_args())

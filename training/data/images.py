@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from nested_attention.images import composite_on_white
 
@@ -34,8 +35,6 @@ class BadImage(Exception):
 
 
 def _open(source: ImageSource, draft: Optional[int] = None):
-    from PIL import Image
-
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     if draft and image.format == "JPEG":
         image.draft("RGB", (draft, draft))  # decode at 1/2..1/8 scale: a scan need not pay for full size
@@ -47,8 +46,6 @@ def _open(source: ImageSource, draft: Optional[int] = None):
 
 def _to_8bit(image):
     """Greyscale images deeper than 8 bits (modes I;16*, I, F) -> mode L with their full range kept."""
-    from PIL import Image
-
     values = np.asarray(image).astype(np.float64)
     if image.mode == "F":
         top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
@@ -77,8 +74,6 @@ def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Opt
 
     Raises BadImage for files that cannot be decoded (a bad mask file too, naming it).
     """
-    from PIL import Image, ImageOps
-
     try:
         image = _open(source, draft)
         image = ImageOps.exif_transpose(image)  # phones store the rotation in EXIF; the pixels are sideways
@@ -119,8 +114,6 @@ def probe_image(source: ImageSource, mask: Optional[ImageSource] = None) -> tupl
 
     JPEGs are decoded at reduced scale (fast: a scan of a large folder), which still reads the whole file.
     """
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as header:
             size = header.size

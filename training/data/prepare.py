@@ -21,7 +21,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from nested_attention import faces
+from training.comfy_env import find_comfyui
 from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
+from training.data.synthetic_pets import generate
+from training.presets import SDXL_CHECKPOINT_NAMES
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -141,8 +149,6 @@ def find_mask(src: Path, photo: Path) -> Optional[Path]:
 
 
 def has_alpha(path: Path) -> bool:
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
@@ -161,7 +167,6 @@ class Captioner:
     """An image-to-text model from a local folder: image -> caption (greedy: a photo always gets the same)."""
 
     def __init__(self, folder: str, max_new_tokens: int = 40):
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not Path(folder, "config.json").is_file():
@@ -184,8 +189,6 @@ class Captioner:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, image) -> str:
-        import torch
-
         inputs = self.processor(images=image, return_tensors="pt").to(self.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
@@ -194,8 +197,6 @@ class Captioner:
 
 def prepare(args: argparse.Namespace) -> dict:
     """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
-    from tqdm.auto import tqdm
-
     src, out = Path(args.src), Path(args.out)
     if not src.is_dir():
         raise SystemExit(f"{PREFIX} {src} is not a folder; give the folder that holds the photos.")
@@ -208,8 +209,6 @@ def prepare(args: argparse.Namespace) -> dict:
     if not items:
         raise SystemExit(f"{PREFIX} no photos ({', '.join(IMAGE_EXTENSIONS)}) under {src}.")
     if args.domain == "faces":
-        from nested_attention import faces
-
         if not faces.face_tools_available():
             raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
     captioner = Captioner(args.caption_model) if args.caption_model else None
@@ -236,8 +235,6 @@ def prepare(args: argparse.Namespace) -> dict:
             continue
         entry: dict = {}
         if args.domain == "faces":
-            from nested_attention import faces
-
             pixels = faces.pil_to_tensor(image)
             found = faces.detect_faces(pixels)
             if not found:
@@ -330,9 +327,6 @@ def describe(summary: dict) -> str:
 def generate_pets(args: argparse.Namespace) -> dict:
     checkpoint = args.pretrained_model
     if not args.tiny and checkpoint is None:
-        from training.comfy_env import find_comfyui
-        from training.presets import SDXL_CHECKPOINT_NAMES
-
         folder = find_comfyui() / "models" / "checkpoints"
         checkpoint = next((str(folder / n) for n in SDXL_CHECKPOINT_NAMES if (folder / n).is_file()), None)
         if checkpoint is None:
@@ -340,7 +334,6 @@ def generate_pets(args: argparse.Namespace) -> dict:
                 f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
                 f"{folder}. Download it there or pass --pretrained_model PATH."
             )
-    from training.data.synthetic_pets import generate
 
     return generate(
         Path(args.out),

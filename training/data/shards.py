@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from training.data.dataset import PREFIX, IMAGE_EXTENSIONS, Record, SampleConfig, load_sample, mix_seed
+from training.data.dataset import IMAGE_EXTENSIONS, PREFIX, Record, SampleConfig, load_sample, mix_seed
 
 log = logging.getLogger(__name__)
 

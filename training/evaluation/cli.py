@@ -22,9 +22,22 @@ import os
 import re
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+
+from nested_attention import load_encoder
 from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from training.evaluation.config import EvalConfig, parse_args
+from training.data.dataset import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
+from training.evaluation import metrics, two_subjects
+from training.evaluation import prompts as prompts_lib
+from training.evaluation.config import EvalConfig
+from training.evaluation.method_images import Generator, SampleSettings, Subject, methods
+from training.evaluation.metrics import MetricSetupError
+from training.evaluation.pipeline import run_evaluation
+from training.models import sdxl as models_lib
 from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
+from training.tiny import scorers as tiny_scorers
+from training.tiny.models import make_tiny_dataset
 
 log = logging.getLogger("training.evaluate")
 PREFIX = "[nested-attention]"
@@ -73,9 +86,6 @@ def find_model(value: str | None, folder: str, names: tuple, what: str, flag: st
 
 def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
-    from training.data.dataset import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
-    from training.evaluation.method_images import Subject
-
     source = args.subjects
     if source is None:
         if args.domain != "tiny":
@@ -83,7 +93,6 @@ def load_subjects(args: EvalConfig, output_dir: Path):
                 f"{PREFIX} --subjects is required: a folder of held-out {args.domain} images or a "
                 "manifest.jsonl. Use images the encoder was not trained on."
             )
-        from training.tiny.models import make_tiny_dataset
 
         source = str(make_tiny_dataset(output_dir / "tiny-subjects", count=2, size=64, seed=1))
     path = Path(source)
@@ -147,11 +156,9 @@ def check_resume(output_dir: Path, settings: dict) -> None:
 
 
 def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
-    from training.evaluation import metrics
-
     clip_t = []
     if args.domain == "tiny":
-        clip_t.append(metrics.tiny_clip_space(frozen.clip))
+        clip_t.append(tiny_scorers.tiny_clip_space(frozen.clip))
     else:
         path = args.clip_g_vision
         if path is None and models_dir is not None:
@@ -201,7 +208,7 @@ def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
         if choice == "dlib":
             identity = metrics.DlibIdentity(models_dir=args.dlib_models)
         elif choice == "tiny":
-            identity = metrics.TinyIdentity()
+            identity = tiny_scorers.TinyIdentity()
     except metrics.MetricSetupError as e:
         raise SystemExit(f"{PREFIX} {e}") from e
     return metrics.Scorers(clip_t=clip_t, clip_i=clip_i, identity=identity)
@@ -211,18 +218,10 @@ def main(args: EvalConfig) -> dict | None:
     """Run the evaluation; returns the report (metrics.json's content) on the main process."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("training").setLevel(logging.INFO)
-    import torch
-    from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not has_accelerator())
-    # ComfyUI is imported only now, so its device choice sees the device accelerate gave this process.
-    from nested_attention import load_encoder
-
-    from training.models import sdxl as models_lib
-    from training.evaluation import prompts as prompts_lib
-    from training.evaluation.method_images import Generator, SampleSettings, methods
-    from training.evaluation.metrics import MetricSetupError
-    from training.evaluation.pipeline import run_evaluation
+    # ComfyUI is imported on first use (training.comfy_env), after this: its device choice sees the device
+    # accelerate gave this process.
 
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
@@ -333,7 +332,6 @@ def main(args: EvalConfig) -> dict | None:
         "two_subjects": args.two_subjects,
     }
     if args.two_subjects:  # two-subject mode (issue 23): its own prompts, pairs and region methods
-        from training.evaluation import two_subjects
 
         pair_prompts = list(two_subjects.TINY_PAIR_PROMPTS if tiny else two_subjects.PAIR_PROMPTS)
         try:

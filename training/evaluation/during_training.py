@@ -26,6 +26,7 @@ from training.evaluation import metrics
 from training.evaluation.method_images import Generator, Method, SampleSettings, Subject, load_png, methods
 from training.evaluation.pipeline import run_evaluation
 from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
+from training.tiny import scorers as tiny_scorers
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -34,7 +35,7 @@ _warned: set[str] = set()
 
 def _identity_model(domain: str) -> Optional[metrics.IdentityModel]:
     if domain == "tiny":
-        return metrics.TinyIdentity()
+        return tiny_scorers.TinyIdentity()
     if domain == "faces":
         try:
             return metrics.DlibIdentity()
@@ -88,7 +89,7 @@ def evaluate_during_training(
     ]
     clip_t = []
     if config.domain == "tiny":
-        clip_t.append(metrics.tiny_clip_space(frozen.clip))
+        clip_t.append(tiny_scorers.tiny_clip_space(frozen.clip))
     scorers = metrics.Scorers(
         clip_t=clip_t,
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),

@@ -23,11 +23,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nested_attention import NestedEncoder
 from nested_attention.patch import SubjectBinding, conditional_rows
-
 from training.evaluation.prompts import EvalPrompt
+from training.models.sampling import patched_model, prompt_positions
+from training.models.sampling import sample_image as sample
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -198,8 +200,6 @@ def sample_image(
     frozen: Any, model: Any, positive: list, negative: list, seed: int, settings: SampleSettings
 ) -> torch.Tensor:
     """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1]."""
-    from training.models.sampling import sample_image as sample
-
     return sample(
         model,
         frozen.vae,
@@ -224,8 +224,6 @@ def subject_tokens(frozen: Any, encoder: NestedEncoder, image: torch.Tensor) -> 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a half-written image that resume would trust."""
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pixels = (image.numpy() * 255).round().astype(np.uint8)
@@ -234,8 +232,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def load_png(path: Path) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(path) as image:
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
 
@@ -284,8 +280,6 @@ class Generator:
 
     def model(self, job: Job) -> Any:
         """The ModelPatcher that makes `job`'s image."""
-        from training.models.sampling import patched_model, prompt_positions  # imports ComfyUI: set up by training.models
-
         method = job.method
         if method.kind == "prior":
             return self.frozen.unet

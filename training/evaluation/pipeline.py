@@ -13,9 +13,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from training.evaluation import report
-from training.evaluation.method_images import Generator, Job, Method, Subject, load_png, make_jobs, save_png, shard
+from training.evaluation.method_images import (
+    Generator,
+    Job,
+    Method,
+    Subject,
+    load_png,
+    make_jobs,
+    save_png,
+    shard,
+)
 from training.evaluation.metrics import Scorers
 from training.evaluation.prompts import EvalPrompt
 
@@ -33,8 +44,6 @@ def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple
     """Every process's rows and counts, on the main process; None on the others (after waiting for it)."""
     _, world, is_main = process_info(accelerator)
     if world > 1:
-        from accelerate.utils import gather_object
-
         rows, counts = gather_object(rows), gather_object(counts)
     if not is_main:
         if accelerator is not None:
@@ -124,8 +133,6 @@ def run_evaluation(
     progress: bool = True,
 ) -> Optional[dict]:
     """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
-    from tqdm.auto import tqdm
-
     rank, world, is_main = process_info(accelerator)
     subjects, prompts, token = generator.subjects, generator.prompts, generator.token
     jobs = make_jobs(methods, len(subjects), len(prompts), seeds)

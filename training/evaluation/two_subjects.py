@@ -32,13 +32,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from nested_attention.patch import SubjectBinding
-
 from training.evaluation import report
 from training.evaluation.method_images import Generator, load_png, sample_image, save_png, shard
 from training.evaluation.metrics import Scorers, cosine
+from training.evaluation.pipeline import gather_on_main, process_info
 from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
+from training.models.sampling import prompt_positions
+from training.models.sdxl import TextEncoder
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -155,16 +158,12 @@ class PairGenerator:
         prompts: Sequence[PairPrompt],
         words: Sequence[str],
     ):
-        from training.models.sdxl import TextEncoder
-
         self.base, self.pairs, self.prompts, self.words = base, list(pairs), list(prompts), tuple(words)
         self.texts = [TextEncoder(base.frozen.clip, word) for word in self.words]
 
     def bindings(
         self, job: PairJob, masks: Sequence[Optional[torch.Tensor]], auto: bool = False
     ) -> list[SubjectBinding]:
-        from training.models.sampling import prompt_positions
-
         prompt = self.prompts[job.prompt].render(self.words)
         out = []
         for subject, word, text, mask in zip(self.pairs[job.pair], self.words, self.texts, masks):
@@ -412,10 +411,6 @@ def run_pair_evaluation(
     progress: bool = True,
 ) -> Optional[dict]:
     """Generate (resuming), score, gather and report, as `pipeline.run_evaluation` does for one subject."""
-    from tqdm.auto import tqdm
-
-    from training.evaluation.pipeline import gather_on_main, process_info
-
     if scorers.identity is None:
         raise ValueError("the two-subject mode measures face identity: it needs an identity model.")
     rank, world, is_main = process_info(accelerator)

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
+from training.data.dataset import mix_seed
+from training.models.sdxl import align_subjects, sdxl_adm
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -26,11 +31,6 @@ class LossConfig:
 
 def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: int, batch_index: int, device):
     """The epsilon-prediction loss of one batch; dropout, noise and timesteps from (seed, rank, batch)."""
-    import torch
-
-    from training.data.dataset import mix_seed
-    from training.models.sdxl import align_subjects, sdxl_adm
-
     base = frozen.base
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "batch", rank, batch_index))
     captions = list(batch["caption"])

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from nested_attention import save_encoder
 from training.loop.config import TrainConfig
+from training.models.sdxl import EMA, NestedTrainingModule
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
@@ -45,8 +49,6 @@ class Trainee:
 
     def export(self, path: Path, step: int, config: TrainConfig) -> None:
         """The node weight file (docs/ARCHITECTURE.md): EMA weights with --use_ema, else the trained ones."""
-        from nested_attention import save_encoder
-
         out = self.encoder
         if self.ema is not None:
             out = copy.deepcopy(self.encoder)
@@ -58,10 +60,6 @@ class Trainee:
 
 def make_optimizer(config: TrainConfig, accelerator, encoder, frozen) -> Trainee:
     """AdamW on the encoder, its learning-rate schedule and the EMA, prepared by accelerate."""
-    import torch
-
-    from training.models.sdxl import EMA, NestedTrainingModule
-
     world = accelerator.num_processes
     module = NestedTrainingModule(encoder, frozen.base)
     optimizer = torch.optim.AdamW(

@@ -22,21 +22,43 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
-from training.loop.checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
-from training.comfy_env import has_accelerator
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+
+from nested_attention import load_encoder
+from training.comfy_env import comfy_module, has_accelerator
+from training.data import dataset as data_lib
+from training.data.latent_cache import CachedDataset, build_cache
+from training.data.scan import TrainingData, read_training_data
+from training.data.shards import TarShardStream
+from training.evaluation.during_training import evaluate_during_training
+from training.loop.checkpoints import (
+    DISK_FULL,
+    Checkpoints,
+    Position,
+    ProcessState,
+    weights_fingerprint,
+    write_failure,
+)
 from training.loop.config import TrainConfig, parse_args, resolve_inputs
 from training.loop.loss import LossConfig, training_loss
 from training.loop.optim import Trainee, make_optimizer
 from training.loop.preemption import StopRequest
-from training.data.scan import TrainingData, read_training_data
+from training.loop.preview import dry_run, load_validation_images, write_args
+from training.loop.warm_start import WarmStartError, warm_start_encoder
+from training.models.sampling import write_samples
+from training.models.sdxl import TextEncoder, enable_gradient_checkpointing, load_frozen, make_encoder
 
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
 log = logging.getLogger("training")
+comfy = comfy_module("comfy")  # imported on first use, after accelerate has chosen this process's device
 PREFIX = "[nested-attention]"
 
 
@@ -46,10 +68,6 @@ PREFIX = "[nested-attention]"
 
 def make_accelerator(config: TrainConfig):
     """accelerate's Accelerator for this run; also sets torch's thread count and TF32 switch."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -78,10 +96,6 @@ def make_accelerator(config: TrainConfig):
 
 def load_frozen_models(config: TrainConfig):
     """SDXL (UNet, text encoders, VAE) and CLIP vision, frozen; a wrong file stops with its reason."""
-    import torch
-
-    from training.models.sdxl import load_frozen
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     try:
         frozen = load_frozen(
@@ -94,8 +108,6 @@ def load_frozen_models(config: TrainConfig):
     except ValueError as e:  # a file that is not SDXL base / not a CLIP vision model: say which, no traceback
         raise SystemExit(f"{PREFIX} cannot start training: {e}") from e
     if config.gradient_checkpointing:
-        from training.models.sdxl import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(frozen.base.diffusion_model)
     return frozen
 
@@ -103,15 +115,7 @@ def load_frozen_models(config: TrainConfig):
 def build_encoder(config: TrainConfig, frozen):
     """The trainable NestedEncoder: fresh (M = --num_tokens), warm-started from --init_from (any layout the
     pack reads; M and the CLIP hidden layer from the file), or from --init_encoder; float32, train mode."""
-    from dataclasses import replace
-
-    from nested_attention import load_encoder
-
-    from training.models.sdxl import make_encoder
-
     if config.init_from:
-        from training.loop.warm_start import WarmStartError, warm_start_encoder
-
         try:
             encoder = warm_start_encoder(
                 config.init_from, frozen, domain=config.domain, token=config.token, alpha=config.alpha
@@ -151,10 +155,6 @@ def build_encoder(config: TrainConfig, frozen):
 
 def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
-    import torch
-
-    from training.data import dataset as data_lib
-
     rank, world = accelerator.process_index, accelerator.num_processes
     sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
     kwargs = dict(
@@ -164,8 +164,6 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
         pin_memory=torch.cuda.is_available(),
     )
     if data.kind == "shards":
-        from training.data.shards import TarShardStream
-
         stream = TarShardStream(
             data.source,
             sample_config,
@@ -176,8 +174,6 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
         )
         return torch.utils.data.DataLoader(stream, batch_size=config.train_batch_size, **kwargs)
     if config.cache_latents:
-        from training.data.latent_cache import CachedDataset, build_cache
-
         folder = build_cache(
             accelerator,
             frozen,
@@ -198,8 +194,6 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
 
 def comfy_load(unet) -> None:
     """Load the UNet fully onto its device (ComfyUI may have offloaded it for the VAE, CLIP or sampling)."""
-    import comfy.model_management
-
     comfy.model_management.load_models_gpu([unet], force_full_load=True)
 
 
@@ -234,8 +228,6 @@ def train_loop(
 ) -> None:
     """Optimizer steps until --max_train_steps: loss, backward, clip, step; log, checkpoint, sample.
     After a SIGTERM (`stop`), the step under way is the last: it is checkpointed and the loop returns."""
-    from tqdm.auto import tqdm
-
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     loss_log = Path(config.output_dir) / config.logging_dir / "losses.jsonl"
     if is_main:
@@ -301,12 +293,8 @@ def train_loop(
                 break
             due = config.validation_steps and (step % config.validation_steps == 0 or last)
             if due and is_main and validation_images:
-                from training.models.sampling import write_samples
-
                 write_samples(config, step, frozen, trainee, text, validation_images)
             if config.eval_steps and (step % config.eval_steps == 0 or last):
-                from training.evaluation.during_training import evaluate_during_training
-
                 evaluate_during_training(
                     accelerator, frozen, trainee.encoder, text, validation_images,
                     [prompt.format(token=config.token) for prompt in config.validation_prompts],
@@ -362,7 +350,6 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
             config.global_batch_size,
             config.max_train_steps,
         )
-    from training.loop.preview import dry_run, load_validation_images, write_args
 
     if accelerator.is_main_process:
         write_args(config)
@@ -392,8 +379,6 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
         config.train_batch_size,
     )
     loader = make_loader(config, accelerator, data, frozen, position.batches)
-
-    from training.models.sdxl import TextEncoder
 
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (
