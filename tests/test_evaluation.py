@@ -38,6 +38,7 @@ from training.evaluation.method_images import (
     methods,
     shard,
 )
+from training.loop import config as train_config
 from training.models import sdxl as models_lib
 from training.tiny import scorers as tiny_scorers
 
@@ -487,7 +488,6 @@ def test_two_processes_split_the_generations_and_gather_the_metrics_once(tmp_pat
 def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training.loop import trainer
     from training.tiny.models import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
@@ -516,7 +516,7 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
     )
     assert {"eval/prior", "eval/nested-lambda-1"} <= set(accumulator.Tags()["images"])
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "tiny", "--eval_steps", "-1"])
+        train_config.parse_args(["--domain", "tiny", "--eval_steps", "-1"])
 
 
 def test_tradeoff_point_labels_cover_no_other_label_and_no_point():

@@ -14,6 +14,7 @@ from PIL import Image
 from nested_attention import faces
 from training.data import dataset as data_lib
 from training.data import prepare
+from training.data.captions import CaptionRule
 
 EYES_AND_MOUTH = [(202.5, 101.3), (246.3, 103.3), (223.8, 141.9)]  # hand-placed on the astronaut (test_faces)
 
@@ -141,7 +142,7 @@ def test_generate_synthetic_pets_with_comfys_sampler_resumes_and_is_seeded(tmp_p
         assert Image.open(out / entry["input"]).size == (64, 64)
     # The trainer reads it: each caption's subject word becomes the token.
     records = data_lib.read_manifest(out / "manifest.jsonl")
-    rule = data_lib.CaptionRule("pet", ("dog", "cat"), "a photo of a {token}")
+    rule = CaptionRule("pet", ("dog", "cat"), "a photo of a {token}")
     assert all(" pet" in rule.apply(r.caption, r.subject) for r in records)
     # Resumable: a fourth sample is added, the first three are not made again; a lost one comes back the same.
     before = np.asarray(Image.open(out / "images" / "000001.png"))

@@ -6,7 +6,8 @@
     python -m training.run --help                                      # every flag, with its default
 """
 
-from training.loop.trainer import main, parse_args
+from training.loop.config import parse_args
+from training.loop.trainer import main
 
 if __name__ == "__main__":
     main(parse_args())

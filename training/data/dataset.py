@@ -48,12 +48,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
+from training.data.captions import CaptionRule
+from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
-
-from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 
 MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
 CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
@@ -388,11 +387,3 @@ class StepBatchSampler:
             yield self.batch(j)
             j += 1
 
-
-def __getattr__(name: str):
-    """The tar shard reader (training.data.shards) stays reachable under its old names here."""
-    if name in ("TarShardStream", "iter_tar_records"):
-        from training.data import shards
-
-        return getattr(shards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from training.data.dataset import CaptionRule, Record, SampleConfig, load_sample
+from training.data.captions import CaptionRule
+from training.data.dataset import Record, SampleConfig, load_sample
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from training.data.captions import CAPTION_KINDS, CaptionRule, caption_report
 from training.data.dataset import (
-    IMAGE_EXTENSIONS,
     PREFIX,
     DataReport,
     Record,
@@ -31,7 +30,7 @@ from training.data.dataset import (
     read_folder,
     read_manifest,
 )
-from training.data.images import BadImage, probe_image
+from training.data.images import IMAGE_EXTENSIONS, BadImage, probe_image
 from training.data.shards import iter_tar_records
 from training.tiny.models import make_tiny_dataset
 

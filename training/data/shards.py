@@ -19,7 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from training.data.dataset import IMAGE_EXTENSIONS, PREFIX, Record, SampleConfig, load_sample, mix_seed
+from training.data.dataset import PREFIX, Record, SampleConfig, load_sample, mix_seed
+from training.data.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from training.comfy_env import setup_comfy
 from training.data import dataset as data_lib
+from training.data.images import BadImage
 from training.data.shards import iter_tar_records
 from training.tiny.models import TINY_CLIP_VISION_CONFIG
 
@@ -188,7 +189,7 @@ def load_validation_images(config, data) -> list:
     for source, mask in sources:
         try:
             images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
-        except data_lib.BadImage as e:
+        except BadImage as e:
             name = source if isinstance(source, str) else "?"
             log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
     return images

@@ -46,16 +46,14 @@ from training.loop.checkpoints import (
     weights_fingerprint,
     write_failure,
 )
-from training.loop.config import TrainConfig, parse_args, resolve_inputs
-from training.loop.loss import LossConfig, training_loss
+from training.loop.config import TrainConfig, resolve_inputs
+from training.loop.loss import training_loss
 from training.loop.optim import Trainee, make_optimizer
 from training.loop.preemption import StopRequest
 from training.loop.preview import dry_run, load_validation_images, write_args
 from training.loop.warm_start import WarmStartError, warm_start_encoder
 from training.models.sampling import write_samples
 from training.models.sdxl import TextEncoder, enable_gradient_checkpointing, load_frozen, make_encoder
-
-__all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
 log = logging.getLogger("training")
 comfy = comfy_module("comfy")  # imported on first use, after accelerate has chosen this process's device
