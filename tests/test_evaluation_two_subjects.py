@@ -172,43 +172,8 @@ def test_every_region_method_is_measured_by_default(tmp_path):
     assert args.regions == ("none", "manual", "auto")
 
 
-def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
-    out = tmp_path / "pairs"
-    try:
-        result = evaluate_cli.main(
-            evaluate_config.parse_args(
-                [
-                    "--domain",
-                    "tiny",
-                    "--steps",
-                    "2",
-                    "--output_dir",
-                    str(out),
-                    "--two_subjects",
-                    "--lambdas",
-                    "1",
-                ]
-            )
-        )
-    finally:
-        reset_after_run()
-    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 3 region methods x 2.
-    images = sorted(out.glob("images/**/*.png"))
-    assert result["generated"] == len(images) == 2 + 3 * 2
-    own, other = "identity_own[tiny-face]", "identity_other[tiny-face]"
-    assert result["metrics"] == ["clip_t[tiny-clip-g+tiny-vision]", own, other]
-    with open(out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    saved = json.loads((out / "metrics.json").read_text())
-    assert len(rows) == len(saved["rows"]) == 8 * 2  # each image: one row per subject of the pair
-    assert {(r["method"], r["region"]) for r in rows} == {
-        ("prior", ""),
-        ("nested", "none"),
-        ("nested", "manual"),
-        ("nested", "auto"),
-    }
-    assert all(r["word"] in ("pet", "toy") and r["subject"] != r["other_subject"] for r in rows)
-    # A figure recomputed from an image on disk and the two subjects' photos, written out here.
+def assert_identity_figures_recompute(out, saved, own, other):
+    """Every row's identity figures, recomputed from its image on disk and the two subjects' photos."""
     detector = tiny_scorers.TinyIdentity()
     for entry in saved["rows"]:
         image = torch.from_numpy(np.asarray(Image.open(out / entry["image"]), dtype=np.float32) / 255)
@@ -231,6 +196,10 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
             )
         else:
             assert entry[own] is None and entry[other] is None
+
+
+def assert_summary_counts_face_failures(saved, own, other):
+    """Four summary entries (prior + three regions), each counting its rows' missing faces."""
     summary = {(e["method"], e["region"]): e for e in saved["summary"]}
     assert set(summary) == {("prior", ""), ("nested", "none"), ("nested", "manual"), ("nested", "auto")}
     for entry in saved["summary"]:
@@ -241,6 +210,37 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         )
         if entry[own] is not None:
             assert entry["identity_gap"] == pytest.approx(entry[own] - entry[other])
+
+
+def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
+    out = tmp_path / "pairs"
+    try:
+        result = evaluate_cli.main(
+            evaluate_config.parse_args(
+                ["--domain", "tiny", "--steps", "2", "--output_dir", str(out), "--two_subjects",
+                 "--lambdas", "1"]
+            )
+        )
+    finally:
+        reset_after_run()
+    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 3 region methods x 2.
+    images = sorted(out.glob("images/**/*.png"))
+    assert result["generated"] == len(images) == 2 + 3 * 2
+    own, other = "identity_own[tiny-face]", "identity_other[tiny-face]"
+    assert result["metrics"] == ["clip_t[tiny-clip-g+tiny-vision]", own, other]
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == len(saved["rows"]) == 8 * 2  # each image: one row per subject of the pair
+    assert {(r["method"], r["region"]) for r in rows} == {
+        ("prior", ""),
+        ("nested", "none"),
+        ("nested", "manual"),
+        ("nested", "auto"),
+    }
+    assert all(r["word"] in ("pet", "toy") and r["subject"] != r["other_subject"] for r in rows)
+    assert_identity_figures_recompute(out, saved, own, other)
+    assert_summary_counts_face_failures(saved, own, other)
     with open(out / "summary.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
     with Image.open(out / "leakage.png") as plot:

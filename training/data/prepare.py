@@ -19,7 +19,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -35,7 +35,8 @@ PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 
-def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m training.prepare` (the rules between them are parse_args')."""
     p = argparse.ArgumentParser(
         prog="python -m training.prepare",
         description="Make a training manifest from a folder of photos (aligned faces, or pets on white).",
@@ -104,6 +105,11 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=30, help="Euler steps per image.")
     g.add_argument("--cfg", type=float, default=5.0, help="Classifier-free guidance scale.")
     g.add_argument("--seed", type=int, default=0, help="Seed of the prompt draws and the noise.")
+    return p
+
+
+def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(args)
     if args.generate is not None:
         if args.domain != "pets":
@@ -195,12 +201,12 @@ class Captioner:
         return self.processor.batch_decode(out, skip_special_tokens=True)[0].strip()
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
-    src, out = Path(args.src), Path(args.out)
+def photos_to_prepare(args: argparse.Namespace) -> list[Path]:
+    """The photos under SRC; stops first when SRC is not a folder, OUT already holds a manifest (without
+    --overwrite), there are no photos, or faces are asked for without dlib."""
+    src, manifest = Path(args.src), Path(args.out) / "manifest.jsonl"
     if not src.is_dir():
         raise SystemExit(f"{PREFIX} {src} is not a folder; give the folder that holds the photos.")
-    manifest = out / "manifest.jsonl"
     if manifest.exists() and not args.overwrite:
         raise SystemExit(
             f"{PREFIX} {manifest} exists; pass --overwrite to replace it, or choose another OUT."
@@ -208,9 +214,29 @@ def prepare(args: argparse.Namespace) -> dict:
     items = photos(src)
     if not items:
         raise SystemExit(f"{PREFIX} no photos ({', '.join(IMAGE_EXTENSIONS)}) under {src}.")
-    if args.domain == "faces":
-        if not faces.face_tools_available():
-            raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
+    if args.domain == "faces" and not faces.face_tools_available():
+        raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
+    return items
+
+
+def whole_face_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """The detector's box (eyebrows to mouth) grown by half its size, inside the photo: forehead and chin
+    included, so the trainer's square target crops keep the whole face."""
+    left, top, right, bottom = box
+    grow_x, grow_y = (right - left) / 4, (bottom - top) / 4
+    return [
+        max(0.0, left - grow_x),
+        max(0.0, top - grow_y),
+        min(float(width), right + grow_x),
+        min(float(height), bottom + grow_y),
+    ]
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
+    src, out = Path(args.src), Path(args.out)
+    manifest = out / "manifest.jsonl"
+    items = photos_to_prepare(args)
     captioner = Captioner(args.caption_model) if args.caption_model else None
     out.mkdir(parents=True, exist_ok=True)
 
@@ -233,7 +259,6 @@ def prepare(args: argparse.Namespace) -> dict:
         except BadImage as e:
             skip(f"unreadable ({e})", name)
             continue
-        entry: dict = {}
         if args.domain == "faces":
             pixels = faces.pil_to_tensor(image)
             found = faces.detect_faces(pixels)
@@ -251,19 +276,10 @@ def prepare(args: argparse.Namespace) -> dict:
             (out / "targets").mkdir(exist_ok=True)
             faces.tensor_to_pil(aligned).save(out / "inputs" / f"{stem}.png")
             image.save(out / "targets" / f"{stem}.jpg", quality=95)  # upright: EXIF rotation applied
-            # The detector's box (eyebrows to mouth) grown by half its size: forehead and chin included.
-            left, top, right, bottom = face.box
-            grow_x, grow_y = (right - left) / 4, (bottom - top) / 4
-            box = [
-                max(0.0, left - grow_x),
-                max(0.0, top - grow_y),
-                min(float(image.width), right + grow_x),
-                min(float(image.height), bottom + grow_y),
-            ]
             entry = {
                 "input": f"inputs/{stem}.png",
                 "target": f"targets/{stem}.jpg",
-                "face_box": [round(v, 1) for v in box],
+                "face_box": [round(v, 1) for v in whole_face_box(face.box, image.width, image.height)],
             }
         else:
             if mask is None and not has_alpha(photo):
@@ -284,7 +300,7 @@ def prepare(args: argparse.Namespace) -> dict:
         lines.append(json.dumps(entry, ensure_ascii=False))
 
     manifest.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    summary = {
+    return {
         "kept": len(lines),
         "skipped": dict(skipped),
         "skipped_names": skipped_names,
@@ -296,7 +312,6 @@ def prepare(args: argparse.Namespace) -> dict:
         "text_problems": notes,
         "manifest": str(manifest),
     }
-    return summary
 
 
 def describe(summary: dict) -> str:

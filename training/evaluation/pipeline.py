@@ -120,6 +120,53 @@ def make_grids(
     return paths
 
 
+def generate_missing(generator: Generator, jobs: Sequence[Job], output_dir: Path, relpath: Any, rank: int,
+                     world: int, progress: bool) -> tuple[int, int]:
+    """This process's images, those not on disk yet (a resumed run skips the rest); returns (generated,
+    skipped)."""
+    generated = skipped = 0
+    bar = tqdm(
+        jobs,
+        desc=f"generations (process {rank})" if world > 1 else "generations",
+        disable=not progress,
+        position=rank if world > 1 else None,
+    )
+    for job in bar:
+        path = output_dir / relpath(job)
+        if path.is_file():
+            skipped += 1
+            continue
+        save_png(generator.generate(job), path)
+        generated += 1
+    bar.close()
+    return generated, skipped
+
+
+def write_report(result: dict, output_dir: Path, summary: list, subjects: Sequence, prompts: Sequence,
+                 seeds: Sequence[int]) -> dict:
+    """metrics.csv, summary.csv, metrics.json and the trade-off plot (when the figures allow one); returns
+    their paths."""
+    metrics, settings = result["metrics"], result["settings"]
+    x, y = result["plot_axes"]["x"], result["plot_axes"]["y"]
+    report.write_csv(result["rows"], metrics, output_dir / "metrics.csv")
+    report.write_summary_csv(summary, metrics, output_dir / "summary.csv")
+    report.write_json(result, output_dir / "metrics.json")
+    paths = {
+        "csv": str(output_dir / "metrics.csv"),
+        "summary_csv": str(output_dir / "summary.csv"),
+        "json": str(output_dir / "metrics.json"),
+    }
+    if x and y:
+        title = (
+            f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        )
+        paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
+    else:
+        log.warning("%s no trade-off plot: it needs a CLIP-T space and an identity or CLIP-I figure", PREFIX)
+    return paths
+
+
 def run_evaluation(
     *,
     generator: Generator,
@@ -140,22 +187,8 @@ def run_evaluation(
     relpath = lambda job: job.relpath(subjects)  # noqa: E731
     # First: a subject photo the metrics cannot use (no face found) stops the run before hours of sampling.
     references = [scorers.reference(s.image, s.source) for s in subjects]
-    generated = skipped = 0
     started = time.perf_counter()
-    bar = tqdm(
-        mine,
-        desc=f"generations (process {rank})" if world > 1 else "generations",
-        disable=not progress,
-        position=rank if world > 1 else None,
-    )
-    for job in bar:
-        path = output_dir / relpath(job)
-        if path.is_file():
-            skipped += 1
-            continue
-        save_png(generator.generate(job), path)
-        generated += 1
-    bar.close()
+    generated, skipped = generate_missing(generator, mine, output_dir, relpath, rank, world, progress)
     generation_s = time.perf_counter() - started
 
     rows = []
@@ -194,27 +227,11 @@ def run_evaluation(
         "summary": summary,
         "rows": rows,
     }
-    report.write_csv(rows, metrics, output_dir / "metrics.csv")
-    report.write_summary_csv(summary, metrics, output_dir / "summary.csv")
-    report.write_json(result, output_dir / "metrics.json")
-    paths = {
-        "csv": str(output_dir / "metrics.csv"),
-        "summary_csv": str(output_dir / "summary.csv"),
-        "json": str(output_dir / "metrics.json"),
-    }
-    if x and y:
-        title = (
-            f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
-            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-        )
-        paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
-    else:
-        log.warning("%s no trade-off plot: it needs a CLIP-T space and an identity or CLIP-I figure", PREFIX)
+    result["files"] = write_report(result, output_dir, summary, subjects, prompts, seeds)
     if grids:
-        paths["grids"] = [
+        result["files"]["grids"] = [
             str(p) for p in make_grids(output_dir, methods, subjects, prompts, token, seeds[0], relpath)
         ]
-    result["files"] = paths
     report.write_json(result, output_dir / "metrics.json")
     if accelerator is not None:
         accelerator.wait_for_everyone()

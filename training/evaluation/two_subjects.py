@@ -398,6 +398,45 @@ def plot_leakage(summary: Sequence[dict], own: str, other: str, path: Path, titl
 # One two-subject evaluation from start to end
 
 
+def score_pair_job(job: PairJob, output_dir: Path, generator: PairGenerator, scorers: Scorers,
+                   references: Sequence[Any], names: Sequence[tuple]) -> list[dict]:
+    """The rows of one generated image: CLIP-T once, then each subject of its pair (every pair for the prior,
+    which has none) against its own and its partner's photo."""
+    subjects, pairs, prompts, words = generator.base.subjects, generator.pairs, generator.prompts, generator.words
+    relpath = job.relpath(names)
+    image = load_png(output_dir / relpath)
+    prompt = prompts[job.prompt]
+    common = {
+        "method": job.method.kind,
+        "region": job.method.region,
+        "parameter": "lambda" if job.method.kind == "nested" else None,
+        "value": job.method.value,
+        "prompt_index": job.prompt,
+        "category": prompt.category,
+        "prompt": prompt.render(words),
+        "clip_t_text": prompt.without_subjects(),
+        "seed": job.seed,
+        "image": relpath,
+    }
+    common.update(scorers.prompt_scores(image, prompt.without_subjects()))
+    rows = []
+    for pair in range(len(pairs)) if job.method.kind == "prior" else [job.pair]:
+        a, b = pairs[pair]
+        for k, row in enumerate(score_pair_image(image, scorers, [references[a], references[b]])):
+            who, partner = (a, b) if k == 0 else (b, a)
+            rows.append(
+                {
+                    **common,
+                    **row,
+                    "pair": "+".join(names[pair]),
+                    "subject": subjects[who].name,
+                    "other_subject": subjects[partner].name,
+                    "word": words[k],
+                }
+            )
+    return rows
+
+
 def run_pair_evaluation(
     *,
     generator: PairGenerator,
@@ -432,36 +471,7 @@ def run_pair_evaluation(
 
     rows = []
     for job in tqdm(mine, desc="metrics", disable=not progress or not is_main):
-        relpath = job.relpath(names)
-        image = load_png(output_dir / relpath)
-        prompt = prompts[job.prompt]
-        common = {
-            "method": job.method.kind,
-            "region": job.method.region,
-            "parameter": "lambda" if job.method.kind == "nested" else None,
-            "value": job.method.value,
-            "prompt_index": job.prompt,
-            "category": prompt.category,
-            "prompt": prompt.render(words),
-            "clip_t_text": prompt.without_subjects(),
-            "seed": job.seed,
-            "image": relpath,
-        }
-        common.update(scorers.prompt_scores(image, prompt.without_subjects()))
-        for pair in range(len(pairs)) if job.method.kind == "prior" else [job.pair]:
-            a, b = pairs[pair]
-            for k, row in enumerate(score_pair_image(image, scorers, [references[a], references[b]])):
-                who, partner = (a, b) if k == 0 else (b, a)
-                rows.append(
-                    {
-                        **common,
-                        **row,
-                        "pair": "+".join(names[pair]),
-                        "subject": base.subjects[who].name,
-                        "other_subject": base.subjects[partner].name,
-                        "word": words[k],
-                    }
-                )
+        rows.extend(score_pair_job(job, output_dir, generator, scorers, references, names))
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
     gathered = gather_on_main(rows, counts, accelerator)
     if gathered is None:

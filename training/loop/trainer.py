@@ -272,15 +272,7 @@ def train_loop(
                 trainee.ema.update(trainee.encoder)
             state.global_step += 1
             step = state.global_step
-            progress.update(1)
-            lr = trainee.scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            state.losses[step] = step_loss
-            if config.report_to != "none":
-                accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-            if is_main:
-                with open(loss_log, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+            log_step(config, accelerator, progress, loss_log, state, step_loss, trainee.scheduler.get_last_lr()[0])
             step_loss = 0.0
             last = step == config.max_train_steps
             stopping = stop.agreed(accelerator)
@@ -289,17 +281,37 @@ def train_loop(
             if stopping:
                 state.stopped = True
                 break
-            due = config.validation_steps and (step % config.validation_steps == 0 or last)
-            if due and is_main and validation_images:
-                write_samples(config, step, frozen, trainee, text, validation_images)
-            if config.eval_steps and (step % config.eval_steps == 0 or last):
-                evaluate_during_training(
-                    accelerator, frozen, trainee.encoder, text, validation_images,
-                    [prompt.format(token=config.token) for prompt in config.validation_prompts],
-                    step=step, config=config, ema=trainee.ema,
-                )
+            sample_and_evaluate(config, accelerator, trainee, frozen, text, validation_images, step, last)
     finally:  # on an error too: the bar's line ends before the error's message
         progress.close()
+
+
+def log_step(config: TrainConfig, accelerator, progress, loss_log: Path, state: LoopState, loss: float,
+             lr: float) -> None:
+    """One optimizer step's loss and learning rate: the progress bar, the trackers, losses.jsonl."""
+    step = state.global_step
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    state.losses[step] = loss
+    if config.report_to != "none":
+        accelerator.log({"loss": loss, "lr": lr}, step=step)
+    if accelerator.is_main_process:
+        with open(loss_log, "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+
+def sample_and_evaluate(config: TrainConfig, accelerator, trainee: Trainee, frozen, text,
+                        validation_images: list, step: int, last: bool) -> None:
+    """The sample grid (--validation_steps) and the evaluation (--eval_steps) when either is due."""
+    due = config.validation_steps and (step % config.validation_steps == 0 or last)
+    if due and accelerator.is_main_process and validation_images:
+        write_samples(config, step, frozen, trainee, text, validation_images)
+    if config.eval_steps and (step % config.eval_steps == 0 or last):
+        evaluate_during_training(
+            accelerator, frozen, trainee.encoder, text, validation_images,
+            [prompt.format(token=config.token) for prompt in config.validation_prompts],
+            step=step, config=config, ema=trainee.ema,
+        )
 
 
 def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessState:
@@ -335,20 +347,7 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
     """The steps of `main`, with SIGTERM caught by `stop`."""
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
-    # The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
-    # captions. Then the data's path (tiny: generated) and --num_train_epochs' steps, now that it is read.
-    data = read_training_data(config, accelerator)
-    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
-    if config.num_train_epochs is not None and accelerator.is_main_process:
-        log.info(
-            "%s %g epochs of %d records at a global batch of %d: %d steps",
-            PREFIX,
-            config.num_train_epochs,
-            len(data.records),
-            config.global_batch_size,
-            config.max_train_steps,
-        )
-
+    config, data = scan_data(config, accelerator)
     if accelerator.is_main_process:
         write_args(config)
     if config.dry_run:  # settings and a preview of processed samples, no model loaded
@@ -362,12 +361,11 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
             write_args(config)
     trainee = make_optimizer(config, accelerator, encoder, frozen)
     output_dir = Path(config.output_dir)
-    encoder_file = f"{config.domain}-encoder.safetensors"
     checkpoints = Checkpoints(
         accelerator=accelerator,
         output_dir=output_dir,
         limit=config.checkpoints_total_limit or None,
-        encoder_file=encoder_file,
+        encoder_file=f"{config.domain}-encoder.safetensors",
         export=lambda path, step: trainee.export(path, step, config),
     )
     position: Position = checkpoints.resume(
@@ -384,22 +382,7 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
     )
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())
-    log.info(
-        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
-        "M=%d, %d layers, %d records (%s)",
-        PREFIX,
-        config.domain,
-        config.max_train_steps,
-        config.global_batch_size,
-        config.train_batch_size,
-        config.gradient_accumulation_steps,
-        accelerator.num_processes,
-        config.resolution,
-        config.num_tokens,
-        len(frozen.layers),
-        len(data.records),
-        data.kind,
-    )
+    log_start(config, accelerator, frozen, data)
     state = LoopState(
         global_step=position.global_step,
         batches=position.batches,
@@ -419,7 +402,50 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
         raise write_failure(Path(e.filename or output_dir), e, output_dir, removed=False) from e
 
     accelerator.wait_for_everyone()
-    final = output_dir / encoder_file
+    return finish(config, accelerator, trainee, state, stop, started)
+
+
+def scan_data(config: TrainConfig, accelerator) -> tuple[TrainConfig, TrainingData]:
+    """The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
+    captions. Then the data's path (tiny: generated) and --num_train_epochs' steps, now that it is read."""
+    data = read_training_data(config, accelerator)
+    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
+    if config.num_train_epochs is not None and accelerator.is_main_process:
+        log.info(
+            "%s %g epochs of %d records at a global batch of %d: %d steps",
+            PREFIX,
+            config.num_train_epochs,
+            len(data.records),
+            config.global_batch_size,
+            config.max_train_steps,
+        )
+    return config, data
+
+
+def log_start(config: TrainConfig, accelerator, frozen, data: TrainingData) -> None:
+    log.info(
+        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
+        "M=%d, %d layers, %d records (%s)",
+        PREFIX,
+        config.domain,
+        config.max_train_steps,
+        config.global_batch_size,
+        config.train_batch_size,
+        config.gradient_accumulation_steps,
+        accelerator.num_processes,
+        config.resolution,
+        config.num_tokens,
+        len(frozen.layers),
+        len(data.records),
+        data.kind,
+    )
+
+
+def finish(config: TrainConfig, accelerator, trainee: Trainee, state: LoopState, stop: StopRequest,
+           started: float) -> dict:
+    """After the loop: the export (or, stopped by SIGTERM, only the message); returns main's summary."""
+    output_dir = Path(config.output_dir)
+    final = output_dir / f"{config.domain}-encoder.safetensors"
     if state.stopped:
         if accelerator.is_main_process:
             log.info(
