@@ -327,7 +327,7 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     uncond = SubjectBinding(encoder=encoder, tokens=uncond_tokens, positions=(1,), prompt_tokens=77)
     q, k, v = torch.randn(4, 16, dim), torch.randn(4, 77, dim), torch.randn(4, 77, dim)
     options = {"n_heads": heads, "cond_or_uncond": [1, 0]}  # rows 0-1 unconditional, 2-3 conditional
-    host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)  # noqa: E731
+    host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)
     patch = DecoupledAttentionPatch(index=index, binding=binding, scale=0.7, host=host, uncond=uncond)
     out = patch(q, k, v, options)
     k_ip, v_ip = (t[0] for t in encoder.project(tokens, index))  # (M, dim): NestedEncoder.project

@@ -175,25 +175,25 @@ def tiny_captioner(folder: Path) -> Path:
     folder.mkdir(parents=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat", "on", "grass"]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    text = dict(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        bos_token_id=2,
-        sep_token_id=3,
-        pad_token_id=0,
-        eos_token_id=3,
-    )
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=16,
-    )
+    text = {
+        "vocab_size": len(words),
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "bos_token_id": 2,
+        "sep_token_id": 3,
+        "pad_token_id": 0,
+        "eos_token_id": 3,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    }
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(
         BlipConfig(text_config=text, vision_config=vision, projection_dim=32)

@@ -496,7 +496,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
     encoder = load_encoder(reference["encoder_path"])
     handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
     image = data_lib.to_comfy_image(
-        data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
+        data_lib.open_image(str(min(Path(reference["dir"]).glob("*.png"))))
     )[None]
     subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)

@@ -148,8 +148,10 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
         "tiny.png (20x20)",
         "tiny.txt line 1 is not UTF-8",
         "1 have no caption (the template 'a photo of a pet' is used)",
-        "1 have no subject word (the template is put in front; --subject_words sets the words), "
-        "e.g. other.png",
+        (
+            "1 have no subject word (the template is put in front; --subject_words sets the words), "
+            "e.g. other.png"
+        ),
     ):
         assert expected in text
 

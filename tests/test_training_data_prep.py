@@ -111,10 +111,12 @@ def test_caption_report_counts_each_kind_once_before_the_models_load(tmp_path, m
     # one caption line, in the data scan's one summary (training.data.scan)
     reports = [line for r in caplog.records for line in r.getMessage().splitlines() if "captions of" in line]
     assert reports == [
-        "[nested-attention] captions of 6 records: 2 name the subject (rewritten to 'pet'); 1 already use "
-        "'pet'; 1 have no caption (the template 'a photo of a pet' is used); 1 have no subject word (the "
-        "template is put in front; --subject_words sets the words), e.g. d.png; 1 name the subject only in "
-        "the plural (not rewritten; the template is put in front), e.g. e.png"
+        (
+            "[nested-attention] captions of 6 records: 2 name the subject (rewritten to 'pet'); 1 already use "
+            "'pet'; 1 have no caption (the template 'a photo of a pet' is used); 1 have no subject word (the "
+            "template is put in front; --subject_words sets the words), e.g. d.png; 1 name the subject only in "
+            "the plural (not rewritten; the template is put in front), e.g. e.png"
+        )
     ]
     records = data_lib.read_folder(folder)
     rule = CaptionRule("pet", ("dog", "pet"), TEMPLATE)
@@ -157,7 +159,7 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     shown = np.asarray(Image.open(out / "data-preview" / "sample-0.png").convert("RGB"))
     image, ((clip_box, target_box),) = preview_lib.preview_image(record, sample, 32, 64)
     np.testing.assert_array_equal(shown, np.asarray(image))
-    crop = lambda box: shown[box[1] : box[3], box[0] : box[2]]  # noqa: E731
+    crop = lambda box: shown[box[1] : box[3], box[0] : box[2]]
     np.testing.assert_array_equal(crop(clip_box), enlarge(sample["clip_pixels"], 8))
     np.testing.assert_array_equal(crop(target_box), enlarge(sample["pixels"], 4))
     # the target is 96 x 64: resized to 96 x 64 and cropped in the middle, not squashed

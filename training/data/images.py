@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -27,14 +26,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MASK_SUFFIX = ".mask"  # <name>.mask.png next to <name>.jpg (folders), <key>.mask.png (tar shards)
 
-ImageSource = Union[str, bytes]  # a path, or the bytes of a file inside a tar shard
+ImageSource = str | bytes  # a path, or the bytes of a file inside a tar shard
 
 
 class BadImage(Exception):
     """An image file that cannot be decoded; the message says why."""
 
 
-def _open(source: ImageSource, draft: Optional[int] = None):
+def _open(source: ImageSource, draft: int | None = None):
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     if draft and image.format == "JPEG":
         image.draft("RGB", (draft, draft))  # decode at 1/2..1/8 scale: a scan need not pay for full size
@@ -69,7 +68,7 @@ def to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array if array.ndim == 3 else array[..., None])
 
 
-def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Optional[int] = None):
+def load_rgb(source: ImageSource, mask: ImageSource | None = None, draft: int | None = None):
     """A PIL RGB image, upright, 8-bit, on white outside its alpha channel and outside `mask` (if given).
 
     Raises BadImage for files that cannot be decoded (a bad mask file too, naming it).
@@ -109,7 +108,7 @@ def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Opt
     return Image.fromarray((white * 255.0).round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
 
 
-def probe_image(source: ImageSource, mask: Optional[ImageSource] = None) -> tuple[int, int]:
+def probe_image(source: ImageSource, mask: ImageSource | None = None) -> tuple[int, int]:
     """(width, height) of an image that decodes fully (mask included); raises BadImage otherwise.
 
     JPEGs are decoded at reduced scale (fast: a scan of a large folder), which still reads the whole file.
@@ -123,7 +122,7 @@ def probe_image(source: ImageSource, mask: Optional[ImageSource] = None) -> tupl
     return size
 
 
-def decode_text(data: bytes, name: str) -> tuple[str, Optional[str]]:
+def decode_text(data: bytes, name: str) -> tuple[str, str | None]:
     """(text, problem): UTF-8 (with or without BOM), else Windows-1252 with a note naming file and line."""
     try:
         return data.decode("utf-8-sig"), None
@@ -139,7 +138,7 @@ def decode_text(data: bytes, name: str) -> tuple[str, Optional[str]]:
         )
 
 
-def read_text(path: str) -> tuple[str, Optional[str]]:
+def read_text(path: str) -> tuple[str, str | None]:
     """A caption or manifest file's text and a problem note (see decode_text)."""
     with open(path, "rb") as f:
         return decode_text(f.read(), path)

@@ -18,8 +18,8 @@ import argparse
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(args)
     if args.generate is not None:
@@ -144,7 +144,7 @@ def photos(src: Path) -> list[Path]:
     )
 
 
-def find_mask(src: Path, photo: Path) -> Optional[Path]:
+def find_mask(src: Path, photo: Path) -> Path | None:
     for candidate in [
         *photo.parent.glob(f"{photo.stem}{MASK_SUFFIX}.*"),
         *(src / "masks" / photo.relative_to(src).parent).glob(f"{photo.stem}.*"),
@@ -159,7 +159,7 @@ def has_alpha(path: Path) -> bool:
         return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def caption_of(photo: Path, notes: list[str]) -> Optional[str]:
+def caption_of(photo: Path, notes: list[str]) -> str | None:
     sidecar = photo.with_suffix(".txt")
     if not sidecar.is_file():
         return None
@@ -316,11 +316,13 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def describe(summary: dict) -> str:
     lines = [
-        f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
-        f"captions: {summary['captions_from_files']} from .txt files, "
-        f"{summary['captions_from_model']} from --caption_model, "
-        f"{summary['captions_from_template']} will "
-        f"use the trainer's template. Manifest: {summary['manifest']}"
+        (
+            f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
+            f"captions: {summary['captions_from_files']} from .txt files, "
+            f"{summary['captions_from_model']} from --caption_model, "
+            f"{summary['captions_from_template']} will "
+            f"use the trainer's template. Manifest: {summary['manifest']}"
+        )
     ]
     for reason, names in summary["skipped_names"].items():
         more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
@@ -362,7 +364,7 @@ def generate_pets(args: argparse.Namespace) -> dict:
     )
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     args = parse_args(argv)
     if args.generate is not None:

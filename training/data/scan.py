@@ -14,9 +14,10 @@ this scan, and a refusal when nothing is readable, all before any model loads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -73,11 +74,13 @@ class ScanResult:
 
         r = self.report
         lines = [
-            f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
-            f"{len(self.unreadable)} unreadable "
-            f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
-            f"{len(r.text_problems)} caption/manifest files not UTF-8, "
-            f"{len(r.bad_lines)} manifest lines skipped.",
+            (
+                f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
+                f"{len(self.unreadable)} unreadable "
+                f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
+                f"{len(r.text_problems)} caption/manifest files not UTF-8, "
+                f"{len(r.bad_lines)} manifest lines skipped."
+            ),
             caption_report(rule, self.captions, self.what, examples=SHOW),
         ]
         for title, items in (
@@ -122,7 +125,7 @@ def scan_data(
     captions: CaptionRule,
     *,
     min_size: int,
-    max_samples: Optional[int] = None,
+    max_samples: int | None = None,
     progress: bool = True,
 ) -> ScanResult:
     """Read the records of `train_data` and check every image once; logs the summary (when `progress`,

@@ -15,7 +15,6 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from accelerate import PartialState
@@ -97,7 +96,7 @@ def generate(
     *,
     seed: int = 0,
     tiny: bool = False,
-    checkpoint: Optional[str] = None,
+    checkpoint: str | None = None,
     resolution: int = 1024,
     steps: int = 30,
     cfg: float = 5.0,

@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, 
 _warned: set[str] = set()
 
 
-def _identity_model(domain: str) -> Optional[metrics.IdentityModel]:
+def _identity_model(domain: str) -> metrics.IdentityModel | None:
     if domain == "tiny":
         return tiny_scorers.TinyIdentity()
     if domain == "faces":
@@ -103,7 +104,7 @@ def evaluate_during_training(
     step: int,
     config: Any,
     ema: Any = None,
-) -> Optional[dict]:
+) -> dict | None:
     """Run the small evaluation on the main process and log it; returns the report there, None elsewhere.
 
     `encoder` is the trained encoder (copied, so training state is untouched; with `ema` its EMA weights

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,10 +46,10 @@ DECOUPLED_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # IP-Adapter scales 0.5 to 1.
 @dataclass(frozen=True, order=True)
 class Method:
     kind: str  # "prior" (no subject), "nested" (value = λ) or "decoupled" (value = IP-Adapter scale)
-    value: Optional[float] = None
+    value: float | None = None
 
     @property
-    def parameter(self) -> Optional[str]:
+    def parameter(self) -> str | None:
         return {"nested": "lambda", "decoupled": "scale"}.get(self.kind)
 
     @property
@@ -85,7 +86,7 @@ class Job:
     """One image to generate. The prior does not depend on the subject: subject None, scored against each."""
 
     method: Method
-    subject: Optional[int]
+    subject: int | None
     prompt: int
     seed: int
 
@@ -131,7 +132,7 @@ class DecoupledAttentionPatch:
         binding: SubjectBinding,
         scale: float,
         host: Any,
-        uncond: Optional[SubjectBinding] = None,
+        uncond: SubjectBinding | None = None,
     ):
         self.index = index  # the layer's position in the encoder's layer table
         self.binding, self.uncond = binding, uncond
@@ -161,7 +162,7 @@ class DecoupledAttentionPatch:
         )
         return out + self.scale * torch.where(cond, term, other)
 
-    def __deepcopy__(self, memo: dict) -> "DecoupledAttentionPatch":
+    def __deepcopy__(self, memo: dict) -> DecoupledAttentionPatch:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
@@ -171,7 +172,7 @@ def decoupled_model(
     binding: SubjectBinding,
     scale: float,
     host: Any,
-    uncond: Optional[SubjectBinding] = None,
+    uncond: SubjectBinding | None = None,
 ) -> Any:
     """A clone of the UNet's ModelPatcher with the decoupled patch on every layer the encoder projects for."""
     model = unet.clone()
@@ -258,7 +259,7 @@ class Generator:
         self.decoupled_uncond = decoupled_uncond
         self._cond: dict[str, list] = {}
         self._tokens: dict[int, torch.Tensor] = {}
-        self._uncond: Optional[torch.Tensor] = None
+        self._uncond: torch.Tensor | None = None
 
     def conditioning(self, text: str) -> list:
         if text not in self._cond:

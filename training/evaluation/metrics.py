@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class IdentityModel(Protocol):
 
     name: str
 
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor | None:
         """(H, W, 3) in [0, 1] -> (D,) or None (no face)."""
 
     def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
@@ -209,10 +210,10 @@ class DlibFaceDetector:
         from nested_attention.faces import detect_faces
 
         faces = detect_faces(torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0)
-        return [FaceBox(*(int(round(v)) for v in face.box)) for face in faces]
+        return [FaceBox(*(round(v) for v in face.box)) for face in faces]
 
 
-def dlib_model_files(models_dir: Optional[str]) -> tuple[Path, Path]:
+def dlib_model_files(models_dir: str | None) -> tuple[Path, Path]:
     """(5-point shape predictor, ResNet face embedder) from `models_dir` or face_recognition_models."""
     names = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
     if models_dir is None:
@@ -243,7 +244,7 @@ class DlibIdentity:
 
     name = "dlib-resnet"
 
-    def __init__(self, *, models_dir: Optional[str] = None, detector: Optional[FaceDetector] = None):
+    def __init__(self, *, models_dir: str | None = None, detector: FaceDetector | None = None):
         try:
             import dlib
         except ImportError as e:
@@ -262,7 +263,7 @@ class DlibIdentity:
         shape = self._predictor(pixels, rect)
         return torch.tensor(list(self._embedder.compute_face_descriptor(pixels, shape)), dtype=torch.float64)
 
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor | None:
         pixels = np.ascontiguousarray(to_uint8(image))
         faces = self.detector.detect(pixels)
         if not faces:
@@ -283,8 +284,8 @@ class DlibIdentity:
 class Reference:
     """What a subject's input image contributes to its scores, computed once."""
 
-    clip_i: Optional[torch.Tensor] = None  # (D,)
-    identity: Optional[torch.Tensor] = None  # (D,)
+    clip_i: torch.Tensor | None = None  # (D,)
+    identity: torch.Tensor | None = None  # (D,)
 
 
 class Scorers:
@@ -299,8 +300,8 @@ class Scorers:
         self,
         *,
         clip_t: Sequence[ClipSpace] = (),
-        clip_i: Optional[ClipImageSpace] = None,
-        identity: Optional[IdentityModel] = None,
+        clip_i: ClipImageSpace | None = None,
+        identity: IdentityModel | None = None,
     ):
         self.clip_t, self.clip_i, self.identity = list(clip_t), clip_i, identity
         self._texts: dict[tuple[str, str], torch.Tensor] = {}

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from accelerate.utils import gather_object
@@ -40,7 +41,7 @@ def process_info(accelerator: Any) -> tuple[int, int, bool]:
     return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
 
-def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple[list, list]]:
+def gather_on_main(rows: list, counts: list, accelerator: Any) -> tuple[list, list] | None:
     """Every process's rows and counts, on the main process; None on the others (after waiting for it)."""
     _, world, is_main = process_info(accelerator)
     if world > 1:
@@ -52,7 +53,7 @@ def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple
     return rows, counts
 
 
-def axes_for(metrics: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+def axes_for(metrics: Sequence[str]) -> tuple[str | None, str | None]:
     """(x, y) of the trade-off plot: the first CLIP-T space; face identity if measured, else CLIP-I."""
     x = next((m for m in metrics if m.startswith("clip_t[")), None)
     y = next((m for m in metrics if m.startswith("identity[")), None)
@@ -178,13 +179,13 @@ def run_evaluation(
     accelerator: Any = None,
     grids: bool = True,
     progress: bool = True,
-) -> Optional[dict]:
+) -> dict | None:
     """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
     rank, world, is_main = process_info(accelerator)
     subjects, prompts, token = generator.subjects, generator.prompts, generator.token
     jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
     mine = shard(jobs, rank, world)
-    relpath = lambda job: job.relpath(subjects)  # noqa: E731
+    relpath = lambda job: job.relpath(subjects)
     # First: a subject photo the metrics cannot use (no face found) stops the run before hours of sampling.
     references = [scorers.reference(s.image, s.source) for s in subjects]
     started = time.perf_counter()

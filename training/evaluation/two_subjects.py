@@ -27,9 +27,10 @@ import csv
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -93,7 +94,7 @@ def manual_regions(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]
 class PairMethod:
     kind: str  # "prior" (no subject) or "nested"
     region: str = ""  # none / manual / auto for nested
-    value: Optional[float] = None  # λ
+    value: float | None = None  # λ
 
     @property
     def label(self) -> str:
@@ -162,7 +163,7 @@ class PairGenerator:
         self.texts = [TextEncoder(base.frozen.clip, word) for word in self.words]
 
     def bindings(
-        self, job: PairJob, masks: Sequence[Optional[torch.Tensor]], auto: bool = False
+        self, job: PairJob, masks: Sequence[torch.Tensor | None], auto: bool = False
     ) -> list[SubjectBinding]:
         prompt = self.prompts[job.prompt].render(self.words)
         out = []
@@ -448,7 +449,7 @@ def run_pair_evaluation(
     accelerator: Any = None,
     grids: bool = True,
     progress: bool = True,
-) -> Optional[dict]:
+) -> dict | None:
     """Generate (resuming), score, gather and report, as `pipeline.run_evaluation` does for one subject."""
     if scorers.identity is None:
         raise ValueError("the two-subject mode measures face identity: it needs an identity model.")

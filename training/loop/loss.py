@@ -8,7 +8,6 @@ ComfyUI is imported only when the loss is first computed (training.models.sdxl s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ class LossConfig:
     subject_dropout: float  # P(subject dropped; caption kept)
     both_dropout: float  # P(empty caption and no subject)
     noise_offset: float = 0.0  # per-channel constant noise added to the noise; 0 off
-    snr_gamma: Optional[float] = None  # min-SNR weighting min(SNR, gamma) / SNR; None off
+    snr_gamma: float | None = None  # min-SNR weighting min(SNR, gamma) / SNR; None off
 
 
 def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: int, batch_index: int, device):

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -45,7 +45,7 @@ class Trainee:
     encoder: Any  # the unwrapped NestedEncoder inside it
     optimizer: Any
     scheduler: Any
-    ema: Optional[Any]  # models.EMA of the encoder's weights, with --use_ema
+    ema: Any | None  # models.EMA of the encoder's weights, with --use_ema
 
     def export(self, path: Path, step: int, config: TrainConfig) -> None:
         """The node weight file (docs/ARCHITECTURE.md): EMA weights with --use_ema, else the trained ones."""

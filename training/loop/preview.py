@@ -20,8 +20,8 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -109,7 +109,7 @@ def labelled_grid(
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     footer: Sequence[str] = (),
-    cell_size: Optional[int] = None,
+    cell_size: int | None = None,
 ):
     """A white PIL image: column labels on top, row labels on the left, the cells (rows of (H, W, 3)
     arrays in [0, 1], shown `cell_size` px wide), then `footer` lines. Returns (image, boxes) with
@@ -209,7 +209,7 @@ def clip_input_size(config) -> int:
 
     shapes = {}
     with safe_open(config.clip_vision, framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
             if key.endswith(("embeddings.position_embedding.weight", "embeddings.patch_embedding.weight")):
                 shapes[key.rsplit(".", 2)[-2]] = f.get_slice(key).get_shape()
     if len(shapes) < 2:
@@ -218,7 +218,7 @@ def clip_input_size(config) -> int:
             "embeddings.patch_embedding weights; expected a CLIP vision model file (ViT-H/14)."
         )
     patch = shapes["patch_embedding"][-1]
-    return int(round(math.sqrt(shapes["position_embedding"][0] - 1))) * patch  # 16 x 14 = 224 for ViT-H/14
+    return round(math.sqrt(shapes["position_embedding"][0] - 1)) * patch  # 16 x 14 = 224 for ViT-H/14
 
 
 def write_args(config) -> Path:

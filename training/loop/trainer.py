@@ -155,12 +155,12 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
     rank, world = accelerator.process_index, accelerator.num_processes
     sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
-    kwargs = dict(
-        num_workers=config.dataloader_num_workers,
-        collate_fn=data_lib.collate,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
+    kwargs = {
+        "num_workers": config.dataloader_num_workers,
+        "collate_fn": data_lib.collate,
+        "persistent_workers": False,
+        "pin_memory": torch.cuda.is_available(),
+    }
     if data.kind == "shards":
         stream = TarShardStream(
             data.source,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class FrozenModels:
         return self.unet.model
 
 
-def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any, Any]:
+def load_sdxl(path: str, weight_dtype: torch.dtype | None) -> tuple[Any, Any, Any]:
     """(UNet ModelPatcher, CLIP, VAE) from an SDXL single-file checkpoint, with ComfyUI's loader."""
     model_options = {"dtype": weight_dtype} if weight_dtype is not None else {}
     unet, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
@@ -86,9 +87,9 @@ def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any,
 def load_frozen(
     *,
     tiny: bool,
-    checkpoint: Optional[str],
-    clip_vision_path: Optional[str],
-    weight_dtype: Optional[torch.dtype],
+    checkpoint: str | None,
+    clip_vision_path: str | None,
+    weight_dtype: torch.dtype | None,
     seed: int = 0,
 ) -> FrozenModels:
     """The frozen models: SDXL + CLIP ViT-H/14 from files, or the tiny ones built in code."""

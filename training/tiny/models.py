@@ -23,9 +23,9 @@ import json
 import math
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -324,8 +324,8 @@ def build_encoder(
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
-    qformer: Optional[QFormerConfig] = None,
-    projections: Optional[torch.nn.Module] = None,
+    qformer: QFormerConfig | None = None,
+    projections: torch.nn.Module | None = None,
 ) -> NestedEncoder:
     """A NestedEncoder with random weights (QFormerConfig defaults: the real Q-Former), in eval mode.
 

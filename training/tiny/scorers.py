@@ -6,7 +6,7 @@ largest face -> embed) on the tiny models and the tiny data's coloured shapes, i
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -58,7 +58,7 @@ class TinyIdentity:
 
     name = "tiny-face"
 
-    def __init__(self, *, dim: int = 32, seed: int = 0, detector: Optional[FaceDetector] = None):
+    def __init__(self, *, dim: int = 32, seed: int = 0, detector: FaceDetector | None = None):
         generator = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(8 * 8 * 3, dim, generator=generator, dtype=torch.float64)
         self.detector = detector or TinyFaceDetector()
@@ -68,7 +68,7 @@ class TinyIdentity:
         small = F.interpolate(crop, size=(8, 8), mode="area")  # (1, 3, 8, 8)
         return small.flatten() @ self.weight
 
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor | None:
         faces = self.detector.detect(to_uint8(image))
         if not faces:
             return None
