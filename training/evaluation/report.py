@@ -10,9 +10,8 @@ import csv
 import json
 import math
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -31,7 +30,7 @@ BASE_COLUMNS = [
 ]
 
 
-def mean(values: Sequence[float | None]) -> float | None:
+def mean(values: Sequence[Optional[float]]) -> Optional[float]:
     present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(present)) if present else None
 
@@ -139,7 +138,7 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
 
 
 def save_figure(fig: Any, ax: Any, path: Path, title: str = "", notes: Sequence[tuple] = ()) -> Path:
-    """A plot's grid, legend, title and point labels (`notes`, see place_labels) on `ax`, then `fig` written
+    """A plot's grid, legend, title and point labels (`notes`, see `place_labels`) on `ax`, then `fig` written
     to `path` and closed."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -207,7 +206,7 @@ def _box(x0, y0, x1, y1):
 
 
 def image_grid(
-    cells: Sequence[Sequence[np.ndarray | None]],
+    cells: Sequence[Sequence[Optional[np.ndarray]]],
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     path: Path,
