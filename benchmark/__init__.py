@@ -25,5 +25,5 @@ Output: a table on stdout and a JSON file (default runs/benchmark/benchmark.json
 Modules: `workload` (ComfyUI's set-up, one CFG step), `variants` (what is compared), `counters`
 (FLOPs, projections, syncs and launches, memory), `timing`, `trainer` (throughput), `run` (one
 whole run), `report` (the table), `cli`. Models with random weights come from the builders the test
-bed shares (training/tiny.py). Importing this package imports neither ComfyUI nor the trainer.
+bed shares (training/tiny/models.py). Importing this package imports neither ComfyUI nor the trainer.
 """

@@ -1,7 +1,7 @@
 """The variants compared: nested attention as the Apply node installs it, and an IP-Adapter-style patch.
 
 Plain SDXL is the model itself. Models with random weights come from the shared builders
-(training/tiny.py: the test bed's too).
+(training/tiny/models.py: the test bed's too).
 """
 
 from __future__ import annotations
