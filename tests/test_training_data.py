@@ -157,7 +157,7 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
 
 
 def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog):
-    from training.models import sdxl as models_lib
+    from training.loop import trainer
 
     folder = make_messy_folder(tmp_path / "data")
     order = []
@@ -169,7 +169,7 @@ def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog)
         order.append("models")
         raise RuntimeError("stop here: the models would load now")
 
-    monkeypatch.setattr(models_lib, "load_frozen", no_models)
+    monkeypatch.setattr(trainer, "load_frozen", no_models)
     with caplog.at_level(logging.INFO, logger="training"), pytest.raises(RuntimeError, match="stop here"):
         train(tmp_path / "o", "--train_data", str(folder), "--min_image_size", "32")
     assert order == ["scan", "models"]

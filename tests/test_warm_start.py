@@ -12,10 +12,10 @@ from test_formats import TINY, build_tiny
 from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
+from nested_attention.host import clip_vision_spec
 from training.loop import config as train_config
 from training.loop.checkpoints import weights_fingerprint
 from training.loop.warm_start import WarmStartError, warm_start_encoder
-from training.models import sdxl as models_lib
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def layers(_tiny_unet_shared):
 @pytest.fixture
 def frozen(layers, tiny_clip_vision):
     """What warm_start_encoder reads of training.models.sdxl.FrozenModels: the layer table and the CLIP spec."""
-    return SimpleNamespace(layers=layers, clip_vision_spec=models_lib.clip_vision_spec(tiny_clip_vision, "tiny.safetensors"))
+    return SimpleNamespace(layers=layers, clip_vision_spec=clip_vision_spec(tiny_clip_vision, "tiny.safetensors"))
 
 
 def test_warm_start_takes_m_shape_and_clip_layer_from_the_file(tmp_path, layers, frozen):
