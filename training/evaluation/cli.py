@@ -89,7 +89,12 @@ def find_model(value: str | None, folder: str, names: tuple, what: str, flag: st
 def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
     source = args.subjects
-    if source is None:  # tiny only (a rule of --subjects)
+    if source is None:
+        if args.domain != "tiny":
+            raise SystemExit(
+                f"{PREFIX} --subjects is required: a folder of held-out {args.domain} images or a "
+                "manifest.jsonl. Use images the encoder was not trained on."
+            )
         source = str(make_tiny_dataset(output_dir / "tiny-subjects", count=2, size=64, seed=1))
     path = Path(source)
     entries: list[tuple[str, str]] = []  # (name, image path)

@@ -57,11 +57,6 @@ class EvalConfig:
         WHAT,
         "Held-out subject images: a folder (every image in it, names from the file names) or a "
         'JSON-lines manifest ({"image": path, "name": optional} per line). Generated for tiny.',
-        check=rule(
-            lambda c: c.preset.tiny or c.subjects is not None,
-            lambda c: f"--subjects is required: a folder of held-out {c.domain} images or a manifest.jsonl. "
-            "Use images the encoder was not trained on.",
-        ),
     )
     max_subjects: int | None = setting(WHAT, "Use only the first N subjects.")
     prompts: str | None = setting(
