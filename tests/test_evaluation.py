@@ -24,7 +24,7 @@ from trainer_runs import reset_after_run, train
 from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
 from training.evaluation import cli as evaluate_cli
-from training.models import sdxl as models_lib
+from training.evaluation import config as evaluate_config
 from training.evaluation import metrics, report
 from training.evaluation import prompts as prompts_lib
 from training.evaluation.method_images import (
@@ -38,6 +38,9 @@ from training.evaluation.method_images import (
     methods,
     shard,
 )
+from training.loop import config as train_config
+from training.models import sdxl as models_lib
+from training.tiny import scorers as tiny_scorers
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = SampleSettings(steps=2, cfg=5.0, resolution=64)
@@ -135,7 +138,7 @@ def test_identical_images_score_one_and_known_embeddings_score_their_cosine(froz
     image = subjects[0].image
     scorers = metrics.Scorers(
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name="tiny"),
-        identity=metrics.TinyIdentity(),
+        identity=tiny_scorers.TinyIdentity(),
     )
     ref = scorers.reference(image, "subject 0")
     same = scorers.subject_scores(image, ref)
@@ -156,13 +159,13 @@ def test_tiny_identity_embeds_the_detected_box_so_a_moved_subject_keeps_its_iden
     a, b = canvas.clone(), canvas.clone()
     a[10:30, 12:36] = torch.tensor([0.9, 0.1, 0.1])
     b[30:50, 30:54] = torch.tensor([0.9, 0.1, 0.1])  # the same "face", elsewhere
-    model = metrics.TinyIdentity()
+    model = tiny_scorers.TinyIdentity()
     assert model.detector.detect(metrics.to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
     assert float(metrics.cosine(model.embed(a), model.embed(b))) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_an_image_without_a_face_is_a_reported_failure_not_dropped(frozen, subjects):
-    scorers = metrics.Scorers(identity=metrics.TinyIdentity())
+    scorers = metrics.Scorers(identity=tiny_scorers.TinyIdentity())
     ref = scorers.reference(subjects[0].image, "subject 0")
     blank = torch.ones(64, 64, 3)
     scores = scorers.subject_scores(blank, ref)
@@ -324,7 +327,7 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     uncond = SubjectBinding(encoder=encoder, tokens=uncond_tokens, positions=(1,), prompt_tokens=77)
     q, k, v = torch.randn(4, 16, dim), torch.randn(4, 77, dim), torch.randn(4, 77, dim)
     options = {"n_heads": heads, "cond_or_uncond": [1, 0]}  # rows 0-1 unconditional, 2-3 conditional
-    host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)  # noqa: E731
+    host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)
     patch = DecoupledAttentionPatch(index=index, binding=binding, scale=0.7, host=host, uncond=uncond)
     out = patch(q, k, v, options)
     k_ip, v_ip = (t[0] for t in encoder.project(tokens, index))  # (M, dim): NestedEncoder.project
@@ -354,7 +357,7 @@ def test_jobs_split_over_processes_cover_every_image_once():
 
 def run_cli(*flags: str) -> dict:
     try:
-        return evaluate_cli.main(evaluate_cli.parse_args(["--domain", "tiny", "--steps", "2", *flags]))
+        return evaluate_cli.main(evaluate_config.parse_args(["--domain", "tiny", "--steps", "2", *flags]))
     finally:
         reset_after_run()
 
@@ -386,7 +389,7 @@ def test_cli_writes_csv_json_plot_and_grids_that_read_back_and_resume_skips_fini
     subject = torch.from_numpy(
         np.asarray(Image.open(row["subject_source"]).convert("RGB"), dtype=np.float32) / 255
     )
-    identity = metrics.TinyIdentity()
+    identity = tiny_scorers.TinyIdentity()
     ref, got = identity.embed(subject), identity.embed(image)
     if got is None:
         assert row["face_found"] is False and row["identity[tiny-face]"] is None
@@ -440,10 +443,10 @@ def test_a_subject_photo_without_a_face_stops_the_run_before_any_image_is_genera
 
 def test_real_domains_say_what_is_missing(tmp_path):
     with pytest.raises(SystemExit):
-        evaluate_cli.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder
+        evaluate_config.parse_args(["--domain", "faces", "--output_dir", str(tmp_path)])  # no --encoder
     encoder = tmp_path / "e.safetensors"
     encoder.write_bytes(b"")
-    args = evaluate_cli.parse_args(
+    args = evaluate_config.parse_args(
         [
             "--domain",
             "pets",
@@ -485,7 +488,6 @@ def test_two_processes_split_the_generations_and_gather_the_metrics_once(tmp_pat
 def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from training.loop import trainer
     from training.tiny.models import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", count=4, size=64)
@@ -514,7 +516,7 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
     )
     assert {"eval/prior", "eval/nested-lambda-1"} <= set(accumulator.Tags()["images"])
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "tiny", "--eval_steps", "-1"])
+        train_config.parse_args(["--domain", "tiny", "--eval_steps", "-1"])
 
 
 def test_tradeoff_point_labels_cover_no_other_label_and_no_point():

@@ -20,8 +20,10 @@ from trainer_runs import reset_after_run
 
 from nested_attention.host import attn2_replacements
 from training.evaluation import cli as evaluate_cli
+from training.evaluation import config as evaluate_config
 from training.evaluation import metrics, two_subjects
 from training.evaluation.two_subjects import PairJob, PairMethod, PairPrompt, match_faces, score_pair_image
+from training.tiny import scorers as tiny_scorers
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def test_each_face_scores_one_against_its_own_photo_and_the_photos_cosine_against_the_other(photos):
     a, b = photos
-    scorers = metrics.Scorers(identity=metrics.TinyIdentity())
+    scorers = metrics.Scorers(identity=tiny_scorers.TinyIdentity())
     refs = [scorers.reference(p, f"photo {i}").identity for i, p in enumerate(photos)]
     across = float(metrics.cosine(refs[0], refs[1]))  # the two photos' own similarity
     assert across < 0.99
@@ -101,8 +103,8 @@ def test_the_pair_model_carries_both_subjects_on_their_words_with_their_halves(t
     from tiny_models import tiny_sdxl_clip
 
     from nested_attention.host import comfy_attention
-    from training.models import sdxl as models_lib
     from training.evaluation.method_images import Generator, Subject
+    from training.models import sdxl as models_lib
     from training.presets import PRESETS
 
     frozen = models_lib.load_frozen(
@@ -162,52 +164,17 @@ def test_two_subject_flags_that_do_not_fit_are_refused(tmp_path):
         ["--domain", "tiny", "--two_subjects", "--pair_words", "man", "Man"],
     ):
         with pytest.raises(SystemExit):
-            evaluate_cli.parse_args([*flags, "--output_dir", str(tmp_path)])
+            evaluate_config.parse_args([*flags, "--output_dir", str(tmp_path)])
 
 
 def test_every_region_method_is_measured_by_default(tmp_path):
-    args = evaluate_cli.parse_args(["--domain", "tiny", "--output_dir", str(tmp_path), "--two_subjects"])
+    args = evaluate_config.parse_args(["--domain", "tiny", "--output_dir", str(tmp_path), "--two_subjects"])
     assert args.regions == ("none", "manual", "auto")
 
 
-def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
-    out = tmp_path / "pairs"
-    try:
-        result = evaluate_cli.main(
-            evaluate_cli.parse_args(
-                [
-                    "--domain",
-                    "tiny",
-                    "--steps",
-                    "2",
-                    "--output_dir",
-                    str(out),
-                    "--two_subjects",
-                    "--lambdas",
-                    "1",
-                ]
-            )
-        )
-    finally:
-        reset_after_run()
-    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 3 region methods x 2.
-    images = sorted(out.glob("images/**/*.png"))
-    assert result["generated"] == len(images) == 2 + 3 * 2
-    own, other = "identity_own[tiny-face]", "identity_other[tiny-face]"
-    assert result["metrics"] == ["clip_t[tiny-clip-g+tiny-vision]", own, other]
-    with open(out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    saved = json.loads((out / "metrics.json").read_text())
-    assert len(rows) == len(saved["rows"]) == 8 * 2  # each image: one row per subject of the pair
-    assert {(r["method"], r["region"]) for r in rows} == {
-        ("prior", ""),
-        ("nested", "none"),
-        ("nested", "manual"),
-        ("nested", "auto"),
-    }
-    assert all(r["word"] in ("pet", "toy") and r["subject"] != r["other_subject"] for r in rows)
-    # A figure recomputed from an image on disk and the two subjects' photos, written out here.
-    detector = metrics.TinyIdentity()
+def assert_identity_figures_recompute(out, saved, own, other):
+    """Every row's identity figures, recomputed from its image on disk and the two subjects' photos."""
+    detector = tiny_scorers.TinyIdentity()
     for entry in saved["rows"]:
         image = torch.from_numpy(np.asarray(Image.open(out / entry["image"]), dtype=np.float32) / 255)
         faces = detector.embed_faces(image)[:2]
@@ -229,6 +196,10 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
             )
         else:
             assert entry[own] is None and entry[other] is None
+
+
+def assert_summary_counts_face_failures(saved, own, other):
+    """Four summary entries (prior + three regions), each counting its rows' missing faces."""
     summary = {(e["method"], e["region"]): e for e in saved["summary"]}
     assert set(summary) == {("prior", ""), ("nested", "none"), ("nested", "manual"), ("nested", "auto")}
     for entry in saved["summary"]:
@@ -239,6 +210,37 @@ def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
         )
         if entry[own] is not None:
             assert entry["identity_gap"] == pytest.approx(entry[own] - entry[other])
+
+
+def test_cli_two_subjects_writes_leakage_rows_summary_plot_and_grids(tmp_path):
+    out = tmp_path / "pairs"
+    try:
+        result = evaluate_cli.main(
+            evaluate_config.parse_args(
+                ["--domain", "tiny", "--steps", "2", "--output_dir", str(out), "--two_subjects",
+                 "--lambdas", "1"]
+            )
+        )
+    finally:
+        reset_after_run()
+    # 1 pair (the 2 generated subjects), 2 prompts, 1 seed: the prior's 2 images + 3 region methods x 2.
+    images = sorted(out.glob("images/**/*.png"))
+    assert result["generated"] == len(images) == 2 + 3 * 2
+    own, other = "identity_own[tiny-face]", "identity_other[tiny-face]"
+    assert result["metrics"] == ["clip_t[tiny-clip-g+tiny-vision]", own, other]
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == len(saved["rows"]) == 8 * 2  # each image: one row per subject of the pair
+    assert {(r["method"], r["region"]) for r in rows} == {
+        ("prior", ""),
+        ("nested", "none"),
+        ("nested", "manual"),
+        ("nested", "auto"),
+    }
+    assert all(r["word"] in ("pet", "toy") and r["subject"] != r["other_subject"] for r in rows)
+    assert_identity_figures_recompute(out, saved, own, other)
+    assert_summary_counts_face_failures(saved, own, other)
     with open(out / "summary.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
     with Image.open(out / "leakage.png") as plot:

@@ -14,6 +14,7 @@ from PIL import Image
 from nested_attention import faces
 from training.data import dataset as data_lib
 from training.data import prepare
+from training.data.captions import CaptionRule
 
 EYES_AND_MOUTH = [(202.5, 101.3), (246.3, 103.3), (223.8, 141.9)]  # hand-placed on the astronaut (test_faces)
 
@@ -141,7 +142,7 @@ def test_generate_synthetic_pets_with_comfys_sampler_resumes_and_is_seeded(tmp_p
         assert Image.open(out / entry["input"]).size == (64, 64)
     # The trainer reads it: each caption's subject word becomes the token.
     records = data_lib.read_manifest(out / "manifest.jsonl")
-    rule = data_lib.CaptionRule("pet", ("dog", "cat"), "a photo of a {token}")
+    rule = CaptionRule("pet", ("dog", "cat"), "a photo of a {token}")
     assert all(" pet" in rule.apply(r.caption, r.subject) for r in records)
     # Resumable: a fourth sample is added, the first three are not made again; a lost one comes back the same.
     before = np.asarray(Image.open(out / "images" / "000001.png"))
@@ -174,25 +175,25 @@ def tiny_captioner(folder: Path) -> Path:
     folder.mkdir(parents=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat", "on", "grass"]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    text = dict(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        bos_token_id=2,
-        sep_token_id=3,
-        pad_token_id=0,
-        eos_token_id=3,
-    )
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=16,
-    )
+    text = {
+        "vocab_size": len(words),
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "bos_token_id": 2,
+        "sep_token_id": 3,
+        "pad_token_id": 0,
+        "eos_token_id": 3,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 16,
+    }
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(
         BlipConfig(text_config=text, vision_config=vision, projection_dim=32)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import pytest
 
 from training import settings
-from training.loop.config import TrainConfig
-from training.loop.config import build_parser as train_parser
 from training.evaluation.config import EvalConfig
 from training.evaluation.config import build_parser as eval_parser
 from training.evaluation.config import parse_args as parse_eval
+from training.loop.config import TrainConfig
+from training.loop.config import build_parser as train_parser
 from training.settings import at_least, derived, rule, setting, valid
 
 SIZES = {"small": 8, "large": 64}

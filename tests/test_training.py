@@ -24,8 +24,12 @@ from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
 from training.data import dataset as data_lib
+from training.data.captions import CaptionRule
+from training.data.shards import TarShardStream
+from training.loop import config as train_config
+from training.loop.checkpoints import weights_fingerprint
+from training.loop.loss import LossConfig, training_loss
 from training.models import sdxl as models_lib
-from training.loop import trainer
 from training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +112,7 @@ def reference(tmp_path_factory, data_dir) -> dict:
 )
 def test_bad_flag_combinations_are_rejected_with_clear_messages(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
-        trainer.parse_args(["--domain", "tiny", *flags])
+        train_config.parse_args(["--domain", "tiny", *flags])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -116,21 +120,21 @@ def test_bad_flag_combinations_are_rejected_with_clear_messages(flags, message, 
 def test_cache_latents_refuses_tar_shards(tmp_path, capsys):
     (tmp_path / "000.tar").write_bytes(b"")
     with pytest.raises(SystemExit):
-        trainer.parse_args(
+        train_config.parse_args(
             ["--domain", "tiny", "--cache_latents", "--no-random_flip", "--train_data", str(tmp_path)]
         )
     assert "cannot be used with tar shards" in capsys.readouterr().err
 
 
 def test_presets_fill_unset_flags_and_flags_win():
-    args = trainer.parse_args(["--domain", "faces", "--resolution", "1024"])
+    args = train_config.parse_args(["--domain", "faces", "--resolution", "1024"])
     assert (args.token, args.num_tokens, args.resolution, args.output_dir) == (
         "person",
         1024,
         1024,
         os.path.join("output", "faces"),
     )
-    args = trainer.parse_args(["--domain", "pets"])
+    args = train_config.parse_args(["--domain", "pets"])
     assert (args.token, args.num_tokens, args.resolution) == ("pet", 256, 512)
     assert PRESETS["pets"].resolutions == PRESETS["faces"].resolutions == (512, 1024)
 
@@ -152,7 +156,7 @@ def test_run_with_only_the_domain_says_what_is_missing_and_where(tmp_path, monke
 
 
 def test_captions_get_the_domain_token():
-    rule = data_lib.CaptionRule(token="pet", subject_words=("dog", "cat"), template="a photo of a {token}")
+    rule = CaptionRule(token="pet", subject_words=("dog", "cat"), template="a photo of a {token}")
     assert rule.apply("A Dog on the beach") == "A pet on the beach"
     assert rule.apply("a cat and a dog") == "a pet and a dog"  # the first subject word only
     assert rule.apply("a hotdog stand") == "a photo of a pet, a hotdog stand"  # whole words only
@@ -177,7 +181,7 @@ def test_unreadable_image_is_skipped_with_a_logged_warning(tmp_path, caplog):
     Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     records = data_lib.read_folder(tmp_path)
-    rule = data_lib.CaptionRule("pet", ("pet",), "a photo of a {token}")
+    rule = CaptionRule("pet", ("pet",), "a photo of a {token}")
     dataset = data_lib.RecordDataset(records, data_lib.SampleConfig(64, 32, True, False, rule, 0))
     with caplog.at_level(logging.WARNING):
         samples = [dataset[(i, i)] for i in range(len(dataset))]
@@ -250,19 +254,19 @@ def take(stream, n):
 
 def test_tar_shards_stream_split_between_ranks_skip_bad_images_and_resume(tmp_path, caplog):
     shards = make_shards(tmp_path, shards=4, per_shard=3)
-    rule = data_lib.CaptionRule("pet", ("dog",), "a photo of a {token}")
+    rule = CaptionRule("pet", ("dog",), "a photo of a {token}")
     config = data_lib.SampleConfig(32, 32, False, True, rule, seed=1)
     with caplog.at_level(logging.WARNING):
-        rank0 = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2), 12)
-        rank1 = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=1, world=2), 12)
+        rank0 = take(TarShardStream(shards, config, batch_size=2, rank=0, world=2), 12)
+        rank1 = take(TarShardStream(shards, config, batch_size=2, rank=1, world=2), 12)
     assert "s1-1" in caplog.text and "unreadable image" in caplog.text
     first_pass = [k for k in rank0[:6] + rank1[:6] if k is not None]
     assert (
         len(first_pass) == len(set(first_pass)) == 11
     )  # 12 samples, one unreadable; the ranks never overlap
-    resumed = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2, start_batch=2), 8)
+    resumed = take(TarShardStream(shards, config, batch_size=2, rank=0, world=2, start_batch=2), 8)
     assert resumed == rank0[4:12]
-    sample = next(s for s in data_lib.TarShardStream(shards, config, batch_size=2) if s is not None)
+    sample = next(s for s in TarShardStream(shards, config, batch_size=2) if s is not None)
     assert sample["caption"].startswith("a pet number")
     assert sample["pixels"].shape == (32, 32, 3) and sample["time_ids"][:2].tolist() == [40.0, 48.0]
 
@@ -461,12 +465,12 @@ def test_latent_cache_gives_the_losses_of_encoding_on_the_fly(tmp_path, referenc
 def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_dir):
     """The trainer's loss on four fixed examples (fixed noise and timesteps): 15 AdamW steps, below 0.8 x."""
     records = data_lib.read_folder(data_dir)[:4]
-    rule = data_lib.CaptionRule("pet", ("pet",), "a photo of a {token}")
+    rule = CaptionRule("pet", ("pet",), "a photo of a {token}")
     config = data_lib.SampleConfig(64, 32, True, False, rule, 0)
     batch = data_lib.collate([data_lib.load_sample(r, config, i) for i, r in enumerate(records)])
     module = tiny_module(frozen)
     text = models_lib.TextEncoder(frozen.clip, "pet", cache=True)
-    config = trainer.LossConfig(
+    config = LossConfig(
         seed=0,
         text_dropout=0.0,
         subject_dropout=0.0,
@@ -478,7 +482,7 @@ def test_overfitting_a_handful_of_examples_lowers_the_loss_clearly(frozen, data_
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):  # about 0.73 x after 15 steps, 0.71 x after 20 (measured)
-        loss = trainer.training_loss(module, frozen, text, batch, config, rank=0, batch_index=0, device="cpu")
+        loss = training_loss(module, frozen, text, batch, config, rank=0, batch_index=0, device="cpu")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -492,7 +496,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
     encoder = load_encoder(reference["encoder_path"])
     handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
     image = data_lib.to_comfy_image(
-        data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
+        data_lib.open_image(str(min(Path(reference["dir"]).glob("*.png"))))
     )[None]
     subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")
     unet = tiny_models.tiny_sdxl_unet(seed=0)  # the trainer's frozen UNet (same builder, same seed)
@@ -520,7 +524,7 @@ def test_init_encoder_starts_a_new_run_from_an_exported_file(tmp_path, reference
         reference["encoder_path"],
     )
     state = json.loads((tmp_path / "checkpoint-1" / "trainer_state-0.json").read_text())
-    assert state["initial_weights_sha256"] == trainer.weights_fingerprint(
+    assert state["initial_weights_sha256"] == weights_fingerprint(
         load_encoder(reference["encoder_path"])
     )
     assert state["weights_sha256"] != state["initial_weights_sha256"]

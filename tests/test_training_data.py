@@ -23,8 +23,11 @@ from nested_attention.images import composite_on_white
 from training.data import dataset as data_lib
 from training.data import images as images_lib
 from training.data import scan as scan_lib
+from training.data import shards
+from training.data.captions import CaptionRule
+from training.loop import config as train_config
 
-RULE = data_lib.CaptionRule("pet", ("dog", "cat", "pet"), "a photo of a {token}")
+RULE = CaptionRule("pet", ("dog", "cat", "pet"), "a photo of a {token}")
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
@@ -145,14 +148,16 @@ def test_scan_names_every_problem_once_and_drops_unreadable_images(tmp_path, cap
         "tiny.png (20x20)",
         "tiny.txt line 1 is not UTF-8",
         "1 have no caption (the template 'a photo of a pet' is used)",
-        "1 have no subject word (the template is put in front; --subject_words sets the words), "
-        "e.g. other.png",
+        (
+            "1 have no subject word (the template is put in front; --subject_words sets the words), "
+            "e.g. other.png"
+        ),
     ):
         assert expected in text
 
 
 def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog):
-    from training.models import sdxl as models_lib
+    from training.loop import trainer
 
     folder = make_messy_folder(tmp_path / "data")
     order = []
@@ -164,7 +169,7 @@ def test_the_trainer_scans_before_any_model_loads(tmp_path, monkeypatch, caplog)
         order.append("models")
         raise RuntimeError("stop here: the models would load now")
 
-    monkeypatch.setattr(models_lib, "load_frozen", no_models)
+    monkeypatch.setattr(trainer, "load_frozen", no_models)
     with caplog.at_level(logging.INFO, logger="training"), pytest.raises(RuntimeError, match="stop here"):
         train(tmp_path / "o", "--train_data", str(folder), "--min_image_size", "32")
     assert order == ["scan", "models"]
@@ -226,7 +231,7 @@ def test_masks_from_manifest_folder_and_shards_put_the_pet_on_white(tmp_path):
             info.size = len(data.getvalue())
             tar.addfile(info, io.BytesIO(data.getvalue()))
     (tmp_path / "s.tar").write_bytes(buffer.getvalue())
-    (record,) = list(data_lib.iter_tar_records(str(tmp_path / "s.tar")))
+    (record,) = list(shards.iter_tar_records(str(tmp_path / "s.tar")))
     np.testing.assert_array_equal(np.asarray(data_lib.open_image(record.input, record.mask)), expected)
 
 
@@ -293,7 +298,7 @@ def test_dry_run_previews_every_corruption_case_fixed(tmp_path):
 def test_subject_words_plurals_and_breeds_become_the_token():
     from training.presets import PRESETS
 
-    rule = data_lib.CaptionRule("pet", ("puppy", "dog", "corgi"), "a photo of a {token}")
+    rule = CaptionRule("pet", ("puppy", "dog", "corgi"), "a photo of a {token}")
     # Plurals are recognised but not rewritten (training.data.captions: the encoder binds one subject; "two pet"
     # would teach the token a wrong meaning): the template goes in front and the scan counts them.
     assert rule.apply("two Puppies in the grass") == "a photo of a pet, two Puppies in the grass"
@@ -301,11 +306,11 @@ def test_subject_words_plurals_and_breeds_become_the_token():
     assert rule.classify("my corgis at home") == "plural"
     assert rule.apply("my Corgi at home") == "my pet at home"
     assert rule.apply("a hotdogs stand") == "a photo of a pet, a hotdogs stand"  # whole words only
-    people = data_lib.CaptionRule("person", PRESETS["faces"].subject_words, "a photo of a {token}")
+    people = CaptionRule("person", PRESETS["faces"].subject_words, "a photo of a {token}")
     assert people.apply("two women laughing") == "a photo of a person, two women laughing"
     assert people.classify("two women laughing") == "plural"
     assert people.apply("a young actress smiling") == "a young person smiling"
-    pets = data_lib.CaptionRule("pet", PRESETS["pets"].subject_words, "a photo of a {token}")
+    pets = CaptionRule("pet", PRESETS["pets"].subject_words, "a photo of a {token}")
     assert pets.apply("a golden retriever on a sofa") == "a golden pet on a sofa"
     assert pets.classify("a sunny meadow") == "no_subject" and pets.classify("") == "template"
     assert pets.classify("a beagle") == "subject"
@@ -316,32 +321,30 @@ def test_subject_words_plurals_and_breeds_become_the_token():
 
 
 def test_presets_reach_the_papers_global_batches_through_accumulation(monkeypatch):
-    from training.loop import trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    faces = trainer.parse_args(["--domain", "faces"])
+    faces = train_config.parse_args(["--domain", "faces"])
     assert faces.train_batch_size * faces.gradient_accumulation_steps == 32  # 512 px phase, one process
     assert faces.checkpoints_total_limit == 3
     assert (
-        trainer.parse_args(["--domain", "faces", "--resolution", "1024"]).gradient_accumulation_steps * 4
+        train_config.parse_args(["--domain", "faces", "--resolution", "1024"]).gradient_accumulation_steps * 4
         == 16
     )
     monkeypatch.setenv("WORLD_SIZE", "8")  # accelerate launch on 8 GPUs
-    pets = trainer.parse_args(["--domain", "pets"])
+    pets = train_config.parse_args(["--domain", "pets"])
     assert pets.train_batch_size * 8 * pets.gradient_accumulation_steps == 128
     assert (
-        trainer.parse_args(
+        train_config.parse_args(
             ["--domain", "pets", "--gradient_accumulation_steps", "3"]
         ).gradient_accumulation_steps
         == 3
     )
-    assert trainer.parse_args(["--domain", "tiny"]).gradient_accumulation_steps == 1
+    assert train_config.parse_args(["--domain", "tiny"]).gradient_accumulation_steps == 1
     # one default for every preset (training/test_training_data_prep.py: 0 keeps all)
-    assert trainer.parse_args(["--domain", "tiny"]).checkpoints_total_limit == 3
+    assert train_config.parse_args(["--domain", "tiny"]).checkpoints_total_limit == 3
 
 
 def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
-    from training.loop import trainer
 
     data = tmp_path / "data"
     data.mkdir()
@@ -352,7 +355,7 @@ def test_epochs_become_steps_after_the_scan(tmp_path, capsys):
     train(tmp_path / "o", "--train_data", str(data), "--dry_run", "--num_train_epochs", "3", *batch)
     assert json.loads((tmp_path / "o" / "args.json").read_text())["max_train_steps"] == 8  # ceil(3 * 10 / 4)
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "tiny", "--num_train_epochs", "2", "--max_train_steps", "5"])
+        train_config.parse_args(["--domain", "tiny", "--num_train_epochs", "2", "--max_train_steps", "5"])
     assert "not both" in capsys.readouterr().err
 
 

@@ -17,11 +17,12 @@ from PIL import Image
 from test_training import make_shards
 from trainer_runs import run_trainer, tiny_argv, train
 
-from training.loop import checkpoints as checkpoints_lib
 from training.data import dataset as data_lib
+from training.data.captions import CaptionRule, caption_counts, plural_forms
+from training.loop import checkpoints as checkpoints_lib
+from training.loop import config as train_config
 from training.loop import preview as preview_lib
 from training.loop import trainer
-from training.data.captions import CaptionRule, caption_counts, plural_forms
 from training.presets import PRESETS
 
 TEMPLATE = "a photo of a {token}"
@@ -82,13 +83,13 @@ def test_face_captions_handle_role_words_and_irregular_plurals():
 
 
 def test_subject_words_flag_overrides_the_preset(capsys):
-    assert trainer.parse_args(["--domain", "pets"]).subject_words == PRESETS["pets"].subject_words
+    assert train_config.parse_args(["--domain", "pets"]).subject_words == PRESETS["pets"].subject_words
     assert {"dog", "cat", "puppy", "kitten", "pet", "corgi"} <= set(PRESETS["pets"].subject_words)
     assert {"man", "woman", "person", "boy", "girl", "lady", "guy"} <= set(PRESETS["faces"].subject_words)
-    config = trainer.parse_args(["--domain", "pets", "--subject_words", "axolotl", "newt"])
+    config = train_config.parse_args(["--domain", "pets", "--subject_words", "axolotl", "newt"])
     assert config.subject_words == ("axolotl", "newt")
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "pets", "--subject_words", " "])
+        train_config.parse_args(["--domain", "pets", "--subject_words", " "])
     assert "--subject_words needs at least one word" in capsys.readouterr().err
 
 
@@ -110,10 +111,12 @@ def test_caption_report_counts_each_kind_once_before_the_models_load(tmp_path, m
     # one caption line, in the data scan's one summary (training.data.scan)
     reports = [line for r in caplog.records for line in r.getMessage().splitlines() if "captions of" in line]
     assert reports == [
-        "[nested-attention] captions of 6 records: 2 name the subject (rewritten to 'pet'); 1 already use "
-        "'pet'; 1 have no caption (the template 'a photo of a pet' is used); 1 have no subject word (the "
-        "template is put in front; --subject_words sets the words), e.g. d.png; 1 name the subject only in "
-        "the plural (not rewritten; the template is put in front), e.g. e.png"
+        (
+            "[nested-attention] captions of 6 records: 2 name the subject (rewritten to 'pet'); 1 already use "
+            "'pet'; 1 have no caption (the template 'a photo of a pet' is used); 1 have no subject word (the "
+            "template is put in front; --subject_words sets the words), e.g. d.png; 1 name the subject only in "
+            "the plural (not rewritten; the template is put in front), e.g. e.png"
+        )
     ]
     records = data_lib.read_folder(folder)
     rule = CaptionRule("pet", ("dog", "pet"), TEMPLATE)
@@ -146,7 +149,7 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     assert summary["dry_run"] and len(summary["preview"]) == 4
     assert not list(out.glob("checkpoint-*")) and not (out / "tiny-encoder.safetensors").exists()
     # args.json: the frozen config, every setting resolved (the epochs made 6 steps: 2 x 6 records / batch 2).
-    parsed = trainer.parse_args(tiny_argv(out, *flags))
+    parsed = train_config.parse_args(tiny_argv(out, *flags))
     expected = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(parsed, max_train_steps=6))))
     assert json.loads((out / "args.json").read_text()) == expected
     # sample-0: the CLIP crop (32 px, shown x8) and the target crop (64 px, shown x4), as training makes them.
@@ -156,7 +159,7 @@ def test_dry_run_writes_args_json_and_a_preview_of_processed_samples(tmp_path, m
     shown = np.asarray(Image.open(out / "data-preview" / "sample-0.png").convert("RGB"))
     image, ((clip_box, target_box),) = preview_lib.preview_image(record, sample, 32, 64)
     np.testing.assert_array_equal(shown, np.asarray(image))
-    crop = lambda box: shown[box[1] : box[3], box[0] : box[2]]  # noqa: E731
+    crop = lambda box: shown[box[1] : box[3], box[0] : box[2]]
     np.testing.assert_array_equal(crop(clip_box), enlarge(sample["clip_pixels"], 8))
     np.testing.assert_array_equal(crop(target_box), enlarge(sample["pixels"], 4))
     # the target is 96 x 64: resized to 96 x 64 and cropped in the middle, not squashed
@@ -242,7 +245,7 @@ def torch_of(array):
 )
 def test_global_batch_splits_into_per_device_batch_and_accumulation(flags, world, expected, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    config = trainer.parse_args(flags)
+    config = train_config.parse_args(flags)
     assert (config.train_batch_size, config.gradient_accumulation_steps, config.global_batch_size) == expected
     assert config.num_processes == world
     assert config.train_batch_size * world * config.gradient_accumulation_steps == config.global_batch_size
@@ -265,16 +268,16 @@ def test_global_batch_splits_into_per_device_batch_and_accumulation(flags, world
 def test_batch_and_length_flags_that_do_not_fit_are_refused(flags, world, message, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(SystemExit) as e:
-        trainer.parse_args(flags)
+        train_config.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_epochs_refuse_tar_shards_and_set_steps_from_the_data_size(tmp_path, capsys):
     (tmp_path / "000.tar").write_bytes(b"")
     with pytest.raises(SystemExit):
-        trainer.parse_args(["--domain", "tiny", "--num_train_epochs", "1", "--train_data", str(tmp_path)])
+        train_config.parse_args(["--domain", "tiny", "--num_train_epochs", "1", "--train_data", str(tmp_path)])
     assert "tar shards do not tell" in capsys.readouterr().err
-    config = trainer.parse_args(
+    config = train_config.parse_args(
         ["--domain", "tiny", "--num_train_epochs", "2.5", "--train_batch_size", "3"]
         + ["--gradient_accumulation_steps", "2"]
     )
@@ -282,12 +285,12 @@ def test_epochs_refuse_tar_shards_and_set_steps_from_the_data_size(tmp_path, cap
     assert config.with_epochs(100).max_train_steps == 42  # ceil(2.5 x 100 / 6)
     with pytest.raises(SystemExit, match="tar shards do not tell"):  # shards found at the default path
         config.with_epochs(0)
-    assert trainer.parse_args(["--domain", "tiny"]).with_epochs(100).max_train_steps == 30  # the preset's
+    assert train_config.parse_args(["--domain", "tiny"]).with_epochs(100).max_train_steps == 30  # the preset's
 
 
 def test_checkpoints_keep_three_by_default_and_zero_keeps_all(tmp_path):
-    assert {trainer.parse_args(["--domain", d]).checkpoints_total_limit for d in PRESETS} == {3}
-    keep_all = trainer.parse_args(["--domain", "tiny", "--checkpoints_total_limit", "0"])
+    assert {train_config.parse_args(["--domain", d]).checkpoints_total_limit for d in PRESETS} == {3}
+    keep_all = train_config.parse_args(["--domain", "tiny", "--checkpoints_total_limit", "0"])
     assert keep_all.checkpoints_total_limit == 0
     for step in (1, 2, 3, 4, 5):
         complete_checkpoint(tmp_path / f"checkpoint-{step}")

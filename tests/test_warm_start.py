@@ -12,8 +12,9 @@ from test_formats import TINY, build_tiny
 from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
-from training.models import sdxl as models_lib
-from training.loop import trainer
+from nested_attention.host import clip_vision_spec
+from training.loop import config as train_config
+from training.loop.checkpoints import weights_fingerprint
 from training.loop.warm_start import WarmStartError, warm_start_encoder
 
 
@@ -25,7 +26,7 @@ def layers(_tiny_unet_shared):
 @pytest.fixture
 def frozen(layers, tiny_clip_vision):
     """What warm_start_encoder reads of training.models.sdxl.FrozenModels: the layer table and the CLIP spec."""
-    return SimpleNamespace(layers=layers, clip_vision_spec=models_lib.clip_vision_spec(tiny_clip_vision, "tiny.safetensors"))
+    return SimpleNamespace(layers=layers, clip_vision_spec=clip_vision_spec(tiny_clip_vision, "tiny.safetensors"))
 
 
 def test_warm_start_takes_m_shape_and_clip_layer_from_the_file(tmp_path, layers, frozen):
@@ -75,7 +76,7 @@ def test_init_from_trains_from_the_file_reads_its_clip_layer_and_exports_the_pac
     state = json.loads((out / "checkpoint-1" / "trainer_state-0.json").read_text())
     start = load_encoder(str(source), dtype=torch.float32, layers=layers,
                          clip_vision=read_config(summary["encoder_path"]).clip_vision)
-    assert state["initial_weights_sha256"] == trainer.weights_fingerprint(start)
+    assert state["initial_weights_sha256"] == weights_fingerprint(start)
     assert state["weights_sha256"] != state["initial_weights_sha256"]
     config = read_config(summary["encoder_path"])
     assert (config.num_tokens, config.qformer.ff_bias, config.clip_vision.hidden_layer) == (4, False, "penultimate")
@@ -88,8 +89,8 @@ def test_init_from_and_init_encoder_are_exclusive(tmp_path, capsys):
     path = tmp_path / "a.safetensors"
     path.write_bytes(b"x")
     with pytest.raises(SystemExit):
-        trainer.parse_args([*TINY_FLAGS, "--init_from", str(path), "--init_encoder", str(path)])
+        train_config.parse_args([*TINY_FLAGS, "--init_from", str(path), "--init_encoder", str(path)])
     assert "give one" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        trainer.parse_args([*TINY_FLAGS, "--init_from", str(tmp_path / "missing.safetensors")])
+        train_config.parse_args([*TINY_FLAGS, "--init_from", str(tmp_path / "missing.safetensors")])
     assert "no such file" in capsys.readouterr().err

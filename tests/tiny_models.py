@@ -4,7 +4,7 @@ Everything runs on the CPU in seconds: a UNet with SDXL's block structure and co
 SDXL's two CLIP text encoders with 768 + 1280 hidden sizes but three layers, and a small CLIP
 vision tower. Builders are deterministic given a seed. ComfyUI's ops skip weight initialization
 (parameters come from torch.empty), so every parameter is initialized from a seeded generator. The
-builders live in training/tiny.py (the trainer's `--domain tiny` preset uses them) and are
+builders live in training/tiny/models.py (the trainer's `--domain tiny` preset uses them) and are
 re-exported here under the same names.
 
 Importing this module makes ComfyUI importable (see `setup_comfy`); the pytest conftest imports it
@@ -36,7 +36,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 
 # ------------------------------------------------------------------------------------------------
-# Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny.py
+# Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny/models.py
 # (same names, same seeds, so a test can rebuild exactly the models a tiny training run used).
 
 from training.tiny.models import (  # noqa: E402,F401

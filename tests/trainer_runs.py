@@ -12,6 +12,7 @@ from pathlib import Path
 import comfy.model_management
 from accelerate.state import AcceleratorState, GradientState
 
+from training.loop import config as train_config
 from training.loop import trainer
 
 # The tiny domain, quick: two images per batch, no loss curves to a tracker, no sample grids.
@@ -33,7 +34,7 @@ def reset_after_run() -> None:
 def run_trainer(argv: list[str]) -> dict:
     """Parse `argv` as `python -m training.run` does and run it; returns `main`'s summary."""
     try:
-        return trainer.main(trainer.parse_args(argv))
+        return trainer.main(train_config.parse_args(argv))
     finally:
         reset_after_run()
 

@@ -2,7 +2,7 @@
 
 Uses ComfyUI's `comfy` package as its SDXL model library and the core's attention patch, so what is
 trained is what the nodes run. Importing this package does not import ComfyUI; the modules that need
-it (models, tiny) set it up first (training.comfy_env).
+it (models, tiny) import it on first use (training.comfy_env.comfy_module).
 
 One folder per job; the commands users type are the thin modules here:
     run.py, prepare.py, evaluate.py   `python -m training.run | prepare | evaluate`

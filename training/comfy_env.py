@@ -4,10 +4,16 @@ The trainer uses ComfyUI's `comfy` package as its SDXL model library (UNet, VAE,
 CLIP vision loading, sampler). `setup_comfy()` must run before anything imports
 `comfy.model_management`, which reads its arguments once at import: it turns argv parsing off
 (ComfyUI would otherwise parse the trainer's flags) and selects the CPU when there is no GPU.
+
+No training module imports ComfyUI when it is imported: `comfy_module(name)` stands for a module that needs
+ComfyUI and imports it, after `setup_comfy()`, on its first use (`comfy = comfy_module("comfy")`, then
+`comfy.sd.load_checkpoint_guess_config(...)` as usual). So `python -m training.run --help` works without
+ComfyUI, and ComfyUI picks its device only after accelerate has given this process one.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -81,3 +87,51 @@ def setup_comfy() -> Path:
             )
         comfy.cli_args.args.cpu = True
     return Path(path)
+
+
+class LazyModule:
+    """A module that needs ComfyUI, imported (after `setup_comfy()`) on first attribute access.
+
+    An attribute that is a submodule resolves to that submodule (itself lazy while it is a package), so
+    `comfy.ldm.modules.attention.SpatialTransformer` works without importing each level by hand.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        setup_comfy_once()
+        module = importlib.import_module(self._name)
+        value = getattr(module, attr, None)
+        if value is None or isinstance(value, type(module)):
+            full = f"{self._name}.{attr}"
+            try:
+                submodule = importlib.import_module(full)
+            except ModuleNotFoundError as e:
+                if e.name != full:
+                    raise
+                value = getattr(module, attr)  # AttributeError names what is missing
+            else:
+                value = LazyModule(full) if hasattr(submodule, "__path__") else submodule
+        setattr(self, attr, value)  # later look-ups skip __getattr__
+        return value
+
+
+def comfy_module(name: str) -> LazyModule:
+    """`name` (a module that imports ComfyUI) as a `LazyModule`: imported on first use, never at import."""
+    return LazyModule(name)
+
+
+_SET_UP: list[Path] = []
+
+
+def setup_comfy_once() -> Path:
+    """`setup_comfy()` the first time; the path it found after that."""
+    if not _SET_UP:
+        _SET_UP.append(setup_comfy())
+    return _SET_UP[0]

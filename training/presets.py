@@ -10,7 +10,6 @@ Phases: train at the first resolution, then continue at the second with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from nested_attention import QFormerConfig
 
@@ -48,7 +47,7 @@ class Preset:
     checkpointing_steps: int = 2_000
     validation_steps: int = 2_000
     validation_prompts: tuple[str, ...] = ()
-    mixed_precision: Optional[str] = "bf16"
+    mixed_precision: str | None = "bf16"
     gradient_checkpointing: bool = True
     sample_steps: int = 30
     tiny: bool = False  # tiny models built in code, generated data (CPU smoke runs)

@@ -11,8 +11,8 @@ subject word it gets the template in front, and the caption report counts it so 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 PREFIX = "[nested-attention]"
 
@@ -60,7 +60,7 @@ class CaptionRule:
     subject_words: tuple[str, ...]  # words that name the subject in raw captions
     template: str  # "{token}" is replaced by the token
 
-    def classify(self, caption: Optional[str], subject: Optional[str] = None) -> str:
+    def classify(self, caption: str | None, subject: str | None = None) -> str:
         """One of CAPTION_KINDS: names the subject (a subject word, or the record's own `subject`),
         already has the token, is empty (the template), has no subject word, or has it only in the plural."""
         caption = (caption or "").strip()
@@ -76,7 +76,7 @@ class CaptionRule:
             return "plural"
         return "no_subject"
 
-    def apply(self, caption: Optional[str], subject: Optional[str] = None) -> str:
+    def apply(self, caption: str | None, subject: str | None = None) -> str:
         """The training caption: the first run of subject words replaced by the token; the template for no
         caption; the template in front of a caption without the subject (or with it only in the plural)."""
         base = self.template.format(token=self.token)

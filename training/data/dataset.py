@@ -40,20 +40,20 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
+from training.data.captions import CaptionRule
+from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
-
-from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 
 MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
 CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
@@ -73,11 +73,11 @@ def mix_seed(*parts: Any) -> int:
 class Record:
     key: str  # a name for messages (file name or tar key)
     input: ImageSource  # the subject image the encoder sees
-    target: Optional[ImageSource] = None  # the image the UNet learns to denoise; None means the input
-    caption: Optional[str] = None
-    subject: Optional[str] = None  # the caption's subject word, when the data names it
-    mask: Optional[ImageSource] = None  # the subject's mask: the input is put on white outside it
-    face_box: Optional[tuple[float, float, float, float]] = None  # (left, top, right, bottom) in the target
+    target: ImageSource | None = None  # the image the UNet learns to denoise; None means the input
+    caption: str | None = None
+    subject: str | None = None  # the caption's subject word, when the data names it
+    mask: ImageSource | None = None  # the subject's mask: the input is put on white outside it
+    face_box: tuple[float, float, float, float] | None = None  # (left, top, right, bottom) in the target
 
 
 @dataclass
@@ -89,7 +89,7 @@ class DataReport:
     bad_lines: list[str] = field(default_factory=list)  # manifest lines skipped, with the reason
 
 
-def read_manifest(path: Path, report: Optional[DataReport] = None) -> list[Record]:
+def read_manifest(path: Path, report: DataReport | None = None) -> list[Record]:
     """Records of a JSON-lines manifest; malformed lines are reported and skipped.
 
     {"input", "target" (optional), "caption" (optional), "subject" (optional), "mask" (optional: the
@@ -141,7 +141,7 @@ def _is_mask(path: Path) -> bool:
     return path.stem.lower().endswith(MASK_SUFFIX)
 
 
-def read_folder(folder: Path, report: Optional[DataReport] = None) -> list[Record]:
+def read_folder(folder: Path, report: DataReport | None = None) -> list[Record]:
     """Records of a folder of images (searched recursively).
 
     Captions come from sidecar `<name>.txt` files (Latin-1 ones are read and reported), masks from
@@ -171,7 +171,7 @@ def read_folder(folder: Path, report: Optional[DataReport] = None) -> list[Recor
                 key=str(path.relative_to(folder)),
                 input=str(path),
                 caption=caption,
-                mask=str(sorted(masks)[0]) if masks else None,
+                mask=str(min(masks)) if masks else None,
             )
         )
     return records
@@ -209,7 +209,7 @@ def describe_source(spec: str) -> tuple[str, Any]:
 # Images
 
 
-def open_image(source: ImageSource, mask: Optional[ImageSource] = None):
+def open_image(source: ImageSource, mask: ImageSource | None = None):
     """A PIL RGB image, fully decoded (so a truncated file fails here, not later), upright (EXIF), 8-bit,
     on white outside its alpha channel and its mask; see training.data.images."""
     return load_rgb(source, mask)
@@ -220,7 +220,7 @@ def to_comfy_image(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
-def _crop_start(size: int, crop: int, keep: Optional[tuple[float, float]], center: bool, rng) -> int:
+def _crop_start(size: int, crop: int, keep: tuple[float, float] | None, center: bool, rng) -> int:
     """First pixel of a `crop`-long window in `size` pixels: centred or random, and covering `keep` (lo, hi)
     whenever it fits (else centred on it)."""
     lo, hi = 0, size - crop
@@ -240,7 +240,7 @@ def _crop_start(size: int, crop: int, keep: Optional[tuple[float, float]], cente
 
 
 def prepare_target(image, resolution: int, center_crop: bool, flip: bool, rng: random.Random,
-                   keep: Optional[tuple[float, float, float, float]] = None):
+                   keep: tuple[float, float, float, float] | None = None):
     """Resize (shorter side), crop to a square and maybe mirror; returns ((res, res, 3), time ids (6,)).
 
     `keep` (left, top, right, bottom) in the original image is a face box the crop must contain when it fits.
@@ -299,7 +299,7 @@ class SampleConfig:
     seed: int
 
 
-def load_sample(record: Record, config: SampleConfig, position: int) -> Optional[dict]:
+def load_sample(record: Record, config: SampleConfig, position: int) -> dict | None:
     """The training sample of a record, or None (logged) when an image cannot be read."""
     rng = random.Random(mix_seed(config.seed, "sample", position))
     try:
@@ -312,7 +312,7 @@ def load_sample(record: Record, config: SampleConfig, position: int) -> Optional
     except BadImage as e:
         log.warning("%s skipping %s: unreadable image (%s)", PREFIX, record.key, e)
         return None
-    except Exception as e:  # an image PIL reads but cannot convert or resize: still one sample, not the run
+    except Exception as e:  # noqa: BLE001  (an image PIL reads but cannot convert or resize: one sample, not the run)
         name = type(e).__name__
         log.warning("%s skipping %s: cannot prepare the image (%s: %s)", PREFIX, record.key, name, e)
         return None
@@ -325,7 +325,7 @@ def load_sample(record: Record, config: SampleConfig, position: int) -> Optional
     }
 
 
-def collate(samples: Sequence[Optional[dict]]) -> Optional[dict]:
+def collate(samples: Sequence[dict | None]) -> dict | None:
     """Stack samples, dropping skipped ones; None when none is left."""
     samples = [s for s in samples if s is not None]
     if not samples:
@@ -351,7 +351,7 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, item: tuple[int, int]) -> Optional[dict]:
+    def __getitem__(self, item: tuple[int, int]) -> dict | None:
         index, position = item
         return load_sample(self.records[index], self.config, position)
 
@@ -388,11 +388,3 @@ class StepBatchSampler:
             yield self.batch(j)
             j += 1
 
-
-def __getattr__(name: str):
-    """The tar shard reader (training.data.shards) stays reachable under its old names here."""
-    if name in ("TarShardStream", "iter_tar_records"):
-        from training.data import shards
-
-        return getattr(shards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from nested_attention.images import composite_on_white
 
@@ -26,16 +26,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MASK_SUFFIX = ".mask"  # <name>.mask.png next to <name>.jpg (folders), <key>.mask.png (tar shards)
 
-ImageSource = Union[str, bytes]  # a path, or the bytes of a file inside a tar shard
+ImageSource = str | bytes  # a path, or the bytes of a file inside a tar shard
 
 
 class BadImage(Exception):
     """An image file that cannot be decoded; the message says why."""
 
 
-def _open(source: ImageSource, draft: Optional[int] = None):
-    from PIL import Image
-
+def _open(source: ImageSource, draft: int | None = None):
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     if draft and image.format == "JPEG":
         image.draft("RGB", (draft, draft))  # decode at 1/2..1/8 scale: a scan need not pay for full size
@@ -47,8 +45,6 @@ def _open(source: ImageSource, draft: Optional[int] = None):
 
 def _to_8bit(image):
     """Greyscale images deeper than 8 bits (modes I;16*, I, F) -> mode L with their full range kept."""
-    from PIL import Image
-
     values = np.asarray(image).astype(np.float64)
     if image.mode == "F":
         top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
@@ -72,13 +68,11 @@ def to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array if array.ndim == 3 else array[..., None])
 
 
-def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Optional[int] = None):
+def load_rgb(source: ImageSource, mask: ImageSource | None = None, draft: int | None = None):
     """A PIL RGB image, upright, 8-bit, on white outside its alpha channel and outside `mask` (if given).
 
     Raises BadImage for files that cannot be decoded (a bad mask file too, naming it).
     """
-    from PIL import Image, ImageOps
-
     try:
         image = _open(source, draft)
         image = ImageOps.exif_transpose(image)  # phones store the rotation in EXIF; the pixels are sideways
@@ -114,13 +108,11 @@ def load_rgb(source: ImageSource, mask: Optional[ImageSource] = None, draft: Opt
     return Image.fromarray((white * 255.0).round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
 
 
-def probe_image(source: ImageSource, mask: Optional[ImageSource] = None) -> tuple[int, int]:
+def probe_image(source: ImageSource, mask: ImageSource | None = None) -> tuple[int, int]:
     """(width, height) of an image that decodes fully (mask included); raises BadImage otherwise.
 
     JPEGs are decoded at reduced scale (fast: a scan of a large folder), which still reads the whole file.
     """
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as header:
             size = header.size
@@ -130,7 +122,7 @@ def probe_image(source: ImageSource, mask: Optional[ImageSource] = None) -> tupl
     return size
 
 
-def decode_text(data: bytes, name: str) -> tuple[str, Optional[str]]:
+def decode_text(data: bytes, name: str) -> tuple[str, str | None]:
     """(text, problem): UTF-8 (with or without BOM), else Windows-1252 with a note naming file and line."""
     try:
         return data.decode("utf-8-sig"), None
@@ -146,7 +138,7 @@ def decode_text(data: bytes, name: str) -> tuple[str, Optional[str]]:
         )
 
 
-def read_text(path: str) -> tuple[str, Optional[str]]:
+def read_text(path: str) -> tuple[str, str | None]:
     """A caption or manifest file's text and a problem note (see decode_text)."""
     with open(path, "rb") as f:
         return decode_text(f.read(), path)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from training.data.dataset import CaptionRule, Record, SampleConfig, load_sample
+from training.data.captions import CaptionRule
+from training.data.dataset import Record, SampleConfig, load_sample
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
@@ -118,7 +120,7 @@ class CachedDataset(Dataset):
             self._open[path] = safe_open(path, framework="pt")
         return self._open[path]
 
-    def __getitem__(self, item: tuple[int, int]) -> Optional[dict]:
+    def __getitem__(self, item: tuple[int, int]) -> dict | None:
         index, _ = item
         if index not in self.where:
             return None  # unreadable when the cache was built (logged then)

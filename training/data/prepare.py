@@ -17,18 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from nested_attention import faces
+from training.comfy_env import find_comfyui
 from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
+from training.data.synthetic_pets import generate
+from training.presets import SDXL_CHECKPOINT_NAMES
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 
-def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m training.prepare` (the rules between them are parse_args')."""
     p = argparse.ArgumentParser(
         prog="python -m training.prepare",
         description="Make a training manifest from a folder of photos (aligned faces, or pets on white).",
@@ -97,6 +105,11 @@ def parse_args(args: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=30, help="Euler steps per image.")
     g.add_argument("--cfg", type=float, default=5.0, help="Classifier-free guidance scale.")
     g.add_argument("--seed", type=int, default=0, help="Seed of the prompt draws and the noise.")
+    return p
+
+
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(args)
     if args.generate is not None:
         if args.domain != "pets":
@@ -131,7 +144,7 @@ def photos(src: Path) -> list[Path]:
     )
 
 
-def find_mask(src: Path, photo: Path) -> Optional[Path]:
+def find_mask(src: Path, photo: Path) -> Path | None:
     for candidate in [
         *photo.parent.glob(f"{photo.stem}{MASK_SUFFIX}.*"),
         *(src / "masks" / photo.relative_to(src).parent).glob(f"{photo.stem}.*"),
@@ -142,13 +155,11 @@ def find_mask(src: Path, photo: Path) -> Optional[Path]:
 
 
 def has_alpha(path: Path) -> bool:
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def caption_of(photo: Path, notes: list[str]) -> Optional[str]:
+def caption_of(photo: Path, notes: list[str]) -> str | None:
     sidecar = photo.with_suffix(".txt")
     if not sidecar.is_file():
         return None
@@ -162,7 +173,6 @@ class Captioner:
     """An image-to-text model from a local folder: image -> caption (greedy: a photo always gets the same)."""
 
     def __init__(self, folder: str, max_new_tokens: int = 40):
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not Path(folder, "config.json").is_file():
@@ -185,22 +195,18 @@ class Captioner:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, image) -> str:
-        import torch
-
         inputs = self.processor(images=image, return_tensors="pt").to(self.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.processor.batch_decode(out, skip_special_tokens=True)[0].strip()
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
-    from tqdm.auto import tqdm
-
-    src, out = Path(args.src), Path(args.out)
+def photos_to_prepare(args: argparse.Namespace) -> list[Path]:
+    """The photos under SRC; stops first when SRC is not a folder, OUT already holds a manifest (without
+    --overwrite), there are no photos, or faces are asked for without dlib."""
+    src, manifest = Path(args.src), Path(args.out) / "manifest.jsonl"
     if not src.is_dir():
         raise SystemExit(f"{PREFIX} {src} is not a folder; give the folder that holds the photos.")
-    manifest = out / "manifest.jsonl"
     if manifest.exists() and not args.overwrite:
         raise SystemExit(
             f"{PREFIX} {manifest} exists; pass --overwrite to replace it, or choose another OUT."
@@ -208,11 +214,29 @@ def prepare(args: argparse.Namespace) -> dict:
     items = photos(src)
     if not items:
         raise SystemExit(f"{PREFIX} no photos ({', '.join(IMAGE_EXTENSIONS)}) under {src}.")
-    if args.domain == "faces":
-        from nested_attention import faces
+    if args.domain == "faces" and not faces.face_tools_available():
+        raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
+    return items
 
-        if not faces.face_tools_available():
-            raise SystemExit(f"{PREFIX} --domain faces needs dlib: {faces.INSTALL_HINT}.")
+
+def whole_face_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """The detector's box (eyebrows to mouth) grown by half its size, inside the photo: forehead and chin
+    included, so the trainer's square target crops keep the whole face."""
+    left, top, right, bottom = box
+    grow_x, grow_y = (right - left) / 4, (bottom - top) / 4
+    return [
+        max(0.0, left - grow_x),
+        max(0.0, top - grow_y),
+        min(float(width), right + grow_x),
+        min(float(height), bottom + grow_y),
+    ]
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Prepare every photo; returns {"kept": n, "skipped": Counter(reason), "manifest": path, ...}."""
+    src, out = Path(args.src), Path(args.out)
+    manifest = out / "manifest.jsonl"
+    items = photos_to_prepare(args)
     captioner = Captioner(args.caption_model) if args.caption_model else None
     out.mkdir(parents=True, exist_ok=True)
 
@@ -235,10 +259,7 @@ def prepare(args: argparse.Namespace) -> dict:
         except BadImage as e:
             skip(f"unreadable ({e})", name)
             continue
-        entry: dict = {}
         if args.domain == "faces":
-            from nested_attention import faces
-
             pixels = faces.pil_to_tensor(image)
             found = faces.detect_faces(pixels)
             if not found:
@@ -255,19 +276,10 @@ def prepare(args: argparse.Namespace) -> dict:
             (out / "targets").mkdir(exist_ok=True)
             faces.tensor_to_pil(aligned).save(out / "inputs" / f"{stem}.png")
             image.save(out / "targets" / f"{stem}.jpg", quality=95)  # upright: EXIF rotation applied
-            # The detector's box (eyebrows to mouth) grown by half its size: forehead and chin included.
-            left, top, right, bottom = face.box
-            grow_x, grow_y = (right - left) / 4, (bottom - top) / 4
-            box = [
-                max(0.0, left - grow_x),
-                max(0.0, top - grow_y),
-                min(float(image.width), right + grow_x),
-                min(float(image.height), bottom + grow_y),
-            ]
             entry = {
                 "input": f"inputs/{stem}.png",
                 "target": f"targets/{stem}.jpg",
-                "face_box": [round(v, 1) for v in box],
+                "face_box": [round(v, 1) for v in whole_face_box(face.box, image.width, image.height)],
             }
         else:
             if mask is None and not has_alpha(photo):
@@ -288,7 +300,7 @@ def prepare(args: argparse.Namespace) -> dict:
         lines.append(json.dumps(entry, ensure_ascii=False))
 
     manifest.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    summary = {
+    return {
         "kept": len(lines),
         "skipped": dict(skipped),
         "skipped_names": skipped_names,
@@ -300,16 +312,17 @@ def prepare(args: argparse.Namespace) -> dict:
         "text_problems": notes,
         "manifest": str(manifest),
     }
-    return summary
 
 
 def describe(summary: dict) -> str:
     lines = [
-        f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
-        f"captions: {summary['captions_from_files']} from .txt files, "
-        f"{summary['captions_from_model']} from --caption_model, "
-        f"{summary['captions_from_template']} will "
-        f"use the trainer's template. Manifest: {summary['manifest']}"
+        (
+            f"{PREFIX} kept {summary['kept']}, skipped {sum(summary['skipped'].values())}; "
+            f"captions: {summary['captions_from_files']} from .txt files, "
+            f"{summary['captions_from_model']} from --caption_model, "
+            f"{summary['captions_from_template']} will "
+            f"use the trainer's template. Manifest: {summary['manifest']}"
+        )
     ]
     for reason, names in summary["skipped_names"].items():
         more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
@@ -331,9 +344,6 @@ def describe(summary: dict) -> str:
 def generate_pets(args: argparse.Namespace) -> dict:
     checkpoint = args.pretrained_model
     if not args.tiny and checkpoint is None:
-        from training.comfy_env import find_comfyui
-        from training.presets import SDXL_CHECKPOINT_NAMES
-
         folder = find_comfyui() / "models" / "checkpoints"
         checkpoint = next((str(folder / n) for n in SDXL_CHECKPOINT_NAMES if (folder / n).is_file()), None)
         if checkpoint is None:
@@ -341,7 +351,6 @@ def generate_pets(args: argparse.Namespace) -> dict:
                 f"{PREFIX} SDXL base not found: looked for {', '.join(SDXL_CHECKPOINT_NAMES)} in "
                 f"{folder}. Download it there or pass --pretrained_model PATH."
             )
-    from training.data.synthetic_pets import generate
 
     return generate(
         Path(args.out),
@@ -355,7 +364,7 @@ def generate_pets(args: argparse.Namespace) -> dict:
     )
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     args = parse_args(argv)
     if args.generate is not None:
@@ -369,6 +378,3 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(describe(summary))
     return summary
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

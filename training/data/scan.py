@@ -14,22 +14,26 @@ this scan, and a refusal when nothing is readable, all before any model loads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
 
 from training.data.captions import CAPTION_KINDS, CaptionRule, caption_report
 from training.data.dataset import (
     PREFIX,
-    IMAGE_EXTENSIONS,
     DataReport,
     Record,
+    SampleConfig,
     describe_source,
     read_folder,
     read_manifest,
 )
-from training.data.images import BadImage, probe_image
+from training.data.images import IMAGE_EXTENSIONS, BadImage, probe_image
 from training.data.shards import iter_tar_records
+from training.tiny.models import make_tiny_dataset
 
 log = logging.getLogger(__name__)
 SHOW = 10  # names listed per kind of problem; the rest are counted
@@ -70,11 +74,13 @@ class ScanResult:
 
         r = self.report
         lines = [
-            f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
-            f"{len(self.unreadable)} unreadable "
-            f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
-            f"{len(r.text_problems)} caption/manifest files not UTF-8, "
-            f"{len(r.bad_lines)} manifest lines skipped.",
+            (
+                f"{PREFIX} training data ({self.kind}): {self.readable} readable, "
+                f"{len(self.unreadable)} unreadable "
+                f"(skipped), {len(r.ignored)} files ignored, {len(self.small)} smaller than {min_size} px, "
+                f"{len(r.text_problems)} caption/manifest files not UTF-8, "
+                f"{len(r.bad_lines)} manifest lines skipped."
+            ),
             caption_report(rule, self.captions, self.what, examples=SHOW),
         ]
         for title, items in (
@@ -119,13 +125,11 @@ def scan_data(
     captions: CaptionRule,
     *,
     min_size: int,
-    max_samples: Optional[int] = None,
+    max_samples: int | None = None,
     progress: bool = True,
 ) -> ScanResult:
     """Read the records of `train_data` and check every image once; logs the summary (when `progress`,
     i.e. on the main process) and returns it."""
-    from tqdm.auto import tqdm
-
     kind, source = describe_source(train_data)
     report = DataReport()
     if kind == "shards":
@@ -171,8 +175,6 @@ class TrainingData:
 
     def sample_config(self, config: Any, clip_size: int):
         """data.SampleConfig: how samples are made (resolution, crops, captions, seed) for this CLIP size."""
-        from training.data.dataset import SampleConfig
-
         return SampleConfig(
             resolution=config.resolution,
             clip_size=clip_size,
@@ -188,7 +190,6 @@ def read_training_data(config: Any, accelerator) -> TrainingData:
     unreadable images dropped). --domain tiny without --train_data generates its data first."""
     path = config.train_data
     if path is None:  # only --domain tiny gets here (resolve_inputs defaulted the others)
-        from training.tiny.models import make_tiny_dataset
 
         path = str(Path(config.output_dir) / "tiny-data")
         if accelerator.is_main_process:

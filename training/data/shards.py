@@ -15,16 +15,17 @@ import logging
 import os
 import random
 import tarfile
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from training.data.dataset import PREFIX, IMAGE_EXTENSIONS, Record, SampleConfig, load_sample, mix_seed
+from training.data.dataset import PREFIX, Record, SampleConfig, load_sample, mix_seed
+from training.data.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 
-def _member_role(name: str) -> tuple[str, Optional[str]]:
+def _member_role(name: str) -> tuple[str, str | None]:
     """(key, role) of a tar member: role "input", "target", "caption", "json" or None (ignored)."""
     directory, base = os.path.split(name)
     if "." not in base:
@@ -47,7 +48,7 @@ def _member_role(name: str) -> tuple[str, Optional[str]]:
     return key, None
 
 
-def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Optional[Record]]:
+def iter_tar_records(path: str, read_from: int = 0) -> Iterator[Record | None]:
     """Records of one shard in order; members of a key must be adjacent (as tar writers keep them).
 
     Records before `read_from` are not read (a resumed run skipping what it consumed) and come as
@@ -135,7 +136,7 @@ class TarShardStream(IterableDataset):
         consumed_batches = len(range(worker, self.start_batch, workers))
         return self.rank * workers + worker, self.world * workers, consumed_batches * self.batch_size
 
-    def __iter__(self) -> Iterator[Optional[dict]]:
+    def __iter__(self) -> Iterator[dict | None]:
         slot, slots, skip = self._slot()
         own_shards = len(self.shards) >= slots
         count = 0  # this slot's records so far

@@ -15,7 +15,16 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Optional
+
+import numpy as np
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from training.data.dataset import mix_seed
+from training.models import sdxl as models_lib
+from training.models.sampling import sample_image
+from training.tiny import models as tiny_models
 
 PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
@@ -69,8 +78,6 @@ NEGATIVE = "background scenery, floor, shadow clutter, text, watermark, blurry, 
 
 def plan(index: int, seed: int) -> dict:
     """Sample `index`'s prompt, caption, subject word and sampling seed: a pure function of (seed, index)."""
-    from training.data.dataset import mix_seed
-
     rng = random.Random(mix_seed(seed, "generate", index))
     words, subject = rng.choice(SUBJECTS)
     pose, framing = rng.choice(POSES), rng.choice(FRAMINGS)
@@ -89,21 +96,14 @@ def generate(
     *,
     seed: int = 0,
     tiny: bool = False,
-    checkpoint: Optional[str] = None,
+    checkpoint: str | None = None,
     resolution: int = 1024,
     steps: int = 30,
     cfg: float = 5.0,
     progress: bool = True,
 ) -> dict:
     """Make (or finish making) `count` samples in `out`; returns {"made", "skipped", "manifest"}."""
-    import numpy as np
-    from accelerate import PartialState
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     state = PartialState()  # first: ComfyUI, imported next, picks the device accelerate gave this process
-    from training.models import sdxl as models_lib  # sets ComfyUI up
-    from training.models.sampling import sample_image
 
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,6 @@ def generate(
     made = 0
     if todo:
         if tiny:
-            from training.tiny import models as tiny_models
-
             unet, clip, vae = (
                 tiny_models.tiny_sdxl_unet(seed=0),
                 tiny_models.tiny_sdxl_clip(seed=0),

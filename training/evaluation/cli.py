@@ -22,11 +22,26 @@ import os
 import re
 from pathlib import Path
 
-from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
-from training.evaluation.config import EvalConfig, parse_args
+import torch
+from accelerate import Accelerator
+
+from nested_attention import load_encoder
+from training.comfy_env import ComfyNotFoundError, comfy_module, find_comfyui, has_accelerator
+from training.data.dataset import open_image, to_comfy_image
+from training.data.images import IMAGE_EXTENSIONS, BadImage
+from training.evaluation import metrics, two_subjects
+from training.evaluation import prompts as prompts_lib
+from training.evaluation.config import EvalConfig
+from training.evaluation.method_images import Generator, SampleSettings, Subject, methods
+from training.evaluation.metrics import MetricSetupError
+from training.evaluation.pipeline import run_evaluation
+from training.models import sdxl as models_lib
 from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
+from training.tiny import scorers as tiny_scorers
+from training.tiny.models import make_tiny_dataset
 
 log = logging.getLogger("training.evaluate")
+glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
 PREFIX = "[nested-attention]"
 
 CLIP_VISION_G_NAMES = (
@@ -73,9 +88,6 @@ def find_model(value: str | None, folder: str, names: tuple, what: str, flag: st
 
 def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
-    from training.data.dataset import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
-    from training.evaluation.method_images import Subject
-
     source = args.subjects
     if source is None:
         if args.domain != "tiny":
@@ -83,8 +95,6 @@ def load_subjects(args: EvalConfig, output_dir: Path):
                 f"{PREFIX} --subjects is required: a folder of held-out {args.domain} images or a "
                 "manifest.jsonl. Use images the encoder was not trained on."
             )
-        from training.tiny.models import make_tiny_dataset
-
         source = str(make_tiny_dataset(output_dir / "tiny-subjects", count=2, size=64, seed=1))
     path = Path(source)
     entries: list[tuple[str, str]] = []  # (name, image path)
@@ -147,11 +157,9 @@ def check_resume(output_dir: Path, settings: dict) -> None:
 
 
 def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
-    from training.evaluation import metrics
-
     clip_t = []
     if args.domain == "tiny":
-        clip_t.append(metrics.tiny_clip_space(frozen.clip))
+        clip_t.append(tiny_scorers.tiny_clip_space(frozen.clip))
     else:
         path = args.clip_g_vision
         if path is None and models_dir is not None:
@@ -201,66 +209,52 @@ def build_scorers(args, frozen, encoder_clip_name: str, device, models_dir):
         if choice == "dlib":
             identity = metrics.DlibIdentity(models_dir=args.dlib_models)
         elif choice == "tiny":
-            identity = metrics.TinyIdentity()
+            identity = tiny_scorers.TinyIdentity()
     except metrics.MetricSetupError as e:
         raise SystemExit(f"{PREFIX} {e}") from e
     return metrics.Scorers(clip_t=clip_t, clip_i=clip_i, identity=identity)
 
 
-def main(args: EvalConfig) -> dict | None:
-    """Run the evaluation; returns the report (metrics.json's content) on the main process."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("training").setLevel(logging.INFO)
-    import torch
-    from accelerate import Accelerator
+def find_models(args: EvalConfig) -> tuple[EvalConfig, Path | None]:
+    """The SDXL checkpoint and CLIP vision files (given, or the standard names in ComfyUI/models) filled in,
+    and the models folder (None for tiny, or when ComfyUI is not found)."""
+    if args.domain == "tiny":
+        return args, None
+    try:
+        models_dir = Path(args.models_dir) if args.models_dir else find_comfyui() / "models"
+    except ComfyNotFoundError:
+        models_dir = None
+    args = dataclasses.replace(
+        args,
+        pretrained_model=find_model(
+            args.pretrained_model,
+            "checkpoints",
+            SDXL_CHECKPOINT_NAMES,
+            "the SDXL base checkpoint",
+            "pretrained_model",
+            models_dir,
+        ),
+        clip_vision=find_model(
+            args.clip_vision,
+            "clip_vision",
+            CLIP_VISION_H_NAMES,
+            "the CLIP vision model of the encoder",
+            "clip_vision",
+            models_dir,
+        ),
+    )
+    return args, models_dir
 
-    accelerator = Accelerator(cpu=not has_accelerator())
-    # ComfyUI is imported only now, so its device choice sees the device accelerate gave this process.
-    from nested_attention import load_encoder
 
-    from training.models import sdxl as models_lib
-    from training.evaluation import prompts as prompts_lib
-    from training.evaluation.method_images import Generator, SampleSettings, methods
-    from training.evaluation.metrics import MetricSetupError
-    from training.evaluation.pipeline import run_evaluation
-
-    if args.cpu_threads is not None:
-        torch.set_num_threads(args.cpu_threads)
-    output_dir = Path(args.output_dir)
-    tiny = args.domain == "tiny"
-    preset = PRESETS[args.domain]
-    models_dir = None
-    if not tiny:
-        try:
-            models_dir = Path(args.models_dir) if args.models_dir else find_comfyui() / "models"
-        except ComfyNotFoundError:
-            models_dir = None
-        args = dataclasses.replace(
-            args,
-            pretrained_model=find_model(
-                args.pretrained_model,
-                "checkpoints",
-                SDXL_CHECKPOINT_NAMES,
-                "the SDXL base checkpoint",
-                "pretrained_model",
-                models_dir,
-            ),
-            clip_vision=find_model(
-                args.clip_vision,
-                "clip_vision",
-                CLIP_VISION_H_NAMES,
-                "the CLIP vision model of the encoder",
-                "clip_vision",
-                models_dir,
-            ),
-        )
+def load_models(args: EvalConfig):
+    """The frozen models at the run's precision; returns (frozen, precision). A wrong file stops with why."""
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if torch.cuda.is_available() else "fp32"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     try:
         frozen = models_lib.load_frozen(
-            tiny=tiny,
+            tiny=args.domain == "tiny",
             checkpoint=args.pretrained_model,
             clip_vision_path=args.clip_vision,
             weight_dtype=weight_dtype,
@@ -268,6 +262,12 @@ def main(args: EvalConfig) -> dict | None:
         )
     except ValueError as e:
         raise SystemExit(f"{PREFIX} cannot load the models: {e}") from e
+    return frozen, precision
+
+
+def load_or_build_encoder(args: EvalConfig, frozen, device):
+    """--encoder checked against the loaded models, or (tiny) an untrained one built in code; returns
+    (encoder in eval mode on `device`, its name for the report)."""
     if args.encoder:
         encoder = load_encoder(args.encoder)
         cfg = encoder.config
@@ -279,6 +279,7 @@ def main(args: EvalConfig) -> dict | None:
             )
         encoder_name = os.path.basename(args.encoder)
     else:
+        preset = PRESETS[args.domain]
         encoder = models_lib.make_encoder(
             domain=preset.domain,
             token=preset.token,
@@ -289,23 +290,13 @@ def main(args: EvalConfig) -> dict | None:
             seed=0,
         )
         encoder_name = "tiny encoder (untrained, built in code)"
-    encoder = encoder.float().to(accelerator.device).eval().requires_grad_(False)
-    token = args.token or encoder.config.token
-    prompts = (
-        prompts_lib.load_prompts(args.prompts, token)
-        if args.prompts
-        else list(prompts_lib.TINY_PROMPTS if tiny else prompts_lib.DEFAULT_PROMPTS)
-    )
-    subjects = load_subjects(args, output_dir)
-    sample_settings = SampleSettings(
-        steps=args.steps,
-        cfg=args.cfg,
-        resolution=args.resolution,
-        sampler=args.sampler,
-        scheduler=args.scheduler,
-        negative_prompt=args.negative_prompt,
-    )
-    settings = {
+    return encoder.float().to(device).eval().requires_grad_(False), encoder_name
+
+
+def run_settings(args: EvalConfig, *, frozen, encoder, encoder_name: str, precision: str, token: str,
+                 prompts: list, subjects: list, processes: int) -> dict:
+    """What the run is made with (settings.json): a resumed run must match it (IMAGE_SETTINGS)."""
+    return {
         "domain": args.domain,
         "encoder": encoder_name,
         "encoder_sha256": encoder_fingerprint(encoder),
@@ -329,28 +320,83 @@ def main(args: EvalConfig) -> dict | None:
         "seeds": args.seeds,
         "lambdas": args.lambdas,
         "decoupled_scales": args.decoupled_scales,
-        "processes": accelerator.num_processes,
+        "processes": processes,
         "two_subjects": args.two_subjects,
     }
-    if args.two_subjects:  # two-subject mode (issue 23): its own prompts, pairs and region methods
-        from training.evaluation import two_subjects
 
-        pair_prompts = list(two_subjects.TINY_PAIR_PROMPTS if tiny else two_subjects.PAIR_PROMPTS)
-        try:
-            pairs = two_subjects.pair_up(len(subjects))
-        except ValueError as e:
-            raise SystemExit(f"{PREFIX} --two_subjects: {e} Give --subjects with two photos or more.") from e
-        settings.update(
-            prompts=[{"template": q.template, "category": q.category, "clip_t_text": q.without_subjects()}
-                     for q in pair_prompts],
-            pair_words=args.pair_words,
-            regions=args.regions,
-            pairs=[[subjects[i].name for i in pair] for pair in pairs],
-        )
-        settings.pop("decoupled_scales")
-        if "decoupled" in args.methods:
-            log.warning("%s --two_subjects: the decoupled baseline is not measured (it binds no word)",
-                        PREFIX)
+
+def pair_up_subjects(args: EvalConfig, subjects: list, settings: dict) -> tuple[list, list]:
+    """Two-subject mode (issue 23): its own prompts, the subject pairs and region methods, recorded in
+    `settings`; returns (pairs, pair prompts)."""
+    tiny = args.domain == "tiny"
+    pair_prompts = list(two_subjects.TINY_PAIR_PROMPTS if tiny else two_subjects.PAIR_PROMPTS)
+    try:
+        pairs = two_subjects.pair_up(len(subjects))
+    except ValueError as e:
+        raise SystemExit(f"{PREFIX} --two_subjects: {e} Give --subjects with two photos or more.") from e
+    settings.update(
+        prompts=[{"template": q.template, "category": q.category, "clip_t_text": q.without_subjects()}
+                 for q in pair_prompts],
+        pair_words=args.pair_words,
+        regions=args.regions,
+        pairs=[[subjects[i].name for i in pair] for pair in pairs],
+    )
+    settings.pop("decoupled_scales")
+    if "decoupled" in args.methods:
+        log.warning("%s --two_subjects: the decoupled baseline is not measured (it binds no word)",
+                    PREFIX)
+    return pairs, pair_prompts
+
+
+def make_generator(args: EvalConfig, frozen, encoder, subjects: list, prompts: list, token: str) -> Generator:
+    """The one-subject image maker of every job: the run's sampler settings, ComfyUI's attention as the host."""
+    return Generator(
+        frozen=frozen,
+        encoder=encoder,
+        text=models_lib.TextEncoder(frozen.clip, token),
+        subjects=subjects,
+        prompts=prompts,
+        token=token,
+        settings=SampleSettings(
+            steps=args.steps,
+            cfg=args.cfg,
+            resolution=args.resolution,
+            sampler=args.sampler,
+            scheduler=args.scheduler,
+            negative_prompt=args.negative_prompt,
+        ),
+        host=glue.comfy_attention,
+        decoupled_uncond=args.decoupled_uncond == "black_image",
+    )
+
+
+def main(args: EvalConfig) -> dict | None:
+    """Run the evaluation; returns the report (metrics.json's content) on the main process."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("training").setLevel(logging.INFO)
+    accelerator = Accelerator(cpu=not has_accelerator())
+    # ComfyUI is imported on first use (training.comfy_env), after this: its device choice sees the device
+    # accelerate gave this process.
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    output_dir = Path(args.output_dir)
+    tiny = args.domain == "tiny"
+    args, models_dir = find_models(args)
+    frozen, precision = load_models(args)
+    encoder, encoder_name = load_or_build_encoder(args, frozen, accelerator.device)
+    token = args.token or encoder.config.token
+    prompts = (
+        prompts_lib.load_prompts(args.prompts, token)
+        if args.prompts
+        else list(prompts_lib.TINY_PROMPTS if tiny else prompts_lib.DEFAULT_PROMPTS)
+    )
+    subjects = load_subjects(args, output_dir)
+    settings = run_settings(
+        args, frozen=frozen, encoder=encoder, encoder_name=encoder_name, precision=precision, token=token,
+        prompts=prompts, subjects=subjects, processes=accelerator.num_processes,
+    )
+    if args.two_subjects:
+        pairs, pair_prompts = pair_up_subjects(args, subjects, settings)
     if accelerator.is_main_process:
         check_resume(output_dir, settings)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -358,26 +404,12 @@ def main(args: EvalConfig) -> dict | None:
     accelerator.wait_for_everyone()
 
     scorers = build_scorers(args, frozen, settings["clip_vision"], accelerator.device, models_dir)
-    from nested_attention.host import comfy_attention
-
-    text = models_lib.TextEncoder(frozen.clip, token)
-    generator = Generator(
-        frozen=frozen,
-        encoder=encoder,
-        text=text,
-        subjects=subjects,
-        prompts=prompts,
-        token=token,
-        settings=sample_settings,
-        host=comfy_attention,
-        decoupled_uncond=args.decoupled_uncond == "black_image",
-    )
+    generator = make_generator(args, frozen, encoder, subjects, prompts, token)
     nested = args.lambdas if "nested" in args.methods else ()
     if args.two_subjects:  # the same run with the two-subject jobs, scores and report
         run = two_subjects.run_pair_evaluation
         generator = two_subjects.PairGenerator(generator, pairs, pair_prompts, args.pair_words)
-        prior = "prior" in args.methods
-        chosen = two_subjects.pair_methods(prior=prior, lambdas=nested, regions=args.regions)
+        chosen = two_subjects.pair_methods(prior="prior" in args.methods, lambdas=nested, regions=args.regions)
     else:
         run = run_evaluation
         chosen = methods(
@@ -425,6 +457,3 @@ def print_summary(result: dict) -> None:
     for name, path in result["files"].items():
         print(f"{name}: {path if isinstance(path, str) else f'{len(path)} files in {Path(path[0]).parent}'}")
 
-
-if __name__ == "__main__":
-    main(parse_args())

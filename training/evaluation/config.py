@@ -13,11 +13,11 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from training.evaluation.method_images import DECOUPLED_SCALES, LAMBDAS
+from training.evaluation.two_subjects import PAIR_WORDS, REGIONS
 from training.presets import PRESETS, Preset
 from training.settings import build_parser as settings_parser
 from training.settings import parse, rule, setting, valid
-from training.evaluation.method_images import DECOUPLED_SCALES, LAMBDAS
-from training.evaluation.two_subjects import PAIR_WORDS, REGIONS
 
 METHODS = ("prior", "nested", "decoupled")
 # The groups of `--help`, in order.

@@ -16,25 +16,29 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from training.comfy_env import comfy_module
 from training.evaluation import metrics
 from training.evaluation.method_images import Generator, Method, SampleSettings, Subject, load_png, methods
 from training.evaluation.pipeline import run_evaluation
 from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
+from training.tiny import scorers as tiny_scorers
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
+glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
 _warned: set[str] = set()
 
 
-def _identity_model(domain: str) -> Optional[metrics.IdentityModel]:
+def _identity_model(domain: str) -> metrics.IdentityModel | None:
     if domain == "tiny":
-        return metrics.TinyIdentity()
+        return tiny_scorers.TinyIdentity()
     if domain == "faces":
         try:
             return metrics.DlibIdentity()
@@ -50,6 +54,45 @@ def _figure_key(name: str) -> str:
     return name.split("[", 1)[0]
 
 
+def _scorers(frozen: Any, domain: str) -> metrics.Scorers:
+    """CLIP-I with the encoder's CLIP vision, identity for faces (and tiny), CLIP-T only for tiny (the run
+    has no joint CLIP space loaded)."""
+    clip_t = [tiny_scorers.tiny_clip_space(frozen.clip)] if domain == "tiny" else []
+    return metrics.Scorers(
+        clip_t=clip_t,
+        clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),
+        identity=_identity_model(domain),
+    )
+
+
+def _log_to_trackers(accelerator: Any, result: dict, step: int) -> dict:
+    """The means as `eval/<method>/<figure>` scalars, the grids as TensorBoard images; returns the scalars."""
+    values = {}
+    for entry in result["summary"]:
+        tag = Method(entry["method"], entry["value"]).slug  # the grid's name too: eval/nested-lambda-1
+        for name in result["metrics"]:
+            if entry.get(name) is not None:
+                values[f"eval/{tag}/{_figure_key(name)}"] = entry[name]
+        if "face_failure_rate" in entry:
+            values[f"eval/{tag}/face_failure_rate"] = entry["face_failure_rate"]
+    accelerator.log(values, step=step)
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name != "tensorboard":
+            continue
+        for path in result["files"].get("grids", []):
+            grid = np.asarray(load_png(Path(path)))  # (H, W, 3) in [0, 1]
+            tracker.log_images({f"eval/{Path(path).stem}": grid[None]}, step=step, dataformats="NHWC")
+    return values
+
+
+def _weights_to_evaluate(encoder: torch.nn.Module, ema: Any) -> torch.nn.Module:
+    """A frozen copy of the encoder, with the EMA weights when there are any (what the export holds)."""
+    model = copy.deepcopy(encoder)
+    if ema is not None:
+        ema.copy_to(model)
+    return model.eval().requires_grad_(False)
+
+
 def evaluate_during_training(
     accelerator: Any,
     frozen: Any,
@@ -61,19 +104,17 @@ def evaluate_during_training(
     step: int,
     config: Any,
     ema: Any = None,
-) -> Optional[dict]:
+) -> dict | None:
     """Run the small evaluation on the main process and log it; returns the report there, None elsewhere.
 
     `encoder` is the trained encoder (copied, so training state is untouched; with `ema` its EMA weights
     are evaluated, as they are exported). `prompts` are the run's validation prompts with the subject
-    word in place; `config` (the TrainConfig) gives validation_seeds, resolution, sample_steps, sample_cfg, output_dir, domain.
+    word in place; `config` (the TrainConfig) gives validation_seeds, resolution, sample_steps, sample_cfg,
+    output_dir, domain.
     """
     if not accelerator.is_main_process or not images:
         return None
-    model = copy.deepcopy(encoder)
-    if ema is not None:
-        ema.copy_to(model)
-    model.eval().requires_grad_(False)
+    model = _weights_to_evaluate(encoder, ema)
     token = text.token
     word = re.compile(rf"\b{re.escape(token)}\b", re.IGNORECASE)
     eval_prompts = [
@@ -86,16 +127,7 @@ def evaluate_during_training(
         Subject(name=f"heldout-{i}", source=f"validation image {i}", image=image.float().cpu())
         for i, image in enumerate(images)
     ]
-    clip_t = []
-    if config.domain == "tiny":
-        clip_t.append(metrics.tiny_clip_space(frozen.clip))
-    scorers = metrics.Scorers(
-        clip_t=clip_t,
-        clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),
-        identity=_identity_model(config.domain),
-    )
-    from nested_attention.host import comfy_attention
-
+    scorers = _scorers(frozen, config.domain)
     settings = SampleSettings(steps=config.sample_steps, cfg=config.sample_cfg, resolution=config.resolution)
     generator = Generator(
         frozen=frozen,
@@ -105,7 +137,7 @@ def evaluate_during_training(
         prompts=eval_prompts,
         token=token,
         settings=settings,
-        host=comfy_attention,
+        host=glue.comfy_attention,
     )
     chosen = methods(prior=True, lambdas=(1.0,), scales=())
     folder = Path(config.output_dir) / "eval" / f"step-{step}"
@@ -130,21 +162,7 @@ def evaluate_during_training(
     except metrics.MetricSetupError as e:  # e.g. no face in a held-out image: say so, keep training
         log.warning("%s --eval_steps at step %d skipped: %s", PREFIX, step, e)
         return None
-    values = {}
-    for entry in result["summary"]:
-        tag = Method(entry["method"], entry["value"]).slug  # the grid's name too: eval/nested-lambda-1
-        for name in result["metrics"]:
-            if entry.get(name) is not None:
-                values[f"eval/{tag}/{_figure_key(name)}"] = entry[name]
-        if "face_failure_rate" in entry:
-            values[f"eval/{tag}/face_failure_rate"] = entry["face_failure_rate"]
-    accelerator.log(values, step=step)
-    for tracker in getattr(accelerator, "trackers", []):
-        if tracker.name != "tensorboard":
-            continue
-        for path in result["files"].get("grids", []):
-            grid = np.asarray(load_png(Path(path)))  # (H, W, 3) in [0, 1]
-            tracker.log_images({f"eval/{Path(path).stem}": grid[None]}, step=step, dataformats="NHWC")
+    values = _log_to_trackers(accelerator, result, step)
     log.info(
         "%s evaluation at step %d: %s (%s)",
         PREFIX,

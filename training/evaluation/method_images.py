@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nested_attention import NestedEncoder
 from nested_attention.patch import SubjectBinding, conditional_rows
-
 from training.evaluation.prompts import EvalPrompt
+from training.models.sampling import patched_model, prompt_positions
+from training.models.sampling import sample_image as sample
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -43,10 +46,10 @@ DECOUPLED_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # IP-Adapter scales 0.5 to 1.
 @dataclass(frozen=True, order=True)
 class Method:
     kind: str  # "prior" (no subject), "nested" (value = λ) or "decoupled" (value = IP-Adapter scale)
-    value: Optional[float] = None
+    value: float | None = None
 
     @property
-    def parameter(self) -> Optional[str]:
+    def parameter(self) -> str | None:
         return {"nested": "lambda", "decoupled": "scale"}.get(self.kind)
 
     @property
@@ -83,7 +86,7 @@ class Job:
     """One image to generate. The prior does not depend on the subject: subject None, scored against each."""
 
     method: Method
-    subject: Optional[int]
+    subject: int | None
     prompt: int
     seed: int
 
@@ -129,7 +132,7 @@ class DecoupledAttentionPatch:
         binding: SubjectBinding,
         scale: float,
         host: Any,
-        uncond: Optional[SubjectBinding] = None,
+        uncond: SubjectBinding | None = None,
     ):
         self.index = index  # the layer's position in the encoder's layer table
         self.binding, self.uncond = binding, uncond
@@ -159,7 +162,7 @@ class DecoupledAttentionPatch:
         )
         return out + self.scale * torch.where(cond, term, other)
 
-    def __deepcopy__(self, memo: dict) -> "DecoupledAttentionPatch":
+    def __deepcopy__(self, memo: dict) -> DecoupledAttentionPatch:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
@@ -169,7 +172,7 @@ def decoupled_model(
     binding: SubjectBinding,
     scale: float,
     host: Any,
-    uncond: Optional[SubjectBinding] = None,
+    uncond: SubjectBinding | None = None,
 ) -> Any:
     """A clone of the UNet's ModelPatcher with the decoupled patch on every layer the encoder projects for."""
     model = unet.clone()
@@ -198,8 +201,6 @@ def sample_image(
     frozen: Any, model: Any, positive: list, negative: list, seed: int, settings: SampleSettings
 ) -> torch.Tensor:
     """One image with ComfyUI's sampler from an empty latent, as KSampler makes it; (H, W, 3) in [0, 1]."""
-    from training.models.sampling import sample_image as sample
-
     return sample(
         model,
         frozen.vae,
@@ -224,8 +225,6 @@ def subject_tokens(frozen: Any, encoder: NestedEncoder, image: torch.Tensor) -> 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a half-written image that resume would trust."""
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pixels = (image.numpy() * 255).round().astype(np.uint8)
@@ -234,8 +233,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def load_png(path: Path) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(path) as image:
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
 
@@ -262,7 +259,7 @@ class Generator:
         self.decoupled_uncond = decoupled_uncond
         self._cond: dict[str, list] = {}
         self._tokens: dict[int, torch.Tensor] = {}
-        self._uncond: Optional[torch.Tensor] = None
+        self._uncond: torch.Tensor | None = None
 
     def conditioning(self, text: str) -> list:
         if text not in self._cond:
@@ -284,8 +281,6 @@ class Generator:
 
     def model(self, job: Job) -> Any:
         """The ModelPatcher that makes `job`'s image."""
-        from training.models.sampling import patched_model, prompt_positions  # imports ComfyUI: set up by training.models
-
         method = job.method
         if method.kind == "prior":
             return self.frozen.unet

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -84,16 +84,6 @@ class ComfyClipSpace:
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip_vision.encode_image(images, crop=True)["image_embeds"].float().cpu()
-
-
-def tiny_clip_space(clip: Any) -> ComfyClipSpace:
-    """The tiny test bed's joint space: the tiny SDXL CLIP's CLIP-G pooled output with a tiny vision tower
-    projecting to the same width; the code path of SDXL CLIP-G + ViT-bigG."""
-    from training.tiny.models import tiny_clip_vision
-
-    return ComfyClipSpace(
-        clip=clip, clip_vision=tiny_clip_vision(seed=1, projection_dim=1280), name="tiny-clip-g+tiny-vision"
-    )
 
 
 @contextmanager
@@ -202,7 +192,7 @@ class IdentityModel(Protocol):
 
     name: str
 
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor | None:
         """(H, W, 3) in [0, 1] -> (D,) or None (no face)."""
 
     def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
@@ -220,10 +210,10 @@ class DlibFaceDetector:
         from nested_attention.faces import detect_faces
 
         faces = detect_faces(torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0)
-        return [FaceBox(*(int(round(v)) for v in face.box)) for face in faces]
+        return [FaceBox(*(round(v) for v in face.box)) for face in faces]
 
 
-def dlib_model_files(models_dir: Optional[str]) -> tuple[Path, Path]:
+def dlib_model_files(models_dir: str | None) -> tuple[Path, Path]:
     """(5-point shape predictor, ResNet face embedder) from `models_dir` or face_recognition_models."""
     names = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
     if models_dir is None:
@@ -254,7 +244,7 @@ class DlibIdentity:
 
     name = "dlib-resnet"
 
-    def __init__(self, *, models_dir: Optional[str] = None, detector: Optional[FaceDetector] = None):
+    def __init__(self, *, models_dir: str | None = None, detector: FaceDetector | None = None):
         try:
             import dlib
         except ImportError as e:
@@ -273,7 +263,7 @@ class DlibIdentity:
         shape = self._predictor(pixels, rect)
         return torch.tensor(list(self._embedder.compute_face_descriptor(pixels, shape)), dtype=torch.float64)
 
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor | None:
         pixels = np.ascontiguousarray(to_uint8(image))
         faces = self.detector.detect(pixels)
         if not faces:
@@ -286,60 +276,6 @@ class DlibIdentity:
         return [(box, self._embed_box(pixels, box)) for box in faces]
 
 
-class TinyFaceDetector:
-    """The tiny test bed's stand-in: each "face" is the box around one connected blob of pixels unlike the
-    image's border colour (so two subjects side by side are two faces), largest first.
-
-    Blobs under `min_fraction` of the image are not faces (an empty image has none).
-    """
-
-    name = "tiny-box"
-
-    def __init__(self, *, threshold: float = 0.15, min_fraction: float = 0.02):
-        self.threshold, self.min_fraction = threshold, min_fraction
-
-    def detect(self, image: np.ndarray) -> list[FaceBox]:
-        pixels = image.astype(np.float32) / 255.0
-        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        background = np.median(border, axis=0)
-        differs = np.abs(pixels - background).max(axis=-1) > self.threshold  # (H, W)
-        labels, _ = scipy.ndimage.label(differs, structure=np.ones((3, 3)))  # 8-connected blobs
-        boxes = []
-        for label, (rows, cols) in enumerate(scipy.ndimage.find_objects(labels), start=1):
-            if (labels[rows, cols] == label).sum() >= self.min_fraction * differs.size:
-                boxes.append(FaceBox(cols.start, rows.start, cols.stop, rows.stop))
-        return sorted(boxes, key=lambda b: -b.area)
-
-
-class TinyIdentity:
-    """The tiny test bed's face-embedding stand-in: the detected box at 8x8, a fixed random projection.
-
-    Same pipeline as a real one (detect, crop the largest face, embed), in microseconds.
-    """
-
-    name = "tiny-face"
-
-    def __init__(self, *, dim: int = 32, seed: int = 0, detector: Optional[FaceDetector] = None):
-        generator = torch.Generator().manual_seed(seed)
-        self.weight = torch.randn(8 * 8 * 3, dim, generator=generator, dtype=torch.float64)
-        self.detector = detector or TinyFaceDetector()
-
-    def _embed_box(self, image: torch.Tensor, box: FaceBox) -> torch.Tensor:
-        crop = image[box.top : box.bottom, box.left : box.right].double().movedim(-1, 0)[None]  # (1, 3, h, w)
-        small = F.interpolate(crop, size=(8, 8), mode="area")  # (1, 3, 8, 8)
-        return small.flatten() @ self.weight
-
-    def embed(self, image: torch.Tensor) -> Optional[torch.Tensor]:
-        faces = self.detector.detect(to_uint8(image))
-        if not faces:
-            return None
-        return self._embed_box(image, max(faces, key=lambda b: b.area))
-
-    def embed_faces(self, image: torch.Tensor) -> list[tuple[FaceBox, torch.Tensor]]:
-        faces = sorted(self.detector.detect(to_uint8(image)), key=lambda b: -b.area)
-        return [(box, self._embed_box(image, box)) for box in faces]
-
-
 # ------------------------------------------------------------------------------------------------
 # All figures of one image
 
@@ -348,8 +284,8 @@ class TinyIdentity:
 class Reference:
     """What a subject's input image contributes to its scores, computed once."""
 
-    clip_i: Optional[torch.Tensor] = None  # (D,)
-    identity: Optional[torch.Tensor] = None  # (D,)
+    clip_i: torch.Tensor | None = None  # (D,)
+    identity: torch.Tensor | None = None  # (D,)
 
 
 class Scorers:
@@ -364,8 +300,8 @@ class Scorers:
         self,
         *,
         clip_t: Sequence[ClipSpace] = (),
-        clip_i: Optional[ClipImageSpace] = None,
-        identity: Optional[IdentityModel] = None,
+        clip_i: ClipImageSpace | None = None,
+        identity: IdentityModel | None = None,
     ):
         self.clip_t, self.clip_i, self.identity = list(clip_t), clip_i, identity
         self._texts: dict[tuple[str, str], torch.Tensor] = {}

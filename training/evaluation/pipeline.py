@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from training.evaluation import report
-from training.evaluation.method_images import Generator, Job, Method, Subject, load_png, make_jobs, save_png, shard
+from training.evaluation.method_images import (
+    Generator,
+    Job,
+    Method,
+    Subject,
+    load_png,
+    make_jobs,
+    save_png,
+    shard,
+)
 from training.evaluation.metrics import Scorers
 from training.evaluation.prompts import EvalPrompt
 
@@ -29,12 +41,10 @@ def process_info(accelerator: Any) -> tuple[int, int, bool]:
     return accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
 
-def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple[list, list]]:
+def gather_on_main(rows: list, counts: list, accelerator: Any) -> tuple[list, list] | None:
     """Every process's rows and counts, on the main process; None on the others (after waiting for it)."""
     _, world, is_main = process_info(accelerator)
     if world > 1:
-        from accelerate.utils import gather_object
-
         rows, counts = gather_object(rows), gather_object(counts)
     if not is_main:
         if accelerator is not None:
@@ -43,7 +53,7 @@ def gather_on_main(rows: list, counts: list, accelerator: Any) -> Optional[tuple
     return rows, counts
 
 
-def axes_for(metrics: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+def axes_for(metrics: Sequence[str]) -> tuple[str | None, str | None]:
     """(x, y) of the trade-off plot: the first CLIP-T space; face identity if measured, else CLIP-I."""
     x = next((m for m in metrics if m.startswith("clip_t[")), None)
     y = next((m for m in metrics if m.startswith("identity[")), None)
@@ -111,32 +121,13 @@ def make_grids(
     return paths
 
 
-def run_evaluation(
-    *,
-    generator: Generator,
-    scorers: Scorers,
-    methods: Sequence[Method],
-    seeds: Sequence[int],
-    output_dir: Path,
-    settings: dict,
-    accelerator: Any = None,
-    grids: bool = True,
-    progress: bool = True,
-) -> Optional[dict]:
-    """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
-    from tqdm.auto import tqdm
-
-    rank, world, is_main = process_info(accelerator)
-    subjects, prompts, token = generator.subjects, generator.prompts, generator.token
-    jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
-    mine = shard(jobs, rank, world)
-    relpath = lambda job: job.relpath(subjects)  # noqa: E731
-    # First: a subject photo the metrics cannot use (no face found) stops the run before hours of sampling.
-    references = [scorers.reference(s.image, s.source) for s in subjects]
+def generate_missing(generator: Generator, jobs: Sequence[Job], output_dir: Path, relpath: Any, rank: int,
+                     world: int, progress: bool) -> tuple[int, int]:
+    """This process's images, those not on disk yet (a resumed run skips the rest); returns (generated,
+    skipped)."""
     generated = skipped = 0
-    started = time.perf_counter()
     bar = tqdm(
-        mine,
+        jobs,
         desc=f"generations (process {rank})" if world > 1 else "generations",
         disable=not progress,
         position=rank if world > 1 else None,
@@ -149,6 +140,56 @@ def run_evaluation(
         save_png(generator.generate(job), path)
         generated += 1
     bar.close()
+    return generated, skipped
+
+
+def write_report(result: dict, output_dir: Path, summary: list, subjects: Sequence, prompts: Sequence,
+                 seeds: Sequence[int]) -> dict:
+    """metrics.csv, summary.csv, metrics.json and the trade-off plot (when the figures allow one); returns
+    their paths."""
+    metrics, settings = result["metrics"], result["settings"]
+    x, y = result["plot_axes"]["x"], result["plot_axes"]["y"]
+    report.write_csv(result["rows"], metrics, output_dir / "metrics.csv")
+    report.write_summary_csv(summary, metrics, output_dir / "summary.csv")
+    report.write_json(result, output_dir / "metrics.json")
+    paths = {
+        "csv": str(output_dir / "metrics.csv"),
+        "summary_csv": str(output_dir / "summary.csv"),
+        "json": str(output_dir / "metrics.json"),
+    }
+    if x and y:
+        title = (
+            f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        )
+        paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
+    else:
+        log.warning("%s no trade-off plot: it needs a CLIP-T space and an identity or CLIP-I figure", PREFIX)
+    return paths
+
+
+def run_evaluation(
+    *,
+    generator: Generator,
+    scorers: Scorers,
+    methods: Sequence[Method],
+    seeds: Sequence[int],
+    output_dir: Path,
+    settings: dict,
+    accelerator: Any = None,
+    grids: bool = True,
+    progress: bool = True,
+) -> dict | None:
+    """Generate (resuming), score, gather and report. Returns the report (main process) or None."""
+    rank, world, is_main = process_info(accelerator)
+    subjects, prompts, token = generator.subjects, generator.prompts, generator.token
+    jobs = make_jobs(methods, len(subjects), len(prompts), seeds)
+    mine = shard(jobs, rank, world)
+    relpath = lambda job: job.relpath(subjects)
+    # First: a subject photo the metrics cannot use (no face found) stops the run before hours of sampling.
+    references = [scorers.reference(s.image, s.source) for s in subjects]
+    started = time.perf_counter()
+    generated, skipped = generate_missing(generator, mine, output_dir, relpath, rank, world, progress)
     generation_s = time.perf_counter() - started
 
     rows = []
@@ -187,27 +228,11 @@ def run_evaluation(
         "summary": summary,
         "rows": rows,
     }
-    report.write_csv(rows, metrics, output_dir / "metrics.csv")
-    report.write_summary_csv(summary, metrics, output_dir / "summary.csv")
-    report.write_json(result, output_dir / "metrics.json")
-    paths = {
-        "csv": str(output_dir / "metrics.csv"),
-        "summary_csv": str(output_dir / "summary.csv"),
-        "json": str(output_dir / "metrics.json"),
-    }
-    if x and y:
-        title = (
-            f"{settings.get('encoder', '')} · {len(subjects)} subjects × {len(prompts)} prompts × "
-            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-        )
-        paths["plot"] = str(report.plot_tradeoff(summary, x, y, output_dir / "tradeoff.png", title=title))
-    else:
-        log.warning("%s no trade-off plot: it needs a CLIP-T space and an identity or CLIP-I figure", PREFIX)
+    result["files"] = write_report(result, output_dir, summary, subjects, prompts, seeds)
     if grids:
-        paths["grids"] = [
+        result["files"]["grids"] = [
             str(p) for p in make_grids(output_dir, methods, subjects, prompts, token, seeds[0], relpath)
         ]
-    result["files"] = paths
     report.write_json(result, output_dir / "metrics.json")
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -8,9 +8,9 @@ prompt and not how much the image looks like "a person" or "a pet".
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 PLACEHOLDER = "{token}"
 

@@ -10,8 +10,9 @@ import csv
 import json
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ BASE_COLUMNS = [
 ]
 
 
-def mean(values: Sequence[Optional[float]]) -> Optional[float]:
+def mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(present)) if present else None
 
@@ -206,7 +207,7 @@ def _box(x0, y0, x1, y1):
 
 
 def image_grid(
-    cells: Sequence[Sequence[Optional[np.ndarray]]],
+    cells: Sequence[Sequence[np.ndarray | None]],
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     path: Path,

@@ -27,18 +27,22 @@ import csv
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from nested_attention.patch import SubjectBinding
-
 from training.evaluation import report
 from training.evaluation.method_images import Generator, load_png, sample_image, save_png, shard
 from training.evaluation.metrics import Scorers, cosine
+from training.evaluation.pipeline import gather_on_main, process_info
 from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
+from training.models.sampling import prompt_positions
+from training.models.sdxl import TextEncoder
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -90,7 +94,7 @@ def manual_regions(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]
 class PairMethod:
     kind: str  # "prior" (no subject) or "nested"
     region: str = ""  # none / manual / auto for nested
-    value: Optional[float] = None  # λ
+    value: float | None = None  # λ
 
     @property
     def label(self) -> str:
@@ -155,16 +159,12 @@ class PairGenerator:
         prompts: Sequence[PairPrompt],
         words: Sequence[str],
     ):
-        from training.models.sdxl import TextEncoder
-
         self.base, self.pairs, self.prompts, self.words = base, list(pairs), list(prompts), tuple(words)
         self.texts = [TextEncoder(base.frozen.clip, word) for word in self.words]
 
     def bindings(
-        self, job: PairJob, masks: Sequence[Optional[torch.Tensor]], auto: bool = False
+        self, job: PairJob, masks: Sequence[torch.Tensor | None], auto: bool = False
     ) -> list[SubjectBinding]:
-        from training.models.sampling import prompt_positions
-
         prompt = self.prompts[job.prompt].render(self.words)
         out = []
         for subject, word, text, mask in zip(self.pairs[job.pair], self.words, self.texts, masks):
@@ -399,6 +399,45 @@ def plot_leakage(summary: Sequence[dict], own: str, other: str, path: Path, titl
 # One two-subject evaluation from start to end
 
 
+def score_pair_job(job: PairJob, output_dir: Path, generator: PairGenerator, scorers: Scorers,
+                   references: Sequence[Any], names: Sequence[tuple]) -> list[dict]:
+    """The rows of one generated image: CLIP-T once, then each subject of its pair (every pair for the prior,
+    which has none) against its own and its partner's photo."""
+    subjects, pairs, prompts, words = generator.base.subjects, generator.pairs, generator.prompts, generator.words
+    relpath = job.relpath(names)
+    image = load_png(output_dir / relpath)
+    prompt = prompts[job.prompt]
+    common = {
+        "method": job.method.kind,
+        "region": job.method.region,
+        "parameter": "lambda" if job.method.kind == "nested" else None,
+        "value": job.method.value,
+        "prompt_index": job.prompt,
+        "category": prompt.category,
+        "prompt": prompt.render(words),
+        "clip_t_text": prompt.without_subjects(),
+        "seed": job.seed,
+        "image": relpath,
+    }
+    common.update(scorers.prompt_scores(image, prompt.without_subjects()))
+    rows = []
+    for pair in range(len(pairs)) if job.method.kind == "prior" else [job.pair]:
+        a, b = pairs[pair]
+        for k, row in enumerate(score_pair_image(image, scorers, [references[a], references[b]])):
+            who, partner = (a, b) if k == 0 else (b, a)
+            rows.append(
+                {
+                    **common,
+                    **row,
+                    "pair": "+".join(names[pair]),
+                    "subject": subjects[who].name,
+                    "other_subject": subjects[partner].name,
+                    "word": words[k],
+                }
+            )
+    return rows
+
+
 def run_pair_evaluation(
     *,
     generator: PairGenerator,
@@ -410,12 +449,8 @@ def run_pair_evaluation(
     accelerator: Any = None,
     grids: bool = True,
     progress: bool = True,
-) -> Optional[dict]:
+) -> dict | None:
     """Generate (resuming), score, gather and report, as `pipeline.run_evaluation` does for one subject."""
-    from tqdm.auto import tqdm
-
-    from training.evaluation.pipeline import gather_on_main, process_info
-
     if scorers.identity is None:
         raise ValueError("the two-subject mode measures face identity: it needs an identity model.")
     rank, world, is_main = process_info(accelerator)
@@ -437,36 +472,7 @@ def run_pair_evaluation(
 
     rows = []
     for job in tqdm(mine, desc="metrics", disable=not progress or not is_main):
-        relpath = job.relpath(names)
-        image = load_png(output_dir / relpath)
-        prompt = prompts[job.prompt]
-        common = {
-            "method": job.method.kind,
-            "region": job.method.region,
-            "parameter": "lambda" if job.method.kind == "nested" else None,
-            "value": job.method.value,
-            "prompt_index": job.prompt,
-            "category": prompt.category,
-            "prompt": prompt.render(words),
-            "clip_t_text": prompt.without_subjects(),
-            "seed": job.seed,
-            "image": relpath,
-        }
-        common.update(scorers.prompt_scores(image, prompt.without_subjects()))
-        for pair in range(len(pairs)) if job.method.kind == "prior" else [job.pair]:
-            a, b = pairs[pair]
-            for k, row in enumerate(score_pair_image(image, scorers, [references[a], references[b]])):
-                who, partner = (a, b) if k == 0 else (b, a)
-                rows.append(
-                    {
-                        **common,
-                        **row,
-                        "pair": "+".join(names[pair]),
-                        "subject": base.subjects[who].name,
-                        "other_subject": base.subjects[partner].name,
-                        "word": words[k],
-                    }
-                )
+        rows.extend(score_pair_job(job, output_dir, generator, scorers, references, names))
     counts = [{"process": rank, "generated": generated, "skipped": skipped, "generation_s": generation_s}]
     gathered = gather_on_main(rows, counts, accelerator)
     if gathered is None:

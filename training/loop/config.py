@@ -23,8 +23,8 @@ from pathlib import Path
 from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from training.data.dataset import describe_source, find_shards
 from training.loop.loss import LossConfig
-from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
 from training.loop.schedule import batch_sizes, epochs_to_steps, launcher_world_size
+from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES, Preset
 from training.settings import at_least, derived, parse, positive, rule, setting, valid
 from training.settings import build_parser as settings_parser
 

@@ -8,7 +8,11 @@ ComfyUI is imported only when the loss is first computed (training.models.sdxl s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
+import torch
+
+from training.data.dataset import mix_seed
+from training.models.sdxl import align_subjects, sdxl_adm
 
 
 @dataclass(frozen=True)
@@ -21,16 +25,11 @@ class LossConfig:
     subject_dropout: float  # P(subject dropped; caption kept)
     both_dropout: float  # P(empty caption and no subject)
     noise_offset: float = 0.0  # per-channel constant noise added to the noise; 0 off
-    snr_gamma: Optional[float] = None  # min-SNR weighting min(SNR, gamma) / SNR; None off
+    snr_gamma: float | None = None  # min-SNR weighting min(SNR, gamma) / SNR; None off
 
 
 def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: int, batch_index: int, device):
     """The epsilon-prediction loss of one batch; dropout, noise and timesteps from (seed, rank, batch)."""
-    import torch
-
-    from training.data.dataset import mix_seed
-    from training.models.sdxl import align_subjects, sdxl_adm
-
     base = frozen.base
     generator = torch.Generator().manual_seed(mix_seed(config.seed, "batch", rank, batch_index))
     captions = list(batch["caption"])

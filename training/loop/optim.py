@@ -11,9 +11,13 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import torch
+
+from nested_attention import save_encoder
 from training.loop.config import TrainConfig
+from training.models.sdxl import EMA, NestedTrainingModule
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
@@ -41,12 +45,10 @@ class Trainee:
     encoder: Any  # the unwrapped NestedEncoder inside it
     optimizer: Any
     scheduler: Any
-    ema: Optional[Any]  # models.EMA of the encoder's weights, with --use_ema
+    ema: Any | None  # models.EMA of the encoder's weights, with --use_ema
 
     def export(self, path: Path, step: int, config: TrainConfig) -> None:
         """The node weight file (docs/ARCHITECTURE.md): EMA weights with --use_ema, else the trained ones."""
-        from nested_attention import save_encoder
-
         out = self.encoder
         if self.ema is not None:
             out = copy.deepcopy(self.encoder)
@@ -66,10 +68,6 @@ def adamw(parameters, *, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e
 
 def make_optimizer(config: TrainConfig, accelerator, encoder, frozen) -> Trainee:
     """AdamW on the encoder, its learning-rate schedule and the EMA, prepared by accelerate."""
-    import torch
-
-    from training.models.sdxl import EMA, NestedTrainingModule
-
     world = accelerator.num_processes
     module = NestedTrainingModule(encoder, frozen.base)
     optimizer = adamw(

@@ -15,6 +15,8 @@ import signal
 import threading
 import time
 
+import torch
+
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
 
@@ -63,7 +65,6 @@ class StopRequest:
         per optimizer step when there are several processes)."""
         if accelerator.num_processes == 1:
             return self.requested
-        import torch
 
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.gather(flag).max().item())

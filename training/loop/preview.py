@@ -20,10 +20,17 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from training.comfy_env import setup_comfy
+from training.data import dataset as data_lib
+from training.data.images import BadImage
+from training.data.shards import iter_tar_records
+from training.tiny.models import TINY_CLIP_VISION_CONFIG
 
 log = logging.getLogger("training")
 PREFIX = "[nested-attention]"
@@ -40,8 +47,6 @@ def font(size: int):
     """DejaVu Sans at `size` px, the font matplotlib ships (the trainer's extras install it): it draws
     accented letters, Greek and Cyrillic, which Pillow's own default font shows as boxes ("café"). Pillow's
     default font when matplotlib is missing."""
-    from PIL import ImageFont
-
     try:
         import matplotlib
 
@@ -91,8 +96,6 @@ def wrap(draw, text: str, width: int, face) -> list[str]:
 def to_display(cell: np.ndarray, size: int):
     """An (H, W, 3) array in [0, 1] as a PIL image `size` px wide: whole-factor nearest-neighbour
     enlargement where it fits, Lanczos otherwise."""
-    from PIL import Image
-
     image = Image.fromarray((np.clip(cell, 0, 1) * 255).round().astype(np.uint8))
     if image.width == size:
         return image
@@ -106,13 +109,11 @@ def labelled_grid(
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     footer: Sequence[str] = (),
-    cell_size: Optional[int] = None,
+    cell_size: int | None = None,
 ):
     """A white PIL image: column labels on top, row labels on the left, the cells (rows of (H, W, 3)
     arrays in [0, 1], shown `cell_size` px wide), then `footer` lines. Returns (image, boxes) with
     boxes[r][c] = (left, top, right, bottom) of each cell."""
-    from PIL import Image, ImageDraw
-
     size = cell_size or max(cell.shape[1] for row in cells for cell in row)
     if cell_size is None and size < MIN_CELL:
         size *= math.ceil(MIN_CELL / size)
@@ -167,7 +168,6 @@ def first_records(kind: str, source, records: Sequence, count: int) -> list:
     of the tar shards in the order they are named (for sample grids and previews of streamed data)."""
     if kind != "shards":
         return list(records[:count])
-    from training.data.shards import iter_tar_records
 
     found = []
     for shard in source:
@@ -182,8 +182,6 @@ def first_records(kind: str, source, records: Sequence, count: int) -> list:
 def load_validation_images(config, data) -> list:
     """(H, W, 3) images for the sample grid: --validation_images, else the first two training inputs as
     the encoder sees them, masks applied (of the manifest or folder, or of the tar shards' stream)."""
-    from training.data import dataset as data_lib
-
     sources = [(path, None) for path in config.validation_images] or [
         (r.input, r.mask) for r in first_records(data.kind, data.source, data.records, 2)
     ]
@@ -191,7 +189,7 @@ def load_validation_images(config, data) -> list:
     for source, mask in sources:
         try:
             images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
-        except data_lib.BadImage as e:
+        except BadImage as e:
             name = source if isinstance(source, str) else "?"
             log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
     return images
@@ -204,8 +202,6 @@ def load_validation_images(config, data) -> list:
 def clip_input_size(config) -> int:
     """The CLIP vision model's input size, from its file's header (no weights read); tiny: its config."""
     if config.preset.tiny:
-        from training.tiny.models import TINY_CLIP_VISION_CONFIG
-
         return int(TINY_CLIP_VISION_CONFIG["image_size"])
     if not config.clip_vision or not Path(config.clip_vision).is_file():  # resolve_inputs has warned
         return CLIP_H_SIZE
@@ -213,7 +209,7 @@ def clip_input_size(config) -> int:
 
     shapes = {}
     with safe_open(config.clip_vision, framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
             if key.endswith(("embeddings.position_embedding.weight", "embeddings.patch_embedding.weight")):
                 shapes[key.rsplit(".", 2)[-2]] = f.get_slice(key).get_shape()
     if len(shapes) < 2:
@@ -222,7 +218,7 @@ def clip_input_size(config) -> int:
             "embeddings.patch_embedding weights; expected a CLIP vision model file (ViT-H/14)."
         )
     patch = shapes["patch_embedding"][-1]
-    return int(round(math.sqrt(shapes["position_embedding"][0] - 1))) * patch  # 16 x 14 = 224 for ViT-H/14
+    return round(math.sqrt(shapes["position_embedding"][0] - 1)) * patch  # 16 x 14 = 224 for ViT-H/14
 
 
 def write_args(config) -> Path:
@@ -235,8 +231,6 @@ def write_args(config) -> Path:
 
 def write_preview(config, data, clip_size: int, count: int = PREVIEW_SAMPLES) -> list[Path]:
     """One labelled PNG per sample in <output_dir>/data-preview/, processed exactly as training does."""
-    from training.data import dataset as data_lib
-
     sample_config = data_lib.SampleConfig(
         resolution=config.resolution,
         clip_size=clip_size,
@@ -289,8 +283,6 @@ def preview_image(record, sample: dict, clip_size: int, resolution: int):
 
 def dry_run(config, data) -> dict:
     """Write the data preview and say where it and args.json are; nothing is trained or loaded."""
-    from training.comfy_env import setup_comfy
-
     setup_comfy()  # the CLIP crop is ComfyUI's own clip_preprocess
     paths = write_preview(config, data, clip_input_size(config))
     log.info(

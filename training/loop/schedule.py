@@ -44,14 +44,14 @@ def batch_sizes(preset: Any, values: dict) -> dict:
         batch = preset.train_batch_size if batch is None else batch
         accumulation = 1 if accumulation is None else accumulation
         total = batch * world * accumulation
-        return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
+        return {"train_batch_size": batch, "gradient_accumulation_steps": accumulation, "global_batch_size": total}
     if batch is None:
         per_process = total // world if total % world == 0 else 0
         batch = max((d for d in range(1, preset.train_batch_size + 1) if per_process % d == 0), default=1)
         batch = batch if per_process else preset.train_batch_size
     if accumulation is None:
         accumulation = max(1, total // (batch * world))
-    return dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=total)
+    return {"train_batch_size": batch, "gradient_accumulation_steps": accumulation, "global_batch_size": total}
 
 
 def epochs_to_steps(epochs: float, samples: int, global_batch: int) -> int:

@@ -22,21 +22,41 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
-from training.loop.checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
-from training.comfy_env import has_accelerator
-from training.loop.config import TrainConfig, parse_args, resolve_inputs
-from training.loop.loss import LossConfig, training_loss
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+
+from nested_attention import load_encoder
+from training.comfy_env import comfy_module, has_accelerator
+from training.data import dataset as data_lib
+from training.data.latent_cache import CachedDataset, build_cache
+from training.data.scan import TrainingData, read_training_data
+from training.data.shards import TarShardStream
+from training.evaluation.during_training import evaluate_during_training
+from training.loop.checkpoints import (
+    DISK_FULL,
+    Checkpoints,
+    Position,
+    ProcessState,
+    weights_fingerprint,
+    write_failure,
+)
+from training.loop.config import TrainConfig, resolve_inputs
+from training.loop.loss import training_loss
 from training.loop.optim import Trainee, make_optimizer
 from training.loop.preemption import StopRequest
-from training.data.scan import TrainingData, read_training_data
-
-__all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
+from training.loop.preview import dry_run, load_validation_images, write_args
+from training.loop.warm_start import WarmStartError, warm_start_encoder
+from training.models.sampling import write_samples
+from training.models.sdxl import TextEncoder, enable_gradient_checkpointing, load_frozen, make_encoder
 
 log = logging.getLogger("training")
+comfy = comfy_module("comfy")  # imported on first use, after accelerate has chosen this process's device
 PREFIX = "[nested-attention]"
 
 
@@ -46,10 +66,6 @@ PREFIX = "[nested-attention]"
 
 def make_accelerator(config: TrainConfig):
     """accelerate's Accelerator for this run; also sets torch's thread count and TF32 switch."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -78,10 +94,6 @@ def make_accelerator(config: TrainConfig):
 
 def load_frozen_models(config: TrainConfig):
     """SDXL (UNet, text encoders, VAE) and CLIP vision, frozen; a wrong file stops with its reason."""
-    import torch
-
-    from training.models.sdxl import load_frozen
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
     try:
         frozen = load_frozen(
@@ -94,8 +106,6 @@ def load_frozen_models(config: TrainConfig):
     except ValueError as e:  # a file that is not SDXL base / not a CLIP vision model: say which, no traceback
         raise SystemExit(f"{PREFIX} cannot start training: {e}") from e
     if config.gradient_checkpointing:
-        from training.models.sdxl import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(frozen.base.diffusion_model)
     return frozen
 
@@ -103,15 +113,7 @@ def load_frozen_models(config: TrainConfig):
 def build_encoder(config: TrainConfig, frozen):
     """The trainable NestedEncoder: fresh (M = --num_tokens), warm-started from --init_from (any layout the
     pack reads; M and the CLIP hidden layer from the file), or from --init_encoder; float32, train mode."""
-    from dataclasses import replace
-
-    from nested_attention import load_encoder
-
-    from training.models.sdxl import make_encoder
-
     if config.init_from:
-        from training.loop.warm_start import WarmStartError, warm_start_encoder
-
         try:
             encoder = warm_start_encoder(
                 config.init_from, frozen, domain=config.domain, token=config.token, alpha=config.alpha
@@ -151,21 +153,15 @@ def build_encoder(config: TrainConfig, frozen):
 
 def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, start_batch: int):
     """The data loader from batch `start_batch` on: a tar stream, the latent cache, or images per step."""
-    import torch
-
-    from training.data import dataset as data_lib
-
     rank, world = accelerator.process_index, accelerator.num_processes
     sample_config = data.sample_config(config, frozen.clip_vision_spec.image_size)
-    kwargs = dict(
-        num_workers=config.dataloader_num_workers,
-        collate_fn=data_lib.collate,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
+    kwargs = {
+        "num_workers": config.dataloader_num_workers,
+        "collate_fn": data_lib.collate,
+        "persistent_workers": False,
+        "pin_memory": torch.cuda.is_available(),
+    }
     if data.kind == "shards":
-        from training.data.shards import TarShardStream
-
         stream = TarShardStream(
             data.source,
             sample_config,
@@ -176,8 +172,6 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
         )
         return torch.utils.data.DataLoader(stream, batch_size=config.train_batch_size, **kwargs)
     if config.cache_latents:
-        from training.data.latent_cache import CachedDataset, build_cache
-
         folder = build_cache(
             accelerator,
             frozen,
@@ -198,8 +192,6 @@ def make_loader(config: TrainConfig, accelerator, data: TrainingData, frozen, st
 
 def comfy_load(unet) -> None:
     """Load the UNet fully onto its device (ComfyUI may have offloaded it for the VAE, CLIP or sampling)."""
-    import comfy.model_management
-
     comfy.model_management.load_models_gpu([unet], force_full_load=True)
 
 
@@ -234,8 +226,6 @@ def train_loop(
 ) -> None:
     """Optimizer steps until --max_train_steps: loss, backward, clip, step; log, checkpoint, sample.
     After a SIGTERM (`stop`), the step under way is the last: it is checkpointed and the loop returns."""
-    from tqdm.auto import tqdm
-
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     loss_log = Path(config.output_dir) / config.logging_dir / "losses.jsonl"
     if is_main:
@@ -282,15 +272,7 @@ def train_loop(
                 trainee.ema.update(trainee.encoder)
             state.global_step += 1
             step = state.global_step
-            progress.update(1)
-            lr = trainee.scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            state.losses[step] = step_loss
-            if config.report_to != "none":
-                accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-            if is_main:
-                with open(loss_log, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+            log_step(config, accelerator, progress, loss_log, state, step_loss, trainee.scheduler.get_last_lr()[0])
             step_loss = 0.0
             last = step == config.max_train_steps
             stopping = stop.agreed(accelerator)
@@ -299,21 +281,37 @@ def train_loop(
             if stopping:
                 state.stopped = True
                 break
-            due = config.validation_steps and (step % config.validation_steps == 0 or last)
-            if due and is_main and validation_images:
-                from training.models.sampling import write_samples
-
-                write_samples(config, step, frozen, trainee, text, validation_images)
-            if config.eval_steps and (step % config.eval_steps == 0 or last):
-                from training.evaluation.during_training import evaluate_during_training
-
-                evaluate_during_training(
-                    accelerator, frozen, trainee.encoder, text, validation_images,
-                    [prompt.format(token=config.token) for prompt in config.validation_prompts],
-                    step=step, config=config, ema=trainee.ema,
-                )
+            sample_and_evaluate(config, accelerator, trainee, frozen, text, validation_images, step, last)
     finally:  # on an error too: the bar's line ends before the error's message
         progress.close()
+
+
+def log_step(config: TrainConfig, accelerator, progress, loss_log: Path, state: LoopState, loss: float,
+             lr: float) -> None:
+    """One optimizer step's loss and learning rate: the progress bar, the trackers, losses.jsonl."""
+    step = state.global_step
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    state.losses[step] = loss
+    if config.report_to != "none":
+        accelerator.log({"loss": loss, "lr": lr}, step=step)
+    if accelerator.is_main_process:
+        with open(loss_log, "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+
+def sample_and_evaluate(config: TrainConfig, accelerator, trainee: Trainee, frozen, text,
+                        validation_images: list, step: int, last: bool) -> None:
+    """The sample grid (--validation_steps) and the evaluation (--eval_steps) when either is due."""
+    due = config.validation_steps and (step % config.validation_steps == 0 or last)
+    if due and accelerator.is_main_process and validation_images:
+        write_samples(config, step, frozen, trainee, text, validation_images)
+    if config.eval_steps and (step % config.eval_steps == 0 or last):
+        evaluate_during_training(
+            accelerator, frozen, trainee.encoder, text, validation_images,
+            [prompt.format(token=config.token) for prompt in config.validation_prompts],
+            step=step, config=config, ema=trainee.ema,
+        )
 
 
 def process_state(state: LoopState, config: TrainConfig, encoder) -> ProcessState:
@@ -349,21 +347,7 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
     """The steps of `main`, with SIGTERM caught by `stop`."""
     config = resolve_inputs(config)
     accelerator = make_accelerator(config)
-    # The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
-    # captions. Then the data's path (tiny: generated) and --num_train_epochs' steps, now that it is read.
-    data = read_training_data(config, accelerator)
-    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
-    if config.num_train_epochs is not None and accelerator.is_main_process:
-        log.info(
-            "%s %g epochs of %d records at a global batch of %d: %d steps",
-            PREFIX,
-            config.num_train_epochs,
-            len(data.records),
-            config.global_batch_size,
-            config.max_train_steps,
-        )
-    from training.loop.preview import dry_run, load_validation_images, write_args
-
+    config, data = scan_data(config, accelerator)
     if accelerator.is_main_process:
         write_args(config)
     if config.dry_run:  # settings and a preview of processed samples, no model loaded
@@ -377,12 +361,11 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
             write_args(config)
     trainee = make_optimizer(config, accelerator, encoder, frozen)
     output_dir = Path(config.output_dir)
-    encoder_file = f"{config.domain}-encoder.safetensors"
     checkpoints = Checkpoints(
         accelerator=accelerator,
         output_dir=output_dir,
         limit=config.checkpoints_total_limit or None,
-        encoder_file=encoder_file,
+        encoder_file=f"{config.domain}-encoder.safetensors",
         export=lambda path, step: trainee.export(path, step, config),
     )
     position: Position = checkpoints.resume(
@@ -393,30 +376,13 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
     )
     loader = make_loader(config, accelerator, data, frozen, position.batches)
 
-    from training.models.sdxl import TextEncoder
-
     text = TextEncoder(frozen.clip, config.token, cache=config.cache_text_embeddings)
     validation_images = (
         load_validation_images(config, data) if config.validation_steps or config.eval_steps else []
     )
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("nested-attention", config=config.for_trackers())
-    log.info(
-        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
-        "M=%d, %d layers, %d records (%s)",
-        PREFIX,
-        config.domain,
-        config.max_train_steps,
-        config.global_batch_size,
-        config.train_batch_size,
-        config.gradient_accumulation_steps,
-        accelerator.num_processes,
-        config.resolution,
-        config.num_tokens,
-        len(frozen.layers),
-        len(data.records),
-        data.kind,
-    )
+    log_start(config, accelerator, frozen, data)
     state = LoopState(
         global_step=position.global_step,
         batches=position.batches,
@@ -436,7 +402,50 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
         raise write_failure(Path(e.filename or output_dir), e, output_dir, removed=False) from e
 
     accelerator.wait_for_everyone()
-    final = output_dir / encoder_file
+    return finish(config, accelerator, trainee, state, stop, started)
+
+
+def scan_data(config: TrainConfig, accelerator) -> tuple[TrainConfig, TrainingData]:
+    """The one data scan, before any model loads: bad data stops the run in seconds. Its summary counts the
+    captions. Then the data's path (tiny: generated) and --num_train_epochs' steps, now that it is read."""
+    data = read_training_data(config, accelerator)
+    config = config.with_inputs(train_data=data.path).with_epochs(len(data.records))
+    if config.num_train_epochs is not None and accelerator.is_main_process:
+        log.info(
+            "%s %g epochs of %d records at a global batch of %d: %d steps",
+            PREFIX,
+            config.num_train_epochs,
+            len(data.records),
+            config.global_batch_size,
+            config.max_train_steps,
+        )
+    return config, data
+
+
+def log_start(config: TrainConfig, accelerator, frozen, data: TrainingData) -> None:
+    log.info(
+        "%s training %s: %d steps, global batch %d = %d x %d accumulation x %d processes, resolution %d, "
+        "M=%d, %d layers, %d records (%s)",
+        PREFIX,
+        config.domain,
+        config.max_train_steps,
+        config.global_batch_size,
+        config.train_batch_size,
+        config.gradient_accumulation_steps,
+        accelerator.num_processes,
+        config.resolution,
+        config.num_tokens,
+        len(frozen.layers),
+        len(data.records),
+        data.kind,
+    )
+
+
+def finish(config: TrainConfig, accelerator, trainee: Trainee, state: LoopState, stop: StopRequest,
+           started: float) -> dict:
+    """After the loop: the export (or, stopped by SIGTERM, only the message); returns main's summary."""
+    output_dir = Path(config.output_dir)
+    final = output_dir / f"{config.domain}-encoder.safetensors"
     if state.stopped:
         if accelerator.is_main_process:
             log.info(
@@ -478,6 +487,3 @@ def run(config: TrainConfig, stop: StopRequest) -> dict:
         "output_dir": str(output_dir),
     }
 
-
-if __name__ == "__main__":
-    main(parse_args())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ def warm_start_encoder(
     domain: str,
     token: str,
     alpha: float,
-    dim_head: Optional[int] = None,
+    dim_head: int | None = None,
 ) -> NestedEncoder:
     """The run's trainable encoder (float32, train mode) from `path`, for `frozen`'s layers and CLIP vision.
 

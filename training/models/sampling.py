@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import comfy.sample  # noqa: E402  (training.models.sdxl has set ComfyUI up)
 import numpy as np
 import torch
 
 from nested_attention import NestedEncoder
-from nested_attention.host import install_subject
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
-
-from training.models.sdxl import FrozenModels, TextEncoder
+from training.comfy_env import comfy_module
 from training.loop.preview import labelled_grid
+from training.models.sdxl import FrozenModels, TextEncoder
+
+# Imported on first use (training.comfy_env): importing this module loads no ComfyUI.
+comfy = comfy_module("comfy")
+glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -54,7 +56,7 @@ def patched_model(
         scale=float(scale),
         name="validation",
     )
-    install_subject(model, binding, encoder.layers)
+    glue.install_subject(model, binding, encoder.layers)
     return model
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,25 +33,12 @@ from nested_attention import (
 from nested_attention.layers import SDXL_LAYERS
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
+from training.comfy_env import comfy_module
+from training.tiny import models as tiny_models
 
-from training.comfy_env import setup_comfy
-
-setup_comfy()
-
-import comfy.ldm.modules.attention  # noqa: E402
-import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.sd  # noqa: E402
-
-# The glue shared with the nodes (imports comfy, so after setup_comfy).
-from nested_attention.host import (  # noqa: E402
-    attn2_patches,
-    clip_vision_spec,
-    load_clip_vision,
-    subject_stream,
-    word_positions,
-    word_token_ids,
-)
+# Imported on first use (training.comfy_env): importing this module loads no ComfyUI.
+comfy = comfy_module("comfy")
+glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -75,7 +63,7 @@ class FrozenModels:
         return self.unet.model
 
 
-def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any, Any]:
+def load_sdxl(path: str, weight_dtype: torch.dtype | None) -> tuple[Any, Any, Any]:
     """(UNet ModelPatcher, CLIP, VAE) from an SDXL single-file checkpoint, with ComfyUI's loader."""
     model_options = {"dtype": weight_dtype} if weight_dtype is not None else {}
     unet, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
@@ -99,24 +87,22 @@ def load_sdxl(path: str, weight_dtype: Optional[torch.dtype]) -> tuple[Any, Any,
 def load_frozen(
     *,
     tiny: bool,
-    checkpoint: Optional[str],
-    clip_vision_path: Optional[str],
-    weight_dtype: Optional[torch.dtype],
+    checkpoint: str | None,
+    clip_vision_path: str | None,
+    weight_dtype: torch.dtype | None,
     seed: int = 0,
 ) -> FrozenModels:
     """The frozen models: SDXL + CLIP ViT-H/14 from files, or the tiny ones built in code."""
     if tiny:
-        from training.tiny import models as tiny_models
-
         unet = tiny_models.tiny_sdxl_unet(seed=seed, dtype=weight_dtype)
         clip = tiny_models.tiny_sdxl_clip(seed=seed, dtype=torch.float32)  # float32: no per-call weight casts
         vae = tiny_models.tiny_vae(seed=seed)
         clip_vision = tiny_models.tiny_clip_vision(seed=seed)
-        spec = clip_vision_spec(clip_vision, tiny_models.TINY_CLIP_VISION_NAME)
+        spec = glue.clip_vision_spec(clip_vision, tiny_models.TINY_CLIP_VISION_NAME)
     else:
         unet, clip, vae = load_sdxl(checkpoint, weight_dtype)
-        clip_vision = load_clip_vision(clip_vision_path)
-        spec = clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
+        clip_vision = glue.load_clip_vision(clip_vision_path)
+        spec = glue.clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
     # The VAE works in float32 (docs/ARCHITECTURE.md §6): its latents are the targets.
     vae.first_stage_model.to(torch.float32)
     vae.vae_dtype = torch.float32
@@ -173,9 +159,10 @@ def enable_gradient_checkpointing(diffusion_model: nn.Module) -> int:
     walks the blocks ("block", "block_index"), so each call gets a snapshot of it: the recomputation
     must see the same layer keys as the forward. Returns the number of wrapped modules.
     """
+    blocks = (comfy.ldm.modules.diffusionmodules.openaimodel.ResBlock, comfy.ldm.modules.attention.SpatialTransformer)
     wrapped = 0
     for module in diffusion_model.modules():
-        if isinstance(module, (openaimodel.ResBlock, comfy.ldm.modules.attention.SpatialTransformer)):
+        if isinstance(module, blocks):
             if getattr(module, "_nested_checkpointed", False):
                 continue
             original = module.forward
@@ -211,15 +198,15 @@ class TextEncoder:
         self.clip, self.token, self.cache = clip, token, cache
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         self._warned: set[str] = set()
-        self.stream = subject_stream(clip.tokenize(token))  # the stream the nodes search
-        self.word_ids = word_token_ids(clip, token, self.stream)
+        self.stream = glue.subject_stream(clip.tokenize(token))  # the stream the nodes search
+        self.word_ids = glue.word_token_ids(clip, token, self.stream)
         if not self.word_ids:
             raise ValueError(f"the subject token {token!r} encodes to no tokens; choose a plain word")
 
     def positions(self, tokens: dict) -> tuple[int, ...]:
         """The token's positions in `clip.tokenize(..., return_word_ids=True)` (chunks may be cut short):
         the nodes' rule and stream (`nested_attention.host`); () when the caption lacks the token."""
-        return word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
+        return glue.word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
 
     @torch.no_grad()
     def encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -338,7 +325,7 @@ class NestedTrainingModule(nn.Module):
             )
             for pos, rows in groups
         ]
-        patches = attn2_patches(self.encoder.layers, bindings)  # as the nodes install them
+        patches = glue.attn2_patches(self.encoder.layers, bindings)  # as the nodes install them
         denoised = self.base.apply_model(
             x_noisy,
             sigmas,

@@ -14,7 +14,7 @@ Full-size models, for the benchmark: any SDXL-shaped UNet config on a device or 
 ViT-H/14 CLIP vision and NestedEncoders, filled in seconds by tiling one seeded pool of normals
 (`fill_parameters_`; drawing 2.6 B values one by one takes about a minute).
 
-Importing this module sets ComfyUI up (`training.comfy_env.setup_comfy`).
+ComfyUI is set up and imported when a builder first needs it (`training.comfy_env.comfy_module`).
 """
 
 from __future__ import annotations
@@ -23,26 +23,18 @@ import json
 import math
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
+from PIL import Image, ImageDraw
 
 from nested_attention import ClipVisionSpec, EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
+from training.comfy_env import comfy_module
+from training.presets import PRESETS
 
-from training.comfy_env import setup_comfy
-
-setup_comfy()
-
-import comfy.clip_vision  # noqa: E402
-import comfy.ldm.models.autoencoder  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.sdxl_clip  # noqa: E402
-import comfy.supported_models  # noqa: E402
-import comfy.supported_models_base  # noqa: E402
+comfy = comfy_module("comfy")  # imported on first use: importing this module loads no ComfyUI
 
 # ------------------------------------------------------------------------------------------------
 # Configs
@@ -306,8 +298,6 @@ def fill_parameters_(module: torch.nn.Module, seed: int) -> None:
 
 def tiny_qformer() -> QFormerConfig:
     """The tiny preset's Q-Former (M = 16), for smoke runs of the benchmark on the tiny models."""
-    from training.presets import PRESETS
-
     return PRESETS["tiny"].qformer
 
 
@@ -334,8 +324,8 @@ def build_encoder(
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
-    qformer: Optional[QFormerConfig] = None,
-    projections: Optional[torch.nn.Module] = None,
+    qformer: QFormerConfig | None = None,
+    projections: torch.nn.Module | None = None,
     clip_vision: ClipVisionSpec | None = None,
 ) -> NestedEncoder:
     """A NestedEncoder with random weights (QFormerConfig defaults: the real Q-Former), in eval mode.
@@ -387,8 +377,6 @@ def make_tiny_dataset(folder: str | Path, count: int = 16, size: int = 128, seed
 
     Idempotent: an existing complete data set is kept. Returns the folder.
     """
-    from PIL import Image, ImageDraw
-
     folder = Path(folder)
     done = folder / ".complete"
     if done.is_file() and done.read_text().strip() == f"{count} {size} {seed}":
