@@ -205,8 +205,8 @@ def synthetic_trainer_throughput(
     apply_model), epsilon MSE, backward, AdamW on the encoder; the UNet's blocks checkpointed as the
     trainer does. `encoder` is trained in float32 (a copy is not made: it is changed).
     """
-    from training.models.sdxl import NestedTrainingModule, enable_gradient_checkpointing
     from training.loop.optim import adamw
+    from training.models.sdxl import NestedTrainingModule, enable_gradient_checkpointing
 
     base = model.model
     if checkpointing:
