@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nested_attention import SDXL_CONTEXT_DIM
+from nested_attention.logs import LOG_PREFIX as PREFIX
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 NUM_TOKENS = (256, 1024)  # M of the nested variants (paper: 256 pets, 1024 faces)
 IP_TOKENS = 16  # image tokens of the IP-Adapter-style variant (IP-Adapter Plus: 16)

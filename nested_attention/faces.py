@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 ALIGN_NONE = "none"  # the encoder reads photos as they are (CLIP's centre crop)
 ALIGN_FFHQ = "ffhq"  # the encoder reads faces aligned FFHQ-style

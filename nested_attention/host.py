@@ -35,11 +35,11 @@ import torch
 from .capture import AUTO_MEASURE, RUN_KEY, AutoRegions, Capture, CaptureSink, SamplingRun, Window, token_grid
 from .encoder import ClipVisionSpec
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
+from .logs import LOG_PREFIX
 from .patch import NestedAttentionPatch, SubjectBinding
 from .tokens import locate_word as locate_ids
 from .tokens import token_id, word_hints
 
-LOG_PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 

@@ -15,8 +15,9 @@ from comfy_api.latest import io
 
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
+from nested_attention.logs import LOG_PREFIX
 
-from .wires import CATEGORY, LOG_PREFIX, EncoderHandle, NestedEncoderType, names_the_node
+from .wires import CATEGORY, EncoderHandle, NestedEncoderType, names_the_node
 
 FOLDER = "nested_attention"
 # IP-Adapter Plus SDXL files load as nested encoders (nested_attention.formats); users keep them here.

@@ -22,11 +22,11 @@ from nested_attention.images import (
     composite_on_white,
     subject_mask,
 )
+from nested_attention.logs import LOG_PREFIX
 from nested_attention.weights import write_safetensors
 
 from .wires import (
     CATEGORY,
-    LOG_PREFIX,
     EncoderHandle,
     NestedEncoderType,
     NestedSubjectType,

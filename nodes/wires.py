@@ -18,7 +18,6 @@ NESTED_SUBJECT = "NESTED_SUBJECT"
 NestedEncoderType = io.Custom(NESTED_ENCODER)
 NestedSubjectType = io.Custom(NESTED_SUBJECT)
 CATEGORY = "nested_attention"
-LOG_PREFIX = "[nested-attention]"
 
 
 @dataclass(eq=False)

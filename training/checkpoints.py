@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 FOLDER = re.compile(r"checkpoint-(\d+)")
 PARTIAL = ".partial"  # checkpoint-N.partial: a checkpoint being written (never resumed from)
 DELETING = ".deleting"  # checkpoint-N.deleting: an old checkpoint being pruned

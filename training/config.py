@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from .data import describe_source, find_shards
 from .loss import LossConfig
@@ -28,7 +30,6 @@ from .schedule import batch_sizes, epochs_to_steps, launcher_world_size
 from .settings import at_least, derived, parse, positive, rule, setting, valid
 from .settings import build_parser as settings_parser
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")

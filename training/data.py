@@ -48,10 +48,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .captions import CaptionRule  # noqa: F401  (the caption rule lives with the caption report)
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb  # noqa: F401
 

@@ -22,12 +22,13 @@ import os
 import re
 from pathlib import Path
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from .evaluation.config import EvalConfig, parse_args
 from .presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
 
 log = logging.getLogger("training.evaluate")
-PREFIX = "[nested-attention]"
 
 CLIP_VISION_G_NAMES = (
     "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",

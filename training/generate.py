@@ -17,7 +17,6 @@ import random
 from pathlib import Path
 from typing import Optional
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 # (words in the prompt, the caption's subject word)

@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .data import CaptionRule, Record, SampleConfig, load_sample
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 def build_cache(

@@ -30,6 +30,7 @@ from nested_attention import (
     unet_layers,
 )
 from nested_attention.layers import SDXL_LAYERS
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
@@ -53,7 +54,6 @@ from nested_attention.host import (  # noqa: E402
 )
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 # ------------------------------------------------------------------------------------------------

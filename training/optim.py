@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .config import TrainConfig
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 def lr_lambda(name: str, warmup: int, total: int):

@@ -15,8 +15,9 @@ import signal
 import threading
 import time
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 class Preempted(SystemExit):

@@ -22,9 +22,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 

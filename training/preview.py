@@ -25,8 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 MIN_CELL = 256  # cells are shown at least this large (pixels)
 PREVIEW_SAMPLES = 4  # samples the data preview shows
 CLIP_H_SIZE = 224  # ViT-H/14's input, the presets' vision model: the dry run's size when its file is missing

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from .checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
 from .comfy_env import has_accelerator
 from .config import TrainConfig, parse_args, resolve_inputs
@@ -37,7 +39,6 @@ from .scan import TrainingData, read_training_data
 __all__ = ["main", "parse_args", "training_loss", "LossConfig", "TrainConfig", "weights_fingerprint"]
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from nested_attention import NestedEncoder
 from nested_attention.host import install_subject
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 
@@ -27,7 +28,6 @@ from .models import FrozenModels, TextEncoder
 from .preview import labelled_grid
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 def prompt_positions(text: TextEncoder, prompt: str) -> tuple[tuple[int, ...], int]:

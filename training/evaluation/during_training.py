@@ -22,13 +22,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from . import metrics
 from .generation import Generator, Method, SampleSettings, Subject, load_png, methods
 from .pipeline import run_evaluation
 from .prompts import PLACEHOLDER, EvalPrompt
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 _warned: set[str] = set()
 
 

@@ -30,7 +30,6 @@ from nested_attention.patch import SubjectBinding, conditional_rows
 from .prompts import EvalPrompt
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 LAMBDAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # the paper's λ values (Figure 10)
 DECOUPLED_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # IP-Adapter scales 0.5 to 1.0 (Figure 10)

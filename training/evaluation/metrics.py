@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 class MetricSetupError(ValueError):

@@ -14,13 +14,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 from . import report
 from .generation import Generator, Job, Method, Subject, load_png, make_jobs, save_png, shard
 from .metrics import Scorers
 from .prompts import EvalPrompt
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 def process_info(accelerator: Any) -> tuple[int, int, bool]:

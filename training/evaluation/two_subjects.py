@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 
 from . import report
@@ -41,7 +42,6 @@ from .metrics import Scorers, cosine
 from .prompts import PLACEHOLDER, EvalPrompt
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 REGIONS = ("none", "manual", "auto")
 PAIR_WORDS = {"faces": ("man", "woman"), "tiny": ("pet", "toy")}  # subject A's word, subject B's word
