@@ -22,6 +22,7 @@ from PIL import Image
 from trainer_runs import reset_after_run, train
 
 from nested_attention.host import comfy_attention
+from nested_attention.images import to_uint8
 from nested_attention.patch import SubjectBinding
 from training import evaluate as evaluate_cli
 from training import models as models_lib
@@ -80,12 +81,13 @@ def encoder(frozen):
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory):
-    from training.data import open_image, to_comfy_image
+    from nested_attention.images import from_pil
+    from training.data import open_image
     from training.tiny import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("subjects"), count=2, size=64, seed=1)
     return [
-        Subject(name=p.stem, source=str(p), image=to_comfy_image(open_image(str(p))))
+        Subject(name=p.stem, source=str(p), image=from_pil(open_image(str(p))))
         for p in sorted(folder.glob("*.png"))
     ]
 
@@ -157,7 +159,7 @@ def test_tiny_identity_embeds_the_detected_box_so_a_moved_subject_keeps_its_iden
     a[10:30, 12:36] = torch.tensor([0.9, 0.1, 0.1])
     b[30:50, 30:54] = torch.tensor([0.9, 0.1, 0.1])  # the same "face", elsewhere
     model = metrics.TinyIdentity()
-    assert model.detector.detect(metrics.to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
+    assert model.detector.detect(to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
     assert float(metrics.cosine(model.embed(a), model.embed(b))) == pytest.approx(1.0, abs=1e-12)
 
 

@@ -23,3 +23,31 @@ def test_the_log_prefix_is_written_once():
     written = [str(f.relative_to(REPO)) for f in product_files() if LOG_PREFIX in f.read_text()]
     assert written == ["nested_attention/logs.py"]
 
+
+def test_pixels_go_to_8_bit_by_rounding_to_the_nearest_level_and_back_exactly():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from nested_attention.images import from_pil, from_uint8, to_pil, to_uint8
+
+    levels = np.arange(256)
+    # Values a third of a level off each level, and outside [0, 1]: each rounds (or clamps) to one level.
+    values = np.concatenate([levels / 255, (levels + 1 / 3) / 255, (levels - 1 / 3) / 255, [-0.5, 1.5]])
+    expected = [min(255, max(0, round(v * 255))) for v in values.tolist()]  # plain Python, float64
+    image = torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1)
+    assert to_uint8(image).dtype == np.uint8
+    assert to_uint8(image).reshape(-1).tolist() == expected
+    assert to_uint8(image.numpy()).reshape(-1).tolist() == expected  # an array reads the same
+
+    eight_bit = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    pixels = from_uint8(eight_bit)
+    assert pixels.dtype == torch.float32
+    assert pixels.reshape(-1).tolist() == [np.float32(v / 255) for v in eight_bit.reshape(-1).tolist()]
+    assert np.array_equal(to_uint8(pixels), eight_bit)  # every level survives the round trip
+
+    picture = to_pil(pixels)
+    assert picture.mode == "RGB" and np.array_equal(np.asarray(picture), eight_bit)
+    assert torch.equal(from_pil(picture), pixels)
+    grey = Image.fromarray(eight_bit[..., 0])  # any mode is read as RGB
+    assert torch.equal(from_pil(grey), from_uint8(np.repeat(eight_bit[..., :1], 3, axis=-1)))

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
+from nested_attention.images import from_pil
 from training import data as data_lib
 from training import models as models_lib
 from training import run as trainer
@@ -491,7 +492,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
 ):
     encoder = load_encoder(reference["encoder_path"])
     handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
-    image = data_lib.to_comfy_image(
+    image = from_pil(
         data_lib.open_image(str(sorted(Path(reference["dir"]).glob("*.png"))[0]))
     )[None]
     subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")

@@ -74,7 +74,9 @@ def find_model(value: str | None, folder: str, names: tuple, what: str, flag: st
 
 def load_subjects(args: EvalConfig, output_dir: Path):
     """The held-out subjects: (name, source, image) from a folder or a manifest; generated for tiny."""
-    from .data import IMAGE_EXTENSIONS, BadImage, open_image, to_comfy_image
+    from nested_attention.images import from_pil
+
+    from .data import IMAGE_EXTENSIONS, BadImage, open_image
     from .evaluation.generation import Subject
 
     source = args.subjects
@@ -117,7 +119,7 @@ def load_subjects(args: EvalConfig, output_dir: Path):
             raise SystemExit(f"{PREFIX} two subjects are named {name!r}; give them distinct names.")
         seen.add(name)
         try:
-            image = to_comfy_image(open_image(file))
+            image = from_pil(open_image(file))
         except BadImage as e:
             raise SystemExit(f"{PREFIX} subject image {file}: {e}") from e
         subjects.append(Subject(name=name, source=file, image=image))

@@ -95,12 +95,12 @@ def generate(
     progress: bool = True,
 ) -> dict:
     """Make (or finish making) `count` samples in `out`; returns {"made", "skipped", "manifest"}."""
-    import numpy as np
     from accelerate import PartialState
-    from PIL import Image
     from tqdm.auto import tqdm
 
     state = PartialState()  # first: ComfyUI, imported next, picks the device accelerate gave this process
+    from nested_attention.images import to_pil
+
     from . import models as models_lib  # sets ComfyUI up
     from .samples import sample_image
 
@@ -129,7 +129,7 @@ def generate(
             pixels = sample_image(
                 unet, vae, positive, negative, item["seed"], steps=steps, cfg=cfg, resolution=resolution
             )  # (H, W, 3)
-            Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8)).save(images / f"{i:06d}.png")
+            to_pil(pixels).save(images / f"{i:06d}.png")
             record = {
                 "input": f"images/{i:06d}.png",
                 "caption": item["caption"],

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from nested_attention.images import from_pil, to_pil
 from nested_attention.logs import LOG_PREFIX as PREFIX
 
 from .images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
@@ -240,7 +241,7 @@ def prepare(args: argparse.Namespace) -> dict:
         if args.domain == "faces":
             from nested_attention import faces
 
-            pixels = faces.pil_to_tensor(image)
+            pixels = from_pil(image)
             found = faces.detect_faces(pixels)
             if not found:
                 skip("no face found", name)
@@ -254,7 +255,7 @@ def prepare(args: argparse.Namespace) -> dict:
             aligned = faces.crop_quad(pixels, quad, args.face_size)
             (out / "inputs").mkdir(exist_ok=True)
             (out / "targets").mkdir(exist_ok=True)
-            faces.tensor_to_pil(aligned).save(out / "inputs" / f"{stem}.png")
+            to_pil(aligned).save(out / "inputs" / f"{stem}.png")
             image.save(out / "targets" / f"{stem}.jpg", quality=95)  # upright: EXIF rotation applied
             # The detector's box (eyebrows to mouth) grown by half its size: forehead and chin included.
             left, top, right, bottom = face.box

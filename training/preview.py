@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from nested_attention.images import from_pil, to_pil
 from nested_attention.logs import LOG_PREFIX as PREFIX
 
 log = logging.getLogger("training")
@@ -94,7 +95,7 @@ def to_display(cell: np.ndarray, size: int):
     enlargement where it fits, Lanczos otherwise."""
     from PIL import Image
 
-    image = Image.fromarray((np.clip(cell, 0, 1) * 255).round().astype(np.uint8))
+    image = to_pil(cell)
     if image.width == size:
         return image
     height = round(image.height * size / image.width)
@@ -191,7 +192,7 @@ def load_validation_images(config, data) -> list:
     images = []
     for source, mask in sources:
         try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
+            images.append(from_pil(data_lib.open_image(source, mask)))
         except data_lib.BadImage as e:
             name = source if isinstance(source, str) else "?"
             log.warning("%s validation image %s skipped: %s", PREFIX, name, e)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from nested_attention import NestedEncoder
+from nested_attention.images import from_pil, to_pil
 from nested_attention.patch import SubjectBinding, conditional_rows
 
 from .prompts import EvalPrompt
@@ -223,12 +223,9 @@ def subject_tokens(frozen: Any, encoder: NestedEncoder, image: torch.Tensor) -> 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a half-written image that resume would trust."""
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pixels = (image.numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).save(tmp, format="PNG")
+    to_pil(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -236,7 +233,7 @@ def load_png(path: Path) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        return from_pil(image)
 
 
 class Generator:

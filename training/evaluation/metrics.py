@@ -27,6 +27,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+from nested_attention.images import from_uint8, to_uint8
+
 log = logging.getLogger(__name__)
 
 
@@ -38,11 +40,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of (N, D) and (N, D) (or (D,) and (D,)), in float64."""
     a, b = a.double(), b.double()
     return F.cosine_similarity(a, b, dim=-1)
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> (H, W, 3) uint8, as a PNG would store it."""
-    return (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +215,7 @@ class DlibFaceDetector:
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         from nested_attention.faces import detect_faces
 
-        faces = detect_faces(torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0)
+        faces = detect_faces(from_uint8(image))
         return [FaceBox(*(int(round(v)) for v in face.box)) for face in faces]
 
 
@@ -298,7 +295,7 @@ class TinyFaceDetector:
         self.threshold, self.min_fraction = threshold, min_fraction
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
-        pixels = image.astype(np.float32) / 255.0
+        pixels = from_uint8(image).numpy()
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         background = np.median(border, axis=0)
         differs = np.abs(pixels - background).max(axis=-1) > self.threshold  # (H, W)
