@@ -280,6 +280,15 @@ class NestedEncoder(nn.Module):
             proj.to_v.weight.copy_(wv)
 
 
+@torch.no_grad()
+def encode_clip_tokens(encoder: NestedEncoder, clip_tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP tokens (n, L, clip_dim) on any device and dtype -> subject tokens E (n, M, D), CPU float32: cast to
+    the device and dtype of the encoder's weights, then `NestedEncoder.encode`. The nodes and the trainer both
+    encode photos through this (and `nested_attention.host.photo_tokens`)."""
+    weight = next(encoder.parameters())
+    return encoder.encode(clip_tokens.to(weight.device, weight.dtype)).to("cpu", torch.float32)
+
+
 def concat_subject_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Several photos of one subject: (n, M, D) -> (1, n*M, D), the paper's multi-image form."""
     return rearrange(tokens, "n m d -> 1 (n m) d")

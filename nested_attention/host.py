@@ -8,7 +8,8 @@ tokenizer stream, and install the same patch: what is trained is what runs.
 
 - Host attention: `comfy_attention`, ComfyUI's `optimized_attention` called as CrossAttention calls it.
 - Models: `check_sdxl`, `attn2_patches` and `install_subject` (the per-layer patch install).
-- CLIP vision: `clip_vision_spec`, `check_clip_vision`, `load_clip_vision`.
+- CLIP vision: `clip_vision_spec`, `check_clip_vision`, `load_clip_vision`; photos -> tokens: `clip_vision_tokens`,
+  `photo_tokens`.
 - The subject word in ComfyUI's tokenizer: `subject_stream`, `word_token_ids`, `word_positions`,
   `locate_word` -> `TokenLocation`. The matching rule itself is the core's `nested_attention.tokens`.
 - Per sampling run: `sigma_window`, `add_capture`, `add_auto_regions` (ComfyUI's OUTER_SAMPLE wrapper
@@ -33,7 +34,7 @@ import comfy.patcher_extension
 import torch
 
 from .capture import AUTO_MEASURE, RUN_KEY, AutoRegions, Capture, CaptureSink, SamplingRun, Window, token_grid
-from .encoder import ClipVisionSpec
+from .encoder import ClipVisionSpec, NestedEncoder, encode_clip_tokens
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
 from .logs import LOG_PREFIX
 from .patch import NestedAttentionPatch, SubjectBinding
@@ -190,6 +191,35 @@ def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, enc
             expected.name,
             name,
         )
+
+
+def clip_vision_tokens(
+    clip_vision: Any, spec: ClipVisionSpec, images: torch.Tensor, *, crop: bool = True, encoder_name: str = "the encoder"
+) -> torch.Tensor:
+    """The CLIP tokens an encoder trained on `spec` reads from photos (n, H, W, 3) in [0, 1]: ComfyUI's
+    `ClipVisionModel.encode_image(images, crop=crop)` at `spec.hidden_layer` (the last layer for the pack's
+    encoders, the penultimate for IP-Adapter) -> (n, L, width), on the model's device and in its dtype.
+
+    Raises NestedEncoderLoadError when the tokens are not of the shape `spec` says.
+    """
+    out = clip_vision.encode_image(images, crop=crop)[spec.output_key]  # (n, L, width)
+    if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
+        raise NestedEncoderLoadError(
+            f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {encoder_name} "
+            f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
+            "that CLIP vision model."
+        )
+    return out
+
+
+@torch.no_grad()
+def photo_tokens(
+    clip_vision: Any, spec: ClipVisionSpec, encoder: NestedEncoder, images: torch.Tensor, *, crop: bool = True
+) -> torch.Tensor:
+    """Photos (n, H, W, 3) in [0, 1] -> subject tokens E (n, M, C), CPU float32: `clip_vision_tokens`, then the
+    encoder (`nested_attention.encoder.encode_clip_tokens`). Encode Subject Image(s) runs the same two steps
+    (one photo per CLIP call, with its progress bar)."""
+    return encode_clip_tokens(encoder, clip_vision_tokens(clip_vision, spec, images, crop=crop))
 
 
 def load_clip_vision(path: str) -> Any:

@@ -13,7 +13,9 @@ from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 
 from nested_attention import concat_subject_tokens, faces
+from nested_attention.encoder import encode_clip_tokens
 from nested_attention.formats import FLOAT_DTYPES, file_problem
+from nested_attention.host import clip_vision_tokens
 from nested_attention.images import (
     BLANK_SHARE,
     MASK_MARKS,
@@ -148,22 +150,12 @@ def encode_subject(
 
     hidden = []
     for i in range(n):  # one photo at a time: a batch of large photos need not fit at once
-        encoded = handle.clip_vision.encode_image(images[i : i + 1], crop=crop)
-        # The hidden layer the encoder was trained on: last for the pack's encoders, penultimate for IP-Adapter.
-        out = encoded[spec.output_key]  # (1, L, width)
-        if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
-            raise SubjectError(
-                f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {handle.name} "
-                f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
-                "that CLIP vision model."
-            )
-        hidden.append(out.to("cpu", torch.float32))
+        out = clip_vision_tokens(handle.clip_vision, spec, images[i : i + 1], crop=crop, encoder_name=handle.name)
+        hidden.append(out.to("cpu", torch.float32))  # (1, L, width)
         progress.update(1)
 
     comfy.model_management.load_model_gpu(handle.patcher)
-    weight = next(handle.encoder.parameters())
-    tokens = handle.encoder.encode(torch.cat(hidden).to(weight.device, weight.dtype))  # (n, M, C)
-    tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
+    tokens = concat_subject_tokens(encode_clip_tokens(handle.encoder, torch.cat(hidden)))  # (1, n*M, C)
     progress.update(1)
     name = f"{handle.config.domain} subject"
     return Subject(tokens=tokens, encoder=handle, name=name, images=n, photos=display_copy(images),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import comfy.utils
@@ -54,6 +55,22 @@ def test_several_photos_concatenate_their_tokens_in_order(pack, load_handle):
     torch.testing.assert_close(both.tokens[:, :8], reference_tokens(handle, images[:1]))
     assert not torch.allclose(both.tokens[:, :8], first.tokens)
 
+
+def test_the_trainer_encodes_a_photo_exactly_as_the_node_does(pack, load_handle):
+    """training.samples and the evaluation call nested_attention.host.photo_tokens; the node runs its two steps
+    photo by photo. Both give the paper's tokens, and the same tokens to the bit."""
+    handle = load_handle()
+    images = photos(3, 2)
+    subject = encode_subject(pack, handle, seed=3, n=2)
+    trainer = torch.cat([pack.host.photo_tokens(handle.clip_vision, handle.config.clip_vision, handle.encoder,
+                                                images[i : i + 1]) for i in range(2)])  # (2, M, C)
+    assert trainer.dtype == torch.float32 and trainer.device.type == "cpu"
+    assert torch.equal(concat_subject_tokens(trainer), subject.tokens)
+    torch.testing.assert_close(concat_subject_tokens(trainer), reference_tokens(handle, images))
+
+    wider = dataclasses.replace(handle.config.clip_vision, hidden_size=96)  # a tower the encoder was not made for
+    with pytest.raises(pack.host.NestedEncoderLoadError, match=r"gave tokens of shape \(17, 64\); encoder"):
+        pack.host.photo_tokens(handle.clip_vision, wider, handle.encoder, images[:1])
 
 def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
     handle = load_handle()

@@ -28,6 +28,8 @@ def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: i
     """The epsilon-prediction loss of one batch; dropout, noise and timesteps from (seed, rank, batch)."""
     import torch
 
+    from nested_attention.host import clip_vision_tokens
+
     from .data import mix_seed
     from .models import align_subjects, sdxl_adm
 
@@ -41,9 +43,8 @@ def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: i
             clip_tokens = batch["clip_tokens"]
         else:
             latents = frozen.vae.encode(batch["pixels"])
-            clip_tokens = frozen.clip_vision.encode_image(batch["clip_pixels"], crop=True)[
-                frozen.clip_vision_spec.output_key  # the layer the encoder reads (warm start: the file's)
-            ]
+            # The layer the encoder reads (warm start: the file's).
+            clip_tokens = clip_vision_tokens(frozen.clip_vision, frozen.clip_vision_spec, batch["clip_pixels"])
         latents = base.process_latent_in(latents.float().cpu())
 
     # Classifier-free dropout: one draw per sample picks text only, subject only, both, or neither.
