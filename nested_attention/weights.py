@@ -14,6 +14,7 @@ safetensors only (never pickle) and validated in full before any tensor is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -44,6 +45,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (64 hex digits) of a module's parameters: each name, then its values as float32 bytes, in name
+    order. The same weights give the same fingerprint on any device and process. The one definition of "these
+    exact weights": the trainer's checkpoints, the evaluation's settings.json and saved subjects record it."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

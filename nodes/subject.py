@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -12,7 +13,7 @@ import torch
 from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 
-from nested_attention import concat_subject_tokens, faces
+from nested_attention import NestedEncoder, concat_subject_tokens, faces
 from nested_attention.encoder import encode_clip_tokens
 from nested_attention.formats import FLOAT_DTYPES, file_problem
 from nested_attention.host import clip_vision_tokens
@@ -290,6 +291,16 @@ def save_subject(path: str, subject: Subject) -> None:
     write_safetensors(path, {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
+def older_subject_fingerprint(encoder: NestedEncoder) -> str:
+    """The encoder fingerprint in subject files saved before the pack's fingerprints became one (16 hex digits:
+    the config and three of the weights; now `nested_attention.weights.weights_fingerprint`). Read only, so those
+    files keep loading with their encoder."""
+    digest = hashlib.sha256(encoder.config.to_json().encode())
+    for tensor in (encoder.qformer.latents, encoder.qformer.proj_out.weight, encoder.projections[-1].to_v.weight[:8]):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_subject(path: str, handle: EncoderHandle) -> Subject:
     name = os.path.basename(path)
     problem = file_problem(path)
@@ -324,7 +335,7 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
         raise SubjectError(
             f"{name} is not a readable .safetensors file ({e}); save the subject again."
         ) from e
-    if metadata.get("encoder_fingerprint") != handle.fingerprint:
+    if metadata.get("encoder_fingerprint") not in (handle.fingerprint, older_subject_fingerprint(handle.encoder)):
         raise SubjectError(
             f"{name} was encoded with encoder {metadata.get('encoder')!r}, not with the connected "
             f"{handle.name}: subject tokens only mean something to the encoder that made them. Connect that "

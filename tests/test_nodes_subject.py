@@ -24,6 +24,7 @@ from PIL import Image
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
+from nested_attention.weights import weights_fingerprint
 
 
 def reference_tokens(handle, images):
@@ -187,6 +188,31 @@ def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path
     pack.subject.save_subject(path, subject)
     with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
         pack.subject.load_subject(path, load_handle(seed=6))
+
+
+def test_a_subject_saved_with_the_older_fingerprint_loads_with_its_encoder_only(pack, load_handle, tmp_path):
+    """Subject files written before the fingerprints became one carry a 16-digit hash of the encoder's config and
+    three of its weights (written out here as those files were made); they keep loading."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    handle = load_handle(seed=5)
+    assert handle.fingerprint == weights_fingerprint(handle.encoder)  # the one definition
+    path = tmp_path / "s.safetensors"
+    pack.subject.save_subject(str(path), encode_subject(pack, handle, seed=0))
+    with safe_open(str(path), "pt") as f:
+        metadata, tokens = f.metadata(), f.get_tensor("tokens")
+    assert metadata["encoder_fingerprint"] == handle.fingerprint
+    e = handle.encoder
+    older = hashlib.sha256(e.config.to_json().encode())
+    for tensor in (e.qformer.latents, e.qformer.proj_out.weight, e.projections[-1].to_v.weight[:8]):
+        older.update(tensor.detach().float().numpy().tobytes())
+    save_file({"tokens": tokens}, str(path), metadata={**metadata, "encoder_fingerprint": older.hexdigest()[:16]})
+    assert torch.equal(pack.subject.load_subject(str(path), handle).tokens, tokens)
+    with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
+        pack.subject.load_subject(str(path), load_handle(seed=6))
 
 
 # ------------------------------------------------------------------------------------------------

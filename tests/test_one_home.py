@@ -51,3 +51,33 @@ def test_pixels_go_to_8_bit_by_rounding_to_the_nearest_level_and_back_exactly():
     assert torch.equal(from_pil(picture), pixels)
     grey = Image.fromarray(eight_bit[..., 0])  # any mode is read as RGB
     assert torch.equal(from_pil(grey), from_uint8(np.repeat(eight_bit[..., :1], 3, axis=-1)))
+
+
+def test_the_weights_fingerprint_is_the_sha256_the_trainer_and_the_evaluation_recorded():
+    """Checkpoints (trainer_state's weights_sha256: named parameters) and evaluations (settings.json's
+    encoder_sha256: the state dict) wrote SHA-256 over names and float32 bytes; the one definition gives the same
+    digests, so checkpoints and evaluation folders written before still match."""
+    import hashlib
+
+    import torch
+
+    from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
+    from nested_attention.weights import weights_fingerprint
+
+    torch.manual_seed(0)
+    qformer = QFormerConfig(clip_dim=16, dim=32, depth=1, heads=2, dim_head=16, num_queries=4, output_dim=24)
+    layers = (LayerSpec("input", 4, 0, 8), LayerSpec("output", 2, 0, 12))
+    encoder = NestedEncoder(EncoderConfig(qformer=qformer, layers=layers))
+
+    def sha256(items) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(items, key=lambda item: item[0]):
+            digest.update(name.encode() + tensor.detach().to(torch.float32).numpy().tobytes())
+        return digest.hexdigest()
+
+    fingerprint = weights_fingerprint(encoder)
+    assert fingerprint == sha256(encoder.state_dict().items()) == sha256(encoder.named_parameters())
+    assert len(fingerprint) == 64
+    with torch.no_grad():
+        encoder.projections[1].to_v.weight[3, 5] += 1e-3  # one value of one layer
+    assert weights_fingerprint(encoder) != fingerprint

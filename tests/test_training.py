@@ -24,6 +24,7 @@ from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
 from nested_attention.images import from_pil
+from nested_attention.weights import weights_fingerprint
 from training import data as data_lib
 from training import models as models_lib
 from training import run as trainer
@@ -521,7 +522,7 @@ def test_init_encoder_starts_a_new_run_from_an_exported_file(tmp_path, reference
         reference["encoder_path"],
     )
     state = json.loads((tmp_path / "checkpoint-1" / "trainer_state-0.json").read_text())
-    assert state["initial_weights_sha256"] == trainer.weights_fingerprint(
+    assert state["initial_weights_sha256"] == weights_fingerprint(
         load_encoder(reference["encoder_path"])
     )
     assert state["weights_sha256"] != state["initial_weights_sha256"]

@@ -12,6 +12,7 @@ from test_formats import TINY, build_tiny
 from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
+from nested_attention.weights import weights_fingerprint
 from training import models as models_lib
 from training import run as trainer
 from training.warm_start import WarmStartError, warm_start_encoder
@@ -75,7 +76,7 @@ def test_init_from_trains_from_the_file_reads_its_clip_layer_and_exports_the_pac
     state = json.loads((out / "checkpoint-1" / "trainer_state-0.json").read_text())
     start = load_encoder(str(source), dtype=torch.float32, layers=layers,
                          clip_vision=read_config(summary["encoder_path"]).clip_vision)
-    assert state["initial_weights_sha256"] == trainer.weights_fingerprint(start)
+    assert state["initial_weights_sha256"] == weights_fingerprint(start)
     assert state["weights_sha256"] != state["initial_weights_sha256"]
     config = read_config(summary["encoder_path"])
     assert (config.num_tokens, config.qformer.ff_bias, config.clip_vision.hidden_layer) == (4, False, "penultimate")

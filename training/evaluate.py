@@ -15,7 +15,6 @@ grids/<method>.png into --output_dir. Images already there are not generated aga
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -126,14 +125,6 @@ def load_subjects(args: EvalConfig, output_dir: Path):
     return subjects
 
 
-def encoder_fingerprint(encoder) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_resume(output_dir: Path, settings: dict) -> None:
     """Refuse to mix images made with other settings into this run's folder."""
     path = output_dir / "settings.json"
@@ -220,6 +211,7 @@ def main(args: EvalConfig) -> dict | None:
     accelerator = Accelerator(cpu=not has_accelerator())
     # ComfyUI is imported only now, so its device choice sees the device accelerate gave this process.
     from nested_attention import load_encoder
+    from nested_attention.weights import weights_fingerprint
 
     from . import models as models_lib
     from .evaluation import prompts as prompts_lib
@@ -311,7 +303,7 @@ def main(args: EvalConfig) -> dict | None:
     settings = {
         "domain": args.domain,
         "encoder": encoder_name,
-        "encoder_sha256": encoder_fingerprint(encoder),
+        "encoder_sha256": weights_fingerprint(encoder),
         "pretrained_model": os.path.basename(args.pretrained_model)
         if args.pretrained_model
         else "tiny (built in)",

@@ -27,8 +27,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from nested_attention.logs import LOG_PREFIX as PREFIX
+from nested_attention.weights import weights_fingerprint
 
-from .checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, weights_fingerprint, write_failure
+from .checkpoints import DISK_FULL, Checkpoints, Position, ProcessState, write_failure
 from .comfy_env import has_accelerator
 from .config import TrainConfig, parse_args, resolve_inputs
 from .loss import LossConfig, training_loss
