@@ -34,7 +34,7 @@ import comfy.patcher_extension
 import torch
 
 from .capture import AUTO_MEASURE, RUN_KEY, AutoRegions, Capture, CaptureSink, SamplingRun, Window, token_grid
-from .encoder import ClipVisionSpec, NestedEncoder, encode_clip_tokens
+from .encoder import ClipVisionSpec, NestedEncoder, clip_vision_architecture, encode_clip_tokens
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
 from .logs import LOG_PREFIX
 from .patch import NestedAttentionPatch, SubjectBinding
@@ -148,26 +148,19 @@ def install_subject(
 
 
 def clip_vision_spec(clip_vision: Any, name: str = "") -> ClipVisionSpec:
-    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes (no forward)."""
-    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
-    embeddings = getattr(vision, "embeddings", None)
-    position = getattr(getattr(embeddings, "position_embedding", None), "weight", None)
-    layers = getattr(getattr(vision, "encoder", None), "layers", None)
-    if position is None or layers is None:
+    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its parameter shapes (no forward;
+    `nested_attention.encoder.clip_vision_architecture`, which reads a file's header the same way)."""
+    model = getattr(clip_vision, "model", None)
+    shapes = {key: p.shape for key, p in model.named_parameters()} if isinstance(model, torch.nn.Module) else {}
+    try:
+        return clip_vision_architecture(shapes, name, image_size=int(getattr(clip_vision, "image_size", 224)))
+    except ValueError:
         raise NestedEncoderLoadError(
             f"the CLIP vision input ({type(getattr(clip_vision, 'model', clip_vision)).__name__}) is not a "
             "CLIP or SigLIP vision transformer; nested encoders read the tokens of a CLIP ViT (e.g. "
             "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors). Connect the CLIP vision model the encoder was "
             "trained with."
-        )
-    num_tokens, hidden = (int(s) for s in position.shape)  # (tokens incl. CLS, width)
-    return ClipVisionSpec(
-        name=name,
-        hidden_size=hidden,
-        num_tokens=num_tokens,
-        num_layers=len(layers),
-        image_size=int(getattr(clip_vision, "image_size", 224)),
-    )
+        ) from None
 
 
 def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, encoder_name: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ("__init__.py", "nested_attention", "nodes", "training", "benchmark")
 
@@ -81,3 +83,34 @@ def test_the_weights_fingerprint_is_the_sha256_the_trainer_and_the_evaluation_re
     with torch.no_grad():
         encoder.projections[1].to_v.weight[3, 5] += 1e-3  # one value of one layer
     assert weights_fingerprint(encoder) != fingerprint
+
+
+def test_the_clip_vision_architecture_reads_the_same_from_a_model_and_from_its_file(tmp_path):
+    """Load Nested Encoder reads a connected model's parameters; the trainer's dry run reads a file's header;
+    both through nested_attention.encoder.clip_vision_architecture."""
+    import tiny_models  # ComfyUI set up
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nested_attention.encoder import ClipVisionSpec, clip_vision_architecture
+    from nested_attention.host import clip_vision_spec
+
+    model = tiny_models.tiny_clip_vision(seed=0)  # 32 px, patch 8: CLS + 4 x 4 patches, width 64, 2 layers
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(tmp_path / "tower.safetensors"))
+    with safe_open(str(tmp_path / "tower.safetensors"), "pt") as f:
+        header = {key: f.get_slice(key).get_shape() for key in list(f.keys())}
+    expected = ClipVisionSpec(name="tower", hidden_size=64, num_tokens=17, num_layers=2, image_size=32)
+    assert clip_vision_spec(model, "tower") == expected
+    assert clip_vision_architecture(header, "tower") == expected  # the input size from the patch grid
+
+    # ViT-H/14 as a whole CLIP file holds it (names and shapes of the real file): the text tower is not read.
+    vit_h = {"vision_model.embeddings.position_embedding.weight": (257, 1280),
+             "vision_model.embeddings.patch_embedding.weight": (1280, 3, 14, 14),
+             "text_model.embeddings.position_embedding.weight": (77, 1024),
+             **{f"vision_model.encoder.layers.{i}.mlp.fc1.weight": (5120, 1280) for i in range(32)},
+             **{f"text_model.encoder.layers.{i}.mlp.fc1.weight": (4096, 1024) for i in range(24)}}
+    assert clip_vision_architecture(vit_h) == ClipVisionSpec(name="", hidden_size=1280, num_tokens=257,
+                                                             num_layers=32, image_size=224)
+    del vit_h["vision_model.embeddings.patch_embedding.weight"]
+    with pytest.raises(ValueError, match="patch_embedding"):
+        clip_vision_architecture(vit_h)  # no input size without the patch size

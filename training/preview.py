@@ -213,18 +213,18 @@ def clip_input_size(config) -> int:
         return CLIP_H_SIZE
     from safetensors import safe_open
 
-    shapes = {}
+    from nested_attention.encoder import clip_vision_architecture
+
     with safe_open(config.clip_vision, framework="pt") as f:
-        for key in f.keys():
-            if key.endswith(("embeddings.position_embedding.weight", "embeddings.patch_embedding.weight")):
-                shapes[key.rsplit(".", 2)[-2]] = f.get_slice(key).get_shape()
-    if len(shapes) < 2:
+        names = f.keys()  # a header read: no weights
+        shapes = {key: f.get_slice(key).get_shape() for key in names}
+    try:
+        return clip_vision_architecture(shapes, config.clip_vision).image_size
+    except ValueError:
         raise SystemExit(
             f"{PREFIX} --clip_vision {config.clip_vision} has no embeddings.position_embedding / "
             "embeddings.patch_embedding weights; expected a CLIP vision model file (ViT-H/14)."
-        )
-    patch = shapes["patch_embedding"][-1]
-    return int(round(math.sqrt(shapes["position_embedding"][0] - 1))) * patch  # 16 x 14 = 224 for ViT-H/14
+        ) from None
 
 
 def write_args(config) -> Path:
