@@ -138,8 +138,8 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
 
 
 def save_figure(fig: Any, ax: Any, path: Path, title: str = "", notes: Sequence[tuple] = ()) -> Path:
-    """A plot's grid, legend and title on `ax`, its point labels `notes` (see `place_labels`), then `fig`
-    written to `path` and closed."""
+    """A plot's grid, legend, title and point labels (`notes`, see `place_labels`) on `ax`, then `fig` written
+    to `path` and closed."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     if title:
