@@ -340,6 +340,26 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     assert torch.equal(no_uncond[:2], text[:2])  # nothing added to unconditional rows
 
 
+def test_the_benchmarks_naive_ip_adapter_patch_is_the_same_formula():
+    """benchmark.variants.NaiveIPAdapterPatch (projects on every call, every row) times the decoupled
+    cross-attention the product's DecoupledAttentionPatch computes: text + scale * attn(q, K_ip, V_ip)."""
+    from benchmark.variants import NaiveIPAdapterPatch
+
+    g = torch.Generator().manual_seed(0)
+    heads, dim, context = 2, 16, 24
+    q, k, v = (torch.randn(3, n, dim, generator=g) for n in (10, 77, 77))
+    tokens, to_k_ip, to_v_ip = (torch.randn(*shape, generator=g) for shape in ((1, 5, context), (dim, context),
+                                                                             (dim, context)))
+    def host(q_, k_, v_, h, extra):
+        return reference_attention(q_, k_, v_, h)
+
+    patch = NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=to_k_ip, to_v_ip=to_v_ip, host=host, scale=0.6)
+    out = patch(q, k, v, {"n_heads": heads, "cond_or_uncond": [0]})
+    k_ip, v_ip = (tokens[0] @ w.T for w in (to_k_ip, to_v_ip))  # (5, dim): the image tokens' K_ip, V_ip
+    expected = reference_attention(q, k, v, heads) + 0.6 * reference_attention(
+        q, k_ip.expand(3, -1, -1), v_ip.expand(3, -1, -1), heads)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
 def test_jobs_split_over_processes_cover_every_image_once():
     jobs = make_jobs(methods(lambdas=(1.0, 2.0), scales=(0.5,)), subjects=3, prompts=2, seeds=[0, 1])
     assert len(jobs) == 1 * 2 * 2 + 2 * 3 * 2 * 2 + 1 * 3 * 2 * 2
