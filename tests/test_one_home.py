@@ -114,3 +114,33 @@ def test_the_clip_vision_architecture_reads_the_same_from_a_model_and_from_its_f
     del vit_h["vision_model.embeddings.patch_embedding.weight"]
     with pytest.raises(ValueError, match="patch_embedding"):
         clip_vision_architecture(vit_h)  # no input size without the patch size
+
+
+def test_both_weight_fillers_follow_one_rule():
+    """training/tiny.py: init_parameters (each value drawn, the tiny models) and fill_parameters_ (tiled from a
+    pool, the full-size benchmark models) give norms 1 / 0, linear weights std 1/sqrt(fan_in), embedding tables
+    std 1, everything else std 0.02; written out here in the order the parameters come."""
+    import torch
+
+    from training import tiny as builders
+
+    def module() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+
+    sizes = [(10, 4), (6, 4), (6,)]  # embedding, linear weight, linear bias
+    stds = [1.0, 4**-0.5, 0.02]
+    drawn = module()
+    builders.init_parameters(drawn, seed=3)
+    g = torch.Generator().manual_seed(3)
+    expected = [torch.randn(size, generator=g) * std for size, std in zip(sizes, stds)]
+    tiled = module()
+    builders.fill_parameters_(tiled, seed=3)
+    pool = torch.randn(builders.POOL, generator=torch.Generator().manual_seed(3))
+    offsets = [0, 7919, 2 * 7919]  # each tensor starts elsewhere in the pool
+    for model, values in ((drawn, expected),
+                          (tiled, [pool[o : o + torch.Size(s).numel()].reshape(s) * std
+                                   for o, s, std in zip(offsets, sizes, stds)])):
+        params = [model[0].weight, model[1].weight, model[1].bias]
+        for param, value in zip(params, values):
+            torch.testing.assert_close(param.detach(), value, rtol=0, atol=0)
+        assert torch.equal(model[2].weight, torch.ones(6)) and torch.equal(model[2].bias, torch.zeros(6))

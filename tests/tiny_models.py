@@ -38,7 +38,6 @@ import comfy.supported_models_base
 # ------------------------------------------------------------------------------------------------
 # Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny.py
 # (same names, same seeds, so a test can rebuild exactly the models a tiny training run used).
-
 from training.tiny import (  # noqa: E402,F401
     SDXL_UNET_CONFIG,
     TINY_CLIP_G_OVERRIDES,
@@ -46,10 +45,10 @@ from training.tiny import (  # noqa: E402,F401
     TINY_CLIP_VISION_CONFIG,
     TINY_SDXL_UNET_CONFIG,
     TINY_VAE_DDCONFIG,
-    _sdxl_model_config,
     full_sdxl_unet_meta,
     init_parameters,
     make_tiny_dataset,
+    sdxl_model,
     tiny_clip_vision,
     tiny_sdxl_clip,
     tiny_sdxl_unet,
