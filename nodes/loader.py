@@ -15,7 +15,6 @@ from comfy_api.latest import io
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 from nested_attention.logs import LOG_PREFIX
-from nested_attention.weights import weights_fingerprint
 
 from .wires import CATEGORY, EncoderHandle, NestedEncoderType, names_the_node
 
@@ -82,9 +81,7 @@ def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderH
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    return EncoderHandle(
-        encoder=encoder, patcher=patcher, clip_vision=clip_vision, name=name, fingerprint=weights_fingerprint(encoder)
-    )
+    return EncoderHandle(encoder=encoder, patcher=patcher, clip_vision=clip_vision, name=name)
 
 
 # Where each kind of encoder file comes from and goes, for the message a missing file gets. No file in this

@@ -335,7 +335,8 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
         raise SubjectError(
             f"{name} is not a readable .safetensors file ({e}); save the subject again."
         ) from e
-    if metadata.get("encoder_fingerprint") not in (handle.fingerprint, older_subject_fingerprint(handle.encoder)):
+    stored = metadata.get("encoder_fingerprint")
+    if stored != (older_subject_fingerprint(handle.encoder) if len(str(stored)) == 16 else handle.fingerprint):
         raise SubjectError(
             f"{name} was encoded with encoder {metadata.get('encoder')!r}, not with the connected "
             f"{handle.name}: subject tokens only mean something to the encoder that made them. Connect that "

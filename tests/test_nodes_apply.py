@@ -102,7 +102,6 @@ def test_full_size_sdxl_has_all_70_layers_patched_and_each_called_once_per_evalu
         patcher=comfy.model_patcher.ModelPatcher(encoder, CPU, CPU),
         clip_vision=None,
         name="sdxl_meta.safetensors",
-        fingerprint="meta",
     )
     subject = pack.wires.Subject(tokens=torch.zeros(1, 4, 2048), encoder=handle, name="pet", images=1)
     patched, _ = apply(pack, model, tiny_clip, subject, PROMPT)
