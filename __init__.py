@@ -51,9 +51,12 @@ for _name in ("nested_attention", "ipadapter"):
     try:
         os.makedirs(_folder, exist_ok=True)
     except OSError as error:
+        from nested_attention.logs import LOG_PREFIX
+
         logging.getLogger(__name__).warning(
-            "[nested-attention] cannot create the models folder %s (%s); put the files in a folder registered "
-            "as '%s' in extra_model_paths.yaml instead",
+            "%s cannot create the models folder %s (%s); put the files in a folder registered as '%s' in "
+            "extra_model_paths.yaml instead",
+            LOG_PREFIX,
             _folder,
             error,
             _name,

@@ -58,11 +58,14 @@ def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec]
     return m
 
 
-class IPAdapterStylePatch:
+class NaiveIPAdapterPatch:
     """attn2 replacement with IP-Adapter's decoupled cross-attention: attn(q, K, V) + scale * attn(q, K_ip, V_ip).
 
-    K_ip, V_ip come from the image tokens through this layer's own to_k_ip / to_v_ip, projected on
-    every call and applied to every row (cond and uncond), as IP-Adapter implementations do.
+    Deliberately naive, to time what IP-Adapter implementations do: K_ip, V_ip come from the image tokens
+    through this layer's own to_k_ip / to_v_ip, projected on every call and applied to every row (cond and
+    uncond). The product's decoupled patch (the evaluation's baseline) is
+    training.evaluation.generation.DecoupledAttentionPatch; tests/test_evaluation.py checks both against the
+    formula written out.
     """
 
     def __init__(
@@ -91,7 +94,7 @@ class IPAdapterStylePatch:
         v_ip = F.linear(tokens, self.to_v_ip.to(q.device, q.dtype)).expand(q.shape[0], -1, -1)
         return out + self.scale * self.host(q, k_ip, v_ip, heads, extra_options)
 
-    def __deepcopy__(self, memo: dict) -> IPAdapterStylePatch:
+    def __deepcopy__(self, memo: dict) -> NaiveIPAdapterPatch:
         return self  # immutable; ModelPatcher.clone() deep-copies model_options
 
 
@@ -115,7 +118,7 @@ def with_ip_adapter(
                 torch.randn(weights.shape, generator=torch.Generator().manual_seed(seed + layer.dim))
             )
             weights.mul_(SDXL_CONTEXT_DIM**-0.5)
-        patch = IPAdapterStylePatch(image_tokens=tokens, to_k_ip=weights[0], to_v_ip=weights[1], host=host)
+        patch = NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=weights[0], to_v_ip=weights[1], host=host)
         m.set_model_attn2_replace(patch, *layer.key)
     return m
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from nested_attention import SDXL_CONTEXT_DIM
+from nested_attention.logs import LOG_PREFIX as PREFIX
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 PACK = "nested_attention_pack"  # the module name the pack gets here (as in tests/pack.py): never ComfyUI's `nodes`
 
 NUM_TOKENS = (256, 1024)  # M of the nested variants (paper: 256 pets, 1024 faces)

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .logs import LOG_PREFIX
+
 RUN_KEY = "nested_attention_run"  # transformer_options entry holding the run's SamplingRun
 TOKEN_GRID = 32  # most cells on the long side of the grid the token weights are kept on
 AUTO_MEASURE = (
@@ -313,9 +315,8 @@ class AutoRegions:
         missing = [b.name for b in bindings if b not in measured]
         if missing:
             log.warning(
-                "[nested-attention] region auto: %s was not active in the first steps; it gets no "
-                "region (the whole image)",
-                ", ".join(missing),
+                "%s region auto: %s was not active in the first steps; it gets no region (the whole image)",
+                LOG_PREFIX, ", ".join(missing),
             )
         maps = [
             combined_map({key[1]: self.placement.mean(key) for key in self.placement.sums if key[0] is b})

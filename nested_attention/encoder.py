@@ -13,8 +13,10 @@ projection to the UNet's context width, so that W_K~ / W_V~ can start from the U
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +151,39 @@ class ClipVisionSpec:
         layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
         return f"(width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, {self.image_size}px{layer})"
 
-    def same_architecture(self, other: "ClipVisionSpec") -> bool:
+    def same_architecture(self, other: ClipVisionSpec) -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
             other.hidden_size, other.num_tokens, other.num_layers, other.image_size)
+
+
+_POSITION = "embeddings.position_embedding.weight"  # (tokens incl. CLS, width) in ComfyUI's / HF's CLIP vision
+_PATCH = "embeddings.patch_embedding.weight"  # (width, 3, patch, patch)
+_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def clip_vision_architecture(
+    shapes: Mapping[str, Sequence[int]], name: str = "", image_size: int | None = None
+) -> ClipVisionSpec:
+    """The architecture of a CLIP vision tower from its parameter shapes by name (ComfyUI's / transformers'
+    names, `vision_model.embeddings.position_embedding.weight` ...): a model's parameters or a file's header.
+
+    width and tokens from the position embedding, layers from the `encoder.layers.N` indices; the input size is
+    `image_size` when given (a loaded model knows it), else (tokens - 1) ** 0.5 patches of the patch
+    embedding's size (CLS + a square grid, as CLIP ViTs have). Raises ValueError naming what is missing.
+    """
+    # A whole CLIP file also holds text_model.embeddings...: the vision tower's names sort last.
+    key = max((k for k in shapes if k.endswith(_POSITION)), default=None)
+    tower = "" if key is None else key[: -len(_POSITION)]  # "vision_model." for ComfyUI's and HF's names
+    patch = shapes.get(tower + _PATCH)
+    if key is None or (image_size is None and patch is None):
+        raise ValueError(f"no {_POSITION}" + ("" if image_size is not None else f" / {_PATCH}") + " weights")
+    num_tokens, hidden = (int(s) for s in shapes[key])
+    layers = {int(m.group(1)) for k in shapes if k.startswith(tower) for m in [_LAYER.match(k[len(tower):])] if m}
+    if image_size is None:
+        image_size = round(math.sqrt(num_tokens - 1)) * int(patch[-1])  # 16 x 14 = 224 for ViT-H/14
+    return ClipVisionSpec(
+        name=name, hidden_size=hidden, num_tokens=num_tokens, num_layers=len(layers), image_size=int(image_size)
+    )
 
 
 @dataclass
@@ -180,7 +212,7 @@ class EncoderConfig:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "EncoderConfig":
+    def from_json(cls, text: str) -> EncoderConfig:
         """The config `to_json` wrote; a value of the wrong type or out of range raises (`check`: a damaged
         or hand-edited file must not build a module of a billion blocks, or one that fails later)."""
         data = json.loads(text)
@@ -278,6 +310,15 @@ class NestedEncoder(nn.Module):
         for proj, wk, wv in zip(self.projections, to_k, to_v):
             proj.to_k.weight.copy_(wk)
             proj.to_v.weight.copy_(wv)
+
+
+@torch.no_grad()
+def encode_clip_tokens(encoder: NestedEncoder, clip_tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP tokens (n, L, clip_dim) on any device and dtype -> subject tokens E (n, M, D), CPU float32: cast to
+    the device and dtype of the encoder's weights, then `NestedEncoder.encode`. The nodes and the trainer both
+    encode photos through this (and `nested_attention.host.photo_tokens`)."""
+    weight = next(encoder.parameters())
+    return encoder.encode(clip_tokens.to(weight.device, weight.dtype)).to("cpu", torch.float32)
 
 
 def concat_subject_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .images import to_uint8
+from .logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 ALIGN_NONE = "none"  # the encoder reads photos as they are (CLIP's centre crop)
 ALIGN_FFHQ = "ffhq"  # the encoder reads faces aligned FFHQ-style
@@ -110,11 +112,6 @@ def face_tools_available() -> bool:
     return True
 
 
-def to_uint8(image: torch.Tensor):
-    """(H, W, 3) float in [0, 1] -> contiguous uint8 numpy array, as dlib reads images."""
-    return (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).contiguous().cpu().numpy()
-
-
 def _boxes(pixels) -> list[tuple[object, float]]:
     """(dlib rectangle, score) of faces in a uint8 image: HOG, at twice the size for small faces, then CNN."""
     dlib, hog, _, _ = _dlib_models()
@@ -133,7 +130,7 @@ def detect_faces(image: torch.Tensor) -> list[Face]:
     from PIL import Image
 
     dlib, _, predictor, _ = _dlib_models()
-    pixels = to_uint8(image)
+    pixels = to_uint8(image[..., :3])  # contiguous uint8, as dlib reads images
     height, width = pixels.shape[:2]
     scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
     small = pixels
@@ -248,16 +245,3 @@ def check_align_mode(mode: str) -> str:
         raise FaceAlignError(f"unknown face alignment {mode!r}; expected one of {', '.join(ALIGN_MODES)}.")
     return mode
 
-
-def pil_to_tensor(image) -> torch.Tensor:
-    """PIL image -> (H, W, 3) float32 in [0, 1] (the trainer's images are PIL)."""
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-
-
-def tensor_to_pil(image: torch.Tensor):
-    """(H, W, 3) float in [0, 1] -> PIL RGB image."""
-    from PIL import Image
-
-    return Image.fromarray(to_uint8(image))

@@ -28,8 +28,8 @@ import os
 import re
 import struct
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,7 +82,7 @@ class Header:
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    def shape(self, key: str) -> Optional[tuple[int, ...]]:
+    def shape(self, key: str) -> tuple[int, ...] | None:
         info = self.tensors.get(key)
         return None if info is None else info.shape
 
@@ -187,7 +187,7 @@ def read_header(path: str) -> Header:
 
 def summarize_groups(header: Header, limit: int = 30) -> list[str]:
     """Key groups (digits folded to '#') with their count and shapes, for messages and `inspect`."""
-    groups: "OrderedDict[str, list[tuple[int, ...]]]" = OrderedDict()
+    groups: OrderedDict[str, list[tuple[int, ...]]] = OrderedDict()
     for key in sorted(header.tensors, key=_natural):
         groups.setdefault(re.sub(r"\d+", "#", key), []).append(header.tensors[key].shape)
     lines = []
@@ -262,11 +262,11 @@ _EXPECTED_TEXT = (
 def plan_encoder(
     header: Header,
     *,
-    layers: Optional[Sequence[LayerSpec]] = None,
+    layers: Sequence[LayerSpec] | None = None,
     context_dim: int = SDXL_CONTEXT_DIM,
-    dim_head: Optional[int] = None,
-    hidden_layer: Optional[str] = None,
-    clip_vision: Optional[ClipVisionSpec] = None,
+    dim_head: int | None = None,
+    hidden_layer: str | None = None,
+    clip_vision: ClipVisionSpec | None = None,
     config: EncoderConfig | None = None,
 ) -> Plan:
     """Decide from the header alone what the file is and how each encoder tensor is filled.
@@ -511,7 +511,7 @@ class _Resampler:
         return out
 
 
-def _find_resampler(header: Header) -> Optional[_Resampler]:
+def _find_resampler(header: Header) -> _Resampler | None:
     prefixes = [k[: -len("latents")] for k in header.tensors if k.endswith("latents")
                 and (k == "latents" or k.endswith(".latents")) and f"{k[:-len('latents')]}proj_in.weight" in header.tensors]
     if not prefixes:
@@ -592,7 +592,7 @@ def _matrix(name: str, key: str, shape: tuple[int, ...]) -> tuple[int, int]:
 # Per-layer key/value weights
 
 
-def _order_layer_keys(header: Header, matches: dict, table: Optional[Sequence[LayerSpec]]) -> tuple[list[tuple[str, str]], str]:
+def _order_layer_keys(header: Header, matches: dict, table: Sequence[LayerSpec] | None) -> tuple[list[tuple[str, str]], str]:
     """(k key, v key) per layer in diffusers order, and how the file numbers its layers."""
     name = header.name
     diffusers = {k: m for k, m in matches.items() if m.re is _LAYER_DIFFUSERS}
@@ -656,7 +656,7 @@ def _order_layer_keys(header: Header, matches: dict, table: Optional[Sequence[La
         + (f" for {count} layers" if count is not None else "") + ". The file is incomplete or for another UNet.")
 
 
-def _order_diffusers(name: str, pairs: dict, table: Optional[Sequence[LayerSpec]]) -> list[tuple[str, str]]:
+def _order_diffusers(name: str, pairs: dict, table: Sequence[LayerSpec] | None) -> list[tuple[str, str]]:
     """Diffusers paths in attn_processors order; each stage's (block, attention) groups match the table's."""
     slots = sorted(pairs)  # (stage, block, attention, transformer) sorts exactly as attn_processors walks
     if table is not None:
@@ -691,7 +691,7 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 def load_planned(path: str, plan: Plan, device: torch.device | str = "cpu",
-                 dtype: Optional[torch.dtype] = None) -> NestedEncoder:
+                 dtype: torch.dtype | None = None) -> NestedEncoder:
     """Build the planned encoder and fill every tensor from its source key (shapes checked, values finite)."""
     name = os.path.basename(path)
     with torch.device("meta"):

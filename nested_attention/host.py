@@ -8,7 +8,8 @@ tokenizer stream, and install the same patch: what is trained is what runs.
 
 - Host attention: `comfy_attention`, ComfyUI's `optimized_attention` called as CrossAttention calls it.
 - Models: `check_sdxl`, `attn2_patches` and `install_subject` (the per-layer patch install).
-- CLIP vision: `clip_vision_spec`, `check_clip_vision`, `load_clip_vision`.
+- CLIP vision: `clip_vision_spec`, `check_clip_vision`, `load_clip_vision`; photos -> tokens: `clip_vision_tokens`,
+  `photo_tokens`.
 - The subject word in ComfyUI's tokenizer: `subject_stream`, `word_token_ids`, `word_positions`,
   `locate_word` -> `TokenLocation`. The matching rule itself is the core's `nested_attention.tokens`.
 - Per sampling run: `sigma_window`, `add_capture`, `add_auto_regions` (ComfyUI's OUTER_SAMPLE wrapper
@@ -22,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import comfy.clip_vision
 import comfy.ldm.modules.attention
@@ -33,13 +35,13 @@ import comfy.patcher_extension
 import torch
 
 from .capture import AUTO_MEASURE, RUN_KEY, AutoRegions, Capture, CaptureSink, SamplingRun, Window, token_grid
-from .encoder import ClipVisionSpec
+from .encoder import ClipVisionSpec, NestedEncoder, clip_vision_architecture, encode_clip_tokens
 from .layers import SDXL_CONTEXT_DIM, LayerSpec, unet_context_dim
+from .logs import LOG_PREFIX
 from .patch import NestedAttentionPatch, SubjectBinding
 from .tokens import locate_word as locate_ids
 from .tokens import token_id, word_hints
 
-LOG_PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 
@@ -147,26 +149,19 @@ def install_subject(
 
 
 def clip_vision_spec(clip_vision: Any, name: str = "") -> ClipVisionSpec:
-    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its module shapes (no forward)."""
-    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
-    embeddings = getattr(vision, "embeddings", None)
-    position = getattr(getattr(embeddings, "position_embedding", None), "weight", None)
-    layers = getattr(getattr(vision, "encoder", None), "layers", None)
-    if position is None or layers is None:
+    """The architecture of a comfy.clip_vision.ClipVisionModel, read from its parameter shapes (no forward;
+    `nested_attention.encoder.clip_vision_architecture`, which reads a file's header the same way)."""
+    model = getattr(clip_vision, "model", None)
+    shapes = {key: p.shape for key, p in model.named_parameters()} if isinstance(model, torch.nn.Module) else {}
+    try:
+        return clip_vision_architecture(shapes, name, image_size=int(getattr(clip_vision, "image_size", 224)))
+    except ValueError:
         raise NestedEncoderLoadError(
             f"the CLIP vision input ({type(getattr(clip_vision, 'model', clip_vision)).__name__}) is not a "
             "CLIP or SigLIP vision transformer; nested encoders read the tokens of a CLIP ViT (e.g. "
             "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors). Connect the CLIP vision model the encoder was "
             "trained with."
-        )
-    num_tokens, hidden = (int(s) for s in position.shape)  # (tokens incl. CLS, width)
-    return ClipVisionSpec(
-        name=name,
-        hidden_size=hidden,
-        num_tokens=num_tokens,
-        num_layers=len(layers),
-        image_size=int(getattr(clip_vision, "image_size", 224)),
-    )
+        ) from None
 
 
 def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, encoder_name: str) -> None:
@@ -190,6 +185,35 @@ def check_clip_vision(expected: ClipVisionSpec, clip_vision: Any, name: str, enc
             expected.name,
             name,
         )
+
+
+def clip_vision_tokens(
+    clip_vision: Any, spec: ClipVisionSpec, images: torch.Tensor, *, crop: bool = True, encoder_name: str = "the encoder"
+) -> torch.Tensor:
+    """The CLIP tokens an encoder trained on `spec` reads from photos (n, H, W, 3) in [0, 1]: ComfyUI's
+    `ClipVisionModel.encode_image(images, crop=crop)` at `spec.hidden_layer` (the last layer for the pack's
+    encoders, the penultimate for IP-Adapter) -> (n, L, width), on the model's device and in its dtype.
+
+    Raises NestedEncoderLoadError when the tokens are not of the shape `spec` says.
+    """
+    out = clip_vision.encode_image(images, crop=crop)[spec.output_key]  # (n, L, width)
+    if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
+        raise NestedEncoderLoadError(
+            f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {encoder_name} "
+            f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
+            "that CLIP vision model."
+        )
+    return out
+
+
+@torch.no_grad()
+def photo_tokens(
+    clip_vision: Any, spec: ClipVisionSpec, encoder: NestedEncoder, images: torch.Tensor, *, crop: bool = True
+) -> torch.Tensor:
+    """Photos (n, H, W, 3) in [0, 1] -> subject tokens E (n, M, C), CPU float32: `clip_vision_tokens`, then the
+    encoder (`nested_attention.encoder.encode_clip_tokens`). Encode Subject Image(s) runs the same two steps
+    (one photo per CLIP call, with its progress bar)."""
+    return encode_clip_tokens(encoder, clip_vision_tokens(clip_vision, spec, images, crop=crop))
 
 
 def load_clip_vision(path: str) -> Any:

@@ -118,3 +118,36 @@ def blank_images(images: torch.Tensor) -> list[int]:
     one colour (BLANK_TOLERANCE). A photo of a subject never is; a 16-bit greyscale PNG read by ComfyUI 0.3's
     Load Image (all white), a failed upstream node or a mask that removes everything are."""
     return [i for i in range(images.shape[0]) if blank_share(images[i]) >= BLANK_SHARE]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixels: ComfyUI's IMAGE (float in [0, 1]) and 8-bit pictures (PIL, PNG files, dlib)
+
+
+def to_uint8(image):
+    """(..., H, W, C) in [0, 1], a tensor or an array -> uint8 numpy array, as a PNG stores it: clamped to
+    [0, 1], times 255, rounded to the nearest level (halves to even), computed in float32 on the CPU."""
+    pixels = torch.as_tensor(image).detach().to("cpu", torch.float32)
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def from_uint8(pixels) -> torch.Tensor:
+    """uint8 (..., H, W, C) array -> float32 tensor in [0, 1] (level / 255), as ComfyUI's Load Image makes an
+    IMAGE."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)
+
+
+def to_pil(image):
+    """(H, W, 3) in [0, 1] -> PIL RGB image (`to_uint8`)."""
+    from PIL import Image
+
+    return Image.fromarray(to_uint8(image))
+
+
+def from_pil(image) -> torch.Tensor:
+    """PIL image -> (H, W, 3) float32 in [0, 1] (converted to RGB first; `from_uint8`)."""
+    import numpy as np
+
+    return from_uint8(np.asarray(image.convert("RGB")))

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from .encoder import HIDDEN_LAYERS
 from .formats import plan_encoder, read_header, summarize_groups
 from .weights import NestedWeightsError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nested_attention.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="A .safetensors file.")
     parser.add_argument("--dim-head", type=int, default=None, help="Resampler head width to assume (default 64).")

@@ -14,9 +14,10 @@ safetensors only (never pickle) and validated in full before any tensor is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -44,6 +45,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (64 hex digits) of a module's parameters: each name, then its values as float32 bytes, in name
+    order. The same weights give the same fingerprint on any device and process. The one definition of "these
+    exact weights": the trainer's checkpoints, the evaluation's settings.json and saved subjects record it."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -109,12 +121,12 @@ def read_config(path: str, **overrides) -> EncoderConfig:
 def load_encoder(
     path: str,
     device: torch.device | str = "cpu",
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     *,
-    layers: Optional[Sequence[LayerSpec]] = None,
-    dim_head: Optional[int] = None,
-    hidden_layer: Optional[str] = None,
-    clip_vision: Optional[ClipVisionSpec] = None,
+    layers: Sequence[LayerSpec] | None = None,
+    dim_head: int | None = None,
+    hidden_layer: str | None = None,
+    clip_vision: ClipVisionSpec | None = None,
 ) -> NestedEncoder:
     """Load and fully validate an encoder file of any supported format into a NestedEncoder.
 

@@ -3,7 +3,6 @@ models/ipadapter) plus the CLIP vision model it reads."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -15,8 +14,9 @@ from comfy_api.latest import io
 
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
 from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
+from nested_attention.logs import LOG_PREFIX
 
-from .wires import CATEGORY, LOG_PREFIX, EncoderHandle, NestedEncoderType, names_the_node
+from .wires import CATEGORY, EncoderHandle, NestedEncoderType, names_the_node
 
 FOLDER = "nested_attention"
 # IP-Adapter Plus SDXL files load as nested encoders (nested_attention.formats); users keep them here.
@@ -67,18 +67,6 @@ def _load_named_clip_vision(expected: ClipVisionSpec, encoder_name: str) -> Any:
     return load_clip_vision(path)
 
 
-def fingerprint(encoder: NestedEncoder) -> str:
-    """A short hash of the weights that define the subject tokens and their projections."""
-    h = hashlib.sha256(encoder.config.to_json().encode())
-    for tensor in (
-        encoder.qformer.latents,
-        encoder.qformer.proj_out.weight,
-        encoder.projections[-1].to_v.weight[:8],
-    ):
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def encoder_dtype(load_device: torch.device, params: int) -> torch.dtype:
     """The dtype the UNet would get on this device (float32 on a CPU), so that the encoder costs no more."""
     return comfy.model_management.unet_dtype(
@@ -93,9 +81,7 @@ def make_handle(encoder: NestedEncoder, clip_vision: Any, name: str) -> EncoderH
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    return EncoderHandle(
-        encoder=encoder, patcher=patcher, clip_vision=clip_vision, name=name, fingerprint=fingerprint(encoder)
-    )
+    return EncoderHandle(encoder=encoder, patcher=patcher, clip_vision=clip_vision, name=name)
 
 
 # Where each kind of encoder file comes from and goes, for the message a missing file gets. No file in this

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import comfy.model_management
-import numpy as np
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
@@ -33,6 +32,7 @@ from nested_attention.capture import (
     weights_at,
 )
 from nested_attention.host import NestedApplyError, add_capture, attn2_replacements, sigma_window
+from nested_attention.images import from_pil, to_pil
 from nested_attention.patch import NestedAttentionPatch
 
 from .wires import CATEGORY, NESTED_SUBJECT, Subject
@@ -57,15 +57,6 @@ class NestedMapsError(ValueError):
 
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=max(10, int(size)))
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """An IMAGE (H, W, 3) in [0, 1] as a PIL image."""
-    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().cpu().numpy())
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 def resize_map(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

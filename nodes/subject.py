@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -12,8 +13,10 @@ import torch
 from comfy_api.latest import io
 from safetensors import SafetensorError, safe_open
 
-from nested_attention import concat_subject_tokens, faces
+from nested_attention import NestedEncoder, concat_subject_tokens, faces
+from nested_attention.encoder import encode_clip_tokens
 from nested_attention.formats import FLOAT_DTYPES, file_problem
+from nested_attention.host import clip_vision_tokens
 from nested_attention.images import (
     BLANK_SHARE,
     MASK_MARKS,
@@ -22,11 +25,11 @@ from nested_attention.images import (
     composite_on_white,
     subject_mask,
 )
+from nested_attention.logs import LOG_PREFIX
 from nested_attention.weights import write_safetensors
 
 from .wires import (
     CATEGORY,
-    LOG_PREFIX,
     EncoderHandle,
     NestedEncoderType,
     NestedSubjectType,
@@ -153,22 +156,13 @@ def encode_subject(
     per_call = max(1, CLIP_PIXELS // (images.shape[1] * images.shape[2]))
     hidden = []
     for start in range(0, n, per_call):
-        encoded = handle.clip_vision.encode_image(images[start : start + per_call], crop=crop)
-        # The hidden layer the encoder was trained on: last for the pack's encoders, penultimate for IP-Adapter.
-        out = encoded[spec.output_key]  # (photos, L, width)
-        if tuple(out.shape[1:]) != (spec.num_tokens, spec.hidden_size):
-            raise SubjectError(
-                f"the CLIP vision model gave tokens of shape {tuple(out.shape[1:])}; encoder {handle.name} "
-                f"expects ({spec.num_tokens}, {spec.hidden_size}) from {spec.name}. Load the encoder with "
-                "that CLIP vision model."
-            )
+        out = clip_vision_tokens(handle.clip_vision, spec, images[start : start + per_call], crop=crop,
+                                 encoder_name=handle.name)  # (photos, L, width)
         hidden.append(out)
         progress.update(out.shape[0])
 
     comfy.model_management.load_model_gpu(handle.patcher)
-    weight = next(handle.encoder.parameters())
-    tokens = handle.encoder.encode(torch.cat(hidden).to(weight.device, weight.dtype))  # (n, M, C)
-    tokens = concat_subject_tokens(tokens.to("cpu", torch.float32))  # (1, n*M, C)
+    tokens = concat_subject_tokens(encode_clip_tokens(handle.encoder, torch.cat(hidden)))  # (1, n*M, C)
     progress.update(1)
     name = f"{handle.config.domain} subject"
     return Subject(tokens=tokens, encoder=handle, name=name, images=n, photos=display_copy(images),
@@ -303,6 +297,16 @@ def save_subject(path: str, subject: Subject) -> None:
     write_safetensors(path, {"tokens": subject.tokens.detach().to("cpu", torch.float32).contiguous()}, metadata)
 
 
+def older_subject_fingerprint(encoder: NestedEncoder) -> str:
+    """The encoder fingerprint in subject files saved before the pack's fingerprints became one (16 hex digits:
+    the config and three of the weights; now `nested_attention.weights.weights_fingerprint`). Read only, so those
+    files keep loading with their encoder."""
+    digest = hashlib.sha256(encoder.config.to_json().encode())
+    for tensor in (encoder.qformer.latents, encoder.qformer.proj_out.weight, encoder.projections[-1].to_v.weight[:8]):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_subject(path: str, handle: EncoderHandle) -> Subject:
     name = os.path.basename(path)
     problem = file_problem(path)
@@ -337,7 +341,8 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
         raise SubjectError(
             f"{name} is not a readable .safetensors file ({e}); save the subject again."
         ) from e
-    if metadata.get("encoder_fingerprint") != handle.fingerprint:
+    stored = metadata.get("encoder_fingerprint")
+    if stored != (older_subject_fingerprint(handle.encoder) if len(str(stored)) == 16 else handle.fingerprint):
         raise SubjectError(
             f"{name} was encoded with encoder {metadata.get('encoder')!r}, not with the connected "
             f"{handle.name}: subject tokens only mean something to the encoder that made them. Connect that "

@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from nested_attention import NestedEncoder
+from nested_attention.weights import weights_fingerprint
 
 NESTED_ENCODER = "NESTED_ENCODER"
 NESTED_SUBJECT = "NESTED_SUBJECT"
@@ -18,7 +19,6 @@ NESTED_SUBJECT = "NESTED_SUBJECT"
 NestedEncoderType = io.Custom(NESTED_ENCODER)
 NestedSubjectType = io.Custom(NESTED_SUBJECT)
 CATEGORY = "nested_attention"
-LOG_PREFIX = "[nested-attention]"
 
 
 @dataclass(eq=False)
@@ -37,7 +37,12 @@ class EncoderHandle:
     patcher: Any
     clip_vision: Any
     name: str
-    fingerprint: str
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`nested_attention.weights.weights_fingerprint` of the encoder, computed when a subject is first saved
+        or loaded with it (hashing every weight takes seconds, which loading the encoder need not wait for)."""
+        return weights_fingerprint(self.encoder)
 
     @property
     def config(self):

@@ -61,4 +61,4 @@ def encode():
 
 
 # Fixtures of the node tests (the pack loaded as ComfyUI loads it, tiny encoder files).
-from pack_helpers import load_handle, models_folder, pack, person, pet, save_tiny_encoder  # noqa: E402,F401
+from pack_helpers import load_handle, models_folder, pack, person, pet, save_tiny_encoder  # noqa: F401

@@ -80,13 +80,13 @@ def test_ip_adapter_patch_adds_a_decoupled_attention_to_every_row(host):
     extra = {"n_heads": 4, "cond_or_uncond": [0, 1]}
     plain = host(q, k, v, 4, extra)
 
-    out = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host)(q, k, v, extra)
+    out = variants.NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host)(q, k, v, extra)
     assert out.shape == q.shape
     k_ip, v_ip = (torch.nn.functional.linear(tokens, w).expand(2, -1, -1) for w in (wk, wv))
     torch.testing.assert_close(out, plain + host(q, k_ip, v_ip, 4, extra))
     assert ((out - plain).abs().amax(dim=(1, 2)) > 0).all()  # both rows (cond and uncond) change
 
-    off = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host, scale=0.0)
+    off = variants.NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=wk, to_v_ip=wv, host=host, scale=0.0)
     torch.testing.assert_close(off(q, k, v, extra), plain, rtol=0, atol=0)
 
 
@@ -134,7 +134,7 @@ def test_host_syncs_are_counted_on_meta_and_plain_attention_has_none(host):
     q, k, v, extra = counters.layer_inputs(call, 2, META, torch.float32, seed=0)
     tokens = torch.empty(1, workload.IP_TOKENS, 2048, device="meta")
     weights = torch.empty(128, 2048, device="meta")
-    ip = variants.IPAdapterStylePatch(image_tokens=tokens, to_k_ip=weights, to_v_ip=weights, host=host)
+    ip = variants.NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=weights, to_v_ip=weights, host=host)
     with workload.comfy_sdpa_attention():  # the benchmark's host attention; the CPU default cannot run on meta
         assert counters.host_syncs_per_call(lambda: host(q, k, v, 2, extra)) == []
         assert counters.host_syncs_per_call(lambda: ip(q, k, v, extra)) == []

@@ -10,8 +10,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nested_attention import (
-    SDXL_LAYERS, ClipVisionSpec, EncoderConfig, NestedEncoder, NestedSubject, NestedWeightsError, QFormerConfig,
-    concat_subject_tokens, load_encoder, nested_attention, read_config, save_encoder,
+    SDXL_LAYERS,
+    ClipVisionSpec,
+    EncoderConfig,
+    NestedEncoder,
+    NestedSubject,
+    NestedWeightsError,
+    QFormerConfig,
+    concat_subject_tokens,
+    load_encoder,
+    nested_attention,
+    read_config,
+    save_encoder,
 )
 from nested_attention.layers import LayerSpec
 

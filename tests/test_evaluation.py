@@ -22,6 +22,7 @@ from PIL import Image
 from trainer_runs import reset_after_run, train
 
 from nested_attention.host import comfy_attention
+from nested_attention.images import to_uint8
 from nested_attention.patch import SubjectBinding
 from training.evaluation import cli as evaluate_cli
 from training.evaluation import config as evaluate_config
@@ -83,12 +84,13 @@ def encoder(frozen):
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory):
-    from training.data.dataset import open_image, to_comfy_image
+    from nested_attention.images import from_pil
+    from training.data.dataset import open_image
     from training.tiny.models import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("subjects"), count=2, size=64, seed=1)
     return [
-        Subject(name=p.stem, source=str(p), image=to_comfy_image(open_image(str(p))))
+        Subject(name=p.stem, source=str(p), image=from_pil(open_image(str(p))))
         for p in sorted(folder.glob("*.png"))
     ]
 
@@ -160,7 +162,7 @@ def test_tiny_identity_embeds_the_detected_box_so_a_moved_subject_keeps_its_iden
     a[10:30, 12:36] = torch.tensor([0.9, 0.1, 0.1])
     b[30:50, 30:54] = torch.tensor([0.9, 0.1, 0.1])  # the same "face", elsewhere
     model = tiny_scorers.TinyIdentity()
-    assert model.detector.detect(metrics.to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
+    assert model.detector.detect(to_uint8(a)) == [metrics.FaceBox(12, 10, 36, 30)]
     assert float(metrics.cosine(model.embed(a), model.embed(b))) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -340,6 +342,26 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     no_uncond = DecoupledAttentionPatch(index=index, binding=binding, scale=0.7, host=host)(q, k, v, options)
     assert torch.equal(no_uncond[:2], text[:2])  # nothing added to unconditional rows
 
+
+def test_the_benchmarks_naive_ip_adapter_patch_is_the_same_formula():
+    """benchmark.variants.NaiveIPAdapterPatch (projects on every call, every row) times the decoupled
+    cross-attention the product's DecoupledAttentionPatch computes: text + scale * attn(q, K_ip, V_ip)."""
+    from benchmark.variants import NaiveIPAdapterPatch
+
+    g = torch.Generator().manual_seed(0)
+    heads, dim, context = 2, 16, 24
+    q, k, v = (torch.randn(3, n, dim, generator=g) for n in (10, 77, 77))
+    tokens, to_k_ip, to_v_ip = (torch.randn(*shape, generator=g) for shape in ((1, 5, context), (dim, context),
+                                                                             (dim, context)))
+    def host(q_, k_, v_, h, extra):
+        return reference_attention(q_, k_, v_, h)
+
+    patch = NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=to_k_ip, to_v_ip=to_v_ip, host=host, scale=0.6)
+    out = patch(q, k, v, {"n_heads": heads, "cond_or_uncond": [0]})
+    k_ip, v_ip = (tokens[0] @ w.T for w in (to_k_ip, to_v_ip))  # (5, dim): the image tokens' K_ip, V_ip
+    expected = reference_attention(q, k, v, heads) + 0.6 * reference_attention(
+        q, k_ip.expand(3, -1, -1), v_ip.expand(3, -1, -1), heads)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 def test_jobs_split_over_processes_cover_every_image_once():
     jobs = make_jobs(methods(lambdas=(1.0, 2.0), scales=(0.5,)), subjects=3, prompts=2, seeds=[0, 1])

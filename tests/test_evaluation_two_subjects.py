@@ -29,11 +29,12 @@ from training.tiny import scorers as tiny_scorers
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Two tiny-domain subject photos (a coloured shape on white, 64 x 64), as the CLI generates them."""
-    from training.data.dataset import open_image, to_comfy_image
+    from nested_attention.images import from_pil
+    from training.data.dataset import open_image
     from training.tiny.models import make_tiny_dataset
 
     folder = make_tiny_dataset(tmp_path_factory.mktemp("photos"), count=2, size=64, seed=1)
-    return [to_comfy_image(open_image(str(p))) for p in sorted(folder.glob("*.png"))]
+    return [from_pil(open_image(str(p))) for p in sorted(folder.glob("*.png"))]
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from nested_attention import faces
+from nested_attention.images import from_pil
 
 # Hand-placed on the astronaut photo (512 x 512), x right, y down.
 ASTRONAUT_EYE_LEFT = (202.5, 101.3)
@@ -105,7 +106,7 @@ def test_crop_quad_mirrors_outside_the_photo_and_shrinks_large_quads():
 
 
 def test_astronaut_landmarks_match_the_hand_placed_ones():
-    photo = faces.pil_to_tensor(astronaut())
+    photo = from_pil(astronaut())
     found = faces.detect_faces(photo)
     assert len(found) == 1  # the mission patch the HOG detector also scores (0.12) is dropped
     face = found[0]
@@ -123,11 +124,11 @@ def test_astronaut_landmarks_match_the_hand_placed_ones():
 
 def test_alignment_undoes_rotation_and_scale():
     photo = astronaut()
-    aligned = faces.align_face(faces.pil_to_tensor(photo), size=256)
+    aligned = faces.align_face(from_pil(photo), size=256)
     turned = photo.resize((768, 768), Image.Resampling.BICUBIC).rotate(
         25, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(255, 255, 255)
     )
-    again = faces.align_face(faces.pil_to_tensor(turned), size=256, name="the turned photo")
+    again = faces.align_face(from_pil(turned), size=256, name="the turned photo")
     assert aligned.image.shape == again.image.shape == (256, 256, 3)
     assert (aligned.image - again.image).abs().mean() < 0.04
     # In the crop, the eyes sit level at FFHQ's canonical places: 3/8 and 5/8 across.
@@ -139,11 +140,11 @@ def test_alignment_undoes_rotation_and_scale():
 def test_no_face_and_a_missing_face_index_are_clear_errors():
     from skimage import data
 
-    coffee = faces.pil_to_tensor(Image.fromarray(data.coffee()))  # a cup of coffee (CC0)
+    coffee = from_pil(Image.fromarray(data.coffee()))  # a cup of coffee (CC0)
     with pytest.raises(faces.FaceAlignError, match="no face found in image 3"):
         faces.align_face(coffee, name="image 3")
     with pytest.raises(faces.FaceAlignError, match="has 1 face.*face_index from 0 to 0"):
-        faces.align_face(faces.pil_to_tensor(astronaut()), face_index=1)
+        faces.align_face(from_pil(astronaut()), face_index=1)
 
 
 def test_without_dlib_the_error_says_what_to_install(monkeypatch):

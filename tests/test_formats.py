@@ -39,6 +39,7 @@ from nested_attention import (
     NestedEncoder,
     NestedWeightsError,
     diffusers_order,
+    formats,
     ip_adapter_numbers,
     load_encoder,
     nested_values,
@@ -49,7 +50,6 @@ from nested_attention import (
     unet_layers,
 )
 from nested_attention import convert as convert_cli
-from nested_attention import formats
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = ClipVisionSpec(**TINY_CLIP_VISION_SPEC)
@@ -210,7 +210,7 @@ def build_tiny(path, layout, layers, *, seed=0, drop=(), extra=(), truncate=0, o
         keys += [(k, (layer.dim, shape["output_dim"])), (v, (layer.dim, shape["output_dim"]))]
     keys += list(extra)
     keys = [(k, s) for k, s in keys if k not in drop]
-    roles = {name: name[len(prefix):] if name.startswith(prefix) else name for name, _ in keys}
+    roles = {name: name.removeprefix(prefix) for name, _ in keys}
     for key, (k, v) in kv.items():
         roles[k], roles[v] = f"{key}/k", f"{key}/v"
 

@@ -102,7 +102,6 @@ def test_full_size_sdxl_has_all_70_layers_patched_and_each_called_once_per_evalu
         patcher=comfy.model_patcher.ModelPatcher(encoder, CPU, CPU),
         clip_vision=None,
         name="sdxl_meta.safetensors",
-        fingerprint="meta",
     )
     subject = pack.wires.Subject(tokens=torch.zeros(1, 4, 2048), encoder=handle, name="pet", images=1)
     patched, _ = apply(pack, model, tiny_clip, subject, PROMPT)
@@ -347,10 +346,7 @@ def test_patch_runs_in_half_precision_close_to_float32(pack, tiny_unet, tiny_cli
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_sample_with_the_patch(pack, tiny_clip, pet, dtype, monkeypatch):
-    config = tiny_models._sdxl_model_config(
-        tiny_models.TINY_SDXL_UNET_CONFIG, dtype, None
-    )  # computes in dtype
-    base = config.get_model({}, "", device=CPU)
+    base = tiny_models.sdxl_model(tiny_models.TINY_SDXL_UNET_CONFIG, CPU, dtype)  # computes in dtype
     tiny_models.init_parameters(base.diffusion_model, 0)
     model = comfy.model_patcher.ModelPatcher(base, load_device=CPU, offload_device=CPU)
     patched, positive = apply(pack, model, tiny_clip, pet, PROMPT)

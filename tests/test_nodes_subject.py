@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import comfy.utils
@@ -23,6 +24,7 @@ from PIL import Image
 
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
+from nested_attention.weights import weights_fingerprint
 
 
 def reference_tokens(handle, images):
@@ -54,6 +56,22 @@ def test_several_photos_concatenate_their_tokens_in_order(pack, load_handle):
     torch.testing.assert_close(both.tokens[:, :8], reference_tokens(handle, images[:1]))
     assert not torch.allclose(both.tokens[:, :8], first.tokens)
 
+
+def test_the_trainer_encodes_a_photo_exactly_as_the_node_does(pack, load_handle):
+    """training.samples and the evaluation call nested_attention.host.photo_tokens; the node runs its two steps
+    photo by photo. Both give the paper's tokens, and the same tokens to the bit."""
+    handle = load_handle()
+    images = photos(3, 2)
+    subject = encode_subject(pack, handle, seed=3, n=2)
+    trainer = torch.cat([pack.host.photo_tokens(handle.clip_vision, handle.config.clip_vision, handle.encoder,
+                                                images[i : i + 1]) for i in range(2)])  # (2, M, C)
+    assert trainer.dtype == torch.float32 and trainer.device.type == "cpu"
+    assert torch.equal(concat_subject_tokens(trainer), subject.tokens)
+    torch.testing.assert_close(concat_subject_tokens(trainer), reference_tokens(handle, images))
+
+    wider = dataclasses.replace(handle.config.clip_vision, hidden_size=96)  # a tower the encoder was not made for
+    with pytest.raises(pack.host.NestedEncoderLoadError, match=r"gave tokens of shape \(17, 64\); encoder"):
+        pack.host.photo_tokens(handle.clip_vision, wider, handle.encoder, images[:1])
 
 def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
     handle = load_handle()
@@ -170,6 +188,31 @@ def test_saved_subject_is_refused_by_another_encoder(pack, load_handle, tmp_path
     pack.subject.save_subject(path, subject)
     with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
         pack.subject.load_subject(path, load_handle(seed=6))
+
+
+def test_a_subject_saved_with_the_older_fingerprint_loads_with_its_encoder_only(pack, load_handle, tmp_path):
+    """Subject files written before the fingerprints became one carry a 16-digit hash of the encoder's config and
+    three of its weights (written out here as those files were made); they keep loading."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    handle = load_handle(seed=5)
+    assert handle.fingerprint == weights_fingerprint(handle.encoder)  # the one definition
+    path = tmp_path / "s.safetensors"
+    pack.subject.save_subject(str(path), encode_subject(pack, handle, seed=0))
+    with safe_open(str(path), "pt") as f:
+        metadata, tokens = f.metadata(), f.get_tensor("tokens")
+    assert metadata["encoder_fingerprint"] == handle.fingerprint
+    e = handle.encoder
+    older = hashlib.sha256(e.config.to_json().encode())
+    for tensor in (e.qformer.latents, e.qformer.proj_out.weight, e.projections[-1].to_v.weight[:8]):
+        older.update(tensor.detach().float().numpy().tobytes())
+    save_file({"tokens": tokens}, str(path), metadata={**metadata, "encoder_fingerprint": older.hexdigest()[:16]})
+    assert torch.equal(pack.subject.load_subject(str(path), handle).tokens, tokens)
+    with pytest.raises(pack.subject.SubjectError, match="not with the connected"):
+        pack.subject.load_subject(str(path), load_handle(seed=6))
 
 
 # ------------------------------------------------------------------------------------------------

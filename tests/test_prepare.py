@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from nested_attention import faces
+from nested_attention.images import from_pil, to_uint8
 from training.data import dataset as data_lib
 from training.data import prepare
 from training.data.captions import CaptionRule
@@ -51,7 +52,7 @@ def test_faces_folder_becomes_aligned_inputs_upright_targets_and_face_boxes(tmp_
     first = lines[0]
     assert first["caption"] == "an astronaut, café break"
     aligned = np.asarray(Image.open(tmp_path / "out" / first["input"]))
-    expected = faces.to_uint8(faces.align_face(faces.pil_to_tensor(astronaut()), size=128).image)
+    expected = to_uint8(faces.align_face(from_pil(astronaut()), size=128).image)
     assert aligned.shape == (128, 128, 3) and np.abs(aligned.astype(int) - expected).max() <= 1
     left, top, right, bottom = first["face_box"]
     assert all(left < x < right and top < y < bottom for x, y in EYES_AND_MOUTH)

@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 from trainer_runs import run_trainer, tiny_argv, train
 
 from nested_attention import load_encoder, read_config
+from nested_attention.images import from_pil
+from nested_attention.weights import weights_fingerprint
 from training.data import dataset as data_lib
 from training.data.captions import CaptionRule
 from training.data.shards import TarShardStream
 from training.loop import config as train_config
-from training.loop.checkpoints import weights_fingerprint
 from training.loop.loss import LossConfig, training_loss
 from training.models import sdxl as models_lib
 from training.presets import PRESETS
@@ -495,7 +496,7 @@ def test_exported_file_loads_in_the_nodes_and_changes_the_sampled_image(
 ):
     encoder = load_encoder(reference["encoder_path"])
     handle = pack.loader.make_handle(encoder, tiny_clip_vision, "tiny-encoder.safetensors")
-    image = data_lib.to_comfy_image(
+    image = from_pil(
         data_lib.open_image(str(min(Path(reference["dir"]).glob("*.png"))))
     )[None]
     subject, _ = run_node(pack, "NestedAttentionEncodeSubject", encoder=handle, image=image, crop="center")

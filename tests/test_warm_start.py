@@ -13,8 +13,8 @@ from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
 from nested_attention.host import clip_vision_spec
+from nested_attention.weights import weights_fingerprint
 from training.loop import config as train_config
-from training.loop.checkpoints import weights_fingerprint
 from training.loop.warm_start import WarmStartError, warm_start_encoder
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 # One way to find and set up ComfyUI as a library, shared with the trainer.
-from training.comfy_env import find_comfyui, setup_comfy  # noqa: E402,F401
+from training.comfy_env import find_comfyui, setup_comfy  # noqa: F401
 
 setup_comfy()
 
@@ -38,18 +38,17 @@ import comfy.supported_models_base
 # ------------------------------------------------------------------------------------------------
 # Configs and builders: shared with the trainer's `--domain tiny` preset, which lives in training/tiny/models.py
 # (same names, same seeds, so a test can rebuild exactly the models a tiny training run used).
-
-from training.tiny.models import (  # noqa: E402,F401
+from training.tiny.models import (  # noqa: F401
     SDXL_UNET_CONFIG,
     TINY_CLIP_G_OVERRIDES,
     TINY_CLIP_L_OVERRIDES,
     TINY_CLIP_VISION_CONFIG,
     TINY_SDXL_UNET_CONFIG,
     TINY_VAE_DDCONFIG,
-    _sdxl_model_config,
     full_sdxl_unet_meta,
     init_parameters,
     make_tiny_dataset,
+    sdxl_model,
     tiny_clip_vision,
     tiny_sdxl_clip,
     tiny_sdxl_unet,

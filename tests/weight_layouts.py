@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

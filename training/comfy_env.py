@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from nested_attention.logs import LOG_PREFIX
+
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,8 @@ def setup_comfy() -> Path:
     if not has_accelerator():
         if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
             log.warning(
-                "[nested-attention] comfy.model_management was imported before setup_comfy(); "
-                "--cpu cannot take effect any more"
+                "%s comfy.model_management was imported before setup_comfy(); --cpu cannot take effect any more",
+                LOG_PREFIX,
             )
         comfy.cli_args.args.cpu = True
     return Path(path)

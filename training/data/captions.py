@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PREFIX = "[nested-attention]"
+from nested_attention.logs import LOG_PREFIX as PREFIX
 
 # Irregular plurals of subject words; the rest take -s / -es / -ies (plural_forms).
 IRREGULAR_PLURALS = {

@@ -45,15 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nested_attention.images import from_pil
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.data.captions import CaptionRule
 from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, ImageSource, decode_text, load_rgb
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 MANIFEST_NAMES = ("manifest.jsonl", "metadata.jsonl")
 CAPTION_EXTENSIONS = (".txt",)  # sidecar captions of a folder of images
@@ -215,11 +215,6 @@ def open_image(source: ImageSource, mask: ImageSource | None = None):
     return load_rgb(source, mask)
 
 
-def to_comfy_image(image) -> torch.Tensor:
-    """PIL RGB -> (H, W, 3) float32 in [0, 1], as ComfyUI's LoadImage makes an IMAGE."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-
-
 def _crop_start(size: int, crop: int, keep: tuple[float, float] | None, center: bool, rng) -> int:
     """First pixel of a `crop`-long window in `size` pixels: centred or random, and covering `keep` (lo, hi)
     whenever it fits (else centred on it)."""
@@ -260,7 +255,7 @@ def prepare_target(image, resolution: int, center_crop: bool, flip: bool, rng: r
         left = new_w - left - resolution  # SDXL's convention: the crop as seen in the mirrored image
     # SDXL time ids: original (h, w), crop top-left (top, left), target (h, w).
     time_ids = torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.float32)
-    return to_comfy_image(image), time_ids
+    return from_pil(image), time_ids
 
 
 def comfy_clip_preprocess():
@@ -284,7 +279,7 @@ def prepare_clip_input(image, size: int) -> torch.Tensor:
     clip_preprocess with mean 0 and std 1 does its resize, centre crop and rounding only; the
     normalization happens again (identically) inside encode_image, whose resize is then a no-op.
     """
-    pixels = to_comfy_image(image)[None]  # (1, H, W, 3)
+    pixels = from_pil(image)[None]  # (1, H, W, 3)
     out = comfy_clip_preprocess()(pixels, size=size, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], crop=True)
     return out[0].movedim(0, -1).contiguous()  # (size, size, 3)
 

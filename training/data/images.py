@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from nested_attention.images import composite_on_white
+from nested_attention.images import composite_on_white, from_uint8, to_pil
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def _alpha(image):
 
 def to_tensor(image) -> torch.Tensor:
     """PIL RGB or L -> (H, W, C) float32 in [0, 1]."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array if array.ndim == 3 else array[..., None])
+    pixels = from_uint8(np.asarray(image))
+    return pixels if pixels.dim() == 3 else pixels[..., None]
 
 
 def load_rgb(source: ImageSource, mask: ImageSource | None = None, draft: int | None = None):
@@ -105,7 +105,7 @@ def load_rgb(source: ImageSource, mask: ImageSource | None = None, draft: int | 
         return rgb
     keep = masks[0] if len(masks) == 1 else masks[0] * masks[1]  # (H, W) in [0, 1]
     white = composite_on_white(to_tensor(rgb)[None], keep[None])[0]  # (H, W, 3)
-    return Image.fromarray((white * 255.0).round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
+    return to_pil(white)
 
 
 def probe_image(source: ImageSource, mask: ImageSource | None = None) -> tuple[int, int]:

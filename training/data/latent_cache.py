@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.data.captions import CaptionRule
 from training.data.dataset import Record, SampleConfig, load_sample
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 def build_cache(
@@ -39,6 +39,8 @@ def build_cache(
     batch_size: int,
 ) -> Path:
     """VAE latents and CLIP tokens of every record, computed once (split over processes) into safetensors."""
+    from nested_attention.host import clip_vision_tokens  # imports ComfyUI: set up by training.models
+
     identity = json.dumps(
         {
             "records": [
@@ -77,9 +79,8 @@ def build_cache(
         with torch.no_grad():
             pixels = torch.stack([s["pixels"] for _, s in samples])
             latents = frozen.vae.encode(pixels).float().cpu()
-            clip = frozen.clip_vision.encode_image(
-                torch.stack([s["clip_pixels"] for _, s in samples]), crop=True
-            )[frozen.clip_vision_spec.output_key].cpu()
+            clip_pixels = torch.stack([s["clip_pixels"] for _, s in samples])
+            clip = clip_vision_tokens(frozen.clip_vision, frozen.clip_vision_spec, clip_pixels).cpu()
         rows["index"].append(torch.tensor([i for i, _ in samples]))
         rows["latents"].append(latents)
         rows["clip_tokens"].append(clip)

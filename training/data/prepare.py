@@ -26,12 +26,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from nested_attention import faces
+from nested_attention.images import from_pil, to_pil
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.comfy_env import find_comfyui
 from training.data.images import IMAGE_EXTENSIONS, MASK_SUFFIX, BadImage, decode_text, load_rgb
 from training.data.synthetic_pets import generate
 from training.presets import SDXL_CHECKPOINT_NAMES
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 
@@ -260,7 +261,7 @@ def prepare(args: argparse.Namespace) -> dict:
             skip(f"unreadable ({e})", name)
             continue
         if args.domain == "faces":
-            pixels = faces.pil_to_tensor(image)
+            pixels = from_pil(image)
             found = faces.detect_faces(pixels)
             if not found:
                 skip("no face found", name)
@@ -274,7 +275,7 @@ def prepare(args: argparse.Namespace) -> dict:
             aligned = faces.crop_quad(pixels, quad, args.face_size)
             (out / "inputs").mkdir(exist_ok=True)
             (out / "targets").mkdir(exist_ok=True)
-            faces.tensor_to_pil(aligned).save(out / "inputs" / f"{stem}.png")
+            to_pil(aligned).save(out / "inputs" / f"{stem}.png")
             image.save(out / "targets" / f"{stem}.jpg", quality=95)  # upright: EXIF rotation applied
             entry = {
                 "input": f"inputs/{stem}.png",

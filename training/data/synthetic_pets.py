@@ -16,17 +16,15 @@ import logging
 import random
 from pathlib import Path
 
-import numpy as np
 from accelerate import PartialState
-from PIL import Image
 from tqdm.auto import tqdm
 
+from nested_attention.images import to_pil
 from training.data.dataset import mix_seed
 from training.models import sdxl as models_lib
 from training.models.sampling import sample_image
 from training.tiny import models as tiny_models
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 # (words in the prompt, the caption's subject word)
@@ -128,7 +126,7 @@ def generate(
             pixels = sample_image(
                 unet, vae, positive, negative, item["seed"], steps=steps, cfg=cfg, resolution=resolution
             )  # (H, W, 3)
-            Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8)).save(images / f"{i:06d}.png")
+            to_pil(pixels).save(images / f"{i:06d}.png")
             record = {
                 "input": f"images/{i:06d}.png",
                 "caption": item["caption"],

@@ -15,7 +15,6 @@ grids/<method>.png into --output_dir. Images already there are not generated aga
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +25,11 @@ import torch
 from accelerate import Accelerator
 
 from nested_attention import load_encoder
+from nested_attention.images import from_pil
+from nested_attention.logs import LOG_PREFIX as PREFIX
+from nested_attention.weights import weights_fingerprint
 from training.comfy_env import ComfyNotFoundError, comfy_module, find_comfyui, has_accelerator
-from training.data.dataset import open_image, to_comfy_image
+from training.data.dataset import open_image
 from training.data.images import IMAGE_EXTENSIONS, BadImage
 from training.evaluation import metrics, two_subjects
 from training.evaluation import prompts as prompts_lib
@@ -42,7 +44,6 @@ from training.tiny.models import make_tiny_dataset
 
 log = logging.getLogger("training.evaluate")
 glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
-PREFIX = "[nested-attention]"
 
 CLIP_VISION_G_NAMES = (
     "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
@@ -126,19 +127,11 @@ def load_subjects(args: EvalConfig, output_dir: Path):
             raise SystemExit(f"{PREFIX} two subjects are named {name!r}; give them distinct names.")
         seen.add(name)
         try:
-            image = to_comfy_image(open_image(file))
+            image = from_pil(open_image(file))
         except BadImage as e:
             raise SystemExit(f"{PREFIX} subject image {file}: {e}") from e
         subjects.append(Subject(name=name, source=file, image=image))
     return subjects
-
-
-def encoder_fingerprint(encoder) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_resume(output_dir: Path, settings: dict) -> None:
@@ -299,7 +292,7 @@ def run_settings(args: EvalConfig, *, frozen, encoder, encoder_name: str, precis
     return {
         "domain": args.domain,
         "encoder": encoder_name,
-        "encoder_sha256": encoder_fingerprint(encoder),
+        "encoder_sha256": weights_fingerprint(encoder),
         "pretrained_model": os.path.basename(args.pretrained_model)
         if args.pretrained_model
         else "tiny (built in)",

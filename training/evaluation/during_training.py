@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.comfy_env import comfy_module
 from training.evaluation import metrics
 from training.evaluation.method_images import Generator, Method, SampleSettings, Subject, load_png, methods
@@ -31,7 +32,6 @@ from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
 from training.tiny import scorers as tiny_scorers
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
 _warned: set[str] = set()
 

@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from nested_attention import NestedEncoder
+from nested_attention.images import from_pil, to_pil
 from nested_attention.patch import SubjectBinding, conditional_rows
 from training.evaluation.prompts import EvalPrompt
 from training.models.sampling import patched_model, prompt_positions
 from training.models.sampling import sample_image as sample
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 LAMBDAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # the paper's λ values (Figure 10)
 DECOUPLED_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # IP-Adapter scales 0.5 to 1.0 (Figure 10)
@@ -215,26 +214,17 @@ def sample_image(
     )
 
 
-@torch.no_grad()
-def subject_tokens(frozen: Any, encoder: NestedEncoder, image: torch.Tensor) -> torch.Tensor:
-    """E (1, M, C) of one image: CLIP vision `encode_image(crop=True)` then the Q-Former, as the nodes do."""
-    weight = next(encoder.parameters())
-    hidden = frozen.clip_vision.encode_image(image[None], crop=True)[frozen.clip_vision_spec.output_key]
-    return encoder.encode(hidden.to(weight.device, weight.dtype)).float().cpu()
-
-
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write atomically, so an interrupted run never leaves a half-written image that resume would trust."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pixels = (image.numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).save(tmp, format="PNG")
+    to_pil(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
 def load_png(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        return from_pil(image)
 
 
 class Generator:
@@ -267,16 +257,22 @@ class Generator:
             self._cond[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         return self._cond[text]
 
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """E (1, M, C) of one image (H, W, 3), as the nodes encode it (nested_attention.host.photo_tokens)."""
+        from nested_attention.host import photo_tokens  # imports ComfyUI: set up by training.models
+
+        return photo_tokens(self.frozen.clip_vision, self.frozen.clip_vision_spec, self.encoder, image[None])
+
     def tokens(self, subject: int) -> torch.Tensor:
         if subject not in self._tokens:
-            self._tokens[subject] = subject_tokens(self.frozen, self.encoder, self.subjects[subject].image)
+            self._tokens[subject] = self.image_tokens(self.subjects[subject].image)
         return self._tokens[subject]
 
     def uncond_tokens(self) -> torch.Tensor:
         """IP-Adapter's unconditional image tokens: the encoder's tokens of a black image."""
         if self._uncond is None:
             black = torch.zeros(self.frozen.clip_vision.image_size, self.frozen.clip_vision.image_size, 3)
-            self._uncond = subject_tokens(self.frozen, self.encoder, black)
+            self._uncond = self.image_tokens(black)
         return self._uncond
 
     def model(self, job: Job) -> Any:

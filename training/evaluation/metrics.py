@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nested_attention.images import from_uint8, to_uint8
+
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 class MetricSetupError(ValueError):
@@ -39,11 +40,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of (N, D) and (N, D) (or (D,) and (D,)), in float64."""
     a, b = a.double(), b.double()
     return F.cosine_similarity(a, b, dim=-1)
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> (H, W, 3) uint8, as a PNG would store it."""
-    return (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ class DlibFaceDetector:
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         from nested_attention.faces import detect_faces
 
-        faces = detect_faces(torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0)
+        faces = detect_faces(from_uint8(image))
         return [FaceBox(*(round(v) for v in face.box)) for face in faces]
 
 

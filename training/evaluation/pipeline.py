@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.evaluation import report
 from training.evaluation.method_images import (
     Generator,
@@ -32,7 +33,6 @@ from training.evaluation.metrics import Scorers
 from training.evaluation.prompts import EvalPrompt
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 def process_info(accelerator: Any) -> tuple[int, int, bool]:

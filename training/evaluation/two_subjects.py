@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 from training.evaluation import report
 from training.evaluation.method_images import Generator, load_png, sample_image, save_png, shard
@@ -45,7 +46,6 @@ from training.models.sampling import prompt_positions
 from training.models.sdxl import TextEncoder
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 REGIONS = ("none", "manual", "auto")
 PAIR_WORDS = {"faces": ("man", "woman"), "tiny": ("pet", "toy")}  # subject A's word, subject B's word

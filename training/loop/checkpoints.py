@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 FOLDER = re.compile(r"checkpoint-(\d+)")
 PARTIAL = ".partial"  # checkpoint-N.partial: a checkpoint being written (never resumed from)
 DELETING = ".deleting"  # checkpoint-N.deleting: an old checkpoint being pruned
@@ -237,15 +237,6 @@ def write_failure(what: Path, error: BaseException, output_dir: Path, removed: b
         + ". Free some space (or give --output_dir on a larger disk, or a lower --checkpoints_total_limit), "
         "then continue with --resume_from_checkpoint latest."
     )
-
-
-def weights_fingerprint(module) -> str:
-    """SHA-256 of a module's parameters: equal on every process of a distributed run after each step."""
-    digest = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def read_position(folder: Path, rank: int, accumulation: int) -> Position:

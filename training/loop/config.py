@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.comfy_env import ComfyNotFoundError, find_comfyui, has_accelerator
 from training.data.dataset import describe_source, find_shards
 from training.loop.loss import LossConfig
@@ -28,7 +29,6 @@ from training.presets import CLIP_VISION_H_NAMES, PRESETS, SDXL_CHECKPOINT_NAMES
 from training.settings import at_least, derived, parse, positive, rule, setting, valid
 from training.settings import build_parser as settings_parser
 
-PREFIX = "[nested-attention]"
 log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")

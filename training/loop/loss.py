@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from training.comfy_env import comfy_module
 from training.data.dataset import mix_seed
 from training.models.sdxl import align_subjects, sdxl_adm
+
+glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,8 @@ def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: i
             clip_tokens = batch["clip_tokens"]
         else:
             latents = frozen.vae.encode(batch["pixels"])
-            clip_tokens = frozen.clip_vision.encode_image(batch["clip_pixels"], crop=True)[
-                frozen.clip_vision_spec.output_key  # the layer the encoder reads (warm start: the file's)
-            ]
+            # The layer the encoder reads (warm start: the file's).
+            clip_tokens = glue.clip_vision_tokens(frozen.clip_vision, frozen.clip_vision_spec, batch["clip_pixels"])
         latents = base.process_latent_in(latents.float().cpu())
 
     # Classifier-free dropout: one draw per sample picks text only, subject only, both, or neither.

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from nested_attention import save_encoder
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.loop.config import TrainConfig
 from training.models.sdxl import EMA, NestedTrainingModule
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 def lr_lambda(name: str, warmup: int, total: int):

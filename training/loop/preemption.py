@@ -17,8 +17,9 @@ import time
 
 import torch
 
+from nested_attention.logs import LOG_PREFIX as PREFIX
+
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 
 
 class Preempted(SystemExit):

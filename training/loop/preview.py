@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nested_attention.images import from_pil, to_pil
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from training.comfy_env import setup_comfy
 from training.data import dataset as data_lib
 from training.data.images import BadImage
@@ -33,7 +35,6 @@ from training.data.shards import iter_tar_records
 from training.tiny.models import TINY_CLIP_VISION_CONFIG
 
 log = logging.getLogger("training")
-PREFIX = "[nested-attention]"
 MIN_CELL = 256  # cells are shown at least this large (pixels)
 PREVIEW_SAMPLES = 4  # samples the data preview shows
 CLIP_H_SIZE = 224  # ViT-H/14's input, the presets' vision model: the dry run's size when its file is missing
@@ -96,7 +97,7 @@ def wrap(draw, text: str, width: int, face) -> list[str]:
 def to_display(cell: np.ndarray, size: int):
     """An (H, W, 3) array in [0, 1] as a PIL image `size` px wide: whole-factor nearest-neighbour
     enlargement where it fits, Lanczos otherwise."""
-    image = Image.fromarray((np.clip(cell, 0, 1) * 255).round().astype(np.uint8))
+    image = to_pil(cell)
     if image.width == size:
         return image
     height = round(image.height * size / image.width)
@@ -188,7 +189,7 @@ def load_validation_images(config, data) -> list:
     images = []
     for source, mask in sources:
         try:
-            images.append(data_lib.to_comfy_image(data_lib.open_image(source, mask)))
+            images.append(from_pil(data_lib.open_image(source, mask)))
         except BadImage as e:
             name = source if isinstance(source, str) else "?"
             log.warning("%s validation image %s skipped: %s", PREFIX, name, e)
@@ -207,18 +208,18 @@ def clip_input_size(config) -> int:
         return CLIP_H_SIZE
     from safetensors import safe_open
 
-    shapes = {}
+    from nested_attention.encoder import clip_vision_architecture
+
     with safe_open(config.clip_vision, framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            if key.endswith(("embeddings.position_embedding.weight", "embeddings.patch_embedding.weight")):
-                shapes[key.rsplit(".", 2)[-2]] = f.get_slice(key).get_shape()
-    if len(shapes) < 2:
+        names = f.keys()  # a header read: no weights
+        shapes = {key: f.get_slice(key).get_shape() for key in names}
+    try:
+        return clip_vision_architecture(shapes, config.clip_vision).image_size
+    except ValueError:
         raise SystemExit(
             f"{PREFIX} --clip_vision {config.clip_vision} has no embeddings.position_embedding / "
             "embeddings.patch_embedding weights; expected a CLIP vision model file (ViT-H/14)."
-        )
-    patch = shapes["patch_embedding"][-1]
-    return round(math.sqrt(shapes["position_embedding"][0] - 1)) * patch  # 16 x 14 = 224 for ViT-H/14
+        ) from None
 
 
 def write_args(config) -> Path:

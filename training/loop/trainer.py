@@ -32,6 +32,8 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from nested_attention import load_encoder
+from nested_attention.logs import LOG_PREFIX as PREFIX
+from nested_attention.weights import weights_fingerprint
 from training.comfy_env import comfy_module, has_accelerator
 from training.data import dataset as data_lib
 from training.data.latent_cache import CachedDataset, build_cache
@@ -43,7 +45,6 @@ from training.loop.checkpoints import (
     Checkpoints,
     Position,
     ProcessState,
-    weights_fingerprint,
     write_failure,
 )
 from training.loop.config import TrainConfig, resolve_inputs
@@ -57,7 +58,6 @@ from training.models.sdxl import TextEncoder, enable_gradient_checkpointing, loa
 
 log = logging.getLogger("training")
 comfy = comfy_module("comfy")  # imported on first use, after accelerate has chosen this process's device
-PREFIX = "[nested-attention]"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ import torch
 
 from nested_attention import NestedEncoder, NestedWeightsError, load_encoder
 from nested_attention.formats import KNOWN_CLIP_VISION, plan_encoder, read_header
+from nested_attention.logs import LOG_PREFIX as PREFIX
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 class WarmStartError(ValueError):

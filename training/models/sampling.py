@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nested_attention import NestedEncoder
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 from training.comfy_env import comfy_module
@@ -29,7 +30,6 @@ comfy = comfy_module("comfy")
 glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 def prompt_positions(text: TextEncoder, prompt: str) -> tuple[tuple[int, ...], int]:
@@ -103,13 +103,8 @@ def sample_grid(
     """Write a labelled PNG grid (training.loop.preview.labelled_grid): rows = [no subject] + images, columns =
     input + prompts x seeds, each column labelled with its prompt and seed."""
     encoder.eval()
-    device = next(encoder.parameters()).device
-    subject_tokens = []
-    for image in images:  # (H, W, 3) in [0, 1]
-        hidden = frozen.clip_vision.encode_image(image[None], crop=True)[frozen.clip_vision_spec.output_key]
-        subject_tokens.append(
-            encoder.encode(hidden.to(device, next(encoder.parameters()).dtype)).float().cpu()
-        )
+    # One photo (H, W, 3) in [0, 1] at a time -> (1, M, C), as the nodes encode it.
+    subject_tokens = [glue.photo_tokens(frozen.clip_vision, frozen.clip_vision_spec, encoder, image[None]) for image in images]
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(""))
     cells = []  # rows of (H, W, 3) arrays

@@ -31,6 +31,7 @@ from nested_attention import (
     unet_layers,
 )
 from nested_attention.layers import SDXL_LAYERS
+from nested_attention.logs import LOG_PREFIX as PREFIX
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
 from training.comfy_env import comfy_module
@@ -41,7 +42,6 @@ comfy = comfy_module("comfy")
 glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
 
 log = logging.getLogger(__name__)
-PREFIX = "[nested-attention]"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,30 +124,34 @@ _PROJECTIONS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv
 
 
 @torch.no_grad()
-def init_parameters(module: torch.nn.Module, seed: int) -> None:
-    """Initialize every parameter of `module` deterministically (ComfyUI's ops leave them empty).
+def _initialize(module: torch.nn.Module, draw: Callable[[torch.Tensor, float], None]) -> None:
+    """The one initialization rule of every builder here (ComfyUI's ops leave parameters empty); `draw(param,
+    std)` fills a parameter with N(0, std^2) values.
 
-    Norms: weight 1, bias 0. Linear/conv weights: N(0, 1/fan_in), so that activations keep unit
-    scale through the stack and every input (text, time, image) visibly moves the output; their
-    biases N(0, 0.02). Embedding tables N(0, 1), anything else N(0, 0.02). Values are drawn in
-    float32 on the CPU, then cast, so the result does not depend on the module's device or dtype.
+    Norms: weight 1, bias 0. Linear/conv weights: N(0, 1/fan_in), so that activations keep unit scale
+    through the stack (no overflow in float16, no denormals on the CPU) and every input (text, time, image)
+    visibly moves the output; their biases N(0, 0.02). Embedding tables N(0, 1), anything else N(0, 0.02).
     """
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if isinstance(sub, _NORMS):
+                param.fill_(1.0 if name == "weight" else 0.0)
+            elif isinstance(sub, _PROJECTIONS) and name == "weight":
+                draw(param, param[0].numel() ** -0.5)
+            else:
+                draw(param, 1.0 if isinstance(sub, torch.nn.Embedding) else 0.02)
+
+
+def init_parameters(module: torch.nn.Module, seed: int) -> None:
+    """Initialize every parameter of `module` deterministically (`_initialize`), each value drawn: in float32
+    on the CPU, then cast, so the result does not depend on the module's device or dtype."""
     generator = torch.Generator().manual_seed(seed)
 
     def draw(param: torch.Tensor, std: float) -> None:
         values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
         param.copy_(values.to(device=param.device, dtype=param.dtype))
 
-    for _, sub in module.named_modules():
-        for name, param in sub.named_parameters(recurse=False):
-            if isinstance(sub, _NORMS):
-                param.fill_(1.0 if name == "weight" else 0.0)
-            elif isinstance(sub, _PROJECTIONS) and name == "weight":
-                draw(param, param[0].numel() ** -0.5)
-            elif isinstance(sub, torch.nn.Embedding):
-                draw(param, 1.0)
-            else:
-                draw(param, 0.02)
+    _initialize(module, draw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,6 +168,13 @@ def _sdxl_model_config(unet_config: dict, dtype: torch.dtype | None, manual_cast
     return model_config
 
 
+def sdxl_model(unet_config: dict, device: torch.device, dtype: torch.dtype | None,
+               manual_cast_dtype: torch.dtype | None = None):
+    """comfy.model_base.SDXL from a UNet config, with empty weights on `device` (meta: no memory), as
+    comfy.sd.load_state_dict_guess_config builds it; every UNet builder here starts from it."""
+    return _sdxl_model_config(unet_config, dtype, manual_cast_dtype).get_model({}, "", device=device)
+
+
 def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype | None = None, *,
                    inpaint: bool = False) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a tiny SDXL-shaped UNet, built as comfy.sd.load_state_dict_guess_config does.
@@ -178,8 +189,7 @@ def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype | None = None, *,
         dtype = comfy.model_management.unet_dtype(model_params=15_700_000, supported_dtypes=supported)
     manual_cast_dtype = comfy.model_management.unet_manual_cast(dtype, load_device, supported)
     config = {**TINY_SDXL_UNET_CONFIG, "in_channels": 9} if inpaint else TINY_SDXL_UNET_CONFIG
-    model_config = _sdxl_model_config(config, dtype, manual_cast_dtype)
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    model = sdxl_model(config, torch.device("cpu"), dtype, manual_cast_dtype)
     init_parameters(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(
         model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device()
@@ -191,8 +201,7 @@ def full_sdxl_unet_meta(dtype: torch.dtype = torch.float16):
 
     For structure checks and FLOP counting only: no memory, no values. `.diffusion_model` is the UNet.
     """
-    model_config = _sdxl_model_config(SDXL_UNET_CONFIG, dtype, None)
-    return model_config.get_model({}, "", device=torch.device("meta"))
+    return sdxl_model(SDXL_UNET_CONFIG, torch.device("meta"), dtype)
 
 
 def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.CLIP:
@@ -266,34 +275,29 @@ def tiny_vae(seed: int = 0) -> comfy.sd.VAE:
 POOL = 1_000_003  # prime length of the random pool weights are tiled from (see fill_parameters_)
 
 
-@torch.no_grad()
 def fill_parameters_(module: torch.nn.Module, seed: int) -> None:
-    """Deterministic random weights in seconds for billions of parameters (ComfyUI's ops leave them empty).
+    """Deterministic random weights in seconds for billions of parameters, by the same rule (`_initialize`).
 
     Drawing 2.6 B normals takes about a minute on two CPU cores; tiling one seeded pool of POOL
-    normals is memory-speed. Weights of linear/conv layers get std 1/sqrt(fan_in) so activations
-    keep unit scale through the stack (no overflow in float16, no denormals on the CPU); norms 1
-    and 0; everything else std 0.02. Parameters on the meta device are left alone.
+    normals is memory-speed. Parameters on the meta device are left alone.
     """
-    pool = None
-    offset = 0
-    for sub in module.modules():
-        for name, param in sub.named_parameters(recurse=False):
-            if param.device.type == "meta":
-                continue
-            if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                param.fill_(1.0 if name == "weight" else 0.0)
-                continue
-            if pool is None or pool.device != param.device:
-                pool = torch.randn(POOL, generator=torch.Generator().manual_seed(seed)).to(param.device)
-            std = param[0].numel() ** -0.5 if name == "weight" and param.dim() >= 2 else 0.02
-            flat = param.view(-1)
-            done, start = 0, offset % POOL
-            while done < flat.numel():
-                take = min(flat.numel() - done, POOL - start)
-                flat[done : done + take].copy_(pool[start : start + take]).mul_(std)
-                done, start = done + take, 0
-            offset += 7919  # every tensor starts elsewhere in the pool
+    pool, offset = None, 0
+
+    def draw(param: torch.Tensor, std: float) -> None:
+        nonlocal pool, offset
+        if param.device.type == "meta":
+            return
+        if pool is None or pool.device != param.device:
+            pool = torch.randn(POOL, generator=torch.Generator().manual_seed(seed)).to(param.device)
+        flat = param.view(-1)
+        done, start = 0, offset % POOL
+        while done < flat.numel():
+            take = min(flat.numel() - done, POOL - start)
+            flat[done : done + take].copy_(pool[start : start + take]).mul_(std)
+            done, start = done + take, 0
+        offset += 7919  # every tensor starts elsewhere in the pool
+
+    _initialize(module, draw)
 
 
 def tiny_qformer() -> QFormerConfig:
@@ -308,8 +312,7 @@ def sdxl_unet_config(tiny: bool = False) -> dict:
 
 def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A ModelPatcher around comfy.model_base.SDXL built from `config`; random weights unless on meta."""
-    model_config = _sdxl_model_config(config, dtype, None)
-    model = model_config.get_model({}, "", device=device)
+    model = sdxl_model(config, device, dtype)
     if device.type != "meta":
         fill_parameters_(model.diffusion_model, seed)
         model.model_sampling.to(device)

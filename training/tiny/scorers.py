@@ -13,7 +13,8 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
-from training.evaluation.metrics import ComfyClipSpace, FaceBox, FaceDetector, to_uint8
+from nested_attention.images import from_uint8, to_uint8
+from training.evaluation.metrics import ComfyClipSpace, FaceBox, FaceDetector
 from training.tiny.models import tiny_clip_vision
 
 
@@ -38,7 +39,7 @@ class TinyFaceDetector:
         self.threshold, self.min_fraction = threshold, min_fraction
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
-        pixels = image.astype(np.float32) / 255.0
+        pixels = from_uint8(image).numpy()
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         background = np.median(border, axis=0)
         differs = np.abs(pixels - background).max(axis=-1) > self.threshold  # (H, W)
