@@ -29,7 +29,9 @@ def subject_binding(
 
 def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec]) -> Any:
     """A clone of `model` with the subject on every cross-attention layer, installed as the Apply node does."""
-    from nested_attention.host import install_subject  # imports comfy: only once the benchmark has set it up
+    from nested_attention_comfy.model import (
+        install_subject,  # imports comfy: only once the benchmark has set it up
+    )
 
     m = model.clone()
     install_subject(m, binding, layers)

@@ -1,7 +1,8 @@
 """Nested attention for SDXL: the math, the subject encoder, the layer table and the weight file.
 
 Importable without ComfyUI; depends only on torch, einops and safetensors. The ComfyUI glue shared by
-the nodes and the trainer is `nested_attention.host`, which imports `comfy` and is never imported here.
+the nodes and the trainer is the package `nested_attention_comfy` beside this one, which imports `comfy`;
+no module of this package imports it (tests/test_layers.py).
 """
 
 from .attention import NestedSubject, nested_attention, nested_values, regularize_norm, sdpa_attention

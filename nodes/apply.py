@@ -14,16 +14,10 @@ import torch
 from comfy_api.latest import io
 
 from nested_attention import SDXL_CONTEXT_DIM, unet_layers
-from nested_attention.host import (
-    NestedApplyError,
-    TokenLocation,
-    attn2_replacements,
-    check_sdxl,
-    install_subject,
-    locate_word,
-    sigma_window,
-)
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
+from nested_attention_comfy.model import NestedApplyError, attn2_replacements, check_sdxl, install_subject
+from nested_attention_comfy.sampling import sigma_window
+from nested_attention_comfy.words import TokenLocation, locate_word
 
 from .wires import CATEGORY, NestedSubjectType, Subject, names_the_node
 

@@ -317,7 +317,7 @@ class Worker:
         from weight_layouts import write_safetensors as write_layout
 
         from nested_attention import formats, inspect, save_encoder, unet_layers
-        from nested_attention.host import clip_vision_spec
+        from nested_attention_comfy.clip_vision import clip_vision_spec
 
         torch.set_num_threads(1)
         self.inspect_main, self.run_node = inspect.main, run_node
@@ -396,8 +396,8 @@ class Worker:
 
 def pack_errors(pack) -> tuple[type, ...]:
     """The pack's own error types a loader may raise (each a ValueError written for the user)."""
-    from nested_attention.host import NestedEncoderLoadError
     from nested_attention.weights import NestedWeightsError
+    from nested_attention_comfy.clip_vision import NestedEncoderLoadError
 
     return (NestedWeightsError, NestedEncoderLoadError, pack.subject.SubjectError)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +63,6 @@ def pack_namespace() -> SimpleNamespace:
         apply=nodes.apply,
         loader=nodes.loader,
         subject=nodes.subject,
-        host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
         maps=nodes.maps,
     )

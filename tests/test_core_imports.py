@@ -1,4 +1,4 @@
-"""The core package imports where ComfyUI cannot be found; only `nested_attention.host` needs it."""
+"""The core package imports where ComfyUI cannot be found; only the glue, `nested_attention_comfy`, needs it."""
 
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ SCRIPT = textwrap.dedent(
     import nested_attention
     for name in ("attention", "capture", "encoder", "layers", "patch", "reference", "tokens", "weights"):
         importlib.import_module(f"nested_attention.{name}")
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m == "nested_attention.host")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.split(".")[0] == "nested_attention_comfy")
     assert not loaded, loaded
     try:
-        import nested_attention.host  # the glue: needs comfy, so it must fail here
+        import nested_attention_comfy.model  # the glue: needs comfy, so it must fail here
     except ModuleNotFoundError as e:
         assert e.name.split(".")[0] == "comfy", e
     else:
-        raise AssertionError("nested_attention.host imported without comfy: the blocker does not work")
+        raise AssertionError("nested_attention_comfy imported without comfy: the blocker does not work")
     print("ok", len(nested_attention.__all__))
     """
 )

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from trainer_runs import reset_after_run, train
 
-from nested_attention.host import comfy_attention
 from nested_attention.patch import SubjectBinding
+from nested_attention_comfy.attention import comfy_attention
 from training import evaluate as evaluate_cli
 from training import models as models_lib
 from training.evaluation import metrics, report

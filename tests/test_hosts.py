@@ -31,8 +31,8 @@ from pack_helpers import (
 )
 
 from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
-from nested_attention.host import attn2_replacements
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
+from nested_attention_comfy.model import attn2_replacements
 
 TEXT = "a person and their pet"
 CPU = torch.device("cpu")
@@ -247,9 +247,9 @@ def test_clip_preprocess_comes_from_where_this_comfyui_defines_it(monkeypatch):
 
 
 def test_prepare_clip_input_is_what_encode_image_feeds_the_tower():
-    from training.data import prepare_clip_input
-
     from PIL import Image
+
+    from training.data import prepare_clip_input
 
     array = torch.randint(0, 256, (40, 56, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     image = array.float() / 255  # (H, W, 3), what ComfyUI's LoadImage makes of the photo

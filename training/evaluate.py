@@ -358,7 +358,7 @@ def main(args: EvalConfig) -> dict | None:
     accelerator.wait_for_everyone()
 
     scorers = build_scorers(args, frozen, settings["clip_vision"], accelerator.device, models_dir)
-    from nested_attention.host import comfy_attention
+    from nested_attention_comfy.attention import comfy_attention
 
     text = models_lib.TextEncoder(frozen.clip, token)
     generator = Generator(

@@ -43,14 +43,9 @@ import comfy.model_management  # noqa: E402
 import comfy.sd  # noqa: E402
 
 # The glue shared with the nodes (imports comfy, so after setup_comfy).
-from nested_attention.host import (  # noqa: E402
-    attn2_patches,
-    clip_vision_spec,
-    load_clip_vision,
-    subject_stream,
-    word_positions,
-    word_token_ids,
-)
+from nested_attention_comfy.clip_vision import clip_vision_spec, load_clip_vision
+from nested_attention_comfy.model import attn2_patches
+from nested_attention_comfy.words import subject_stream, word_positions, word_token_ids
 
 log = logging.getLogger(__name__)
 PREFIX = "[nested-attention]"
@@ -218,7 +213,7 @@ class TextEncoder:
 
     def positions(self, tokens: dict) -> tuple[int, ...]:
         """The token's positions in `clip.tokenize(..., return_word_ids=True)` (chunks may be cut short):
-        the nodes' rule and stream (`nested_attention.host`); () when the caption lacks the token."""
+        the nodes' rule and stream (`nested_attention_comfy.words`); () when the caption lacks the token."""
         return word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
 
     @torch.no_grad()

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from nested_attention import NestedEncoder
-from nested_attention.host import install_subject
 from nested_attention.patch import SubjectBinding
 from nested_attention.tokens import CHUNK
+from nested_attention_comfy.model import install_subject
 
 from .models import FrozenModels, TextEncoder
 from .preview import labelled_grid

@@ -94,7 +94,7 @@ def evaluate_during_training(
         clip_i=metrics.ClipImageSpace(clip_vision=frozen.clip_vision, name=frozen.clip_vision_spec.name),
         identity=_identity_model(config.domain),
     )
-    from nested_attention.host import comfy_attention
+    from nested_attention_comfy.attention import comfy_attention
 
     settings = SampleSettings(steps=config.sample_steps, cfg=config.sample_cfg, resolution=config.resolution)
     generator = Generator(
