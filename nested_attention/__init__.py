@@ -10,8 +10,8 @@ from .encoder import (
     HIDDEN_LAYERS, ClipVisionSpec, EncoderConfig, NestedEncoder, QFormer, QFormerConfig, concat_subject_tokens,
 )
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec, attn2_modules, unet_context_dim, unet_layers
-from .weights import FORMAT_VERSION, NestedWeightsError, load_encoder, read_config, save_encoder
-from .formats import Plan, diffusers_order, ip_adapter_numbers, plan_encoder, read_header
+from .weights import load_encoder, read_config, save_encoder
+from .formats import FORMAT_VERSION, NestedWeightsError, Plan, diffusers_order, ip_adapter_numbers, plan_encoder, read_header
 
 __all__ = [
     "NestedSubject", "nested_attention", "nested_values", "regularize_norm", "sdpa_attention",

@@ -2,7 +2,7 @@
 
 Supported layouts (detected by key groups and shapes, never by file name):
 
-- ``nested-attention``: the pack's own files (metadata ``format`` = "nested-attention", see weights.py).
+- ``nested-attention``: the pack's own files (metadata ``format`` = FORMAT, written by weights.py).
 - ``ip-adapter-plus-sdxl``: IP-Adapter Plus for SDXL (``ip-adapter-plus_sdxl_vit-h.safetensors``,
   ``ip-adapter-plus-face_sdxl_vit-h.safetensors``): a perceiver Resampler under ``image_proj.`` and
   ``ip_adapter.{2k+1}.to_k_ip.weight`` / ``.to_v_ip.weight`` per cross-attention layer.
@@ -36,7 +36,24 @@ from safetensors import SafetensorError, safe_open
 
 from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormerConfig
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec
-from .weights import FORMAT, FORMAT_VERSION, NestedWeightsError, parse_config
+
+# The pack's own files (weights.py writes them): metadata "format" and "format_version".
+FORMAT = "nested-attention"
+FORMAT_VERSION = 1
+
+
+class NestedWeightsError(ValueError):
+    """A weight file that cannot be used; the message says what was expected, found, and what to do."""
+
+
+def parse_config(name: str, metadata: dict[str, str]) -> EncoderConfig:
+    """The EncoderConfig stored in a pack file's metadata, with a clear error when it is unusable."""
+    try:
+        return EncoderConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise NestedWeightsError(f"{name} has a missing or malformed 'config' entry in its metadata ({e}); "
+                                 "re-export the encoder.") from e
+
 
 # The dtypes encoder weights may have (safetensors' names), and the torch dtype of each.
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

@@ -13,8 +13,7 @@ import os
 from typing import Optional, Sequence
 
 from .encoder import HIDDEN_LAYERS
-from .formats import plan_encoder, read_header, summarize_groups
-from .weights import NestedWeightsError
+from .formats import NestedWeightsError, plan_encoder, read_header, summarize_groups
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -396,7 +396,7 @@ class Worker:
 
 def pack_errors(pack) -> tuple[type, ...]:
     """The pack's own error types a loader may raise (each a ValueError written for the user)."""
-    from nested_attention.weights import NestedWeightsError
+    from nested_attention.formats import NestedWeightsError
     from nested_attention_comfy.clip_vision import NestedEncoderLoadError
 
     return (NestedWeightsError, NestedEncoderLoadError, pack.subject.SubjectError)
