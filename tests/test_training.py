@@ -26,6 +26,7 @@ from nested_attention import load_encoder, read_config
 from training import data as data_lib
 from training import models as models_lib
 from training import run as trainer
+from training import shards as shards_lib
 from training.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,16 +254,16 @@ def test_tar_shards_stream_split_between_ranks_skip_bad_images_and_resume(tmp_pa
     rule = data_lib.CaptionRule("pet", ("dog",), "a photo of a {token}")
     config = data_lib.SampleConfig(32, 32, False, True, rule, seed=1)
     with caplog.at_level(logging.WARNING):
-        rank0 = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2), 12)
-        rank1 = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=1, world=2), 12)
+        rank0 = take(shards_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2), 12)
+        rank1 = take(shards_lib.TarShardStream(shards, config, batch_size=2, rank=1, world=2), 12)
     assert "s1-1" in caplog.text and "unreadable image" in caplog.text
     first_pass = [k for k in rank0[:6] + rank1[:6] if k is not None]
     assert (
         len(first_pass) == len(set(first_pass)) == 11
     )  # 12 samples, one unreadable; the ranks never overlap
-    resumed = take(data_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2, start_batch=2), 8)
+    resumed = take(shards_lib.TarShardStream(shards, config, batch_size=2, rank=0, world=2, start_batch=2), 8)
     assert resumed == rank0[4:12]
-    sample = next(s for s in data_lib.TarShardStream(shards, config, batch_size=2) if s is not None)
+    sample = next(s for s in shards_lib.TarShardStream(shards, config, batch_size=2) if s is not None)
     assert sample["caption"].startswith("a pet number")
     assert sample["pixels"].shape == (32, 32, 3) and sample["time_ids"][:2].tolist() == [40.0, 48.0]
 

@@ -23,6 +23,7 @@ from nested_attention.images import composite_on_white
 from training import data as data_lib
 from training import images as images_lib
 from training import scan as scan_lib
+from training import shards as shards_lib
 
 RULE = data_lib.CaptionRule("pet", ("dog", "cat", "pet"), "a photo of a {token}")
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -226,7 +227,7 @@ def test_masks_from_manifest_folder_and_shards_put_the_pet_on_white(tmp_path):
             info.size = len(data.getvalue())
             tar.addfile(info, io.BytesIO(data.getvalue()))
     (tmp_path / "s.tar").write_bytes(buffer.getvalue())
-    (record,) = list(data_lib.iter_tar_records(str(tmp_path / "s.tar")))
+    (record,) = list(shards_lib.iter_tar_records(str(tmp_path / "s.tar")))
     np.testing.assert_array_equal(np.asarray(data_lib.open_image(record.input, record.mask)), expected)
 
 

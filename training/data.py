@@ -387,12 +387,3 @@ class StepBatchSampler:
         while True:
             yield self.batch(j)
             j += 1
-
-
-def __getattr__(name: str):
-    """The tar shard reader (training.shards) stays reachable under its old names here."""
-    if name in ("TarShardStream", "iter_tar_records"):
-        from . import shards
-
-        return getattr(shards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
