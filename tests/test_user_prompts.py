@@ -125,8 +125,8 @@ def test_a_long_prompt_works_and_warns_once(pack, tiny_unet, tiny_clip, pet, enc
 @pytest.mark.parametrize(
     "text, token, expected",
     [
-        ("", "", r"^the prompt is empty\. .* subject word 'pet'"),
-        ("   ", "", r"^the prompt is empty\."),
+        ("", "", r"^Apply Nested Attention \(token, λ\): the prompt is empty\. .* subject word 'pet'"),
+        ("   ", "", r"^Apply Nested Attention \(token, λ\): the prompt is empty\."),
         ("🐶🐶", "", r"'pet' is not in the prompt '🐶🐶'"),
         ("two Pets' toys", "", r"'pet' is not in .*\nThe prompt has 'pets', another form of 'pet'.*token to 'pets'"),
         ("a photo of two persons", "person", r"\nThe prompt has 'persons', another form of 'person'"),
