@@ -284,3 +284,36 @@ def test_the_core_imports_with_no_comfyui_on_sys_path(tmp_path):
                             timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok ")
+
+
+PLUGIN = """
+import sys
+
+def pytest_sessionfinish(session):
+    comfyui = {comfyui!r}
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in comfyui)
+    with open({out!r}, "w") as out:
+        out.write("\\n".join(loaded))
+"""
+
+
+def test_core_tests_run_without_comfyui_imported(tmp_path):
+    """The test modules that import only the core (conftest.needs_comfyui) run with no ComfyUI module imported,
+    and the modules that need ComfyUI are told apart from them."""
+    import conftest
+
+    tests = sorted((REPO / "tests").glob("test_*.py"))
+    core_tests = [p for p in tests if not conftest.needs_comfyui(p) and p.name != Path(__file__).name]
+    assert {"test_attention.py", "test_tokens.py", "test_encoder_weights.py"} <= {p.name for p in core_tests}
+    assert conftest.needs_comfyui(REPO / "tests" / "test_nodes_apply.py")
+    out = tmp_path / "loaded.txt"
+    (tmp_path / "comfyui_probe.py").write_text(PLUGIN.format(comfyui=sorted(COMFYUI | {GLUE, "tiny_models"}),
+                                                             out=str(out)))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "comfyui_probe", "-p", "no:cacheprovider",
+         *(str(p) for p in core_tests)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert out.read_text() == "", f"ComfyUI modules imported by core tests: {out.read_text().split()[:10]}"
