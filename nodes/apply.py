@@ -24,7 +24,7 @@ from .wires import CATEGORY, NestedSubjectType, Subject, names_the_node
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 REGIONS = ("mask", "auto")  # the Apply node's region choices
 
-__all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "check_conditioning", "check_sdxl"]
+__all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "bind_subject", "check_conditioning", "check_sdxl"]
 
 
 def check_conditioning(conditioning: list, clip: Any) -> None:
@@ -44,6 +44,23 @@ def check_conditioning(conditioning: list, clip: Any) -> None:
 
 
 def apply_subject(
+    model: Any,
+    subject: Subject,
+    location: TokenLocation,
+    lambda_: float = 1.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    mask: torch.Tensor | None = None,
+    region: str = "mask",
+) -> Any:
+    """A clone of `model` (an SDXL ModelPatcher: `check_sdxl`) with `subject` bound to the located word in all
+    cross-attention layers; see `bind_subject` for the arguments. The Apply node checks the model first (before
+    the prompt) and calls bind_subject itself, so the check runs once per Apply."""
+    check_sdxl(model)
+    return bind_subject(model, subject, location, lambda_, start_percent, end_percent, mask, region)
+
+
+def bind_subject(
     model: Any,
     subject: Subject,
     location: TokenLocation,
@@ -79,7 +96,6 @@ def apply_subject(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start_percent <= "
             "end_percent <= 1 (the part of sampling the subject is active in)."
         )
-    check_sdxl(model)
     layers = unet_layers(model.model.diffusion_model)
     expected = tuple(subject.encoder.config.layers)
     if layers != expected:
@@ -262,5 +278,5 @@ class NestedAttentionApply(io.ComfyNode):
         location = locate_word(clip, tokens, word, text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         check_conditioning(conditioning, clip)
-        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
+        patched = bind_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
         return io.NodeOutput(patched, conditioning)

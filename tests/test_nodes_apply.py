@@ -431,6 +431,13 @@ def test_non_sdxl_model_is_a_clear_error(pack, tiny_clip, pet):
         apply(pack, model, tiny_clip, pet, PROMPT)
 
 
+def test_the_model_is_checked_once_per_apply(pack, tiny_unet, tiny_clip, pet, monkeypatch):
+    checked = []
+    monkeypatch.setattr(pack.apply, "check_sdxl", lambda model: checked.append(model))
+    apply(pack, tiny_unet, tiny_clip, pet, PROMPT)
+    assert checked == [tiny_unet]
+
+
 def test_a_clip_whose_conditioning_is_not_2048_wide_is_refused_at_apply(pack, tiny_unet, pet):
     """An SD1.5 CLIP (768 wide) wired to an SDXL model: refused at Apply, not deep inside the sampler."""
     sd15_clip = tiny_models.tiny_sd15_clip(seed=0)
