@@ -7,17 +7,53 @@ no module of this package imports it (tests/test_layers.py).
 
 from .attention import NestedSubject, nested_attention, nested_values, regularize_norm, sdpa_attention
 from .encoder import (
-    HIDDEN_LAYERS, ClipVisionSpec, EncoderConfig, NestedEncoder, QFormer, QFormerConfig, concat_subject_tokens,
+    HIDDEN_LAYERS,
+    ClipVisionSpec,
+    EncoderConfig,
+    NestedEncoder,
+    QFormer,
+    QFormerConfig,
+    concat_subject_tokens,
+)
+from .formats import (
+    FORMAT_VERSION,
+    NestedWeightsError,
+    Plan,
+    diffusers_order,
+    ip_adapter_numbers,
+    plan_encoder,
+    read_header,
 )
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec, attn2_modules, unet_context_dim, unet_layers
 from .weights import load_encoder, read_config, save_encoder
-from .formats import FORMAT_VERSION, NestedWeightsError, Plan, diffusers_order, ip_adapter_numbers, plan_encoder, read_header
 
 __all__ = [
-    "NestedSubject", "nested_attention", "nested_values", "regularize_norm", "sdpa_attention",
-    "HIDDEN_LAYERS", "ClipVisionSpec", "EncoderConfig", "NestedEncoder", "QFormer", "QFormerConfig",
+    "FORMAT_VERSION",
+    "HIDDEN_LAYERS",
+    "SDXL_CONTEXT_DIM",
+    "SDXL_LAYERS",
+    "ClipVisionSpec",
+    "EncoderConfig",
+    "LayerSpec",
+    "NestedEncoder",
+    "NestedSubject",
+    "NestedWeightsError",
+    "Plan",
+    "QFormer",
+    "QFormerConfig",
+    "attn2_modules",
     "concat_subject_tokens",
-    "SDXL_CONTEXT_DIM", "SDXL_LAYERS", "LayerSpec", "attn2_modules", "unet_context_dim", "unet_layers",
-    "FORMAT_VERSION", "NestedWeightsError", "load_encoder", "read_config", "save_encoder",
-    "Plan", "diffusers_order", "ip_adapter_numbers", "plan_encoder", "read_header",
+    "diffusers_order",
+    "ip_adapter_numbers",
+    "load_encoder",
+    "nested_attention",
+    "nested_values",
+    "plan_encoder",
+    "read_config",
+    "read_header",
+    "regularize_norm",
+    "save_encoder",
+    "sdpa_attention",
+    "unet_context_dim",
+    "unet_layers",
 ]

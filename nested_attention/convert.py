@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from .weights import save_encoder
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m nested_attention.convert", description=__doc__.splitlines()[0])
     parser.add_argument("input", help="The file to convert (.safetensors of any supported layout).")
     parser.add_argument("output", help="Where to write the encoder in the pack's format (.safetensors).")
@@ -44,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if os.path.exists(args.output) and not args.force:
         print(f"{args.output} exists; pass --force to overwrite it.", file=sys.stderr)

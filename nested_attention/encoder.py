@@ -13,8 +13,8 @@ projection to the UNet's context width, so that W_K~ / W_V~ can start from the U
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,7 @@ class ClipVisionSpec:
         layer = "" if self.hidden_layer == "last" else f", {self.hidden_layer} hidden layer"
         return f"(width {self.hidden_size}, {self.num_tokens} tokens, {self.num_layers} layers, {self.image_size}px{layer})"
 
-    def same_architecture(self, other: "ClipVisionSpec") -> bool:
+    def same_architecture(self, other: ClipVisionSpec) -> bool:
         return (self.hidden_size, self.num_tokens, self.num_layers, self.image_size) == (
             other.hidden_size, other.num_tokens, other.num_layers, other.image_size)
 
@@ -180,7 +180,7 @@ class EncoderConfig:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "EncoderConfig":
+    def from_json(cls, text: str) -> EncoderConfig:
         """The config `to_json` wrote; a value of the wrong type or out of range raises (`check`: a damaged
         or hand-edited file must not build a module of a billion blocks, or one that fails later)."""
         data = json.loads(text)
@@ -265,10 +265,6 @@ class NestedEncoder(nn.Module):
         showing which part of the photo each query reads (nested_attention.capture.query_maps).
         """
         return self.qformer(clip_tokens, return_attention=return_attention)
-
-    def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K~ and V~ of layer number `layer` (an index into `layers`) for subject tokens E."""
-        return self.projections[layer](tokens)
 
     @torch.no_grad()
     def init_from_unet(self, to_k: Sequence[torch.Tensor], to_v: Sequence[torch.Tensor]) -> None:

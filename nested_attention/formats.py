@@ -28,8 +28,8 @@ import os
 import re
 import struct
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -99,7 +99,7 @@ class Header:
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    def shape(self, key: str) -> Optional[tuple[int, ...]]:
+    def shape(self, key: str) -> tuple[int, ...] | None:
         info = self.tensors.get(key)
         return None if info is None else info.shape
 
@@ -192,7 +192,7 @@ def read_header(path: str) -> Header:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 piece = f.get_slice(key)
                 tensors[key] = TensorInfo(tuple(int(s) for s in piece.get_shape()), str(piece.get_dtype()))
     except (SafetensorError, OSError, ValueError) as e:
@@ -203,8 +203,8 @@ def read_header(path: str) -> Header:
 
 
 def summarize_groups(header: Header, limit: int = 30) -> list[str]:
-    """Key groups (digits folded to '#') with their count and shapes, for messages and `inspect`."""
-    groups: "OrderedDict[str, list[tuple[int, ...]]]" = OrderedDict()
+    """Key groups (digits folded to '#') with their count and shapes, for messages and `describe`."""
+    groups: OrderedDict[str, list[tuple[int, ...]]] = OrderedDict()
     for key in sorted(header.tensors, key=_natural):
         groups.setdefault(re.sub(r"\d+", "#", key), []).append(header.tensors[key].shape)
     lines = []
@@ -255,11 +255,7 @@ class Plan:
     format: str  # "nested-attention", "ip-adapter-plus-sdxl" or "ip-adapter-derived"
     config: EncoderConfig
     sources: dict[str, str] = field(default_factory=dict)  # encoder state-dict key -> file tensor name
-    notes: list[str] = field(default_factory=list)  # assumptions made, for `inspect` and logs
-
-    def source_of_layer(self, index: int) -> tuple[str, str]:
-        """The file tensors that W_K~ and W_V~ of layer `index` (into config.layers) come from."""
-        return self.sources[f"projections.{index}.to_k.weight"], self.sources[f"projections.{index}.to_v.weight"]
+    notes: list[str] = field(default_factory=list)  # assumptions made, for `describe` and logs
 
 
 _LAYER_NUMBERED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*)(?P<n>\d+)\.(?P<kind>to_[kv])_(?P<suffix>\w+)\.weight$")
@@ -276,14 +272,53 @@ _EXPECTED_TEXT = (
 )
 
 
+def _plan_layers(
+    header: Header, layer_keys: dict, layers: Sequence[LayerSpec] | None, context: int, sources: dict[str, str]
+) -> tuple[tuple[LayerSpec, ...], str]:
+    """Map the file's per-layer key/value weights onto the UNet's layer table (`layers`, else the known UNet
+    with as many layers), checking every shape; adds W_K~ / W_V~'s sources to `sources`. Returns the table
+    and how the file numbers its layers."""
+    table = tuple(layers) if layers is not None else None
+    pairs = len(layer_keys) // 2
+    # Default table: a known UNet's (SDXL's), used for ordering checks as soon as the file has its layer
+    # count.
+    ordered, numbering = _order_layer_keys(
+        header, layer_keys, table if table is not None else KNOWN_UNET_LAYERS.get(pairs))
+    if table is None:
+        if len(ordered) not in KNOWN_UNET_LAYERS:
+            raise NestedWeightsError(
+                f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; SDXL has "
+                f"{len(SDXL_LAYERS)}. {_model_hint(context)} (For another UNet, pass its layer table.)")
+        table = KNOWN_UNET_LAYERS[len(ordered)]
+    table_order = diffusers_order(table)
+    if len(ordered) != len(table_order):
+        raise NestedWeightsError(
+            f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; the model has "
+            f"{len(table_order)}. Use a file made for this model.")
+
+    position = {layer.key: i for i, layer in enumerate(table)}
+    for layer, (k_key, v_key) in zip(table_order, ordered):
+        expected = (layer.dim, context)
+        for key in (k_key, v_key):
+            if header.shape(key) != expected:
+                raise NestedWeightsError(
+                    f"{header.name}: '{key}' has shape {list(header.shape(key))}, but it is the weight of layer "
+                    f"{layer.key} (width {layer.dim}) by the diffusers layer order, so it must be {list(expected)}. "
+                    "The file is not for this UNet, or its layers are in another order.")
+        i = position[layer.key]
+        sources[f"projections.{i}.to_k.weight"] = k_key
+        sources[f"projections.{i}.to_v.weight"] = v_key
+    return tuple(table), numbering
+
+
 def plan_encoder(
     header: Header,
     *,
-    layers: Optional[Sequence[LayerSpec]] = None,
+    layers: Sequence[LayerSpec] | None = None,
     context_dim: int = SDXL_CONTEXT_DIM,
-    dim_head: Optional[int] = None,
-    hidden_layer: Optional[str] = None,
-    clip_vision: Optional[ClipVisionSpec] = None,
+    dim_head: int | None = None,
+    hidden_layer: str | None = None,
+    clip_vision: ClipVisionSpec | None = None,
     config: EncoderConfig | None = None,
 ) -> Plan:
     """Decide from the header alone what the file is and how each encoder tensor is filled.
@@ -312,7 +347,7 @@ def plan_encoder(
             f"{header.name} is not a weight layout this pack reads (expected metadata format '{FORMAT}', found "
             f"{found!r}; " + ("no Resampler group found" if resampler is None else "no per-layer to_k_*/to_v_* weights found")
             + "). Key groups found:\n  " + "\n  ".join(summarize_groups(header) or ["(no tensors)"])
-            + f"\n{_EXPECTED_TEXT} Run `python -m nested_attention.inspect {header.name}` and report its output if "
+            + f"\n{_EXPECTED_TEXT} Run `python -m nested_attention.describe {header.name}` and report its output if "
             "this is a nested attention encoder the pack should read.")
     if rest:
         raise NestedWeightsError(
@@ -328,37 +363,8 @@ def plan_encoder(
             f"{header.name}: its Resampler writes tokens {context} wide, but the model's cross-attention reads a "
             f"{context_dim}-wide context (SDXL). {_model_hint(context)}")
 
-    table = tuple(layers) if layers is not None else None
-    pairs = len(layer_keys) // 2
-    # Default table: a known UNet's (SDXL's), used for ordering checks as soon as the file has its layer
-    # count.
-    ordered, numbering = _order_layer_keys(
-        header, layer_keys, table if table is not None else KNOWN_UNET_LAYERS.get(pairs))
-    if table is None:
-        if len(ordered) not in KNOWN_UNET_LAYERS:
-            raise NestedWeightsError(
-                f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; SDXL has "
-                f"{len(SDXL_LAYERS)}. {_model_hint(context)} (For another UNet, pass its layer table.)")
-        table = KNOWN_UNET_LAYERS[len(ordered)]
-    table_order = diffusers_order(table)
-    if len(ordered) != len(table_order):
-        raise NestedWeightsError(
-            f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; the model has "
-            f"{len(table_order)}. Use a file made for this model.")
-
     sources = resampler.sources()
-    position = {layer.key: i for i, layer in enumerate(table)}
-    for layer, (k_key, v_key) in zip(table_order, ordered):
-        expected = (layer.dim, context)
-        for key in (k_key, v_key):
-            if header.shape(key) != expected:
-                raise NestedWeightsError(
-                    f"{header.name}: '{key}' has shape {list(header.shape(key))}, but it is the weight of layer "
-                    f"{layer.key} (width {layer.dim}) by the diffusers layer order, so it must be {list(expected)}. "
-                    "The file is not for this UNet, or its layers are in another order.")
-        i = position[layer.key]
-        sources[f"projections.{i}.to_k.weight"] = k_key
-        sources[f"projections.{i}.to_v.weight"] = v_key
+    table, numbering = _plan_layers(header, layer_keys, layers, context, sources)
 
     exact_ip_adapter = (
         resampler.prefix == "image_proj." and numbering.startswith("attn_processors")
@@ -528,7 +534,7 @@ class _Resampler:
         return out
 
 
-def _find_resampler(header: Header) -> Optional[_Resampler]:
+def _find_resampler(header: Header) -> _Resampler | None:
     prefixes = [k[: -len("latents")] for k in header.tensors if k.endswith("latents")
                 and (k == "latents" or k.endswith(".latents")) and f"{k[:-len('latents')]}proj_in.weight" in header.tensors]
     if not prefixes:
@@ -609,7 +615,7 @@ def _matrix(name: str, key: str, shape: tuple[int, ...]) -> tuple[int, int]:
 # Per-layer key/value weights
 
 
-def _order_layer_keys(header: Header, matches: dict, table: Optional[Sequence[LayerSpec]]) -> tuple[list[tuple[str, str]], str]:
+def _order_layer_keys(header: Header, matches: dict, table: Sequence[LayerSpec] | None) -> tuple[list[tuple[str, str]], str]:
     """(k key, v key) per layer in diffusers order, and how the file numbers its layers."""
     name = header.name
     diffusers = {k: m for k, m in matches.items() if m.re is _LAYER_DIFFUSERS}
@@ -673,7 +679,7 @@ def _order_layer_keys(header: Header, matches: dict, table: Optional[Sequence[La
         + (f" for {count} layers" if count is not None else "") + ". The file is incomplete or for another UNet.")
 
 
-def _order_diffusers(name: str, pairs: dict, table: Optional[Sequence[LayerSpec]]) -> list[tuple[str, str]]:
+def _order_diffusers(name: str, pairs: dict, table: Sequence[LayerSpec] | None) -> list[tuple[str, str]]:
     """Diffusers paths in attn_processors order; each stage's (block, attention) groups match the table's."""
     slots = sorted(pairs)  # (stage, block, attention, transformer) sorts exactly as attn_processors walks
     if table is not None:
@@ -708,7 +714,7 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 def load_planned(path: str, plan: Plan, device: torch.device | str = "cpu",
-                 dtype: Optional[torch.dtype] = None) -> NestedEncoder:
+                 dtype: torch.dtype | None = None) -> NestedEncoder:
     """Build the planned encoder and fill every tensor from its source key (shapes checked, values finite)."""
     name = os.path.basename(path)
     with torch.device("meta"):

@@ -7,11 +7,10 @@ whose table differs, so a projection can never be applied to the wrong layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
-
 
 BLOCKS = ("input", "middle", "output")  # ComfyUI's names of the UNet's stages
 
@@ -32,7 +31,7 @@ class LayerSpec:
         return [self.block, self.number, self.index, self.dim]
 
     @classmethod
-    def from_json(cls, item: list) -> "LayerSpec":
+    def from_json(cls, item: list) -> LayerSpec:
         """[block, number, index, dim] as `to_json` writes it; anything else raises ValueError."""
         if not isinstance(item, list) or len(item) != 4:
             raise ValueError(f"a layer is [block, number, index, dim], got {item!r}")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,11 @@ class SubjectBinding:
     positions: tuple[int, ...]
     prompt_tokens: int
     scale: float = 1.0
-    alpha: Optional[float] = None
+    alpha: float | None = None
     sigma_start: float = math.inf
     sigma_end: float = 0.0
-    mask: Optional[torch.Tensor] = None
-    rows: Optional[torch.Tensor] = None
+    mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
     cache: bool = True
     name: str = "subject"
     auto_region: bool = False
@@ -106,7 +107,7 @@ class SubjectBinding:
     def sort_key(self) -> tuple:
         return (self.positions, self.name)
 
-    def active(self, sigmas: Optional[torch.Tensor]) -> bool:
+    def active(self, sigmas: torch.Tensor | None) -> bool:
         if sigmas is None or (self.sigma_start == math.inf and self.sigma_end <= 0.0):
             return True
         return self.sigma_end <= self.current_sigma(sigmas) <= self.sigma_start
@@ -164,7 +165,7 @@ class SubjectBinding:
         with self._lock:
             cache.setdefault(key, value)  # two threads may make the same entry; both values are equal
 
-    def drop_cache(self, keep_device: Optional[torch.device] = None) -> None:
+    def drop_cache(self, keep_device: torch.device | None = None) -> None:
         """Forget what was made for devices of another type: K~/V~, resized masks, positions.
 
         Only another *type* is dropped (a move to the CPU frees the GPU's entries): the GPUs of a
@@ -181,7 +182,7 @@ class SubjectBinding:
         """Drop the reference to the last sampling's sigmas tensor (it would keep it alive)."""
         self._sigma = (None, None, 0.0)
 
-    def region(self, activations_shape: Optional[Sequence[int]], n: int, device: torch.device) -> Optional[torch.Tensor]:
+    def region(self, activations_shape: Sequence[int] | None, n: int, device: torch.device) -> torch.Tensor | None:
         """The mask resized to the layer's (h, w) grid, flattened to (N,)."""
         if self.mask is None:
             return None
@@ -206,7 +207,7 @@ class SubjectBinding:
                              weight=weight)
 
 
-def conditional_rows(batch: int, cond_or_uncond: Optional[Sequence[int]]) -> torch.Tensor:
+def conditional_rows(batch: int, cond_or_uncond: Sequence[int] | None) -> torch.Tensor:
     """Bool (B,) of the rows in chunks marked conditional (0) by ComfyUI's sampler; all rows when unknown.
 
     On the CPU, whatever device the model runs on: `nested_attention` reads CPU rows without a device sync.

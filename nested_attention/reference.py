@@ -5,7 +5,7 @@ Used only to check the efficient form in `attention.py`; never call it from the 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ def reference_nested_attention(
     subjects: Sequence[NestedSubject],
     *,
     heads: int,
-    rows: Optional[Sequence[int]] = None,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Loop over rows and queries; for each, build V_q (T, D) and the lambda-adjusted logits."""
     q, k, v = q.double(), k.double(), v.double()

@@ -16,7 +16,7 @@ safetensors only (never pickle) and validated in full before any tensor is used.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder
 from .formats import FORMAT, FORMAT_VERSION, load_planned, plan_encoder, read_header
 from .layers import LayerSpec
+
 
 def _umask() -> int:
     """The process's umask, read without changing it (Linux: /proc), else by setting and restoring it."""
@@ -91,12 +92,12 @@ def read_config(path: str, **overrides) -> EncoderConfig:
 def load_encoder(
     path: str,
     device: torch.device | str = "cpu",
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     *,
-    layers: Optional[Sequence[LayerSpec]] = None,
-    dim_head: Optional[int] = None,
-    hidden_layer: Optional[str] = None,
-    clip_vision: Optional[ClipVisionSpec] = None,
+    layers: Sequence[LayerSpec] | None = None,
+    dim_head: int | None = None,
+    hidden_layer: str | None = None,
+    clip_vision: ClipVisionSpec | None = None,
 ) -> NestedEncoder:
     """Load and fully validate an encoder file of any supported format into a NestedEncoder.
 

@@ -327,8 +327,8 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)  # noqa: E731
     patch = DecoupledAttentionPatch(index=index, binding=binding, scale=0.7, host=host, uncond=uncond)
     out = patch(q, k, v, options)
-    k_ip, v_ip = (t[0] for t in encoder.project(tokens, index))  # (M, dim): NestedEncoder.project
-    k_un, v_un = (t[0] for t in encoder.project(uncond_tokens, index))
+    k_ip, v_ip = (t[0] for t in encoder.projections[index](tokens))  # (M, dim): the layer's W_K~, W_V~
+    k_un, v_un = (t[0] for t in encoder.projections[index](uncond_tokens))
     text = reference_attention(q, k, v, heads)
     cond_term = reference_attention(q, k_ip.expand(4, -1, -1), v_ip.expand(4, -1, -1), heads)
     uncond_term = reference_attention(q, k_un.expand(4, -1, -1), v_un.expand(4, -1, -1), heads)
