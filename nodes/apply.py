@@ -60,23 +60,10 @@ def apply_subject(
     return bind_subject(model, subject, location, lambda_, start_percent, end_percent, mask, region)
 
 
-def bind_subject(
-    model: Any,
-    subject: Subject,
-    location: TokenLocation,
-    lambda_: float = 1.0,
-    start_percent: float = 0.0,
-    end_percent: float = 1.0,
-    mask: torch.Tensor | None = None,
-    region: str = "mask",
-) -> Any:
-    """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
-
-    lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
-    (it would only lift the subject's negative logits), so it is refused rather than misread.
-    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
-    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
-    """
+def check_settings(
+    lambda_: float, start_percent: float, end_percent: float, mask: torch.Tensor | None, region: str
+) -> None:
+    """Refuse an Apply setting out of range, or a mask with region auto (bind_subject's rules)."""
     if region not in REGIONS:
         raise NestedApplyError(f"region is {region!r}; expected one of {', '.join(REGIONS)}.")
     if region == "auto" and mask is not None:
@@ -96,6 +83,26 @@ def bind_subject(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start_percent <= "
             "end_percent <= 1 (the part of sampling the subject is active in)."
         )
+
+
+def bind_subject(
+    model: Any,
+    subject: Subject,
+    location: TokenLocation,
+    lambda_: float = 1.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    mask: torch.Tensor | None = None,
+    region: str = "mask",
+) -> Any:
+    """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
+
+    lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
+    (it would only lift the subject's negative logits), so it is refused rather than misread.
+    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
+    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
+    """
+    check_settings(lambda_, start_percent, end_percent, mask, region)
     layers = unet_layers(model.model.diffusion_model)
     expected = tuple(subject.encoder.config.layers)
     if layers != expected:
