@@ -519,9 +519,9 @@ def test_eval_steps_logs_metrics_and_grids_to_tensorboard_from_a_training_run(tm
 
 def test_tradeoff_point_labels_cover_no_other_label_and_no_point():
     """λ and scale points of a run sit close together; their labels must each stay readable."""
-    from training.evaluation.report import _pyplot, place_labels
+    from training.evaluation.report import place_labels, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     nested = [(0.300 - 0.0004 * i, 0.52 + 0.004 * i) for i in range(6)]  # λ = 1 ... 4
     decoupled = [(0.2992 - 0.0002 * i, 0.528 + 0.0018 * i) for i in range(6)]  # scale 0.5 ... 1.0

@@ -134,11 +134,12 @@ def plot_tradeoff(summary: Sequence[dict], x: str, y: str, path: Path, title: st
             )
     ax.set_xlabel(f"prompt alignment: {x}, cosine")
     ax.set_ylabel(f"identity: {y}, cosine")
-    return save_figure(fig, ax, path, title)
+    return save_figure(fig, ax, path, title, notes)
 
 
-def save_figure(fig: Any, ax: Any, path: Path, title: str = "") -> Path:
-    """A plot's grid, legend and title on `ax`, then `fig` written to `path` and closed."""
+def save_figure(fig: Any, ax: Any, path: Path, title: str = "", notes: Sequence[tuple] = ()) -> Path:
+    """A plot's grid, legend, title and point labels (`notes`, see `place_labels`) on `ax`, then `fig` written
+    to `path` and closed."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     if title:
