@@ -16,7 +16,7 @@ import folder_paths
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 if _PACK_DIR not in sys.path:
     # Appended, not inserted: ComfyUI's own top-level modules (its `nodes`) keep priority; this only makes
-    # the core package `nested_attention` importable.
+    # the core package `nested_attention` and its ComfyUI glue `nested_attention_comfy` importable.
     sys.path.append(_PACK_DIR)
 
 _MODELS = os.path.join(folder_paths.models_dir, "nested_attention")

@@ -127,7 +127,7 @@ def main(args: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     configure_comfy(a.device)
     from nested_attention import SDXL_CONTEXT_DIM, unet_layers
-    from nested_attention.host import attn2_patches
+    from nested_attention_comfy.model import attn2_patches
     from training.tiny.models import build_encoder, build_unet, sdxl_unet_config, tiny_qformer
 
     from .counters import attention_calls

@@ -212,7 +212,7 @@ def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, 
 
 def _encode(tiny: bool, layers, qformer: QFormerConfig, device: torch.device, dtype: torch.dtype) -> tuple:
     """The encoders (one per M, projections shared), the encoding figures and each M's subject tokens."""
-    from nested_attention.host import clip_vision_spec
+    from nested_attention_comfy.clip_vision import clip_vision_spec
     from training.tiny.models import build_encoder, clip_vision_h, tiny_clip_vision
 
     clip_vision = tiny_clip_vision(seed=0, hidden=qformer.clip_dim) if tiny else clip_vision_h(device)

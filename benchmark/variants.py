@@ -44,7 +44,9 @@ def with_nested(model: Any, binding: SubjectBinding, layers: Sequence[LayerSpec]
 
     previous: each patch computes with the previous implementation (benchmark/previous.py) instead.
     """
-    from nested_attention.host import install_subject  # imports comfy: only once the benchmark has set it up
+    from nested_attention_comfy.model import (
+        install_subject,  # imports comfy: only once the benchmark has set it up
+    )
 
     from .previous import PreviousNestedPatch
 

@@ -73,7 +73,7 @@ def pack_module(name: str) -> Any:
 
 def host_attention() -> Callable:
     """The nodes' and trainer's host attention: ComfyUI's optimized_attention, called as CrossAttention calls it."""
-    from nested_attention.host import comfy_attention
+    from nested_attention_comfy.attention import comfy_attention
 
     return comfy_attention
 

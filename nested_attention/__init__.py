@@ -1,7 +1,8 @@
 """Nested attention for SDXL: the math, the subject encoder, the layer table and the weight file.
 
 Importable without ComfyUI; depends only on torch, einops and safetensors. The ComfyUI glue shared by
-the nodes and the trainer is `nested_attention.host`, which imports `comfy` and is never imported here.
+the nodes and the trainer is the package `nested_attention_comfy` beside this one, which imports `comfy`;
+no module of this package imports it (tests/test_layers.py).
 """
 
 from .attention import NestedSubject, nested_attention, nested_values, regularize_norm, sdpa_attention
@@ -14,9 +15,17 @@ from .encoder import (
     QFormerConfig,
     concat_subject_tokens,
 )
-from .formats import Plan, diffusers_order, ip_adapter_numbers, plan_encoder, read_header
+from .formats import (
+    FORMAT_VERSION,
+    NestedWeightsError,
+    Plan,
+    diffusers_order,
+    ip_adapter_numbers,
+    plan_encoder,
+    read_header,
+)
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec, attn2_modules, unet_context_dim, unet_layers
-from .weights import FORMAT_VERSION, NestedWeightsError, load_encoder, read_config, save_encoder
+from .weights import load_encoder, read_config, save_encoder
 
 __all__ = [
     "FORMAT_VERSION",

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from .encoder import HIDDEN_LAYERS
-from .formats import load_planned, plan_encoder, read_header
-from .weights import FORMAT, NestedWeightsError, save_encoder
+from .formats import FORMAT, NestedWeightsError, load_planned, plan_encoder, read_header
+from .weights import save_encoder
 
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

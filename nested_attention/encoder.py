@@ -298,10 +298,6 @@ class NestedEncoder(nn.Module):
         """
         return self.qformer(clip_tokens, return_attention=return_attention)
 
-    def project(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K~ and V~ of layer number `layer` (an index into `layers`) for subject tokens E."""
-        return self.projections[layer](tokens)
-
     @torch.no_grad()
     def init_from_unet(self, to_k: Sequence[torch.Tensor], to_v: Sequence[torch.Tensor]) -> None:
         """Warm start: copy each layer's UNet to_k / to_v weights (dim, context) into W_K~ / W_V~."""
@@ -316,7 +312,7 @@ class NestedEncoder(nn.Module):
 def encode_clip_tokens(encoder: NestedEncoder, clip_tokens: torch.Tensor) -> torch.Tensor:
     """CLIP tokens (n, L, clip_dim) on any device and dtype -> subject tokens E (n, M, D), CPU float32: cast to
     the device and dtype of the encoder's weights, then `NestedEncoder.encode`. The nodes and the trainer both
-    encode photos through this (and `nested_attention.host.photo_tokens`)."""
+    encode photos through this (and `nested_attention_comfy.clip_vision.photo_tokens`)."""
     weight = next(encoder.parameters())
     return encoder.encode(clip_tokens.to(weight.device, weight.dtype)).to("cpu", torch.float32)
 

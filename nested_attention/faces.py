@@ -114,7 +114,7 @@ def face_tools_available() -> bool:
 
 def _boxes(pixels) -> list[tuple[object, float]]:
     """(dlib rectangle, score) of faces in a uint8 image: HOG, at twice the size for small faces, then CNN."""
-    dlib, hog, _, _ = _dlib_models()
+    _, hog, _, _ = _dlib_models()
     for upsample in (0, 1):
         rects, scores, _ = hog.run(pixels, upsample, 0.0)
         found = [(r, s) for r, s in zip(rects, scores) if s >= MIN_SCORE]
@@ -140,7 +140,7 @@ def detect_faces(image: torch.Tensor) -> list[Face]:
     faces = []
     for rect, score in _boxes(small):
         box = tuple(v / scale for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
-        full = dlib.rectangle(*(int(round(v)) for v in box))
+        full = dlib.rectangle(*(round(v) for v in box))
         shape = predictor(pixels, full)  # landmarks on the full-resolution photo
         p = [(shape.part(i).x, shape.part(i).y) for i in range(5)]
         # dlib's 5 points: the image-right eye's outer and inner corners, the image-left eye's, the nose.

@@ -2,7 +2,7 @@
 
 Supported layouts (detected by key groups and shapes, never by file name):
 
-- ``nested-attention``: the pack's own files (metadata ``format`` = "nested-attention", see weights.py).
+- ``nested-attention``: the pack's own files (metadata ``format`` = FORMAT, written by weights.py).
 - ``ip-adapter-plus-sdxl``: IP-Adapter Plus for SDXL (``ip-adapter-plus_sdxl_vit-h.safetensors``,
   ``ip-adapter-plus-face_sdxl_vit-h.safetensors``): a perceiver Resampler under ``image_proj.`` and
   ``ip_adapter.{2k+1}.to_k_ip.weight`` / ``.to_v_ip.weight`` per cross-attention layer.
@@ -36,7 +36,24 @@ from safetensors import SafetensorError, safe_open
 
 from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder, QFormerConfig
 from .layers import SDXL_CONTEXT_DIM, SDXL_LAYERS, LayerSpec
-from .weights import FORMAT, FORMAT_VERSION, NestedWeightsError, parse_config
+
+# The pack's own files (weights.py writes them): metadata "format" and "format_version".
+FORMAT = "nested-attention"
+FORMAT_VERSION = 1
+
+
+class NestedWeightsError(ValueError):
+    """A weight file that cannot be used; the message says what was expected, found, and what to do."""
+
+
+def parse_config(name: str, metadata: dict[str, str]) -> EncoderConfig:
+    """The EncoderConfig stored in a pack file's metadata, with a clear error when it is unusable."""
+    try:
+        return EncoderConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise NestedWeightsError(f"{name} has a missing or malformed 'config' entry in its metadata ({e}); "
+                                 "re-export the encoder.") from e
+
 
 # The dtypes encoder weights may have (safetensors' names), and the torch dtype of each.
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -175,7 +192,7 @@ def read_header(path: str) -> Header:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 piece = f.get_slice(key)
                 tensors[key] = TensorInfo(tuple(int(s) for s in piece.get_shape()), str(piece.get_dtype()))
     except (SafetensorError, OSError, ValueError) as e:
@@ -186,7 +203,7 @@ def read_header(path: str) -> Header:
 
 
 def summarize_groups(header: Header, limit: int = 30) -> list[str]:
-    """Key groups (digits folded to '#') with their count and shapes, for messages and `inspect`."""
+    """Key groups (digits folded to '#') with their count and shapes, for messages and `describe`."""
     groups: OrderedDict[str, list[tuple[int, ...]]] = OrderedDict()
     for key in sorted(header.tensors, key=_natural):
         groups.setdefault(re.sub(r"\d+", "#", key), []).append(header.tensors[key].shape)
@@ -238,11 +255,7 @@ class Plan:
     format: str  # "nested-attention", "ip-adapter-plus-sdxl" or "ip-adapter-derived"
     config: EncoderConfig
     sources: dict[str, str] = field(default_factory=dict)  # encoder state-dict key -> file tensor name
-    notes: list[str] = field(default_factory=list)  # assumptions made, for `inspect` and logs
-
-    def source_of_layer(self, index: int) -> tuple[str, str]:
-        """The file tensors that W_K~ and W_V~ of layer `index` (into config.layers) come from."""
-        return self.sources[f"projections.{index}.to_k.weight"], self.sources[f"projections.{index}.to_v.weight"]
+    notes: list[str] = field(default_factory=list)  # assumptions made, for `describe` and logs
 
 
 _LAYER_NUMBERED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*)(?P<n>\d+)\.(?P<kind>to_[kv])_(?P<suffix>\w+)\.weight$")
@@ -257,6 +270,45 @@ _EXPECTED_TEXT = (
     "layout (a Resampler group with latents/proj_in/layers/proj_out/norm_out plus per-layer to_k_*/to_v_* "
     "weights under numbered keys or diffusers attn2 module paths)."
 )
+
+
+def _plan_layers(
+    header: Header, layer_keys: dict, layers: Sequence[LayerSpec] | None, context: int, sources: dict[str, str]
+) -> tuple[tuple[LayerSpec, ...], str]:
+    """Map the file's per-layer key/value weights onto the UNet's layer table (`layers`, else the known UNet
+    with as many layers), checking every shape; adds W_K~ / W_V~'s sources to `sources`. Returns the table
+    and how the file numbers its layers."""
+    table = tuple(layers) if layers is not None else None
+    pairs = len(layer_keys) // 2
+    # Default table: a known UNet's (SDXL's), used for ordering checks as soon as the file has its layer
+    # count.
+    ordered, numbering = _order_layer_keys(
+        header, layer_keys, table if table is not None else KNOWN_UNET_LAYERS.get(pairs))
+    if table is None:
+        if len(ordered) not in KNOWN_UNET_LAYERS:
+            raise NestedWeightsError(
+                f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; SDXL has "
+                f"{len(SDXL_LAYERS)}. {_model_hint(context)} (For another UNet, pass its layer table.)")
+        table = KNOWN_UNET_LAYERS[len(ordered)]
+    table_order = diffusers_order(table)
+    if len(ordered) != len(table_order):
+        raise NestedWeightsError(
+            f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; the model has "
+            f"{len(table_order)}. Use a file made for this model.")
+
+    position = {layer.key: i for i, layer in enumerate(table)}
+    for layer, (k_key, v_key) in zip(table_order, ordered):
+        expected = (layer.dim, context)
+        for key in (k_key, v_key):
+            if header.shape(key) != expected:
+                raise NestedWeightsError(
+                    f"{header.name}: '{key}' has shape {list(header.shape(key))}, but it is the weight of layer "
+                    f"{layer.key} (width {layer.dim}) by the diffusers layer order, so it must be {list(expected)}. "
+                    "The file is not for this UNet, or its layers are in another order.")
+        i = position[layer.key]
+        sources[f"projections.{i}.to_k.weight"] = k_key
+        sources[f"projections.{i}.to_v.weight"] = v_key
+    return tuple(table), numbering
 
 
 def plan_encoder(
@@ -295,7 +347,7 @@ def plan_encoder(
             f"{header.name} is not a weight layout this pack reads (expected metadata format '{FORMAT}', found "
             f"{found!r}; " + ("no Resampler group found" if resampler is None else "no per-layer to_k_*/to_v_* weights found")
             + "). Key groups found:\n  " + "\n  ".join(summarize_groups(header) or ["(no tensors)"])
-            + f"\n{_EXPECTED_TEXT} Run `python -m nested_attention.inspect {header.name}` and report its output if "
+            + f"\n{_EXPECTED_TEXT} Run `python -m nested_attention.describe {header.name}` and report its output if "
             "this is a nested attention encoder the pack should read.")
     if rest:
         raise NestedWeightsError(
@@ -311,37 +363,8 @@ def plan_encoder(
             f"{header.name}: its Resampler writes tokens {context} wide, but the model's cross-attention reads a "
             f"{context_dim}-wide context (SDXL). {_model_hint(context)}")
 
-    table = tuple(layers) if layers is not None else None
-    pairs = len(layer_keys) // 2
-    # Default table: a known UNet's (SDXL's), used for ordering checks as soon as the file has its layer
-    # count.
-    ordered, numbering = _order_layer_keys(
-        header, layer_keys, table if table is not None else KNOWN_UNET_LAYERS.get(pairs))
-    if table is None:
-        if len(ordered) not in KNOWN_UNET_LAYERS:
-            raise NestedWeightsError(
-                f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; SDXL has "
-                f"{len(SDXL_LAYERS)}. {_model_hint(context)} (For another UNet, pass its layer table.)")
-        table = KNOWN_UNET_LAYERS[len(ordered)]
-    table_order = diffusers_order(table)
-    if len(ordered) != len(table_order):
-        raise NestedWeightsError(
-            f"{header.name} has per-layer weights for {len(ordered)} cross-attention layers; the model has "
-            f"{len(table_order)}. Use a file made for this model.")
-
     sources = resampler.sources()
-    position = {layer.key: i for i, layer in enumerate(table)}
-    for layer, (k_key, v_key) in zip(table_order, ordered):
-        expected = (layer.dim, context)
-        for key in (k_key, v_key):
-            if header.shape(key) != expected:
-                raise NestedWeightsError(
-                    f"{header.name}: '{key}' has shape {list(header.shape(key))}, but it is the weight of layer "
-                    f"{layer.key} (width {layer.dim}) by the diffusers layer order, so it must be {list(expected)}. "
-                    "The file is not for this UNet, or its layers are in another order.")
-        i = position[layer.key]
-        sources[f"projections.{i}.to_k.weight"] = k_key
-        sources[f"projections.{i}.to_v.weight"] = v_key
+    table, numbering = _plan_layers(header, layer_keys, layers, context, sources)
 
     exact_ip_adapter = (
         resampler.prefix == "image_proj." and numbering.startswith("attn_processors")

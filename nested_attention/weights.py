@@ -7,15 +7,15 @@ Metadata (all strings, as safetensors requires):
                     the IP-Adapter loader also ff_bias, hidden_layer, crop, source, licence: files written
                     before lack them and read with the old meaning, so the version stays 1)
 
-`load_encoder` also reads IP-Adapter Plus SDXL files and IP-Adapter-derived layouts (see formats.py): every
-file is planned from its header (names and shapes, no tensor loaded), then loaded. Files are read with
+`load_encoder` also reads IP-Adapter Plus SDXL files and IP-Adapter-derived layouts: every file is planned
+from its header (names and shapes, no tensor loaded), then loaded, by formats.py, which also holds the
+format's name and version and its error (this module imports formats.py, never the other way round). Files are read with
 safetensors only (never pickle) and validated in full before any tensor is used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 
@@ -23,14 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from .encoder import ClipVisionSpec, EncoderConfig, NestedEncoder
+from .formats import FORMAT, FORMAT_VERSION, load_planned, plan_encoder, read_header
 from .layers import LayerSpec
-
-FORMAT = "nested-attention"
-FORMAT_VERSION = 1
-
-
-class NestedWeightsError(ValueError):
-    """A weight file that cannot be used; the message says what was expected, found, and what to do."""
 
 
 def _umask() -> int:
@@ -98,24 +92,13 @@ def save_encoder(path: str, encoder: NestedEncoder, extra: dict[str, str] | None
     write_safetensors(path, tensors, metadata)
 
 
-def parse_config(name: str, metadata: dict[str, str]) -> EncoderConfig:
-    """The EncoderConfig stored in a pack file's metadata, with a clear error when it is unusable."""
-    try:
-        return EncoderConfig.from_json(metadata["config"])
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise NestedWeightsError(f"{name} has a missing or malformed 'config' entry in its metadata ({e}); "
-                                 "re-export the encoder.") from e
-
-
 def read_config(path: str, **overrides) -> EncoderConfig:
     """The config of any supported file, from its header alone (cheap: no tensor is loaded).
 
     For the pack's own files it is the stored config; for IP-Adapter-style files the one the loader derives
     (overrides as for `load_encoder`).
     """
-    from . import formats  # formats imports this module; imported here to keep the import graph one-way
-
-    return formats.plan_encoder(formats.read_header(path), **overrides).config
+    return plan_encoder(read_header(path), **overrides).config
 
 
 def load_encoder(
@@ -136,8 +119,6 @@ def load_encoder(
     70), `dim_head` the Resampler's head width (default 64), `hidden_layer` / `clip_vision` override the CLIP
     tokens the file is taken to read. Raises NestedWeightsError with what was expected, found, and what to do.
     """
-    from . import formats  # see read_config
-
-    plan = formats.plan_encoder(formats.read_header(path), layers=layers, dim_head=dim_head,
-                                hidden_layer=hidden_layer, clip_vision=clip_vision)
-    return formats.load_planned(path, plan, device=device, dtype=dtype)
+    plan = plan_encoder(read_header(path), layers=layers, dim_head=dim_head, hidden_layer=hidden_layer,
+                        clip_vision=clip_vision)
+    return load_planned(path, plan, device=device, dtype=dtype)

@@ -14,23 +14,17 @@ import torch
 from comfy_api.latest import io
 
 from nested_attention import SDXL_CONTEXT_DIM, unet_layers
-from nested_attention.host import (
-    NestedApplyError,
-    TokenLocation,
-    attn2_replacements,
-    check_sdxl,
-    install_subject,
-    locate_word,
-    sigma_window,
-)
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
+from nested_attention_comfy.model import NestedApplyError, attn2_replacements, check_sdxl, install_subject
+from nested_attention_comfy.sampling import sigma_window
+from nested_attention_comfy.words import TokenLocation, locate_word
 
 from .wires import CATEGORY, NestedSubjectType, Subject, names_the_node
 
 PROMPT_KEY = "nested_attention_prompt"  # model_options entry: the prompt chained subjects share
 REGIONS = ("mask", "auto")  # the Apply node's region choices
 
-__all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "check_conditioning", "check_sdxl"]
+__all__ = ["NestedApplyError", "NestedAttentionApply", "apply_subject", "bind_subject", "check_conditioning", "check_sdxl"]
 
 
 def check_conditioning(conditioning: list, clip: Any) -> None:
@@ -59,13 +53,17 @@ def apply_subject(
     mask: torch.Tensor | None = None,
     region: str = "mask",
 ) -> Any:
-    """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
+    """A clone of `model` (an SDXL ModelPatcher: `check_sdxl`) with `subject` bound to the located word in all
+    cross-attention layers; see `bind_subject` for the arguments. The Apply node checks the model first (before
+    the prompt) and calls bind_subject itself, so the check runs once per Apply."""
+    check_sdxl(model)
+    return bind_subject(model, subject, location, lambda_, start_percent, end_percent, mask, region)
 
-    lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
-    (it would only lift the subject's negative logits), so it is refused rather than misread.
-    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
-    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
-    """
+
+def check_settings(
+    lambda_: float, start_percent: float, end_percent: float, mask: torch.Tensor | None, region: str
+) -> None:
+    """Refuse an Apply setting out of range, or a mask with region auto (bind_subject's rules)."""
     if region not in REGIONS:
         raise NestedApplyError(f"region is {region!r}; expected one of {', '.join(REGIONS)}.")
     if region == "auto" and mask is not None:
@@ -85,7 +83,26 @@ def apply_subject(
             f"start_percent {start_percent} and end_percent {end_percent}: expected 0 <= start_percent <= "
             "end_percent <= 1 (the part of sampling the subject is active in)."
         )
-    check_sdxl(model)
+
+
+def bind_subject(
+    model: Any,
+    subject: Subject,
+    location: TokenLocation,
+    lambda_: float = 1.0,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    mask: torch.Tensor | None = None,
+    region: str = "mask",
+) -> Any:
+    """A clone of `model` with `subject` bound to the located word in all cross-attention layers.
+
+    lambda_ >= 1: under logit[s*] = max(logit, lambda * logit) a lambda below 1 never weakens the subject
+    (it would only lift the subject's negative logits), so it is refused rather than misread.
+    region: "mask" (the mask, or everywhere without one) or "auto" (found from the word's own attention in
+    the first steps of each sampling run, disjoint from the other auto subjects': nested_attention.capture).
+    """
+    check_settings(lambda_, start_percent, end_percent, mask, region)
     layers = unet_layers(model.model.diffusion_model)
     expected = tuple(subject.encoder.config.layers)
     if layers != expected:
@@ -268,5 +285,5 @@ class NestedAttentionApply(io.ComfyNode):
         location = locate_word(clip, tokens, word, text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         check_conditioning(conditioning, clip)
-        patched = apply_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
+        patched = bind_subject(model, subject, location, λ, start_percent, end_percent, mask, region)
         return io.NodeOutput(patched, conditioning)

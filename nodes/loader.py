@@ -13,8 +13,8 @@ import torch
 from comfy_api.latest import io
 
 from nested_attention import ClipVisionSpec, NestedEncoder, load_encoder, read_config
-from nested_attention.host import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 from nested_attention.logs import LOG_PREFIX
+from nested_attention_comfy.clip_vision import NestedEncoderLoadError, check_clip_vision, load_clip_vision
 
 from .wires import CATEGORY, EncoderHandle, NestedEncoderType, names_the_node
 

@@ -31,9 +31,10 @@ from nested_attention.capture import (
     strongest_points,
     weights_at,
 )
-from nested_attention.host import NestedApplyError, add_capture, attn2_replacements, sigma_window
 from nested_attention.images import from_pil, to_pil
 from nested_attention.patch import NestedAttentionPatch
+from nested_attention_comfy.model import NestedApplyError, attn2_replacements
+from nested_attention_comfy.sampling import add_capture, sigma_window
 
 from .wires import CATEGORY, NESTED_SUBJECT, Subject
 

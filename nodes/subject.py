@@ -16,7 +16,6 @@ from safetensors import SafetensorError, safe_open
 from nested_attention import NestedEncoder, concat_subject_tokens, faces
 from nested_attention.encoder import encode_clip_tokens
 from nested_attention.formats import FLOAT_DTYPES, file_problem
-from nested_attention.host import clip_vision_tokens
 from nested_attention.images import (
     BLANK_SHARE,
     MASK_MARKS,
@@ -27,6 +26,7 @@ from nested_attention.images import (
 )
 from nested_attention.logs import LOG_PREFIX
 from nested_attention.weights import write_safetensors
+from nested_attention_comfy.clip_vision import clip_vision_tokens
 
 from .wires import (
     CATEGORY,

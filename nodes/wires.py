@@ -81,8 +81,9 @@ def choice_error(name: str, value: Any, choices: Sequence[str]) -> str | None:
     return f"{name} is {value!r}; expected one of {', '.join(repr(c) for c in choices)}."
 
 
-# The pack's own errors: ValueErrors defined in the core or in this pack's modules, each written for the user.
-_PACK_MODULES = ("nested_attention", __name__.split(".")[0])
+# The pack's own errors: ValueErrors defined in the core, the glue or this pack's modules, each written for the
+# user.
+_PACK_MODULES = ("nested_attention", "nested_attention_comfy", __name__.split(".")[0])
 
 
 def names_the_node(display_name: str) -> Callable:

@@ -1,4 +1,4 @@
-"""Loader fuzz: mutated files through Load Nested Encoder, `python -m nested_attention.inspect` and Load
+"""Loader fuzz: mutated files through Load Nested Encoder, `python -m nested_attention.describe` and Load
 Nested Subject, each case bounded in time and memory.
 
     .venv/bin/python tests/loader_fuzz.py [--files 1000] [--seed 0] [--case-timeout 30] [--memory-mb 1024]
@@ -11,7 +11,7 @@ changed shapes, tensors of 0 elements, duplicated keys, bad data offsets, tensor
 renamed, metadata dropped or damaged (config numbers 0, negative, huge, of the wrong type), NaN / Inf
 values, and files that are not safetensors at all (JPEG, PNG, text, an HTML error page, a pickle, an
 empty file). Each file goes through the encoder loader node (encoder seeds) or the subject loader node
-(subject seeds), and through `inspect`'s main.
+(subject seeds), and through `describe`'s main.
 
 A case passes when each consumer loads the file or raises one of the pack's own errors (NestedWeightsError,
 NestedEncoderLoadError, SubjectError); NaN / Inf values must be refused with the tensor's name. Anything
@@ -316,11 +316,11 @@ class Worker:
         from weight_layouts import TINY_IP_ADAPTER_NUMBERS, ip_adapter_plus_keys, plausible_values
         from weight_layouts import write_safetensors as write_layout
 
-        from nested_attention import formats, inspect, save_encoder, unet_layers
-        from nested_attention.host import clip_vision_spec
+        from nested_attention import describe, formats, save_encoder, unet_layers
+        from nested_attention_comfy.clip_vision import clip_vision_spec
 
         torch.set_num_threads(1)
-        self.inspect_main, self.run_node = inspect.main, run_node
+        self.describe_main, self.run_node = describe.main, run_node
         self.pack = pack_namespace()
         self.errors = pack_errors(self.pack)
         self.encoders = workdir / "nested_attention"
@@ -352,11 +352,11 @@ class Worker:
                            ("subject", self.subjects / "seed.safetensors")):
             seeds[name] = path.read_bytes()
             path.unlink()
-        # Each seed loads as it is (inspect reads encoders only): the mutations are what fails.
+        # Each seed loads as it is (describe reads encoders only): the mutations are what fails.
         for name, blob in seeds.items():
             result = self.run_case(name, blob, "seed", None)
-            assert all(r["outcome"] == "loaded" for c, r in result.items() if c != "inspect"), (name, result)
-            assert result["inspect"]["outcome"] == ("exit 1" if name == "subject" else "exit 0"), (name, result)
+            assert all(r["outcome"] == "loaded" for c, r in result.items() if c != "describe"), (name, result)
+            assert result["describe"]["outcome"] == ("exit 1" if name == "subject" else "exit 0"), (name, result)
         self.seeds = seeds
 
     def consume(self, consumer: str, run) -> dict:
@@ -376,11 +376,11 @@ class Worker:
         path.write_bytes(blob)
         results = {}
         try:
-            def inspect():
+            def describe():
                 with contextlib.redirect_stdout(io.StringIO()):
-                    return f"exit {self.inspect_main([str(path)])}"
+                    return f"exit {self.describe_main([str(path)])}"
 
-            results["inspect"] = self.consume("inspect", inspect)
+            results["describe"] = self.consume("describe", describe)
             if seed_name == "subject":
                 results["Load Nested Subject"] = self.consume("Load Nested Subject", lambda: self.run_node(
                     self.pack, "NestedAttentionLoadSubject", encoder=self.handle,
@@ -396,8 +396,8 @@ class Worker:
 
 def pack_errors(pack) -> tuple[type, ...]:
     """The pack's own error types a loader may raise (each a ValueError written for the user)."""
-    from nested_attention.host import NestedEncoderLoadError
-    from nested_attention.weights import NestedWeightsError
+    from nested_attention.formats import NestedWeightsError
+    from nested_attention_comfy.clip_vision import NestedEncoderLoadError
 
     return (NestedWeightsError, NestedEncoderLoadError, pack.subject.SubjectError)
 
@@ -450,7 +450,7 @@ def check(record: dict) -> list[str]:
             problems.append(f"{consumer}: {result['outcome']}\n{result['message']}")
     nan = record["nan_tensor"]
     if nan:
-        loader = next(r for c, r in record["results"].items() if c != "inspect")
+        loader = next(r for c, r in record["results"].items() if c != "describe")
         if loader["outcome"] == "loaded" or nan not in loader["message"]:
             problems.append(f"NaN/Inf in '{nan}' not refused by name: {loader['outcome']} {loader['message'][:300]}")
     return problems

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nested_attention import unet_layers
-from nested_attention.host import attn2_replacements
+from nested_attention_comfy.model import attn2_replacements
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

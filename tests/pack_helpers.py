@@ -1,6 +1,8 @@
 """Helpers and fixtures for the node tests: the pack loaded as ComfyUI loads it, tiny encoder files, images.
 
-Test modules import the fixtures they use from here (`from pack_helpers import ...`).
+Test modules import the fixtures they use from here (`from pack_helpers import ...`). Importing this module
+loads no ComfyUI (conftest imports it for every test, core tests included): the functions that use ComfyUI's
+modules import them through `comfyui`, which sets ComfyUI up first.
 """
 
 from __future__ import annotations
@@ -14,13 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
-import execution
-import folder_paths
 import pytest
-import tiny_models  # noqa: F401  (ComfyUI set-up first)
 import torch
-from comfy_execution.graph import DynamicPrompt
-from pack import load_pack
 
 from nested_attention import (
     ClipVisionSpec,
@@ -44,6 +41,13 @@ TINY_CLIP_VISION_SPEC = {
 }
 
 
+def comfyui(name: str):
+    """ComfyUI's module `name` (e.g. "execution", "folder_paths"), imported once ComfyUI is set up."""
+    import tiny_models  # noqa: F401  (sets ComfyUI up before anything of it is imported)
+
+    return importlib.import_module(name)
+
+
 @pytest.fixture(scope="session")
 def pack():
     """The pack's node modules, loaded from the root __init__.py under the name `nested_attention_pack`, and
@@ -53,7 +57,7 @@ def pack():
 
 def pack_namespace() -> SimpleNamespace:
     """What the `pack` fixture gives, for code outside pytest (tests/loader_fuzz.py's worker)."""
-    module = load_pack()
+    module = comfyui("pack").load_pack()  # tests/pack.py, which needs ComfyUI set up
     nodes = module.nodes
     extension = run_async(module.comfy_entrypoint())
     schemas = {cls: cls.GET_SCHEMA() for cls in run_async(extension.get_node_list())}
@@ -64,7 +68,6 @@ def pack_namespace() -> SimpleNamespace:
         apply=nodes.apply,
         loader=nodes.loader,
         subject=nodes.subject,
-        host=importlib.import_module("nested_attention.host"),  # the ComfyUI glue the nodes import
         wires=nodes.wires,
         maps=nodes.maps,
     )
@@ -118,6 +121,7 @@ def models_folder(tmp_path, monkeypatch):
     folder = tmp_path / "nested_attention"
     clip_folder = tmp_path / "clip_vision"
     ipadapter = tmp_path / "ipadapter"
+    folder_paths = comfyui("folder_paths")
     for made in (folder, clip_folder, ipadapter):
         made.mkdir()
     monkeypatch.setitem(
@@ -199,6 +203,7 @@ def execute_node(node_class, node_id: str, **inputs):
         raise TypeError(f"{node_id} has no input {sorted(unknown)}; it has {list(input_specs(node_class))}")
     obj = node_class()
     # The third value is the V3 hidden inputs (0.3.75) or V3 data (0.33); get_output_data takes it 7th.
+    execution = comfyui("execution")
     values, _, v3 = execution.get_input_data(inputs, node_class, node_id)
 
     async def execute():
@@ -288,7 +293,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 def registered(*node_classes):
     """`node_classes` known to ComfyUI for the duration, each under its class name (in its `nodes` module's
     NODE_CLASS_MAPPINGS, where execution looks node types up)."""
-    with mock.patch.dict(execution.nodes.NODE_CLASS_MAPPINGS, {c.__name__: c for c in node_classes}):
+    with mock.patch.dict(comfyui("execution").nodes.NODE_CLASS_MAPPINGS, {c.__name__: c for c in node_classes}):
         yield
 
 
@@ -335,7 +340,7 @@ def validate_inputs(node_class, **values):
             inputs[name] = [source_id, 0]
     prompt["1"] = {"class_type": node_class.__name__, "inputs": inputs}
     with registered(node_class, *sources):
-        valid, errors, _ = run_async(execution.validate_inputs("validate", prompt, "1", {}))
+        valid, errors, _ = run_async(comfyui("execution").validate_inputs("validate", prompt, "1", {}))
     assert valid == (not errors), f"a stand-in source failed validation: {prompt}"
     return True if valid else "; ".join(f"{e['message']}: {e['details']}" for e in errors)
 
@@ -349,7 +354,8 @@ def assert_inputs_valid(node_class, **values) -> None:
 def fingerprint(node_class, **values):
     """What ComfyUI compares with the last run to decide whether to run the node again (its IS_CHANGED /
     fingerprint_inputs, called by execution.IsChangedCache as the executor calls it): one value per call."""
-    prompt = DynamicPrompt({"1": {"class_type": node_class.__name__, "inputs": dict(values)}})
+    execution = comfyui("execution")
+    prompt = comfyui("comfy_execution.graph").DynamicPrompt({"1": {"class_type": node_class.__name__, "inputs": dict(values)}})
     with registered(node_class):
         return run_async(execution.IsChangedCache("fingerprint", prompt, None).get("1"))
 

@@ -24,6 +24,7 @@ from pack_helpers import (
 import nested_attention.patch as core_patch
 from nested_attention.capture import AutoRegions, SamplingRun, combined_map
 from nested_attention.patch import NestedAttentionError, NestedAttentionPatch
+from nested_attention_comfy.model import NestedApplyError
 
 TWO_PEOPLE = "a photo of a man and a woman walking in a park"
 
@@ -133,7 +134,7 @@ def test_two_people_get_disjoint_regions_each_on_its_own_words_peak(
 
 
 def test_region_auto_with_a_mask_is_refused(pack, tiny_unet, tiny_clip, pet):
-    with pytest.raises(pack.host.NestedApplyError, match="region is auto and a mask is connected"):
+    with pytest.raises(NestedApplyError, match="region is auto and a mask is connected"):
         apply(pack, tiny_unet, tiny_clip, pet, "a photo of a pet", mask=torch.ones(8, 8), region="auto")
-    with pytest.raises(pack.host.NestedApplyError, match="region is 'somewhere'"):
+    with pytest.raises(NestedApplyError, match="region is 'somewhere'"):
         apply(pack, tiny_unet, tiny_clip, pet, "a photo of a pet", region="somewhere")

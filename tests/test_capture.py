@@ -23,6 +23,7 @@ from nested_attention.capture import (
     token_grid,
 )
 from nested_attention.reference import reference_nested_attention, reference_subject_probability
+from nested_attention_comfy.model import NestedApplyError, attn2_replacements
 
 PROMPT = "a photo of a person and a pet"
 
@@ -260,7 +261,7 @@ def test_placement_maps_are_the_running_means_of_what_the_probe_saw(
     for positions, n, probs in recorded_probes:
         by_subject.setdefault(positions, {}).setdefault(n, []).append(probs.mean(dim=1))  # mean over heads
     assert len(by_subject) == 2  # chained subjects: each its own maps
-    bound = next(iter(pack.host.attn2_replacements(model).values())).subjects
+    bound = next(iter(attn2_replacements(model).values())).subjects
     positions_of = {id(b.source): b.positions for b in bound}  # the Subject each binding was made from
     maps = {}
     for s in result.subjects:
@@ -283,7 +284,7 @@ def test_capture_observes_only_its_range_and_starts_afresh_each_run(
     pack, tiny_unet, tiny_clip, pet, person, encode, sample
 ):
     model, cond = two_subjects(pack, tiny_unet, tiny_clip, pet, person)
-    patches = dict(pack.host.attn2_replacements(model))
+    patches = dict(attn2_replacements(model))
     before = {key: dict(vars(p)) for key, p in patches.items()}
     captured, sink = run_node(pack, "NestedAttentionCapture", model=model, start_percent=0.5, end_percent=1.0)
     negative = encode(tiny_clip, "")
@@ -330,7 +331,7 @@ def test_placement_alone_keeps_no_token_weights_and_the_same_maps(
 
 
 def test_capture_refuses_a_model_without_nested_attention(pack, tiny_unet):
-    with pytest.raises(pack.host.NestedApplyError, match="no nested attention.*after the last Apply"):
+    with pytest.raises(NestedApplyError, match="no nested attention.*after the last Apply"):
         run_node(pack, "NestedAttentionCapture", model=tiny_unet, start_percent=0.0, end_percent=1.0)
 
 

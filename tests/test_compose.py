@@ -37,7 +37,6 @@ from nested_attention import (
     nested_attention,
     unet_layers,
 )
-from nested_attention.host import attn2_replacements
 from nested_attention.patch import (
     NestedAttentionPatch,
     NestedOrderError,
@@ -45,6 +44,7 @@ from nested_attention.patch import (
     plain_host_attention,
 )
 from nested_attention.reference import reference_nested_attention
+from nested_attention_comfy.model import attn2_replacements
 
 PROMPT = "a photo of a pet"
 LAYER = LayerSpec("input", 4, 0, 32)

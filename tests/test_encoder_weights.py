@@ -49,7 +49,7 @@ def test_qformer_maps_clip_tokens_to_m_subject_tokens():
     enc = NestedEncoder(tiny_config(m=4))
     tokens = enc.encode(torch.randn(3, 5, 16))
     assert tokens.shape == (3, 4, 24)
-    k, v = enc.project(tokens, 1)
+    k, v = enc.projections[1](tokens)
     assert k.shape == v.shape == (3, 4, 16)
     assert concat_subject_tokens(tokens).shape == (1, 12, 24)
 
@@ -60,7 +60,7 @@ def test_gradients_reach_qformer_and_projections_and_nothing_frozen():
     frozen_q = torch.nn.Linear(8, 8).requires_grad_(False)  # stands for the frozen UNet's to_q
     text_v = torch.randn(1, 6, 8)
     tokens = enc.encode(torch.randn(1, 5, 16))
-    k, v = enc.project(tokens, 0)
+    k, v = enc.projections[0](tokens)
     q = frozen_q(torch.randn(1, 10, 8))
     out = nested_attention(q, torch.randn(1, 6, 8), text_v, [NestedSubject(k[0], v[0], torch.tensor([2]))], heads=2)
     out.square().sum().backward()
@@ -240,7 +240,7 @@ def test_save_is_atomic_and_leaves_no_temp_file(saved):
 
 def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it_bitwise(saved, tmp_path, capsys):
     from nested_attention import convert as convert_cli
-    from nested_attention import inspect as inspect_cli
+    from nested_attention import describe as describe_cli
 
     with safe_open(saved, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -255,7 +255,7 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     assert "cannot give the head count (to_q has 16 rows: heads x head width)" in message
     assert message.endswith("python -m nested_attention.convert merged.safetensors FIXED.safetensors --config-from "
                             "ORIGINAL.safetensors")
-    assert inspect_cli.main([str(stripped)]) == 1
+    assert describe_cli.main([str(stripped)]) == 1
     assert "format: not supported" in capsys.readouterr().out
 
     fixed = tmp_path / "fixed.safetensors"
@@ -266,7 +266,7 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     tokens = original.encode(clip_tokens)
     assert torch.equal(restored.encode(clip_tokens), tokens)  # the same tokens, bitwise
     for layer in range(len(original.layers)):
-        for a, b in zip(original.project(tokens, layer), restored.project(tokens, layer)):
+        for a, b in zip(original.projections[layer](tokens), restored.projections[layer](tokens)):
             assert torch.equal(a, b)
 
     other = tmp_path / "other.safetensors"  # a config whose shapes differ: refused, naming the first difference

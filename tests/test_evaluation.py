@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from trainer_runs import reset_after_run, train
 
-from nested_attention.host import comfy_attention
 from nested_attention.images import to_uint8
 from nested_attention.patch import SubjectBinding
+from nested_attention_comfy.attention import comfy_attention
 from training.evaluation import cli as evaluate_cli
 from training.evaluation import config as evaluate_config
 from training.evaluation import metrics, report
@@ -332,8 +332,8 @@ def test_decoupled_patch_is_ip_adapters_formula_with_the_nested_projections(enco
     host = lambda q_, k_, v_, h, extra: reference_attention(q_, k_, v_, h)
     patch = DecoupledAttentionPatch(index=index, binding=binding, scale=0.7, host=host, uncond=uncond)
     out = patch(q, k, v, options)
-    k_ip, v_ip = (t[0] for t in encoder.project(tokens, index))  # (M, dim): NestedEncoder.project
-    k_un, v_un = (t[0] for t in encoder.project(uncond_tokens, index))
+    k_ip, v_ip = (t[0] for t in encoder.projections[index](tokens))  # (M, dim): the layer's W_K~, W_V~
+    k_un, v_un = (t[0] for t in encoder.projections[index](uncond_tokens))
     text = reference_attention(q, k, v, heads)
     cond_term = reference_attention(q, k_ip.expand(4, -1, -1), v_ip.expand(4, -1, -1), heads)
     uncond_term = reference_attention(q, k_un.expand(4, -1, -1), v_un.expand(4, -1, -1), heads)

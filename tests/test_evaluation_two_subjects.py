@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from trainer_runs import reset_after_run
 
-from nested_attention.host import attn2_replacements
+from nested_attention_comfy.model import attn2_replacements
 from training.evaluation import cli as evaluate_cli
 from training.evaluation import config as evaluate_config
 from training.evaluation import metrics, two_subjects
@@ -103,7 +103,7 @@ def test_the_pair_model_carries_both_subjects_on_their_words_with_their_halves(t
     from test_evaluation import SETTINGS
     from tiny_models import tiny_sdxl_clip
 
-    from nested_attention.host import comfy_attention
+    from nested_attention_comfy.attention import comfy_attention
     from training.evaluation.method_images import Generator, Subject
     from training.models import sdxl as models_lib
     from training.presets import PRESETS

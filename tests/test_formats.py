@@ -113,7 +113,8 @@ def test_full_size_ip_adapter_plus_loads_every_layer_from_its_key(full_ip_adapte
     with safe_open(path, framework="pt") as f:
         for i, layer in enumerate(encoder.layers):
             n = number_of[layer.key]
-            assert plan.source_of_layer(i) == (f"ip_adapter.{n}.to_k_ip.weight", f"ip_adapter.{n}.to_v_ip.weight")
+            sources = (plan.sources[f"projections.{i}.to_k.weight"], plan.sources[f"projections.{i}.to_v.weight"])
+            assert sources == (f"ip_adapter.{n}.to_k_ip.weight", f"ip_adapter.{n}.to_v_ip.weight")
             assert torch.equal(encoder.projections[i].to_k.weight, f.get_tensor(f"ip_adapter.{n}.to_k_ip.weight")), layer
             assert torch.equal(encoder.projections[i].to_v.weight, f.get_tensor(f"ip_adapter.{n}.to_v_ip.weight")), layer
         # The Resampler, name by name (pack name -> IP-Adapter name, written out here).
@@ -294,7 +295,7 @@ def test_tiny_file_computes_ip_adapters_resampler_and_attention_branch(layout, t
             q = torch.randn(2, 24, layer.dim, generator=g, dtype=torch.float64)
             k_name, v_name = kv[layer.key]
             ref = reference_ip_branch(q, tokens_ref, W[k_name], W[v_name], heads)
-            key, value = encoder.project(tokens, i)
+            key, value = encoder.projections[i](tokens)
             torch.testing.assert_close(nested_values(q, key, value, heads), ref, **TOL)
 
 
@@ -499,7 +500,7 @@ def test_unknown_file_lists_its_key_groups_and_what_was_expected(tmp_path):
     assert "lora_unet_down_blocks_#.alpha  x3  [1]" in message
     assert "model.diffusion_model.x.weight  x1  [4, 4]" in message
     assert "Expected one of" in message and "ip_adapter.#.to_k_ip.weight" in message
-    assert "python -m nested_attention.inspect" in message
+    assert "python -m nested_attention.describe" in message
 
 
 def test_resampler_with_a_positional_embedding_is_refused(tmp_path, tiny_layers):
@@ -525,16 +526,16 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_inspect_and_convert_command_lines_work_without_comfyui(tmp_path, tiny_layers, capsys):
+def test_describe_and_convert_command_lines_work_without_comfyui(tmp_path, tiny_layers, capsys):
     # The command lines assume SDXL's 70 layers; a tiny-UNet IP-Adapter file must be refused by them (with its
     # groups shown), and a pack file made from it (with the tiny table stored) is read.
     good = tmp_path / "pack.safetensors"
     source = tmp_path / "ip.safetensors"
     build_tiny(source, "ip-adapter", tiny_layers)
     save_encoder(str(good), load_encoder(str(source), layers=tiny_layers, clip_vision=TINY_SPEC))
-    # `python -m nested_attention.inspect` in a fresh interpreter, which must not import ComfyUI.
-    script = ("import runpy, sys; sys.argv = ['inspect', sys.argv[1]]\n"
-              "try:\n    runpy.run_module('nested_attention.inspect', run_name='__main__')\n"
+    # `python -m nested_attention.describe` in a fresh interpreter, which must not import ComfyUI.
+    script = ("import runpy, sys; sys.argv = ['describe', sys.argv[1]]\n"
+              "try:\n    runpy.run_module('nested_attention.describe', run_name='__main__')\n"
               "except SystemExit as e:\n    code = e.code\n"
               "print('comfy imported:', any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules))\n"
               "sys.exit(code)")
@@ -544,9 +545,9 @@ def test_inspect_and_convert_command_lines_work_without_comfyui(tmp_path, tiny_l
     assert "qformer.blocks.#.#.to_kv.weight  x2  [256, 128]" in done.stdout
     assert "comfy imported: False" in done.stdout
 
-    from nested_attention import inspect as inspect_cli
+    from nested_attention import describe as describe_cli
 
-    assert inspect_cli.main([str(source)]) == 1
+    assert describe_cli.main([str(source)]) == 1
     shown = capsys.readouterr().out
     assert "format: not supported" in shown and "17 cross-attention layers; SDXL has 70" in shown
     assert "ip_adapter.#.to_k_ip.weight  x17" in shown

@@ -35,8 +35,8 @@ from pack_helpers import (
 )
 
 from nested_attention import EncoderConfig, LayerSpec, NestedEncoder, QFormerConfig
-from nested_attention.host import attn2_replacements
 from nested_attention.patch import NestedAttentionPatch, SubjectBinding
+from nested_attention_comfy.model import attn2_replacements
 
 TEXT = "a person and their pet"
 CPU = torch.device("cpu")

@@ -19,8 +19,9 @@ import torch
 from pack_helpers import apply, run_comfy_node
 
 from nested_attention import unet_layers
-from nested_attention.host import attn2_replacements, comfy_attention
 from nested_attention.patch import NestedAttentionPatch
+from nested_attention_comfy.attention import comfy_attention
+from nested_attention_comfy.model import attn2_replacements
 
 PROMPT = "a photo of a pet sitting on the grass"
 HEIGHT, WIDTH = 96, 128  # pixels: a 12 x 16 latent, 3 x 4 cells at the UNet's coarsest level (32 px each)

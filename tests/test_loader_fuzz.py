@@ -1,5 +1,5 @@
 """A fixed-seed share of the loader fuzz (tests/loader_fuzz.py; `python tests/loader_fuzz.py` runs 1,000 files):
-every mutated file through Load Nested Encoder or Load Nested Subject and through `inspect`, in a worker
+every mutated file through Load Nested Encoder or Load Nested Subject and through `describe`, in a worker
 process bounded in time and memory; only the pack's own errors, NaN / Inf refused by name."""
 
 from __future__ import annotations
@@ -27,4 +27,4 @@ def test_mutated_files_get_only_the_packs_own_errors_and_nan_weights_are_refused
     assert set(report.by_mutation) == set(fuzz.MUTATIONS)
     errors = set(report.outcomes["Load Nested Encoder"]) | set(report.outcomes["Load Nested Subject"])
     assert errors <= {"loaded", "NestedWeightsError", "NestedEncoderLoadError", "SubjectError"}, errors
-    assert set(report.outcomes["inspect"]) <= {"exit 0", "exit 1"}
+    assert set(report.outcomes["describe"]) <= {"exit 0", "exit 1"}

@@ -13,6 +13,9 @@ import torch
 from pack_helpers import TINY_CLIP_VISION_SPEC, apply, photos, run_node
 from safetensors.torch import save_file
 
+from nested_attention_comfy.clip_vision import NestedEncoderLoadError
+from nested_attention_comfy.words import SubjectWordError
+
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(100)
 
 
@@ -23,7 +26,7 @@ def test_errors_raised_by_a_node_start_with_its_display_name(pack, models_folder
         run_node(pack, "NestedAttentionLoadEncoder", encoder_name="photo.safetensors", clip_vision=tiny_clip_vision)
     assert str(error.value).startswith(f"{pack.display['NestedAttentionLoadEncoder']}: photo.safetensors is a JPEG")
 
-    with pytest.raises(pack.host.SubjectWordError) as error:
+    with pytest.raises(SubjectWordError) as error:
         apply(pack, tiny_unet, tiny_clip, pet, "a photo of a dog")
     assert str(error.value).startswith(f"{pack.display['NestedAttentionApply']}: the subject word 'pet' is not in")
 
@@ -45,8 +48,8 @@ def test_only_the_packs_own_errors_get_the_name_and_never_twice(pack):
     def fails(error):
         raise error
 
-    with pytest.raises(pack.host.NestedEncoderLoadError, match="^Load Nested Encoder: x$"):
-        fails(pack.host.NestedEncoderLoadError("Load Nested Encoder: x"))  # already named: unchanged
+    with pytest.raises(NestedEncoderLoadError, match="^Load Nested Encoder: x$"):
+        fails(NestedEncoderLoadError("Load Nested Encoder: x"))  # already named: unchanged
     with pytest.raises(ValueError, match="^not ours$"):
         fails(ValueError("not ours"))  # Python's, ComfyUI's, torch's errors pass as they are
 
@@ -58,7 +61,7 @@ def test_a_connected_clip_vision_of_another_architecture_is_described_without_an
 
     name = save_tiny_encoder()
     wider = tiny_models.tiny_clip_vision(seed=0, hidden=96, heads=4)
-    with pytest.raises(pack.host.NestedEncoderLoadError) as error:
+    with pytest.raises(NestedEncoderLoadError) as error:
         run_node(pack, "NestedAttentionLoadEncoder", encoder_name=name, clip_vision=wider)
     message = str(error.value)
     assert "but the one connected to the clip_vision input is (width 96, 17 tokens, 2 layers, 32px)" in message

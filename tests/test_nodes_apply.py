@@ -26,8 +26,10 @@ from nested_attention import (
     QFormerConfig,
     unet_layers,
 )
-from nested_attention.host import attn2_replacements
 from nested_attention.patch import NestedAttentionPatch
+from nested_attention_comfy.attention import comfy_attention
+from nested_attention_comfy.model import attn2_replacements
+from nested_attention_comfy.words import SubjectWordError
 
 PROMPT = "a photo of a pet"
 CPU = torch.device("cpu")
@@ -311,10 +313,10 @@ def test_outside_the_start_end_window_the_patch_is_inactive(pack, tiny_unet, tin
     patch = attn2_replacements(early)[("input", 4, 0)]
     sigma_end = patch.subjects[0].sigma_end
     q, k, v, extra = layer_inputs(patch, sigma=sigma_end * 0.9)
-    assert torch.equal(patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra))
+    assert torch.equal(patch(q, k, v, extra), comfy_attention(q, k, v, extra["n_heads"], extra))
     extra["sigmas"] = torch.tensor([sigma_end * 1.1])
     assert not torch.equal(
-        patch(q, k, v, extra), pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
+        patch(q, k, v, extra), comfy_attention(q, k, v, extra["n_heads"], extra)
     )
 
 
@@ -325,7 +327,7 @@ def test_outside_the_mask_the_layer_output_is_unchanged(pack, tiny_unet, tiny_cl
     patch = attn2_replacements(patched)[("input", 4, 0)]
     q, k, v, extra = layer_inputs(patch, h=4, w=4)
     out = patch(q, k, v, extra)
-    plain = pack.host.comfy_attention(q, k, v, extra["n_heads"], extra)
+    plain = comfy_attention(q, k, v, extra["n_heads"], extra)
     grid = lambda t: t.reshape(2, 4, 4, -1)
     assert torch.equal(grid(out)[:, :, 2:], grid(plain)[:, :, 2:])  # right half: outside the mask
     assert torch.equal(out[1], plain[1])  # unconditional row
@@ -385,7 +387,7 @@ def test_shorter_prompt_repeated_against_a_longer_negative_keeps_the_subject_on_
 
 
 def test_word_absent_from_the_prompt_is_an_error_naming_both(pack, tiny_unet, tiny_clip, pet):
-    with pytest.raises(pack.host.SubjectWordError) as error:
+    with pytest.raises(SubjectWordError) as error:
         apply(pack, tiny_unet, tiny_clip, pet, "a photo of a dog on the grass")
     assert "'pet'" in str(error.value) and "'a photo of a dog on the grass'" in str(error.value)
 
@@ -423,6 +425,13 @@ def test_non_sdxl_model_is_a_clear_error(pack, tiny_clip, pet):
     model = comfy.model_patcher.ModelPatcher(sd15, load_device=CPU, offload_device=CPU)
     with pytest.raises(pack.apply.NestedApplyError, match="needs an SDXL model, but got BaseModel"):
         apply(pack, model, tiny_clip, pet, PROMPT)
+
+
+def test_the_model_is_checked_once_per_apply(pack, tiny_unet, tiny_clip, pet, monkeypatch):
+    checked = []
+    monkeypatch.setattr(pack.apply, "check_sdxl", lambda model: checked.append(model))
+    apply(pack, tiny_unet, tiny_clip, pet, PROMPT)
+    assert checked == [tiny_unet]
 
 
 def test_a_clip_whose_conditioning_is_not_2048_wide_is_refused_at_apply(pack, tiny_unet, pet):

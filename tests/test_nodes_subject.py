@@ -58,7 +58,7 @@ def test_several_photos_concatenate_their_tokens_in_order(pack, load_handle):
 
 
 def test_the_trainer_encodes_a_photo_exactly_as_the_node_does(pack, load_handle):
-    """training.samples and the evaluation call nested_attention.host.photo_tokens; the node runs its two steps
+    """training.samples and the evaluation call nested_attention_comfy.clip_vision.photo_tokens; the node runs its two steps
     photo by photo. Both give the paper's tokens, and the same tokens to the bit."""
     handle = load_handle()
     images = photos(3, 2)

@@ -93,7 +93,7 @@ def test_the_clip_vision_architecture_reads_the_same_from_a_model_and_from_its_f
     from safetensors.torch import save_file
 
     from nested_attention.encoder import ClipVisionSpec, clip_vision_architecture
-    from nested_attention.host import clip_vision_spec
+    from nested_attention_comfy.clip_vision import clip_vision_spec
 
     model = tiny_models.tiny_clip_vision(seed=0)  # 32 px, patch 8: CLS + 4 x 4 patches, width 64, 2 layers
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(tmp_path / "tower.safetensors"))

@@ -12,7 +12,7 @@ import weakref
 
 from pack_helpers import apply, encode_subject
 
-from nested_attention.host import attn2_replacements
+from nested_attention_comfy.model import attn2_replacements
 
 LAYER = ("input", 4, 0)
 

@@ -308,7 +308,7 @@ def tiny_inputs(frozen, captions, seed=0):
 
 
 def test_subject_positions_follow_the_nodes_rule(frozen):
-    from nested_attention import host as tokens  # what the nodes call
+    from nested_attention_comfy import words as tokens  # what the nodes call
     text = models_lib.TextEncoder(frozen.clip, "pet")
     prompts = [
         "a photo of a pet",

@@ -14,7 +14,9 @@ import tiny_models
 import torch
 from pack_helpers import apply, encode_subject, layer_inputs
 
-from nested_attention.host import SubjectWordError, attn2_replacements
+from nested_attention_comfy.attention import comfy_attention
+from nested_attention_comfy.model import attn2_replacements
+from nested_attention_comfy.words import SubjectWordError
 
 PROMPT = "a photo of a man and a woman sitting on a park bench"
 H = W = 4  # the grid of the layer inputs below
@@ -85,7 +87,7 @@ def test_in_each_region_the_layer_output_is_that_of_its_own_subject_alone(
         torch.testing.assert_close(out[0, :, : W // 2], man_alone[0, :, : W // 2], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out[0, :, W // 2 :], woman_alone[0, :, W // 2 :], rtol=1e-5, atol=1e-6)
         assert (man_alone[0] - woman_alone[0]).abs().amax() > 1e-3  # the two halves really differ
-        plain = grid(pack.host.comfy_attention(q, k, v, extra["n_heads"], extra))
+        plain = grid(comfy_attention(q, k, v, extra["n_heads"], extra))
         assert torch.equal(out[1], plain[1])  # the unconditional row: no subject
 
 

@@ -16,7 +16,8 @@ import torch
 from pack_helpers import apply
 from safetensors.torch import save_file
 
-from nested_attention.host import LONG_PROMPT_CHUNKS, SubjectWordError, attn2_replacements
+from nested_attention_comfy.model import attn2_replacements
+from nested_attention_comfy.words import LONG_PROMPT_CHUNKS, SubjectWordError
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def test_a_long_prompt_works_and_warns_once(pack, tiny_unet, tiny_clip, pet, enc
     text = long_prompt(LONG_PROMPT_CHUNKS + 2)  # 4 chunks
     last = 5 + (LONG_PROMPT_CHUNKS + 1) * 75 + 40 - 5 - 3 + 3  # content index of the second "pet" (1-based)
     chunk, offset = divmod(last - 1, 75)
-    with caplog.at_level(logging.WARNING, logger="nested_attention.host"):
+    with caplog.at_level(logging.WARNING, logger="nested_attention_comfy.words"):
         assert_works(pack, tiny_unet, tiny_clip, pet, text, (5, chunk * 77 + 1 + offset), "pet</w>",
                      encode=encode, sample=sample)
         apply(pack, tiny_unet, tiny_clip, pet, text)  # again (as a second Apply node would): no second warning

@@ -12,8 +12,8 @@ from test_formats import TINY, build_tiny
 from trainer_runs import TINY_FLAGS, train
 
 from nested_attention import load_encoder, read_config, unet_layers
-from nested_attention.host import clip_vision_spec
 from nested_attention.weights import weights_fingerprint
+from nested_attention_comfy.clip_vision import clip_vision_spec
 from training.loop import config as train_config
 from training.loop.warm_start import WarmStartError, warm_start_encoder
 

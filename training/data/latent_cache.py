@@ -39,7 +39,9 @@ def build_cache(
     batch_size: int,
 ) -> Path:
     """VAE latents and CLIP tokens of every record, computed once (split over processes) into safetensors."""
-    from nested_attention.host import clip_vision_tokens  # imports ComfyUI: set up by training.models
+    from nested_attention_comfy.clip_vision import (
+        clip_vision_tokens,  # imports ComfyUI: set up by training.models
+    )
 
     identity = json.dumps(
         {

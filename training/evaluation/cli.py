@@ -43,7 +43,7 @@ from training.tiny import scorers as tiny_scorers
 from training.tiny.models import make_tiny_dataset
 
 log = logging.getLogger("training.evaluate")
-glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
+glue_attention = comfy_module("nested_attention_comfy.attention")  # the glue shared with the nodes, imported on first use
 
 CLIP_VISION_G_NAMES = (
     "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
@@ -358,7 +358,7 @@ def make_generator(args: EvalConfig, frozen, encoder, subjects: list, prompts: l
             scheduler=args.scheduler,
             negative_prompt=args.negative_prompt,
         ),
-        host=glue.comfy_attention,
+        host=glue_attention.comfy_attention,
         decoupled_uncond=args.decoupled_uncond == "black_image",
     )
 

@@ -32,7 +32,7 @@ from training.evaluation.prompts import PLACEHOLDER, EvalPrompt
 from training.tiny import scorers as tiny_scorers
 
 log = logging.getLogger(__name__)
-glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
+glue_attention = comfy_module("nested_attention_comfy.attention")  # the glue shared with the nodes, imported on first use
 _warned: set[str] = set()
 
 
@@ -137,7 +137,7 @@ def evaluate_during_training(
         prompts=eval_prompts,
         token=token,
         settings=settings,
-        host=glue.comfy_attention,
+        host=glue_attention.comfy_attention,
     )
     chosen = methods(prior=True, lambdas=(1.0,), scales=())
     folder = Path(config.output_dir) / "eval" / f"step-{step}"

@@ -258,8 +258,10 @@ class Generator:
         return self._cond[text]
 
     def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """E (1, M, C) of one image (H, W, 3), as the nodes encode it (nested_attention.host.photo_tokens)."""
-        from nested_attention.host import photo_tokens  # imports ComfyUI: set up by training.models
+        """E (1, M, C) of one image (H, W, 3), as the nodes encode it (nested_attention_comfy.clip_vision.photo_tokens)."""
+        from nested_attention_comfy.clip_vision import (
+            photo_tokens,  # imports ComfyUI: set up by training.models
+        )
 
         return photo_tokens(self.frozen.clip_vision, self.frozen.clip_vision_spec, self.encoder, image[None])
 

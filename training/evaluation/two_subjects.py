@@ -189,7 +189,7 @@ class PairGenerator:
         return out
 
     def model(self, job: PairJob) -> Any:
-        from nested_attention.host import install_subject
+        from nested_attention_comfy.model import install_subject
 
         frozen, encoder = self.base.frozen, self.base.encoder
         if job.method.kind == "prior":

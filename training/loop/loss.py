@@ -15,7 +15,7 @@ from training.comfy_env import comfy_module
 from training.data.dataset import mix_seed
 from training.models.sdxl import align_subjects, sdxl_adm
 
-glue = comfy_module("nested_attention.host")  # the glue shared with the nodes, imported on first use
+glue_clip_vision = comfy_module("nested_attention_comfy.clip_vision")  # the glue shared with the nodes, imported on first use
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def training_loss(module, frozen, text, batch: dict, config: LossConfig, rank: i
         else:
             latents = frozen.vae.encode(batch["pixels"])
             # The layer the encoder reads (warm start: the file's).
-            clip_tokens = glue.clip_vision_tokens(frozen.clip_vision, frozen.clip_vision_spec, batch["clip_pixels"])
+            clip_tokens = glue_clip_vision.clip_vision_tokens(frozen.clip_vision, frozen.clip_vision_spec, batch["clip_pixels"])
         latents = base.process_latent_in(latents.float().cpu())
 
     # Classifier-free dropout: one draw per sample picks text only, subject only, both, or neither.

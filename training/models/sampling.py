@@ -27,7 +27,8 @@ from training.models.sdxl import FrozenModels, TextEncoder
 
 # Imported on first use (training.comfy_env): importing this module loads no ComfyUI.
 comfy = comfy_module("comfy")
-glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
+glue_clip_vision = comfy_module("nested_attention_comfy.clip_vision")  # the glue shared with the nodes, imported on first use
+glue_model = comfy_module("nested_attention_comfy.model")  # the glue shared with the nodes, imported on first use
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def patched_model(
         scale=float(scale),
         name="validation",
     )
-    glue.install_subject(model, binding, encoder.layers)
+    glue_model.install_subject(model, binding, encoder.layers)
     return model
 
 
@@ -104,7 +105,7 @@ def sample_grid(
     input + prompts x seeds, each column labelled with its prompt and seed."""
     encoder.eval()
     # One photo (H, W, 3) in [0, 1] at a time -> (1, M, C), as the nodes encode it.
-    subject_tokens = [glue.photo_tokens(frozen.clip_vision, frozen.clip_vision_spec, encoder, image[None]) for image in images]
+    subject_tokens = [glue_clip_vision.photo_tokens(frozen.clip_vision, frozen.clip_vision_spec, encoder, image[None]) for image in images]
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(""))
     cells = []  # rows of (H, W, 3) arrays

@@ -39,7 +39,9 @@ from training.tiny import models as tiny_models
 
 # Imported on first use (training.comfy_env): importing this module loads no ComfyUI.
 comfy = comfy_module("comfy")
-glue = comfy_module("nested_attention.host")  # the glue shared with the nodes
+glue_clip_vision = comfy_module("nested_attention_comfy.clip_vision")  # the glue shared with the nodes, imported on first use
+glue_model = comfy_module("nested_attention_comfy.model")  # the glue shared with the nodes, imported on first use
+glue_words = comfy_module("nested_attention_comfy.words")  # the glue shared with the nodes, imported on first use
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +100,11 @@ def load_frozen(
         clip = tiny_models.tiny_sdxl_clip(seed=seed, dtype=torch.float32)  # float32: no per-call weight casts
         vae = tiny_models.tiny_vae(seed=seed)
         clip_vision = tiny_models.tiny_clip_vision(seed=seed)
-        spec = glue.clip_vision_spec(clip_vision, tiny_models.TINY_CLIP_VISION_NAME)
+        spec = glue_clip_vision.clip_vision_spec(clip_vision, tiny_models.TINY_CLIP_VISION_NAME)
     else:
         unet, clip, vae = load_sdxl(checkpoint, weight_dtype)
-        clip_vision = glue.load_clip_vision(clip_vision_path)
-        spec = glue.clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
+        clip_vision = glue_clip_vision.load_clip_vision(clip_vision_path)
+        spec = glue_clip_vision.clip_vision_spec(clip_vision, os.path.basename(clip_vision_path))
     # The VAE works in float32 (docs/ARCHITECTURE.md §6): its latents are the targets.
     vae.first_stage_model.to(torch.float32)
     vae.vae_dtype = torch.float32
@@ -198,15 +200,15 @@ class TextEncoder:
         self.clip, self.token, self.cache = clip, token, cache
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         self._warned: set[str] = set()
-        self.stream = glue.subject_stream(clip.tokenize(token))  # the stream the nodes search
-        self.word_ids = glue.word_token_ids(clip, token, self.stream)
+        self.stream = glue_words.subject_stream(clip.tokenize(token))  # the stream the nodes search
+        self.word_ids = glue_words.word_token_ids(clip, token, self.stream)
         if not self.word_ids:
             raise ValueError(f"the subject token {token!r} encodes to no tokens; choose a plain word")
 
     def positions(self, tokens: dict) -> tuple[int, ...]:
         """The token's positions in `clip.tokenize(..., return_word_ids=True)` (chunks may be cut short):
-        the nodes' rule and stream (`nested_attention.host`); () when the caption lacks the token."""
-        return glue.word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
+        the nodes' rule and stream (`nested_attention_comfy.words`); () when the caption lacks the token."""
+        return glue_words.word_positions(self.clip, tokens[self.stream], self.word_ids, self.stream)
 
     @torch.no_grad()
     def encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -325,7 +327,7 @@ class NestedTrainingModule(nn.Module):
             )
             for pos, rows in groups
         ]
-        patches = glue.attn2_patches(self.encoder.layers, bindings)  # as the nodes install them
+        patches = glue_model.attn2_patches(self.encoder.layers, bindings)  # as the nodes install them
         denoised = self.base.apply_model(
             x_noisy,
             sigmas,

@@ -31,8 +31,8 @@ import folder_paths
 import tiny_models
 
 from nested_attention import formats, unet_layers
-from nested_attention.host import clip_vision_spec
 from nested_attention.patch import SubjectBinding
+from nested_attention_comfy.clip_vision import clip_vision_spec
 
 CATEGORY = "nested_attention/testing"
 SEED = 0

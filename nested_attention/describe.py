@@ -1,4 +1,4 @@
-"""python -m nested_attention.inspect FILE: what a weight file is, and what the pack would make of it.
+"""python -m nested_attention.describe FILE: what a weight file is, and what the pack would make of it.
 
 Prints the detected format, the key groups with their shapes, the derived encoder config and the
 assumptions made; for a file the pack cannot read, the groups and the reason, so it can be reported.
@@ -13,12 +13,11 @@ import os
 from collections.abc import Sequence
 
 from .encoder import HIDDEN_LAYERS
-from .formats import plan_encoder, read_header, summarize_groups
-from .weights import NestedWeightsError
+from .formats import NestedWeightsError, plan_encoder, read_header, summarize_groups
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nested_attention.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nested_attention.describe", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="A .safetensors file.")
     parser.add_argument("--dim-head", type=int, default=None, help="Resampler head width to assume (default 64).")
     parser.add_argument("--hidden-layer", choices=sorted(HIDDEN_LAYERS), default=None,
