@@ -96,7 +96,7 @@ def test_full_size_config_round_trips_through_json():
 def _rewrite(path, out, *, metadata=None, drop=None, reshape=None):
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)
     meta.update(metadata or {})
     if drop:
         tensors.pop(drop)
@@ -185,7 +185,7 @@ def test_a_tensor_named_twice_in_the_header_is_refused(saved, tmp_path):
 def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
     for value in (float("nan"), float("inf")):
         with safe_open(saved, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
             meta = f.metadata()
         tensors["projections.1.to_v.weight"][3, 5] = value
         bad = str(tmp_path / "nan.safetensors")
@@ -196,7 +196,7 @@ def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
 
 def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused_by_name(saved, tmp_path):
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
         meta = f.metadata()
     mixed = dict(tensors, **{"qformer.latents": tensors["qformer.latents"].half()})
     save_file(mixed, str(tmp_path / "mixed.safetensors"), metadata=meta)
@@ -243,7 +243,7 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     from nested_attention import describe as describe_cli
 
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
     stripped = tmp_path / "merged.safetensors"
     save_file(tensors, str(stripped))  # what merge and convert tools write: the tensors, no metadata
     with pytest.raises(NestedWeightsError) as error:

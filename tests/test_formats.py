@@ -53,7 +53,7 @@ from nested_attention import convert as convert_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = ClipVisionSpec(**TINY_CLIP_VISION_SPEC)
-TOL = dict(atol=1e-10, rtol=1e-9)  # float64 throughout: only summation order differs from the reference
+TOL = {"atol": 1e-10, "rtol": 1e-9}  # float64 throughout: only summation order differs from the reference
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_loader_node_refuses_a_clip_vision_of_another_architecture_before_loadin
 # Tiny files: exactly what IP-Adapter computes
 
 
-TINY = dict(dim=128, depth=2, inner=128, num_queries=4, clip_dim=64, output_dim=2048, ff_mult=2)
+TINY = {"dim": 128, "depth": 2, "inner": 128, "num_queries": 4, "clip_dim": 64, "output_dim": 2048, "ff_mult": 2}
 
 
 def tiny_names(layout: str, layers) -> tuple[str, dict]:
@@ -261,7 +261,7 @@ def reference_ip_branch(q, tokens, to_k_ip, to_v_ip, heads):
 
 def read_all(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k).double() for k in f.keys()}
+        return {k: f.get_tensor(k).double() for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +379,7 @@ def test_a_format_version_1_file_without_the_new_fields_loads_as_before(tmp_path
     path = str(tmp_path / "old.safetensors")
     save_encoder(path, encoder)
     with safe_open(path, framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)
     config = json.loads(meta["config"])
     for gone in ("source", "licence"):
         config.pop(gone)
@@ -478,7 +478,7 @@ def test_missing_value_weight_of_one_layer_is_named(tmp_path, tiny_layers):
 def test_layers_in_another_order_are_refused_by_their_widths(tmp_path, tiny_layers):
     # Consecutive numbers in ComfyUI's table order (middle before output) instead of diffusers order.
     path = tmp_path / "order.safetensors"
-    prefix, kv = tiny_names("consecutive", tiny_layers)
+    prefix, _kv = tiny_names("consecutive", tiny_layers)
     position = {layer.key: i for i, layer in enumerate(tiny_layers)}
     keys = resampler_keys(prefix, **TINY)
     for layer in tiny_layers:
@@ -523,7 +523,7 @@ def test_unknown_clip_width_asks_for_the_clip_vision_model(tmp_path, tiny_layers
 
 def _run(*args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_describe_and_convert_command_lines_work_without_comfyui(tmp_path, tiny_layers, capsys):

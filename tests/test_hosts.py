@@ -130,7 +130,7 @@ def test_to_from_worker_threads_never_breaks_a_model_that_is_sampling():
     # Readers sample through the patch while other threads move it between device types (each move drops
     # the other type's caches), as several models sharing one subject do on several GPUs. A tiny switch
     # interval makes the threads interleave inside the cache code.
-    patch, binding = tiny_binding()
+    patch, _binding = tiny_binding()
     reference = attn2_call(patch)
     errors, results = [], []
     stop = threading.Event()

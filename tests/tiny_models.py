@@ -100,4 +100,4 @@ def accelerate_launch(module: str, args: list, processes: int = 2) -> subprocess
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", module, *[str(a) for a in args]]
-    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, check=False, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
