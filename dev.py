@@ -2,7 +2,7 @@
 """Set up and run this project with one command.
 
     python3 dev.py serve [ComfyUI args...]   start ComfyUI with this pack on 127.0.0.1:8188
-    python3 dev.py test  [pytest args...]    run the test suite on every ComfyUI host found
+    python3 dev.py test  [pytest args...]    lint the tree (ruff), then run the test suite on every ComfyUI host found
     python3 dev.py bench [benchmark args...] measure nested attention's cost (python -m benchmark)
     python3 dev.py workflows [NAME...] [--check]  build the shipped workflows (python -m devtools.workflows)
     python3 dev.py soak  [--prompts N ...]   hundreds of prompts through a real server (tests/e2e/soak.py)
@@ -626,9 +626,21 @@ def plan_legs(args: list[str]) -> tuple[list[Leg], list[str]]:
     return legs, notes
 
 
+def lint(host: Host) -> None:
+    """ruff over the whole tree (the config in pyproject.toml); any finding stops the test run before pytest."""
+    log("ruff check: the whole tree")
+    proc = subprocess.run([host.python, "-m", "ruff", "check", "--no-cache", str(ROOT)], cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        log("ruff found the problems above; fix them (many with `ruff check --fix`) and run the tests again")
+        sys.exit(proc.returncode)
+
+
 def test(args: list[str]) -> None:
     legs, notes = plan_legs(args)
     ensure_chromium()
+    if legs:
+        set_up(legs[0].host)
+        lint(legs[0].host)
     results = []
     for leg in legs:
         start = time.monotonic()

@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from nested_attention.logs import LOG_PREFIX
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO / "workflows"
 # The browser driver the e2e tests use (a real server, headless Chromium): one implementation for both.
@@ -776,7 +778,7 @@ def _readme_picture(frontend, margins: tuple, path: Path) -> None:
     frontend.page.wait_for_timeout(500)
     frontend.screenshot(path)
     frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'false'} }}")
-    print(f"[nested-attention] wrote {path}")
+    print(f"{LOG_PREFIX} wrote {path}")
 
 
 def to_text(workflow: dict) -> str:
@@ -826,7 +828,7 @@ def main(args: argparse.Namespace) -> int:
                 version = frontend.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
                 exact = version == FRONTEND_VERSION
                 if not exact:
-                    print(f"[nested-attention] frontend {version}, not {FRONTEND_VERSION}: it saves the same graphs "
+                    print(f"{LOG_PREFIX} frontend {version}, not {FRONTEND_VERSION}: it saves the same graphs "
                           "with other fields; --check compares what they say (canonical()), not their text")
                 for name in names:
                     workflow = build(frontend, name)
@@ -843,7 +845,7 @@ def main(args: argparse.Namespace) -> int:
                             same = target.is_file() and target.read_text() == to_text(workflow)
                         else:
                             same = target.is_file() and canonical(json.loads(target.read_text())) == canonical(workflow)
-                        print(f"[nested-attention] {name}: {'the same' if same else 'DIFFERS from ' + str(target)}")
+                        print(f"{LOG_PREFIX} {name}: {'the same' if same else 'DIFFERS from ' + str(target)}")
                         differ += [] if same else [name]
                         continue
                     target.write_text(to_text(workflow))
@@ -852,7 +854,7 @@ def main(args: argparse.Namespace) -> int:
                     frontend.fit_view(harness.FOCUS_MODE_MARGINS)
                     _thumbnail(frontend.page.screenshot(), args.out / f"{name}.jpg")
                     frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'false'} window.app.canvas.min_font_size_for_lod = 8; }}")
-                    print(f"[nested-attention] wrote {target} ({report['nodes']} nodes, {report['links']} links)")
+                    print(f"{LOG_PREFIX} wrote {target} ({report['nodes']} nodes, {report['links']} links)")
                 if args.readme_picture:
                     _readme_picture(frontend, harness.FOCUS_MODE_MARGINS, args.readme_picture)
         finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT = ("__init__.py", "nested_attention", "nodes", "training", "benchmark")
+PRODUCT = ("__init__.py", "nested_attention", "nested_attention_comfy", "nodes", "training", "benchmark", "devtools")
 
 
 def product_files() -> list[Path]:
@@ -117,12 +117,12 @@ def test_the_clip_vision_architecture_reads_the_same_from_a_model_and_from_its_f
 
 
 def test_both_weight_fillers_follow_one_rule():
-    """training/tiny.py: init_parameters (each value drawn, the tiny models) and fill_parameters_ (tiled from a
+    """training/tiny/models.py: init_parameters (each value drawn, the tiny models) and fill_parameters_ (tiled from a
     pool, the full-size benchmark models) give norms 1 / 0, linear weights std 1/sqrt(fan_in), embedding tables
     std 1, everything else std 0.02; written out here in the order the parameters come."""
     import torch
 
-    from training import tiny as builders
+    from training.tiny import models as builders
 
     def module() -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))

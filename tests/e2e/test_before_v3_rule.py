@@ -9,6 +9,9 @@ import json
 import pytest
 from test_before_v3_e2e import BEFORE_V3, appended_widget_defaults, as_saved, contract_breaks
 
+# With the browser tests (it needs no server): the rule travels with the e2e test that applies it.
+pytestmark = [pytest.mark.e2e]
+
 ENCODE = "NestedAttentionEncodeSubject"
 
 
