@@ -100,7 +100,7 @@ def _previous_nested_rows(
     logits = torch.matmul(qh.float(), kh.transpose(-1, -2))  # (B, h, N, T)
 
     positions = [s.positions.to(q.device) for s in subjects]
-    weights = [_row_weight(s.weight, b, n, q) for s in subjects]  # (B, N) or None
+    weights = [_row_weight(s.region_weight, b, n, q) for s in subjects]  # (B, N) or None
     p_plain, p_adj, ratio = _previous_probabilities(logits, subjects, positions, weights)
 
     # out (B, N, h, d) in base's layout; the coefficients (B, h, N, .) are viewed as (B, N, h, .).
@@ -151,7 +151,7 @@ def _previous_nested_rows(
 def _previous_probabilities(logits: torch.Tensor, subjects, positions, weights) -> tuple:
     """P[s] and P'[s] per subject (B, h, N, P) from the (B, h, N, T) logits, and r = Z / Z' (None at lambda 1)."""
     ratio = None
-    if all(s.scale == 1.0 for s in subjects):
+    if all(s.lam == 1.0 for s in subjects):
         probs = logits.softmax(dim=-1)
         p_plain = p_adj = [probs[..., pos] for pos in positions]  # (B, h, N, P)
     else:
@@ -159,11 +159,11 @@ def _previous_probabilities(logits: torch.Tensor, subjects, positions, weights) 
         lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
         adjusted = logits.clone()
         for s, pos, w in zip(subjects, positions, weights):
-            if s.scale == 1.0:
+            if s.lam == 1.0:
                 continue
-            scale = s.scale if w is None else (1.0 + w * (s.scale - 1.0))[:, None, :, None]  # (B, 1, N, 1)
+            lam = s.lam if w is None else (1.0 + w * (s.lam - 1.0))[:, None, :, None]  # (B, 1, N, 1)
             lp = logits[..., pos]  # (B, h, N, P)
-            adjusted[..., pos] = torch.maximum(lp, scale * lp)
+            adjusted[..., pos] = torch.maximum(lp, lam * lp)
         lse_adj = adjusted.logsumexp(dim=-1, keepdim=True)
         ratio = (lse - lse_adj).exp()  # (B, h, N, 1)
         p_plain = [(logits[..., pos] - lse).exp() for pos in positions]
@@ -186,8 +186,8 @@ class PreviousNestedPatch(NestedAttentionPatch):
             subject = s.nested_subject(self.index, q, k.shape[1], extra_options)
             # As the previous SubjectBinding handed them: on the model's device, made once per device.
             positions = s.context_positions(k.shape[1], q.device)
-            nested.append(NestedSubject(subject.key, subject.value, positions, subject.scale, subject.alpha,
-                                        subject.weight))
+            nested.append(NestedSubject(subject.key, subject.value, positions, subject.lam, subject.alpha,
+                                        subject.region_weight))
         return previous_nested_attention(q, k, v, nested, heads=heads, rows=rows,
                                          attention=lambda q_, k_, v_, h_: host(q_, k_, v_, h_, extra_options))
 

@@ -56,18 +56,18 @@ class NestedSubject:
     key, value: the nested keys K~ and values V~, (M, D) shared by all rows, or (B, M, D) with one
         subject per batch row (training).
     positions: indices of the subject token s* in the text context (one per occurrence).
-    scale: lambda, the inference-time boost of the subject's attention logit (1 = trained).
+    lam: lambda, the inference-time boost of the subject's attention logit (1 = trained).
     alpha: the norm regularization factor; |v*| = alpha * |V[s*]|.
-    weight: optional region weight per query in [0, 1], (N,) or (B, N); None means everywhere.
+    region_weight: optional region weight per query in [0, 1], (N,) or (B, N); None means everywhere.
     A leading B always counts the whole batch; `nested_attention` picks the rows it works on.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     positions: torch.Tensor
-    scale: float = 1.0
+    lam: float = 1.0
     alpha: float = 2.0
-    weight: torch.Tensor | None = None
+    region_weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # A position is the subject's or it is not: the method has no meaning for a repeated one, and the
@@ -114,7 +114,7 @@ def regularize_norm(v_star: torch.Tensor, v_token: torch.Tensor, alpha: float) -
 
 def _select_rows(s: NestedSubject, take: Callable[[torch.Tensor], torch.Tensor]) -> NestedSubject:
     """The subject restricted to the picked batch rows (tensors without a batch dim are shared)."""
-    key, value, weight = s.key, s.value, s.weight
+    key, value, weight = s.key, s.value, s.region_weight
     per_row_weight = weight is not None and weight.dim() == 2 and weight.shape[0] > 1
     if key.dim() == 2 and not per_row_weight:
         return s  # nothing per row
@@ -122,7 +122,7 @@ def _select_rows(s: NestedSubject, take: Callable[[torch.Tensor], torch.Tensor])
         key, value = take(key), take(value)
     if per_row_weight:
         weight = take(weight)
-    return replace(s, key=key, value=value, weight=weight)
+    return replace(s, key=key, value=value, region_weight=weight)
 
 
 def _row_weight(weight: torch.Tensor | None, batch: int, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -256,7 +256,7 @@ def nested_attention(
     layout = _Layout(positions, heads, over is not None)
     chosen = [_select_rows(s, take) for s in subjects]
     buffers = not torch.is_grad_enabled()  # without autograd, results are written into their place (out=)
-    if (given is None and all(s.weight is None for s in subjects) and isinstance(picked, tuple)
+    if (given is None and all(s.region_weight is None for s in subjects) and isinstance(picked, tuple)
             and (a == 0 or z == batch)):
         # The subject rows' text attention comes from the widened call; the other rows (one range at
         # most, e.g. the unconditional half) from the host's call on those rows alone.
@@ -319,8 +319,8 @@ def _nested_rows(
     b, n, width = q.shape
     heads, flat = layout.heads, layout.flat
     d = width // heads
-    weights = [_row_weight(s.weight, b, n, q) for s in subjects]  # (B, N) or None
-    boosted = any(s.scale != 1.0 for s in subjects)
+    weights = [_row_weight(s.region_weight, b, n, q) for s in subjects]  # (B, N) or None
+    boosted = any(s.lam != 1.0 for s in subjects)
     own = base is None  # the text part is the widened call's PV', the subject tokens' values zeroed
     by_norm = own and not boosted and probe is None  # the extra columns then carry P[s] |V[s]|, else P[s]
     pv, extra = _widened_text(q, k, v, layout, own, by_norm, attention)
@@ -432,6 +432,6 @@ def _boosts(
     logits = torch.bmm(q.float(), blocks.view(b, heads * d, heads * len(flat))).view(b, n, heads, len(flat))
     parts = []
     for s, span, w in zip(subjects, spans, weights):
-        part = (logits[..., span] * ((s.scale - 1.0) * d**-0.5)).clamp_(0.0, _MAX_BOOST)
+        part = (logits[..., span] * ((s.lam - 1.0) * d**-0.5)).clamp_(0.0, _MAX_BOOST)
         parts.append(part if w is None else part * w[:, :, None, None])
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

@@ -324,10 +324,10 @@ class AutoRegions:
         ]
         self.regions = dict(zip(measured, decide_regions(maps))) if maps else {}
 
-    def weight(
+    def region_weight(
         self, binding: Any, grid: tuple[int, int], rows: int, device: torch.device
     ) -> torch.Tensor | None:
-        """The decided region on a layer's grid (nearest, so regions stay disjoint), as NestedSubject.weight:
+        """The decided region on a layer's grid (nearest, so regions stay disjoint), as NestedSubject.region_weight:
         (N,) for a batch of one, else (rows, N) with row r of image r % B; None for a subject without one."""
         region = self.regions.get(binding)
         if region is None:
@@ -385,7 +385,7 @@ class SamplingRun:
                         if auto.regions is None:
                             auto.decide([b for b in bindings if b.auto_region])
                 nested = [
-                    replace(s, weight=auto.weight(b, grid, q.shape[0], q.device)) if b.auto_region else s
+                    replace(s, region_weight=auto.region_weight(b, grid, q.shape[0], q.device)) if b.auto_region else s
                     for b, s in zip(bindings, nested)
                 ]
         captures = [c for c in self.captures if c.window.contains(sigma)] if bool(rows.any()) else []

@@ -58,6 +58,7 @@ class SubjectBinding:
     tokens: subject tokens E, (1, M*n, C) for inference or (B, M, C) per batch row for training.
     positions: the subject word's token positions in the prompt (chunks of 77 concatenated).
     prompt_tokens: length of the prompt's token sequence (77 * chunks), to follow ComfyUI's repetition.
+    lam, alpha: as in NestedSubject (lambda; the norm factor, None = the encoder's config.alpha).
     sigma_start / sigma_end: active while sigma_end <= sigma <= sigma_start (from start/end percent).
     mask: optional (H, W) region in [0, 1] in latent-image proportions; resized to each layer.
     rows: optional bool (B,) of batch rows that get the subject (training's subject dropout).
@@ -78,7 +79,7 @@ class SubjectBinding:
     tokens: torch.Tensor
     positions: tuple[int, ...]
     prompt_tokens: int
-    scale: float = 1.0
+    lam: float = 1.0
     alpha: float | None = None
     sigma_start: float = math.inf
     sigma_end: float = 0.0
@@ -205,8 +206,8 @@ class SubjectBinding:
             per_row = self.rows.to(q.device, torch.float32)[:, None].expand(-1, q.shape[1])  # (B, N)
             weight = per_row if weight is None else weight[None, :] * per_row
         # Positions in host memory: nested_attention reads them as ints, without waiting for a device.
-        return NestedSubject(k, v, self.context_positions(context_tokens, _HOST), scale=self.scale, alpha=alpha,
-                             weight=weight)
+        return NestedSubject(k, v, self.context_positions(context_tokens, _HOST), lam=self.lam, alpha=alpha,
+                             region_weight=weight)
 
 
 def conditional_rows(batch: int, cond_or_uncond: Sequence[int] | None) -> torch.Tensor:

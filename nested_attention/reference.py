@@ -30,10 +30,10 @@ def reference_nested_attention(
     for bi in range(b):
         for qi in range(n):
             values = v[bi].clone()  # (T, D): V_q starts as V
-            scales = torch.ones(v.shape[1], dtype=q.dtype)  # lambda per text position
+            lams = torch.ones(v.shape[1], dtype=q.dtype)  # lambda per text position
             if bi in rows:
                 for s in subjects:
-                    weight = None if s.weight is None else s.weight.reshape(-1, n)
+                    weight = None if s.region_weight is None else s.region_weight.reshape(-1, n)
                     w = 1.0 if weight is None else float(weight[bi if weight.shape[0] > 1 else 0, qi])
                     key = (s.key if s.key.dim() == 2 else s.key[bi]).double()
                     val = (s.value if s.value.dim() == 2 else s.value[bi]).double()
@@ -45,11 +45,11 @@ def reference_nested_attention(
                     for p in s.positions.tolist():
                         nested = s.alpha * v[bi, p].norm() * v_star / v_star.norm()
                         values[p] = w * nested + (1 - w) * v[bi, p]
-                        scales[p] = 1.0 + w * (s.scale - 1.0)
+                        lams[p] = 1.0 + w * (s.lam - 1.0)
             for h in range(heads):
                 sl = slice(h * dh, (h + 1) * dh)
                 logits = k[bi, :, sl] @ q[bi, qi, sl] / dh**0.5  # (T,)
-                logits = torch.maximum(logits, scales * logits)
+                logits = torch.maximum(logits, lams * logits)
                 out[bi, qi, sl] = torch.softmax(logits, dim=0) @ values[:, sl]
     return out
 
@@ -70,16 +70,16 @@ def reference_subject_probability(
     found = [torch.zeros(len(rows), heads, n, dtype=torch.float64) for _ in subjects]
     for i, bi in enumerate(rows):
         for qi in range(n):
-            scales = torch.ones(k.shape[1], dtype=torch.float64)  # lambda per text position
+            lams = torch.ones(k.shape[1], dtype=torch.float64)  # lambda per text position
             for s in subjects:
-                weight = None if s.weight is None else s.weight.reshape(-1, n)
+                weight = None if s.region_weight is None else s.region_weight.reshape(-1, n)
                 w = 1.0 if weight is None else float(weight[bi if weight.shape[0] > 1 else 0, qi])
                 for p in s.positions.tolist():
-                    scales[p] = 1.0 + w * (s.scale - 1.0)
+                    lams[p] = 1.0 + w * (s.lam - 1.0)
             for h in range(heads):
                 sl = slice(h * dh, (h + 1) * dh)
                 logits = k[bi, :, sl] @ q[bi, qi, sl] / dh**0.5  # (T,)
-                probs = torch.softmax(torch.maximum(logits, scales * logits), dim=0)
+                probs = torch.softmax(torch.maximum(logits, lams * logits), dim=0)
                 for found_s, s in zip(found, subjects):
                     found_s[i, h, qi] = probs[s.positions].sum()
     return found

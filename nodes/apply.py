@@ -150,7 +150,7 @@ def bind_subject(
         tokens=subject.tokens,
         positions=location.positions,
         prompt_tokens=location.prompt_tokens,
-        scale=float(lambda_),
+        lam=float(lambda_),
         sigma_start=window.sigma_start,
         sigma_end=window.sigma_end,
         mask=mask,

@@ -19,22 +19,22 @@ def make(b=2, n=6, t=9, heads=2, dh=4, m=5, seed=0):
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4])
-@pytest.mark.parametrize("scale", [1.0, 2.5])
+@pytest.mark.parametrize("lam", [1.0, 2.5])
 @pytest.mark.parametrize("m", [1, 7])
-def test_efficient_form_equals_reference(heads, scale, m):
+def test_efficient_form_equals_reference(heads, lam, m):
     q, k, v, key, value = make(heads=heads, dh=8 // heads, m=m)
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, alpha=2.0)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=lam, alpha=2.0)
     out = nested_attention(q, k, v, [subject], heads=heads)
     ref = reference_nested_attention(q, k, v, [subject], heads=heads)
     torch.testing.assert_close(out.double(), ref, **TOL)
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_two_subjects_with_repeated_positions_equal_reference(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_two_subjects_with_repeated_positions_equal_reference(lam):
     q, k, v, key, value = make(t=12, m=4)
     _, _, _, key2, value2 = make(t=12, m=6, seed=1)
-    a = NestedSubject(key, value, torch.tensor([1, 7]), scale=scale, alpha=2.0)
-    b = NestedSubject(key2, value2, torch.tensor([4]), scale=1.5, alpha=1.0)
+    a = NestedSubject(key, value, torch.tensor([1, 7]), lam=lam, alpha=2.0)
+    b = NestedSubject(key2, value2, torch.tensor([4]), lam=1.5, alpha=1.0)
     out = nested_attention(q, k, v, [a, b], heads=2)
     ref = reference_nested_attention(q, k, v, [a, b], heads=2)
     torch.testing.assert_close(out.double(), ref, **TOL)
@@ -42,8 +42,8 @@ def test_two_subjects_with_repeated_positions_equal_reference(scale):
 
 def test_subject_order_does_not_change_the_result():
     q, k, v, key, value = make(t=12)
-    a = NestedSubject(key, value, torch.tensor([2]), scale=2.0)
-    b = NestedSubject(value, key, torch.tensor([5]), scale=3.0)
+    a = NestedSubject(key, value, torch.tensor([2]), lam=2.0)
+    b = NestedSubject(value, key, torch.tensor([5]), lam=3.0)
     torch.testing.assert_close(nested_attention(q, k, v, [a, b], heads=2), nested_attention(q, k, v, [b, a], heads=2))
 
 
@@ -53,14 +53,14 @@ def test_nested_value_equal_to_token_value_with_lambda_one_is_plain_attention():
     # Every nested value equals V[s*]: v* = V[s*], and with alpha = 1 the norm rule keeps it.
     value = v[0, s].expand(5, -1).clone()
     key = torch.randn(5, v.shape[-1])
-    subject = NestedSubject(key, value, torch.tensor([s]), scale=1.0, alpha=1.0)
+    subject = NestedSubject(key, value, torch.tensor([s]), lam=1.0, alpha=1.0)
     out = nested_attention(q, k, v, [subject], heads=2)
     torch.testing.assert_close(out, sdpa_attention(q, k, v, 2), atol=1e-6, rtol=1e-5)
 
 
 def test_unconditional_rows_are_bit_identical_to_plain_attention():
     q, k, v, key, value = make(b=4)
-    subject = NestedSubject(key, value, torch.tensor([2]), scale=2.0)
+    subject = NestedSubject(key, value, torch.tensor([2]), lam=2.0)
     out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([1, 3]))
     plain = sdpa_attention(q, k, v, 2)
     assert torch.equal(out[[0, 2]], plain[[0, 2]])
@@ -78,8 +78,8 @@ def test_lambda_never_lowers_the_subject_attention():
     v_onehot[:, s] = 1.0
     value = torch.ones(3, d)
     prev = None
-    for scale in (1.0, 1.5, 3.0):
-        subject = NestedSubject(torch.randn(3, d), value, torch.tensor([s]), scale=scale, alpha=1.0)
+    for lam in (1.0, 1.5, 3.0):
+        subject = NestedSubject(torch.randn(3, d), value, torch.tensor([s]), lam=lam, alpha=1.0)
         mass = nested_attention(q, k, v_onehot, [subject], heads=2).sum(-1)
         if prev is not None:
             assert (mass >= prev - 1e-6).all() and (mass > prev + 1e-4).any()
@@ -104,14 +104,14 @@ def test_nested_value_norm_is_alpha_times_token_norm():
 def test_region_weight_zero_changes_nothing_and_one_equals_no_weight():
     q, k, v, key, value = make(b=1, n=6)
     weight = torch.tensor([0, 0, 1, 1, 0, 1.0])
-    s = NestedSubject(key, value, torch.tensor([3]), scale=2.0, weight=weight)
-    full = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    s = NestedSubject(key, value, torch.tensor([3]), lam=2.0, region_weight=weight)
+    full = NestedSubject(key, value, torch.tensor([3]), lam=2.0)
     out = nested_attention(q, k, v, [s], heads=2)
     plain = sdpa_attention(q, k, v, 2)
     inside = weight.bool()
     assert torch.equal(out[0, ~inside], plain[0, ~inside])
     torch.testing.assert_close(out[0, inside], nested_attention(q, k, v, [full], heads=2)[0, inside])
-    soft = NestedSubject(key, value, torch.tensor([3]), scale=2.0, weight=torch.linspace(0, 1, 6))
+    soft = NestedSubject(key, value, torch.tensor([3]), lam=2.0, region_weight=torch.linspace(0, 1, 6))
     torch.testing.assert_close(nested_attention(q, k, v, [soft], heads=2).double(),
                                reference_nested_attention(q, k, v, [soft], heads=2), **TOL)
 
@@ -120,7 +120,7 @@ def test_per_row_subject_tokens_equal_reference():
     q, k, v, _, _ = make(b=3, m=4)
     g = torch.Generator().manual_seed(5)
     key, value = torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g)
-    subject = NestedSubject(key, value, torch.tensor([2]), scale=1.0)
+    subject = NestedSubject(key, value, torch.tensor([2]), lam=1.0)
     out = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False, True]))
     ref = reference_nested_attention(q, k, v, [subject], heads=2, rows=[0, 2])
     torch.testing.assert_close(out.double(), ref, **TOL)
@@ -129,7 +129,7 @@ def test_per_row_subject_tokens_equal_reference():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_stay_close_to_float32(dtype):
     q, k, v, key, value = make()
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=2.0)
     ref = nested_attention(q, k, v, [subject], heads=2)
     half = nested_attention(q.to(dtype), k.to(dtype), v.to(dtype), [subject], heads=2)
     assert half.dtype == dtype
@@ -140,7 +140,7 @@ def test_gradients_flow_to_nested_keys_and_values_not_to_text():
     q, k, v, key, value = make()
     key.requires_grad_(True)
     value.requires_grad_(True)
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=1.0)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=1.0)
     nested_attention(q, k, v, [subject], heads=2).square().sum().backward()
     assert key.grad is not None and key.grad.abs().sum() > 0
     assert value.grad is not None and value.grad.abs().sum() > 0
@@ -170,11 +170,11 @@ def test_refusing_repeats_is_what_the_reference_means(monkeypatch):
     import nested_attention.attention as attention_module
 
     q, k, v, key, value = make(t=9)
-    once = NestedSubject(key, value, torch.tensor([3]), scale=2.0)
+    once = NestedSubject(key, value, torch.tensor([3]), lam=2.0)
     ref_once = reference_nested_attention(q, k, v, [once], heads=2)
     torch.testing.assert_close(nested_attention(q, k, v, [once], heads=2).double(), ref_once, **TOL)
     monkeypatch.setattr(attention_module, "check_positions", lambda positions: None)
-    twice = NestedSubject(key, value, torch.tensor([3, 3]), scale=2.0)
+    twice = NestedSubject(key, value, torch.tensor([3, 3]), lam=2.0)
     torch.testing.assert_close(reference_nested_attention(q, k, v, [twice], heads=2), ref_once)
     assert not torch.allclose(nested_attention(q, k, v, [twice], heads=2).double(), ref_once, **TOL)
 
@@ -201,15 +201,15 @@ def _subjects(kind, d, g, b=2, n=6):
     if kind == "two subjects at lambda 1, repeated word":  # P[s] |V[s]| straight from the widened call
         return [NestedSubject(*kv(4), torch.tensor([2, 9]), alpha=2.0), NestedSubject(*kv(6), torch.tensor([5]))]
     if kind == "two subjects, repeated word":
-        return [NestedSubject(*kv(4), torch.tensor([1, 7]), scale=2.5, alpha=2.0),
-                NestedSubject(*kv(6), torch.tensor([4]), scale=1.0, alpha=1.0)]
+        return [NestedSubject(*kv(4), torch.tensor([1, 7]), lam=2.5, alpha=2.0),
+                NestedSubject(*kv(6), torch.tensor([4]), lam=1.0, alpha=1.0)]
     if kind == "region weight and lambda":
-        return [NestedSubject(*kv(5), torch.tensor([3]), scale=3.0, weight=torch.rand(n, generator=g))]
+        return [NestedSubject(*kv(5), torch.tensor([3]), lam=3.0, region_weight=torch.rand(n, generator=g))]
     if kind == "per-row tokens and weights (training)":
-        return [NestedSubject(*kv(4, rows=b), torch.tensor([2, 9]), scale=1.0,
-                              weight=torch.tensor([[1.0] * n, [0.0] * n])[:b])]
+        return [NestedSubject(*kv(4, rows=b), torch.tensor([2, 9]), lam=1.0,
+                              region_weight=torch.tensor([[1.0] * n, [0.0] * n])[:b])]
     if kind == "lambda below one":
-        return [NestedSubject(*kv(3), torch.tensor([5]), scale=0.5)]
+        return [NestedSubject(*kv(3), torch.tensor([5]), lam=0.5)]
     raise AssertionError(kind)
 
 
@@ -236,7 +236,7 @@ def test_gradients_equal_those_of_the_reference(kind):
     """The trainer backpropagates through the layer: d out / d (q, K~, V~) against float64 autograd."""
     q, k, v, key, value = make(b=2, t=12)
     g = torch.Generator().manual_seed(4)
-    subjects = ([NestedSubject(key, value, torch.tensor([3]), scale=1.0)] if kind == "one subject"
+    subjects = ([NestedSubject(key, value, torch.tensor([3]), lam=1.0)] if kind == "one subject"
                 else _subjects(kind, q.shape[-1], g))
     grad_out = torch.randn(q.shape, generator=g)
 
@@ -244,7 +244,7 @@ def test_gradients_equal_those_of_the_reference(kind):
         leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, *[x for s in subjects
                                                                                for x in (s.key, s.value)])]
         it = iter(leaves[1:])
-        ours = [NestedSubject(next(it), next(it), s.positions, s.scale, s.alpha, s.weight) for s in subjects]
+        ours = [NestedSubject(next(it), next(it), s.positions, s.lam, s.alpha, s.region_weight) for s in subjects]
         fn(leaves[0], k.to(dtype), v.to(dtype), ours).mul(grad_out.to(dtype)).sum().backward()
         return [t.grad for t in leaves]
 
@@ -260,7 +260,7 @@ def test_every_attention_goes_through_the_host_callable(monkeypatch):
     import nested_attention.attention as attention_module
 
     q, k, v, key, value = make(b=2, t=12, heads=2, dh=4, m=5)
-    subjects = [NestedSubject(key, value, torch.tensor([3]), scale=2.0),
+    subjects = [NestedSubject(key, value, torch.tensor([3]), lam=2.0),
                 NestedSubject(value[:3], key[:3], torch.tensor([7]))]
     calls = []
 
@@ -284,13 +284,13 @@ def test_every_attention_goes_through_the_host_callable(monkeypatch):
     torch.testing.assert_close(out[:1].double(), ref[:1], **TOL)
 
 
-@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("lam", [1.0, 3.0])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_another_packs_output_over_passes_its_own_term_through_at_every_lambda(scale, weighted):
+def test_another_packs_output_over_passes_its_own_term_through_at_every_lambda(lam, weighted):
     """over = PV + X (another pack's patch): the subject rows get nested(PV) + X, the others `over` itself."""
     q, k, v, key, value = make(b=2, t=12)
     weight = torch.linspace(0, 1, q.shape[1]) if weighted else None
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, weight=weight)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=lam, region_weight=weight)
     extra = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
     over = sdpa_attention(q, k, v, 2) + extra
     kept = over.clone()
@@ -301,14 +301,14 @@ def test_another_packs_output_over_passes_its_own_term_through_at_every_lambda(s
     torch.testing.assert_close(out[0].double(), ref[0] + extra[0].double(), **TOL)
 
 
-@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("lam", [1.0, 3.0])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_a_given_base_is_the_plain_attention_the_host_would_give(scale, weighted):
+def test_a_given_base_is_the_plain_attention_the_host_would_give(lam, weighted):
     """base = PV, computed by the caller: the same output as without it, and the host attention is not asked
     for PV; a base PV + X has X scaled by r above lambda 1 (which is why another pack's output is `over`)."""
     q, k, v, key, value = make(b=2, t=12)
     weight = torch.linspace(0, 1, q.shape[1]) if weighted else None
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=scale, weight=weight)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=lam, region_weight=weight)
     base = sdpa_attention(q, k, v, 2)
     kept = base.clone()
     widths = []
@@ -324,20 +324,20 @@ def test_a_given_base_is_the_plain_attention_the_host_would_give(scale, weighted
     torch.testing.assert_close(out[0].double(), ref[0], **TOL)
     extra = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
     shifted = nested_attention(q, k, v, [subject], heads=2, rows=torch.tensor([True, False]), base=base + extra)
-    assert torch.allclose(shifted - out, extra, atol=1e-5) == (scale == 1.0)
+    assert torch.allclose(shifted - out, extra, atol=1e-5) == (lam == 1.0)
     with pytest.raises(ValueError, match="base= .* or over="):
         nested_attention(q, k, v, [subject], heads=2, base=base, over=base)
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_probe_receives_each_subjects_attention_probability_after_lambda(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_probe_receives_each_subjects_attention_probability_after_lambda(lam):
     q, k, v, _, _ = make(b=2, t=12, heads=2, dh=4)
     g = torch.Generator().manual_seed(6)
     weight = torch.rand(q.shape[1], generator=g)
     subjects = [NestedSubject(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.tensor([1, 7]),
-                              scale=scale),
+                              lam=lam),
                 NestedSubject(torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor([4]),
-                              scale=2.0, weight=weight)]
+                              lam=2.0, region_weight=weight)]
     seen = {}
     out = nested_attention(q, k, v, subjects, heads=2, rows=torch.tensor([False, True]),
                            probe=lambda i, probs: seen.setdefault(i, probs.clone()))
@@ -347,8 +347,8 @@ def test_probe_receives_each_subjects_attention_probability_after_lambda(scale):
     logits = qh @ kh.transpose(1, 2) / 2.0  # (h, N, T)
     boost = torch.ones(q.shape[1], k.shape[1], dtype=torch.float64)
     for s in subjects:
-        lam = 1.0 + (torch.ones(q.shape[1]) if s.weight is None else s.weight).double() * (s.scale - 1.0)
-        boost[:, s.positions] = lam[:, None]
+        row_lam = 1.0 + (torch.ones(q.shape[1]) if s.region_weight is None else s.region_weight).double() * (s.lam - 1.0)
+        boost[:, s.positions] = row_lam[:, None]
     probs = torch.maximum(logits, boost * logits).softmax(dim=-1)  # (h, N, T)
     assert set(seen) == {0, 1}
     for i, s in enumerate(subjects):
@@ -362,7 +362,7 @@ def test_a_boost_far_past_float32s_range_stays_finite_and_exact():
     q = q * 12.0
     k = k.clone()
     k[:, 3] = q[0].mean(0) * 4.0  # large positive logits on s*
-    subject = NestedSubject(key, value, torch.tensor([3]), scale=8.0)
+    subject = NestedSubject(key, value, torch.tensor([3]), lam=8.0)
     out = nested_attention(q, k, v, [subject], heads=2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), reference_nested_attention(q, k, v, [subject], heads=2), **TOL)
@@ -384,7 +384,7 @@ def test_a_subject_whose_nested_values_vanish_adds_nothing_instead_of_nan():
 def test_half_precision_paths_stay_close_to_the_reference(dtype, kind):
     q, k, v, _, _ = make(b=2, t=12)
     subjects = _subjects(kind, q.shape[-1], torch.Generator().manual_seed(3))
-    half = [NestedSubject(s.key.to(dtype), s.value.to(dtype), s.positions, s.scale, s.alpha, s.weight)
+    half = [NestedSubject(s.key.to(dtype), s.value.to(dtype), s.positions, s.lam, s.alpha, s.region_weight)
             for s in subjects]
     out = nested_attention(q.to(dtype), k.to(dtype), v.to(dtype), half, heads=2)
     assert out.dtype == dtype

@@ -37,7 +37,7 @@ def recorded_subjects(monkeypatch):
     original = core_patch.nested_attention
 
     def recording(q, k, v, subjects, *, probe=None, **kwargs):
-        entry = (q.shape[1], [(tuple(s.positions.tolist()), s.weight) for s in subjects], {})
+        entry = (q.shape[1], [(tuple(s.positions.tolist()), s.region_weight) for s in subjects], {})
         calls.append(entry)
         if probe is None:
             return original(q, k, v, subjects, probe=None, **kwargs)

@@ -157,12 +157,12 @@ def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
     index = [layer.key for layer in layers].index(call.key)
     plain = variants.subject_binding(encoder, tokens)
     boosted = variants.subject_binding(encoder, tokens)
-    boosted.scale, boosted.sigma_start, boosted.sigma_end = 3.0, 1e9, 0.5  # lambda, and a sigma window
+    boosted.lam, boosted.sigma_start, boosted.sigma_end = 3.0, 1e9, 0.5  # lambda, and a sigma window
     with workload.comfy_sdpa_attention():
         for binding in (plain, boosted):
             patch = NestedAttentionPatch(layers[index], index, [binding], host)
             work = counters.device_work_per_call(functools.partial(patch, q, k, v, extra))
-            assert work["syncs"] == [], (binding.scale, work)
+            assert work["syncs"] == [], (binding.lam, work)
             assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
         # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
         extra["sigmas"] = torch.full((2,), 2.0, device="meta")
@@ -194,8 +194,8 @@ def test_the_new_form_launches_fewer_kernels_and_holds_less_memory_than_the_prev
     assert new["peak_bytes"] + logits < old["peak_bytes"]
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_the_previous_implementation_equals_the_reference(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_the_previous_implementation_equals_the_reference(lam):
     """The benchmark's "(previous)" variants compute what the current code does: checked as the current one is."""
     from benchmark.previous import previous_nested_attention
     from nested_attention import NestedSubject
@@ -204,7 +204,7 @@ def test_the_previous_implementation_equals_the_reference(scale):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 6, 8, generator=g), torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g)
     subjects = [NestedSubject(torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor([3, 9]),
-                              scale=scale, weight=torch.rand(6, generator=g)),
+                              lam=lam, region_weight=torch.rand(6, generator=g)),
                 NestedSubject(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.tensor([5]))]
     out = previous_nested_attention(q, k, v, subjects, heads=2, rows=torch.tensor([True, False]))
     ref = reference_nested_attention(q, k, v, subjects, heads=2, rows=[0])

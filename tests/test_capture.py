@@ -51,14 +51,14 @@ def probed(q, k, v, subjects, heads, rows=None):
 # The probe
 
 
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (2.5, 1.0), (3.0, 1.5)])
+@pytest.mark.parametrize("lams", [(1.0, 1.0), (2.5, 1.0), (3.0, 1.5)])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_probe_gives_each_subjects_probability_after_lambda_and_region_weight(scales, weighted):
+def test_probe_gives_each_subjects_probability_after_lambda_and_region_weight(lams, weighted):
     q, k, v, key, value = make(t=12)
     _, _, _, key2, value2 = make(t=12, m=3, seed=1)
     weight = torch.rand(q.shape[1], generator=torch.Generator().manual_seed(3)) if weighted else None
-    a = NestedSubject(key, value, torch.tensor([1, 7]), scale=scales[0], weight=weight)
-    b = NestedSubject(key2, value2, torch.tensor([4]), scale=scales[1])
+    a = NestedSubject(key, value, torch.tensor([1, 7]), lam=lams[0], region_weight=weight)
+    b = NestedSubject(key2, value2, torch.tensor([4]), lam=lams[1])
     rows = torch.tensor([False, True, False, True])
     out, seen = probed(q, k, v, [a, b], 2, rows)
     expected = reference_subject_probability(q, k, [a, b], heads=2, rows=[1, 3])
@@ -76,7 +76,7 @@ def test_probe_gives_each_subjects_probability_after_lambda_and_region_weight(sc
 def test_probabilities_of_subjects_covering_every_text_position_sum_to_one():
     q, k, v, key, value = make(b=2, t=6)
     subjects = [
-        NestedSubject(key, value, torch.tensor(p), scale=s)
+        NestedSubject(key, value, torch.tensor(p), lam=s)
         for p, s in (([0, 3], 2.0), ([1], 1.0), ([2, 4, 5], 4.0))
     ]
     _, seen = probed(q, k, v, subjects, 2)

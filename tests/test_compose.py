@@ -58,14 +58,14 @@ CPU, META = torch.device("cpu"), torch.device("meta")
 # One layer, against the references
 
 
-def binding(seed: int, positions: tuple, scale: float = 1.0, masked: bool = False, **kwargs) -> SubjectBinding:
+def binding(seed: int, positions: tuple, lam: float = 1.0, masked: bool = False, **kwargs) -> SubjectBinding:
     qformer = QFormerConfig(clip_dim=8, dim=8, depth=1, heads=1, dim_head=8, num_queries=3, output_dim=16)
     torch.manual_seed(seed)
     encoder = NestedEncoder(EncoderConfig(layers=(LAYER,), qformer=qformer))
     # A region at the layer's own 4 x 4 grid (so resizing it is the identity), zero on part of it.
     mask = (torch.rand(4, 4) * (torch.rand(4, 4) > 0.3)) if masked else None
     return SubjectBinding(encoder=encoder, tokens=torch.randn(1, 3, 16), positions=positions, prompt_tokens=77,
-                          scale=scale, alpha=2.0, mask=mask, **kwargs)
+                          lam=lam, alpha=2.0, mask=mask, **kwargs)
 
 
 def reference_subject(b: SubjectBinding) -> NestedSubject:
@@ -74,7 +74,7 @@ def reference_subject(b: SubjectBinding) -> NestedSubject:
     with torch.no_grad():
         key, value = b.tokens[0] @ proj.to_k.weight.T, b.tokens[0] @ proj.to_v.weight.T
     weight = None if b.mask is None else b.mask.flatten()
-    return NestedSubject(key, value, torch.tensor(b.positions), scale=b.scale, alpha=b.alpha, weight=weight)
+    return NestedSubject(key, value, torch.tensor(b.positions), lam=b.lam, alpha=b.alpha, region_weight=weight)
 
 
 def their_patch(dim: int = 32) -> OtherPackPatch:
@@ -101,9 +101,9 @@ SUBJECTS = {  # lambda of each subject; the second (if any) sits at two position
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["everywhere", "region mask"])
-@pytest.mark.parametrize("scales", SUBJECTS.values(), ids=SUBJECTS.keys())
-def test_on_another_packs_patch_the_output_is_nested_attention_plus_their_own_term_unchanged(scales, masked):
-    bindings = [binding(10 + i, ((5,), (9, 30))[i], scale, masked=masked and i == 0) for i, scale in enumerate(scales)]
+@pytest.mark.parametrize("lams", SUBJECTS.values(), ids=SUBJECTS.keys())
+def test_on_another_packs_patch_the_output_is_nested_attention_plus_their_own_term_unchanged(lams, masked):
+    bindings = [binding(10 + i, ((5,), (9, 30))[i], lam, masked=masked and i == 0) for i, lam in enumerate(lams)]
     theirs = their_patch()
     before = state(theirs)
     patch = NestedAttentionPatch(LAYER, 0, bindings, plain_host_attention, wrapped=theirs)
@@ -133,11 +133,11 @@ def test_above_lambda_1_their_output_is_no_base_for_the_efficient_form():
     torch.testing.assert_close(out.double(), expected, **TOL)
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_rows_and_steps_without_the_subject_are_their_output_bit_for_bit(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_rows_and_steps_without_the_subject_are_their_output_bit_for_bit(lam):
     theirs = their_patch()
-    late = binding(10, (5,), scale, masked=True, sigma_start=2.0)  # the calls below are at sigma 3
-    early = binding(11, (7,), scale)
+    late = binding(10, (5,), lam, masked=True, sigma_start=2.0)  # the calls below are at sigma 3
+    early = binding(11, (7,), lam)
     q, k, v, extra = layer_call()
     assert torch.equal(NestedAttentionPatch(LAYER, 0, [late], wrapped=theirs)(q, k, v, extra), theirs(q, k, v, extra))
     only_uncond = layer_call(flags=(1,), batch=2)
@@ -152,18 +152,18 @@ def counting_host(calls: list):
     return host
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_on_their_patch_every_lambda_adds_only_our_own_attentions_all_through_the_host(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_on_their_patch_every_lambda_adds_only_our_own_attentions_all_through_the_host(lam):
     theirs = their_patch()
     q, k, v, extra = layer_call()
     calls: list = []
-    wrapped = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host(calls), wrapped=theirs)
-    alone = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host([]))
+    wrapped = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), lam)], counting_host(calls), wrapped=theirs)
+    alone = NestedAttentionPatch(LAYER, 0, [binding(10, (5,), lam)], counting_host([]))
     wrapped(q, k, v, extra)
     # The host attention (ComfyUI's, with its override): the subject row's text attention with widened heads
     # (P V and P[s] together), then the nested attention over the 3 tokens; no plain attention beside them.
     alone_calls: list = []
-    NestedAttentionPatch(LAYER, 0, [binding(10, (5,), scale)], counting_host(alone_calls))(q, k, v, extra)
+    NestedAttentionPatch(LAYER, 0, [binding(10, (5,), lam)], counting_host(alone_calls))(q, k, v, extra)
     assert calls == [77, 3] and alone_calls == [77, 3, 77]  # alone, the unconditional row's own attention too
 
     def attentions(fn) -> Counter:
@@ -187,10 +187,10 @@ def test_on_their_patch_every_lambda_adds_only_our_own_attentions_all_through_th
     assert attentions(lambda: wrapped(q, k, v, extra)) == theirs_alone + Counter({77: 1, 3: 1})
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_a_warm_call_on_another_packs_patch_never_waits_for_the_device(scale):
+@pytest.mark.parametrize("lam", [1.0, 2.5])
+def test_a_warm_call_on_another_packs_patch_never_waits_for_the_device(lam):
     """On meta, as the benchmark counts: no read-back and no blocking copy from host memory per attn2 call."""
-    b = binding(10, (5,), scale, masked=True)
+    b = binding(10, (5,), lam, masked=True)
     b.encoder.to(META)
     b.tokens = b.tokens.to(META)
     theirs = OtherPackPatch(**{k: v.to(META) if isinstance(v, torch.Tensor) else v

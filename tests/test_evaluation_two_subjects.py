@@ -144,7 +144,7 @@ def test_the_pair_model_carries_both_subjects_on_their_words_with_their_halves(t
         assert [tokens[p][0] for p in bound["pet"].positions] == [tokens[2][0]]  # "a pet and a toy": 2nd word
         assert [tokens[p][0] for p in bound["toy"].positions] == [tokens[5][0]]
         assert torch.equal(bound["pet"].mask, left) and torch.equal(bound["toy"].mask, right)
-        assert {s.scale for s in patch.subjects} == {2.0}
+        assert {s.lam for s in patch.subjects} == {2.0}
         assert torch.equal(bound["pet"].tokens, base.tokens(0)) and torch.equal(
             bound["toy"].tokens, base.tokens(1)
         )

@@ -54,7 +54,7 @@ def snapshot(model) -> dict:
             id(patch), patch.layer, patch.index, patch.host_attention, id(patch.wrapped), tuple(patch.models()),
             tuple(
                 (id(s), s.encoder, s.tokens.data_ptr(), s.tokens._version, s.positions, s.prompt_tokens,
-                 s.scale, s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
+                 s.lam, s.alpha, s.sigma_start, s.sigma_end, s.mask, s.rows, s.cache, s.name)
                 for s in patch.subjects
             ),
         )

@@ -292,7 +292,7 @@ class Generator:
         tokens = self.tokens(job.subject)
         if method.kind == "nested":
             return patched_model(
-                self.frozen, self.encoder, tokens, positions, prompt_tokens, scale=method.value
+                self.frozen, self.encoder, tokens, positions, prompt_tokens, lam=method.value
             )
         if method.kind == "decoupled":
             binding = SubjectBinding(

@@ -180,7 +180,7 @@ class PairGenerator:
                     tokens=self.base.tokens(subject),
                     positions=positions,
                     prompt_tokens=prompt_tokens,
-                    scale=float(job.method.value),
+                    lam=float(job.method.value),
                     mask=mask,
                     auto_region=auto,
                     name=word,

@@ -45,16 +45,16 @@ def patched_model(
     tokens: torch.Tensor,
     positions: tuple[int, ...],
     prompt_tokens: int,
-    scale: float = 1.0,
+    lam: float = 1.0,
 ):
-    """A clone of the UNet's ModelPatcher with the subject on every cross-attention layer (λ = `scale`)."""
+    """A clone of the UNet's ModelPatcher with the subject on every cross-attention layer (λ = `lam`)."""
     model = frozen.unet.clone()
     binding = SubjectBinding(
         encoder=encoder,
         tokens=tokens,
         positions=positions,
         prompt_tokens=prompt_tokens,
-        scale=float(scale),
+        lam=float(lam),
         name="validation",
     )
     glue_model.install_subject(model, binding, encoder.layers)
