@@ -22,6 +22,7 @@ The last test imports the core in a fresh interpreter that has no ComfyUI on sys
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -300,7 +301,10 @@ def pytest_sessionfinish(session):
 def test_core_tests_run_without_comfyui_imported(tmp_path):
     """The test modules that import only the core (conftest.needs_comfyui) run with no ComfyUI module imported,
     and the modules that need ComfyUI are told apart from them."""
-    import conftest
+    # tests/conftest.py by its path: the name `conftest` alone may be another folder's (tests/e2e/conftest.py).
+    spec = importlib.util.spec_from_file_location("tests_conftest", REPO / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
 
     tests = sorted((REPO / "tests").glob("test_*.py"))
     core_tests = [p for p in tests if not conftest.needs_comfyui(p) and p.name != Path(__file__).name]

@@ -25,6 +25,7 @@ from PIL import Image
 from nested_attention import concat_subject_tokens
 from nested_attention.images import MaskError
 from nested_attention.weights import weights_fingerprint
+from nested_attention_comfy.clip_vision import NestedEncoderLoadError, photo_tokens
 
 
 def reference_tokens(handle, images):
@@ -63,15 +64,15 @@ def test_the_trainer_encodes_a_photo_exactly_as_the_node_does(pack, load_handle)
     handle = load_handle()
     images = photos(3, 2)
     subject = encode_subject(pack, handle, seed=3, n=2)
-    trainer = torch.cat([pack.host.photo_tokens(handle.clip_vision, handle.config.clip_vision, handle.encoder,
+    trainer = torch.cat([photo_tokens(handle.clip_vision, handle.config.clip_vision, handle.encoder,
                                                 images[i : i + 1]) for i in range(2)])  # (2, M, C)
     assert trainer.dtype == torch.float32 and trainer.device.type == "cpu"
     assert torch.equal(concat_subject_tokens(trainer), subject.tokens)
     torch.testing.assert_close(concat_subject_tokens(trainer), reference_tokens(handle, images))
 
     wider = dataclasses.replace(handle.config.clip_vision, hidden_size=96)  # a tower the encoder was not made for
-    with pytest.raises(pack.host.NestedEncoderLoadError, match=r"gave tokens of shape \(17, 64\); encoder"):
-        pack.host.photo_tokens(handle.clip_vision, wider, handle.encoder, images[:1])
+    with pytest.raises(NestedEncoderLoadError, match=r"gave tokens of shape \(17, 64\); encoder"):
+        photo_tokens(handle.clip_vision, wider, handle.encoder, images[:1])
 
 def test_mask_keeps_the_subject_and_whitens_the_rest(pack, load_handle):
     handle = load_handle()
