@@ -588,6 +588,17 @@ def e2e_args(args: list[str]) -> list[str]:
     return [*rest, "-m", f"e2e and ({expr})" if expr else "e2e"]
 
 
+def parallel_args(args: list[str]) -> list[str]:
+    """pytest-xdist's options for a whole-suite run: a worker per core (at most 4), the tests of tests/e2e kept
+    on one worker (their `xdist_group`: one server and browser for them all). None of them when `args` choose the
+    workers themselves (`-n`, `-p no:xdist`) or the machine has one core."""
+    workers = min(os.cpu_count() or 1, 4)
+    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
+    if chosen or "no:xdist" in args or workers < 2:
+        return []
+    return ["-n", str(workers), "--dist", "loadgroup"]
+
+
 class Leg(NamedTuple):
     """One pytest run: a host, the frontend it serves (None: the one its venv pins), the pytest args."""
 
@@ -650,7 +661,8 @@ def test(args: list[str]) -> None:
             env[FRONT_END_ROOT_ENV] = str(ensure_frontend(leg.host, leg.frontend))
         setup_s = time.monotonic() - start
         log(f"running pytest: {leg.name} at {leg.host.comfyui} ({leg.host.venv.name})")
-        rc, summary = run_pytest(leg.host, leg.args, env)
+        args = leg.args if leg.frontend is not None else [*parallel_args(leg.args), *leg.args]
+        rc, summary = run_pytest(leg.host, args, env)
         if leg.frontend is not None and rc == NO_TESTS_COLLECTED:
             rc, summary = 0, "no browser test among the tests asked for"
         results.append((leg, rc, summary, setup_s, time.monotonic() - start))

@@ -210,6 +210,18 @@ def test_every_host_runs_the_suite_and_the_newest_host_runs_the_browser_tests_wi
     assert [(leg.host.version, leg.frontend) for leg in legs] == [(dev.COMFYUI_VERSION, "1.60.0")]
 
 
+def test_a_whole_suite_run_gets_a_worker_per_core_unless_the_args_choose(monkeypatch):
+    dev = load_dev()
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
+    assert dev.parallel_args(["-q", "tests/test_attention.py"]) == ["-n", "2", "--dist", "loadgroup"]
+    for chosen in (["-n", "0"], ["-n4"], ["--numprocesses=3"], ["-p", "no:xdist"], ["--dist=load"]):
+        assert dev.parallel_args(["-q", *chosen]) == [], chosen
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 64)
+    assert dev.parallel_args([])[:2] == ["-n", "4"]
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 1)
+    assert dev.parallel_args([]) == []
+
+
 def test_every_browser_test_carries_the_e2e_marker_the_newest_frontend_run_selects():
     for module in sorted((ROOT / "tests" / "e2e").glob("test_*.py")):
         assert "pytest.mark.e2e" in module.read_text(), f"{module.name} lacks pytestmark = [pytest.mark.e2e, ...]"

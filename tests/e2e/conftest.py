@@ -24,6 +24,17 @@ from harness import (
 )
 from tiny_base import prepare_tiny_base
 
+HERE = os.path.dirname(__file__)
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`dev.py test` runs a worker per core), every test here runs on one worker: they
+    share the one server and browser above and its artifacts folder, and a second server would cost more
+    than it saves."""
+    for item in items:
+        if os.fspath(item.path).startswith(HERE + os.sep):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, _tiny_unet_shared):
