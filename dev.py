@@ -19,7 +19,8 @@ Each command first makes sure, for each ComfyUI host it uses, that (idempotently
     (venv `.venv-<version>`). Only `test` uses them all; serve, bench and soak use the first unless --host says;
   - ComfyUI sees this pack (a symlink in its `custom_nodes/`).
 `test` also installs Debian's Chromium for the browser tests when it is missing and we are root; it runs
-pytest once per host, then the browser tests (tests/e2e) once more on the newest archived host with the newest
+pytest once per host, then the browser tests (those of tests/e2e that open the frontend: pytest's `browser`
+marker) once more on the newest archived host with the newest
 frontend (NEWEST_FRONTEND, installed into `.comfyui/frontend-<version>` and served with --front-end-root),
 and ends with one result line per run.
 
@@ -581,11 +582,11 @@ def ensure_frontend(host: Host, version: str) -> Path:
     return static
 
 
-def e2e_args(args: list[str]) -> list[str]:
-    """The pytest args that keep, of what `args` select, only the browser tests (pytest's `e2e` marker, which
-    every test in tests/e2e carries)."""
+def browser_args(args: list[str]) -> list[str]:
+    """The pytest args that keep, of what `args` select, only the browser tests: pytest's `browser` marker, which
+    tests/e2e/conftest.py gives every test there that opens the frontend (the others never load it)."""
     expr, rest = take_option(args, "-m")
-    return [*rest, "-m", f"e2e and ({expr})" if expr else "e2e"]
+    return [*rest, "-m", f"browser and ({expr})" if expr else "browser"]
 
 
 def parallel_args(args: list[str]) -> list[str]:
@@ -626,14 +627,14 @@ def plan_legs(args: list[str]) -> tuple[list[Leg], list[str]]:
     notes = [f"ran ONE ComfyUI host ({hosts[0].version}): {why_one}"] if len(hosts) == 1 and not wanted else []
     newest = hosts[-1]
     if frontend is not None:
-        return [Leg(newest, frontend, e2e_args(rest))], []
+        return [Leg(newest, frontend, browser_args(rest))], []
     legs = [Leg(host, None, rest) for host in hosts]
     if wanted is None:
         if newest.archive is None:
             notes.append(f"frontend {NEWEST_FRONTEND} not tested: it runs on the newest archived host, and there "
                          "is none")
         else:
-            legs.append(Leg(newest, NEWEST_FRONTEND, e2e_args(rest)))
+            legs.append(Leg(newest, NEWEST_FRONTEND, browser_args(rest)))
     return legs, notes
 
 

@@ -196,16 +196,16 @@ def test_every_host_runs_the_suite_and_the_newest_host_runs_the_browser_tests_wi
     legs, notes = dev.plan_legs(["-q", "tests/e2e"])
     assert [(leg.host.version, leg.frontend, leg.args) for leg in legs] == [
         (dev.COMFYUI_VERSION, None, ["-q", "tests/e2e"]), ("0.33.0", None, ["-q", "tests/e2e"]),
-        ("0.33.0", dev.NEWEST_FRONTEND, ["-q", "tests/e2e", "-m", "e2e"])]
+        ("0.33.0", dev.NEWEST_FRONTEND, ["-q", "tests/e2e", "-m", "browser"])]
     assert notes == [] and legs[2].name == f"ComfyUI 0.33.0 + frontend {dev.NEWEST_FRONTEND} (browser tests)"
     # The newest-frontend run keeps the browser tests of the selection: a marker expression given is combined.
     legs, _ = dev.plan_legs(["-m", "not slow", "-k", "tests"])
-    assert legs[2].args == ["-k", "tests", "-m", "e2e and (not slow)"]
+    assert legs[2].args == ["-k", "tests", "-m", "browser and (not slow)"]
     # --host: that host alone, with its own frontend; --frontend: the browser tests alone, with that frontend.
     legs, _ = dev.plan_legs(["--host", "0.33.0"])
     assert [(leg.host.version, leg.frontend) for leg in legs] == [("0.33.0", None)]
     legs, _ = dev.plan_legs(["--frontend", "1.60.0", "-x"])
-    assert [(leg.host.version, leg.frontend, leg.args) for leg in legs] == [("0.33.0", "1.60.0", ["-x", "-m", "e2e"])]
+    assert [(leg.host.version, leg.frontend, leg.args) for leg in legs] == [("0.33.0", "1.60.0", ["-x", "-m", "browser"])]
     legs, _ = dev.plan_legs(["--frontend=1.60.0", "--host", dev.COMFYUI_VERSION])
     assert [(leg.host.version, leg.frontend) for leg in legs] == [(dev.COMFYUI_VERSION, "1.60.0")]
 
@@ -222,7 +222,7 @@ def test_a_whole_suite_run_gets_a_worker_per_core_unless_the_args_choose(monkeyp
     assert dev.parallel_args([]) == []
 
 
-def test_every_browser_test_carries_the_e2e_marker_the_newest_frontend_run_selects():
+def test_every_test_in_tests_e2e_carries_the_e2e_marker():
     for module in sorted((ROOT / "tests" / "e2e").glob("test_*.py")):
         assert "pytest.mark.e2e" in module.read_text(), f"{module.name} lacks pytestmark = [pytest.mark.e2e, ...]"
 

@@ -28,12 +28,16 @@ HERE = os.path.dirname(__file__)
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`dev.py test` runs a worker per core), every test here runs on one worker: they
-    share the one server and browser above and its artifacts folder, and a second server would cost more
-    than it saves."""
+    """Tests here that open the frontend get the `browser` marker (the newest-frontend run selects them). Under
+    pytest-xdist (`dev.py test` runs a worker per core) the tests here run on one worker, group `e2e`: they
+    share the one server and browser above and its artifacts folder, and a second server would cost more than
+    it saves. The soak starts servers of its own: it runs beside them, group `soak`."""
     for item in items:
-        if os.fspath(item.path).startswith(HERE + os.sep):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
+        if not os.fspath(item.path).startswith(HERE + os.sep):
+            continue
+        if "frontend" in item.fixturenames:
+            item.add_marker(pytest.mark.browser)
+        item.add_marker(pytest.mark.xdist_group("soak" if item.path.name == "test_soak_e2e.py" else "e2e"))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,22 @@
-"""The browser tests share one server and browser (tests/e2e/conftest.py): under pytest-xdist they must all
-go to one worker, which `--dist loadgroup` does for tests of one `xdist_group`."""
+"""How tests/e2e/conftest.py marks the tests here: `browser` for those that open the frontend (the newest-frontend
+run of `dev.py test` selects them), and the pytest-xdist group that keeps those sharing one server on one worker
+(`--dist loadgroup`); the soak, which starts its own servers, is a group of its own."""
 
 import pytest
 
 pytestmark = [pytest.mark.e2e]
 
 
-def test_every_test_here_is_in_the_e2e_group_of_one_worker(request):
-    here = [item for item in request.session.items if "tests/e2e/" in item.nodeid]
-    assert request.node in here and len(here) > 1
+def test_the_tests_sharing_the_server_are_one_group_and_those_opening_the_frontend_are_browser_tests(request):
+    items = request.session.items
+    here = [item for item in items if "tests/e2e/" in item.nodeid]
+    assert request.node in here  # the checks below cover whichever tests here were collected with it
     groups = {item.nodeid: [m.args for m in item.iter_markers("xdist_group")] for item in here}
-    assert all(g == [("e2e",)] for g in groups.values()), groups
-    assert not any(item.get_closest_marker("xdist_group") for item in request.session.items if item not in here)
+    for nodeid, group in groups.items():
+        expected = ("soak",) if "/test_soak_e2e.py::" in nodeid else ("e2e",)
+        assert group == [expected], (nodeid, group)
+    assert not any(item.get_closest_marker("xdist_group") for item in items if item not in here)
+
+    browser = {item.nodeid for item in items if item.get_closest_marker("browser")}
+    assert browser == {item.nodeid for item in here if "frontend" in item.fixturenames}
+    assert not any("soak" in n for n in browser)

@@ -4,7 +4,8 @@
 (11 subjects, chained pairs, masks, λ, 1-4 chunk prompts), 4 interrupted mid-sampling and 4 bad (one of each
 kind: one in 10 instead of 20, so that each kind comes up). It starts its own servers: the soak server, a
 fresh --cache-none server that runs every good prompt again, and one fresh server for one prompt alone.
-The report and the servers' logs go to tests/artifacts/e2e/soak/.
+The report and the servers' logs go to tests/artifacts/soak/ (beside the shared server's tests/artifacts/e2e/,
+which that server's start empties: the soak may run at the same time, on another pytest-xdist worker).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 def test_a_short_soak_keeps_the_server_up_answers_bad_prompts_and_reproduces_every_output(tmp_path,
                                                                                           _tiny_unet_shared):
     report = soak.soak(40, 1, tmp_path, _tiny_unet_shared, tiny_models.find_comfyui(), bad_every=10)
-    out = ARTIFACTS_DIR / "soak"
+    out = ARTIFACTS_DIR.parent / "soak"
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     for log in tmp_path.glob("*/server.log"):
