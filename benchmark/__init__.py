@@ -18,7 +18,7 @@ Performance model) and next to the FLOPs torch's counter sees for the variant on
 at the run's resolution and at 1024x1024. Also measured: the 70 cross-attention calls alone (less
 noisy than whole steps) beside the nested SDPA alone (the subject row's attention over its M tokens:
 what the floor counts, so where this machine's kernels put the limit); per attn2 call at 1024x1024's
-widest layer, counted on meta, the kernel launches, host-GPU syncs and peak memory; the Encode
+widest layer, counted on meta, the kernel launches, device syncs and peak memory; the Encode
 node's seconds per photo for 1 and 4 photos (IP-Adapter Plus layout, M = 256, M = 1024) and the
 K~/V~ projections at Apply; the K~/V~ cache; peak memory per variant; K~/V~ projections per step (0
 after the first); the tiny trainer's command line and the trainer's step on the full-size UNet, with

@@ -1,4 +1,4 @@
-"""Counting without timing: FLOPs and attention shapes on the meta device, K~/V~ projections, host-GPU syncs
+"""Counting without timing: FLOPs and attention shapes on the meta device, K~/V~ projections, device syncs
 and kernel launches per attn2 call, the K~/V~ cache's size, peak memory.
 """
 
@@ -323,7 +323,7 @@ class _TensorFromHostCounter(TorchFunctionMode):
 def device_work_per_call(fn: Callable) -> dict:
     """What one warm call of `fn` (on meta tensors) would cost a GPU beyond FLOPs.
 
-    {"syncs": host-device synchronizations, "kernels": ops that launch at least one kernel,
+    {"syncs": device syncs (waits for the GPU), "kernels": ops that launch at least one kernel,
     "peak_bytes": the most device memory the call's own tensors hold at once}. Views, and conversions
     that return their input, launch nothing and are not counted; allocations are not launches. The
     memory counts every tensor an op returns (the call's output included) while it is alive, and for
@@ -340,6 +340,6 @@ def device_work_per_call(fn: Callable) -> dict:
     return {"syncs": list(counter.syncs), "kernels": list(counter.kernels), "peak_bytes": counter.peak_bytes}
 
 
-def host_syncs_per_call(fn: Callable) -> list[str]:
-    """The host-device synchronizations one warm call of `fn` (on meta tensors) would cost on a GPU."""
+def device_syncs_per_call(fn: Callable) -> list[str]:
+    """The device syncs (waits for the GPU) one warm call of `fn` (on meta tensors) would cost on a GPU."""
     return device_work_per_call(fn)["syncs"]

@@ -98,7 +98,7 @@ def _per_call(result: dict) -> list[str]:
             f"{(w['peak_bytes'] - host_bytes) / 1e6:>8.1f}"
         )
     lines.append(
-        "  launches: ops that start a GPU kernel (the fused SDPA counts one); syncs: host waits for the GPU; peak:"
+        "  launches: ops that start a GPU kernel (the fused SDPA counts one); syncs: waits for the GPU; peak:"
         " the most memory the call's own tensors hold at once (+MB: beyond the host's attention)."
     )
     return lines

@@ -168,7 +168,7 @@ class RunningMaps:
     """Sums of per-image maps by key, and how many layer calls each holds; rows of the batch folded by image.
 
     A call's rows are whole copies of the batch (ComfyUI batches each conditioning over all B images), so row
-    r belongs to image r % B. Sums stay on the device of their first call (no host sync while sampling).
+    r belongs to image r % B. Sums stay on the device of their first call (no device sync while sampling).
     """
 
     def __init__(self, batch: int):

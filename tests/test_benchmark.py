@@ -129,20 +129,20 @@ def test_uncond_rows_of_a_cfg_step_are_bit_identical_to_plain(tiny_unet, host):
     assert (nested[0] - plain[0]).abs().max() > 0
 
 
-def test_host_syncs_are_counted_on_meta_and_plain_attention_has_none(host):
+def test_device_syncs_are_counted_on_meta_and_plain_attention_has_none(host):
     call = counters.AttentionCall(("input", 4, 0), 64, 128, 2)
     q, k, v, extra = counters.layer_inputs(call, 2, META, torch.float32, seed=0)
     tokens = torch.empty(1, workload.IP_TOKENS, 2048, device="meta")
     weights = torch.empty(128, 2048, device="meta")
     ip = variants.NaiveIPAdapterPatch(image_tokens=tokens, to_k_ip=weights, to_v_ip=weights, host=host)
     with workload.comfy_sdpa_attention():  # the benchmark's host attention; the CPU default cannot run on meta
-        assert counters.host_syncs_per_call(lambda: host(q, k, v, 2, extra)) == []
-        assert counters.host_syncs_per_call(lambda: ip(q, k, v, extra)) == []
+        assert counters.device_syncs_per_call(lambda: host(q, k, v, 2, extra)) == []
+        assert counters.device_syncs_per_call(lambda: ip(q, k, v, extra)) == []
 
     def reads_back():
         return float(q.max()), torch.tensor([1, 2], device="meta"), torch.arange(3).to("meta")
 
-    assert len(counters.host_syncs_per_call(reads_back)) == 3
+    assert len(counters.device_syncs_per_call(reads_back)) == 3
 
 
 def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
@@ -166,7 +166,7 @@ def test_a_warm_nested_patch_never_waits_for_the_device(tiny_meta, host):
             assert "nonzero" not in work["kernels"] and "index_copy" not in work["kernels"]
         # A new sigmas tensor (the next step) is read once, for all layers: a window needs that one read.
         extra["sigmas"] = torch.full((2,), 2.0, device="meta")
-        assert counters.host_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
+        assert counters.device_syncs_per_call(lambda: boosted.active(extra["sigmas"])) == []
     assert plain.sigma_start == math.inf
 
 
