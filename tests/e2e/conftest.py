@@ -27,6 +27,7 @@ from tiny_base import prepare_tiny_base
 HERE = os.path.dirname(__file__)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups (on each worker)
 def pytest_collection_modifyitems(items):
     """Tests here that open the frontend get the `browser` marker (the newest-frontend run selects them). Under
     pytest-xdist (`dev.py test` runs a worker per core) the tests here run on one worker, group `e2e`: they

@@ -16,6 +16,10 @@ def test_the_tests_sharing_the_server_are_one_group_and_those_opening_the_fronte
         expected = ("soak",) if "/test_soak_e2e.py::" in nodeid else ("e2e",)
         assert group == [expected], (nodeid, group)
     assert not any(item.get_closest_marker("xdist_group") for item in items if item not in here)
+    if getattr(request.config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+        # The groups were there when pytest-xdist read them: it names each test of a group by it.
+        wrong = [n for n, group in groups.items() if not n.endswith(f"@{group[0][0]}")]
+        assert not wrong, f"pytest-xdist did not see these tests' group: {wrong}"
 
     browser = {item.nodeid for item in items if item.get_closest_marker("browser")}
     assert browser == {item.nodeid for item in here if "frontend" in item.fixturenames}
