@@ -590,9 +590,9 @@ def browser_args(args: list[str]) -> list[str]:
 
 
 def parallel_args(args: list[str]) -> list[str]:
-    """pytest-xdist's options for a whole-suite run: a worker per core (at most 4), the tests of tests/e2e kept
-    on one worker (their `xdist_group`: one server and browser for them all). None of them when `args` choose the
-    workers themselves (`-n`, `-p no:xdist`) or the machine has one core."""
+    """pytest-xdist's options for a whole-suite run: a worker per core (at most 4), each `xdist_group` on one
+    worker (tests/e2e/conftest.py: the tests sharing one server and browser, and the soak). None of them when
+    `args` choose the workers themselves (`-n`, `-p no:xdist`) or the machine has one core."""
     workers = min(os.cpu_count() or 1, 4)
     chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
     if chosen or "no:xdist" in args or workers < 2:
