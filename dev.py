@@ -594,7 +594,7 @@ def parallel_args(args: list[str]) -> list[str]:
     worker (tests/e2e/conftest.py: the tests sharing one server and browser, and the soak). None of them when
     `args` choose the workers themselves (`-n`, `-p no:xdist`) or the machine has one core."""
     workers = min(os.cpu_count() or 1, 4)
-    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
+    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
     if chosen or "no:xdist" in args or workers < 2:
         return []
     return ["-n", str(workers), "--dist", "loadgroup"]
