@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nested_attention import NestedEncoder
 
@@ -110,11 +111,18 @@ def benchmark_encoding(
             timed(lambda: clip_vision.encode_image(image)["last_hidden_state"], device)[0]
             for _ in range(reps)
         )
-        hidden = clip_vision.encode_image(image)["last_hidden_state"].to(device, dtype)  # (1, 257, 1280)
+        with FlopCounterMode(display=False) as counter:
+            hidden = clip_vision.encode_image(image)["last_hidden_state"].to(device, dtype)  # (1, 257, 1280)
+    clip_flops = counter.get_total_flops()
+    rate = matmul_rate(hidden.shape[1] * max(PHOTOS), hidden.shape[2], device)
     figures = {
         "clip_vision_s": clip_s,
         "clip_vision_dtype": str(getattr(clip_vision, "dtype", "")),
         "clip_tokens": list(hidden.shape),
+        # The CLIP tower's floor: its FLOPs per photo (torch's counter) at this machine's float32 matmul rate.
+        "clip_vision_flops": clip_flops,
+        "matmul_flops_per_s": rate,
+        "clip_vision_floor_s": clip_flops / rate,
         "reps": reps,
         "by_num_tokens": {},
     }
@@ -138,6 +146,18 @@ def benchmark_encoding(
             "kv_projection_flops": projection_flops(encoder.layers, m),
         }
     return figures, tokens_by_m
+
+
+def matmul_rate(rows: int, width: int, device: torch.device, reps: int = 5) -> float:
+    """FLOP/s of one float32 matmul of CLIP's MLP shape, (rows, width) by (width, 4 * width): the rate ComfyUI's
+    CLIP vision computes at (it casts its weights to the float32 pixels), best of `reps` after one untimed call."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen).to(device)
+    w = torch.randn(4 * width, width, generator=gen).to(device)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, w)
+        seconds = min(timed(functools.partial(torch.nn.functional.linear, x, w), device)[0] for _ in range(reps))
+    return 2 * rows * width * 4 * width / seconds
 
 
 def _project_all(encoder: NestedEncoder, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:

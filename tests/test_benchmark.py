@@ -244,43 +244,11 @@ def test_cli_rejects_bad_combinations_and_fills_cpu_defaults(capsys):
 
 
 @pytest.mark.slow
-def test_benchmark_runs_end_to_end_on_tiny_models_and_writes_its_table_and_json(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    args = cli.parse_args(["--device", "cpu", "--tiny", "--skip-trainer", "--resolution", "64", "--steps", "1",
-                             "--attention-reps", "1", "--json", str(path)])
-    cli.main(args)
-    out = capsys.readouterr().out
-    result = json.loads(path.read_text())
-    names = [v["name"] for v in result["variants"]]
-    assert names == ["plain SDXL", "nested M=256", "nested M=256 (previous)", "nested M=1024",
-                     "nested M=1024 (previous)", "IP-Adapter 16 tokens"]
-    for name in names:
-        assert name in out
-    work = result["attention_calls"]["gpu_work_per_call"]
-    assert all(not w["syncs"] for w in work.values())
-    assert len(work["nested M=256"]["kernels"]) < len(work["nested M=256 (previous)"]["kernels"])
-    assert "the nested SDPA alone" in out and "peak MB" in out
-    photos = result["encode"]["photos"]
-    assert set(photos) == {"IP-Adapter Plus layout (M=16)", "M=256", "M=1024"}
-    assert all(set(by_n) == {"1", "4"} or set(by_n) == {1, 4} for by_n in photos.values())
-    nested = {v["name"]: v for v in result["variants"]}["nested M=256"]
-    assert nested["kv_projections_per_later_step"] == 0
-    assert nested["kv_projections_first_step"] == 2 * result["attention_calls"]["count"]
-    assert "K~/V~ projections" in out and "FLOPs per conditional UNet evaluation" in out
-    assert set(result["flops"]) == {"64", "1024"}
-    # Capture Nested Attention's line: what it keeps is its running means, a few maps of the 8x8 latent's
-    # grids and the M=1024 token weights on the token grid (2x2), float32, from the patches' calls.
-    capture = result["capture"]
-    assert capture["variant"] == "nested M=1024" and capture["subjects"] == 1 and capture["token_grid"] == [2, 2]
-    tokens = 4 * 1024 * 2 * 2
-    assert tokens < capture["kept_bytes"] <= tokens + 4 * 2 * 8 * 8
-    assert "Capture Nested Attention on nested M=1024" in out
-
-
 @pytest.mark.slow
 def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     """`python -m benchmark` in its own process, as `dev.py bench` starts it: it sets ComfyUI up itself
-    (an import of ComfyUI-aware code before that fails), measures every variant and writes its JSON."""
+    (an import of ComfyUI-aware code before that fails), measures every variant, prints its table and
+    writes its JSON (the one end-to-end run of the benchmark in the suite: every line is checked here)."""
     import os
     import subprocess
     import sys
@@ -305,6 +273,30 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     assert "Per sampling step" in run.stdout and "Trainer (median step" in run.stdout
     assert {"tiny_cpu", "sdxl_cpu"} <= set(result["trainer"])
     assert 0.0 <= result["trainer"]["sdxl_cpu"]["outside_unet_share"] < 1.0
+
+    out = run.stdout
+    for name in names:
+        assert name in out
+    work = result["attention_calls"]["gpu_work_per_call"]
+    assert all(not w["syncs"] for w in work.values())
+    assert len(work["nested M=256"]["kernels"]) < len(work["nested M=256 (previous)"]["kernels"])
+    assert "the nested SDPA alone" in out and "peak MB" in out
+    photos = result["encode"]["photos"]
+    assert set(photos) == {"IP-Adapter Plus layout (M=16)", "M=256", "M=1024"}
+    assert all(set(by_n) == {"1", "4"} for by_n in photos.values())  # JSON keys
+    encode = result["encode"]
+    assert encode["clip_vision_flops"] > 0 and encode["matmul_flops_per_s"] > 0
+    assert encode["clip_vision_floor_s"] == pytest.approx(encode["clip_vision_flops"] / encode["matmul_flops_per_s"])
+    assert "x the CLIP floor" in out and "float32 matmul rate" in out
+    assert "K~/V~ projections" in out and "FLOPs per conditional UNet evaluation" in out
+    assert set(result["flops"]) == {"64", "1024"}
+    # Capture Nested Attention's line: what it keeps is its running means, a few maps of the 8x8 latent's
+    # grids and the M=1024 token weights on the token grid (2x2), float32, from the patches' calls.
+    capture = result["capture"]
+    assert capture["variant"] == "nested M=1024" and capture["subjects"] == 1 and capture["token_grid"] == [2, 2]
+    tokens = 4 * 1024 * 2 * 2
+    assert tokens < capture["kept_bytes"] <= tokens + 4 * 2 * 8 * 8
+    assert "Capture Nested Attention on nested M=1024" in out
 
 
 def test_the_capture_line_alone_runs_on_the_tiny_models(capsys):
