@@ -35,6 +35,35 @@ def test_tiny_unet_builder_is_deterministic_given_a_seed():
                            first_weights(tiny_models.tiny_sdxl_unet(seed=2)))
 
 
+def test_tiny_clip_built_again_has_the_values_a_fresh_draw_gives_in_its_own_tensors():
+    """Later builds of one (seed, dtype) copy the values the first drew (training.tiny.models._CLIP_STATES)."""
+    from training.tiny import models
+
+    def state(clip):
+        return clip.cond_stage_model.state_dict()
+
+    key = (3, torch.float32)
+    try:
+        models._CLIP_STATES.pop(key, None)
+        drawn = models.tiny_sdxl_clip(seed=3, dtype=torch.float32)  # drawn, and remembered
+        assert key in models._CLIP_STATES
+        copied = models.tiny_sdxl_clip(seed=3, dtype=torch.float32)  # from what was remembered
+        for name, tensor in state(drawn).items():
+            assert torch.equal(state(copied)[name], tensor), name
+        for tensor in state(drawn).values():
+            tensor.add_(1.0)  # a build's tensors are its own: changing them changes no later build
+        models._CLIP_STATES.pop(key)
+        fresh = models.tiny_sdxl_clip(seed=3, dtype=torch.float32)  # drawn again from the seed
+        for name, tensor in state(fresh).items():
+            assert torch.equal(state(copied)[name], tensor), name
+        other = models.tiny_sdxl_clip(seed=4, dtype=torch.float32)
+        assert not torch.equal(state(other)["clip_l.transformer.text_model.embeddings.token_embedding.weight"],
+                               state(fresh)["clip_l.transformer.text_model.embeddings.token_embedding.weight"])
+    finally:
+        models._CLIP_STATES.pop(key, None)
+        models._CLIP_STATES.pop((4, torch.float32), None)
+
+
 def test_tiny_unet_has_the_sdxl_block_layout_with_context_2048(tiny_unet):
     unet = tiny_unet.model.diffusion_model
     attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]

@@ -15,14 +15,19 @@ from nested_attention.weights import write_safetensors
 from training.loop import checkpoints as checkpoints_lib
 
 
-@pytest.mark.slow
-def test_sigkill_during_checkpoint_writes_always_resumes_from_the_newest_whole_checkpoint(tmp_path):
-    """10 kills inside checkpoint writes (random moments, seed 0), then SIGTERM, then a run to the end."""
+@pytest.fixture(scope="module")
+def launcher():
+    """One fork server for the module's trainer starts (each start is its own forked child, tests/trainer_faults.py)."""
     launcher = faults.Launcher(fork=True)
-    try:
-        report = faults.campaign(launcher, tmp_path, kills=10, seed=0)
-    finally:
-        launcher.close()
+    yield launcher
+    launcher.close()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer_faults")  # one worker, one fork server
+def test_sigkill_during_checkpoint_writes_always_resumes_from_the_newest_whole_checkpoint(tmp_path, launcher):
+    """10 kills inside checkpoint writes (random moments, seed 0), then SIGTERM, then a run to the end."""
+    report = faults.campaign(launcher, tmp_path, kills=10, seed=0)
     print(faults.summary(report))
     assert not report.problems, faults.summary(report)
     kills = report.kills()
@@ -40,15 +45,12 @@ def test_sigkill_during_checkpoint_writes_always_resumes_from_the_newest_whole_c
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trainer_faults")
 @pytest.mark.parametrize("how", ["tmpfs", "file size limit"])
-def test_a_full_disk_stops_with_a_clear_error_and_leaves_earlier_checkpoints_intact(tmp_path, how):
+def test_a_full_disk_stops_with_a_clear_error_and_leaves_earlier_checkpoints_intact(tmp_path, how, launcher):
     if how == "tmpfs" and not faults.can_mount_tmpfs():
         pytest.skip("mounting a small tmpfs needs root; the 'file size limit' case gives the same write error")
-    launcher = faults.Launcher(fork=True)
-    try:
-        result = faults.disk_full(launcher, tmp_path, how)
-    finally:
-        launcher.close()
+    result = faults.disk_full(launcher, tmp_path, how)
     assert result.returncode == 1, result.message
     assert "could not write" in result.message and "checkpoint-2" in result.message, result.message
     assert "is full" in result.message and "earlier checkpoints are intact (checkpoint-1)" in result.message

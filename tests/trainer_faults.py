@@ -160,10 +160,13 @@ def fork_server() -> None:
     setup_comfy()
     import accelerate  # noqa: F401
     import comfy.sd  # noqa: F401
+    import torch
 
     import training.models.sdxl
-    import training.tiny.models  # noqa: F401
+    import training.tiny.models
 
+    # The tiny CLIP the trainer builds (its default seed, float32): drawn once here, copied by every child.
+    training.tiny.models.tiny_sdxl_clip(seed=0, dtype=torch.float32)
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)

@@ -52,7 +52,10 @@ def comfy(tmp_path_factory, _tiny_unet_shared):
     ipadapter_plus = pack_archive(IPADAPTER_PLUS_ARCHIVE)
     if ipadapter_plus is not None:  # test_other_packs_e2e.py says what is missing when it is not
         install_pack_archive(ipadapter_plus, base / "custom_nodes")
-    server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log").start()
+    # One torch thread, as the workers (tests/conftest.py): the other pytest-xdist worker keeps the second core busy,
+    # where OpenMP threads waiting for it slow the server's tiny models down many times.
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log", env=threads).start()
     yield server
     server.stop()
 
