@@ -221,7 +221,7 @@ def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.
         model_options["dtype"] = dtype
     clip = comfy.sd.CLIP(target, model_options=model_options)
     model = clip.cond_stage_model
-    key = (seed, next(model.parameters()).dtype)
+    key = (seed, dtype)  # None: ComfyUI's choice, the same for the whole process
     if key not in _CLIP_STATES:
         init_parameters(model, seed)
         _CLIP_STATES[key] = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -230,10 +230,10 @@ def tiny_sdxl_clip(seed: int = 0, dtype: torch.dtype | None = None) -> comfy.sd.
     return clip
 
 
-# The tiny text encoders' values per (seed, dtype), kept for the process's later builds: their SDXL-sized token
+# The tiny text encoders' values per (seed, dtype asked for), kept for the process's later builds: their SDXL-sized token
 # tables (49408 x 768 and x 1280) take most of a second to draw, and a test session or a forked trainer builds
 # them again and again (every run of the tiny preset). 0.2 GB (float16) or 0.4 GB (float32) per entry.
-_CLIP_STATES: dict[tuple[int, torch.dtype], dict[str, torch.Tensor]] = {}
+_CLIP_STATES: dict[tuple[int, torch.dtype | None], dict[str, torch.Tensor]] = {}
 
 
 def tiny_clip_vision(
