@@ -134,13 +134,13 @@ def _encoding(result: dict) -> list[str]:
         (f"Encoding a subject (best of {enc['reps']}): CLIP ViT-H/14 alone {enc['clip_vision_s']:.3f} s per 512x512 "
          f"photo (weights {enc['clip_vision_dtype']})"),
     ]
-    if "clip_vision_floor_s" in enc:
+    floor = enc.get("clip_vision_floor_s")
+    if floor:
         lines.append(
             f"  its floor: {enc['clip_vision_flops'] / 1e9:.0f} GFLOP per photo (torch's counter) at this machine's float32 "
             f"matmul rate, {enc['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (CLIP's MLP shape, 4 photos' rows): "
-            f"{enc['clip_vision_floor_s']:.3f} s per photo"
+            f"{floor:.3f} s per photo"
         )
-    floor = enc.get("clip_vision_floor_s")
     for layout, by_n in enc.get("photos", {}).items():
         lines.append(
             f"  Encode node (CLIP + Q-Former), {layout}: "

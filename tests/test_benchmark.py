@@ -244,7 +244,6 @@ def test_cli_rejects_bad_combinations_and_fills_cpu_defaults(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
     """`python -m benchmark` in its own process, as `dev.py bench` starts it: it sets ComfyUI up itself
     (an import of ComfyUI-aware code before that fails), measures every variant, prints its table and
