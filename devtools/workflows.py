@@ -193,8 +193,16 @@ async (spec) => {
     if (slot < 0 || target < 0 || !src.connect(slot, dst, target))
       throw new Error(`cannot connect ${src.type}[${output}] to ${dst.type}.${input}`);
   }
-  // The frontend may still grow nodes while image previews load; then the sizes of the spec win.
-  await new Promise((r) => setTimeout(r, 1500));
+  window.__nestedAttentionMade = made;
+}
+"""
+
+# Runs in the page once the graph _BUILD_JS made has settled (the frontend may grow nodes while their image
+# previews load): the sizes of the spec win; then the check that every node holds what it draws, and the groups.
+_BUILD_FINISH_JS = """
+(spec) => {
+  const app = window.app, LG = window.LiteGraph, made = window.__nestedAttentionMade;
+  delete window.__nestedAttentionMade;
   made.forEach((n, i) => n.setSize(spec.nodes[i].size));
   // Nothing may be drawn outside a node: each size holds what the node draws (its computeSize).
   const small = made.map((n) => [n, n.computeSize()]).filter(([n, min]) => n.size[0] < min[0] || n.size[1] < min[1]);
@@ -745,6 +753,8 @@ def build(frontend, name: str) -> dict:
     """Build one workflow in the page of `frontend` (a harness.Frontend) and return it as the frontend saves it."""
     graph = WORKFLOWS[name]()
     frontend.evaluate(_BUILD_JS, graph.spec())
+    frontend.settle()
+    frontend.evaluate(_BUILD_FINISH_JS, graph.spec())
     frontend.evaluate(_VIEW_JS, [list(OPEN_MARGINS), OPEN_SCALE])
     workflow = frontend.serialize()
     workflow["id"] = workflow_id(name)
@@ -775,7 +785,6 @@ def _readme_picture(frontend, margins: tuple, path: Path) -> None:
     frontend.load_workflow(build(frontend, name), name)
     frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'true'} }}")
     frontend.fit_view(margins)
-    frontend.page.wait_for_timeout(500)
     frontend.screenshot(path)
     frontend.evaluate(f"() => {{ {_PICTURE_MODE_JS % 'false'} }}")
     print(f"{LOG_PREFIX} wrote {path}")
@@ -837,7 +846,6 @@ def main(args: argparse.Namespace) -> int:
                     if problems:
                         raise SystemExit(f"{name}: the frontend does not load the built workflow cleanly: "
                                          f"{problems}")
-                    frontend.page.wait_for_timeout(300)
                     frontend.screenshot(args.screenshots / f"{name}.png")
                     target = args.out / f"{name}.json"
                     if args.check:

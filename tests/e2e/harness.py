@@ -219,19 +219,66 @@ class ComfyServer:
 
 # -- The frontend -----------------------------------------------------------------------------------------
 
-# Runs in the page. Loads a workflow as the template browser does (app.loadGraphData) and reports what the
-# frontend made of it: node types it does not know, nodes it flagged, widget values it refused or changed,
-# and the alerts it raised (its schema check of the file shows one).
+# Runs in the page: waits until what the page shows has stopped changing, counted in animation frames (the
+# frontend draws its canvas and lays out Nodes 2.0's elements on them): the view, every node's place and size
+# (and its element's box when it has one), and the document itself (a MutationObserver's count: toasts,
+# dialogs, re-rendered elements) the same `frames` frames in a row, every image shown loaded, and with Nodes
+# 2.0 an element for every node. Frontend.settle adds "no request under way" to it.
+_SETTLE_JS = """
+async ([frames, timeoutMs]) => {
+  const app = window.app, start = performance.now();
+  let mutations = 0;
+  const observer = new MutationObserver((records) => { mutations += records.length; });
+  observer.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+  const onScreen = (e) => {
+    const r = e.getBoundingClientRect();
+    return r.bottom > 0 && r.right > 0 && r.top < innerHeight && r.left < innerWidth;
+  };
+  const look = () => {
+    // Images the page shows (a lazy one below the fold is not loaded until it is scrolled to) and the
+    // nodes' preview images (LoadImage's photo, drawn on the canvas) must have loaded.
+    for (const img of document.images) if (!img.complete && (img.loading !== 'lazy' || onScreen(img))) return null;
+    const vue = app.extensionManager.setting.get('Comfy.VueNodes.Enabled');
+    const ds = app.canvas.ds, parts = [mutations, ds.scale, ...ds.offset];
+    for (const n of app.graph.nodes) {
+      for (const img of n.imgs ?? []) if (!img.complete) return null;
+      parts.push(n.id, ...n.pos, ...n.size);
+      const element = document.querySelector(`[data-node-id="${n.id}"]`);
+      if (vue && !element) return null;
+      if (element) {
+        const r = element.getBoundingClientRect();
+        parts.push(r.left, r.top, r.width, r.height);
+      }
+    }
+    return JSON.stringify(parts);
+  };
+  try {
+    let last = null, same = 0;
+    while (same < frames) {
+      if (performance.now() - start > timeoutMs) return false;
+      await new Promise((r) => requestAnimationFrame(() => r()));
+      const now = look();
+      same = now !== null && now === last ? same + 1 : 0;
+      last = now;
+    }
+    return true;
+  } finally {
+    observer.disconnect();
+  }
+}
+"""
+
+# Runs in the page. Loads a workflow as the template browser does (app.loadGraphData); the dialogs it would
+# show for missing node types and models are recorded instead (window.__nestedAttentionMissing).
 _LOAD_WORKFLOW_JS = """
 async ([workflow, name]) => {
-  const app = window.app, LG = window.LiteGraph;
-  const missingDialog = [];
-  const missingModels = [];
+  const app = window.app;
+  const missing = (window.__nestedAttentionMissing = {dialog: [], models: []});
   app.showMissingNodesError = (types) => {
-    for (const t of types) missingDialog.push(typeof t === 'string' ? t : (t.type ?? JSON.stringify(t)));
+    for (const t of types) missing.dialog.push(typeof t === 'string' ? t : (t.type ?? JSON.stringify(t)));
   };
   app.showMissingModelsError = (models) => {
-    for (const m of models) missingModels.push(m.name ?? JSON.stringify(m));
+    for (const m of models) missing.models.push(m.name ?? JSON.stringify(m));
   };
   for (const b of document.querySelectorAll('.p-toast-close-button')) b.click();
   try {
@@ -240,7 +287,16 @@ async ([workflow, name]) => {
     delete app.showMissingNodesError;  // back to the prototype's
     delete app.showMissingModelsError;
   }
-  await new Promise((r) => setTimeout(r, 500));
+}
+"""
+
+# Runs in the page once the loaded workflow has settled: what the frontend made of it: node types it does not
+# know, nodes it flagged, widget values it refused or changed, and the alerts it raised (its schema check of
+# the file shows one).
+_LOAD_REPORT_JS = """
+(workflow) => {
+  const app = window.app, LG = window.LiteGraph;
+  const {dialog: missingDialog, models: missingModels} = window.__nestedAttentionMissing;
   const nodes = app.graph.nodes;
   const unknownTypes = nodes.filter((n) => !LG.registered_node_types[n.type]).map((n) => n.type);
   const flagged = nodes.filter((n) => n.has_errors).map((n) => `#${n.id} ${n.type}`);
@@ -315,6 +371,9 @@ _FIT_VIEW_JS = """
 }
 """
 FIT_MARGINS = (80, 110, 30, 30)
+# Animation frames in a row with nothing changed before Frontend.settle calls the page settled (about 100 ms
+# at 60 frames a second: longer than the frontend's own debounced re-layouts).
+SETTLE_FRAMES = 6
 FOCUS_MODE_MARGINS = (30, 30, 30, 30)
 
 
@@ -350,6 +409,7 @@ class Frontend:
         self.page = None
         self.console_errors: list[str] = []  # console errors and page errors, network failures left out
         self.http_errors: list[str] = []  # this server's answers >= 400 (fresh-profile user files left out)
+        self._requests: dict[Any, str] = {}  # the page's requests under way (settle waits for them)
 
     def __enter__(self) -> Self:
         return self.open()
@@ -375,6 +435,9 @@ class Frontend:
         self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         self.page.on("console", self._on_console)
         self.page.on("response", self._on_response)
+        self.page.on("request", lambda request: self._requests.__setitem__(request, request.url))
+        for ended in ("requestfinished", "requestfailed"):
+            self.page.on(ended, lambda request: self._requests.pop(request, None))
         self.page.on("pageerror", lambda error: self.console_errors.append(f"pageerror: {error}"))
         self.page.goto(self.server.url + "/", timeout=timeout_ms, wait_until="domcontentloaded")
         self.page.wait_for_function(
@@ -439,6 +502,19 @@ class Frontend:
     def evaluate(self, script: str, arg: Any = None) -> Any:
         return self.page.evaluate(script, arg)
 
+    def settle(self, frames: int = SETTLE_FRAMES, timeout_s: float = 60.0) -> None:
+        """Wait until the page has stopped changing, instead of waiting a fixed time: no request of the page's
+        under way, and what it shows (_SETTLE_JS) the same over `frames` animation frames in a row."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = max(0.0, deadline - time.monotonic()) * 1000
+            if self.evaluate(_SETTLE_JS, [frames, left_ms]) and not self._requests:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page did not settle within {timeout_s:.0f} s; requests under way: "
+                                     f"{sorted(set(self._requests.values()))}")
+            self.page.wait_for_timeout(20)  # (lets playwright deliver the requests' events)
+
     def fetch_template(self, module: str, name: str) -> dict:
         """A custom node pack's template, fetched by the page from the URL the template browser uses."""
         return self.evaluate(
@@ -450,7 +526,9 @@ class Frontend:
     def load_workflow(self, workflow: dict, name: str) -> dict:
         """Load `workflow` in the frontend; returns what went wrong (empty lists when nothing did)."""
         console, http = len(self.console_errors), len(self.http_errors)
-        report = self.evaluate(_LOAD_WORKFLOW_JS, [workflow, name])
+        self.evaluate(_LOAD_WORKFLOW_JS, [workflow, name])
+        self.settle()
+        report = self.evaluate(_LOAD_REPORT_JS, workflow)
         report["consoleErrors"] = self.console_errors[console:]
         report["httpErrors"] = self.http_errors[http:]
         return report
@@ -464,7 +542,7 @@ class Frontend:
 
     def fit_view(self, margins: tuple = FIT_MARGINS) -> None:
         self.evaluate(_FIT_VIEW_JS, list(margins))
-        self.page.wait_for_timeout(300)  # a few frames, so that the canvas has drawn the new view
+        self.settle()  # the canvas has drawn the new view
 
     def graph_to_prompt(self) -> dict:
         """The API prompt the frontend would queue for the loaded graph ({node id: {class_type, inputs}})."""

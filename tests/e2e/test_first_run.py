@@ -121,7 +121,7 @@ def close_dialogs(frontend: Frontend) -> None:
         if not page.locator(".p-dialog").count():
             return
         page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
+        frontend.settle()
 
 
 def open_first_run(frontend: Frontend, name: str) -> tuple[dict, str]:
@@ -157,7 +157,7 @@ def test_missing_models_list_every_file_with_its_address_and_folder(name, fresh_
     `models`; the shipped workflows have none: the optional encoders are offered in their Models note only.)"""
     frontend = fresh_install
     workflow, shown = open_first_run(frontend, name)
-    frontend.page.wait_for_timeout(300)
+    frontend.settle()
     frontend.screenshot(ARTIFACTS_DIR / f"first-run-missing-models-{name}.png")
     if shown == "dialog":
         rows = frontend.evaluate(_DIALOG_ROWS_JS)
@@ -202,7 +202,7 @@ def run_error_text(frontend: Frontend, shown: str) -> str:
         info.click()
         error = page.locator(f'[id="{info.get_attribute("aria-controls")}"]')
     error.wait_for()
-    page.wait_for_timeout(300)
+    frontend.settle()
     frontend.screenshot(ARTIFACTS_DIR / "first-run-queue-error.png")
     return " ".join(error.inner_text().split())
 

@@ -67,7 +67,7 @@ def test_save_nested_subject_shows_the_saved_file_name_on_the_node(comfy, fronte
     save_id = frontend.evaluate(_BUILD_JS, [FACES_ENCODER, PERSON_IMAGES[0]])
     frontend.press_run()
     page.wait_for_function(f"({_SAVED_JS})({save_id}) !== null", timeout=300_000)
-    page.wait_for_timeout(300)
+    frontend.settle()
     frontend.screenshot(ARTIFACTS_DIR / "save-subject.png")
     shown = frontend.evaluate(_SAVED_JS, save_id)
     assert shown.startswith("nested_attention_subjects/subject_") and shown.endswith("_.safetensors"), shown

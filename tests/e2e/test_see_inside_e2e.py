@@ -51,5 +51,5 @@ def test_capture_samples_the_same_image_and_the_maps_come_back(comfy, frontend):
         "queries": queries,
     }.items():
         (ARTIFACTS_DIR / f"{NAME}.{key}.png").write_bytes(captured[save][0])
-    frontend.page.wait_for_timeout(1500)  # the previews load
+    frontend.settle()  # the previews loaded
     frontend.screenshot(ARTIFACTS_DIR / f"{NAME}.after-run.png")

@@ -111,8 +111,7 @@ def inside(box: list[float], area: list[float]) -> bool:
 def test_shipped_workflow_opens_legible_with_nothing_overlapping(name, renderer, frontend):
     assert "LiteGraph.Canvas.MinFontSizeForLOD" not in FRONTEND_SETTINGS  # the user's default
     workflow = frontend.fetch_template(PACK_NAME, name)
-    frontend.load_workflow(workflow, name)
-    frontend.page.wait_for_timeout(1000)  # Nodes 2.0 lays the nodes out after the load
+    frontend.load_workflow(workflow, name)  # settled: Nodes 2.0 lays the nodes out after the load
     folder = ARTIFACTS_DIR / "layout" / renderer
     frontend.screenshot(folder / f"{name}.png")
     vue = RENDERERS[renderer]
@@ -131,7 +130,6 @@ def test_shipped_workflow_opens_legible_with_nothing_overlapping(name, renderer,
 
     # Nothing on top of anything else, no text hidden in a note, nothing drawn outside a node.
     frontend.fit_view()
-    frontend.page.wait_for_timeout(500)
     frontend.screenshot(folder / f"{name}.whole.png")
     overlapping = overlaps(look["boxes"])
     assert not overlapping, f"{name} ({renderer}) at zoom {look['scale']}: overlapping nodes: {overlapping}"

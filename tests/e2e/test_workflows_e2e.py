@@ -175,7 +175,7 @@ def test_server_lists_the_pack_workflows_as_templates(comfy, frontend):
     dialog.get_by_role("button", name=PACK_NAME).click()
     for name in WORKFLOW_NAMES:
         dialog.get_by_text(name, exact=True).first.wait_for()
-    page.wait_for_timeout(1000)  # thumbnails
+    frontend.settle()  # the thumbnails loaded
     frontend.screenshot(ARTIFACTS_DIR / "template_browser.png")
 
     # Searching "nested" finds them all: the search reads only a custom node pack's file names (every
@@ -188,7 +188,7 @@ def test_server_lists_the_pack_workflows_as_templates(comfy, frontend):
     search.fill("nested")
     for name in WORKFLOW_NAMES:
         dialog.get_by_text(name, exact=True).first.wait_for()
-    page.wait_for_timeout(1000)
+    frontend.settle()
     frontend.screenshot(ARTIFACTS_DIR / "template_browser_search.png")
     first = WORKFLOW_NAMES[0]
     dialog.get_by_text(first, exact=True).first.click()
