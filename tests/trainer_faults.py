@@ -403,7 +403,10 @@ def campaign(launcher: Launcher, workdir: Path, kills: int = 10, seed: int = 0, 
     expected = final_folders(out)
     last = Trial(number, None, expected[-1][1].name if expected else None, "")
     log_path = logs / f"trial-{number}.log"
-    last.log = finish(launcher.start(trainer_args(out, max_steps), log_path), log_path)
+    # The rest of the run, with no checkpoint until its end: its writes are not what is tried here (the kills
+    # above are), and one per step would be most of its time.
+    args = trainer_args(out, max_steps, "--checkpointing_steps", str(max_steps))
+    last.log = finish(launcher.start(args, log_path), log_path)
     last.resumed_from = resumed_from(last.log)
     report.trials.append(last)
     if "done:" not in last.log or not (out / "tiny-encoder.safetensors").is_file():

@@ -41,6 +41,30 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group("soak" if item.path.name == "test_soak_e2e.py" else "e2e"))
 
 
+# The shared server and browser, in the order they started: closed as soon as the last test that uses them has
+# run (pytest_runtest_teardown below), not at the end of the session: the e2e group runs first on its worker and
+# the worker goes on with other tests, beside which an idle frontend would still draw and a server still wait.
+_SHARED: list = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of the session's list that uses the shared server (the e2e group runs on one worker,
+    in that order), once its own fixtures are torn down: close the browser, then stop the server. The session
+    fixtures' own teardown then finds them closed."""
+    result = yield
+    if _SHARED and "comfy" in item.fixturenames and item is _last_user_of_the_server(item.session):
+        for shared in reversed(_SHARED):
+            shared.close() if isinstance(shared, Frontend) else shared.stop()
+        _SHARED.clear()
+    return result
+
+
+def _last_user_of_the_server(session):
+    users = [i for i in session.items if "comfy" in i.fixturenames]
+    return users[-1] if users else None
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory, _tiny_unet_shared):
     """The running server (harness.ComfyServer); its log is ARTIFACTS_DIR/server.log."""
@@ -56,6 +80,7 @@ def comfy(tmp_path_factory, _tiny_unet_shared):
     # where OpenMP threads waiting for it slow the server's tiny models down many times.
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     server = ComfyServer(tiny_models.find_comfyui(), base, ARTIFACTS_DIR / "server.log", env=threads).start()
+    _SHARED.append(server)
     yield server
     server.stop()
 
@@ -69,4 +94,5 @@ def frontend(comfy):
         missing(f"{CHROMIUM} is missing: install Debian's chromium (python3 dev.py test does, as root)")
     pytest.importorskip("playwright.sync_api", reason="the playwright package drives Chromium")
     with Frontend(comfy) as page:
+        _SHARED.append(page)
         yield page

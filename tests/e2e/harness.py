@@ -137,7 +137,7 @@ class ComfyServer:
                 self.startup_log = self.log_path.read_text(errors="replace")  # what it printed until ready
                 return self
             except (OSError, urllib.error.URLError):
-                time.sleep(0.5)
+                time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -200,7 +200,7 @@ class ComfyServer:
                                      f"server log:\n{self.log_tail()}")
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"ComfyUI exited while running a prompt:\n{self.log_tail()}")
-            time.sleep(0.2)
+            time.sleep(0.05)  # a tiny model's prompt takes a second or less: a longer wait would be most of it
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
     def run_prompt(self, prompt: dict, timeout: float = 600.0, client_id: str = "nested-attention-e2e"

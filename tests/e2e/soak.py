@@ -432,7 +432,7 @@ def _check_memory(server: ComfyServer, cases: list, followed: dict, prompts: int
         live["after_free"] = server.get_json("/nested_attention_test/live_subjects")
         if live["after_free"]["bindings"] == 0 or time.monotonic() > deadline:
             break
-        time.sleep(1.0)
+        time.sleep(0.1)
     if live["after_free"]["bindings"] or live["after_free"]["kv_entries"]:
         failures.append(f"subjects still alive after ComfyUI freed its caches: {live['after_free']}")
     if server.process.poll() is not None:
