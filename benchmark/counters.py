@@ -22,11 +22,11 @@ from nested_attention.patch import SubjectBinding
 from .workload import CHUNK, IP_TOKENS, SIGMA, _meta_evaluation, comfy_sdpa_attention
 
 
-def count_flops(model: Any, resolution: int) -> dict:
+def count_flops(model: Any, resolution: int, one_off_work: bool = True) -> dict:
     """FLOPs of one conditional UNet evaluation (batch 1) on the meta device, as torch's FlopCounterMode counts them.
 
-    One pass runs first, uncounted, so that one-off work (K~/V~ projection into the cache) is not
-    in the figure. Returns {"total": flops, "by_op": {op: flops}}. The nested patch picks its
+    With `one_off_work` (a model with patches that cache), one pass runs first, uncounted, so that one-off work
+    (K~/V~ projection into the cache) is not in the figure; plain SDXL has none and is counted at once. Returns {"total": flops, "by_op": {op: flops}}. The nested patch picks its
     conditional rows with nonzero(), which meta can only answer by assuming every row is selected:
     exact here, since the single row is conditional (the unconditional evaluation runs the host
     attention alone, i.e. costs what plain SDXL costs; tests/test_benchmark.py checks that).
@@ -36,7 +36,8 @@ def count_flops(model: Any, resolution: int) -> dict:
 
     run = _meta_evaluation(model, resolution, (0,))
     with comfy_sdpa_attention(), fx_config.patch(meta_nonzero_assume_all_nonzero=True):
-        run()
+        if one_off_work:
+            run()
         with FlopCounterMode(display=False) as counter:
             run()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}

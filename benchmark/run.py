@@ -111,9 +111,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     meta = build_unet(unet_config, torch.device("meta"), dtype)
     layers = unet_layers(meta.model.diffusion_model)
-    flops, gpu_work, widest_1024 = _count_on_meta(meta, layers, qformer, args.resolution, host, dtype)
+    flops, gpu_work, widest_1024, calls = _count_on_meta(meta, layers, qformer, args.resolution, host, dtype)
     result["flops"] = {str(k): v for k, v in flops.items()}
-    calls = attention_calls(meta, args.resolution, host)
     widest = max(calls, key=lambda c: c.n * c.dim)
     del meta
 
@@ -175,7 +174,8 @@ def _config(args: argparse.Namespace) -> dict:
 def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, dtype: torch.dtype) -> tuple:
     """FLOPs and attention shapes on meta (free, and at 1024 whatever the run's resolution), and what one attn2
     call costs a GPU beyond FLOPs at 1024x1024's widest layer (sigmas on the device, as in sampling): kernel
-    launches, host waits, and the memory its own tensors hold at once. Returns (flops, gpu_work, widest call).
+    launches, host waits, and the memory its own tensors hold at once. Returns (flops, gpu_work, widest call at
+    1024, the attention calls at `resolution`).
     """
     from training.tiny.models import build_encoder
 
@@ -188,9 +188,9 @@ def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, 
             variants[nested_name(m, previous)] = (with_nested(meta, binding, layers, previous), m, 1)
     variants[IP_NAME] = (with_ip_adapter(meta, layers, host, torch.device("meta"), dtype), IP_TOKENS, 2)
     flops: dict = {}
-    for res in sorted({resolution, 1024}):
-        calls = attention_calls(meta, res, host)
-        plain = count_flops(meta, res)["total"]
+    calls_at = {res: attention_calls(meta, res, host) for res in sorted({resolution, 1024})}
+    for res, calls in calls_at.items():
+        plain = count_flops(meta, res, one_off_work=False)["total"]
         entry = {"plain_cond_eval": plain, "attention_calls": len(calls), "variants": {}}
         for name, (variant, m, rows) in variants.items():
             entry["variants"][name] = {
@@ -200,14 +200,14 @@ def _count_on_meta(meta, layers, qformer: QFormerConfig, resolution: int, host, 
             }
         flops[res] = entry
 
-    widest = max(attention_calls(meta, 1024, host), key=lambda c: c.n * c.dim)
+    widest = max(calls_at[1024], key=lambda c: c.n * c.dim)
     q, k, v, extra = layer_inputs(widest, 2, torch.device("meta"), dtype, seed=0)
     with comfy_sdpa_attention():
         gpu_work = {"host": device_work_per_call(lambda: host(q, k, v, widest.heads, extra))}
         for name, (variant, _, _) in variants.items():
             patch = patches_by_key(variant)[widest.key]
             gpu_work[name] = device_work_per_call(functools.partial(patch, q, k, v, extra))
-    return flops, gpu_work, widest
+    return flops, gpu_work, widest, calls_at[resolution]
 
 
 def _encode(tiny: bool, layers, qformer: QFormerConfig, device: torch.device, dtype: torch.dtype) -> tuple:

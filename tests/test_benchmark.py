@@ -254,7 +254,7 @@ def test_the_benchmark_runs_as_a_program_on_the_tiny_models(tmp_path):
 
     out = tmp_path / "benchmark.json"
     args = ["--device", "cpu", "--tiny", "--resolution", "64", "--steps", "1", "--attention-reps", "1",
-            "--trainer-steps", "2", "--json", str(out)]
+            "--trainer-steps", "2", "--trainer-full-steps", "1", "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "benchmark", *args], check=False, capture_output=True, text=True, env=env,
                          timeout=600)

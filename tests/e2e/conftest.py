@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if not os.fspath(item.path).startswith(HERE + os.sep):
             continue
-        if "frontend" in item.fixturenames:
+        if {"frontend", "fresh_install"} & set(item.fixturenames):  # fresh_install: a page of its own
             item.add_marker(pytest.mark.browser)
         item.add_marker(pytest.mark.xdist_group("soak" if item.path.name == "test_soak_e2e.py" else "e2e"))
 

@@ -460,6 +460,7 @@ class Frontend:
         for page in self._context.pages:
             if page is not self.page:
                 page.close()
+        self.page.bring_to_front()  # the tab the user was on (a hidden tab draws no frames)
         assert len(opened) == 1, f"{locator} opened {opened}"
         return opened[0]
 
@@ -506,6 +507,8 @@ class Frontend:
         """Wait until the page has stopped changing, instead of waiting a fixed time: no request of the page's
         under way, and what it shows (_SETTLE_JS) the same over `frames` animation frames in a row."""
         deadline = time.monotonic() + timeout_s
+        if self.evaluate("() => document.hidden"):
+            self.page.bring_to_front()  # a tab in the background draws no animation frames
         while True:
             left_ms = max(0.0, deadline - time.monotonic()) * 1000
             if self.evaluate(_SETTLE_JS, [frames, left_ms]) and not self._requests:

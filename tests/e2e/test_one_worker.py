@@ -26,5 +26,5 @@ def test_the_tests_sharing_the_server_are_one_group_and_those_opening_the_fronte
         assert not wrong, f"pytest-xdist did not see these tests' group: {wrong}"
 
     browser = {item.nodeid for item in items if item.get_closest_marker("browser")}
-    assert browser == {item.nodeid for item in here if "frontend" in item.fixturenames}
+    assert browser == {item.nodeid for item in here if {"frontend", "fresh_install"} & set(item.fixturenames)}
     assert not any("soak" in n for n in browser)
