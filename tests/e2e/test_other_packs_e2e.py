@@ -121,7 +121,7 @@ def test_apply_then_ipadapter_is_our_error_saying_to_put_ipadapter_first(ipadapt
         entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     else:
         raise AssertionError(f"the prompt did not finish:\n{server.log_tail()}")
     status = entry["status"]
