@@ -26,10 +26,11 @@ def count_flops(model: Any, resolution: int, one_off_work: bool = True) -> dict:
     """FLOPs of one conditional UNet evaluation (batch 1) on the meta device, as torch's FlopCounterMode counts them.
 
     With `one_off_work` (a model with patches that cache), one pass runs first, uncounted, so that one-off work
-    (K~/V~ projection into the cache) is not in the figure; plain SDXL has none and is counted at once. Returns {"total": flops, "by_op": {op: flops}}. The nested patch picks its
-    conditional rows with nonzero(), which meta can only answer by assuming every row is selected:
-    exact here, since the single row is conditional (the unconditional evaluation runs the host
-    attention alone, i.e. costs what plain SDXL costs; tests/test_benchmark.py checks that).
+    (K~/V~ projection into the cache) is not in the figure; plain SDXL has none and is counted at once. Returns
+    {"total": flops, "by_op": {op: flops}}. The nested patch picks its conditional rows with nonzero(), which
+    meta can only answer by assuming every row is selected: exact here, since the single row is conditional (the
+    unconditional evaluation runs the host attention alone, i.e. costs what plain SDXL costs;
+    tests/test_benchmark.py checks that).
     """
     import torch.fx.experimental._config as fx_config
     from torch.utils.flop_counter import FlopCounterMode

@@ -60,9 +60,15 @@ def pytest_runtest_teardown(item, nextitem):
     return result
 
 
+_LAST_USER = pytest.StashKey[object]()
+
+
 def _last_user_of_the_server(session):
-    users = [i for i in session.items if "comfy" in i.fixturenames]
-    return users[-1] if users else None
+    """The last test of the session's list (as run: after deselection) that uses the server; found once."""
+    if _LAST_USER not in session.stash:
+        users = [i for i in session.items if "comfy" in i.fixturenames]
+        session.stash[_LAST_USER] = users[-1] if users else None
+    return session.stash[_LAST_USER]
 
 
 @pytest.fixture(scope="session")
