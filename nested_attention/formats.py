@@ -713,6 +713,19 @@ def _ranges(numbers: Sequence[int]) -> str:
 # Loading
 
 
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many values of `tensor` are NaN or infinite. One min/max pass proves there are none (aminmax
+    propagates NaN, and an infinite value is the min or the max); only a tensor that has some is counted
+    value by value. isfinite().sum() alone costs a bool copy and a sum: 16x the time, seconds for a
+    full-size file."""
+    if tensor.numel() == 0:
+        return 0
+    low, high = torch.aminmax(tensor.detach())
+    if torch.isfinite(low) and torch.isfinite(high):
+        return 0
+    return tensor.numel() - int(torch.isfinite(tensor).sum())
+
+
 def load_planned(path: str, plan: Plan, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None) -> NestedEncoder:
     """Build the planned encoder and fill every tensor from its source key (shapes checked, values finite)."""
@@ -738,7 +751,7 @@ def load_planned(path: str, plan: Plan, device: torch.device | str = "cpu",
             tensor = f.get_tensor(src)
             if tensor.numel() != torch.Size(shape).numel():
                 raise NestedWeightsError(f"{name}: '{src}' has shape {list(tensor.shape)}, expected {list(shape)}.")
-            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            bad = count_non_finite(tensor)
             if bad:  # NaN weights would give NaN subject values: black images, with no error anywhere
                 raise NestedWeightsError(
                     f"{name}: tensor '{src}' holds {bad} NaN or infinite value(s) of {tensor.numel()}; an encoder "

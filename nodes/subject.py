@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from nested_attention import NestedEncoder, concat_subject_tokens, faces
 from nested_attention.encoder import encode_clip_tokens
-from nested_attention.formats import FLOAT_DTYPES, file_problem
+from nested_attention.formats import FLOAT_DTYPES, count_non_finite, file_problem
 from nested_attention.images import (
     BLANK_SHARE,
     MASK_MARKS,
@@ -360,7 +360,7 @@ def load_subject(path: str, handle: EncoderHandle) -> Subject:
             f"{name}: tokens of shape {tuple(tokens.shape)}, expected (1, n*{handle.config.num_tokens}, "
             f"{width}); the file is damaged, save the subject again."
         )
-    bad = tokens.numel() - int(torch.isfinite(tokens).sum())
+    bad = count_non_finite(tokens)
     if bad:  # NaN tokens would give NaN subject values: black images
         raise SubjectError(
             f"{name}: its 'tokens' hold {bad} NaN or infinite value(s); they would give black images. The file is "

@@ -1,6 +1,7 @@
 """The subject encoder (Q-Former + per-layer projections) and its weight file."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def test_a_tensor_named_twice_in_the_header_is_refused(saved, tmp_path):
 def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
     for value in (float("nan"), float("inf")):
         with safe_open(saved, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
             meta = f.metadata()
         tensors["projections.1.to_v.weight"][3, 5] = value
         bad = str(tmp_path / "nan.safetensors")
@@ -194,9 +195,31 @@ def test_nan_or_inf_weights_are_refused_by_name(saved, tmp_path):
             load_encoder(bad)
 
 
+def test_count_non_finite_counts_what_math_isfinite_rejects_in_every_float_dtype():
+    """The loaders' NaN/inf check (a min/max pass, then a count) against a value-by-value count in Python."""
+    from nested_attention.formats import count_non_finite
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert count_non_finite(torch.empty(0, 3, dtype=dtype)) == 0
+        huge = torch.full((4097,), torch.finfo(dtype).max, dtype=dtype)  # finite, though their sum is not
+        huge[::2] = torch.finfo(dtype).min
+        assert count_non_finite(huge) == 0
+        for n in (1, 2, 17, 64, 4097, 100_003):
+            values = torch.randn(n, generator=generator).to(dtype)
+            assert count_non_finite(values) == 0
+            for bad in ((0,), (n - 1,), (n // 2,), tuple(range(0, n, 7))):
+                for fill in (float("nan"), float("inf"), float("-inf"), None):  # None: a mix of the three
+                    damaged = values.clone()
+                    for k, at in enumerate(bad):
+                        damaged[at] = fill if fill is not None else (float("nan"), float("inf"), float("-inf"))[k % 3]
+                    expected = sum(not math.isfinite(v) for v in damaged.double().tolist())
+                    assert count_non_finite(damaged.reshape(1, n)) == expected == len(set(bad)), (dtype, n, bad, fill)
+
+
 def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused_by_name(saved, tmp_path):
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         meta = f.metadata()
     mixed = dict(tensors, **{"qformer.latents": tensors["qformer.latents"].half()})
     save_file(mixed, str(tmp_path / "mixed.safetensors"), metadata=meta)
@@ -243,7 +266,7 @@ def test_a_pack_file_whose_metadata_was_dropped_names_it_and_convert_restores_it
     from nested_attention import describe as describe_cli
 
     with safe_open(saved, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)  # noqa: SIM118 (safe_open is not iterable)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     stripped = tmp_path / "merged.safetensors"
     save_file(tensors, str(stripped))  # what merge and convert tools write: the tensors, no metadata
     with pytest.raises(NestedWeightsError) as error:
