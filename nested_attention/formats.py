@@ -714,10 +714,10 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
-    """How many values of `tensor` are NaN or infinite. One min/max pass proves there are none (aminmax
-    propagates NaN, and an infinite value is the min or the max); only a tensor that has some is counted
-    value by value. isfinite().sum() alone costs a bool copy and a sum: 16x the time, seconds for a
-    full-size file."""
+    """How many values of `tensor` (one of FLOAT_DTYPES) are NaN or infinite. One min/max pass proves there
+    are none (aminmax propagates NaN, and an infinite value is the min or the max); only a tensor that has
+    some is counted value by value. isfinite().sum() alone copies the tensor to bools and sums them: about
+    18x the time, 1.6 s of the 1.8 s a full-size IP-Adapter Plus file took to load on one thread."""
     if tensor.numel() == 0:
         return 0
     low, high = torch.aminmax(tensor.detach())
