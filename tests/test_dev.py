@@ -235,3 +235,21 @@ def test_without_an_archived_host_the_newest_frontend_is_not_tested_and_the_reas
     assert [(leg.host.version, leg.frontend) for leg in legs] == [(dev.COMFYUI_VERSION, None)]
     assert "ran ONE ComfyUI host" in notes[0]
     assert f"frontend {dev.NEWEST_FRONTEND} not tested" in notes[1] and "there is none" in notes[1]
+
+
+def test_a_fresh_install_is_written_to_disk_before_the_tests_start(tmp_path, monkeypatch):
+    """pip's gigabytes are flushed as part of set-up (os.sync after pip), so that the suite's fsyncs do not wait
+    behind their write-back; an install that the stamp says is done runs neither."""
+    dev = load_dev()
+    comfyui = tmp_path / "ComfyUI"
+    comfyui.mkdir()
+    (comfyui / "requirements.txt").write_text("numpy\n")
+    host = dev.Host(version="0.3.75", comfyui=comfyui, venv=tmp_path / "venv")
+    host.venv.mkdir()
+    calls = []
+    monkeypatch.setattr(dev, "run", lambda cmd, **kw: calls.append("pip" if "pip" in map(str, cmd) else cmd))
+    monkeypatch.setattr(dev.os, "sync", lambda: calls.append("sync"))
+    dev.install_requirements(host)
+    assert calls == ["pip", "sync"]
+    dev.install_requirements(host)  # the stamp matches: nothing to install, nothing to write
+    assert calls == ["pip", "sync"]
