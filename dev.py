@@ -413,9 +413,9 @@ def install_requirements(host: Host) -> None:
     run([py, "-m", "pip", "install", "--disable-pip-version-check", *TORCH_PINS,
          "-r", requirements_file, "-e", f"{ROOT}[{PACK_EXTRAS}]"])
     host.stamp.write_text(digest + "\n")
-    # pip leaves gigabytes (torch's CUDA wheels) in the page cache for the kernel to write back; on a slow disk
-    # that takes minutes, and meanwhile every fsync of the tests (trainer checkpoints) waits behind it: in a
-    # fresh clone, a trainer test's set-up took 28 s instead of 6. Written back here, it is set-up time.
+    # What pip left in the page cache for the kernel to write back is written now, as set-up time, not while the
+    # tests fsync their checkpoints (a fresh-clone run saw a trainer test's set-up take 28 s instead of 6 s with
+    # 1 GB dirty; whether that was pip's is not proven: the next run's flush took 1 s).
     start = time.monotonic()
     os.sync()
     log(f"Python packages installed (written to disk in {time.monotonic() - start:.0f} s)")
